@@ -1,0 +1,541 @@
+//! The pipeline configuration (`pipeline.toml`): its model, and loading it with every
+//! problem reported at its `file:line:col`.
+
+mod reader;
+mod tree;
+
+use std::time::Duration;
+
+pub use reader::{ConfigErrors, Diagnostics, Problem, TableReader};
+pub use tree::{Loc, Node, Table, Value};
+
+use crate::decode::{FieldSpec, FieldType, Schema, TimeSource};
+use crate::time::TimeFormat;
+use crate::window::WindowKind;
+
+/// The broker backends Weir knows, in the order the docs list them.
+pub const BROKERS: [&str; 4] = ["memory", "kafka", "amqp", "kinesis"];
+
+/// A whole pipeline, validated.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// A name for logs; also the default consumer group.
+    pub name: String,
+    /// The chosen backend, after `--broker` / `WEIR_BROKER` overrides.
+    pub broker: String,
+    /// Where the `broker` setting came from.
+    pub broker_loc: Loc,
+    /// The input topic and how it is read.
+    pub source: SourceConfig,
+    /// What events must look like.
+    pub schema: Schema,
+    /// Where event time comes from.
+    pub time: TimeSource,
+    /// Allowed out-of-orderness: the watermark trails the highest event time by this much.
+    pub out_of_orderness: Duration,
+    /// The window and when it closes.
+    pub window: WindowConfig,
+    /// What is computed per window.
+    pub aggregate: AggregateConfig,
+    /// Where window results go.
+    pub sink: TopicConfig,
+    /// Where dead letters go.
+    pub dead_letter: TopicConfig,
+    /// The raw `[brokers.NAME]` sections, read by each backend.
+    pub brokers: Vec<(String, Node)>,
+    /// The built-in generator that feeds the demo.
+    pub demo: DemoConfig,
+}
+
+/// `[source]`: the input topic.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Topic (queue, stream) to read.
+    pub topic: String,
+    /// Consumer group whose committed positions survive restarts.
+    pub group: String,
+    /// Most records handled per batch.
+    pub batch_size: usize,
+    /// Payloads larger than this are dead-lettered.
+    pub max_payload_bytes: usize,
+    /// How often positions are committed (also at shutdown).
+    pub commit_interval: Duration,
+}
+
+/// `[window]`.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowConfig {
+    /// The window kind and size.
+    pub kind: WindowKind,
+    /// How long after its end (in event time) a window still accepts events.
+    pub grace: Duration,
+    /// After this long without input, time advances by the wall clock.
+    pub idle_timeout: Duration,
+}
+
+/// One aggregate computed per (window, key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AggFn {
+    /// Number of events.
+    Count,
+}
+
+impl AggFn {
+    /// The field name of this aggregate in results.
+    pub fn output_name(&self) -> String {
+        match self {
+            AggFn::Count => "count".into(),
+        }
+    }
+}
+
+/// `[aggregate]`.
+#[derive(Debug, Clone)]
+pub struct AggregateConfig {
+    /// Dotted paths of the key fields.
+    pub group_by: Vec<String>,
+    /// The aggregates, in result order.
+    pub compute: Vec<AggFn>,
+}
+
+/// A destination topic.
+#[derive(Debug, Clone)]
+pub struct TopicConfig {
+    /// Topic (exchange, stream) name.
+    pub topic: String,
+}
+
+/// `[demo]`: the generator `weir run` starts on the memory backend without `--input`.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// Events per tick.
+    pub events: usize,
+    /// Time between ticks.
+    pub interval: Duration,
+    /// Distinct users.
+    pub users: usize,
+    /// One in this many generated events is invalid (0 = none).
+    pub invalid_every: usize,
+}
+
+/// Options that come from the command line rather than the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--set PATH=VALUE` arguments, in order.
+    pub sets: Vec<String>,
+    /// `--broker NAME` or `WEIR_BROKER`, and how to name it in errors.
+    pub broker: Option<(String, String)>,
+}
+
+/// A parsed configuration plus the problems found so far; backends add their own before
+/// [`finish`](Loaded::finish) reports everything at once.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The configuration (meaningful only if no problems are reported).
+    pub config: PipelineConfig,
+    /// Problems found so far.
+    pub diagnostics: Diagnostics,
+    /// The file name used in messages.
+    pub file: String,
+}
+
+impl Loaded {
+    /// The configuration, or every problem found.
+    pub fn finish(self) -> Result<PipelineConfig, ConfigErrors> {
+        self.diagnostics.into_result(&self.file)?;
+        Ok(self.config)
+    }
+}
+
+/// Reads a pipeline file's text. `file` names it in messages.
+pub fn load_str(file: &str, text: &str, overrides: &Overrides) -> Loaded {
+    let mut d = Diagnostics::default();
+    let lines = tree::LineIndex::new(text);
+    let (doc, errors) = toml::de::DeTable::parse_recoverable(text);
+    for e in errors {
+        let loc = e
+            .span()
+            .map(|s| lines.loc(s.start))
+            .unwrap_or(Loc::Nowhere);
+        let msg = e.message().trim().replace('\n', " ");
+        d.push(&loc, "", format!("TOML syntax: {msg}"));
+    }
+    let mut root = tree::from_de(doc.get_ref(), &lines);
+    for arg in &overrides.sets {
+        let loc = Loc::Arg(format!("--set {arg}"));
+        match arg.split_once('=') {
+            Some((path, raw)) if !path.trim().is_empty() => {
+                let node = tree::parse_override_value(raw.trim(), &format!("--set {arg}"));
+                if let Err(e) = tree::set_path(&mut root, path.trim(), node) {
+                    d.push(&loc, path.trim(), e);
+                }
+            }
+            _ => d.push(&loc, "", "expected PATH=VALUE, e.g. window.grace=5s"),
+        }
+    }
+    if let Some((name, origin)) = &overrides.broker {
+        let node = Node {
+            value: Value::Str(name.clone()),
+            loc: Loc::Arg(origin.clone()),
+        };
+        let _ = tree::set_path(&mut root, "pipeline.broker", node);
+    }
+    let config = read_pipeline(&root, &mut d);
+    Loaded {
+        config,
+        diagnostics: d,
+        file: file.to_string(),
+    }
+}
+
+/// Reads a pipeline file from disk.
+pub fn load_file(path: &std::path::Path, overrides: &Overrides) -> Result<Loaded, ConfigErrors> {
+    let file = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(load_str(&file, &text, overrides)),
+        Err(e) => Err(ConfigErrors {
+            file,
+            problems: vec![Problem {
+                loc: Loc::Nowhere,
+                key: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        }),
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
+    let mut r = TableReader::new("", root, Loc::Nowhere);
+
+    let (name, broker, broker_loc) = match r.table(d, "pipeline") {
+        Some(mut t) => {
+            let name = t.str_or(d, "name", "weir");
+            let broker_node = t.node("broker");
+            let broker = t.str_or(d, "broker", "memory");
+            let loc = broker_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
+            if !BROKERS.contains(&broker.as_str()) {
+                d.push(
+                    &loc,
+                    "pipeline.broker",
+                    format!("unknown broker `{broker}` (choose one of {})", BROKERS.join(", ")),
+                );
+            }
+            t.finish(d);
+            (name, broker, loc)
+        }
+        None => ("weir".into(), "memory".into(), Loc::Nowhere),
+    };
+
+    let source = match r.table(d, "source") {
+        Some(mut t) => {
+            let topic = t.req_str(d, "topic").unwrap_or_default().to_string();
+            let group = t.str_or(d, "group", &format!("weir-{name}"));
+            let batch_size = t.uint_or(d, "batch_size", 1024, 1..=1_000_000) as usize;
+            let max_payload_bytes =
+                t.uint_or(d, "max_payload_bytes", MIB, 16..=64 * MIB) as usize;
+            let commit_interval = t.duration_or(d, "commit_interval", Duration::from_secs(1));
+            t.finish(d);
+            SourceConfig {
+                topic,
+                group,
+                batch_size,
+                max_payload_bytes,
+                commit_interval,
+            }
+        }
+        None => {
+            d.push(&Loc::Nowhere, "source", "missing required table [source] (with `topic`)");
+            SourceConfig {
+                topic: String::new(),
+                group: String::new(),
+                batch_size: 1024,
+                max_payload_bytes: MIB as usize,
+                commit_interval: Duration::from_secs(1),
+            }
+        }
+    };
+
+    let schema = match r.table(d, "schema") {
+        Some(t) => read_schema(t, d),
+        None => Schema::default(),
+    };
+
+    let (time, out_of_orderness) = match r.table(d, "event_time") {
+        Some(mut t) => {
+            let field_node = t.node("field");
+            let field = t.str(d, "field");
+            let from = t.str(d, "from");
+            let format_node = t.node("format");
+            let format = t.str_or(d, "format", "auto");
+            let ooo = t.duration_or(d, "max_out_of_orderness", Duration::ZERO);
+            let fmt = TimeFormat::from_name(&format).unwrap_or_else(|| {
+                if let Some(n) = format_node {
+                    d.push(
+                        &n.loc,
+                        "event_time.format",
+                        format!("unknown format `{format}` (choose auto, rfc3339, epoch_millis or epoch_seconds)"),
+                    );
+                }
+                TimeFormat::Auto
+            });
+            let time = match (from, field) {
+                (Some("field") | None, Some(f)) => TimeSource::Field {
+                    path: f.to_string(),
+                    format: fmt,
+                },
+                (Some("broker"), None) => TimeSource::Broker,
+                (Some("processing"), None) => TimeSource::Processing,
+                (Some(other), _) if !matches!(other, "field" | "broker" | "processing") => {
+                    let loc = t.node("from").map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
+                    d.push(&loc, "event_time.from", format!("unknown time source `{other}` (choose field, broker or processing)"));
+                    TimeSource::Processing
+                }
+                (Some(_), Some(_)) => {
+                    let loc = field_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
+                    d.push(&loc, "event_time.field", "`field` only applies with from = \"field\"");
+                    TimeSource::Processing
+                }
+                (_, None) => {
+                    d.push(t.loc(), "event_time", "set `field` (the event's timestamp field) or from = \"broker\" / \"processing\"");
+                    TimeSource::Processing
+                }
+            };
+            t.finish(d);
+            (time, ooo)
+        }
+        None => (TimeSource::Processing, Duration::ZERO),
+    };
+
+    let window = match r.table(d, "window") {
+        Some(mut t) => {
+            let kind_node = t.node("type");
+            let kind = t.str_or(d, "type", "tumbling");
+            let size_node = t.node("size");
+            let size = t.duration_or(d, "size", Duration::from_secs(10));
+            let grace = t.duration_or(d, "grace", Duration::ZERO);
+            let idle_timeout = t.duration_or(d, "idle_timeout", Duration::from_secs(5));
+            if kind != "tumbling" {
+                d.push(
+                    &kind_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                    "window.type",
+                    format!("unknown window type `{kind}` (choose tumbling)"),
+                );
+            }
+            if size.as_millis() == 0 {
+                d.push(
+                    &size_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                    "window.size",
+                    "must be at least 1ms",
+                );
+            }
+            if idle_timeout.is_zero() {
+                d.push(t.loc(), "window.idle_timeout", "must be more than 0");
+            }
+            t.finish(d);
+            WindowConfig {
+                kind: WindowKind::Tumbling {
+                    size: (size.as_millis() as i64).max(1),
+                },
+                grace,
+                idle_timeout: idle_timeout.max(Duration::from_millis(1)),
+            }
+        }
+        None => {
+            d.push(&Loc::Nowhere, "window", "missing required table [window] (with `size`)");
+            WindowConfig {
+                kind: WindowKind::Tumbling { size: 10_000 },
+                grace: Duration::ZERO,
+                idle_timeout: Duration::from_secs(5),
+            }
+        }
+    };
+
+    let aggregate = match r.table(d, "aggregate") {
+        Some(mut t) => {
+            let gb_loc = t.node("group_by").map(|n| n.loc.clone());
+            let group_by = t.str_list(d, "group_by").unwrap_or_default();
+            if group_by.is_empty() {
+                d.push(
+                    &gb_loc.unwrap_or_else(|| t.loc().clone()),
+                    "aggregate.group_by",
+                    "name at least one key field, e.g. group_by = \"user_id\"",
+                );
+            }
+            for g in &group_by {
+                if let Some(f) = schema.fields.iter().find(|f| &f.path == g) {
+                    if matches!(f.ty, FieldType::Object | FieldType::Array) {
+                        d.push(
+                            t.loc(),
+                            "aggregate.group_by",
+                            format!("`{g}` is an {:?} in the schema; keys must be scalars", f.ty).to_lowercase(),
+                        );
+                    }
+                }
+            }
+            let compute_node = t.node("compute");
+            let names = t.str_list(d, "compute").unwrap_or_else(|| vec!["count".into()]);
+            let mut compute = Vec::new();
+            for n in &names {
+                match n.trim() {
+                    "count" => compute.push(AggFn::Count),
+                    other => d.push(
+                        &compute_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                        "aggregate.compute",
+                        format!("unknown aggregate `{other}` (supported: count)"),
+                    ),
+                }
+            }
+            t.finish(d);
+            AggregateConfig { group_by, compute }
+        }
+        None => {
+            d.push(&Loc::Nowhere, "aggregate", "missing required table [aggregate] (with `group_by`)");
+            AggregateConfig {
+                group_by: Vec::new(),
+                compute: vec![AggFn::Count],
+            }
+        }
+    };
+
+    let mut topic_table = |r: &mut TableReader<'_>, key: &'static str| match r.table(d, key) {
+        Some(mut t) => {
+            let topic = t.req_str(d, "topic").unwrap_or_default().to_string();
+            t.finish(d);
+            TopicConfig { topic }
+        }
+        None => {
+            d.push(&Loc::Nowhere, key, format!("missing required table [{key}] (with `topic`)"));
+            TopicConfig {
+                topic: String::new(),
+            }
+        }
+    };
+    let sink = topic_table(&mut r, "sink");
+    let dead_letter = topic_table(&mut r, "dead_letter");
+
+    let mut brokers = Vec::new();
+    if let Some(mut t) = r.table(d, "brokers") {
+        for (k, loc, node) in &t.table_entries() {
+            if !BROKERS.contains(&k.as_str()) {
+                d.push(
+                    loc,
+                    &format!("brokers.{k}"),
+                    format!("unknown broker section (choose among {})", BROKERS.join(", ")),
+                );
+            } else if !matches!(node.value, Value::Table(_)) {
+                d.push(&node.loc, &format!("brokers.{k}"), "expected a table");
+            } else {
+                brokers.push((k.clone(), node.clone()));
+            }
+        }
+    }
+
+    let demo = match r.table(d, "demo") {
+        Some(mut t) => {
+            let demo = DemoConfig {
+                events: t.uint_or(d, "events", 20, 1..=1_000_000) as usize,
+                interval: t.duration_or(d, "interval", Duration::from_secs(3)),
+                users: t.uint_or(d, "users", 10, 1..=10_000_000) as usize,
+                invalid_every: t.uint_or(d, "invalid_every", 0, 0..=u64::MAX) as usize,
+            };
+            t.finish(d);
+            demo
+        }
+        None => DemoConfig {
+            events: 20,
+            interval: Duration::from_secs(3),
+            users: 10,
+            invalid_every: 0,
+        },
+    };
+    r.finish(d);
+
+    PipelineConfig {
+        name,
+        broker,
+        broker_loc,
+        source,
+        schema,
+        time,
+        out_of_orderness,
+        window,
+        aggregate,
+        sink,
+        dead_letter,
+        brokers,
+        demo,
+    }
+}
+
+impl<'t> TableReader<'t> {
+    fn table_entries(&mut self) -> Vec<(String, Loc, Node)> {
+        self.entries().to_vec()
+    }
+}
+
+fn read_schema(mut t: TableReader<'_>, d: &mut Diagnostics) -> Schema {
+    let preset_node = t.node("preset");
+    let mut schema = match t.str(d, "preset") {
+        Some("seed_event") => Schema::seed_event(),
+        Some(other) => {
+            d.push(
+                &preset_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                "schema.preset",
+                format!("unknown preset `{other}` (available: seed_event)"),
+            );
+            Schema::default()
+        }
+        None => Schema::default(),
+    };
+    if let Some(fields) = t.table(d, "fields") {
+        let mut fields = fields;
+        for (name, _loc, node) in fields.entries() {
+            let key = format!("schema.fields.{name}");
+            let Value::Table(ft) = &node.value else {
+                d.push(&node.loc, &key, "expected a table such as { type = \"string\" }");
+                continue;
+            };
+            let mut fr = TableReader::new(&key, ft, node.loc.clone());
+            let ty_node = fr.node("type");
+            let ty = match fr.req_str(d, "type") {
+                Some(s) => FieldType::from_name(s).unwrap_or_else(|| {
+                    d.push(
+                        &ty_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                        &format!("{key}.type"),
+                        format!("unknown type `{s}` (choose {})", FieldType::NAMES),
+                    );
+                    FieldType::Any
+                }),
+                None => FieldType::Any,
+            };
+            let required = fr.bool_or(d, "required", true);
+            let allowed_node = fr.node("allowed");
+            let allowed = fr.str_list(d, "allowed");
+            if allowed.is_some() && ty != FieldType::String {
+                d.push(
+                    &allowed_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                    &format!("{key}.allowed"),
+                    "`allowed` applies to string fields only",
+                );
+            }
+            if name.is_empty() || name.split('.').any(|p| p.is_empty()) {
+                d.push(&node.loc, &key, "field paths are dotted names such as metadata.page");
+            }
+            fr.finish(d);
+            let spec = FieldSpec {
+                path: name.clone(),
+                ty,
+                required,
+                allowed,
+            };
+            match schema.fields.iter_mut().find(|f| f.path == *name) {
+                Some(existing) => *existing = spec,
+                None => schema.fields.push(spec),
+            }
+        }
+    }
+    t.finish(d);
+    schema
+}

@@ -1,0 +1,28 @@
+//! Weir's broker-agnostic core: records, the [`Source`], [`Processor`] and [`Sink`]
+//! traits, event-time windows and their state store, the windowed aggregation operator,
+//! the pipeline runtime and the `pipeline.toml` model. Backends live in their own crates.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod decode;
+pub mod error;
+pub mod generate;
+pub mod jsonl;
+pub mod metrics;
+pub mod operator;
+pub mod output;
+pub mod processor;
+pub mod record;
+pub mod runtime;
+pub mod sink;
+pub mod source;
+pub mod time;
+pub mod window;
+
+pub use error::{EngineError, Result};
+pub use operator::Job;
+pub use processor::Processor;
+pub use record::{Checkpoint, OutRecord, Position, Record};
+pub use runtime::{Pipeline, StopReason, Summary};
+pub use sink::Sink;
+pub use source::{Received, Source};

@@ -1,0 +1,92 @@
+//! Records as they travel between sources, processors and sinks.
+
+use bytes::Bytes;
+
+/// Where a record came from: a partition index of its source and a per-partition offset.
+///
+/// The source defines both numbers: offsets grow monotonically within a partition, and
+/// committing `(partition, offset)` means every record of that partition *before* `offset`
+/// is done with. Kafka offsets, AMQP delivery tags and Kinesis sequence numbers are mapped
+/// onto this by their backends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Position {
+    /// The partition (or shard, or channel) index within the source.
+    pub partition: u32,
+    /// The record's offset within its partition.
+    pub offset: u64,
+}
+
+/// What the runtime stores with a commit so a restarted pipeline can tell replayed records
+/// whose windows were already emitted from ones it must count again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The pipeline watermark at the commit: every window with `end + grace` at or below it
+    /// had its results acknowledged.
+    pub watermark: i64,
+    /// The next offset after the last record processed in this partition at the commit.
+    pub processed: u64,
+}
+
+impl Checkpoint {
+    /// Compact text form for brokers that store commit metadata as a string.
+    pub fn encode(&self) -> String {
+        format!("weir1:{}:{}", self.watermark, self.processed)
+    }
+
+    /// Reads [`encode`](Self::encode)'s form.
+    pub fn decode(s: &str) -> Option<Self> {
+        let mut it = s.strip_prefix("weir1:")?.split(':');
+        let watermark = it.next()?.parse().ok()?;
+        let processed = it.next()?.parse().ok()?;
+        it.next().is_none().then_some(Checkpoint { watermark, processed })
+    }
+}
+
+/// One header: a name and a binary value.
+pub type Header = (String, Bytes);
+
+/// A record received from a source.
+#[derive(Debug, Clone, Default)]
+pub struct Record {
+    /// The record key, if the broker has one.
+    pub key: Option<Bytes>,
+    /// The payload bytes, untouched.
+    pub payload: Bytes,
+    /// Headers (Kafka headers, AMQP headers; empty on Kinesis).
+    pub headers: Vec<Header>,
+    /// The broker's timestamp in milliseconds since the Unix epoch, if it has one.
+    pub timestamp: Option<i64>,
+    /// Where the record came from; committed back to the source once fully handled.
+    pub position: Position,
+}
+
+/// A record to send to a sink.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutRecord {
+    /// The record key (the group key for window results); decides the partition.
+    pub key: Option<Bytes>,
+    /// The payload bytes.
+    pub payload: Bytes,
+    /// Headers to attach where the broker supports them.
+    pub headers: Vec<Header>,
+    /// A timestamp in milliseconds since the Unix epoch, if any.
+    pub timestamp: Option<i64>,
+}
+
+impl OutRecord {
+    /// The value of the first header called `name`, if any.
+    pub fn header(&self, name: &str) -> Option<&Bytes> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+}
+
+/// Header carrying a window result's deterministic id (group key + window start).
+pub const HEADER_ID: &str = "weir.id";
+/// Header carrying a dead letter's reason.
+pub const HEADER_ERROR: &str = "weir.error";
+/// Header carrying the topic a dead letter came from.
+pub const HEADER_SOURCE_TOPIC: &str = "weir.source.topic";
+/// Header carrying the partition a dead letter came from.
+pub const HEADER_SOURCE_PARTITION: &str = "weir.source.partition";
+/// Header carrying the offset a dead letter came from.
+pub const HEADER_SOURCE_OFFSET: &str = "weir.source.offset";

@@ -1,0 +1,310 @@
+//! The pipeline runtime: receive a batch, run processors, window it, send results and dead
+//! letters, wait for their acknowledgements, then commit what is safe.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{EngineError, Result};
+use crate::metrics::{Metrics, Snapshot};
+use crate::operator::{Emitted, Job, Outcome, WindowOperator};
+use crate::processor::Processor;
+use crate::record::{Checkpoint, OutRecord, Position, Record};
+use crate::sink::Sink;
+use crate::source::{Received, Source};
+
+/// How long `recv` waits before the loop checks idleness and the commit timer.
+const TICK: Duration = Duration::from_millis(200);
+
+/// A pipeline ready to run: a source, processors, the windowed job, and two sinks.
+pub struct Pipeline {
+    job: Job,
+    source: Box<dyn Source>,
+    processors: Vec<Box<dyn Processor>>,
+    sink: Box<dyn Sink>,
+    dead_letter: Box<dyn Sink>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    exit_when_idle: Option<Duration>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The source ended; every open window was emitted.
+    EndOfInput,
+    /// Shutdown was requested; open windows were left to be recomputed from uncommitted
+    /// input on the next start.
+    Shutdown,
+    /// No record arrived for the configured idle exit time; every open window was emitted
+    /// as at the end of input.
+    Idle,
+}
+
+/// The result of [`Pipeline::run`].
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    /// Why it stopped.
+    pub reason: StopReason,
+    /// The counters at the end.
+    pub counters: Snapshot,
+    /// Windows left open at shutdown (recomputed on restart).
+    pub open_windows: usize,
+}
+
+impl Pipeline {
+    /// A pipeline running `job` from `source` into `sink`, dead letters into `dead_letter`.
+    pub fn new(
+        job: Job,
+        source: Box<dyn Source>,
+        sink: Box<dyn Sink>,
+        dead_letter: Box<dyn Sink>,
+    ) -> Self {
+        Pipeline {
+            job,
+            source,
+            processors: Vec::new(),
+            sink,
+            dead_letter,
+            metrics: Arc::new(Metrics::default()),
+            shutdown: CancellationToken::new(),
+            exit_when_idle: None,
+        }
+    }
+
+    /// Treats `idle` without any record as the end of input: emit every open window,
+    /// commit, return. For bounded runs over a broker (tests, backfills).
+    pub fn exit_when_idle(mut self, idle: Duration) -> Self {
+        self.exit_when_idle = Some(idle);
+        self
+    }
+
+    /// Adds a processor that sees every batch before decoding, in the order added.
+    pub fn processor(mut self, p: Box<dyn Processor>) -> Self {
+        self.processors.push(p);
+        self
+    }
+
+    /// Uses `token` to stop: the pipeline finishes its batch, sends, commits and returns.
+    pub fn shutdown_on(mut self, token: CancellationToken) -> Self {
+        self.shutdown = token;
+        self
+    }
+
+    /// Shares these counters (e.g. with a metrics endpoint).
+    pub fn with_metrics(mut self, m: Arc<Metrics>) -> Self {
+        self.metrics = m;
+        self
+    }
+
+    /// The live counters.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Runs until the source ends or shutdown is requested.
+    pub async fn run(mut self) -> Result<Summary> {
+        let topic = self.source.topic().to_string();
+        let mut op = WindowOperator::new(&self.job, &topic);
+        let m = self.metrics.clone();
+        let mut committed: Vec<Option<(u64, Checkpoint)>> = Vec::new();
+        let mut last_commit = Instant::now();
+        let mut rejected: Vec<(Record, String)> = Vec::new();
+        let mut last_record = Instant::now();
+        let mut reason = StopReason::EndOfInput;
+        tracing::info!(%topic, sink = self.sink.name(), dead_letter = self.dead_letter.name(), "pipeline started");
+        loop {
+            let now = Instant::now();
+            let wait = op
+                .next_idle_deadline()
+                .map(|d| d.saturating_duration_since(now).clamp(Duration::from_millis(1), TICK))
+                .unwrap_or(TICK);
+            let received = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => None,
+                r = recv_with_retry(&mut *self.source, self.job.batch_size, wait, &self.shutdown) => r?,
+            };
+            let Some(received) = received else {
+                reason = StopReason::Shutdown;
+                break;
+            };
+            let mut out = Emitted::default();
+            let ended = match received {
+                Received::End => true,
+                Received::Batch(batch)
+                    if batch.is_empty()
+                        && self.exit_when_idle.is_some_and(|d| last_record.elapsed() >= d) =>
+                {
+                    reason = StopReason::Idle;
+                    true
+                }
+                Received::Assigned(parts) => {
+                    tracing::info!(partitions = ?parts, "partitions assigned");
+                    op.assign(&parts, Instant::now());
+                    false
+                }
+                Received::Batch(mut batch) => {
+                    let now = Instant::now();
+                    if !batch.is_empty() {
+                        last_record = now;
+                    }
+                    let now_ms = crate::time::now_millis();
+                    Metrics::add(&m.events_in, batch.len() as u64);
+                    let before = batch.len();
+                    for p in &mut self.processors {
+                        p.process(&mut batch, &mut rejected).await?;
+                    }
+                    let rejected_n = rejected.len();
+                    for (rec, why) in rejected.drain(..) {
+                        out.dead.push(crate::output::dead_letter(&topic, &rec, &format!("rejected by processor: {why}")));
+                        op.note_position(&rec, now);
+                    }
+                    Metrics::add(&m.filtered, (before - batch.len() - rejected_n) as u64);
+                    Metrics::add(&m.dead_letters, rejected_n as u64);
+                    let (mut windowed, mut dead, mut late, mut replayed) = (0u64, 0u64, 0u64, 0u64);
+                    for rec in &batch {
+                        match op.ingest(rec, now, now_ms, &mut out.dead) {
+                            Outcome::Windowed => windowed += 1,
+                            Outcome::Dead => dead += 1,
+                            Outcome::Late => late += 1,
+                            Outcome::Replayed => replayed += 1,
+                        }
+                    }
+                    Metrics::add(&m.replayed, replayed);
+                    Metrics::add(&m.windowed, windowed);
+                    Metrics::add(&m.dead_letters, dead);
+                    Metrics::add(&m.late, late);
+                    false
+                }
+            };
+            if ended {
+                op.close_all(&mut out);
+            } else {
+                op.close_ready(Instant::now(), &mut out);
+            }
+            self.deliver(out, &m).await?;
+            m.watermark.store(op.watermark(), std::sync::atomic::Ordering::Relaxed);
+            m.open_entries.store(op.open_entries() as u64, std::sync::atomic::Ordering::Relaxed);
+            if ended || last_commit.elapsed() >= self.job.commit_interval {
+                self.commit(&op, &mut committed).await?;
+                last_commit = Instant::now();
+            }
+            if ended {
+                break;
+            }
+        }
+        self.commit(&op, &mut committed).await?;
+        let counters = m.snapshot();
+        let open_windows = op.open_windows();
+        tracing::info!(
+            events_in = counters.events_in,
+            windowed = counters.windowed,
+            dead_letters = counters.dead_letters,
+            late = counters.late,
+            results = counters.results_out,
+            open_windows,
+            "pipeline stopped ({reason:?})"
+        );
+        Ok(Summary {
+            reason,
+            counters,
+            open_windows,
+        })
+    }
+
+    async fn deliver(&mut self, out: Emitted, m: &Metrics) -> Result<()> {
+        Metrics::add(&m.windows_closed, out.windows_closed);
+        if !out.dead.is_empty() {
+            send_with_retry(&mut *self.dead_letter, &out.dead, &self.shutdown).await?;
+        }
+        if !out.results.is_empty() {
+            let n = out.results.len() as u64;
+            send_with_retry(&mut *self.sink, &out.results, &self.shutdown).await?;
+            Metrics::add(&m.results_out, n);
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self, op: &WindowOperator, committed: &mut Vec<Option<(u64, Checkpoint)>>) -> Result<()> {
+        let changed: Vec<(Position, Checkpoint)> = op
+            .safe_positions()
+            .into_iter()
+            .map(|p| (p, op.checkpoint(p.partition)))
+            .filter(|(p, cp)| committed.get(p.partition as usize).copied().flatten() != Some((p.offset, *cp)))
+            .collect();
+        if changed.is_empty() {
+            return Ok(());
+        }
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.source.commit(&changed).await {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() && !self.shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "commit failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for (p, cp) in changed {
+            let i = p.partition as usize;
+            if committed.len() <= i {
+                committed.resize(i + 1, None);
+            }
+            committed[i] = Some((p.offset, cp));
+        }
+        Metrics::add(&self.metrics.commits, 1);
+        Ok(())
+    }
+}
+
+async fn recv_with_retry(
+    source: &mut dyn Source,
+    max: usize,
+    wait: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Option<Received>> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match source.recv(max, wait).await {
+            Ok(r) => return Ok(Some(r)),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(error = %e, retry_in = ?delay, "receive failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn send_with_retry(
+    sink: &mut dyn Sink,
+    batch: &[OutRecord],
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match sink.send(batch).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(sink = sink.name(), error = %e, retry_in = ?delay, "send failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(EngineError::Stopped(format!(
+                        "shutdown while {} was unreachable; nothing past the undelivered batch was committed",
+                        sink.name()
+                    ))),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! The `Source` trait: where records come from.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::record::{Checkpoint, Position, Record};
+
+/// What one call to [`Source::recv`] produced.
+#[derive(Debug)]
+pub enum Received {
+    /// Up to `max` records, in partition order within each partition. May be empty when
+    /// nothing arrived within the wait.
+    Batch(Vec<Record>),
+    /// The source is finite and has no more records (a file that ended).
+    End,
+    /// The partitions this source now reads (at start and after a rebalance), each with the
+    /// checkpoint committed with its position, if any. Each partition holds the watermark
+    /// back until it delivers a record or goes idle.
+    Assigned(Vec<(u32, Option<Checkpoint>)>),
+}
+
+/// A source of records: a consumer on a topic, a queue, a stream, or a file.
+///
+/// The runtime calls [`recv`](Source::recv) in a loop and, once every output derived from
+/// some records has been acknowledged by its sink, [`commit`](Source::commit)s their
+/// positions. A source never commits on its own.
+#[async_trait]
+pub trait Source: Send {
+    /// The topic (or queue, stream, file) name, for dead-letter envelopes and logs.
+    fn topic(&self) -> &str;
+
+    /// Receives up to `max` records, waiting at most `wait` for the first one.
+    async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received>;
+
+    /// Marks everything before each position's offset, in its partition, as done, and stores
+    /// the checkpoint beside it (to hand back in [`Received::Assigned`] after a restart).
+    ///
+    /// Positions are "next offset to read": committing `{partition: 0, offset: 10}` means
+    /// records 0..10 of partition 0 need not be delivered again after a restart.
+    async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()>;
+}

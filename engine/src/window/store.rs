@@ -1,0 +1,155 @@
+//! The window state store: one pane per open window, one accumulator per key in a pane.
+
+use std::collections::BTreeMap;
+
+use dashmap::DashMap;
+
+use super::WindowRange;
+use crate::record::Position;
+
+/// The state of one (window, key): O(1) whatever the number of events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Acc {
+    /// Events counted.
+    pub count: u64,
+}
+
+type Hasher = foldhash::fast::RandomState;
+
+/// The open state of one window: an accumulator per group key, and for each source
+/// partition the lowest offset that contributed (what must not be committed past until
+/// this window's results are acknowledged).
+#[derive(Debug)]
+pub struct Pane {
+    /// Accumulators by encoded group key.
+    pub groups: DashMap<Box<[u8]>, Acc, Hasher>,
+    /// Lowest contributing offset by partition index (`u64::MAX` = none).
+    pub min_offsets: Vec<u64>,
+}
+
+impl Pane {
+    fn new(capacity: usize) -> Self {
+        Pane {
+            groups: DashMap::with_capacity_and_hasher(capacity, Hasher::default()),
+            min_offsets: Vec::new(),
+        }
+    }
+}
+
+/// Open windows ordered by end, each with its pane.
+#[derive(Debug, Default)]
+pub struct WindowStore {
+    panes: BTreeMap<(i64, i64), Pane>,
+    /// Keys seen in the last closed pane, to pre-size the next one.
+    last_size: usize,
+    entries: usize,
+}
+
+impl WindowStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds one event with group key `key` at `pos` to `window`, updating its accumulator.
+    #[inline]
+    pub fn add(&mut self, window: WindowRange, key: &[u8], pos: Position, update: impl FnOnce(&mut Acc)) {
+        let last_size = self.last_size;
+        let pane = self
+            .panes
+            .entry((window.end, window.start))
+            .or_insert_with(|| Pane::new(last_size));
+        let p = pos.partition as usize;
+        if pane.min_offsets.len() <= p {
+            pane.min_offsets.resize(p + 1, u64::MAX);
+        }
+        let m = &mut pane.min_offsets[p];
+        *m = (*m).min(pos.offset);
+        if let Some(mut acc) = pane.groups.get_mut(key) {
+            update(&mut acc);
+            return;
+        }
+        let mut acc = Acc::default();
+        update(&mut acc);
+        pane.groups.insert(key.into(), acc);
+        self.entries += 1;
+    }
+
+    /// Whether `window` is open (has state).
+    pub fn is_open(&self, window: WindowRange) -> bool {
+        self.panes.contains_key(&(window.end, window.start))
+    }
+
+    /// Removes and returns, oldest first, every window whose `end + grace <= watermark`.
+    pub fn close_until(&mut self, watermark: i64, grace: i64) -> Vec<(WindowRange, Pane)> {
+        let mut out = Vec::new();
+        while let Some(entry) = self.panes.first_entry() {
+            let (end, start) = *entry.key();
+            if end.saturating_add(grace) > watermark {
+                break;
+            }
+            let pane = entry.remove();
+            self.last_size = pane.groups.len();
+            self.entries -= pane.groups.len();
+            out.push((WindowRange { start, end }, pane));
+        }
+        out
+    }
+
+    /// Removes and returns every open window, oldest first.
+    pub fn drain_all(&mut self) -> Vec<(WindowRange, Pane)> {
+        self.close_until(i64::MAX, 0)
+    }
+
+    /// The lowest offset of `partition` held by any open window.
+    pub fn min_offset(&self, partition: u32) -> Option<u64> {
+        self.panes
+            .values()
+            .filter_map(|p| p.min_offsets.get(partition as usize).copied())
+            .filter(|&o| o != u64::MAX)
+            .min()
+    }
+
+    /// Open (window, key) entries.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// Open windows.
+    pub fn windows(&self) -> usize {
+        self.panes.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos(partition: u32, offset: u64) -> Position {
+        Position { partition, offset }
+    }
+
+    #[test]
+    fn counts_per_key_and_closes_in_order() {
+        let mut s = WindowStore::new();
+        let w1 = WindowRange { start: 0, end: 10 };
+        let w2 = WindowRange { start: 10, end: 20 };
+        s.add(w2, b"a", pos(0, 5), |a| a.count += 1);
+        s.add(w1, b"a", pos(0, 3), |a| a.count += 1);
+        s.add(w1, b"a", pos(1, 9), |a| a.count += 1);
+        s.add(w1, b"b", pos(0, 4), |a| a.count += 1);
+        assert_eq!(s.entries(), 3);
+        assert_eq!(s.min_offset(0), Some(3));
+        assert_eq!(s.min_offset(1), Some(9));
+        assert!(s.close_until(11, 2).is_empty(), "grace holds w1 open");
+        let closed = s.close_until(12, 2);
+        assert_eq!(closed.len(), 1);
+        assert_eq!(closed[0].0, w1);
+        assert_eq!(closed[0].1.groups.get(&b"a"[..]).unwrap().count, 2);
+        assert_eq!(s.min_offset(0), Some(5));
+        assert_eq!(s.min_offset(1), None);
+        assert_eq!(s.entries(), 1);
+        assert_eq!(s.drain_all().len(), 1);
+        assert_eq!(s.windows(), 0);
+    }
+}

@@ -1,0 +1,54 @@
+//! The closed set of broker backends, chosen by `pipeline.broker`.
+
+use weir_engine::config::{Diagnostics, PipelineConfig};
+use weir_engine::{Sink, Source};
+use weir_memory::{MemoryBroker, MemoryConfig};
+
+/// A configured backend, ready to make sources and sinks.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The embedded in-process broker.
+    Memory(MemoryBroker),
+}
+
+impl Backend {
+    /// Reads the chosen backend's `[brokers.NAME]` section, reporting problems to `d`.
+    pub fn from_config(c: &PipelineConfig, d: &mut Diagnostics) -> Option<Backend> {
+        let section = |name: &str| c.brokers.iter().find(|(n, _)| n == name).map(|(_, node)| node);
+        // Sections of backends that are not chosen are still checked, so a typo surfaces
+        // before the day someone switches to that broker.
+        let memory = MemoryConfig::from_section(section("memory"), d);
+        match c.broker.as_str() {
+            "memory" => Some(Backend::Memory(MemoryBroker::new(memory))),
+            other => {
+                d.push(
+                    &c.broker_loc,
+                    "pipeline.broker",
+                    format!("the `{other}` backend is not part of this build yet; available: memory"),
+                );
+                None
+            }
+        }
+    }
+
+    /// The backend's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Memory(_) => "memory",
+        }
+    }
+
+    /// A consumer of `topic` in `group`.
+    pub async fn source(&self, topic: &str, group: Option<&str>) -> anyhow::Result<Box<dyn Source>> {
+        match self {
+            Backend::Memory(b) => Ok(Box::new(b.source(topic, group))),
+        }
+    }
+
+    /// A producer to `topic`.
+    pub async fn sink(&self, topic: &str) -> anyhow::Result<Box<dyn Sink>> {
+        match self {
+            Backend::Memory(b) => Ok(Box::new(b.sink(topic))),
+        }
+    }
+}
