@@ -284,7 +284,7 @@ async fn tail(mut src: Box<dyn Source>, done: CancellationToken, to_stderr: bool
         let r = src.recv(1024, Duration::from_millis(50)).await;
         let batch = match r {
             Ok(Received::Batch(b)) => b,
-            Ok(Received::Assigned(_)) => continue,
+            Ok(Received::Assigned(_) | Received::Revoked(_)) => continue,
             Ok(Received::End) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "tail stopped");

@@ -192,7 +192,7 @@ mod tests {
                     n += b.len();
                 }
                 Received::End => break,
-                Received::Assigned(_) => unreachable!(),
+                Received::Assigned(_) | Received::Revoked(_) => unreachable!(),
             }
         }
         assert_eq!(n, 10);

@@ -199,6 +199,21 @@ impl WindowOperator {
         }
     }
 
+    /// Forgets revoked partitions: their open window state is dropped uncommitted and they
+    /// no longer hold the watermark.
+    pub fn revoke(&mut self, partitions: &[u32]) {
+        for &p in partitions {
+            self.store.revoke(p);
+            if let Some(n) = self.next_offset.get_mut(p as usize) {
+                *n = None;
+            }
+            if let Some(r) = self.replay.get_mut(p as usize) {
+                *r = 0;
+            }
+        }
+        self.watermarks.revoke(partitions);
+    }
+
     /// The checkpoint to store with a commit of `partition`.
     pub fn checkpoint(&self, partition: u32) -> crate::record::Checkpoint {
         crate::record::Checkpoint {

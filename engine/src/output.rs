@@ -167,7 +167,7 @@ mod tests {
         let r = enc.encode(
             WindowRange { start: 1_719_500_400_000, end: 1_719_500_410_000 },
             br#""User3""#,
-            &Acc { count: 42 },
+            &Acc { count: 42, partition: 0 },
         );
         assert_eq!(
             std::str::from_utf8(&r.payload).unwrap(),

@@ -145,6 +145,16 @@ impl Pipeline {
                     op.assign(&parts, Instant::now());
                     false
                 }
+                Received::Revoked(parts) => {
+                    tracing::info!(partitions = ?parts, "partitions revoked; their open windows are left to the new owner");
+                    op.revoke(&parts);
+                    for &p in &parts {
+                        if let Some(c) = committed.get_mut(p as usize) {
+                            *c = None;
+                        }
+                    }
+                    false
+                }
                 Received::Batch(mut batch) => {
                     let now = Instant::now();
                     if !batch.is_empty() {

@@ -19,6 +19,10 @@ pub enum Received {
     /// checkpoint committed with its position, if any. Each partition holds the watermark
     /// back until it delivers a record or goes idle.
     Assigned(Vec<(u32, Option<Checkpoint>)>),
+    /// These partitions are no longer this source's (a rebalance). Their open window state
+    /// is dropped uncommitted; the new owner recomputes it from the committed position.
+    /// Sources must not commit positions of revoked partitions after returning this.
+    Revoked(Vec<u32>),
 }
 
 /// A source of records: a consumer on a topic, a queue, a stream, or a file.

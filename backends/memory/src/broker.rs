@@ -355,7 +355,7 @@ mod tests {
             match src.recv(100, Duration::from_millis(20)).await.unwrap() {
                 Received::Batch(b) if b.is_empty() => return all,
                 Received::Batch(b) => all.extend(b),
-                Received::Assigned(_) => {}
+                Received::Assigned(_) | Received::Revoked(_) => {}
                 Received::End => unreachable!(),
             }
         }

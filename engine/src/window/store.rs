@@ -12,6 +12,9 @@ use crate::record::Position;
 pub struct Acc {
     /// Events counted.
     pub count: u64,
+    /// The source partition that fed this entry (records keyed by the group key all come
+    /// from one partition), so a revoked partition's state can be dropped.
+    pub partition: u32,
 }
 
 type Hasher = foldhash::fast::RandomState;
@@ -69,7 +72,10 @@ impl WindowStore {
             update(&mut acc);
             return;
         }
-        let mut acc = Acc::default();
+        let mut acc = Acc {
+            partition: pos.partition,
+            ..Acc::default()
+        };
         update(&mut acc);
         pane.groups.insert(key.into(), acc);
         self.entries += 1;
@@ -108,6 +114,21 @@ impl WindowStore {
             .filter_map(|p| p.min_offsets.get(partition as usize).copied())
             .filter(|&o| o != u64::MAX)
             .min()
+    }
+
+    /// Drops, without emitting, every entry fed by `partition`, and forgets its offsets.
+    pub fn revoke(&mut self, partition: u32) {
+        let mut dropped = 0;
+        for pane in self.panes.values_mut() {
+            let before = pane.groups.len();
+            pane.groups.retain(|_, acc| acc.partition != partition);
+            dropped += before - pane.groups.len();
+            if let Some(m) = pane.min_offsets.get_mut(partition as usize) {
+                *m = u64::MAX;
+            }
+        }
+        self.panes.retain(|_, p| !p.groups.is_empty());
+        self.entries -= dropped;
     }
 
     /// Open (window, key) entries.
@@ -150,6 +171,20 @@ mod tests {
         assert_eq!(s.min_offset(1), None);
         assert_eq!(s.entries(), 1);
         assert_eq!(s.drain_all().len(), 1);
+        assert_eq!(s.windows(), 0);
+    }
+
+    #[test]
+    fn revoking_a_partition_drops_its_entries_and_offsets() {
+        let mut s = WindowStore::new();
+        let w = WindowRange { start: 0, end: 10 };
+        s.add(w, b"a", pos(0, 1), |a| a.count += 1);
+        s.add(w, b"b", pos(1, 7), |a| a.count += 1);
+        s.revoke(1);
+        assert_eq!(s.entries(), 1);
+        assert_eq!(s.min_offset(1), None);
+        assert_eq!(s.min_offset(0), Some(1));
+        s.revoke(0);
         assert_eq!(s.windows(), 0);
     }
 }

@@ -79,6 +79,16 @@ impl Watermarks {
         }
     }
 
+    /// Stops considering `partitions` (revoked): they no longer hold the watermark.
+    pub fn revoke(&mut self, partitions: &[u32]) {
+        for &p in partitions {
+            if let Some(part) = self.parts.get_mut(p as usize) {
+                part.idle = true;
+                part.assigned = false;
+            }
+        }
+    }
+
     /// Records that `partition` delivered a record, at `now`, without an event time yet.
     #[inline]
     pub fn touch(&mut self, partition: u32, now: Instant) {
