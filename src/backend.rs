@@ -38,6 +38,18 @@ impl Backend {
         }
     }
 
+    /// Reads and checks the configuration at `path` with `overrides`, then builds the chosen
+    /// backend: the configuration, or every problem found.
+    pub fn load(
+        path: &std::path::Path,
+        overrides: &weir_engine::config::Overrides,
+    ) -> Result<(PipelineConfig, Backend), weir_engine::config::ConfigErrors> {
+        let mut loaded = weir_engine::config::load_file(path, overrides)?;
+        let backend = Backend::from_config(&loaded.config, &mut loaded.diagnostics);
+        let c = loaded.finish()?;
+        Ok((c, backend.expect("a backend exists when the configuration has no problems")))
+    }
+
     /// A consumer of `topic` in `group`.
     pub async fn source(&self, topic: &str, group: Option<&str>) -> anyhow::Result<Box<dyn Source>> {
         match self {

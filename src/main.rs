@@ -1,7 +1,5 @@
 //! `weir`: run, check and feed event-streaming pipelines described in `pipeline.toml`.
 
-mod backend;
-
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,12 +8,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use weir_engine::config::{self, ConfigErrors, Overrides, PipelineConfig};
+use weir_engine::config::{ConfigErrors, Overrides, PipelineConfig};
 use weir_engine::generate::{EventGenerator, Timeline, DEFAULT_START_MS};
 use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
 use weir_engine::{Job, OutRecord, Pipeline, Received, Sink, Source, StopReason};
 
-use crate::backend::Backend;
+use weir::Backend;
 
 #[derive(Parser)]
 #[command(name = "weir", version, about = "In-process event-streaming engine with pluggable brokers")]
@@ -166,10 +164,7 @@ fn load(a: &PipelineArgs) -> Result<(PipelineConfig, Backend), ConfigErrors> {
             (b, origin)
         }),
     };
-    let mut loaded = config::load_file(&a.pipeline, &overrides)?;
-    let backend = Backend::from_config(&loaded.config, &mut loaded.diagnostics);
-    let c = loaded.finish()?;
-    Ok((c, backend.expect("a backend exists when the configuration has no problems")))
+    Backend::load(&a.pipeline, &overrides)
 }
 
 async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<()> {

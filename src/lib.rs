@@ -1,0 +1,7 @@
+//! The `weir` package: the CLI binary plus the closed set of broker backends, chosen by
+//! `pipeline.broker`, so that tests and Rust users can build any backend from a
+//! `pipeline.toml`.
+
+pub mod backend;
+
+pub use backend::Backend;

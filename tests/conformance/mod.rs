@@ -1,0 +1,331 @@
+//! The conformance suite: the same dataset, the same `pipelines/user_activity.toml` and the
+//! same expected results on every backend; only the broker is switched. Each backend's
+//! test file (`backend_memory.rs`, `backend_kafka.rs`, ...) calls these functions.
+//!
+//! Expected results come from an oracle written independently of the engine: serde_json
+//! values, chrono's parser, a HashMap of counts.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use weir::Backend;
+use weir_engine::config::{Overrides, PipelineConfig};
+use weir_engine::generate::dataset;
+use weir_engine::record::HEADER_ID;
+use weir_engine::{EngineError, Job, OutRecord, Pipeline, Processor, Received, Record, StopReason};
+
+/// The pipeline every backend runs.
+pub fn pipeline_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/user_activity.toml")
+}
+
+/// A backend under test, with topic names of its own so runs never see each other's data.
+pub struct Bed {
+    pub config: PipelineConfig,
+    pub backend: Backend,
+}
+
+static RUN: AtomicUsize = AtomicUsize::new(0);
+
+impl Bed {
+    /// Loads the pipeline with `--broker broker`, unique topics and group, plus `extra`
+    /// `--set` overrides.
+    pub fn new(broker: &str, case: &str, extra: &[&str]) -> Bed {
+        let id = format!(
+            "{case}-{}-{}-{}",
+            std::process::id(),
+            RUN.fetch_add(1, Ordering::Relaxed),
+            weir_engine::time::now_millis() % 1_000_000_000
+        );
+        let mut sets = vec![
+            format!("source.topic=conf-in-{id}"),
+            format!("source.group=conf-group-{id}"),
+            format!("sink.topic=conf-out-{id}"),
+            format!("dead_letter.topic=conf-dlq-{id}"),
+        ];
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        let overrides = Overrides {
+            sets,
+            broker: Some((broker.to_string(), format!("--broker {broker}"))),
+        };
+        let (config, backend) = match Backend::load(&pipeline_file(), &overrides) {
+            Ok(x) => x,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(config.broker, broker);
+        Bed { config, backend }
+    }
+
+    /// Publishes seed events to the source topic, keyed by user like `weir produce`.
+    pub async fn produce(&self, lines: &[Vec<u8>]) {
+        let mut sink = self.backend.sink(&self.config.source.topic).await.expect("sink");
+        for chunk in lines.chunks(1000) {
+            let batch: Vec<OutRecord> = chunk
+                .iter()
+                .map(|l| OutRecord {
+                    key: user_of(l).map(|u| Bytes::from(u.into_bytes())),
+                    payload: Bytes::from(l.clone()),
+                    ..Default::default()
+                })
+                .collect();
+            sink.send(&batch).await.expect("produce");
+        }
+    }
+
+    /// The pipeline over this bed's topics.
+    pub async fn pipeline(&self) -> Pipeline {
+        let c = &self.config;
+        Pipeline::new(
+            Job::from_config(c),
+            self.backend.source(&c.source.topic, Some(&c.source.group)).await.expect("source"),
+            self.backend.sink(&c.sink.topic).await.expect("sink"),
+            self.backend.sink(&c.dead_letter.topic).await.expect("dead-letter sink"),
+        )
+    }
+
+    /// Reads `topic` from the beginning until `expect` records arrived or `idle` passed
+    /// without one.
+    pub async fn read(&self, topic: &str, expect: usize, idle: Duration) -> Vec<Record> {
+        let group = format!("conf-reader-{}-{}", std::process::id(), RUN.fetch_add(1, Ordering::Relaxed));
+        let mut src = self.backend.source(topic, Some(&group)).await.expect("reader");
+        let mut out = Vec::new();
+        let mut last = tokio::time::Instant::now();
+        while out.len() < expect && last.elapsed() < idle {
+            match src.recv(1000, Duration::from_millis(200)).await.expect("read") {
+                Received::Batch(b) if !b.is_empty() => {
+                    out.extend(b);
+                    last = tokio::time::Instant::now();
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+fn user_of(line: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    v.get("user_id")?.as_str().map(str::to_string)
+}
+
+/// (user, window start in ms) -> count, computed without the engine.
+pub type Counts = HashMap<(String, i64), u64>;
+
+/// The oracle: counts per user per 10 s window of the seed's timestamp, valid events only.
+pub fn oracle(lines: &[Vec<u8>]) -> Counts {
+    let allowed = ["page_view", "scroll", "click"];
+    let mut c = Counts::new();
+    for l in lines {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(l) else { continue };
+        let (Some(et), Some(user), Some(_), Some(ts)) = (
+            v["event_type"].as_str(),
+            v["user_id"].as_str(),
+            v["action"].as_str(),
+            v["timestamp"].as_str(),
+        ) else {
+            continue;
+        };
+        if !allowed.contains(&et) || !(v["metadata"].is_object() || v["metadata"].is_null()) {
+            continue;
+        }
+        let Ok(t) = chrono::NaiveDateTime::parse_from_str(ts, "%Y-%m-%d %H:%M:%S%.f") else { continue };
+        let ms = t.and_utc().timestamp_millis();
+        *c.entry((user.to_string(), ms - ms.rem_euclid(10_000))).or_default() += 1;
+    }
+    c
+}
+
+/// Parses result records, checking their key and id header; duplicates (same id) must
+/// carry the same count. Returns the distinct results.
+pub fn results(records: &[Record]) -> Counts {
+    let mut c = Counts::new();
+    for r in records {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("result is JSON");
+        let user = v["user_id"].as_str().expect("user_id").to_string();
+        let start = chrono::DateTime::parse_from_rfc3339(v["window_start"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis();
+        let end = chrono::DateTime::parse_from_rfc3339(v["window_end"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(end - start, 10_000, "{v}");
+        assert_eq!(r.key.as_deref(), Some(user.as_bytes()), "result key is the group key");
+        if let Some((_, id)) = r.headers.iter().find(|(k, _)| k == HEADER_ID) {
+            assert_eq!(
+                std::str::from_utf8(id).unwrap(),
+                format!("{user}@{}", v["window_start"].as_str().unwrap())
+            );
+        }
+        let count = v["count"].as_u64().expect("count");
+        if let Some(prev) = c.insert((user.clone(), start), count) {
+            assert_eq!(prev, count, "a duplicate result for ({user}, {start}) has another count");
+        }
+    }
+    c
+}
+
+fn lines(seed: u64, n: usize, users: u64, invalid_every: u64) -> Vec<Vec<u8>> {
+    dataset(seed, n, users, invalid_every).into_iter().map(String::into_bytes).collect()
+}
+
+/// 20,000 seeded events over 50 users: the results are exactly the oracle's counts, and
+/// every event is accounted for.
+pub async fn counts_match_the_oracle(broker: &str) {
+    let bed = Bed::new(broker, "counts", &[]);
+    let data = lines(42, 20_000, 50, 0);
+    let want = oracle(&data);
+    assert_eq!(want.values().sum::<u64>(), 20_000);
+    bed.produce(&data).await;
+    let summary = bed.pipeline().await.exit_when_idle(Duration::from_secs(2)).run().await.expect("run");
+    assert_eq!(summary.reason, StopReason::Idle);
+    let s = summary.counters;
+    assert_eq!((s.events_in, s.windowed, s.dead_letters, s.late), (20_000, 20_000, 0, 0), "{s:?}");
+    let got = results(&bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5)).await);
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+}
+
+/// Every kind of bad input goes to the dead-letter topic with its reason and source; the
+/// rest is counted exactly; nothing panics.
+pub async fn bad_input_goes_to_dead_letters(broker: &str) {
+    let bed = Bed::new(broker, "dead", &[]);
+    let mut data = lines(7, 2_000, 20, 10);
+    let crafted: Vec<(Vec<u8>, &str)> = vec![
+        (b"\xff\xfe\x00garbage".to_vec(), "not valid UTF-8"),
+        (vec![b' '; 70_000].into_iter().chain(*b"{}").collect(), "over the limit of 65536 bytes"),
+        (b"{\"user_id\": \"User1\", ".to_vec(), "invalid JSON"),
+        (b"[1, 2, 3]".to_vec(), "expected a JSON object"),
+        (
+            br#"{"event_type":"click","user_id":42,"action":"x","timestamp":"2024-06-27 15:00:01.000000"}"#.to_vec(),
+            "`user_id`: expected string",
+        ),
+        (
+            br#"{"event_type":"click","user_id":"User1","action":"x","timestamp":"27/06/2024"}"#.to_vec(),
+            "`timestamp`: `27/06/2024` is not a timestamp",
+        ),
+        (
+            br#"{"event_type":"click","action":"x","timestamp":"2024-06-27 15:00:01.000000"}"#.to_vec(),
+            "missing field `user_id`",
+        ),
+    ];
+    data.extend(crafted.iter().map(|(p, _)| p.clone()));
+    let want = oracle(&data);
+    let valid: u64 = want.values().sum();
+    let invalid = data.len() as u64 - valid;
+    assert_eq!(invalid, 200 + crafted.len() as u64);
+    bed.produce(&data).await;
+    let summary = bed.pipeline().await.exit_when_idle(Duration::from_secs(2)).run().await.expect("run");
+    let s = summary.counters;
+    assert_eq!((s.windowed, s.dead_letters, s.late), (valid, invalid, 0), "{s:?}");
+    assert!(s.balanced());
+    let dead = bed.read(&bed.config.dead_letter.topic, invalid as usize, Duration::from_secs(5)).await;
+    assert_eq!(dead.len() as u64, invalid);
+    let envelopes: Vec<serde_json::Value> =
+        dead.iter().map(|r| serde_json::from_slice(&r.payload).expect("dead letter is JSON")).collect();
+    for e in &envelopes {
+        assert!(!e["error"].as_str().unwrap_or_default().is_empty(), "{e}");
+        assert_eq!(e["source"]["topic"], bed.config.source.topic.as_str());
+        assert!(e["source"]["offset"].is_u64() && e["source"]["partition"].is_u64());
+        assert!(e["payload"].is_string());
+    }
+    for (payload, reason) in &crafted {
+        let found = envelopes.iter().any(|e| {
+            let p = e["payload"].as_str().unwrap();
+            let same = if e["payload_encoding"] == "base64" {
+                p == weir_engine::output::base64(payload)
+            } else {
+                p.as_bytes() == &payload[..]
+            };
+            same && e["error"].as_str().unwrap().contains(reason)
+        });
+        assert!(found, "no dead letter with reason {reason:?}");
+    }
+    let got = results(&bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5)).await);
+    assert_eq!(got, want);
+}
+
+/// Fails the run (like a crash: no final commit) after `after` records.
+struct CrashAfter {
+    seen: usize,
+    after: usize,
+}
+
+#[async_trait]
+impl Processor for CrashAfter {
+    fn name(&self) -> &str {
+        "crash-after"
+    }
+    async fn process(&mut self, batch: &mut Vec<Record>, _: &mut Vec<(Record, String)>) -> weir_engine::Result<()> {
+        self.seen += batch.len();
+        if self.seen >= self.after {
+            return Err(EngineError::Stopped("simulated crash".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The pipeline crashes mid-stream and is started again: nothing is lost, duplicates
+/// carry the same counts, and the distinct results are exactly the oracle's.
+pub async fn restart_loses_nothing(broker: &str) -> weir_engine::metrics::Snapshot {
+    let bed = Bed::new(broker, "restart", &["source.commit_interval=0s", "source.batch_size=500"]);
+    let data = lines(99, 10_000, 30, 0);
+    let want = oracle(&data);
+    bed.produce(&data).await;
+    let first = bed.pipeline().await.processor(Box::new(CrashAfter { seen: 0, after: 4_000 })).run().await;
+    assert!(matches!(first, Err(EngineError::Stopped(_))), "{first:?}");
+    let second = bed.pipeline().await.exit_when_idle(Duration::from_secs(2)).run().await.expect("second run");
+    let s = second.counters;
+    assert!(s.events_in < 10_000, "the second run resumed from committed positions: {s:?}");
+    assert!(s.balanced(), "{s:?}");
+    assert_eq!(s.late, 0, "{s:?}");
+    let records = bed.read(&bed.config.sink.topic, usize::MAX, Duration::from_secs(3)).await;
+    let got = results(&records);
+    assert_eq!(got, want);
+    s
+}
+
+/// With input stopped, the idle timeout advances time by the wall clock so the last
+/// window still closes (a 1 s window here so the test is quick).
+pub async fn idle_input_still_closes_the_last_window(broker: &str) {
+    let bed = Bed::new(
+        broker,
+        "idle",
+        &["window.size=1s", "window.grace=0s", "window.idle_timeout=300ms"],
+    );
+    let now = weir_engine::time::now_millis();
+    let data: Vec<Vec<u8>> = (0..40)
+        .map(|i| {
+            let mut ts = String::new();
+            weir_engine::generate::write_seed_time(&mut ts, now, 0);
+            format!(
+                r#"{{"event_type":"click","user_id":"User{}","action":"a","timestamp":"{ts}"}}"#,
+                i % 4
+            )
+            .into_bytes()
+        })
+        .collect();
+    bed.produce(&data).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(bed.pipeline().await.shutdown_on(stop.clone()).run());
+    let got = results_any_size(&bed.read(&bed.config.sink.topic, 4, Duration::from_secs(10)).await);
+    stop.cancel();
+    let s = run.await.unwrap().expect("run").counters;
+    assert_eq!(got.values().sum::<u64>(), 40, "{got:?} {s:?}");
+    assert_eq!(got.len(), 4);
+}
+
+fn results_any_size(records: &[Record]) -> HashMap<String, u64> {
+    records
+        .iter()
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+            (v["user_id"].as_str().unwrap().to_string(), v["count"].as_u64().unwrap())
+        })
+        .collect()
+}
