@@ -20,6 +20,7 @@ impl Backend {
         let memory = MemoryConfig::from_section(section("memory"), d);
         match c.broker.as_str() {
             "memory" => Some(Backend::Memory(MemoryBroker::new(memory))),
+            other if !weir_engine::config::BROKERS.contains(&other) => None,
             other => {
                 d.push(
                     &c.broker_loc,
