@@ -14,7 +14,12 @@ pub enum Backend {
 impl Backend {
     /// Reads the chosen backend's `[brokers.NAME]` section, reporting problems to `d`.
     pub fn from_config(c: &PipelineConfig, d: &mut Diagnostics) -> Option<Backend> {
-        let section = |name: &str| c.brokers.iter().find(|(n, _)| n == name).map(|(_, node)| node);
+        let section = |name: &str| {
+            c.brokers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, node)| node)
+        };
         // Sections of backends that are not chosen are still checked, so a typo surfaces
         // before the day someone switches to that broker.
         let memory = MemoryConfig::from_section(section("memory"), d);
@@ -25,7 +30,9 @@ impl Backend {
                 d.push(
                     &c.broker_loc,
                     "pipeline.broker",
-                    format!("the `{other}` backend is not part of this build yet; available: memory"),
+                    format!(
+                        "the `{other}` backend is not part of this build yet; available: memory"
+                    ),
                 );
                 None
             }
@@ -48,11 +55,18 @@ impl Backend {
         let mut loaded = weir_engine::config::load_file(path, overrides)?;
         let backend = Backend::from_config(&loaded.config, &mut loaded.diagnostics);
         let c = loaded.finish()?;
-        Ok((c, backend.expect("a backend exists when the configuration has no problems")))
+        Ok((
+            c,
+            backend.expect("a backend exists when the configuration has no problems"),
+        ))
     }
 
     /// A consumer of `topic` in `group`.
-    pub async fn source(&self, topic: &str, group: Option<&str>) -> anyhow::Result<Box<dyn Source>> {
+    pub async fn source(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+    ) -> anyhow::Result<Box<dyn Source>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.source(topic, group))),
         }

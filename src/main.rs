@@ -16,7 +16,11 @@ use weir_engine::{Job, OutRecord, Pipeline, Received, Sink, Source, StopReason};
 use weir::Backend;
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "In-process event-streaming engine with pluggable brokers")]
+#[command(
+    name = "weir",
+    version,
+    about = "In-process event-streaming engine with pluggable brokers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -134,7 +138,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");
@@ -156,7 +163,8 @@ fn load(a: &PipelineArgs) -> Result<(PipelineConfig, Backend), ConfigErrors> {
     let overrides = Overrides {
         sets: a.sets.clone(),
         broker: a.broker.clone().map(|b| {
-            let origin = if std::env::args().any(|x| x == "--broker" || x.starts_with("--broker=")) {
+            let origin = if std::env::args().any(|x| x == "--broker" || x.starts_with("--broker="))
+            {
                 format!("--broker {b}")
             } else {
                 format!("WEIR_BROKER={b}")
@@ -185,7 +193,11 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
     let memory = matches!(backend, Backend::Memory(_));
     let source: Box<dyn Source> = match &a.input {
         Some(path) => Box::new(JsonLinesSource::open(path).await?),
-        None => backend.source(&c.source.topic, Some(&c.source.group)).await?,
+        None => {
+            backend
+                .source(&c.source.topic, Some(&c.source.group))
+                .await?
+        }
     };
     let sink: Box<dyn Sink> = match &a.output {
         Some(path) => Box::new(JsonLinesSink::create(path).await?),
@@ -212,8 +224,9 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
             let demo = c.demo.clone();
             let stop = shutdown.clone();
             tasks.spawn(async move {
-                let mut g = EventGenerator::new(weir_engine::time::now_millis() as u64, demo.users as u64)
-                    .with_invalid_every(demo.invalid_every as u64);
+                let mut g =
+                    EventGenerator::new(weir_engine::time::now_millis() as u64, demo.users as u64)
+                        .with_invalid_every(demo.invalid_every as u64);
                 let mut tick = tokio::time::interval(demo.interval);
                 loop {
                     tokio::select! {
@@ -328,11 +341,15 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             out.flush().context("writing events")?;
         }
         None => {
-            anyhow::ensure!(a.rate > 0.0 && a.rate.is_finite(), "--rate must be more than 0");
+            anyhow::ensure!(
+                a.rate > 0.0 && a.rate.is_finite(),
+                "--rate must be more than 0"
+            );
             let gap = Duration::from_secs_f64(1.0 / a.rate);
             let mut next = std::time::Instant::now();
             loop {
-                writeln!(out, "{}", g.event(weir_engine::time::now_millis())).context("writing events")?;
+                writeln!(out, "{}", g.event(weir_engine::time::now_millis()))
+                    .context("writing events")?;
                 out.flush().context("writing events")?;
                 next += gap;
                 if let Some(d) = next.checked_duration_since(std::time::Instant::now()) {

@@ -15,7 +15,12 @@ fn problems(text: &str, sets: &[&str]) -> Vec<String> {
     let _ = Backend::from_config(&loaded.config, &mut loaded.diagnostics);
     match loaded.finish() {
         Ok(_) => Vec::new(),
-        Err(e) => e.to_string().lines().skip(1).map(|l| l.trim().to_string()).collect(),
+        Err(e) => e
+            .to_string()
+            .lines()
+            .skip(1)
+            .map(|l| l.trim().to_string())
+            .collect(),
     }
 }
 
@@ -91,25 +96,58 @@ user_id = { type = "strng" }
         "p.toml:22:20: schema.fields.user_id.type: unknown type `strng`",
     ];
     for e in expect {
-        assert!(p.iter().any(|l| l.starts_with(e)), "missing {e:?} in {p:#?}");
+        assert!(
+            p.iter().any(|l| l.starts_with(e)),
+            "missing {e:?} in {p:#?}"
+        );
     }
 }
 
 #[test]
 fn toml_syntax_errors_have_locations_too() {
     let p = problems("[source]\ntopic = \"in\nx = 1\n", &[]);
-    assert!(p.iter().any(|l| l.starts_with("p.toml:2:") && l.contains("TOML syntax")), "{p:#?}");
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("p.toml:2:") && l.contains("TOML syntax")),
+        "{p:#?}"
+    );
 }
 
 #[test]
 fn set_overrides_any_setting_with_the_same_reporting() {
-    assert_eq!(problems(GOOD, &["window.grace=5s", "source.batch_size=10"]), Vec::<String>::new());
+    assert_eq!(
+        problems(GOOD, &["window.grace=5s", "source.batch_size=10"]),
+        Vec::<String>::new()
+    );
     let p = problems(GOOD, &["window.grace=soon", "windw.size=1s", "novalue"]);
-    assert!(p.iter().any(|l| l.starts_with("--set window.grace=soon: window.grace: `soon` is not a duration")), "{p:#?}");
-    assert!(p.iter().any(|l| l.starts_with("--set windw.size=1s: windw: unknown key")), "{p:#?}");
-    assert!(p.iter().any(|l| l.starts_with("--set novalue: expected PATH=VALUE")), "{p:#?}");
-    let mut loaded = load_str("p.toml", GOOD, &Overrides { sets: vec!["window.grace=5s".into()], broker: None });
-    assert_eq!(loaded.config.window.grace, std::time::Duration::from_secs(5));
+    assert!(
+        p.iter()
+            .any(|l| l
+                .starts_with("--set window.grace=soon: window.grace: `soon` is not a duration")),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("--set windw.size=1s: windw: unknown key")),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("--set novalue: expected PATH=VALUE")),
+        "{p:#?}"
+    );
+    let mut loaded = load_str(
+        "p.toml",
+        GOOD,
+        &Overrides {
+            sets: vec!["window.grace=5s".into()],
+            broker: None,
+        },
+    );
+    assert_eq!(
+        loaded.config.window.grace,
+        std::time::Duration::from_secs(5)
+    );
     let _ = Backend::from_config(&loaded.config, &mut loaded.diagnostics);
     assert!(loaded.diagnostics.is_empty());
 }
@@ -130,6 +168,14 @@ fn broker_override_is_named_in_errors() {
 fn memory_section_keys_are_checked() {
     let text = format!("{GOOD}\n[brokers.memory]\npartitions = 0\nretention = 5\n");
     let p = problems(&text, &[]);
-    assert!(p.iter().any(|l| l.starts_with("p.toml:14:14: brokers.memory.partitions: 0 is out of range")), "{p:#?}");
-    assert!(p.iter().any(|l| l.starts_with("p.toml:15:1: brokers.memory.retention: unknown key")), "{p:#?}");
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("p.toml:14:14: brokers.memory.partitions: 0 is out of range")),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("p.toml:15:1: brokers.memory.retention: unknown key")),
+        "{p:#?}"
+    );
 }

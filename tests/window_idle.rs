@@ -23,10 +23,18 @@ fn event(user: &str, t: i64) -> OutRecord {
 
 #[tokio::test(start_paused = true)]
 async fn the_last_window_closes_after_the_idle_timeout_and_not_before() {
-    let broker = MemoryBroker::new(MemoryConfig { partitions: 2, capacity: 1000 });
+    let broker = MemoryBroker::new(MemoryConfig {
+        partitions: 2,
+        capacity: 1000,
+    });
     // Ten events between :01 and :09 of one 10 s window, all for partition-spread users.
     let batch: Vec<OutRecord> = (0..10)
-        .map(|i| event(&format!("User{}", i % 3), DEFAULT_START_MS + 1_000 + i * 800))
+        .map(|i| {
+            event(
+                &format!("User{}", i % 3),
+                DEFAULT_START_MS + 1_000 + i * 800,
+            )
+        })
         .collect();
     broker.sink("in").send(&batch).await.unwrap();
 
@@ -50,16 +58,26 @@ async fn the_last_window_closes_after_the_idle_timeout_and_not_before() {
         if let Received::Batch(b) = reader.recv(100, Duration::from_millis(100)).await.unwrap() {
             if results.is_empty() && !b.is_empty() {
                 let waited = start.elapsed();
-                assert!(waited >= Duration::from_secs(5), "closed before the idle timeout: {waited:?}");
+                assert!(
+                    waited >= Duration::from_secs(5),
+                    "closed before the idle timeout: {waited:?}"
+                );
                 assert!(waited < Duration::from_secs(6), "closed late: {waited:?}");
             }
             results.extend(b);
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "the last window never closed");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the last window never closed"
+        );
     }
     let total: u64 = results
         .iter()
-        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["count"].as_u64().unwrap())
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap()["count"]
+                .as_u64()
+                .unwrap()
+        })
         .sum();
     assert_eq!(total, 10);
     stop.cancel();

@@ -40,7 +40,11 @@ fn scenario(max_disorder: i64) -> impl Strategy<Value = (Vec<Ev>, usize, i64)> {
                         s.iter()
                             .map(|&(key, back, step)| {
                                 clock += step;
-                                Ev { partition: p as u32, key, t: clock - back }
+                                Ev {
+                                    partition: p as u32,
+                                    key,
+                                    t: clock - back,
+                                }
                             })
                             .collect()
                     })
@@ -65,7 +69,12 @@ fn scenario(max_disorder: i64) -> impl Strategy<Value = (Vec<Ev>, usize, i64)> {
 }
 
 /// Runs the operator over `evs` in batches; returns result counts and the outcomes.
-fn run(evs: &[Ev], batch: usize, grace: i64, partitions: u32) -> (HashMap<(String, i64), u64>, Vec<Outcome>) {
+fn run(
+    evs: &[Ev],
+    batch: usize,
+    grace: i64,
+    partitions: u32,
+) -> (HashMap<(String, i64), u64>, Vec<Outcome>) {
     let job = Job::tumbling_count("k", "t", Duration::from_millis(SIZE as u64))
         .with_grace(Duration::from_millis(grace as u64));
     let mut op = WindowOperator::new(&job, "props");
@@ -78,7 +87,10 @@ fn run(evs: &[Ev], batch: usize, grace: i64, partitions: u32) -> (HashMap<(Strin
         for e in chunk {
             let rec = Record {
                 payload: Bytes::from(format!(r#"{{"k":"k{}","t":{}}}"#, e.key, e.t)),
-                position: Position { partition: e.partition, offset: offsets[e.partition as usize] },
+                position: Position {
+                    partition: e.partition,
+                    offset: offsets[e.partition as usize],
+                },
                 ..Default::default()
             };
             offsets[e.partition as usize] += 1;
@@ -95,7 +107,10 @@ fn run(evs: &[Ev], batch: usize, grace: i64, partitions: u32) -> (HashMap<(Strin
             .unwrap()
             .timestamp_millis();
         let key = (v["k"].as_str().unwrap().to_string(), start);
-        assert!(counts.insert(key, v["count"].as_u64().unwrap()).is_none(), "one result per (key, window)");
+        assert!(
+            counts.insert(key, v["count"].as_u64().unwrap()).is_none(),
+            "one result per (key, window)"
+        );
     }
     (counts, outcomes)
 }

@@ -31,19 +31,29 @@ impl Processor for RejectCrawlers {
             .into_iter()
             .partition(|r| !r.payload.windows(5).any(|w| w == b"Opera"));
         *batch = keep;
-        rejected.extend(crawl.into_iter().map(|r| (r, "Opera user agent looks like a crawler".to_string())));
+        rejected.extend(
+            crawl
+                .into_iter()
+                .map(|r| (r, "Opera user agent looks like a crawler".to_string())),
+        );
         Ok(())
     }
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> weir_engine::Result<()> {
-    let broker = MemoryBroker::new(MemoryConfig { partitions: 4, capacity: 100_000 });
+    let broker = MemoryBroker::new(MemoryConfig {
+        partitions: 4,
+        capacity: 100_000,
+    });
 
     // Feed the source topic with 2,000 seed-shaped events.
     let events: Vec<OutRecord> = dataset(5, 2_000, 8, 0)
         .into_iter()
-        .map(|e| OutRecord { payload: Bytes::from(e), ..Default::default() })
+        .map(|e| OutRecord {
+            payload: Bytes::from(e),
+            ..Default::default()
+        })
         .collect();
     broker.sink("user-activity").send(&events).await?;
 

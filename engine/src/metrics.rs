@@ -78,7 +78,8 @@ pub struct Snapshot {
 impl Snapshot {
     /// Whether every event in is accounted for.
     pub fn balanced(&self) -> bool {
-        self.events_in == self.windowed + self.dead_letters + self.late + self.filtered + self.replayed
+        self.events_in
+            == self.windowed + self.dead_letters + self.late + self.filtered + self.replayed
     }
 }
 

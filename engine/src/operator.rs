@@ -8,9 +8,9 @@ use tokio::time::Instant;
 
 use crate::config::{AggFn, PipelineConfig, WindowConfig};
 use crate::decode::{Decoder, Schema, TimeSource, Val};
-use crate::output::{dead_letter, ResultEncoder, KEY_SEP};
+use crate::output::{dead_letter, ResultEncoder, WindowText, KEY_SEP};
 use crate::record::{OutRecord, Position, Record};
-use crate::window::{Pane, WindowKind, WindowRange, WindowStore, Watermarks};
+use crate::window::{Pane, Watermarks, WindowKind, WindowRange, WindowStore};
 
 /// What the pipeline computes, independent of where records come from and go.
 #[derive(Debug, Clone)]
@@ -178,7 +178,11 @@ impl WindowOperator {
     /// those whose window the checkpoint's watermark had closed are skipped (their results
     /// were delivered), the others are counted again, and the watermark stays at the
     /// checkpoint's until the replay is over (or its partitions go idle).
-    pub fn assign(&mut self, partitions: &[(u32, Option<crate::record::Checkpoint>)], now: Instant) {
+    pub fn assign(
+        &mut self,
+        partitions: &[(u32, Option<crate::record::Checkpoint>)],
+        now: Instant,
+    ) {
         let ids: Vec<u32> = partitions.iter().map(|(p, _)| *p).collect();
         self.watermarks.assign(&ids, now);
         let mut restored = None;
@@ -217,7 +221,11 @@ impl WindowOperator {
     /// The checkpoint to store with a commit of `partition`.
     pub fn checkpoint(&self, partition: u32) -> crate::record::Checkpoint {
         crate::record::Checkpoint {
-            watermark: if self.watermarks.is_held() { self.replay_watermark } else { self.watermarks.current() },
+            watermark: if self.watermarks.is_held() {
+                self.replay_watermark
+            } else {
+                self.watermarks.current()
+            },
             processed: self
                 .next_offset
                 .get(partition as usize)
@@ -235,9 +243,10 @@ impl WindowOperator {
         let pending = self.replay.iter().enumerate().any(|(p, &until)| {
             until > 0 && self.next_offset.get(p).copied().flatten().unwrap_or(0) < until
         });
-        let timed_out = self
-            .replay_started
-            .is_some_and(|t| now.duration_since(t) >= self.idle_timeout && self.next_idle_deadline().is_none_or(|d| d <= now));
+        let timed_out = self.replay_started.is_some_and(|t| {
+            now.duration_since(t) >= self.idle_timeout
+                && self.next_idle_deadline().is_none_or(|d| d <= now)
+        });
         if !pending || timed_out {
             self.replay.clear();
             self.replay_started = None;
@@ -249,10 +258,19 @@ impl WindowOperator {
     /// Handles one record; dead letters go to `dead`. `now_ms` is the wall clock used for
     /// processing-time windows.
     #[inline]
-    pub fn ingest(&mut self, rec: &Record, now: Instant, now_ms: i64, dead: &mut Vec<OutRecord>) -> Outcome {
+    pub fn ingest(
+        &mut self,
+        rec: &Record,
+        now: Instant,
+        now_ms: i64,
+        dead: &mut Vec<OutRecord>,
+    ) -> Outcome {
         self.note_position(rec, now);
         let p = rec.position.partition as usize;
-        let replaying = self.replay.get(p).is_some_and(|&until| rec.position.offset < until);
+        let replaying = self
+            .replay
+            .get(p)
+            .is_some_and(|&until| rec.position.offset < until);
         // Dead letters of replayed records were delivered before the checkpoint.
         let mut replay_sink = Vec::new();
         let dead = if replaying { &mut replay_sink } else { dead };
@@ -261,7 +279,11 @@ impl WindowOperator {
             Ok(ev) => ev,
             Err(reason) => {
                 dead.push(dead_letter(&self.topic, rec, &reason));
-                return if replaying { Outcome::Replayed } else { Outcome::Dead };
+                return if replaying {
+                    Outcome::Replayed
+                } else {
+                    Outcome::Dead
+                };
             }
         };
         let t = match (&self.time, ev.time) {
@@ -269,8 +291,16 @@ impl WindowOperator {
             (TimeSource::Broker, _) => match rec.timestamp {
                 Some(t) => t,
                 None => {
-                    dead.push(dead_letter(&self.topic, rec, "record has no broker timestamp"));
-                    return if replaying { Outcome::Replayed } else { Outcome::Dead };
+                    dead.push(dead_letter(
+                        &self.topic,
+                        rec,
+                        "record has no broker timestamp",
+                    ));
+                    return if replaying {
+                        Outcome::Replayed
+                    } else {
+                        Outcome::Dead
+                    };
                 }
             },
             _ => now_ms,
@@ -282,10 +312,20 @@ impl WindowOperator {
             }
             let v = &ev.values[*slot];
             match v {
-                Val::Str(_) | Val::Int(_) | Val::Float(_) | Val::Bool(_) => v.write_json(&mut self.key_buf),
+                Val::Str(_) | Val::Int(_) | Val::Float(_) | Val::Bool(_) => {
+                    v.write_json(&mut self.key_buf)
+                }
                 Val::Missing | Val::Null => {
-                    dead.push(dead_letter(&self.topic, rec, &format!("missing group-by field `{name}`")));
-                    return if replaying { Outcome::Replayed } else { Outcome::Dead };
+                    dead.push(dead_letter(
+                        &self.topic,
+                        rec,
+                        &format!("missing group-by field `{name}`"),
+                    ));
+                    return if replaying {
+                        Outcome::Replayed
+                    } else {
+                        Outcome::Dead
+                    };
                 }
                 Val::Object | Val::Array => {
                     dead.push(dead_letter(
@@ -293,7 +333,11 @@ impl WindowOperator {
                         rec,
                         &format!("group-by field `{name}` must be a string, number or boolean"),
                     ));
-                    return if replaying { Outcome::Replayed } else { Outcome::Dead };
+                    return if replaying {
+                        Outcome::Replayed
+                    } else {
+                        Outcome::Dead
+                    };
                 }
             }
         }
@@ -303,7 +347,8 @@ impl WindowOperator {
             if self.closed(window, self.replay_watermark) {
                 return Outcome::Replayed;
             }
-            self.store.add(window, &self.key_buf, rec.position, |a| a.count += 1);
+            self.store
+                .add(window, &self.key_buf, rec.position, |a| a.count += 1);
             return Outcome::Windowed;
         }
         if self.closed(window, wm) {
@@ -316,7 +361,8 @@ impl WindowOperator {
             dead.push(dead_letter(&self.topic, rec, &reason));
             return Outcome::Late;
         }
-        self.store.add(window, &self.key_buf, rec.position, |a| a.count += 1);
+        self.store
+            .add(window, &self.key_buf, rec.position, |a| a.count += 1);
         Outcome::Windowed
     }
 
@@ -357,8 +403,10 @@ impl WindowOperator {
         for (window, pane) in closed {
             out.windows_closed += 1;
             out.results.reserve(pane.groups.len());
+            let text = WindowText::new(window);
             for (key, acc) in pane.groups.into_iter() {
-                out.results.push(self.encoder.encode(window, &key, &acc));
+                out.results
+                    .push(self.encoder.encode_with(&text, &key, &acc));
             }
         }
     }

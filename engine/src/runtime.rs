@@ -119,7 +119,10 @@ impl Pipeline {
             let now = Instant::now();
             let wait = op
                 .next_idle_deadline()
-                .map(|d| d.saturating_duration_since(now).clamp(Duration::from_millis(1), TICK))
+                .map(|d| {
+                    d.saturating_duration_since(now)
+                        .clamp(Duration::from_millis(1), TICK)
+                })
                 .unwrap_or(TICK);
             let received = tokio::select! {
                 biased;
@@ -135,7 +138,9 @@ impl Pipeline {
                 Received::End => true,
                 Received::Batch(batch)
                     if batch.is_empty()
-                        && self.exit_when_idle.is_some_and(|d| last_record.elapsed() >= d) =>
+                        && self
+                            .exit_when_idle
+                            .is_some_and(|d| last_record.elapsed() >= d) =>
                 {
                     reason = StopReason::Idle;
                     true
@@ -168,7 +173,11 @@ impl Pipeline {
                     }
                     let rejected_n = rejected.len();
                     for (rec, why) in rejected.drain(..) {
-                        out.dead.push(crate::output::dead_letter(&topic, &rec, &format!("rejected by processor: {why}")));
+                        out.dead.push(crate::output::dead_letter(
+                            &topic,
+                            &rec,
+                            &format!("rejected by processor: {why}"),
+                        ));
                         op.note_position(&rec, now);
                     }
                     Metrics::add(&m.filtered, (before - batch.len() - rejected_n) as u64);
@@ -195,8 +204,12 @@ impl Pipeline {
                 op.close_ready(Instant::now(), &mut out);
             }
             self.deliver(out, &m).await?;
-            m.watermark.store(op.watermark(), std::sync::atomic::Ordering::Relaxed);
-            m.open_entries.store(op.open_entries() as u64, std::sync::atomic::Ordering::Relaxed);
+            m.watermark
+                .store(op.watermark(), std::sync::atomic::Ordering::Relaxed);
+            m.open_entries.store(
+                op.open_entries() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             if ended || last_commit.elapsed() >= self.job.commit_interval {
                 self.commit(&op, &mut committed).await?;
                 last_commit = Instant::now();
@@ -237,12 +250,18 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn commit(&mut self, op: &WindowOperator, committed: &mut Vec<Option<(u64, Checkpoint)>>) -> Result<()> {
+    async fn commit(
+        &mut self,
+        op: &WindowOperator,
+        committed: &mut Vec<Option<(u64, Checkpoint)>>,
+    ) -> Result<()> {
         let changed: Vec<(Position, Checkpoint)> = op
             .safe_positions()
             .into_iter()
             .map(|p| (p, op.checkpoint(p.partition)))
-            .filter(|(p, cp)| committed.get(p.partition as usize).copied().flatten() != Some((p.offset, *cp)))
+            .filter(|(p, cp)| {
+                committed.get(p.partition as usize).copied().flatten() != Some((p.offset, *cp))
+            })
             .collect();
         if changed.is_empty() {
             return Ok(());

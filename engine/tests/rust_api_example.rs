@@ -29,8 +29,15 @@ fn example(name: &str) -> PathBuf {
 
 #[test]
 fn the_rust_api_example_counts_and_rejects() {
-    let out = Command::new(example("rust_api")).env("RUST_LOG", "off").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(example("rust_api"))
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let summary = text.lines().last().unwrap();
     assert!(summary.starts_with("results: "), "{text}");
@@ -38,7 +45,15 @@ fn the_rust_api_example_counts_and_rejects() {
     assert!(first["user_id"].as_str().unwrap().starts_with("User"));
     assert!(first["count"].as_u64().unwrap() > 0);
     // About a quarter of the generated user agents are Opera: they were dead-lettered.
-    let dead: u64 = summary.split(" + ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    let dead: u64 = summary
+        .split(" + ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((300..700).contains(&dead), "{summary}");
     assert!(summary.contains("2000 in"), "{summary}");
 }

@@ -153,10 +153,7 @@ pub fn load_str(file: &str, text: &str, overrides: &Overrides) -> Loaded {
     let lines = tree::LineIndex::new(text);
     let (doc, errors) = toml::de::DeTable::parse_recoverable(text);
     for e in errors {
-        let loc = e
-            .span()
-            .map(|s| lines.loc(s.start))
-            .unwrap_or(Loc::Nowhere);
+        let loc = e.span().map(|s| lines.loc(s.start)).unwrap_or(Loc::Nowhere);
         let msg = e.message().trim().replace('\n', " ");
         d.push(&loc, "", format!("TOML syntax: {msg}"));
     }
@@ -219,7 +216,10 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                 d.push(
                     &loc,
                     "pipeline.broker",
-                    format!("unknown broker `{broker}` (choose one of {})", BROKERS.join(", ")),
+                    format!(
+                        "unknown broker `{broker}` (choose one of {})",
+                        BROKERS.join(", ")
+                    ),
                 );
             }
             t.finish(d);
@@ -233,8 +233,7 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             let topic = t.req_str(d, "topic").unwrap_or_default().to_string();
             let group = t.str_or(d, "group", &format!("weir-{name}"));
             let batch_size = t.uint_or(d, "batch_size", 1024, 1..=1_000_000) as usize;
-            let max_payload_bytes =
-                t.uint_or(d, "max_payload_bytes", MIB, 16..=64 * MIB) as usize;
+            let max_payload_bytes = t.uint_or(d, "max_payload_bytes", MIB, 16..=64 * MIB) as usize;
             let commit_interval = t.duration_or(d, "commit_interval", Duration::from_secs(1));
             t.finish(d);
             SourceConfig {
@@ -246,7 +245,11 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             }
         }
         None => {
-            d.push(&Loc::Nowhere, "source", "missing required table [source] (with `topic`)");
+            d.push(
+                &Loc::Nowhere,
+                "source",
+                "missing required table [source] (with `topic`)",
+            );
             SourceConfig {
                 topic: String::new(),
                 group: String::new(),
@@ -288,13 +291,26 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                 (Some("broker"), None) => TimeSource::Broker,
                 (Some("processing"), None) => TimeSource::Processing,
                 (Some(other), _) if !matches!(other, "field" | "broker" | "processing") => {
-                    let loc = t.node("from").map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
-                    d.push(&loc, "event_time.from", format!("unknown time source `{other}` (choose field, broker or processing)"));
+                    let loc = t
+                        .node("from")
+                        .map(|n| n.loc.clone())
+                        .unwrap_or(Loc::Nowhere);
+                    d.push(
+                        &loc,
+                        "event_time.from",
+                        format!(
+                            "unknown time source `{other}` (choose field, broker or processing)"
+                        ),
+                    );
                     TimeSource::Processing
                 }
                 (Some(_), Some(_)) => {
                     let loc = field_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
-                    d.push(&loc, "event_time.field", "`field` only applies with from = \"field\"");
+                    d.push(
+                        &loc,
+                        "event_time.field",
+                        "`field` only applies with from = \"field\"",
+                    );
                     TimeSource::Processing
                 }
                 (_, None) => {
@@ -343,7 +359,11 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             }
         }
         None => {
-            d.push(&Loc::Nowhere, "window", "missing required table [window] (with `size`)");
+            d.push(
+                &Loc::Nowhere,
+                "window",
+                "missing required table [window] (with `size`)",
+            );
             WindowConfig {
                 kind: WindowKind::Tumbling { size: 10_000 },
                 grace: Duration::ZERO,
@@ -369,13 +389,16 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                         d.push(
                             t.loc(),
                             "aggregate.group_by",
-                            format!("`{g}` is an {:?} in the schema; keys must be scalars", f.ty).to_lowercase(),
+                            format!("`{g}` is an {:?} in the schema; keys must be scalars", f.ty)
+                                .to_lowercase(),
                         );
                     }
                 }
             }
             let compute_node = t.node("compute");
-            let names = t.str_list(d, "compute").unwrap_or_else(|| vec!["count".into()]);
+            let names = t
+                .str_list(d, "compute")
+                .unwrap_or_else(|| vec!["count".into()]);
             let mut compute = Vec::new();
             for n in &names {
                 match n.trim() {
@@ -391,7 +414,11 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             AggregateConfig { group_by, compute }
         }
         None => {
-            d.push(&Loc::Nowhere, "aggregate", "missing required table [aggregate] (with `group_by`)");
+            d.push(
+                &Loc::Nowhere,
+                "aggregate",
+                "missing required table [aggregate] (with `group_by`)",
+            );
             AggregateConfig {
                 group_by: Vec::new(),
                 compute: vec![AggFn::Count],
@@ -406,7 +433,11 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             TopicConfig { topic }
         }
         None => {
-            d.push(&Loc::Nowhere, key, format!("missing required table [{key}] (with `topic`)"));
+            d.push(
+                &Loc::Nowhere,
+                key,
+                format!("missing required table [{key}] (with `topic`)"),
+            );
             TopicConfig {
                 topic: String::new(),
             }
@@ -422,7 +453,10 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                 d.push(
                     loc,
                     &format!("brokers.{k}"),
-                    format!("unknown broker section (choose among {})", BROKERS.join(", ")),
+                    format!(
+                        "unknown broker section (choose among {})",
+                        BROKERS.join(", ")
+                    ),
                 );
             } else if !matches!(node.value, Value::Table(_)) {
                 d.push(&node.loc, &format!("brokers.{k}"), "expected a table");
@@ -494,7 +528,11 @@ fn read_schema(mut t: TableReader<'_>, d: &mut Diagnostics) -> Schema {
         for (name, _loc, node) in fields.entries() {
             let key = format!("schema.fields.{name}");
             let Value::Table(ft) = &node.value else {
-                d.push(&node.loc, &key, "expected a table such as { type = \"string\" }");
+                d.push(
+                    &node.loc,
+                    &key,
+                    "expected a table such as { type = \"string\" }",
+                );
                 continue;
             };
             let mut fr = TableReader::new(&key, ft, node.loc.clone());
@@ -521,7 +559,11 @@ fn read_schema(mut t: TableReader<'_>, d: &mut Diagnostics) -> Schema {
                 );
             }
             if name.is_empty() || name.split('.').any(|p| p.is_empty()) {
-                d.push(&node.loc, &key, "field paths are dotted names such as metadata.page");
+                d.push(
+                    &node.loc,
+                    &key,
+                    "field paths are dotted names such as metadata.page",
+                );
             }
             fr.finish(d);
             let spec = FieldSpec {

@@ -49,9 +49,27 @@ mod tests {
     #[test]
     fn tumbling_aligns_to_the_epoch_including_before_it() {
         let k = WindowKind::Tumbling { size: 10_000 };
-        assert_eq!(k.assign(0), WindowRange { start: 0, end: 10_000 });
-        assert_eq!(k.assign(9_999), WindowRange { start: 0, end: 10_000 });
+        assert_eq!(
+            k.assign(0),
+            WindowRange {
+                start: 0,
+                end: 10_000
+            }
+        );
+        assert_eq!(
+            k.assign(9_999),
+            WindowRange {
+                start: 0,
+                end: 10_000
+            }
+        );
         assert_eq!(k.assign(10_000).start, 10_000);
-        assert_eq!(k.assign(-1), WindowRange { start: -10_000, end: 0 });
+        assert_eq!(
+            k.assign(-1),
+            WindowRange {
+                start: -10_000,
+                end: 0
+            }
+        );
     }
 }

@@ -56,7 +56,13 @@ impl WindowStore {
 
     /// Adds one event with group key `key` at `pos` to `window`, updating its accumulator.
     #[inline]
-    pub fn add(&mut self, window: WindowRange, key: &[u8], pos: Position, update: impl FnOnce(&mut Acc)) {
+    pub fn add(
+        &mut self,
+        window: WindowRange,
+        key: &[u8],
+        pos: Position,
+        update: impl FnOnce(&mut Acc),
+    ) {
         let last_size = self.last_size;
         let pane = self
             .panes

@@ -143,7 +143,12 @@ impl Watermarks {
             if let Some(last) = self.last_input {
                 let since = now.duration_since(last);
                 if since >= self.idle_timeout {
-                    let max = self.parts.iter().map(|p| p.max_event).max().unwrap_or(i64::MIN);
+                    let max = self
+                        .parts
+                        .iter()
+                        .map(|p| p.max_event)
+                        .max()
+                        .unwrap_or(i64::MIN);
                     if max != i64::MIN {
                         let wm = max
                             .saturating_sub(self.out_of_orderness)
