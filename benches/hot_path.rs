@@ -69,7 +69,7 @@ fn hot_path(c: &mut Criterion) {
             op.assign(&[(0, None)], now);
             let mut out = Emitted::default();
             for r in &records {
-                op.ingest(r, now, 0, &mut out.dead);
+                op.ingest(r, now, 0, &mut out);
             }
             op.close_all(&mut out);
             black_box(out.results.len())

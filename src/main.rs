@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use weir_engine::config::{ConfigErrors, Overrides, PipelineConfig};
+use weir_engine::config::{ConfigErrors, LatePolicy, Overrides, PipelineConfig};
 use weir_engine::generate::{EventGenerator, Timeline, DEFAULT_START_MS};
 use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
 use weir_engine::{Job, OutRecord, Pipeline, Received, Sink, Source, StopReason};
@@ -62,6 +62,9 @@ struct RunArgs {
     /// Write dead letters as JSON lines to FILE (or `-`) instead of the dead-letter topic.
     #[arg(long, value_name = "FILE|-")]
     dead_letter: Option<String>,
+    /// Write late events as JSON lines to FILE (or `-`) instead of the `[late]` topic.
+    #[arg(long, value_name = "FILE|-")]
+    late: Option<String>,
     /// Stop once no record arrived for this long (e.g. `5s`), emitting every open window as
     /// at the end of input: a bounded run over a broker topic.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
@@ -252,16 +255,34 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         }
         if a.output.is_none() {
             let src = backend.source(&c.sink.topic, None).await?;
-            tasks.spawn(tail(src, tails_done.clone(), false));
+            tasks.spawn(tail(src, tails_done.clone(), ""));
         }
         if a.dead_letter.is_none() {
             let src = backend.source(&c.dead_letter.topic, None).await?;
-            tasks.spawn(tail(src, tails_done.clone(), true));
+            tasks.spawn(tail(src, tails_done.clone(), "dead letter: "));
         }
     }
 
-    let job = Job::from_config(&c);
+    let job = if a.late.is_some() && c.late == LatePolicy::DeadLetter {
+        // --late FILE asks for a late output even if the file has no [late] section.
+        Job::from_config(&c).with_late(LatePolicy::Output("--late".into()))
+    } else {
+        Job::from_config(&c)
+    };
     let mut pipeline = Pipeline::new(job, source, sink, dead).shutdown_on(shutdown.clone());
+    match (&c.late, &a.late) {
+        (_, Some(path)) => {
+            pipeline = pipeline.late_output(Box::new(JsonLinesSink::create(path).await?))
+        }
+        (LatePolicy::Output(topic), None) => {
+            pipeline = pipeline.late_output(backend.sink(topic).await?);
+            if memory {
+                let src = backend.source(topic, None).await?;
+                tasks.spawn(tail(src, tails_done.clone(), "late event: "));
+            }
+        }
+        _ => {}
+    }
     if let Some(idle) = a.exit_when_idle {
         pipeline = pipeline.exit_when_idle(idle);
     }
@@ -284,9 +305,10 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
     Ok(())
 }
 
-/// Prints the records of a topic as they arrive (results to stdout, dead letters to
-/// stderr); after `done`, drains what is left and returns.
-async fn tail(mut src: Box<dyn Source>, done: CancellationToken, to_stderr: bool) {
+/// Prints the records of a topic as they arrive (results to stdout; dead letters and late
+/// events to stderr, after `prefix`); after `done`, drains what is left and returns.
+async fn tail(mut src: Box<dyn Source>, done: CancellationToken, prefix: &'static str) {
+    let to_stderr = !prefix.is_empty();
     let mut finishing = false;
     loop {
         let r = src.recv(1024, Duration::from_millis(50)).await;
@@ -308,9 +330,7 @@ async fn tail(mut src: Box<dyn Source>, done: CancellationToken, to_stderr: bool
         }
         let mut buf = Vec::with_capacity(batch.len() * 128);
         for r in &batch {
-            if to_stderr {
-                buf.extend_from_slice(b"dead letter: ");
-            }
+            buf.extend_from_slice(prefix.as_bytes());
             buf.extend_from_slice(&r.payload);
             buf.push(b'\n');
         }

@@ -94,7 +94,7 @@ fn run(
                 ..Default::default()
             };
             offsets[e.partition as usize] += 1;
-            outcomes.push(op.ingest(&rec, now, 0, &mut out.dead));
+            outcomes.push(op.ingest(&rec, now, 0, &mut out));
         }
         op.close_ready(now, &mut out);
     }

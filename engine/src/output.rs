@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::config::AggFn;
+use crate::aggregate::{write_value, AggFn};
 use crate::record::{
     OutRecord, Record, HEADER_ERROR, HEADER_ID, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_TOPIC,
@@ -21,6 +21,8 @@ pub struct ResultEncoder {
     key_names: Vec<Vec<u8>>,
     /// `,"count":` for each aggregate, pre-encoded.
     aggs: Vec<(AggFn, Vec<u8>)>,
+    /// Whether results carry `"final"` (update emission).
+    flag_final: bool,
 }
 
 /// The parts of a result that are the same for every key of one window, formatted once.
@@ -55,7 +57,7 @@ impl WindowText {
 
 impl ResultEncoder {
     /// An encoder naming the key fields and aggregates as configured.
-    pub fn new(group_by: &[String], aggs: &[AggFn]) -> Self {
+    pub fn new(group_by: &[String], aggs: &[AggFn], flag_final: bool) -> Self {
         let key_names = group_by
             .iter()
             .map(|n| {
@@ -74,18 +76,22 @@ impl ResultEncoder {
                 (a.clone(), v)
             })
             .collect();
-        ResultEncoder { key_names, aggs }
+        ResultEncoder {
+            key_names,
+            aggs,
+            flag_final,
+        }
     }
 
     /// One result record: `{"user_id": "User3", "window_start": ..., "window_end": ...,
     /// "count": 42}`, keyed by the group key, with its deterministic id in a header.
     pub fn encode(&self, window: WindowRange, key: &[u8], acc: &Acc) -> OutRecord {
-        self.encode_with(&WindowText::new(window), key, acc)
+        self.encode_with(&WindowText::new(window), key, acc, true)
     }
 
     /// [`encode`](Self::encode) with the window's text formatted beforehand. The payload,
     /// the key and the id share one allocation.
-    pub fn encode_with(&self, w: &WindowText, key: &[u8], acc: &Acc) -> OutRecord {
+    pub fn encode_with(&self, w: &WindowText, key: &[u8], acc: &Acc, is_final: bool) -> OutRecord {
         let mut out = Vec::with_capacity(
             48 + 2 * key.len() + w.fields.len() + w.id_suffix.len() + 24 * self.aggs.len(),
         );
@@ -96,11 +102,21 @@ impl ResultEncoder {
             out.push(b',');
         }
         out.extend_from_slice(&w.fields);
+        let mut extra = acc.extra.as_ref().map(|e| e.0.iter());
         for (agg, name) in &self.aggs {
             out.extend_from_slice(name);
+            let state = extra.as_mut().and_then(|it| it.next());
             match agg {
                 AggFn::Count => write_u64(&mut out, acc.count),
+                _ => write_value(&mut out, acc.count, state),
             }
+        }
+        if self.flag_final {
+            out.extend_from_slice(if is_final {
+                b",\"final\":true"
+            } else {
+                b",\"final\":false"
+            });
         }
         out.push(b'}');
         let payload_end = out.len();
@@ -114,6 +130,34 @@ impl ResultEncoder {
             headers: vec![(HEADER_ID.to_string(), all.slice(payload_end..))],
             timestamp: Some(w.start),
         }
+    }
+}
+
+/// A late event for the late output: the original record unchanged, plus headers naming
+/// the window it missed, the watermark, and where it came from.
+pub fn late_record(topic: &str, record: &Record, window: WindowRange, watermark: i64) -> OutRecord {
+    let mut headers = record.headers.clone();
+    let t = |ms| Bytes::from(crate::time::format_rfc3339(ms));
+    headers.push(("weir.late.window_start".into(), t(window.start)));
+    headers.push(("weir.late.window_end".into(), t(window.end)));
+    headers.push(("weir.late.watermark".into(), t(watermark)));
+    headers.push((
+        HEADER_SOURCE_TOPIC.into(),
+        Bytes::copy_from_slice(topic.as_bytes()),
+    ));
+    headers.push((
+        HEADER_SOURCE_PARTITION.into(),
+        Bytes::from(record.position.partition.to_string()),
+    ));
+    headers.push((
+        HEADER_SOURCE_OFFSET.into(),
+        Bytes::from(record.position.offset.to_string()),
+    ));
+    OutRecord {
+        key: record.key.clone(),
+        payload: record.payload.clone(),
+        headers,
+        timestamp: record.timestamp,
     }
 }
 
@@ -255,7 +299,7 @@ mod tests {
 
     #[test]
     fn result_record_shape() {
-        let enc = ResultEncoder::new(&["user_id".into()], &[AggFn::Count]);
+        let enc = ResultEncoder::new(&["user_id".into()], &[AggFn::Count], false);
         let r = enc.encode(
             WindowRange {
                 start: 1_719_500_400_000,
@@ -264,7 +308,7 @@ mod tests {
             br#""User3""#,
             &Acc {
                 count: 42,
-                partition: 0,
+                ..Acc::default()
             },
         );
         assert_eq!(

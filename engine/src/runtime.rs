@@ -25,6 +25,7 @@ pub struct Pipeline {
     processors: Vec<Box<dyn Processor>>,
     sink: Box<dyn Sink>,
     dead_letter: Box<dyn Sink>,
+    late: Option<Box<dyn Sink>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     exit_when_idle: Option<Duration>,
@@ -68,6 +69,7 @@ impl Pipeline {
             processors: Vec::new(),
             sink,
             dead_letter,
+            late: None,
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
             exit_when_idle: None,
@@ -84,6 +86,12 @@ impl Pipeline {
     /// Adds a processor that sees every batch before decoding, in the order added.
     pub fn processor(mut self, p: Box<dyn Processor>) -> Self {
         self.processors.push(p);
+        self
+    }
+
+    /// Sends late events here (needed when the job's late policy is an output).
+    pub fn late_output(mut self, sink: Box<dyn Sink>) -> Self {
+        self.late = Some(sink);
         self
     }
 
@@ -107,6 +115,11 @@ impl Pipeline {
     /// Runs until the source ends or shutdown is requested.
     pub async fn run(mut self) -> Result<Summary> {
         let topic = self.source.topic().to_string();
+        if let (crate::config::LatePolicy::Output(t), None) = (&self.job.late, &self.late) {
+            return Err(EngineError::Stopped(format!(
+                "late events go to `{t}` but the pipeline has no late output"
+            )));
+        }
         let mut op = WindowOperator::new(&self.job, &topic);
         let m = self.metrics.clone();
         let mut committed: Vec<Option<(u64, Checkpoint)>> = Vec::new();
@@ -184,7 +197,7 @@ impl Pipeline {
                     Metrics::add(&m.dead_letters, rejected_n as u64);
                     let (mut windowed, mut dead, mut late, mut replayed) = (0u64, 0u64, 0u64, 0u64);
                     for rec in &batch {
-                        match op.ingest(rec, now, now_ms, &mut out.dead) {
+                        match op.ingest(rec, now, now_ms, &mut out) {
                             Outcome::Windowed => windowed += 1,
                             Outcome::Dead => dead += 1,
                             Outcome::Late => late += 1,
@@ -192,6 +205,7 @@ impl Pipeline {
                         }
                     }
                     Metrics::add(&m.replayed, replayed);
+                    Metrics::add(&m.late_window_misses, op.take_window_misses());
                     Metrics::add(&m.windowed, windowed);
                     Metrics::add(&m.dead_letters, dead);
                     Metrics::add(&m.late, late);
@@ -241,6 +255,11 @@ impl Pipeline {
         Metrics::add(&m.windows_closed, out.windows_closed);
         if !out.dead.is_empty() {
             send_with_retry(&mut *self.dead_letter, &out.dead, &self.shutdown).await?;
+        }
+        if !out.late.is_empty() {
+            if let Some(late) = self.late.as_mut() {
+                send_with_retry(&mut **late, &out.late, &self.shutdown).await?;
+            }
         }
         if !out.results.is_empty() {
             let n = out.results.len() as u64;
