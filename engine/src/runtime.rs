@@ -158,6 +158,16 @@ impl Pipeline {
                     reason = StopReason::Idle;
                     true
                 }
+                Received::Assigned(parts)
+                    if parts
+                        .iter()
+                        .any(|(p, _)| *p >= crate::window::Acc::MAX_PARTITIONS) =>
+                {
+                    return Err(EngineError::Stopped(format!(
+                        "the source has partition indexes of {} or more, which Weir does not support",
+                        crate::window::Acc::MAX_PARTITIONS
+                    )));
+                }
                 Received::Assigned(parts) => {
                     tracing::info!(partitions = ?parts, "partitions assigned");
                     op.assign(&parts, Instant::now());
