@@ -59,6 +59,11 @@ impl Bed {
             format!("sink.topic=conf-out-{id}"),
             format!("dead_letter.topic=conf-dlq-{id}"),
         ];
+        if broker == "amqp" {
+            if let Ok(url) = std::env::var("WEIR_AMQP_URL") {
+                sets.push(format!("brokers.amqp.url={url}"));
+            }
+        }
         sets.extend(extra.iter().map(|s| s.to_string()));
         let overrides = Overrides {
             sets,
