@@ -162,8 +162,16 @@ async fn run() {
             format!("{output}-{round}"),
             format!("{dlq}-{round}"),
         ];
-        let (raw_rate, weir_rate) =
-            round_trip(&url, &backend, &config, prefetch, &data, &names).await;
+        let (raw_rate, weir_rate) = round_trip(
+            &url,
+            &backend,
+            &config,
+            prefetch,
+            &data,
+            &names,
+            round % 2 == 0,
+        )
+        .await;
         ratios.push(100.0 * weir_rate / raw_rate);
         queues.extend(names);
     }
@@ -201,6 +209,7 @@ async fn round_trip(
     prefetch: u16,
     data: &[String],
     [raw_q, input, output, dlq]: &[String; 4],
+    weir_first: bool,
 ) -> (f64, f64) {
     let n = data.len();
     // Seed both queues with the same events.
@@ -224,7 +233,27 @@ async fn round_trip(
         2.0 * n as f64 / secs
     );
 
-    // (a) Raw lapin: consume + ack (multiple, every 1000), nothing else.
+    // Let the broker finish writing what was just published before either run starts.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Alternate which run goes first, so neither always meets a busier broker.
+    let (raw_rate, weir_rate) = if weir_first {
+        let w = weir(backend, config, prefetch, n, input, output, dlq).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        (raw(url, prefetch, n, raw_q).await, w)
+    } else {
+        let r = raw(url, prefetch, n, raw_q).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        (
+            r,
+            weir(backend, config, prefetch, n, input, output, dlq).await,
+        )
+    };
+    println!("Weir / raw = {:.1} %", 100.0 * weir_rate / raw_rate);
+    (raw_rate, weir_rate)
+}
+
+/// (a) Raw lapin: consume + ack (multiple, every 1000), nothing else; events/s.
+async fn raw(url: &str, prefetch: u16, n: usize, raw_q: &str) -> f64 {
     let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
         .await
         .unwrap();
@@ -234,7 +263,7 @@ async fn round_trip(
         .unwrap();
     let mut consumer = ch
         .basic_consume(
-            raw_q.as_str().into(),
+            raw_q.into(),
             "".into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
@@ -266,7 +295,19 @@ async fn round_trip(
     drop(consumer);
     let _ = conn.close(200, "done".into()).await;
 
-    // (b) Weir: RabbitMQ -> decode/validate -> 10 s tumbling count -> RabbitMQ.
+    raw_rate
+}
+
+/// (b) Weir: RabbitMQ -> decode/validate -> 10 s tumbling count -> RabbitMQ; events/s.
+async fn weir(
+    backend: &Backend,
+    config: &weir_engine::config::PipelineConfig,
+    prefetch: u16,
+    n: usize,
+    input: &str,
+    output: &str,
+    dlq: &str,
+) -> f64 {
     let times = Arc::new(Times::default());
     let pipeline = Pipeline::new(
         Job::from_config(config),
@@ -294,7 +335,6 @@ async fn round_trip(
         s.results_out,
         IDLE.as_secs()
     );
-    println!("Weir / raw = {:.1} %", 100.0 * weir_rate / raw_rate);
     println!(
         "    time in recv {:.2} s ({} calls), in commit {:.2} s ({} commits), in send {:.2} s ({} batches)",
         times.recv.load(Relaxed) as f64 / 1e9,
@@ -305,5 +345,5 @@ async fn round_trip(
         times.sends.load(Relaxed)
     );
 
-    (raw_rate, weir_rate)
+    weir_rate
 }
