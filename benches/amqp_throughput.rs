@@ -178,7 +178,7 @@ async fn run() {
     ratios.sort_by(f64::total_cmp);
     println!(
         "Weir / raw over {rounds} rounds of {n} events: median {:.1} %, min {:.1} %, max {:.1} %",
-        ratios[ratios.len() / 2],
+        (ratios[(ratios.len() - 1) / 2] + ratios[ratios.len() / 2]) / 2.0,
         ratios[0],
         ratios[ratios.len() - 1]
     );

@@ -63,6 +63,8 @@ impl Bed {
             if let Ok(url) = std::env::var("WEIR_AMQP_URL") {
                 sets.push(format!("brokers.amqp.url={url}"));
             }
+            // RabbitMQ deletes the run's queues once they are unused for this long.
+            sets.push("brokers.amqp.queue_expires=10m".to_string());
         }
         sets.extend(extra.iter().map(|s| s.to_string()));
         let overrides = Overrides {

@@ -62,6 +62,10 @@ pub struct AmqpConfig {
     /// Declare queues with `x-single-active-consumer`: one consumer at a time receives,
     /// the others stand by. Keeps redelivery order, which the checkpoint relies on.
     pub single_active_consumer: bool,
+    /// Declare queues with `x-expires`: RabbitMQ deletes a queue (and its records) unused
+    /// for this long (streams excepted: RabbitMQ refuses it for them). For throw-away
+    /// topics (tests, demos); `None` = queues stay.
+    pub queue_expires: Option<std::time::Duration>,
 }
 
 impl Default for AmqpConfig {
@@ -75,6 +79,7 @@ impl Default for AmqpConfig {
             queue_type: QueueType::Classic,
             stream_offset: "first".to_string(),
             single_active_consumer: true,
+            queue_expires: None,
         }
     }
 }
@@ -144,6 +149,18 @@ impl AmqpConfig {
             c.stream_offset = s;
         }
         c.single_active_consumer = r.bool_or(d, "single_active_consumer", true);
+        if let Some(loc) = r.node("queue_expires").map(|n| n.loc.clone()) {
+            let e = r.duration_or(d, "queue_expires", std::time::Duration::ZERO);
+            if e.as_millis() == 0 || e.as_millis() > u32::MAX as u128 {
+                d.push(
+                    &loc,
+                    "brokers.amqp.queue_expires",
+                    "must be between 1ms and 49 days",
+                );
+            } else {
+                c.queue_expires = Some(e);
+            }
+        }
         if !c.durable && c.queue_type != QueueType::Classic {
             d.push(
                 r.loc(),

@@ -88,7 +88,7 @@ impl AmqpSource {
             .await
             .map_err(|e| amqp_error("opening a channel", &e))?;
         topology::declare_topic(&ch, &self.cfg, &self.topic).await?;
-        let ckpt_queue = topology::declare_checkpoint_queue(&ch, &self.topic).await?;
+        let ckpt_queue = topology::declare_checkpoint_queue(&ch, &self.cfg, &self.topic).await?;
         let stored = read_checkpoint(&ch, &ckpt_queue).await?;
         ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
             .await

@@ -52,6 +52,16 @@ pub(crate) async fn declare_topic(
         "x-queue-type".into(),
         AMQPValue::LongString(cfg.queue_type.as_str().into()),
     );
+    // RabbitMQ refuses `x-expires` on streams (they have retention instead).
+    if let Some(e) = cfg
+        .queue_expires
+        .filter(|_| cfg.queue_type != QueueType::Stream)
+    {
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(e.as_millis() as i64),
+        );
+    }
     if cfg.single_active_consumer && cfg.queue_type != QueueType::Stream {
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     }
@@ -87,6 +97,7 @@ pub(crate) async fn declare_topic(
 /// message.
 pub(crate) async fn declare_checkpoint_queue(
     ch: &Channel,
+    cfg: &AmqpConfig,
     queue: &str,
 ) -> weir_engine::Result<String> {
     let name = checkpoint_queue(queue);
@@ -96,6 +107,12 @@ pub(crate) async fn declare_checkpoint_queue(
         AMQPValue::LongString("classic".into()),
     );
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    if let Some(e) = cfg.queue_expires {
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(e.as_millis() as i64),
+        );
+    }
     ch.queue_declare(
         name.as_str().into(),
         QueueDeclareOptions {
