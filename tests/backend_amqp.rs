@@ -247,6 +247,25 @@ async fn counts_on(queue_type: &str) {
         .await
         .expect("run");
     assert_eq!(again.counters.events_in, 0, "{:?}", again.counters);
+    // Streams do not expire like the other test queues: delete them.
+    let c = &bed.config;
+    delete_queues(&[&c.source.topic, &c.sink.topic, &c.dead_letter.topic]).await;
+}
+
+/// Deletes these queues and their checkpoint queues.
+async fn delete_queues(topics: &[&str]) {
+    let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let ch = conn.create_channel().await.expect("channel");
+    for t in topics {
+        for q in [t.to_string(), weir_amqp::checkpoint_queue(t)] {
+            ch.queue_delete(q.as_str().into(), Default::default())
+                .await
+                .expect("queue.delete");
+        }
+    }
+    let _ = conn.close(200, "done".into()).await;
 }
 
 #[tokio::test]
