@@ -26,7 +26,7 @@ pub use config::{AmqpConfig, ExchangeType, QueueType, DEFAULT_URL};
 pub use error::{is_retryable, redact};
 pub use sink::AmqpSink;
 pub use source::AmqpSource;
-pub use topology::checkpoint_queue;
+pub use topology::{checkpoint_queue, retry_queue};
 
 /// Connects to `url` and closes again: `Ok` when RabbitMQ answers.
 pub async fn ping(url: &str) -> weir_engine::Result<()> {
@@ -64,6 +64,19 @@ impl AmqpBroker {
     /// `topic` (one active at a time with `single_active_consumer`).
     pub async fn source(&self, topic: &str) -> weir_engine::Result<AmqpSource> {
         AmqpSource::connect(self.config.clone(), topic).await
+    }
+
+    /// A publisher to the retry queue of `source_topic` (`<source_topic>.retry`): records
+    /// sent to it come back into `source_topic` after `delay` (TTL + dead-letter exchange;
+    /// RabbitMQ counts the trips in the `x-death` header, and headers such as an attempt
+    /// counter travel with the record). Not wired into the engine yet: it has no retry
+    /// topic (issue 8).
+    pub async fn retry_sink(
+        &self,
+        source_topic: &str,
+        delay: std::time::Duration,
+    ) -> weir_engine::Result<AmqpSink> {
+        AmqpSink::connect_retry(self.config.clone(), source_topic, delay).await
     }
 
     /// A publisher to `topic`, connected and with its topology declared.

@@ -35,15 +35,35 @@ struct Live {
 pub struct AmqpSink {
     cfg: Arc<AmqpConfig>,
     topic: String,
+    /// `Some((source topic, delay))` for a retry queue that dead-letters back to it.
+    retry: Option<(String, std::time::Duration)>,
     live: Option<Live>,
     failures: u32,
 }
 
 impl AmqpSink {
     pub(crate) async fn connect(cfg: Arc<AmqpConfig>, topic: &str) -> Result<AmqpSink> {
+        Self::connect_to(cfg, topic.to_string(), None).await
+    }
+
+    pub(crate) async fn connect_retry(
+        cfg: Arc<AmqpConfig>,
+        source_topic: &str,
+        delay: std::time::Duration,
+    ) -> Result<AmqpSink> {
+        let topic = topology::retry_queue(source_topic);
+        Self::connect_to(cfg, topic, Some((source_topic.to_string(), delay))).await
+    }
+
+    async fn connect_to(
+        cfg: Arc<AmqpConfig>,
+        topic: String,
+        retry: Option<(String, std::time::Duration)>,
+    ) -> Result<AmqpSink> {
         let mut s = AmqpSink {
             cfg,
-            topic: topic.to_string(),
+            topic,
+            retry,
             live: None,
             failures: 0,
         };
@@ -60,7 +80,12 @@ impl AmqpSink {
         ch.confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(|e| amqp_error("enabling publisher confirms", &e))?;
-        topology::declare_topic(&ch, &self.cfg, &self.topic).await?;
+        match &self.retry {
+            None => topology::declare_topic(&ch, &self.cfg, &self.topic).await?,
+            Some((source, delay)) => {
+                topology::declare_retry(&ch, &self.cfg, source, *delay).await?
+            }
+        }
         Ok(Live { _conn: conn, ch })
     }
 

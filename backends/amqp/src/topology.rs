@@ -125,3 +125,66 @@ pub(crate) async fn declare_checkpoint_queue(
     .map_err(|e| amqp_error(&format!("declaring checkpoint queue `{name}`"), &e))?;
     Ok(name)
 }
+
+/// The retry queue of topic `topic`.
+pub fn retry_queue(topic: &str) -> String {
+    format!("{topic}.retry")
+}
+
+/// Declares the delayed-requeue topology of `source`: queue `<source>.retry`, bound to the
+/// exchange with key `<source>.retry`, whose messages expire after `delay`
+/// (`x-message-ttl`) and are then dead-lettered to the exchange with routing key `source`,
+/// i.e. back into the source queue. RabbitMQ counts the round trips in the `x-death`
+/// header. Also declares `source` itself so the requeue is routable.
+pub(crate) async fn declare_retry(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    source: &str,
+    delay: std::time::Duration,
+) -> weir_engine::Result<()> {
+    declare_topic(ch, cfg, source).await?;
+    let name = retry_queue(source);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    args.insert(
+        "x-message-ttl".into(),
+        AMQPValue::LongLongInt(delay.as_millis().max(1) as i64),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(cfg.exchange.as_str().into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(source.into()),
+    );
+    if let Some(e) = cfg.queue_expires {
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(e.as_millis() as i64),
+        );
+    }
+    ch.queue_declare(
+        name.as_str().into(),
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .map_err(|e| amqp_error(&format!("declaring retry queue `{name}`"), &e))?;
+    ch.queue_bind(
+        name.as_str().into(),
+        cfg.exchange.as_str().into(),
+        name.as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| amqp_error(&format!("binding retry queue `{name}`"), &e))?;
+    Ok(())
+}
