@@ -68,6 +68,20 @@ async fn amqp_idle_input_still_closes_the_last_window() {
     conformance::idle_input_still_closes_the_last_window("amqp").await;
 }
 
+#[tokio::test]
+async fn amqp_hopping_windows_match_the_oracle() {
+    let _shared = BROKER.read().await;
+    require_rabbitmq().await;
+    conformance::hopping_windows_match_the_oracle("amqp").await;
+}
+
+#[tokio::test]
+async fn amqp_session_windows_match_the_oracle() {
+    let _shared = BROKER.read().await;
+    require_rabbitmq().await;
+    conformance::session_windows_match_the_oracle("amqp").await;
+}
+
 #[test]
 fn a_bad_amqp_key_is_reported_at_its_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
