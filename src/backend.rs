@@ -4,11 +4,24 @@ use weir_engine::config::{Diagnostics, PipelineConfig};
 use weir_engine::{Sink, Source};
 use weir_memory::{MemoryBroker, MemoryConfig};
 
+#[cfg(feature = "amqp")]
+use weir_amqp::{AmqpBroker, AmqpConfig};
+
+/// The backends compiled into this build.
+const AVAILABLE: &[&str] = &[
+    "memory",
+    #[cfg(feature = "amqp")]
+    "amqp",
+];
+
 /// A configured backend, ready to make sources and sinks.
 #[derive(Debug, Clone)]
 pub enum Backend {
     /// The embedded in-process broker.
     Memory(MemoryBroker),
+    /// RabbitMQ over AMQP 0-9-1 (`[brokers.amqp]`).
+    #[cfg(feature = "amqp")]
+    Amqp(AmqpBroker),
 }
 
 impl Backend {
@@ -23,15 +36,20 @@ impl Backend {
         // Sections of backends that are not chosen are still checked, so a typo surfaces
         // before the day someone switches to that broker.
         let memory = MemoryConfig::from_section(section("memory"), d);
+        #[cfg(feature = "amqp")]
+        let amqp = AmqpConfig::from_section(section("amqp"), d);
         match c.broker.as_str() {
             "memory" => Some(Backend::Memory(MemoryBroker::new(memory))),
+            #[cfg(feature = "amqp")]
+            "amqp" => Some(Backend::Amqp(AmqpBroker::new(amqp))),
             other if !weir_engine::config::BROKERS.contains(&other) => None,
             other => {
                 d.push(
                     &c.broker_loc,
                     "pipeline.broker",
                     format!(
-                        "the `{other}` backend is not part of this build yet; available: memory"
+                        "the `{other}` backend is not part of this build; available: {}",
+                        AVAILABLE.join(", ")
                     ),
                 );
                 None
@@ -43,6 +61,8 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Memory(_) => "memory",
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(_) => "amqp",
         }
     }
 
@@ -69,6 +89,9 @@ impl Backend {
     ) -> anyhow::Result<Box<dyn Source>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.source(topic, group))),
+            // In AMQP the queue is the group: consumers of a topic share its queue.
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(b) => Ok(Box::new(b.source(topic).await?)),
         }
     }
 
@@ -76,6 +99,8 @@ impl Backend {
     pub async fn sink(&self, topic: &str) -> anyhow::Result<Box<dyn Sink>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.sink(topic))),
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(b) => Ok(Box::new(b.sink(topic).await?)),
         }
     }
 }

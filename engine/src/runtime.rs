@@ -234,7 +234,10 @@ impl Pipeline {
                 op.open_entries() as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
-            if ended || last_commit.elapsed() >= self.job.commit_interval {
+            if ended
+                || last_commit.elapsed() >= self.job.commit_interval
+                || self.source.wants_commit()
+            {
                 self.commit(&op, &mut committed).await?;
                 last_commit = Instant::now();
             }

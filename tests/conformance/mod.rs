@@ -59,6 +59,13 @@ impl Bed {
             format!("sink.topic=conf-out-{id}"),
             format!("dead_letter.topic=conf-dlq-{id}"),
         ];
+        if broker == "amqp" {
+            if let Ok(url) = std::env::var("WEIR_AMQP_URL") {
+                sets.push(format!("brokers.amqp.url={url}"));
+            }
+            // RabbitMQ deletes the run's queues once they are unused for this long.
+            sets.push("brokers.amqp.queue_expires=10m".to_string());
+        }
         sets.extend(extra.iter().map(|s| s.to_string()));
         let overrides = Overrides {
             sets,
