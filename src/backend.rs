@@ -4,11 +4,24 @@ use weir_engine::config::{Diagnostics, PipelineConfig};
 use weir_engine::{Sink, Source};
 use weir_memory::{MemoryBroker, MemoryConfig};
 
+#[cfg(feature = "kinesis")]
+use weir_kinesis::{KinesisBroker, KinesisConfig};
+
+/// The backends compiled into this build.
+const AVAILABLE: &[&str] = &[
+    "memory",
+    #[cfg(feature = "kinesis")]
+    "kinesis",
+];
+
 /// A configured backend, ready to make sources and sinks.
 #[derive(Debug, Clone)]
 pub enum Backend {
     /// The embedded in-process broker.
     Memory(MemoryBroker),
+    /// AWS Kinesis Data Streams (or an emulator).
+    #[cfg(feature = "kinesis")]
+    Kinesis(KinesisBroker),
 }
 
 impl Backend {
@@ -23,15 +36,20 @@ impl Backend {
         // Sections of backends that are not chosen are still checked, so a typo surfaces
         // before the day someone switches to that broker.
         let memory = MemoryConfig::from_section(section("memory"), d);
+        #[cfg(feature = "kinesis")]
+        let kinesis = KinesisConfig::from_section(section("kinesis"), d);
         match c.broker.as_str() {
             "memory" => Some(Backend::Memory(MemoryBroker::new(memory))),
+            #[cfg(feature = "kinesis")]
+            "kinesis" => Some(Backend::Kinesis(KinesisBroker::new(kinesis))),
             other if !weir_engine::config::BROKERS.contains(&other) => None,
             other => {
                 d.push(
                     &c.broker_loc,
                     "pipeline.broker",
                     format!(
-                        "the `{other}` backend is not part of this build yet; available: memory"
+                        "the `{other}` backend is not part of this build yet; available: {}",
+                        AVAILABLE.join(", ")
                     ),
                 );
                 None
@@ -43,6 +61,8 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Memory(_) => "memory",
+            #[cfg(feature = "kinesis")]
+            Backend::Kinesis(_) => "kinesis",
         }
     }
 
@@ -69,6 +89,8 @@ impl Backend {
     ) -> anyhow::Result<Box<dyn Source>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.source(topic, group))),
+            #[cfg(feature = "kinesis")]
+            Backend::Kinesis(b) => Ok(Box::new(b.source(topic, group).await?)),
         }
     }
 
@@ -76,6 +98,8 @@ impl Backend {
     pub async fn sink(&self, topic: &str) -> anyhow::Result<Box<dyn Sink>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.sink(topic))),
+            #[cfg(feature = "kinesis")]
+            Backend::Kinesis(b) => Ok(Box::new(b.sink(topic).await?)),
         }
     }
 }

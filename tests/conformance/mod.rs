@@ -59,6 +59,17 @@ impl Bed {
             format!("sink.topic=conf-out-{id}"),
             format!("dead_letter.topic=conf-dlq-{id}"),
         ];
+        // Brokers run elsewhere are found through the environment; checkpoints stay per test.
+        if broker == "kinesis" {
+            let ep = std::env::var("WEIR_KINESIS_ENDPOINT")
+                .unwrap_or_else(|_| "http://127.0.0.1:4567".into());
+            sets.push(format!("brokers.kinesis.endpoint_url={ep}"));
+            sets.push("brokers.kinesis.credentials=emulator".into());
+            sets.push("brokers.kinesis.create_streams=true".into());
+            sets.push("brokers.kinesis.shards=4".into());
+            let dir = std::env::temp_dir().join(format!("weir-kinesis-checkpoints-{id}"));
+            sets.push(format!("brokers.kinesis.checkpoint_dir={}", dir.display()));
+        }
         sets.extend(extra.iter().map(|s| s.to_string()));
         let overrides = Overrides {
             sets,

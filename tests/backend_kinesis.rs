@@ -1,0 +1,242 @@
+//! The conformance suite on Kinesis (the test bed's kinesalite, or any emulator at
+//! WEIR_KINESIS_ENDPOINT), plus what only Kinesis has: checkpoint files, the 1 MiB record
+//! limit, and `[brokers.kinesis]` checking.
+//!
+//! These tests need a running emulator and fail (never skip) without one:
+//! `scripts/brokers up kinesis`.
+
+mod conformance;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use conformance::Bed;
+use weir::Backend;
+use weir_engine::config::Overrides;
+use weir_engine::{OutRecord, Received};
+
+fn endpoint() -> String {
+    std::env::var("WEIR_KINESIS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4567".into())
+}
+
+/// Panics with instructions unless something answers at the emulator's address.
+fn require_kinesis() {
+    if let Ok(filter) = std::env::var("WEIR_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+    let ep = endpoint();
+    let hostport = ep
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_string();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|sa| {
+            std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(3)).is_ok()
+        });
+    assert!(
+        reachable,
+        "Kinesis emulator at {ep} is not reachable: run scripts/brokers up kinesis (or set WEIR_KINESIS_ENDPOINT)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_counts_match_the_oracle() {
+    require_kinesis();
+    conformance::counts_match_the_oracle("kinesis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_bad_input_goes_to_dead_letters() {
+    require_kinesis();
+    conformance::bad_input_goes_to_dead_letters("kinesis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_restart_loses_nothing() {
+    require_kinesis();
+    let second_run = conformance::restart_loses_nothing("kinesis").await;
+    // The checkpoint came back from the checkpoint file and recognised replayed records.
+    assert!(second_run.replayed > 0, "{second_run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_idle_input_still_closes_the_last_window() {
+    require_kinesis();
+    conformance::idle_input_still_closes_the_last_window("kinesis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_hopping_windows_match_the_oracle() {
+    require_kinesis();
+    conformance::hopping_windows_match_the_oracle("kinesis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_session_windows_match_the_oracle() {
+    require_kinesis();
+    conformance::session_windows_match_the_oracle("kinesis").await;
+}
+
+/// A record over Kinesis' 1 MiB limit fails the send clearly (not retryable); records
+/// within it round-trip with key, payload and an arrival timestamp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_sink_limits_and_round_trip() {
+    require_kinesis();
+    let bed = Bed::new("kinesis", "limits", &[]);
+    let topic = &bed.config.sink.topic;
+    let mut sink = bed.backend.sink(topic).await.expect("sink");
+    let big = OutRecord {
+        key: Some(Bytes::from_static(b"k")),
+        payload: Bytes::from(vec![b'x'; 1024 * 1024]),
+        ..Default::default()
+    };
+    let err = sink.send(&[big]).await.expect_err("over 1 MiB");
+    assert!(!err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("over Kinesis' limit"), "{err}");
+    // 1,200 records of ~5 KiB: more than one PutRecords request by count and by size.
+    let batch: Vec<OutRecord> = (0..1200)
+        .map(|i| OutRecord {
+            key: Some(Bytes::from(format!("key{}", i % 7))),
+            payload: Bytes::from(format!("{i:05}{}", "p".repeat(5000))),
+            ..Default::default()
+        })
+        .collect();
+    let before = weir_engine::time::now_millis() - 60_000;
+    sink.send(&batch).await.expect("send");
+    let got = bed.read(topic, 1200, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1200);
+    let mut seen: Vec<usize> = got
+        .iter()
+        .map(|r| {
+            let i: usize = std::str::from_utf8(&r.payload[..5])
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert_eq!(r.key.as_deref(), Some(format!("key{}", i % 7).as_bytes()));
+            assert!(r.timestamp.is_some_and(|t| t > before), "{:?}", r.timestamp);
+            i
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..1200).collect::<Vec<_>>());
+}
+
+/// Committing writes the checkpoint file; a new source of the same group resumes after
+/// the committed sequence number with the same partition indexes and gets its checkpoint
+/// back in `Assigned`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_source_resumes_from_the_checkpoint_file() {
+    require_kinesis();
+    let bed = Bed::new("kinesis", "resume", &[]);
+    let topic = bed.config.source.topic.clone();
+    let mut sink = bed.backend.sink(&topic).await.expect("sink");
+    let batch: Vec<OutRecord> = (0..100)
+        .map(|i| OutRecord {
+            key: Some(Bytes::from(format!("k{i}"))),
+            payload: Bytes::from(format!("{i}")),
+            ..Default::default()
+        })
+        .collect();
+    sink.send(&batch).await.expect("send");
+
+    let mut first = bed.backend.source(&topic, Some("g")).await.unwrap();
+    let (assigned, recs) = read_all(&mut *first).await;
+    assert_eq!(assigned.len(), 4, "{assigned:?}");
+    assert!(assigned.iter().all(|(_, cp)| cp.is_none()));
+    assert_eq!(recs.len(), 100);
+    // Commit the first half of each partition.
+    let mut positions = Vec::new();
+    let mut expect_rest = 0;
+    for p in 0..4u32 {
+        let offs: Vec<u64> = recs
+            .iter()
+            .filter(|r| r.position.partition == p)
+            .map(|r| r.position.offset)
+            .collect();
+        assert_eq!(offs, (0..offs.len() as u64).collect::<Vec<_>>());
+        let half = offs.len() as u64 / 2;
+        expect_rest += offs.len() as u64 - half;
+        positions.push((
+            weir_engine::Position {
+                partition: p,
+                offset: half,
+            },
+            weir_engine::Checkpoint {
+                watermark: 1000 + p as i64,
+                processed: offs.len() as u64,
+            },
+        ));
+    }
+    first.commit(&positions).await.unwrap();
+    drop(first);
+
+    let mut second = bed.backend.source(&topic, Some("g")).await.unwrap();
+    let (assigned, rest) = read_all(&mut *second).await;
+    let mut assigned = assigned;
+    assigned.sort_by_key(|(p, _)| *p);
+    for ((p, cp), (pos, want)) in assigned.iter().zip(&positions) {
+        assert_eq!(*p, pos.partition);
+        assert_eq!(cp.as_ref(), Some(want));
+    }
+    assert_eq!(rest.len() as u64, expect_rest);
+    for r in &rest {
+        let pos = positions[r.position.partition as usize].0;
+        assert!(r.position.offset >= pos.offset, "{:?}", r.position);
+        let same = recs
+            .iter()
+            .find(|o| o.position == r.position)
+            .expect("same offsets after restart");
+        assert_eq!(same.payload, r.payload);
+    }
+}
+
+/// Everything a source delivers within 4 s: partitions assigned and records.
+async fn read_all(
+    src: &mut dyn weir_engine::Source,
+) -> (
+    Vec<(u32, Option<weir_engine::Checkpoint>)>,
+    Vec<weir_engine::Record>,
+) {
+    let mut assigned = Vec::new();
+    let mut recs = Vec::new();
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        match src.recv(1000, Duration::from_millis(200)).await.unwrap() {
+            Received::Assigned(p) => assigned.extend(p),
+            Received::Batch(b) => recs.extend(b),
+            _ => {}
+        }
+    }
+    (assigned, recs)
+}
+
+/// Every problem in `[brokers.kinesis]` is reported with its place, unknown keys included.
+#[test]
+fn kinesis_config_problems_are_all_reported() {
+    let overrides = Overrides {
+        sets: vec![
+            "brokers.kinesis.shards=0".into(),
+            "brokers.kinesis.start_position=sometime".into(),
+            "brokers.kinesis.endpoint_url=localhost:4567".into(),
+            "brokers.kinesis.credentails=chain".into(),
+        ],
+        broker: Some(("kinesis".into(), "--broker kinesis".into())),
+    };
+    let err = Backend::load(&conformance::pipeline_file(), &overrides).expect_err("invalid");
+    let text = err.to_string();
+    for want in [
+        "brokers.kinesis.shards",
+        "brokers.kinesis.start_position",
+        "brokers.kinesis.endpoint_url",
+        "brokers.kinesis.credentails",
+        "did you mean `credentials`",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+}
