@@ -88,8 +88,13 @@ async fn the_last_window_closes_after_the_idle_timeout_and_not_before() {
 
 #[tokio::test(start_paused = true)]
 async fn an_idle_session_closes_on_the_wall_clock() {
-    let broker = MemoryBroker::new(MemoryConfig { partitions: 1, capacity: 100 });
-    let batch: Vec<OutRecord> = (0..4).map(|i| event("User1", DEFAULT_START_MS + i * 1_000)).collect();
+    let broker = MemoryBroker::new(MemoryConfig {
+        partitions: 1,
+        capacity: 100,
+    });
+    let batch: Vec<OutRecord> = (0..4)
+        .map(|i| event("User1", DEFAULT_START_MS + i * 1_000))
+        .collect();
     broker.sink("in").send(&batch).await.unwrap();
     // Session gap 10 s, grace 1 s: the session [t0, t0 + 3 s + 10 s) closes once the
     // watermark passes its end + 1 s, i.e. 11 s of wall clock after the last event.
@@ -114,10 +119,16 @@ async fn an_idle_session_closes_on_the_wall_clock() {
                 break r;
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "the session never closed");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the session never closed"
+        );
     };
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_secs(11) && waited < Duration::from_secs(12), "{waited:?}");
+    assert!(
+        waited >= Duration::from_secs(11) && waited < Duration::from_secs(12),
+        "{waited:?}"
+    );
     let v: serde_json::Value = serde_json::from_slice(&result.payload).unwrap();
     assert_eq!(v["count"], 4);
     assert_eq!(v["window_end"], "2024-06-27T15:00:13Z");
