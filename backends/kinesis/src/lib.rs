@@ -27,6 +27,8 @@ use aws_sdk_kinesis::types::StreamStatus;
 use aws_sdk_kinesis::Client;
 use weir_engine::{EngineError, Result};
 
+/// The SDK this backend is built on, for callers that need the raw client.
+pub use aws_sdk_kinesis;
 pub use checkpoint::{
     CheckpointStore, Checkpoints, FileCheckpointStore, MemoryCheckpointStore, ShardCheckpoint,
 };
