@@ -5,6 +5,8 @@
 //! These tests need a running emulator and fail (never skip) without one:
 //! `scripts/brokers up kinesis`.
 
+#![cfg(feature = "kinesis")]
+
 mod conformance;
 
 use std::time::Duration;
@@ -214,6 +216,103 @@ async fn read_all(
         }
     }
     (assigned, recs)
+}
+
+/// Resharding: records put before a split are all delivered before any record of the
+/// children (the parent is read to its end first), the children arrive as newly assigned
+/// partitions, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_source_reads_a_parent_shard_before_its_children() {
+    require_kinesis();
+    let bed = Bed::new("kinesis", "reshard", &["brokers.kinesis.shards=1"]);
+    let topic = bed.config.source.topic.clone();
+    let mut sink = bed.backend.sink(&topic).await.expect("sink");
+    let put = |tag: &'static str| {
+        (0..60)
+            .map(|i| OutRecord {
+                key: Some(Bytes::from(format!("k{i}"))),
+                payload: Bytes::from(format!("{tag}{i}")),
+                ..Default::default()
+            })
+            .collect::<Vec<_>>()
+    };
+    sink.send(&put("a")).await.expect("send before the split");
+    let Backend::Kinesis(kinesis) = &bed.backend else {
+        unreachable!()
+    };
+    let client = kinesis.client().await.unwrap();
+    client
+        .split_shard()
+        .stream_name(&topic)
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((1u128 << 127).to_string())
+        .send()
+        .await
+        .expect("SplitShard");
+    let active = weir_kinesis::aws_sdk_kinesis::types::StreamStatus::Active;
+    let start = tokio::time::Instant::now();
+    loop {
+        let d = client
+            .describe_stream_summary()
+            .stream_name(&topic)
+            .send()
+            .await
+            .unwrap();
+        if d.stream_description_summary().unwrap().stream_status() == &active {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "split never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sink.send(&put("b")).await.expect("send after the split");
+
+    let mut src = bed.backend.source(&topic, Some("g")).await.unwrap();
+    let (assigned, recs) = read_all(&mut *src).await;
+    let parts: Vec<u32> = assigned.iter().map(|(p, _)| *p).collect();
+    assert_eq!(
+        parts,
+        vec![0, 1, 2],
+        "the parent first, then its two children"
+    );
+    assert_eq!(recs.len(), 120);
+    let first_b = recs
+        .iter()
+        .position(|r| r.payload.starts_with(b"b"))
+        .unwrap();
+    assert_eq!(
+        first_b, 60,
+        "every parent record comes before the children's"
+    );
+    assert!(recs[..60].iter().all(|r| r.position.partition == 0));
+    assert!(recs[60..].iter().all(|r| r.position.partition > 0));
+}
+
+/// An endpoint nobody listens on is a retryable error that names it.
+#[tokio::test]
+async fn kinesis_unreachable_endpoint_is_a_clear_retryable_error() {
+    let bed = Bed::new(
+        "kinesis",
+        "down",
+        &["brokers.kinesis.endpoint_url=http://127.0.0.1:9"],
+    );
+    let err = bed
+        .backend
+        .sink("nowhere")
+        .await
+        .err()
+        .expect("nothing listens on port 9");
+    let text = err.to_string();
+    assert!(
+        text.contains("http://127.0.0.1:9 is not reachable"),
+        "{text}"
+    );
+    let e = err
+        .downcast_ref::<weir_engine::EngineError>()
+        .expect("engine error");
+    assert!(e.is_retryable(), "{e}");
 }
 
 /// Every problem in `[brokers.kinesis]` is reported with its place, unknown keys included.
