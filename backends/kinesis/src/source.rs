@@ -364,7 +364,8 @@ impl Reader {
                 };
                 backoff = Duration::from_millis(100);
                 let recs = out.records();
-                let empty = recs.is_empty();
+                let n = recs.len();
+                let empty = n == 0;
                 if let Some(last) = recs.last() {
                     start = Start::After(last.sequence_number().to_string());
                 }
@@ -395,7 +396,9 @@ impl Reader {
                     Some(next) => it = next.to_string(),
                     None => break 'outer,
                 }
-                if empty || out.millis_behind_latest() == Some(0) {
+                // A short read means the reader caught up (MillisBehindLatest is not
+                // trustworthy: kinesalite always answers 0); a full one reads on at once.
+                if n < self.limit as usize {
                     tokio::time::sleep(self.poll).await;
                 }
             }
