@@ -215,6 +215,10 @@ fn run(n: usize, rate: i64, endpoint: &str) {
             n as f64 / weir,
             summary.counters.results_out
         );
+        // kinesalite keeps every stream in memory: leave nothing behind.
+        for stream in [&c.source.topic, &c.sink.topic, &c.dead_letter.topic] {
+            let _ = client.delete_stream().stream_name(stream).send().await;
+        }
     });
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -47,16 +47,58 @@ fn require_kinesis() {
     );
 }
 
+/// Deletes the streams and checkpoint folders a finished test `case` of this process made
+/// (kinesalite keeps every stream in memory and caps the shards of all streams together).
+async fn clean_up(case: &str) {
+    let bed = Bed::new("kinesis", "cleanup", &[]);
+    let Backend::Kinesis(kinesis) = &bed.backend else {
+        unreachable!()
+    };
+    let client = kinesis.client().await.expect("client");
+    let mine = |name: &str| {
+        ["conf-in-", "conf-out-", "conf-dlq-", "conf-late-"]
+            .iter()
+            .any(|p| name.starts_with(&format!("{p}{case}-{}-", std::process::id())))
+    };
+    let mut names = Vec::new();
+    let mut start: Option<String> = None;
+    loop {
+        let mut req = client.list_streams().limit(100);
+        if let Some(s) = &start {
+            req = req.exclusive_start_stream_name(s);
+        }
+        let out = req.send().await.expect("ListStreams");
+        names.extend(out.stream_names().iter().cloned());
+        start = out.stream_names().last().cloned();
+        if !out.has_more_streams() {
+            break;
+        }
+    }
+    for name in names.iter().filter(|n| mine(n)) {
+        let _ = client.delete_stream().stream_name(name).send().await;
+    }
+    let prefix = format!("weir-kinesis-checkpoints-{case}-{}-", std::process::id());
+    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_counts_match_the_oracle() {
     require_kinesis();
     conformance::counts_match_the_oracle("kinesis").await;
+    clean_up("counts").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_bad_input_goes_to_dead_letters() {
     require_kinesis();
     conformance::bad_input_goes_to_dead_letters("kinesis").await;
+    clean_up("dead").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,24 +107,28 @@ async fn kinesis_restart_loses_nothing() {
     let second_run = conformance::restart_loses_nothing("kinesis").await;
     // The checkpoint came back from the checkpoint file and recognised replayed records.
     assert!(second_run.replayed > 0, "{second_run:?}");
+    clean_up("restart").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_idle_input_still_closes_the_last_window() {
     require_kinesis();
     conformance::idle_input_still_closes_the_last_window("kinesis").await;
+    clean_up("idle").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_hopping_windows_match_the_oracle() {
     require_kinesis();
     conformance::hopping_windows_match_the_oracle("kinesis").await;
+    clean_up("hopping").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_session_windows_match_the_oracle() {
     require_kinesis();
     conformance::session_windows_match_the_oracle("kinesis").await;
+    clean_up("sessions").await;
 }
 
 /// A record over Kinesis' 1 MiB limit fails the send clearly (not retryable); records
@@ -127,6 +173,7 @@ async fn kinesis_sink_limits_and_round_trip() {
         .collect();
     seen.sort_unstable();
     assert_eq!(seen, (0..1200).collect::<Vec<_>>());
+    clean_up("limits").await;
 }
 
 /// Committing writes the checkpoint file; a new source of the same group resumes after
@@ -196,6 +243,7 @@ async fn kinesis_source_resumes_from_the_checkpoint_file() {
             .expect("same offsets after restart");
         assert_eq!(same.payload, r.payload);
     }
+    clean_up("resume").await;
 }
 
 /// Everything a source delivers within 4 s: partitions assigned and records.
@@ -288,6 +336,7 @@ async fn kinesis_source_reads_a_parent_shard_before_its_children() {
     );
     assert!(recs[..60].iter().all(|r| r.position.partition == 0));
     assert!(recs[60..].iter().all(|r| r.position.partition > 0));
+    clean_up("reshard").await;
 }
 
 /// An endpoint nobody listens on is a retryable error that names it.
