@@ -6,12 +6,16 @@ use weir_memory::{MemoryBroker, MemoryConfig};
 
 #[cfg(feature = "amqp")]
 use weir_amqp::{AmqpBroker, AmqpConfig};
+#[cfg(feature = "kinesis")]
+use weir_kinesis::{KinesisBroker, KinesisConfig};
 
 /// The backends compiled into this build.
 const AVAILABLE: &[&str] = &[
     "memory",
     #[cfg(feature = "amqp")]
     "amqp",
+    #[cfg(feature = "kinesis")]
+    "kinesis",
 ];
 
 /// A configured backend, ready to make sources and sinks.
@@ -22,6 +26,9 @@ pub enum Backend {
     /// RabbitMQ over AMQP 0-9-1 (`[brokers.amqp]`).
     #[cfg(feature = "amqp")]
     Amqp(AmqpBroker),
+    /// AWS Kinesis Data Streams (or an emulator).
+    #[cfg(feature = "kinesis")]
+    Kinesis(KinesisBroker),
 }
 
 impl Backend {
@@ -38,10 +45,14 @@ impl Backend {
         let memory = MemoryConfig::from_section(section("memory"), d);
         #[cfg(feature = "amqp")]
         let amqp = AmqpConfig::from_section(section("amqp"), d);
+        #[cfg(feature = "kinesis")]
+        let kinesis = KinesisConfig::from_section(section("kinesis"), d);
         match c.broker.as_str() {
             "memory" => Some(Backend::Memory(MemoryBroker::new(memory))),
             #[cfg(feature = "amqp")]
             "amqp" => Some(Backend::Amqp(AmqpBroker::new(amqp))),
+            #[cfg(feature = "kinesis")]
+            "kinesis" => Some(Backend::Kinesis(KinesisBroker::new(kinesis))),
             other if !weir_engine::config::BROKERS.contains(&other) => None,
             other => {
                 d.push(
@@ -63,6 +74,8 @@ impl Backend {
             Backend::Memory(_) => "memory",
             #[cfg(feature = "amqp")]
             Backend::Amqp(_) => "amqp",
+            #[cfg(feature = "kinesis")]
+            Backend::Kinesis(_) => "kinesis",
         }
     }
 
@@ -92,6 +105,8 @@ impl Backend {
             // In AMQP the queue is the group: consumers of a topic share its queue.
             #[cfg(feature = "amqp")]
             Backend::Amqp(b) => Ok(Box::new(b.source(topic).await?)),
+            #[cfg(feature = "kinesis")]
+            Backend::Kinesis(b) => Ok(Box::new(b.source(topic, group).await?)),
         }
     }
 
@@ -101,6 +116,8 @@ impl Backend {
             Backend::Memory(b) => Ok(Box::new(b.sink(topic))),
             #[cfg(feature = "amqp")]
             Backend::Amqp(b) => Ok(Box::new(b.sink(topic).await?)),
+            #[cfg(feature = "kinesis")]
+            Backend::Kinesis(b) => Ok(Box::new(b.sink(topic).await?)),
         }
     }
 }

@@ -66,6 +66,17 @@ impl Bed {
             // RabbitMQ deletes the run's queues once they are unused for this long.
             sets.push("brokers.amqp.queue_expires=10m".to_string());
         }
+        // Brokers run elsewhere are found through the environment; checkpoints stay per test.
+        if broker == "kinesis" {
+            let ep = std::env::var("WEIR_KINESIS_ENDPOINT")
+                .unwrap_or_else(|_| "http://127.0.0.1:4567".into());
+            sets.push(format!("brokers.kinesis.endpoint_url={ep}"));
+            sets.push("brokers.kinesis.credentials=emulator".into());
+            sets.push("brokers.kinesis.create_streams=true".into());
+            sets.push("brokers.kinesis.shards=4".into());
+            let dir = std::env::temp_dir().join(format!("weir-kinesis-checkpoints-{id}"));
+            sets.push(format!("brokers.kinesis.checkpoint_dir={}", dir.display()));
+        }
         sets.extend(extra.iter().map(|s| s.to_string()));
         let overrides = Overrides {
             sets,

@@ -1,0 +1,240 @@
+//! Weir's AWS Kinesis Data Streams backend (aws-sdk-kinesis).
+//!
+//! - Shards are the partitions: a shard's partition index is its place in the sorted
+//!   ListShards order when first seen, stored with the checkpoints so restarts agree.
+//! - The source runs one tokio task per shard (GetShardIterator + GetRecords chaining) that
+//!   pushes whole GetRecords batches into one bounded channel; `recv` drains it. A child
+//!   shard's reader starts only after its parents' readers reached the shard end.
+//! - Each record gets a per-shard offset (a counter resumed from the committed position);
+//!   `commit` maps the offset back to the Kinesis sequence number of the last fully handled
+//!   record and stores it, with the engine's checkpoint, in a [`CheckpointStore`].
+//! - The sink uses PutRecords within the API limits and retries only failed entries.
+//! - Kinesis has no headers: dead letters carry their reason inside the JSON envelope;
+//!   a window result's `weir.id` header is dropped (it is `key@window_start`, both of which
+//!   are in the payload).
+
+mod checkpoint;
+mod config;
+mod error;
+mod sink;
+mod source;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_kinesis::types::StreamStatus;
+use aws_sdk_kinesis::Client;
+use weir_engine::{EngineError, Result};
+
+/// The SDK this backend is built on, for callers that need the raw client.
+pub use aws_sdk_kinesis;
+pub use checkpoint::{
+    CheckpointStore, Checkpoints, FileCheckpointStore, MemoryCheckpointStore, ShardCheckpoint,
+};
+pub use config::{Credentials, KinesisConfig, StartPosition};
+pub use error::KinesisError;
+pub use sink::KinesisSink;
+pub use source::KinesisSource;
+
+/// A configured Kinesis backend: one SDK client (made on first use), shared by its sources
+/// and sinks.
+#[derive(Debug, Clone)]
+pub struct KinesisBroker {
+    config: Arc<KinesisConfig>,
+    client: Arc<tokio::sync::OnceCell<Client>>,
+    ready: Arc<Mutex<HashSet<String>>>,
+    store: Arc<dyn CheckpointStore>,
+}
+
+impl KinesisBroker {
+    /// A backend with `config`, checkpoints in files under `config.checkpoint_dir`.
+    pub fn new(config: KinesisConfig) -> Self {
+        let store = Arc::new(FileCheckpointStore::new(config.checkpoint_dir.clone()));
+        KinesisBroker::with_store(config, store)
+    }
+
+    /// A backend keeping checkpoints in `store`.
+    pub fn with_store(config: KinesisConfig, store: Arc<dyn CheckpointStore>) -> Self {
+        KinesisBroker {
+            config: Arc::new(config),
+            client: Arc::new(tokio::sync::OnceCell::new()),
+            ready: Arc::default(),
+            store,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &KinesisConfig {
+        &self.config
+    }
+
+    /// The endpoint for messages: the override, or "AWS (<region>)".
+    pub fn endpoint(&self) -> String {
+        self.config
+            .endpoint_url
+            .clone()
+            .unwrap_or_else(|| format!("AWS ({})", self.config.region))
+    }
+
+    /// The SDK client, built on first use.
+    pub async fn client(&self) -> Result<Client> {
+        self.client
+            .get_or_try_init(|| build_client(&self.config))
+            .await
+            .cloned()
+    }
+
+    /// Makes sure `stream` exists and is ACTIVE, creating it when configured to.
+    pub async fn ensure_stream(&self, stream: &str) -> Result<()> {
+        if self.ready.lock().unwrap().contains(stream) {
+            return Ok(());
+        }
+        let client = self.client().await?;
+        let ep = self.endpoint();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let mut created = false;
+        loop {
+            let status = match client
+                .describe_stream_summary()
+                .stream_name(stream)
+                .send()
+                .await
+            {
+                Ok(out) => out
+                    .stream_description_summary()
+                    .map(|s| s.stream_status().clone()),
+                Err(e) => {
+                    let e = KinesisError::from_sdk("DescribeStreamSummary", &ep, e);
+                    if e.code() != Some("ResourceNotFoundException") {
+                        return Err(e.into());
+                    }
+                    if !self.config.create_streams {
+                        return Err(EngineError::backend(
+                            "kinesis",
+                            format!("stream `{stream}` does not exist at {ep} (create it, or set brokers.kinesis.create_streams = true)"),
+                            false,
+                        ));
+                    }
+                    if !created {
+                        match client
+                            .create_stream()
+                            .stream_name(stream)
+                            .shard_count(self.config.shards as i32)
+                            .send()
+                            .await
+                        {
+                            Ok(_) => {
+                                tracing::info!(
+                                    stream,
+                                    shards = self.config.shards,
+                                    "created Kinesis stream"
+                                )
+                            }
+                            Err(e) => {
+                                let e = KinesisError::from_sdk("CreateStream", &ep, e);
+                                if e.code() != Some("ResourceInUseException") {
+                                    return Err(e.into());
+                                }
+                            }
+                        }
+                        created = true;
+                    }
+                    None
+                }
+            };
+            match status {
+                Some(StreamStatus::Active) | Some(StreamStatus::Updating) => break,
+                _ if tokio::time::Instant::now() > deadline => {
+                    return Err(EngineError::backend(
+                        "kinesis",
+                        format!("stream `{stream}` did not become ACTIVE within 120 s"),
+                        true,
+                    ))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        self.ready.lock().unwrap().insert(stream.to_string());
+        Ok(())
+    }
+
+    /// A reader of `stream`; `group` names its checkpoints (none: kept in memory only).
+    pub async fn source(&self, stream: &str, group: Option<&str>) -> Result<KinesisSource> {
+        self.ensure_stream(stream).await?;
+        let (store, group): (Arc<dyn CheckpointStore>, String) = match group {
+            Some(g) => (self.store.clone(), g.to_string()),
+            None => (
+                Arc::new(MemoryCheckpointStore::default()),
+                "ungrouped".into(),
+            ),
+        };
+        Ok(KinesisSource::new(
+            self.client().await?,
+            self.config.clone(),
+            self.endpoint(),
+            stream.to_string(),
+            group,
+            store,
+        ))
+    }
+
+    /// A producer to `stream`.
+    pub async fn sink(&self, stream: &str) -> Result<KinesisSink> {
+        self.ensure_stream(stream).await?;
+        Ok(KinesisSink::new(
+            self.client().await?,
+            self.endpoint(),
+            stream.to_string(),
+        ))
+    }
+}
+
+async fn build_client(c: &KinesisConfig) -> Result<Client> {
+    use aws_config::{BehaviorVersion, Region};
+    let plain = c
+        .endpoint_url
+        .as_deref()
+        .is_some_and(|u| u.starts_with("http://"));
+    let http = if plain {
+        aws_smithy_http_client::Builder::new().build_http()
+    } else {
+        https_client()?
+    };
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(c.region.clone()))
+        .http_client(http);
+    if let Some(ep) = &c.endpoint_url {
+        loader = loader.endpoint_url(ep);
+    }
+    if c.credentials == Credentials::Emulator {
+        loader = loader.credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+            "weir-emulator",
+            "weir-emulator",
+            None,
+            None,
+            "weir-emulator",
+        ));
+    }
+    let sdk = loader.load().await;
+    Ok(Client::new(&sdk))
+}
+
+#[cfg(feature = "tls")]
+fn https_client() -> Result<aws_sdk_kinesis::config::SharedHttpClient> {
+    use aws_smithy_http_client::tls;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https())
+}
+
+#[cfg(not(feature = "tls"))]
+fn https_client() -> Result<aws_sdk_kinesis::config::SharedHttpClient> {
+    Err(EngineError::backend(
+        "kinesis",
+        "this build has no TLS (cargo feature `kinesis-tls`); only http:// endpoint_url values work",
+        false,
+    ))
+}

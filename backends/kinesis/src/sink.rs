@@ -1,0 +1,181 @@
+//! The Kinesis sink: PutRecords in batches within the API limits.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use aws_sdk_kinesis::Client;
+use weir_engine::{EngineError, OutRecord, Result, Sink};
+
+use crate::error::KinesisError;
+
+/// Records per PutRecords request (API limit).
+pub const MAX_RECORDS_PER_PUT: usize = 500;
+/// Bytes per PutRecords request, data plus partition keys (API limit: 5 MiB).
+pub const MAX_BYTES_PER_PUT: usize = 5 * 1024 * 1024;
+/// Bytes per record, data plus partition key (API limit: 1 MiB).
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// Attempts at the failed entries of one request before giving up with a retryable error.
+const MAX_ATTEMPTS: u32 = 12;
+
+/// A producer to one stream.
+#[derive(Debug)]
+pub struct KinesisSink {
+    client: Client,
+    endpoint: String,
+    stream: String,
+}
+
+impl KinesisSink {
+    pub(crate) fn new(client: Client, endpoint: String, stream: String) -> Self {
+        KinesisSink {
+            client,
+            endpoint,
+            stream,
+        }
+    }
+
+    /// Puts `entries` (one request's worth), retrying only the entries that failed.
+    async fn put(&self, mut entries: Vec<PutRecordsRequestEntry>) -> Result<()> {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=MAX_ATTEMPTS {
+            let out = match self
+                .client
+                .put_records()
+                .stream_name(&self.stream)
+                .set_records(Some(entries.clone()))
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    let e = KinesisError::from_sdk("PutRecords", &self.endpoint, e);
+                    if matches!(e, KinesisError::Throttled { .. }) && attempt < MAX_ATTEMPTS {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                    return Err(e.into());
+                }
+            };
+            if out.failed_record_count().unwrap_or(0) == 0 {
+                return Ok(());
+            }
+            let failed: Vec<PutRecordsRequestEntry> = entries
+                .into_iter()
+                .zip(out.records())
+                .filter(|(_, r)| r.error_code().is_some())
+                .map(|(e, _)| e)
+                .collect();
+            let code = out
+                .records()
+                .iter()
+                .find_map(|r| r.error_code())
+                .unwrap_or("unknown")
+                .to_string();
+            tracing::debug!(stream = %self.stream, failed = failed.len(), %code, retry_in = ?delay, "PutRecords partly failed; retrying the failed entries");
+            entries = failed;
+            if attempt == MAX_ATTEMPTS {
+                return Err(EngineError::backend(
+                    "kinesis",
+                    format!(
+                        "PutRecords to `{}`: {} records still failing after {MAX_ATTEMPTS} attempts ({code})",
+                        self.stream,
+                        entries.len()
+                    ),
+                    true,
+                ));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        unreachable!("the loop returns on its last attempt")
+    }
+}
+
+/// The partition key of a record: its key (up to 256 characters), else a hash of the
+/// payload, so keyless records still spread over shards deterministically.
+pub fn partition_key(r: &OutRecord) -> String {
+    if let Some(k) = r.key.as_deref().filter(|k| !k.is_empty()) {
+        if let Ok(s) = std::str::from_utf8(k) {
+            if s.chars().count() <= 256 {
+                return s.to_string();
+            }
+        }
+        return format!("h{:016x}", fnv1a(k));
+    }
+    format!("h{:016x}", fnv1a(&r.payload))
+}
+
+fn fnv1a(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf29ce484222325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+#[async_trait]
+impl Sink for KinesisSink {
+    fn name(&self) -> &str {
+        &self.stream
+    }
+
+    async fn send(&mut self, batch: &[OutRecord]) -> Result<()> {
+        let mut entries = Vec::with_capacity(batch.len().min(MAX_RECORDS_PER_PUT));
+        let mut bytes = 0usize;
+        for (i, r) in batch.iter().enumerate() {
+            let key = partition_key(r);
+            let size = r.payload.len() + key.len();
+            if size > MAX_RECORD_BYTES {
+                return Err(KinesisError::Invalid(format!(
+                    "record {i} of the batch to `{}` is {size} bytes (payload + partition key), over Kinesis' limit of {MAX_RECORD_BYTES}",
+                    self.stream
+                ))
+                .into());
+            }
+            if entries.len() == MAX_RECORDS_PER_PUT || bytes + size > MAX_BYTES_PER_PUT {
+                self.put(std::mem::take(&mut entries)).await?;
+                bytes = 0;
+            }
+            bytes += size;
+            entries.push(
+                PutRecordsRequestEntry::builder()
+                    .data(Blob::new(r.payload.to_vec()))
+                    .partition_key(key)
+                    .build()
+                    .expect("data and partition key are set"),
+            );
+        }
+        if !entries.is_empty() {
+            self.put(entries).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn partition_key_is_the_key_or_a_hash() {
+        let r = OutRecord {
+            key: Some(Bytes::from_static(b"User1")),
+            payload: Bytes::from_static(b"{}"),
+            ..Default::default()
+        };
+        assert_eq!(partition_key(&r), "User1");
+        let keyless = OutRecord {
+            payload: Bytes::from_static(b"{}"),
+            ..Default::default()
+        };
+        assert_eq!(partition_key(&keyless), partition_key(&keyless.clone()));
+        assert!(partition_key(&keyless).len() <= 256);
+        let long = OutRecord {
+            key: Some(Bytes::from(vec![b'k'; 300])),
+            ..Default::default()
+        };
+        assert!(partition_key(&long).len() <= 256);
+    }
+}

@@ -1,0 +1,499 @@
+//! The Kinesis source: one reader task per shard, a bounded channel to `recv`, offsets
+//! mapped to sequence numbers for checkpoints.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_kinesis::primitives::DateTime;
+use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
+use aws_sdk_kinesis::Client;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use weir_engine::{Checkpoint, EngineError, Position, Received, Record, Result, Source};
+
+use crate::checkpoint::{CheckpointStore, Checkpoints, ShardCheckpoint};
+use crate::config::{KinesisConfig, StartPosition};
+use crate::error::KinesisError;
+
+/// One record as a reader task saw it, before the source gives it an offset.
+struct Raw {
+    data: Bytes,
+    key: Bytes,
+    sequence: String,
+    arrival_ms: Option<i64>,
+}
+
+/// What reader tasks tell the source.
+enum Msg {
+    /// Records of one GetRecords call, in shard order.
+    Records(String, Vec<Raw>),
+    /// The shard is closed and was read to its end.
+    Ended(String),
+    /// A call failed; `retryable` says whether the reader keeps going.
+    Failed(EngineError),
+}
+
+/// Per-shard state held by the source.
+struct ShardState {
+    partition: u32,
+    /// Offset the next record of this shard gets.
+    next_offset: u64,
+    /// Delivered, uncommitted records: (offset, sequence number).
+    pending: VecDeque<(u64, String)>,
+    /// What is committed.
+    stored: ShardCheckpoint,
+}
+
+/// A reader of one Kinesis stream for one group. See the crate docs for the design.
+pub struct KinesisSource {
+    client: Client,
+    config: Arc<KinesisConfig>,
+    endpoint: String,
+    stream: String,
+    group: String,
+    store: Arc<dyn CheckpointStore>,
+    started: bool,
+    saved: Checkpoints,
+    shards: HashMap<String, ShardState>,
+    /// Shards known but not read yet: they wait for their parents to end.
+    waiting: BTreeMap<String, Shard>,
+    /// Shards whose readers reached the end.
+    ended: HashSet<String>,
+    /// Shards with a reader (running or finished).
+    spawned: HashSet<String>,
+    assign_next: Vec<(u32, Option<Checkpoint>)>,
+    /// Received records per partition, handed out round-robin so one busy shard cannot
+    /// starve the others (the watermark waits for every shard).
+    buffers: BTreeMap<u32, VecDeque<Record>>,
+    buffered: usize,
+    tx: mpsc::Sender<Msg>,
+    rx: mpsc::Receiver<Msg>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for KinesisSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KinesisSource")
+            .field("stream", &self.stream)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for KinesisSource {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl KinesisSource {
+    pub(crate) fn new(
+        client: Client,
+        config: Arc<KinesisConfig>,
+        endpoint: String,
+        stream: String,
+        group: String,
+        store: Arc<dyn CheckpointStore>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(config.buffer_batches);
+        KinesisSource {
+            client,
+            config,
+            endpoint,
+            stream,
+            group,
+            store,
+            started: false,
+            saved: Checkpoints::default(),
+            shards: HashMap::new(),
+            waiting: BTreeMap::new(),
+            ended: HashSet::new(),
+            spawned: HashSet::new(),
+            assign_next: Vec::new(),
+            buffers: BTreeMap::new(),
+            buffered: 0,
+            tx,
+            rx,
+            stop: CancellationToken::new(),
+        }
+    }
+
+    async fn list_shards(&self) -> Result<Vec<Shard>> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = match &token {
+                Some(t) => self.client.list_shards().next_token(t),
+                None => self.client.list_shards().stream_name(&self.stream),
+            };
+            let page = req
+                .send()
+                .await
+                .map_err(|e| KinesisError::from_sdk("ListShards", &self.endpoint, e))?;
+            out.extend(page.shards().iter().cloned());
+            token = page.next_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        out.sort_by(|a, b| a.shard_id().cmp(b.shard_id()));
+        Ok(out)
+    }
+
+    /// Lists shards, gives new ones partition indexes, and starts readers for every shard
+    /// whose parents have ended (or are gone).
+    async fn discover(&mut self) -> Result<()> {
+        let shards = self.list_shards().await?;
+        let known: HashSet<&str> = shards.iter().map(|s| s.shard_id()).collect();
+        let mut next_partition = self
+            .shards
+            .values()
+            .map(|s| s.partition + 1)
+            .chain(self.saved.shards.values().map(|s| s.partition + 1))
+            .max()
+            .unwrap_or(0);
+        for s in &shards {
+            let id = s.shard_id().to_string();
+            if self.shards.contains_key(&id) {
+                continue;
+            }
+            let stored = match self.saved.shards.get(&id) {
+                Some(c) => c.clone(),
+                None => {
+                    next_partition += 1;
+                    ShardCheckpoint {
+                        partition: next_partition - 1,
+                        ..Default::default()
+                    }
+                }
+            };
+            self.shards.insert(
+                id.clone(),
+                ShardState {
+                    partition: stored.partition,
+                    next_offset: stored.next_offset,
+                    pending: VecDeque::new(),
+                    stored,
+                },
+            );
+            self.waiting.insert(id, s.clone());
+        }
+        let ready: Vec<String> = self
+            .waiting
+            .iter()
+            .filter(|(_, s)| {
+                [s.parent_shard_id(), s.adjacent_parent_shard_id()]
+                    .into_iter()
+                    .flatten()
+                    .all(|p| !known.contains(p) || self.ended.contains(p))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ready {
+            self.waiting.remove(&id);
+            self.spawn_reader(&id);
+        }
+        Ok(())
+    }
+
+    fn spawn_reader(&mut self, id: &str) {
+        let st = &self.shards[id];
+        let start = match &st.stored.sequence_number {
+            Some(seq) => Start::After(seq.clone()),
+            None => match self.config.start_position {
+                StartPosition::TrimHorizon => Start::TrimHorizon,
+                StartPosition::Latest => Start::Latest,
+                StartPosition::AtTimestamp(ms) => Start::At(ms),
+            },
+        };
+        let cp = st.stored.checkpoint.as_deref().and_then(Checkpoint::decode);
+        self.assign_next.push((st.partition, cp));
+        self.spawned.insert(id.to_string());
+        tracing::info!(stream = %self.stream, shard = id, partition = st.partition, ?start, "starting shard reader");
+        let reader = Reader {
+            client: self.client.clone(),
+            endpoint: self.endpoint.clone(),
+            stream: self.stream.clone(),
+            shard: id.to_string(),
+            limit: self.config.records_per_get as i32,
+            poll: self.config.poll_interval,
+            tx: self.tx.clone(),
+        };
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = reader.run(start) => {}
+            }
+        });
+    }
+
+    fn take_msg(&mut self, msg: Msg) -> Result<bool> {
+        match msg {
+            Msg::Records(shard, raws) => {
+                let st = self
+                    .shards
+                    .get_mut(&shard)
+                    .expect("records of a known shard");
+                let buffer = self.buffers.entry(st.partition).or_default();
+                self.buffered += raws.len();
+                for r in raws {
+                    let offset = st.next_offset;
+                    st.next_offset += 1;
+                    st.pending.push_back((offset, r.sequence));
+                    buffer.push_back(Record {
+                        key: Some(r.key),
+                        payload: r.data,
+                        headers: Vec::new(),
+                        timestamp: r.arrival_ms,
+                        position: Position {
+                            partition: st.partition,
+                            offset,
+                        },
+                    });
+                }
+                Ok(false)
+            }
+            Msg::Ended(shard) => {
+                tracing::info!(stream = %self.stream, %shard, "shard read to its end");
+                self.ended.insert(shard);
+                Ok(true)
+            }
+            Msg::Failed(e) => Err(e),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Start {
+    After(String),
+    TrimHorizon,
+    Latest,
+    At(i64),
+}
+
+struct Reader {
+    client: Client,
+    endpoint: String,
+    stream: String,
+    shard: String,
+    limit: i32,
+    poll: Duration,
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Reader {
+    async fn iterator(&self, start: &Start) -> std::result::Result<Option<String>, KinesisError> {
+        let mut req = self
+            .client
+            .get_shard_iterator()
+            .stream_name(&self.stream)
+            .shard_id(&self.shard);
+        req = match start {
+            Start::After(seq) => req
+                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
+                .starting_sequence_number(seq),
+            Start::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
+            Start::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
+            Start::At(ms) => req
+                .shard_iterator_type(ShardIteratorType::AtTimestamp)
+                .timestamp(DateTime::from_millis(*ms)),
+        };
+        let out = req
+            .send()
+            .await
+            .map_err(|e| KinesisError::from_sdk("GetShardIterator", &self.endpoint, e))?;
+        Ok(out.shard_iterator().map(str::to_string))
+    }
+
+    /// Reports `e`; false when the reader must stop.
+    async fn failed(&self, e: KinesisError, backoff: &mut Duration) -> bool {
+        let retryable = e.is_retryable();
+        if matches!(e, KinesisError::Throttled { .. }) {
+            tracing::debug!(shard = %self.shard, error = %e, "throttled; backing off");
+        } else {
+            tracing::warn!(stream = %self.stream, shard = %self.shard, error = %e, retry_in = ?backoff, "shard reader failed");
+            if self.tx.send(Msg::Failed(e.into())).await.is_err() {
+                return false;
+            }
+        }
+        if !retryable {
+            return false;
+        }
+        tokio::time::sleep(*backoff).await;
+        *backoff = (*backoff * 2).min(Duration::from_secs(10));
+        true
+    }
+
+    async fn run(self, mut start: Start) {
+        let mut backoff = Duration::from_millis(100);
+        'outer: loop {
+            let mut it = match self.iterator(&start).await {
+                Ok(Some(it)) => it,
+                Ok(None) => break,
+                Err(e) => {
+                    if self.failed(e, &mut backoff).await {
+                        continue;
+                    }
+                    return;
+                }
+            };
+            loop {
+                let out = match self
+                    .client
+                    .get_records()
+                    .shard_iterator(&it)
+                    .limit(self.limit)
+                    .send()
+                    .await
+                {
+                    Ok(out) => out,
+                    Err(e) => {
+                        let e = KinesisError::from_sdk("GetRecords", &self.endpoint, e);
+                        if e.code() == Some("ExpiredIteratorException") {
+                            continue 'outer;
+                        }
+                        if self.failed(e, &mut backoff).await {
+                            continue;
+                        }
+                        return;
+                    }
+                };
+                backoff = Duration::from_millis(100);
+                let recs = out.records();
+                let n = recs.len();
+                let empty = n == 0;
+                if let Some(last) = recs.last() {
+                    start = Start::After(last.sequence_number().to_string());
+                }
+                if !empty {
+                    let raws = recs
+                        .iter()
+                        .map(|r| Raw {
+                            data: Bytes::from(r.data().as_ref().to_vec()),
+                            key: Bytes::from(
+                                r.partition_key().unwrap_or_default().as_bytes().to_vec(),
+                            ),
+                            sequence: r.sequence_number().to_string(),
+                            arrival_ms: r
+                                .approximate_arrival_timestamp()
+                                .and_then(|t| t.to_millis().ok()),
+                        })
+                        .collect();
+                    if self
+                        .tx
+                        .send(Msg::Records(self.shard.clone(), raws))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                match out.next_shard_iterator() {
+                    Some(next) => it = next.to_string(),
+                    None => break 'outer,
+                }
+                // A short read means the reader caught up (MillisBehindLatest is not
+                // trustworthy: kinesalite always answers 0); a full one reads on at once.
+                if n < self.limit as usize {
+                    tokio::time::sleep(self.poll).await;
+                }
+            }
+        }
+        let _ = self.tx.send(Msg::Ended(self.shard.clone())).await;
+    }
+}
+
+#[async_trait]
+impl Source for KinesisSource {
+    fn topic(&self) -> &str {
+        &self.stream
+    }
+
+    async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {
+        if !self.started {
+            self.saved = self.store.load(&self.stream, &self.group).await?;
+            self.discover().await?;
+            self.started = true;
+        }
+        if !self.assign_next.is_empty() {
+            return Ok(Received::Assigned(std::mem::take(&mut self.assign_next)));
+        }
+        let max = max.max(1);
+        let mut rediscover = false;
+        if self.buffered == 0 {
+            let deadline = tokio::time::Instant::now() + wait;
+            while self.buffered == 0 {
+                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                    Ok(Some(msg)) => rediscover |= self.take_msg(msg)?,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        // Take what the other readers already sent, so the batch can mix shards. Bounded:
+        // beyond the limit the readers wait on the channel (backpressure), in FIFO order.
+        let limit = max
+            .max(self.config.records_per_get as usize)
+            .saturating_mul(2);
+        while self.buffered < limit {
+            match self.rx.try_recv() {
+                Ok(msg) => rediscover |= self.take_msg(msg)?,
+                Err(_) => break,
+            }
+        }
+        if rediscover {
+            self.discover().await?;
+            if !self.assign_next.is_empty() {
+                return Ok(Received::Assigned(std::mem::take(&mut self.assign_next)));
+            }
+        }
+        let mut out = Vec::with_capacity(max.min(self.buffered));
+        while out.len() < max && self.buffered > 0 {
+            let nonempty = self.buffers.values().filter(|b| !b.is_empty()).count();
+            let share = ((max - out.len()) / nonempty).max(1);
+            for b in self.buffers.values_mut() {
+                let k = share.min(b.len()).min(max - out.len());
+                out.extend(b.drain(..k));
+                self.buffered -= k;
+            }
+        }
+        Ok(Received::Batch(out))
+    }
+
+    async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()> {
+        let by_partition: HashMap<u32, String> = self
+            .shards
+            .iter()
+            .map(|(id, s)| (s.partition, id.clone()))
+            .collect();
+        for (pos, cp) in positions {
+            let Some(id) = by_partition.get(&pos.partition).cloned() else {
+                continue;
+            };
+            let st = self.shards.get_mut(&id).expect("known shard");
+            while let Some((off, _)) = st.pending.front() {
+                if *off >= pos.offset {
+                    break;
+                }
+                let (off, seq) = st.pending.pop_front().expect("front exists");
+                if off + 1 == pos.offset {
+                    st.stored.sequence_number = Some(seq);
+                }
+            }
+            st.stored.next_offset = st.stored.next_offset.max(pos.offset);
+            st.stored.checkpoint = Some(cp.encode());
+        }
+        // Every known shard is written, committed or not, so its partition index is kept.
+        for (id, st) in &self.shards {
+            st.stored
+                .clone_into(self.saved.shards.entry(id.clone()).or_default());
+        }
+        self.saved.version = 1;
+        self.saved.stream = self.stream.clone();
+        self.saved.group = self.group.clone();
+        self.store.save(&self.saved).await
+    }
+}
