@@ -4,12 +4,25 @@ use weir_engine::config::{Diagnostics, PipelineConfig};
 use weir_engine::{Sink, Source};
 use weir_memory::{MemoryBroker, MemoryConfig};
 
+#[cfg(feature = "kafka")]
+pub use weir_kafka::{KafkaBroker, KafkaConfig, StartAt};
+
 /// A configured backend, ready to make sources and sinks.
 #[derive(Debug, Clone)]
 pub enum Backend {
     /// The embedded in-process broker.
     Memory(MemoryBroker),
+    /// A Kafka cluster (rdkafka).
+    #[cfg(feature = "kafka")]
+    Kafka(KafkaBroker),
 }
+
+/// The backends compiled into this build.
+pub const AVAILABLE: &[&str] = &[
+    "memory",
+    #[cfg(feature = "kafka")]
+    "kafka",
+];
 
 impl Backend {
     /// Reads the chosen backend's `[brokers.NAME]` section, reporting problems to `d`.
@@ -18,13 +31,20 @@ impl Backend {
         // Sections of backends that are not chosen are still checked, so a typo surfaces
         // before the day someone switches to that broker.
         let memory = MemoryConfig::from_section(section("memory"), d);
+        #[cfg(feature = "kafka")]
+        let kafka = KafkaConfig::from_section(section("kafka"), d);
         match c.broker.as_str() {
             "memory" => Some(Backend::Memory(MemoryBroker::new(memory))),
+            #[cfg(feature = "kafka")]
+            "kafka" => Some(Backend::Kafka(KafkaBroker::new(kafka))),
             other => {
                 d.push(
                     &c.broker_loc,
                     "pipeline.broker",
-                    format!("the `{other}` backend is not part of this build yet; available: memory"),
+                    format!(
+                        "the `{other}` backend is not part of this build; available: {}",
+                        AVAILABLE.join(", ")
+                    ),
                 );
                 None
             }
@@ -35,6 +55,8 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Memory(_) => "memory",
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(_) => "kafka",
         }
     }
 
@@ -54,6 +76,8 @@ impl Backend {
     pub async fn source(&self, topic: &str, group: Option<&str>) -> anyhow::Result<Box<dyn Source>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.source(topic, group))),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(b) => Ok(Box::new(b.source(topic, group).await?)),
         }
     }
 
@@ -61,6 +85,25 @@ impl Backend {
     pub async fn sink(&self, topic: &str) -> anyhow::Result<Box<dyn Sink>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.sink(topic))),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(b) => Ok(Box::new(b.sink(topic).await?)),
+        }
+    }
+
+    /// A reader of `topic` outside any consumer group, from the beginning or only new
+    /// records; it commits nothing (for `weir tail`). `None` when the backend has no such
+    /// reader (the in-process memory broker lives and dies with its process).
+    pub async fn reader(&self, topic: &str, from_beginning: bool) -> anyhow::Result<Option<Box<dyn Source>>> {
+        match self {
+            Backend::Memory(_) => {
+                let _ = (topic, from_beginning);
+                Ok(None)
+            }
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(b) => {
+                let start = if from_beginning { StartAt::Beginning } else { StartAt::End };
+                Ok(Some(Box::new(b.reader(topic, start).await?)))
+            }
         }
     }
 }

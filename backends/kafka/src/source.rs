@@ -1,0 +1,389 @@
+//! A Kafka consumer as a [`Source`].
+//!
+//! **Group mode** (a pipeline's source): the consumer subscribes in `source.group`,
+//! librdkafka assigns partitions, and Weir — never librdkafka's auto-commit — commits
+//! offsets once the runtime says every output derived from them was acknowledged. The
+//! [`Checkpoint`] travels as the commit's metadata string and comes back with
+//! [`Received::Assigned`] after a restart or a rebalance.
+//!
+//! **Rebalances.** librdkafka runs the rebalance callbacks inside our own poll of the
+//! consumer queue (in [`KafkaSource::recv`]). [`RebalanceContext`] only records them; `recv`
+//! turns them into [`Received::Revoked`] / [`Received::Assigned`] before handing out any
+//! record that arrived after them, and drops records of revoked partitions that were
+//! fetched before the revocation (the new owner reads them again from the committed
+//! offset). A revoked partition is never committed afterwards: [`Source::commit`] skips
+//! partitions this source does not own. With the default (eager) assignors every
+//! rebalance revokes all partitions, so the engine drops all open windows and replays
+//! from the committed offsets, skipping what the checkpoints say was already emitted.
+//!
+//! **Fixed mode** (`weir tail`, test readers): every partition of the topic is assigned
+//! directly at the beginning or the end, without a group; nothing is committed.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{FutureExt as _, StreamExt as _};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
+use rdkafka::{Offset, TopicPartitionList};
+use weir_engine::{Checkpoint, Position, Received, Record, Result, Source};
+
+use crate::error::KafkaError;
+
+/// A rebalance step, recorded by the callback and handled in `recv`.
+#[derive(Debug)]
+enum Event {
+    Revoke(Vec<i32>),
+    Assign(Vec<i32>),
+}
+
+/// The consumer's context: routes librdkafka's logs to `tracing` and records rebalances.
+#[derive(Default)]
+pub struct RebalanceContext {
+    events: Mutex<Vec<Event>>,
+}
+
+impl RebalanceContext {
+    fn push(&self, e: Event) {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).push(e);
+    }
+
+    fn has_events(&self) -> bool {
+        !self.events.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+
+    fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+impl ClientContext for RebalanceContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log_to_tracing(level, fac, log_message);
+    }
+
+    fn error(&self, error: RdError, reason: &str) {
+        tracing::warn!(%error, "kafka: {reason}");
+    }
+}
+
+pub(crate) fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, msg: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            tracing::error!(facility = fac, "librdkafka: {msg}")
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {msg}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(facility = fac, "librdkafka: {msg}"),
+        RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {msg}"),
+    }
+}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let parts = partitions(tpl);
+                if !parts.is_empty() {
+                    self.push(Event::Revoke(parts));
+                }
+            }
+            Rebalance::Assign(_) => {}
+            Rebalance::Error(e) => tracing::warn!(error = %e, "kafka: rebalance failed"),
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts = partitions(tpl);
+            if !parts.is_empty() {
+                self.push(Event::Assign(parts));
+            }
+        }
+    }
+}
+
+pub(crate) type Consumer_ = StreamConsumer<RebalanceContext>;
+
+/// Reads one Kafka topic. See the module documentation.
+pub struct KafkaSource {
+    consumer: Arc<Consumer_>,
+    topic: String,
+    /// Whether offsets are committed (group mode).
+    group: bool,
+    /// Events and batches ready to hand out, in order.
+    pending: VecDeque<Received>,
+    /// Partitions currently owned (indexed by partition).
+    owned: Vec<bool>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSource")
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .finish()
+    }
+}
+
+impl KafkaSource {
+    /// A source in a consumer group, subscribed to `topic`.
+    pub(crate) fn subscribed(consumer: Consumer_, topic: &str) -> Result<Self, KafkaError> {
+        consumer.subscribe(&[topic]).map_err(|source| KafkaError::Client {
+            what: "consumer",
+            source,
+        })?;
+        Ok(KafkaSource {
+            consumer: Arc::new(consumer),
+            topic: topic.to_string(),
+            group: true,
+            pending: VecDeque::new(),
+            owned: Vec::new(),
+        })
+    }
+
+    /// A source reading partitions `0..partitions` of `topic` from `start`, without a group.
+    pub(crate) fn fixed(consumer: Consumer_, topic: &str, partitions: i32, start: Offset) -> Result<Self, KafkaError> {
+        let mut tpl = TopicPartitionList::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, start)
+                .map_err(|source| KafkaError::Client { what: "consumer", source })?;
+        }
+        consumer
+            .assign(&tpl)
+            .map_err(|source| KafkaError::Client { what: "consumer", source })?;
+        let parts: Vec<(u32, Option<Checkpoint>)> = (0..partitions as u32).map(|p| (p, None)).collect();
+        Ok(KafkaSource {
+            consumer: Arc::new(consumer),
+            topic: topic.to_string(),
+            group: false,
+            pending: VecDeque::from([Received::Assigned(parts)]),
+            owned: vec![true; partitions as usize],
+        })
+    }
+
+    fn set_owned(&mut self, parts: &[i32], owned: bool) {
+        for &p in parts {
+            let i = p as usize;
+            if self.owned.len() <= i {
+                self.owned.resize(i + 1, false);
+            }
+            self.owned[i] = owned;
+        }
+    }
+
+    fn owns(&self, partition: u32) -> bool {
+        self.owned.get(partition as usize).copied().unwrap_or(false)
+    }
+
+    /// The checkpoints committed with the offsets of newly assigned partitions. A failed
+    /// lookup is logged and yields no checkpoints: records are then counted again from
+    /// the committed offsets (still at-least-once, but results of windows that closed
+    /// before the restart may be re-emitted with partial counts).
+    async fn checkpoints(&self, parts: &[i32]) -> Vec<(u32, Option<Checkpoint>)> {
+        let mut tpl = TopicPartitionList::with_capacity(parts.len());
+        for &p in parts {
+            tpl.add_partition(&self.topic, p);
+        }
+        let consumer = self.consumer.clone();
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=5 {
+            let tpl = tpl.clone();
+            let c = consumer.clone();
+            let got = tokio::task::spawn_blocking(move || c.committed_offsets(tpl, Duration::from_secs(10))).await;
+            match got {
+                Ok(Ok(list)) => {
+                    return parts
+                        .iter()
+                        .map(|&p| {
+                            let cp = list
+                                .find_partition(&self.topic, p)
+                                .filter(|e| matches!(e.offset(), Offset::Offset(_)))
+                                .and_then(|e| Checkpoint::decode(e.metadata()));
+                            (p as u32, cp)
+                        })
+                        .collect();
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(topic = %self.topic, error = %e, attempt, "cannot read committed checkpoints; retrying")
+                }
+                Err(e) => tracing::warn!(topic = %self.topic, error = %e, "checkpoint lookup task failed"),
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        tracing::warn!(topic = %self.topic, "no checkpoints: replayed records are counted again");
+        parts.iter().map(|&p| (p as u32, None)).collect()
+    }
+
+    /// Turns the rebalance events recorded so far into `pending` entries, dropping
+    /// records of revoked partitions from `stale` (records fetched before the events).
+    async fn handle_events(&mut self, stale: &mut Vec<Record>) {
+        for e in self.consumer.context().take() {
+            match e {
+                Event::Revoke(parts) => {
+                    self.set_owned(&parts, false);
+                    let before = stale.len();
+                    stale.retain(|r| self.owns(r.position.partition));
+                    tracing::debug!(topic = %self.topic, ?parts, dropped = before - stale.len(), "partitions revoked");
+                    self.pending
+                        .push_back(Received::Revoked(parts.iter().map(|&p| p as u32).collect()));
+                }
+                Event::Assign(parts) => {
+                    self.set_owned(&parts, true);
+                    let cps = self.checkpoints(&parts).await;
+                    self.pending.push_back(Received::Assigned(cps));
+                }
+            }
+        }
+    }
+}
+
+fn to_record(m: &BorrowedMessage<'_>) -> Record {
+    Record {
+        key: m.key().map(Bytes::copy_from_slice),
+        payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+        headers: m
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        timestamp: m.timestamp().to_millis(),
+        position: Position {
+            partition: m.partition() as u32,
+            offset: m.offset() as u64,
+        },
+    }
+}
+
+#[async_trait]
+impl Source for KafkaSource {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {
+        if let Some(r) = self.pending.pop_front() {
+            return Ok(r);
+        }
+        let mut batch: Vec<Record> = Vec::with_capacity(max.min(4096));
+        // A record that arrived after rebalance events belongs after them.
+        let mut fresh: Option<Record> = None;
+        let mut error = None;
+        {
+            let consumer = self.consumer.clone();
+            let ctx = consumer.context();
+            let mut stream = consumer.stream();
+            match tokio::time::timeout(wait, stream.next()).await {
+                Err(_) | Ok(None) => {}
+                Ok(Some(Ok(m))) => {
+                    if ctx.has_events() {
+                        fresh = Some(to_record(&m));
+                    } else {
+                        batch.push(to_record(&m));
+                    }
+                }
+                Ok(Some(Err(e))) => error = Some(e),
+            }
+            // Drain what librdkafka already fetched, without waiting, up to `max`. Each
+            // poll serves at most one event, so a rebalance stops the batch right there.
+            while error.is_none() && fresh.is_none() && !batch.is_empty() && batch.len() < max && !ctx.has_events() {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(m))) => batch.push(to_record(&m)),
+                    Some(Some(Err(e))) => error = Some(e),
+                    Some(None) | None => break,
+                }
+            }
+        }
+        if self.consumer.context().has_events() {
+            self.handle_events(&mut batch).await;
+            if !batch.is_empty() {
+                self.pending.push_back(Received::Batch(batch));
+            }
+            if let Some(r) = fresh {
+                self.pending.push_back(Received::Batch(vec![r]));
+            }
+            return Ok(self.pending.pop_front().unwrap_or(Received::Batch(Vec::new())));
+        }
+        if let Some(r) = fresh {
+            batch.push(r);
+        }
+        match error {
+            Some(e) if batch.is_empty() => Err(KafkaError::Receive {
+                topic: self.topic.clone(),
+                source: e,
+            }
+            .into()),
+            Some(e) => {
+                tracing::warn!(topic = %self.topic, error = %e, "kafka: receive error after a partial batch");
+                Ok(Received::Batch(batch))
+            }
+            None => Ok(Received::Batch(batch)),
+        }
+    }
+
+    async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()> {
+        if !self.group {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::with_capacity(positions.len());
+        for (p, cp) in positions {
+            if !self.owns(p.partition) {
+                tracing::debug!(topic = %self.topic, partition = p.partition, "not committing a partition this source no longer owns");
+                continue;
+            }
+            let mut e = tpl.add_partition(&self.topic, p.partition as i32);
+            e.set_offset(Offset::Offset(p.offset as i64)).map_err(|source| KafkaError::Commit {
+                topic: self.topic.clone(),
+                source,
+            })?;
+            e.set_metadata(cp.encode());
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        let consumer = self.consumer.clone();
+        let res = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(|e| weir_engine::EngineError::backend("kafka", format!("commit task failed: {e}"), true))?;
+        match res {
+            Ok(()) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::RebalanceInProgress
+                            | RDKafkaErrorCode::IllegalGeneration
+                            | RDKafkaErrorCode::UnknownMemberId
+                            | RDKafkaErrorCode::FencedInstanceId
+                            | RDKafkaErrorCode::StaleMemberEpoch
+                    )
+                ) =>
+            {
+                // The group is rebalancing: these partitions are about to be revoked and the
+                // new owner replays from the previous commit. Losing this commit costs
+                // replay, not data; retrying it would block the poll that completes the
+                // rebalance.
+                tracing::warn!(topic = %self.topic, error = %e, "commit refused during a rebalance; the new owner replays from the previous commit");
+                Ok(())
+            }
+            Err(source) => Err(KafkaError::Commit {
+                topic: self.topic.clone(),
+                source,
+            }
+            .into()),
+        }
+    }
+}
