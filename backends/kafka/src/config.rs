@@ -8,6 +8,7 @@
 //! replication_factor = 1        # ... and this replication factor
 //! session_timeout = "6s"        # consumer-group session timeout (librdkafka's 45 s default
 //!                               # makes every group join wait ~23 s)
+//! checkpoint_topic = "weir-checkpoints"  # optional: for brokers that drop commit metadata
 //!
 //! [brokers.kafka.producer]      # any librdkafka producer property, passed through
 //! "linger.ms" = "5"
@@ -72,6 +73,9 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     /// Consumer-group session timeout.
     pub session_timeout: Duration,
+    /// Also keep checkpoints in this one-partition topic, for brokers that do not return
+    /// commit metadata (see `checkpoints.rs`). `None`: commit metadata only.
+    pub checkpoint_topic: Option<String>,
     /// librdkafka producer properties: defaults, then the `[brokers.kafka.producer]` table.
     pub producer: Vec<(String, String)>,
     /// librdkafka consumer properties: defaults, then the `[brokers.kafka.consumer]` table.
@@ -86,8 +90,15 @@ impl Default for KafkaConfig {
             partitions: 4,
             replication_factor: 1,
             session_timeout: Duration::from_secs(6),
-            producer: PRODUCER_DEFAULTS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-            consumer: CONSUMER_DEFAULTS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            checkpoint_topic: None,
+            producer: PRODUCER_DEFAULTS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            consumer: CONSUMER_DEFAULTS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 }
@@ -106,7 +117,9 @@ impl KafkaConfig {
         let mut r = TableReader::new("brokers.kafka", t, loc.clone());
         if let Some(node) = r.node("bootstrap_servers") {
             match &node.value {
-                Value::Str(s) if s.split(',').all(|h| valid_host_port(h.trim())) => c.bootstrap_servers = s.clone(),
+                Value::Str(s) if s.split(',').all(|h| valid_host_port(h.trim())) => {
+                    c.bootstrap_servers = s.clone()
+                }
                 Value::Str(s) => d.push(
                     &node.loc,
                     &r.key_path("bootstrap_servers"),
@@ -115,7 +128,10 @@ impl KafkaConfig {
                 other => d.push(
                     &node.loc,
                     &r.key_path("bootstrap_servers"),
-                    format!("expected a string such as \"127.0.0.1:9092\", found {}", other.type_name()),
+                    format!(
+                        "expected a string such as \"127.0.0.1:9092\", found {}",
+                        other.type_name()
+                    ),
                 ),
             }
         }
@@ -124,8 +140,34 @@ impl KafkaConfig {
         c.replication_factor = r.uint_or(d, "replication_factor", 1, 1..=32) as i32;
         c.session_timeout = r.duration_or(d, "session_timeout", Duration::from_secs(6));
         if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&c.session_timeout) {
-            let at = r.node("session_timeout").map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
-            d.push(&at, &r.key_path("session_timeout"), "must be between 1s and 1h");
+            let at = r
+                .node("session_timeout")
+                .map(|n| n.loc.clone())
+                .unwrap_or(Loc::Nowhere);
+            d.push(
+                &at,
+                &r.key_path("session_timeout"),
+                "must be between 1s and 1h",
+            );
+        }
+        c.checkpoint_topic = r.str(d, "checkpoint_topic").map(str::to_string);
+        if let Some(t) = &c.checkpoint_topic {
+            if t.is_empty()
+                || t.len() > 249
+                || !t
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
+            {
+                let at = r
+                    .node("checkpoint_topic")
+                    .map(|n| n.loc.clone())
+                    .unwrap_or(Loc::Nowhere);
+                d.push(
+                    &at,
+                    &r.key_path("checkpoint_topic"),
+                    format!("`{t}` is not a valid Kafka topic name"),
+                );
+            }
         }
         if let Some(mut p) = r.table(d, "producer") {
             merge(&mut c.producer, passthrough(&mut p, d));
@@ -152,7 +194,10 @@ impl KafkaConfig {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &self.bootstrap_servers)
             .set("group.id", group)
-            .set("session.timeout.ms", self.session_timeout.as_millis().to_string());
+            .set(
+                "session.timeout.ms",
+                self.session_timeout.as_millis().to_string(),
+            );
         for (k, v) in &self.consumer {
             cc.set(k, v);
         }
@@ -203,7 +248,11 @@ fn passthrough(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Vec<(String, Str
             let mut probe = ClientConfig::new();
             probe.set(&name, &value);
             if let Err(e) = probe.create_native_config() {
-                d.push(&loc, &key_path, format!("librdkafka rejects `{name} = {value}`: {}", describe(&e)));
+                d.push(
+                    &loc,
+                    &key_path,
+                    format!("librdkafka rejects `{name} = {value}`: {}", describe(&e)),
+                );
                 return None;
             }
             Some((name, value))
@@ -226,7 +275,11 @@ fn flatten(
     out: &mut Vec<(String, String, Loc)>,
 ) {
     for (k, loc, node) in entries {
-        let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let name = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         let value = match &node.value {
             Value::Str(s) => s.clone(),
             Value::Int(i) => i.to_string(),

@@ -59,7 +59,9 @@ impl KafkaError {
     pub fn is_retryable(&self) -> bool {
         match self {
             KafkaError::Client { .. } => false,
-            KafkaError::Receive { source, .. } | KafkaError::Commit { source, .. } => !is_permanent(source),
+            KafkaError::Receive { source, .. } | KafkaError::Commit { source, .. } => {
+                !is_permanent(source)
+            }
             KafkaError::Delivery { source, .. } => !is_permanent(source),
             KafkaError::Topic { retryable, .. } => *retryable,
             KafkaError::Canceled(_) => true,

@@ -12,6 +12,7 @@
 //! Broker outages are retryable errors (the runtime retries with backoff and logs);
 //! configuration problems are reported when the pipeline file is loaded.
 
+mod checkpoints;
 mod config;
 mod error;
 mod sink;
@@ -75,16 +76,35 @@ impl KafkaBroker {
 
     /// A consumer of `topic` in `group` (group mode; commits), or — without a group — a
     /// reader of every partition from the beginning that commits nothing.
-    pub async fn source(&self, topic: &str, group: Option<&str>) -> Result<KafkaSource, KafkaError> {
+    pub async fn source(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+    ) -> Result<KafkaSource, KafkaError> {
         self.ensure_topic(topic).await?;
         match group {
             Some(g) => {
+                let store = match &self.config.checkpoint_topic {
+                    Some(t) => {
+                        self.ensure_topic_with(t, 1).await?;
+                        Some(checkpoints::CheckpointStore {
+                            producer: self.producer()?,
+                            config: self.config.clone(),
+                            topic: t.clone(),
+                            group: g.to_string(),
+                        })
+                    }
+                    None => None,
+                };
                 let consumer = self
                     .config
                     .consumer_config(g)
                     .create_with_context(RebalanceContext::default())
-                    .map_err(|source| KafkaError::Client { what: "consumer", source })?;
-                KafkaSource::subscribed(consumer, topic)
+                    .map_err(|source| KafkaError::Client {
+                        what: "consumer",
+                        source,
+                    })?;
+                KafkaSource::subscribed(consumer, topic, store)
             }
             None => self.reader(topic, StartAt::Beginning).await,
         }
@@ -98,7 +118,10 @@ impl KafkaBroker {
             .config
             .consumer_config("weir-reader")
             .create_with_context(RebalanceContext::default())
-            .map_err(|source| KafkaError::Client { what: "consumer", source })?;
+            .map_err(|source| KafkaError::Client {
+                what: "consumer",
+                source,
+            })?;
         let start = match start {
             StartAt::Beginning => Offset::Beginning,
             StartAt::End => Offset::End,
@@ -109,18 +132,22 @@ impl KafkaBroker {
     /// A producer to `topic`. Every sink of this broker shares one librdkafka producer.
     pub async fn sink(&self, topic: &str) -> Result<KafkaSink, KafkaError> {
         self.ensure_topic(topic).await?;
-        let producer = match self.producer.get() {
-            Some(p) => p.clone(),
-            None => {
-                let p: FutureProducer = self
-                    .config
-                    .producer_config()
-                    .create()
-                    .map_err(|source| KafkaError::Client { what: "producer", source })?;
-                self.producer.get_or_init(|| Arc::new(p)).clone()
-            }
-        };
-        Ok(KafkaSink::new(producer, topic))
+        Ok(KafkaSink::new(self.producer()?, topic))
+    }
+
+    fn producer(&self) -> Result<Arc<FutureProducer>, KafkaError> {
+        if let Some(p) = self.producer.get() {
+            return Ok(p.clone());
+        }
+        let p: FutureProducer =
+            self.config
+                .producer_config()
+                .create()
+                .map_err(|source| KafkaError::Client {
+                    what: "producer",
+                    source,
+                })?;
+        Ok(self.producer.get_or_init(|| Arc::new(p)).clone())
     }
 
     /// The number of partitions of `topic`, waiting (with a log line every attempt) while
@@ -130,19 +157,24 @@ impl KafkaBroker {
             .config
             .consumer_config("weir-metadata")
             .create()
-            .map_err(|source| KafkaError::Client { what: "consumer", source })?;
+            .map_err(|source| KafkaError::Client {
+                what: "consumer",
+                source,
+            })?;
         let probe = Arc::new(probe);
         let mut delay = Duration::from_millis(200);
         loop {
             let p = probe.clone();
             let t = topic.to_string();
-            let got = tokio::task::spawn_blocking(move || p.fetch_metadata(Some(&t), Duration::from_secs(5)))
-                .await
-                .map_err(|e| KafkaError::Topic {
-                    topic: topic.to_string(),
-                    message: e.to_string(),
-                    retryable: true,
-                })?;
+            let got = tokio::task::spawn_blocking(move || {
+                p.fetch_metadata(Some(&t), Duration::from_secs(5))
+            })
+            .await
+            .map_err(|e| KafkaError::Topic {
+                topic: topic.to_string(),
+                message: e.to_string(),
+                retryable: true,
+            })?;
             match got {
                 Ok(md) => {
                     let n = md
@@ -173,7 +205,17 @@ impl KafkaBroker {
     /// Creates `topic` when `create_topics` is on and it is missing. While the broker is
     /// unreachable this waits, logging every attempt.
     pub async fn ensure_topic(&self, topic: &str) -> Result<(), KafkaError> {
-        if !self.config.create_topics || self.ensured.lock().unwrap_or_else(|e| e.into_inner()).contains(topic) {
+        self.ensure_topic_with(topic, self.config.partitions).await
+    }
+
+    async fn ensure_topic_with(&self, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+        if !self.config.create_topics
+            || self
+                .ensured
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(topic)
+        {
             return Ok(());
         }
         let admin: AdminClient<DefaultClientContext> = self
@@ -186,7 +228,7 @@ impl KafkaBroker {
             })?;
         let new = NewTopic::new(
             topic,
-            self.config.partitions,
+            partitions,
             TopicReplication::Fixed(self.config.replication_factor),
         );
         let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
@@ -197,7 +239,7 @@ impl KafkaBroker {
                     Some(Ok(_)) => {
                         tracing::info!(
                             topic,
-                            partitions = self.config.partitions,
+                            partitions,
                             replication_factor = self.config.replication_factor,
                             "kafka: created topic"
                         );
@@ -210,7 +252,10 @@ impl KafkaBroker {
             };
             match outcome {
                 Ok(()) => {
-                    self.ensured.lock().unwrap_or_else(|e| e.into_inner()).insert(topic.to_string());
+                    self.ensured
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(topic.to_string());
                     return Ok(());
                 }
                 Err((message, true)) => {

@@ -23,7 +23,9 @@ pub struct KafkaSink {
 
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaSink").field("topic", &self.topic).finish()
+        f.debug_struct("KafkaSink")
+            .field("topic", &self.topic)
+            .finish()
     }
 }
 
@@ -61,7 +63,8 @@ impl Sink for KafkaSink {
         let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(batch.len());
         let mut first_error: Option<KafkaError> = None;
         for r in batch {
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).payload(&r.payload[..]);
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topic).payload(&r.payload[..]);
             if let Some(k) = &r.key {
                 rec = rec.key(&k[..]);
             }

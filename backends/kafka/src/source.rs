@@ -28,12 +28,15 @@ use bytes::Bytes;
 use futures_util::{FutureExt as _, StreamExt as _};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use weir_engine::{Checkpoint, Position, Received, Record, Result, Source};
 
+use crate::checkpoints::CheckpointStore;
 use crate::error::KafkaError;
 
 /// A rebalance step, recorded by the callback and handled in `recv`.
@@ -47,15 +50,25 @@ enum Event {
 #[derive(Default)]
 pub struct RebalanceContext {
     events: Mutex<Vec<Event>>,
+    /// Wakes a `recv` waiting for records when a rebalance happened meanwhile.
+    notify: tokio::sync::Notify,
 }
 
 impl RebalanceContext {
     fn push(&self, e: Event) {
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).push(e);
+        self.events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(e);
+        self.notify.notify_one();
     }
 
     fn has_events(&self) -> bool {
-        !self.events.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+        !self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     fn take(&self) -> Vec<Event> {
@@ -79,11 +92,16 @@ impl ClientContext for RebalanceContext {
 
 pub(crate) fn log_to_tracing(level: RDKafkaLogLevel, fac: &str, msg: &str) {
     match level {
-        RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
             tracing::error!(facility = fac, "librdkafka: {msg}")
         }
         RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {msg}"),
-        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(facility = fac, "librdkafka: {msg}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(facility = fac, "librdkafka: {msg}")
+        }
         RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {msg}"),
     }
 }
@@ -104,10 +122,9 @@ impl ConsumerContext for RebalanceContext {
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let parts = partitions(tpl);
-            if !parts.is_empty() {
-                self.push(Event::Assign(parts));
-            }
+            // Even an empty assignment (more members than partitions) is announced: it
+            // ends the wait for the first assignment.
+            self.push(Event::Assign(partitions(tpl)));
         }
     }
 }
@@ -124,7 +141,16 @@ pub struct KafkaSource {
     pending: VecDeque<Received>,
     /// Partitions currently owned (indexed by partition).
     owned: Vec<bool>,
+    /// Whether the first assignment arrived. Until then `recv` waits up to
+    /// [`JOIN_WAIT`] instead of its `wait`: joining a group takes seconds, and a caller
+    /// counting empty batches as idleness must not see the join as an idle topic.
+    joined: bool,
+    /// Where checkpoints also go, for brokers that drop commit metadata.
+    store: Option<CheckpointStore>,
 }
+
+/// How long the first `recv` of a group member waits for its partitions.
+pub const JOIN_WAIT: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -137,37 +163,57 @@ impl std::fmt::Debug for KafkaSource {
 
 impl KafkaSource {
     /// A source in a consumer group, subscribed to `topic`.
-    pub(crate) fn subscribed(consumer: Consumer_, topic: &str) -> Result<Self, KafkaError> {
-        consumer.subscribe(&[topic]).map_err(|source| KafkaError::Client {
-            what: "consumer",
-            source,
-        })?;
+    pub(crate) fn subscribed(
+        consumer: Consumer_,
+        topic: &str,
+        store: Option<CheckpointStore>,
+    ) -> Result<Self, KafkaError> {
+        consumer
+            .subscribe(&[topic])
+            .map_err(|source| KafkaError::Client {
+                what: "consumer",
+                source,
+            })?;
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
             topic: topic.to_string(),
             group: true,
             pending: VecDeque::new(),
             owned: Vec::new(),
+            joined: false,
+            store,
         })
     }
 
     /// A source reading partitions `0..partitions` of `topic` from `start`, without a group.
-    pub(crate) fn fixed(consumer: Consumer_, topic: &str, partitions: i32, start: Offset) -> Result<Self, KafkaError> {
+    pub(crate) fn fixed(
+        consumer: Consumer_,
+        topic: &str,
+        partitions: i32,
+        start: Offset,
+    ) -> Result<Self, KafkaError> {
         let mut tpl = TopicPartitionList::with_capacity(partitions as usize);
         for p in 0..partitions {
             tpl.add_partition_offset(topic, p, start)
-                .map_err(|source| KafkaError::Client { what: "consumer", source })?;
+                .map_err(|source| KafkaError::Client {
+                    what: "consumer",
+                    source,
+                })?;
         }
-        consumer
-            .assign(&tpl)
-            .map_err(|source| KafkaError::Client { what: "consumer", source })?;
-        let parts: Vec<(u32, Option<Checkpoint>)> = (0..partitions as u32).map(|p| (p, None)).collect();
+        consumer.assign(&tpl).map_err(|source| KafkaError::Client {
+            what: "consumer",
+            source,
+        })?;
+        let parts: Vec<(u32, Option<Checkpoint>)> =
+            (0..partitions as u32).map(|p| (p, None)).collect();
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
             topic: topic.to_string(),
             group: false,
             pending: VecDeque::from([Received::Assigned(parts)]),
             owned: vec![true; partitions as usize],
+            joined: true,
+            store: None,
         })
     }
 
@@ -199,24 +245,56 @@ impl KafkaSource {
         for attempt in 1..=5 {
             let tpl = tpl.clone();
             let c = consumer.clone();
-            let got = tokio::task::spawn_blocking(move || c.committed_offsets(tpl, Duration::from_secs(10))).await;
+            let got = tokio::task::spawn_blocking(move || {
+                c.committed_offsets(tpl, Duration::from_secs(10))
+            })
+            .await;
             match got {
                 Ok(Ok(list)) => {
-                    return parts
+                    tracing::debug!(topic = %self.topic, committed = ?list, "kafka: committed offsets at assignment");
+                    let mut out: Vec<(u32, Option<Checkpoint>, bool)> = parts
                         .iter()
                         .map(|&p| {
-                            let cp = list
+                            let e = list
                                 .find_partition(&self.topic, p)
-                                .filter(|e| matches!(e.offset(), Offset::Offset(_)))
-                                .and_then(|e| Checkpoint::decode(e.metadata()));
-                            (p as u32, cp)
+                                .filter(|e| matches!(e.offset(), Offset::Offset(_)));
+                            (
+                                p as u32,
+                                e.as_ref().and_then(|e| Checkpoint::decode(e.metadata())),
+                                e.is_some(),
+                            )
                         })
                         .collect();
+                    let missing: Vec<i32> = out
+                        .iter()
+                        .filter(|(_, cp, committed)| cp.is_none() && *committed)
+                        .map(|(p, _, _)| *p as i32)
+                        .collect();
+                    if let (Some(store), false) = (&self.store, missing.is_empty()) {
+                        match store.read(&self.topic, &missing).await {
+                            Ok(found) => {
+                                for (p, cp, _) in &mut out {
+                                    if cp.is_none() {
+                                        *cp = found.get(&(*p as i32)).copied();
+                                    }
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(topic = %self.topic, error = %e, attempt, "cannot read the checkpoint topic; retrying");
+                                tokio::time::sleep(delay).await;
+                                delay *= 2;
+                                continue;
+                            }
+                        }
+                    }
+                    return out.into_iter().map(|(p, cp, _)| (p, cp)).collect();
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(topic = %self.topic, error = %e, attempt, "cannot read committed checkpoints; retrying")
                 }
-                Err(e) => tracing::warn!(topic = %self.topic, error = %e, "checkpoint lookup task failed"),
+                Err(e) => {
+                    tracing::warn!(topic = %self.topic, error = %e, "checkpoint lookup task failed")
+                }
             }
             tokio::time::sleep(delay).await;
             delay *= 2;
@@ -239,6 +317,7 @@ impl KafkaSource {
                         .push_back(Received::Revoked(parts.iter().map(|&p| p as u32).collect()));
                 }
                 Event::Assign(parts) => {
+                    self.joined = true;
                     self.set_owned(&parts, true);
                     let cps = self.checkpoints(&parts).await;
                     self.pending.push_back(Received::Assigned(cps));
@@ -256,7 +335,12 @@ fn to_record(m: &BorrowedMessage<'_>) -> Record {
             .headers()
             .map(|hs| {
                 hs.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(Bytes::copy_from_slice).unwrap_or_default()))
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default(),
@@ -286,20 +370,39 @@ impl Source for KafkaSource {
             let consumer = self.consumer.clone();
             let ctx = consumer.context();
             let mut stream = consumer.stream();
-            match tokio::time::timeout(wait, stream.next()).await {
-                Err(_) | Ok(None) => {}
-                Ok(Some(Ok(m))) => {
+            let wait = if self.joined {
+                wait
+            } else {
+                wait.max(JOIN_WAIT)
+            };
+            let first = tokio::select! {
+                m = stream.next() => m,
+                _ = ctx.notify.notified() => None,
+                _ = tokio::time::sleep(wait) => None,
+            };
+            match first {
+                None => {
+                    if !self.joined && !ctx.has_events() {
+                        tracing::warn!(topic = %self.topic, "kafka: no partitions assigned after {JOIN_WAIT:?}; still waiting");
+                    }
+                }
+                Some(Ok(m)) => {
                     if ctx.has_events() {
                         fresh = Some(to_record(&m));
                     } else {
                         batch.push(to_record(&m));
                     }
                 }
-                Ok(Some(Err(e))) => error = Some(e),
+                Some(Err(e)) => error = Some(e),
             }
             // Drain what librdkafka already fetched, without waiting, up to `max`. Each
             // poll serves at most one event, so a rebalance stops the batch right there.
-            while error.is_none() && fresh.is_none() && !batch.is_empty() && batch.len() < max && !ctx.has_events() {
+            while error.is_none()
+                && fresh.is_none()
+                && !batch.is_empty()
+                && batch.len() < max
+                && !ctx.has_events()
+            {
                 match stream.next().now_or_never() {
                     Some(Some(Ok(m))) => batch.push(to_record(&m)),
                     Some(Some(Err(e))) => error = Some(e),
@@ -315,7 +418,10 @@ impl Source for KafkaSource {
             if let Some(r) = fresh {
                 self.pending.push_back(Received::Batch(vec![r]));
             }
-            return Ok(self.pending.pop_front().unwrap_or(Received::Batch(Vec::new())));
+            return Ok(self
+                .pending
+                .pop_front()
+                .unwrap_or(Received::Batch(Vec::new())));
         }
         if let Some(r) = fresh {
             batch.push(r);
@@ -345,21 +451,36 @@ impl Source for KafkaSource {
                 continue;
             }
             let mut e = tpl.add_partition(&self.topic, p.partition as i32);
-            e.set_offset(Offset::Offset(p.offset as i64)).map_err(|source| KafkaError::Commit {
-                topic: self.topic.clone(),
-                source,
-            })?;
+            e.set_offset(Offset::Offset(p.offset as i64))
+                .map_err(|source| KafkaError::Commit {
+                    topic: self.topic.clone(),
+                    source,
+                })?;
             e.set_metadata(cp.encode());
         }
         if tpl.count() == 0 {
             return Ok(());
         }
+        if let Some(store) = &self.store {
+            // Checkpoints first: one newer than its offset is harmless, one older is not.
+            let owned: Vec<(Position, Checkpoint)> = positions
+                .iter()
+                .filter(|(p, _)| self.owns(p.partition))
+                .copied()
+                .collect();
+            store.write(&self.topic, &owned).await?;
+        }
         let consumer = self.consumer.clone();
         let res = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
             .await
-            .map_err(|e| weir_engine::EngineError::backend("kafka", format!("commit task failed: {e}"), true))?;
+            .map_err(|e| {
+                weir_engine::EngineError::backend("kafka", format!("commit task failed: {e}"), true)
+            })?;
         match res {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                tracing::debug!(topic = %self.topic, ?positions, "kafka: committed");
+                Ok(())
+            }
             Err(e)
                 if matches!(
                     e.rdkafka_error_code(),
