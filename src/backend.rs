@@ -27,7 +27,12 @@ pub const AVAILABLE: &[&str] = &[
 impl Backend {
     /// Reads the chosen backend's `[brokers.NAME]` section, reporting problems to `d`.
     pub fn from_config(c: &PipelineConfig, d: &mut Diagnostics) -> Option<Backend> {
-        let section = |name: &str| c.brokers.iter().find(|(n, _)| n == name).map(|(_, node)| node);
+        let section = |name: &str| {
+            c.brokers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, node)| node)
+        };
         // Sections of backends that are not chosen are still checked, so a typo surfaces
         // before the day someone switches to that broker.
         let memory = MemoryConfig::from_section(section("memory"), d);
@@ -37,6 +42,7 @@ impl Backend {
             "memory" => Some(Backend::Memory(MemoryBroker::new(memory))),
             #[cfg(feature = "kafka")]
             "kafka" => Some(Backend::Kafka(KafkaBroker::new(kafka))),
+            other if !weir_engine::config::BROKERS.contains(&other) => None,
             other => {
                 d.push(
                     &c.broker_loc,
@@ -69,11 +75,18 @@ impl Backend {
         let mut loaded = weir_engine::config::load_file(path, overrides)?;
         let backend = Backend::from_config(&loaded.config, &mut loaded.diagnostics);
         let c = loaded.finish()?;
-        Ok((c, backend.expect("a backend exists when the configuration has no problems")))
+        Ok((
+            c,
+            backend.expect("a backend exists when the configuration has no problems"),
+        ))
     }
 
     /// A consumer of `topic` in `group`.
-    pub async fn source(&self, topic: &str, group: Option<&str>) -> anyhow::Result<Box<dyn Source>> {
+    pub async fn source(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+    ) -> anyhow::Result<Box<dyn Source>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.source(topic, group))),
             #[cfg(feature = "kafka")]
@@ -93,7 +106,11 @@ impl Backend {
     /// A reader of `topic` outside any consumer group, from the beginning or only new
     /// records; it commits nothing (for `weir tail`). `None` when the backend has no such
     /// reader (the in-process memory broker lives and dies with its process).
-    pub async fn reader(&self, topic: &str, from_beginning: bool) -> anyhow::Result<Option<Box<dyn Source>>> {
+    pub async fn reader(
+        &self,
+        topic: &str,
+        from_beginning: bool,
+    ) -> anyhow::Result<Option<Box<dyn Source>>> {
         match self {
             Backend::Memory(_) => {
                 let _ = (topic, from_beginning);
@@ -101,7 +118,11 @@ impl Backend {
             }
             #[cfg(feature = "kafka")]
             Backend::Kafka(b) => {
-                let start = if from_beginning { StartAt::Beginning } else { StartAt::End };
+                let start = if from_beginning {
+                    StartAt::Beginning
+                } else {
+                    StartAt::End
+                };
                 Ok(Some(Box::new(b.reader(topic, start).await?)))
             }
         }

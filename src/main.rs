@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use weir_engine::config::{ConfigErrors, Overrides, PipelineConfig};
+use weir_engine::config::{ConfigErrors, LatePolicy, Overrides, PipelineConfig};
 use weir_engine::generate::{EventGenerator, Timeline, DEFAULT_START_MS};
 use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
 use weir_engine::{Job, OutRecord, Pipeline, Received, Sink, Source, StopReason};
@@ -16,7 +16,11 @@ use weir_engine::{Job, OutRecord, Pipeline, Received, Sink, Source, StopReason};
 use weir::Backend;
 
 #[derive(Parser)]
-#[command(name = "weir", version, about = "In-process event-streaming engine with pluggable brokers")]
+#[command(
+    name = "weir",
+    version,
+    about = "In-process event-streaming engine with pluggable brokers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -58,6 +62,9 @@ struct RunArgs {
     /// Write dead letters as JSON lines to FILE (or `-`) instead of the dead-letter topic.
     #[arg(long, value_name = "FILE|-")]
     dead_letter: Option<String>,
+    /// Write late events as JSON lines to FILE (or `-`) instead of the `[late]` topic.
+    #[arg(long, value_name = "FILE|-")]
+    late: Option<String>,
     /// Stop once no record arrived for this long (e.g. `5s`), emitting every open window as
     /// at the end of input: a bounded run over a broker topic.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
@@ -134,7 +141,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the runtime: {e}");
@@ -156,7 +166,8 @@ fn load(a: &PipelineArgs) -> Result<(PipelineConfig, Backend), ConfigErrors> {
     let overrides = Overrides {
         sets: a.sets.clone(),
         broker: a.broker.clone().map(|b| {
-            let origin = if std::env::args().any(|x| x == "--broker" || x.starts_with("--broker=")) {
+            let origin = if std::env::args().any(|x| x == "--broker" || x.starts_with("--broker="))
+            {
                 format!("--broker {b}")
             } else {
                 format!("WEIR_BROKER={b}")
@@ -185,7 +196,11 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
     let memory = matches!(backend, Backend::Memory(_));
     let source: Box<dyn Source> = match &a.input {
         Some(path) => Box::new(JsonLinesSource::open(path).await?),
-        None => backend.source(&c.source.topic, Some(&c.source.group)).await?,
+        None => {
+            backend
+                .source(&c.source.topic, Some(&c.source.group))
+                .await?
+        }
     };
     let sink: Box<dyn Sink> = match &a.output {
         Some(path) => Box::new(JsonLinesSink::create(path).await?),
@@ -212,8 +227,9 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
             let demo = c.demo.clone();
             let stop = shutdown.clone();
             tasks.spawn(async move {
-                let mut g = EventGenerator::new(weir_engine::time::now_millis() as u64, demo.users as u64)
-                    .with_invalid_every(demo.invalid_every as u64);
+                let mut g =
+                    EventGenerator::new(weir_engine::time::now_millis() as u64, demo.users as u64)
+                        .with_invalid_every(demo.invalid_every as u64);
                 let mut tick = tokio::time::interval(demo.interval);
                 loop {
                     tokio::select! {
@@ -239,16 +255,34 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         }
         if a.output.is_none() {
             let src = backend.source(&c.sink.topic, None).await?;
-            tasks.spawn(tail(src, tails_done.clone(), false));
+            tasks.spawn(tail(src, tails_done.clone(), ""));
         }
         if a.dead_letter.is_none() {
             let src = backend.source(&c.dead_letter.topic, None).await?;
-            tasks.spawn(tail(src, tails_done.clone(), true));
+            tasks.spawn(tail(src, tails_done.clone(), "dead letter: "));
         }
     }
 
-    let job = Job::from_config(&c);
+    let job = if a.late.is_some() && c.late == LatePolicy::DeadLetter {
+        // --late FILE asks for a late output even if the file has no [late] section.
+        Job::from_config(&c).with_late(LatePolicy::Output("--late".into()))
+    } else {
+        Job::from_config(&c)
+    };
     let mut pipeline = Pipeline::new(job, source, sink, dead).shutdown_on(shutdown.clone());
+    match (&c.late, &a.late) {
+        (_, Some(path)) => {
+            pipeline = pipeline.late_output(Box::new(JsonLinesSink::create(path).await?))
+        }
+        (LatePolicy::Output(topic), None) => {
+            pipeline = pipeline.late_output(backend.sink(topic).await?);
+            if memory {
+                let src = backend.source(topic, None).await?;
+                tasks.spawn(tail(src, tails_done.clone(), "late event: "));
+            }
+        }
+        _ => {}
+    }
     if let Some(idle) = a.exit_when_idle {
         pipeline = pipeline.exit_when_idle(idle);
     }
@@ -271,9 +305,10 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
     Ok(())
 }
 
-/// Prints the records of a topic as they arrive (results to stdout, dead letters to
-/// stderr); after `done`, drains what is left and returns.
-async fn tail(mut src: Box<dyn Source>, done: CancellationToken, to_stderr: bool) {
+/// Prints the records of a topic as they arrive (results to stdout; dead letters and late
+/// events to stderr, after `prefix`); after `done`, drains what is left and returns.
+async fn tail(mut src: Box<dyn Source>, done: CancellationToken, prefix: &'static str) {
+    let to_stderr = !prefix.is_empty();
     let mut finishing = false;
     loop {
         let r = src.recv(1024, Duration::from_millis(50)).await;
@@ -295,9 +330,7 @@ async fn tail(mut src: Box<dyn Source>, done: CancellationToken, to_stderr: bool
         }
         let mut buf = Vec::with_capacity(batch.len() * 128);
         for r in &batch {
-            if to_stderr {
-                buf.extend_from_slice(b"dead letter: ");
-            }
+            buf.extend_from_slice(prefix.as_bytes());
             buf.extend_from_slice(&r.payload);
             buf.push(b'\n');
         }
@@ -328,11 +361,15 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             out.flush().context("writing events")?;
         }
         None => {
-            anyhow::ensure!(a.rate > 0.0 && a.rate.is_finite(), "--rate must be more than 0");
+            anyhow::ensure!(
+                a.rate > 0.0 && a.rate.is_finite(),
+                "--rate must be more than 0"
+            );
             let gap = Duration::from_secs_f64(1.0 / a.rate);
             let mut next = std::time::Instant::now();
             loop {
-                writeln!(out, "{}", g.event(weir_engine::time::now_millis())).context("writing events")?;
+                writeln!(out, "{}", g.event(weir_engine::time::now_millis()))
+                    .context("writing events")?;
                 out.flush().context("writing events")?;
                 next += gap;
                 if let Some(d) = next.checked_duration_since(std::time::Instant::now()) {

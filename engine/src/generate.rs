@@ -50,7 +50,14 @@ const ACTIONS: [&str; 8] = [
     "like",
     "checkout",
 ];
-const PAGES: [&str; 6] = ["/search", "/home", "/cart", "/item", "/profile", "/checkout"];
+const PAGES: [&str; 6] = [
+    "/search",
+    "/home",
+    "/cart",
+    "/item",
+    "/profile",
+    "/checkout",
+];
 const AGENTS: [&str; 4] = [
     "Opera/8.81.(X11; Linux x86_64; hi-IN) Presto/2.9.181 Version/12.00",
     "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36",
@@ -243,7 +250,10 @@ mod tests {
             1 << 20,
         );
         let data = dataset(1, 100, 3, 4);
-        let bad = data.iter().filter(|l| d.decode(l.as_bytes()).is_err()).count();
+        let bad = data
+            .iter()
+            .filter(|l| d.decode(l.as_bytes()).is_err())
+            .count();
         assert_eq!(bad, 25);
     }
 }

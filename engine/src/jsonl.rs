@@ -75,11 +75,15 @@ impl Source for JsonLinesSource {
             }
             // `read_until` keeps partial input in `self.line` if the timeout fires, so no
             // byte is lost between calls. It returns without a newline only at the end.
-            let read =
-                match tokio::time::timeout_at(deadline, self.reader.read_until(b'\n', &mut self.line)).await {
-                    Ok(r) => r?,
-                    Err(_) => break,
-                };
+            let read = match tokio::time::timeout_at(
+                deadline,
+                self.reader.read_until(b'\n', &mut self.line),
+            )
+            .await
+            {
+                Ok(r) => r?,
+                Err(_) => break,
+            };
             if read == 0 {
                 self.done = true;
                 if self.line.is_empty() {
@@ -129,7 +133,10 @@ impl JsonLinesSink {
     /// Writes to `path` (created or truncated), or standard output when `path` is `-`.
     pub async fn create(path: &str) -> Result<Self> {
         if path == "-" {
-            return Ok(Self::to_writer("stdout".into(), Box::new(tokio::io::stdout())));
+            return Ok(Self::to_writer(
+                "stdout".into(),
+                Box::new(tokio::io::stdout()),
+            ));
         }
         let f = tokio::fs::File::create(path)
             .await
@@ -170,18 +177,36 @@ mod tests {
     async fn reads_lines_with_offsets_and_ends() {
         let data = b"{\"a\":1}\n\n{\"a\":2}\r\n{\"a\":3}".to_vec();
         let mut s = JsonLinesSource::from_reader("t".into(), Box::new(std::io::Cursor::new(data)));
-        assert!(matches!(s.recv(10, Duration::from_secs(1)).await.unwrap(), Received::Assigned(_)));
+        assert!(matches!(
+            s.recv(10, Duration::from_secs(1)).await.unwrap(),
+            Received::Assigned(_)
+        ));
         let Received::Batch(b) = s.recv(10, Duration::from_secs(1)).await.unwrap() else {
             panic!("expected a batch")
         };
-        let got: Vec<(&[u8], u64)> = b.iter().map(|r| (&r.payload[..], r.position.offset)).collect();
-        assert_eq!(got, vec![(&b"{\"a\":1}"[..], 0), (&b"{\"a\":2}"[..], 2), (&b"{\"a\":3}"[..], 3)]);
-        assert!(matches!(s.recv(10, Duration::from_secs(1)).await.unwrap(), Received::End));
+        let got: Vec<(&[u8], u64)> = b
+            .iter()
+            .map(|r| (&r.payload[..], r.position.offset))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (&b"{\"a\":1}"[..], 0),
+                (&b"{\"a\":2}"[..], 2),
+                (&b"{\"a\":3}"[..], 3)
+            ]
+        );
+        assert!(matches!(
+            s.recv(10, Duration::from_secs(1)).await.unwrap(),
+            Received::End
+        ));
     }
 
     #[tokio::test]
     async fn batches_respect_max() {
-        let data: Vec<u8> = (0..10).flat_map(|i| format!("{{\"i\":{i}}}\n").into_bytes()).collect();
+        let data: Vec<u8> = (0..10)
+            .flat_map(|i| format!("{{\"i\":{i}}}\n").into_bytes())
+            .collect();
         let mut s = JsonLinesSource::from_reader("t".into(), Box::new(std::io::Cursor::new(data)));
         s.recv(4, Duration::from_secs(1)).await.unwrap();
         let mut n = 0;

@@ -3,6 +3,7 @@
 //! the pipeline runtime and the `pipeline.toml` model. Backends live in their own crates.
 #![warn(missing_docs)]
 
+pub mod aggregate;
 pub mod config;
 pub mod decode;
 pub mod error;

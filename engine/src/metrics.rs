@@ -12,8 +12,11 @@ pub struct Metrics {
     pub windowed: AtomicU64,
     /// Records sent to the dead-letter output.
     pub dead_letters: AtomicU64,
-    /// Records whose window had already closed.
+    /// Records whose windows had all closed.
     pub late: AtomicU64,
+    /// (event, window) pairs not counted because that one window had closed while another
+    /// window of the same event was open (hopping windows); the event itself was counted.
+    pub late_window_misses: AtomicU64,
     /// Records a processor dropped.
     pub filtered: AtomicU64,
     /// Replayed records (after a restart) whose outcome had already been delivered.
@@ -37,6 +40,7 @@ impl Default for Metrics {
             windowed: AtomicU64::new(0),
             dead_letters: AtomicU64::new(0),
             late: AtomicU64::new(0),
+            late_window_misses: AtomicU64::new(0),
             filtered: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             results_out: AtomicU64::new(0),
@@ -59,6 +63,8 @@ pub struct Snapshot {
     pub dead_letters: u64,
     /// See [`Metrics::late`].
     pub late: u64,
+    /// See [`Metrics::late_window_misses`].
+    pub late_window_misses: u64,
     /// See [`Metrics::filtered`].
     pub filtered: u64,
     /// See [`Metrics::replayed`].
@@ -78,7 +84,8 @@ pub struct Snapshot {
 impl Snapshot {
     /// Whether every event in is accounted for.
     pub fn balanced(&self) -> bool {
-        self.events_in == self.windowed + self.dead_letters + self.late + self.filtered + self.replayed
+        self.events_in
+            == self.windowed + self.dead_letters + self.late + self.filtered + self.replayed
     }
 }
 
@@ -91,6 +98,7 @@ impl Metrics {
             windowed: g(&self.windowed),
             dead_letters: g(&self.dead_letters),
             late: g(&self.late),
+            late_window_misses: g(&self.late_window_misses),
             filtered: g(&self.filtered),
             replayed: g(&self.replayed),
             results_out: g(&self.results_out),

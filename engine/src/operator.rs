@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::{AggFn, PipelineConfig, WindowConfig};
+use crate::aggregate::{AggFn, Aggregates, Inputs};
+use crate::config::{EmitMode, LatePolicy, PipelineConfig, WindowConfig};
 use crate::decode::{Decoder, Schema, TimeSource, Val};
-use crate::output::{dead_letter, ResultEncoder, KEY_SEP};
+use crate::output::{dead_letter, late_record, ResultEncoder, WindowText, KEY_SEP};
 use crate::record::{OutRecord, Position, Record};
-use crate::window::{Pane, WindowKind, WindowRange, WindowStore, Watermarks};
+use crate::window::{Acc, Extra, SessionStore, Watermarks, WindowKind, WindowRange, WindowStore};
 
 /// What the pipeline computes, independent of where records come from and go.
 #[derive(Debug, Clone)]
@@ -27,6 +28,10 @@ pub struct Job {
     pub group_by: Vec<String>,
     /// Aggregates per (window, key).
     pub compute: Vec<AggFn>,
+    /// When results are emitted.
+    pub emit: EmitMode,
+    /// Where events whose window has closed go.
+    pub late: LatePolicy,
     /// Most records per batch.
     pub batch_size: usize,
     /// Larger payloads are dead-lettered.
@@ -45,6 +50,8 @@ impl Job {
             window: c.window,
             group_by: c.aggregate.group_by.clone(),
             compute: c.aggregate.compute.clone(),
+            emit: c.window.emit,
+            late: c.late.clone(),
             batch_size: c.source.batch_size,
             max_payload_bytes: c.source.max_payload_bytes,
             commit_interval: c.source.commit_interval,
@@ -67,9 +74,12 @@ impl Job {
                 },
                 grace: Duration::ZERO,
                 idle_timeout: Duration::from_secs(5),
+                emit: EmitMode::Final,
             },
             group_by: vec![key.into()],
             compute: vec![AggFn::Count],
+            emit: EmitMode::Final,
+            late: LatePolicy::DeadLetter,
             batch_size: 1024,
             max_payload_bytes: 1 << 20,
             commit_interval: Duration::from_secs(1),
@@ -88,6 +98,37 @@ impl Job {
         self
     }
 
+    /// The same job with another window kind (tumbling, hopping, session).
+    pub fn with_window(mut self, kind: WindowKind) -> Self {
+        self.window.kind = kind;
+        self
+    }
+
+    /// The same job computing these aggregates.
+    pub fn with_aggregates(mut self, compute: Vec<AggFn>) -> Self {
+        self.compute = compute;
+        self
+    }
+
+    /// The same job grouped by these fields.
+    pub fn with_group_by(mut self, fields: &[&str]) -> Self {
+        self.group_by = fields.iter().map(|f| f.to_string()).collect();
+        self
+    }
+
+    /// The same job with an emit mode.
+    pub fn with_emit(mut self, emit: EmitMode) -> Self {
+        self.emit = emit;
+        self.window.emit = emit;
+        self
+    }
+
+    /// The same job with a late-event policy.
+    pub fn with_late(mut self, late: LatePolicy) -> Self {
+        self.late = late;
+        self
+    }
+
     /// The same job with an idle timeout.
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
         self.window.idle_timeout = idle;
@@ -102,7 +143,8 @@ pub enum Outcome {
     Windowed,
     /// Invalid; a dead letter was produced.
     Dead,
-    /// Its window had closed; a dead letter with reason `late` was produced.
+    /// Every window it belonged to had closed: it went to the late output (or the
+    /// dead-letter output, or was dropped, as configured) and was counted as late.
     Late,
     /// A replayed record whose outcome was delivered before the restart; skipped.
     Replayed,
@@ -113,10 +155,18 @@ pub enum Outcome {
 pub struct Emitted {
     /// Window results.
     pub results: Vec<OutRecord>,
-    /// Dead letters (invalid and late records).
+    /// Dead letters (invalid records, and late ones unless a late output is configured).
     pub dead: Vec<OutRecord>,
+    /// Late events for the late output.
+    pub late: Vec<OutRecord>,
     /// Windows closed in this step.
     pub windows_closed: u64,
+}
+
+#[derive(Debug)]
+enum State {
+    Fixed(WindowStore),
+    Sessions(SessionStore),
 }
 
 /// The windowed aggregation over decoded records.
@@ -127,7 +177,14 @@ pub struct WindowOperator {
     kind: WindowKind,
     grace: i64,
     time: TimeSource,
-    store: WindowStore,
+    state: State,
+    aggs: Aggregates,
+    inputs: Inputs,
+    emit: EmitMode,
+    late: LatePolicy,
+    /// (event, window) pairs not counted because that window had closed while another
+    /// window of the event was still open (hopping windows).
+    window_misses: u64,
     watermarks: Watermarks,
     encoder: ResultEncoder,
     /// Next offset after the last record seen, by partition.
@@ -151,18 +208,35 @@ impl WindowOperator {
             .iter()
             .map(|k| (decoder.want(k), k.clone()))
             .collect();
+        let aggs = Aggregates::new(
+            job.compute
+                .iter()
+                .map(|f| (f.clone(), f.field().map_or(0, |p| decoder.want(p))))
+                .collect(),
+        );
+        let update = job.emit == EmitMode::Update;
+        let state = match job.window.kind {
+            WindowKind::Session { gap } => State::Sessions(SessionStore::new(gap, update)),
+            _ if update => State::Fixed(WindowStore::tracking_updates()),
+            _ => State::Fixed(WindowStore::new()),
+        };
         WindowOperator {
             decoder,
             key_slots,
             kind: job.window.kind,
             grace: job.window.grace.as_millis() as i64,
             time: job.time.clone(),
-            store: WindowStore::new(),
+            state,
+            aggs,
+            inputs: Inputs::default(),
+            emit: job.emit,
+            late: job.late.clone(),
+            window_misses: 0,
             watermarks: Watermarks::new(
                 job.out_of_orderness.as_millis() as i64,
                 job.window.idle_timeout,
             ),
-            encoder: ResultEncoder::new(&job.group_by, &job.compute),
+            encoder: ResultEncoder::new(&job.group_by, &job.compute, job.emit == EmitMode::Update),
             next_offset: Vec::new(),
             key_buf: Vec::with_capacity(64),
             topic: topic.to_string(),
@@ -178,7 +252,11 @@ impl WindowOperator {
     /// those whose window the checkpoint's watermark had closed are skipped (their results
     /// were delivered), the others are counted again, and the watermark stays at the
     /// checkpoint's until the replay is over (or its partitions go idle).
-    pub fn assign(&mut self, partitions: &[(u32, Option<crate::record::Checkpoint>)], now: Instant) {
+    pub fn assign(
+        &mut self,
+        partitions: &[(u32, Option<crate::record::Checkpoint>)],
+        now: Instant,
+    ) {
         let ids: Vec<u32> = partitions.iter().map(|(p, _)| *p).collect();
         self.watermarks.assign(&ids, now);
         let mut restored = None;
@@ -203,7 +281,10 @@ impl WindowOperator {
     /// no longer hold the watermark.
     pub fn revoke(&mut self, partitions: &[u32]) {
         for &p in partitions {
-            self.store.revoke(p);
+            match &mut self.state {
+                State::Fixed(s) => s.revoke(p),
+                State::Sessions(s) => s.revoke(p),
+            }
             if let Some(n) = self.next_offset.get_mut(p as usize) {
                 *n = None;
             }
@@ -217,7 +298,11 @@ impl WindowOperator {
     /// The checkpoint to store with a commit of `partition`.
     pub fn checkpoint(&self, partition: u32) -> crate::record::Checkpoint {
         crate::record::Checkpoint {
-            watermark: if self.watermarks.is_held() { self.replay_watermark } else { self.watermarks.current() },
+            watermark: if self.watermarks.is_held() {
+                self.replay_watermark
+            } else {
+                self.watermarks.current()
+            },
             processed: self
                 .next_offset
                 .get(partition as usize)
@@ -235,9 +320,10 @@ impl WindowOperator {
         let pending = self.replay.iter().enumerate().any(|(p, &until)| {
             until > 0 && self.next_offset.get(p).copied().flatten().unwrap_or(0) < until
         });
-        let timed_out = self
-            .replay_started
-            .is_some_and(|t| now.duration_since(t) >= self.idle_timeout && self.next_idle_deadline().is_none_or(|d| d <= now));
+        let timed_out = self.replay_started.is_some_and(|t| {
+            now.duration_since(t) >= self.idle_timeout
+                && self.next_idle_deadline().is_none_or(|d| d <= now)
+        });
         if !pending || timed_out {
             self.replay.clear();
             self.replay_started = None;
@@ -246,13 +332,27 @@ impl WindowOperator {
         }
     }
 
-    /// Handles one record; dead letters go to `dead`. `now_ms` is the wall clock used for
-    /// processing-time windows.
+    /// Handles one record; dead letters and late events go to `out`. `now_ms` is the wall
+    /// clock used for processing-time windows.
     #[inline]
-    pub fn ingest(&mut self, rec: &Record, now: Instant, now_ms: i64, dead: &mut Vec<OutRecord>) -> Outcome {
+    pub fn ingest(
+        &mut self,
+        rec: &Record,
+        now: Instant,
+        now_ms: i64,
+        out: &mut Emitted,
+    ) -> Outcome {
+        let Emitted {
+            dead,
+            late: late_out,
+            ..
+        } = out;
         self.note_position(rec, now);
         let p = rec.position.partition as usize;
-        let replaying = self.replay.get(p).is_some_and(|&until| rec.position.offset < until);
+        let replaying = self
+            .replay
+            .get(p)
+            .is_some_and(|&until| rec.position.offset < until);
         // Dead letters of replayed records were delivered before the checkpoint.
         let mut replay_sink = Vec::new();
         let dead = if replaying { &mut replay_sink } else { dead };
@@ -261,7 +361,11 @@ impl WindowOperator {
             Ok(ev) => ev,
             Err(reason) => {
                 dead.push(dead_letter(&self.topic, rec, &reason));
-                return if replaying { Outcome::Replayed } else { Outcome::Dead };
+                return if replaying {
+                    Outcome::Replayed
+                } else {
+                    Outcome::Dead
+                };
             }
         };
         let t = match (&self.time, ev.time) {
@@ -269,8 +373,16 @@ impl WindowOperator {
             (TimeSource::Broker, _) => match rec.timestamp {
                 Some(t) => t,
                 None => {
-                    dead.push(dead_letter(&self.topic, rec, "record has no broker timestamp"));
-                    return if replaying { Outcome::Replayed } else { Outcome::Dead };
+                    dead.push(dead_letter(
+                        &self.topic,
+                        rec,
+                        "record has no broker timestamp",
+                    ));
+                    return if replaying {
+                        Outcome::Replayed
+                    } else {
+                        Outcome::Dead
+                    };
                 }
             },
             _ => now_ms,
@@ -282,10 +394,20 @@ impl WindowOperator {
             }
             let v = &ev.values[*slot];
             match v {
-                Val::Str(_) | Val::Int(_) | Val::Float(_) | Val::Bool(_) => v.write_json(&mut self.key_buf),
+                Val::Str(_) | Val::Int(_) | Val::Float(_) | Val::Bool(_) => {
+                    v.write_json(&mut self.key_buf)
+                }
                 Val::Missing | Val::Null => {
-                    dead.push(dead_letter(&self.topic, rec, &format!("missing group-by field `{name}`")));
-                    return if replaying { Outcome::Replayed } else { Outcome::Dead };
+                    dead.push(dead_letter(
+                        &self.topic,
+                        rec,
+                        &format!("missing group-by field `{name}`"),
+                    ));
+                    return if replaying {
+                        Outcome::Replayed
+                    } else {
+                        Outcome::Dead
+                    };
                 }
                 Val::Object | Val::Array => {
                     dead.push(dead_letter(
@@ -293,31 +415,82 @@ impl WindowOperator {
                         rec,
                         &format!("group-by field `{name}` must be a string, number or boolean"),
                     ));
-                    return if replaying { Outcome::Replayed } else { Outcome::Dead };
+                    return if replaying {
+                        Outcome::Replayed
+                    } else {
+                        Outcome::Dead
+                    };
                 }
             }
         }
-        let window = self.kind.assign(t);
+        if let Err(reason) = self.aggs.read(&ev.values, &mut self.inputs) {
+            dead.push(dead_letter(&self.topic, rec, &reason));
+            return if replaying {
+                Outcome::Replayed
+            } else {
+                Outcome::Dead
+            };
+        }
         let wm = self.watermarks.observe(rec.position.partition, t);
-        if replaying {
-            if self.closed(window, self.replay_watermark) {
-                return Outcome::Replayed;
+        // After a restart, a replayed record counts again only where the checkpoint's
+        // watermark had not closed its window yet: the rest was delivered before.
+        let closed_at = if replaying { self.replay_watermark } else { wm };
+        let (aggs, inputs, grace) = (&self.aggs, &self.inputs, self.grace);
+        let apply = |acc: &mut Acc| {
+            acc.count += 1;
+            if aggs.has_state() {
+                let extra = acc
+                    .extra
+                    .get_or_insert_with(|| Box::new(Extra(aggs.init())));
+                aggs.apply(&mut extra.0, inputs);
             }
-            self.store.add(window, &self.key_buf, rec.position, |a| a.count += 1);
+        };
+        let added = match &mut self.state {
+            State::Fixed(store) => {
+                let mut added = 0u64;
+                let mut missed = 0u64;
+                self.kind.for_each(t, |w| {
+                    if w.end.saturating_add(grace) <= closed_at {
+                        missed += 1;
+                    } else {
+                        added += 1;
+                        store.add(w, &self.key_buf, rec.position, apply);
+                    }
+                });
+                if added > 0 && !replaying {
+                    self.window_misses += missed;
+                }
+                added > 0
+            }
+            // A session event is late once the watermark passed it by more than grace:
+            // that also guarantees it can never touch a session already emitted.
+            State::Sessions(sessions) if t.saturating_add(grace) >= closed_at => {
+                sessions.add(&self.key_buf, t, rec.position, aggs, apply);
+                true
+            }
+            State::Sessions(_) => false,
+        };
+        if added {
             return Outcome::Windowed;
         }
-        if self.closed(window, wm) {
-            let reason = format!(
-                "late event: window {}..{} closed at watermark {}",
-                crate::time::format_rfc3339(window.start),
-                crate::time::format_rfc3339(window.end),
-                crate::time::format_rfc3339(wm)
-            );
-            dead.push(dead_letter(&self.topic, rec, &reason));
-            return Outcome::Late;
+        if replaying {
+            return Outcome::Replayed;
         }
-        self.store.add(window, &self.key_buf, rec.position, |a| a.count += 1);
-        Outcome::Windowed
+        let window = self.kind.assign(t);
+        match &self.late {
+            LatePolicy::DeadLetter => {
+                let reason = format!(
+                    "late event: window {}..{} closed at watermark {}",
+                    crate::time::format_rfc3339(window.start),
+                    crate::time::format_rfc3339(window.end),
+                    crate::time::format_rfc3339(wm)
+                );
+                dead.push(dead_letter(&self.topic, rec, &reason));
+            }
+            LatePolicy::Output(_) => late_out.push(late_record(&self.topic, rec, window, wm)),
+            LatePolicy::Drop => {}
+        }
+        Outcome::Late
     }
 
     /// Records that `rec` was received (its position becomes committable once the outputs
@@ -332,35 +505,81 @@ impl WindowOperator {
         self.watermarks.touch(rec.position.partition, now);
     }
 
-    #[inline]
-    fn closed(&self, window: WindowRange, wm: i64) -> bool {
-        // A window whose close time the watermark has reached takes no more events, even
-        // if its results have not been emitted yet (that happens at the end of the batch).
-        window.end.saturating_add(self.grace) <= wm
-    }
-
-    /// Advances idle time and closes every window the watermark has passed.
+    /// Advances idle time and closes every window the watermark has passed; in `update`
+    /// mode first emits the entries this batch changed.
     pub fn close_ready(&mut self, now: Instant, out: &mut Emitted) {
         self.end_replay_if_done(now);
         let wm = self.watermarks.tick(now);
-        let closed = self.store.close_until(wm, self.grace);
-        self.encode(closed, out);
+        self.emit_updates(out);
+        match &mut self.state {
+            State::Fixed(store) => {
+                let closed = store.close_until(wm, self.grace);
+                for (window, pane) in closed {
+                    out.windows_closed += 1;
+                    out.results.reserve(pane.groups.len());
+                    let text = WindowText::new(window);
+                    for (key, acc) in pane.groups.into_iter() {
+                        out.results
+                            .push(self.encoder.encode_with(&text, &key, &acc, true));
+                    }
+                }
+            }
+            State::Sessions(sessions) => {
+                let closed = sessions.close_until(wm, self.grace);
+                self.encode_sessions(closed, out);
+            }
+        }
     }
 
     /// Closes every open window (the input has ended).
     pub fn close_all(&mut self, out: &mut Emitted) {
-        let closed = self.store.drain_all();
-        self.encode(closed, out);
-    }
-
-    fn encode(&self, closed: Vec<(WindowRange, Pane)>, out: &mut Emitted) {
-        for (window, pane) in closed {
-            out.windows_closed += 1;
-            out.results.reserve(pane.groups.len());
-            for (key, acc) in pane.groups.into_iter() {
-                out.results.push(self.encoder.encode(window, &key, &acc));
+        self.emit_updates(out);
+        match &mut self.state {
+            State::Fixed(store) => {
+                for (window, pane) in store.drain_all() {
+                    out.windows_closed += 1;
+                    let text = WindowText::new(window);
+                    for (key, acc) in pane.groups.into_iter() {
+                        out.results
+                            .push(self.encoder.encode_with(&text, &key, &acc, true));
+                    }
+                }
+            }
+            State::Sessions(sessions) => {
+                let closed = sessions.drain_all();
+                self.encode_sessions(closed, out);
             }
         }
+    }
+
+    fn encode_sessions(&self, closed: Vec<(WindowRange, Box<[u8]>, Acc)>, out: &mut Emitted) {
+        out.windows_closed += closed.len() as u64;
+        for (w, key, acc) in closed {
+            out.results.push(
+                self.encoder
+                    .encode_with(&WindowText::new(w), &key, &acc, true),
+            );
+        }
+    }
+
+    fn emit_updates(&mut self, out: &mut Emitted) {
+        if self.emit != EmitMode::Update {
+            return;
+        }
+        let enc = &self.encoder;
+        let mut push = |w: WindowRange, key: &[u8], acc: &Acc| {
+            out.results
+                .push(enc.encode_with(&WindowText::new(w), key, acc, false));
+        };
+        match &mut self.state {
+            State::Fixed(s) => s.drain_updates(&mut push),
+            State::Sessions(s) => s.drain_updates(&mut push),
+        }
+    }
+
+    /// Takes the count of (event, window) pairs missed because that window had closed.
+    pub fn take_window_misses(&mut self) -> u64 {
+        std::mem::take(&mut self.window_misses)
     }
 
     /// For each partition seen, the position up to which everything is handled once the
@@ -372,7 +591,11 @@ impl WindowOperator {
             .enumerate()
             .filter_map(|(p, next)| {
                 let next = (*next)?;
-                let held = self.store.min_offset(p as u32).unwrap_or(u64::MAX);
+                let held = match &self.state {
+                    State::Fixed(s) => s.min_offset(p as u32),
+                    State::Sessions(s) => s.min_offset(p as u32),
+                }
+                .unwrap_or(u64::MAX);
                 Some(Position {
                     partition: p as u32,
                     offset: next.min(held),
@@ -393,11 +616,17 @@ impl WindowOperator {
 
     /// Open (window, key) entries.
     pub fn open_entries(&self) -> usize {
-        self.store.entries()
+        match &self.state {
+            State::Fixed(s) => s.entries(),
+            State::Sessions(s) => s.entries(),
+        }
     }
 
-    /// Open windows.
+    /// Open windows (sessions count one each).
     pub fn open_windows(&self) -> usize {
-        self.store.windows()
+        match &self.state {
+            State::Fixed(s) => s.windows(),
+            State::Sessions(s) => s.entries(),
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::config::AggFn;
+use crate::aggregate::{write_value, AggFn};
 use crate::record::{
     OutRecord, Record, HEADER_ERROR, HEADER_ID, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION,
     HEADER_SOURCE_TOPIC,
@@ -17,76 +17,190 @@ pub const KEY_SEP: u8 = 0x1f;
 /// Writes window results as JSON records.
 #[derive(Debug, Clone)]
 pub struct ResultEncoder {
-    key_names: Vec<String>,
-    aggs: Vec<(AggFn, String)>,
+    /// `"user_id":` for each key field, pre-encoded.
+    key_names: Vec<Vec<u8>>,
+    /// `,"count":` for each aggregate, pre-encoded.
+    aggs: Vec<(AggFn, Vec<u8>)>,
+    /// Whether results carry `"final"` (update emission).
+    flag_final: bool,
 }
 
-impl ResultEncoder {
-    /// An encoder naming the key fields and aggregates as configured.
-    pub fn new(group_by: &[String], aggs: &[AggFn]) -> Self {
-        ResultEncoder {
-            key_names: group_by.to_vec(),
-            aggs: aggs.iter().map(|a| (a.clone(), a.output_name())).collect(),
-        }
-    }
+/// The parts of a result that are the same for every key of one window, formatted once.
+#[derive(Debug, Clone)]
+pub struct WindowText {
+    /// `"window_start":"…","window_end":"…"`.
+    fields: Vec<u8>,
+    /// `@` + window start, the suffix of result ids.
+    id_suffix: Vec<u8>,
+    start: i64,
+}
 
-    /// One result record: `{"user_id": "User3", "window_start": ..., "window_end": ...,
-    /// "count": 42}`, keyed by the group key, with its deterministic id in a header.
-    pub fn encode(&self, window: WindowRange, key: &[u8], acc: &Acc) -> OutRecord {
-        let mut out = Vec::with_capacity(96 + key.len());
-        out.push(b'{');
-        for (name, part) in self.key_names.iter().zip(key.split(|b| *b == KEY_SEP)) {
-            crate::decode::write_json_str(&mut out, name);
-            out.push(b':');
-            out.extend_from_slice(part);
-            out.push(b',');
-        }
+impl WindowText {
+    /// Formats `window`'s fields once.
+    pub fn new(window: WindowRange) -> Self {
         let mut t = String::with_capacity(64);
         t.push_str("\"window_start\":\"");
         write_rfc3339(&mut t, window.start);
         t.push_str("\",\"window_end\":\"");
         write_rfc3339(&mut t, window.end);
         t.push('"');
-        out.extend_from_slice(t.as_bytes());
-        for (agg, name) in &self.aggs {
-            out.push(b',');
-            crate::decode::write_json_str(&mut out, name);
-            out.push(b':');
-            match agg {
-                AggFn::Count => out.extend_from_slice(acc.count.to_string().as_bytes()),
-            }
-        }
-        out.push(b'}');
-        let display = key_display(key);
-        let mut id = display.clone();
+        let mut id = String::with_capacity(24);
         id.push('@');
         write_rfc3339(&mut id, window.start);
-        OutRecord {
-            key: Some(Bytes::from(display)),
-            payload: Bytes::from(out),
-            headers: vec![(HEADER_ID.to_string(), Bytes::from(id))],
-            timestamp: Some(window.start),
+        WindowText {
+            fields: t.into_bytes(),
+            id_suffix: id.into_bytes(),
+            start: window.start,
         }
     }
 }
 
-/// The human form of an encoded group key: string parts unquoted, joined by `|`.
-pub fn key_display(key: &[u8]) -> String {
-    let mut s = String::with_capacity(key.len());
-    for (i, part) in key.split(|b| *b == KEY_SEP).enumerate() {
-        if i > 0 {
-            s.push('|');
-        }
-        if part.first() == Some(&b'"') {
-            match serde_json::from_slice::<String>(part) {
-                Ok(v) => s.push_str(&v),
-                Err(_) => s.push_str(&String::from_utf8_lossy(part)),
-            }
-        } else {
-            s.push_str(&String::from_utf8_lossy(part));
+impl ResultEncoder {
+    /// An encoder naming the key fields and aggregates as configured.
+    pub fn new(group_by: &[String], aggs: &[AggFn], flag_final: bool) -> Self {
+        let key_names = group_by
+            .iter()
+            .map(|n| {
+                let mut v = Vec::new();
+                crate::decode::write_json_str(&mut v, n);
+                v.push(b':');
+                v
+            })
+            .collect();
+        let aggs = aggs
+            .iter()
+            .map(|a| {
+                let mut v = vec![b','];
+                crate::decode::write_json_str(&mut v, &a.output_name());
+                v.push(b':');
+                (a.clone(), v)
+            })
+            .collect();
+        ResultEncoder {
+            key_names,
+            aggs,
+            flag_final,
         }
     }
+
+    /// One result record: `{"user_id": "User3", "window_start": ..., "window_end": ...,
+    /// "count": 42}`, keyed by the group key, with its deterministic id in a header.
+    pub fn encode(&self, window: WindowRange, key: &[u8], acc: &Acc) -> OutRecord {
+        self.encode_with(&WindowText::new(window), key, acc, true)
+    }
+
+    /// [`encode`](Self::encode) with the window's text formatted beforehand. The payload,
+    /// the key and the id share one allocation.
+    pub fn encode_with(&self, w: &WindowText, key: &[u8], acc: &Acc, is_final: bool) -> OutRecord {
+        let mut out = Vec::with_capacity(
+            48 + 2 * key.len() + w.fields.len() + w.id_suffix.len() + 24 * self.aggs.len(),
+        );
+        out.push(b'{');
+        for (name, part) in self.key_names.iter().zip(key.split(|b| *b == KEY_SEP)) {
+            out.extend_from_slice(name);
+            out.extend_from_slice(part);
+            out.push(b',');
+        }
+        out.extend_from_slice(&w.fields);
+        let mut extra = acc.extra.as_ref().map(|e| e.0.iter());
+        for (agg, name) in &self.aggs {
+            out.extend_from_slice(name);
+            let state = extra.as_mut().and_then(|it| it.next());
+            match agg {
+                AggFn::Count => write_u64(&mut out, acc.count),
+                _ => write_value(&mut out, acc.count, state),
+            }
+        }
+        if self.flag_final {
+            out.extend_from_slice(if is_final {
+                b",\"final\":true"
+            } else {
+                b",\"final\":false"
+            });
+        }
+        out.push(b'}');
+        let payload_end = out.len();
+        push_key_display(&mut out, key);
+        let key_end = out.len();
+        out.extend_from_slice(&w.id_suffix);
+        let all = Bytes::from(out);
+        OutRecord {
+            key: Some(all.slice(payload_end..key_end)),
+            payload: all.slice(..payload_end),
+            headers: vec![(HEADER_ID.to_string(), all.slice(payload_end..))],
+            timestamp: Some(w.start),
+        }
+    }
+}
+
+/// A late event for the late output: the original record unchanged, plus headers naming
+/// the window it missed, the watermark, and where it came from.
+pub fn late_record(topic: &str, record: &Record, window: WindowRange, watermark: i64) -> OutRecord {
+    let mut headers = record.headers.clone();
+    let t = |ms| Bytes::from(crate::time::format_rfc3339(ms));
+    headers.push(("weir.late.window_start".into(), t(window.start)));
+    headers.push(("weir.late.window_end".into(), t(window.end)));
+    headers.push(("weir.late.watermark".into(), t(watermark)));
+    headers.push((
+        HEADER_SOURCE_TOPIC.into(),
+        Bytes::copy_from_slice(topic.as_bytes()),
+    ));
+    headers.push((
+        HEADER_SOURCE_PARTITION.into(),
+        Bytes::from(record.position.partition.to_string()),
+    ));
+    headers.push((
+        HEADER_SOURCE_OFFSET.into(),
+        Bytes::from(record.position.offset.to_string()),
+    ));
+    OutRecord {
+        key: record.key.clone(),
+        payload: record.payload.clone(),
+        headers,
+        timestamp: record.timestamp,
+    }
+}
+
+/// Appends `n` in decimal.
+pub fn write_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// The human form of an encoded group key: string parts unquoted, joined by `|`.
+pub fn key_display(key: &[u8]) -> String {
+    String::from_utf8_lossy(&key_display_bytes(key)).into_owned()
+}
+
+fn key_display_bytes(key: &[u8]) -> Vec<u8> {
+    let mut s = Vec::with_capacity(key.len());
+    push_key_display(&mut s, key);
     s
+}
+
+fn push_key_display(s: &mut Vec<u8>, key: &[u8]) {
+    for (i, part) in key.split(|b| *b == KEY_SEP).enumerate() {
+        if i > 0 {
+            s.push(b'|');
+        }
+        match part {
+            [b'"', inner @ .., b'"'] if !inner.contains(&b'\\') => s.extend_from_slice(inner),
+            [b'"', ..] => match serde_json::from_slice::<String>(part) {
+                Ok(v) => s.extend_from_slice(v.as_bytes()),
+                Err(_) => s.extend_from_slice(part),
+            },
+            _ => s.extend_from_slice(part),
+        }
+    }
 }
 
 /// Builds the dead letter for `record` from `topic`: a JSON envelope
@@ -118,8 +232,14 @@ pub fn dead_letter(topic: &str, record: &Record, reason: &str) -> OutRecord {
     }
     let payload = serde_json::to_vec(&serde_json::Value::Object(env)).unwrap_or_default();
     let mut headers = record.headers.clone();
-    headers.push((HEADER_ERROR.into(), Bytes::copy_from_slice(reason.as_bytes())));
-    headers.push((HEADER_SOURCE_TOPIC.into(), Bytes::copy_from_slice(topic.as_bytes())));
+    headers.push((
+        HEADER_ERROR.into(),
+        Bytes::copy_from_slice(reason.as_bytes()),
+    ));
+    headers.push((
+        HEADER_SOURCE_TOPIC.into(),
+        Bytes::copy_from_slice(topic.as_bytes()),
+    ));
     headers.push((
         HEADER_SOURCE_PARTITION.into(),
         Bytes::from(record.position.partition.to_string()),
@@ -141,11 +261,21 @@ pub fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
     for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         s.push(T[(n >> 18) as usize & 63] as char);
         s.push(T[(n >> 12) as usize & 63] as char);
-        s.push(if c.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
-        s.push(if c.len() > 2 { T[n as usize & 63] as char } else { '=' });
+        s.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        s.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
     }
     s
 }
@@ -156,18 +286,30 @@ mod tests {
 
     #[test]
     fn base64_matches_the_rfc_vectors() {
-        for (i, o) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64(i.as_bytes()), o);
         }
     }
 
     #[test]
     fn result_record_shape() {
-        let enc = ResultEncoder::new(&["user_id".into()], &[AggFn::Count]);
+        let enc = ResultEncoder::new(&["user_id".into()], &[AggFn::Count], false);
         let r = enc.encode(
-            WindowRange { start: 1_719_500_400_000, end: 1_719_500_410_000 },
+            WindowRange {
+                start: 1_719_500_400_000,
+                end: 1_719_500_410_000,
+            },
             br#""User3""#,
-            &Acc { count: 42, partition: 0 },
+            &Acc {
+                count: 42,
+                ..Acc::default()
+            },
         );
         assert_eq!(
             std::str::from_utf8(&r.payload).unwrap(),
@@ -175,6 +317,19 @@ mod tests {
         );
         assert_eq!(r.key.as_deref(), Some(&b"User3"[..]));
         assert_eq!(r.header(HEADER_ID).unwrap(), "User3@2024-06-27T15:00:00Z");
+    }
+
+    #[test]
+    fn keys_with_escapes_and_several_parts_display_plainly() {
+        assert_eq!(key_display(br#""a\"b""#), "a\"b");
+        let mut k = br#""x""#.to_vec();
+        k.push(KEY_SEP);
+        k.extend_from_slice(b"42");
+        assert_eq!(key_display(&k), "x|42");
+        let mut v = Vec::new();
+        write_u64(&mut v, 0);
+        write_u64(&mut v, 18_446_744_073_709_551_615);
+        assert_eq!(v, b"018446744073709551615");
     }
 
     #[test]
@@ -188,6 +343,9 @@ mod tests {
         assert_eq!(v["payload"], "/wA=");
         assert_eq!(v["payload_encoding"], "base64");
         assert_eq!(v["source"]["topic"], "events");
-        assert_eq!(dl.header(HEADER_ERROR).unwrap(), "payload is not valid UTF-8");
+        assert_eq!(
+            dl.header(HEADER_ERROR).unwrap(),
+            "payload is not valid UTF-8"
+        );
     }
 }

@@ -38,7 +38,10 @@ impl Checkpoint {
         let mut it = s.strip_prefix("weir1:")?.split(':');
         let watermark = it.next()?.parse().ok()?;
         let processed = it.next()?.parse().ok()?;
-        it.next().is_none().then_some(Checkpoint { watermark, processed })
+        it.next().is_none().then_some(Checkpoint {
+            watermark,
+            processed,
+        })
     }
 }
 

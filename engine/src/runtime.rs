@@ -25,6 +25,7 @@ pub struct Pipeline {
     processors: Vec<Box<dyn Processor>>,
     sink: Box<dyn Sink>,
     dead_letter: Box<dyn Sink>,
+    late: Option<Box<dyn Sink>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     exit_when_idle: Option<Duration>,
@@ -68,6 +69,7 @@ impl Pipeline {
             processors: Vec::new(),
             sink,
             dead_letter,
+            late: None,
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
             exit_when_idle: None,
@@ -84,6 +86,12 @@ impl Pipeline {
     /// Adds a processor that sees every batch before decoding, in the order added.
     pub fn processor(mut self, p: Box<dyn Processor>) -> Self {
         self.processors.push(p);
+        self
+    }
+
+    /// Sends late events here (needed when the job's late policy is an output).
+    pub fn late_output(mut self, sink: Box<dyn Sink>) -> Self {
+        self.late = Some(sink);
         self
     }
 
@@ -107,6 +115,11 @@ impl Pipeline {
     /// Runs until the source ends or shutdown is requested.
     pub async fn run(mut self) -> Result<Summary> {
         let topic = self.source.topic().to_string();
+        if let (crate::config::LatePolicy::Output(t), None) = (&self.job.late, &self.late) {
+            return Err(EngineError::Stopped(format!(
+                "late events go to `{t}` but the pipeline has no late output"
+            )));
+        }
         let mut op = WindowOperator::new(&self.job, &topic);
         let m = self.metrics.clone();
         let mut committed: Vec<Option<(u64, Checkpoint)>> = Vec::new();
@@ -119,7 +132,10 @@ impl Pipeline {
             let now = Instant::now();
             let wait = op
                 .next_idle_deadline()
-                .map(|d| d.saturating_duration_since(now).clamp(Duration::from_millis(1), TICK))
+                .map(|d| {
+                    d.saturating_duration_since(now)
+                        .clamp(Duration::from_millis(1), TICK)
+                })
                 .unwrap_or(TICK);
             let received = tokio::select! {
                 biased;
@@ -135,7 +151,9 @@ impl Pipeline {
                 Received::End => true,
                 Received::Batch(batch)
                     if batch.is_empty()
-                        && self.exit_when_idle.is_some_and(|d| last_record.elapsed() >= d) =>
+                        && self
+                            .exit_when_idle
+                            .is_some_and(|d| last_record.elapsed() >= d) =>
                 {
                     reason = StopReason::Idle;
                     true
@@ -173,14 +191,18 @@ impl Pipeline {
                     }
                     let rejected_n = rejected.len();
                     for (rec, why) in rejected.drain(..) {
-                        out.dead.push(crate::output::dead_letter(&topic, &rec, &format!("rejected by processor: {why}")));
+                        out.dead.push(crate::output::dead_letter(
+                            &topic,
+                            &rec,
+                            &format!("rejected by processor: {why}"),
+                        ));
                         op.note_position(&rec, now);
                     }
                     Metrics::add(&m.filtered, (before - batch.len() - rejected_n) as u64);
                     Metrics::add(&m.dead_letters, rejected_n as u64);
                     let (mut windowed, mut dead, mut late, mut replayed) = (0u64, 0u64, 0u64, 0u64);
                     for rec in &batch {
-                        match op.ingest(rec, now, now_ms, &mut out.dead) {
+                        match op.ingest(rec, now, now_ms, &mut out) {
                             Outcome::Windowed => windowed += 1,
                             Outcome::Dead => dead += 1,
                             Outcome::Late => late += 1,
@@ -188,6 +210,7 @@ impl Pipeline {
                         }
                     }
                     Metrics::add(&m.replayed, replayed);
+                    Metrics::add(&m.late_window_misses, op.take_window_misses());
                     Metrics::add(&m.windowed, windowed);
                     Metrics::add(&m.dead_letters, dead);
                     Metrics::add(&m.late, late);
@@ -200,8 +223,12 @@ impl Pipeline {
                 op.close_ready(Instant::now(), &mut out);
             }
             self.deliver(out, &m).await?;
-            m.watermark.store(op.watermark(), std::sync::atomic::Ordering::Relaxed);
-            m.open_entries.store(op.open_entries() as u64, std::sync::atomic::Ordering::Relaxed);
+            m.watermark
+                .store(op.watermark(), std::sync::atomic::Ordering::Relaxed);
+            m.open_entries.store(
+                op.open_entries() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             if ended || last_commit.elapsed() >= self.job.commit_interval {
                 self.commit(&op, &mut committed).await?;
                 last_commit = Instant::now();
@@ -234,6 +261,11 @@ impl Pipeline {
         if !out.dead.is_empty() {
             send_with_retry(&mut *self.dead_letter, &out.dead, &self.shutdown).await?;
         }
+        if !out.late.is_empty() {
+            if let Some(late) = self.late.as_mut() {
+                send_with_retry(&mut **late, &out.late, &self.shutdown).await?;
+            }
+        }
         if !out.results.is_empty() {
             let n = out.results.len() as u64;
             send_with_retry(&mut *self.sink, &out.results, &self.shutdown).await?;
@@ -242,12 +274,18 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn commit(&mut self, op: &WindowOperator, committed: &mut Vec<Option<(u64, Checkpoint)>>) -> Result<()> {
+    async fn commit(
+        &mut self,
+        op: &WindowOperator,
+        committed: &mut Vec<Option<(u64, Checkpoint)>>,
+    ) -> Result<()> {
         let changed: Vec<(Position, Checkpoint)> = op
             .safe_positions()
             .into_iter()
             .map(|p| (p, op.checkpoint(p.partition)))
-            .filter(|(p, cp)| committed.get(p.partition as usize).copied().flatten() != Some((p.offset, *cp)))
+            .filter(|(p, cp)| {
+                committed.get(p.partition as usize).copied().flatten() != Some((p.offset, *cp))
+            })
             .collect();
         if changed.is_empty() {
             return Ok(());

@@ -237,7 +237,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(bad()),
     };
     let secs = n * scale;
-    if !secs.is_finite() || secs < 0.0 || secs > 1e10 {
+    if !secs.is_finite() || !(0.0..=1e10).contains(&secs) {
         return Err(bad());
     }
     Ok(Duration::from_secs_f64(secs))
@@ -261,8 +261,14 @@ mod tests {
         assert_eq!(seed, 1_719_503_023_315);
         assert_eq!(parse_datetime("2024-06-27T15:43:43.315342").unwrap(), seed);
         assert_eq!(parse_datetime("2024-06-27T15:43:43.315Z").unwrap(), seed);
-        assert_eq!(parse_datetime("2024-06-27T17:43:43.315+02:00").unwrap(), seed);
-        assert_eq!(parse_datetime("2024-06-27T12:43:43.315-0300").unwrap(), seed);
+        assert_eq!(
+            parse_datetime("2024-06-27T17:43:43.315+02:00").unwrap(),
+            seed
+        );
+        assert_eq!(
+            parse_datetime("2024-06-27T12:43:43.315-0300").unwrap(),
+            seed
+        );
         assert_eq!(
             parse_datetime("2024-06-27T15:43:43Z").unwrap(),
             1_719_503_023_000
@@ -291,7 +297,13 @@ mod tests {
 
     #[test]
     fn formats_round_trip() {
-        for ms in [0, 1_719_503_023_315, 1_719_500_400_000, -1000, 951_782_400_000] {
+        for ms in [
+            0,
+            1_719_503_023_315,
+            1_719_500_400_000,
+            -1000,
+            951_782_400_000,
+        ] {
             assert_eq!(parse_datetime(&format_rfc3339(ms)).unwrap(), ms);
         }
         assert_eq!(format_rfc3339(1_719_500_400_000), "2024-06-27T15:00:00Z");
@@ -321,7 +333,10 @@ mod tests {
     fn epoch_formats() {
         assert_eq!(TimeFormat::Auto.parse_number(1234.0), Ok(1234));
         assert_eq!(TimeFormat::EpochSeconds.parse_number(1.5), Ok(1500));
-        assert_eq!(TimeFormat::EpochMillis.parse_str("1719503023315"), Ok(1_719_503_023_315));
+        assert_eq!(
+            TimeFormat::EpochMillis.parse_str("1719503023315"),
+            Ok(1_719_503_023_315)
+        );
         assert!(TimeFormat::EpochMillis.parse_str("12:00").is_err());
         assert!(TimeFormat::Rfc3339.parse_number(5.0).is_err());
     }

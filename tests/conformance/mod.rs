@@ -70,7 +70,11 @@ impl Bed {
 
     /// Publishes seed events to the source topic, keyed by user like `weir produce`.
     pub async fn produce(&self, lines: &[Vec<u8>]) {
-        let mut sink = self.backend.sink(&self.config.source.topic).await.expect("sink");
+        let mut sink = self
+            .backend
+            .sink(&self.config.source.topic)
+            .await
+            .expect("sink");
         for chunk in lines.chunks(1000) {
             let batch: Vec<OutRecord> = chunk
                 .iter()
@@ -89,23 +93,43 @@ impl Bed {
         let c = &self.config;
         Pipeline::new(
             Job::from_config(c),
-            self.backend.source(&c.source.topic, Some(&c.source.group)).await.expect("source"),
+            self.backend
+                .source(&c.source.topic, Some(&c.source.group))
+                .await
+                .expect("source"),
             self.backend.sink(&c.sink.topic).await.expect("sink"),
-            self.backend.sink(&c.dead_letter.topic).await.expect("dead-letter sink"),
+            self.backend
+                .sink(&c.dead_letter.topic)
+                .await
+                .expect("dead-letter sink"),
         )
     }
 
     /// Reads `topic` from the beginning until `expect` records arrived or `idle` passed
     /// without one (counted from the partition assignment: joining a group takes time).
     pub async fn read(&self, topic: &str, expect: usize, idle: Duration) -> Vec<Record> {
-        let group = format!("conf-reader-{}-{}", std::process::id(), RUN.fetch_add(1, Ordering::Relaxed));
-        let mut src = self.backend.source(topic, Some(&group)).await.expect("reader");
+        let group = format!(
+            "conf-reader-{}-{}",
+            std::process::id(),
+            RUN.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut src = self
+            .backend
+            .source(topic, Some(&group))
+            .await
+            .expect("reader");
         let mut out = Vec::new();
         let mut last = tokio::time::Instant::now();
         let mut assigned = false;
         let join_limit = Duration::from_secs(30);
-        while out.len() < expect && (last.elapsed() < idle || (!assigned && last.elapsed() < join_limit)) {
-            match src.recv(1000, Duration::from_millis(200)).await.expect("read") {
+        while out.len() < expect
+            && (last.elapsed() < idle || (!assigned && last.elapsed() < join_limit))
+        {
+            match src
+                .recv(1000, Duration::from_millis(200))
+                .await
+                .expect("read")
+            {
                 Received::Batch(b) if !b.is_empty() => {
                     out.extend(b);
                     last = tokio::time::Instant::now();
@@ -134,7 +158,9 @@ pub fn oracle(lines: &[Vec<u8>]) -> Counts {
     let allowed = ["page_view", "scroll", "click"];
     let mut c = Counts::new();
     for l in lines {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(l) else { continue };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(l) else {
+            continue;
+        };
         let (Some(et), Some(user), Some(_), Some(ts)) = (
             v["event_type"].as_str(),
             v["user_id"].as_str(),
@@ -146,9 +172,12 @@ pub fn oracle(lines: &[Vec<u8>]) -> Counts {
         if !allowed.contains(&et) || !(v["metadata"].is_object() || v["metadata"].is_null()) {
             continue;
         }
-        let Ok(t) = chrono::NaiveDateTime::parse_from_str(ts, "%Y-%m-%d %H:%M:%S%.f") else { continue };
+        let Ok(t) = chrono::NaiveDateTime::parse_from_str(ts, "%Y-%m-%d %H:%M:%S%.f") else {
+            continue;
+        };
         let ms = t.and_utc().timestamp_millis();
-        *c.entry((user.to_string(), ms - ms.rem_euclid(10_000))).or_default() += 1;
+        *c.entry((user.to_string(), ms - ms.rem_euclid(10_000)))
+            .or_default() += 1;
     }
     c
 }
@@ -167,7 +196,11 @@ pub fn results(records: &[Record]) -> Counts {
             .unwrap()
             .timestamp_millis();
         assert_eq!(end - start, 10_000, "{v}");
-        assert_eq!(r.key.as_deref(), Some(user.as_bytes()), "result key is the group key");
+        assert_eq!(
+            r.key.as_deref(),
+            Some(user.as_bytes()),
+            "result key is the group key"
+        );
         if let Some((_, id)) = r.headers.iter().find(|(k, _)| k == HEADER_ID) {
             assert_eq!(
                 std::str::from_utf8(id).unwrap(),
@@ -176,14 +209,20 @@ pub fn results(records: &[Record]) -> Counts {
         }
         let count = v["count"].as_u64().expect("count");
         if let Some(prev) = c.insert((user.clone(), start), count) {
-            assert_eq!(prev, count, "a duplicate result for ({user}, {start}) has another count");
+            assert_eq!(
+                prev, count,
+                "a duplicate result for ({user}, {start}) has another count"
+            );
         }
     }
     c
 }
 
 fn lines(seed: u64, n: usize, users: u64, invalid_every: u64) -> Vec<Vec<u8>> {
-    dataset(seed, n, users, invalid_every).into_iter().map(String::into_bytes).collect()
+    dataset(seed, n, users, invalid_every)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect()
 }
 
 /// 20,000 seeded events over 50 users: the results are exactly the oracle's counts, and
@@ -194,11 +233,24 @@ pub async fn counts_match_the_oracle(broker: &str) {
     let want = oracle(&data);
     assert_eq!(want.values().sum::<u64>(), 20_000);
     bed.produce(&data).await;
-    let summary = bed.pipeline().await.exit_when_idle(Duration::from_secs(2)).run().await.expect("run");
+    let summary = bed
+        .pipeline()
+        .await
+        .exit_when_idle(Duration::from_secs(2))
+        .run()
+        .await
+        .expect("run");
     assert_eq!(summary.reason, StopReason::Idle);
     let s = summary.counters;
-    assert_eq!((s.events_in, s.windowed, s.dead_letters, s.late), (20_000, 20_000, 0, 0), "{s:?}");
-    let got = results(&bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5)).await);
+    assert_eq!(
+        (s.events_in, s.windowed, s.dead_letters, s.late),
+        (20_000, 20_000, 0, 0),
+        "{s:?}"
+    );
+    let got = results(
+        &bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5))
+            .await,
+    );
     assert_eq!(got.len(), want.len());
     assert_eq!(got, want);
 }
@@ -232,14 +284,32 @@ pub async fn bad_input_goes_to_dead_letters(broker: &str) {
     let invalid = data.len() as u64 - valid;
     assert_eq!(invalid, 200 + crafted.len() as u64);
     bed.produce(&data).await;
-    let summary = bed.pipeline().await.exit_when_idle(Duration::from_secs(2)).run().await.expect("run");
+    let summary = bed
+        .pipeline()
+        .await
+        .exit_when_idle(Duration::from_secs(2))
+        .run()
+        .await
+        .expect("run");
     let s = summary.counters;
-    assert_eq!((s.windowed, s.dead_letters, s.late), (valid, invalid, 0), "{s:?}");
+    assert_eq!(
+        (s.windowed, s.dead_letters, s.late),
+        (valid, invalid, 0),
+        "{s:?}"
+    );
     assert!(s.balanced());
-    let dead = bed.read(&bed.config.dead_letter.topic, invalid as usize, Duration::from_secs(5)).await;
+    let dead = bed
+        .read(
+            &bed.config.dead_letter.topic,
+            invalid as usize,
+            Duration::from_secs(5),
+        )
+        .await;
     assert_eq!(dead.len() as u64, invalid);
-    let envelopes: Vec<serde_json::Value> =
-        dead.iter().map(|r| serde_json::from_slice(&r.payload).expect("dead letter is JSON")).collect();
+    let envelopes: Vec<serde_json::Value> = dead
+        .iter()
+        .map(|r| serde_json::from_slice(&r.payload).expect("dead letter is JSON"))
+        .collect();
     for e in &envelopes {
         assert!(!e["error"].as_str().unwrap_or_default().is_empty(), "{e}");
         assert_eq!(e["source"]["topic"], bed.config.source.topic.as_str());
@@ -258,7 +328,10 @@ pub async fn bad_input_goes_to_dead_letters(broker: &str) {
         });
         assert!(found, "no dead letter with reason {reason:?}");
     }
-    let got = results(&bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5)).await);
+    let got = results(
+        &bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5))
+            .await,
+    );
     assert_eq!(got, want);
 }
 
@@ -278,12 +351,17 @@ impl Processor for CrashAfter {
     fn name(&self) -> &str {
         "crash-after"
     }
-    async fn process(&mut self, batch: &mut Vec<Record>, _: &mut Vec<(Record, String)>) -> weir_engine::Result<()> {
+    async fn process(
+        &mut self,
+        batch: &mut Vec<Record>,
+        _: &mut Vec<(Record, String)>,
+    ) -> weir_engine::Result<()> {
         // Crash only on a batch after the one that completed the set, so that some
         // progress could be committed in between.
         let all_seen_before = self.seen_partitions.len() >= self.partitions;
         self.seen += batch.len();
-        self.seen_partitions.extend(batch.iter().map(|r| r.position.partition));
+        self.seen_partitions
+            .extend(batch.iter().map(|r| r.position.partition));
         if self.seen >= self.after && all_seen_before {
             return Err(EngineError::Stopped("simulated crash".into()));
         }
@@ -294,23 +372,43 @@ impl Processor for CrashAfter {
 /// The pipeline crashes mid-stream and is started again: nothing is lost, duplicates
 /// carry the same counts, and the distinct results are exactly the oracle's.
 pub async fn restart_loses_nothing(broker: &str) -> weir_engine::metrics::Snapshot {
-    let bed = Bed::new(broker, "restart", &["source.commit_interval=0s", "source.batch_size=500"]);
+    let bed = Bed::new(
+        broker,
+        "restart",
+        &["source.commit_interval=0s", "source.batch_size=500"],
+    );
     let data = lines(99, 10_000, 30, 0);
     let want = oracle(&data);
     bed.produce(&data).await;
-    let first = bed.pipeline().await.processor(Box::new(CrashAfter {
+    let first = bed
+        .pipeline()
+        .await
+        .processor(Box::new(CrashAfter {
             seen: 0,
             after: 4_000,
             partitions: 4,
             seen_partitions: Default::default(),
-        })).run().await;
+        }))
+        .run()
+        .await;
     assert!(matches!(first, Err(EngineError::Stopped(_))), "{first:?}");
-    let second = bed.pipeline().await.exit_when_idle(Duration::from_secs(2)).run().await.expect("second run");
+    let second = bed
+        .pipeline()
+        .await
+        .exit_when_idle(Duration::from_secs(2))
+        .run()
+        .await
+        .expect("second run");
     let s = second.counters;
-    assert!(s.events_in < 10_000, "the second run resumed from committed positions: {s:?}");
+    assert!(
+        s.events_in < 10_000,
+        "the second run resumed from committed positions: {s:?}"
+    );
     assert!(s.balanced(), "{s:?}");
     assert_eq!(s.late, 0, "{s:?}");
-    let records = bed.read(&bed.config.sink.topic, usize::MAX, Duration::from_secs(3)).await;
+    let records = bed
+        .read(&bed.config.sink.topic, usize::MAX, Duration::from_secs(3))
+        .await;
     let got = results(&records);
     assert_eq!(got, want);
     s
@@ -322,7 +420,11 @@ pub async fn idle_input_still_closes_the_last_window(broker: &str) {
     let bed = Bed::new(
         broker,
         "idle",
-        &["window.size=1s", "window.grace=0s", "window.idle_timeout=300ms"],
+        &[
+            "window.size=1s",
+            "window.grace=0s",
+            "window.idle_timeout=300ms",
+        ],
     );
     let now = weir_engine::time::now_millis();
     let data: Vec<Vec<u8>> = (0..40)
@@ -339,7 +441,10 @@ pub async fn idle_input_still_closes_the_last_window(broker: &str) {
     bed.produce(&data).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(bed.pipeline().await.shutdown_on(stop.clone()).run());
-    let got = results_any_size(&bed.read(&bed.config.sink.topic, 4, Duration::from_secs(10)).await);
+    let got = results_any_size(
+        &bed.read(&bed.config.sink.topic, 4, Duration::from_secs(10))
+            .await,
+    );
     stop.cancel();
     let s = run.await.unwrap().expect("run").counters;
     assert_eq!(got.values().sum::<u64>(), 40, "{got:?} {s:?}");
@@ -351,7 +456,10 @@ fn results_any_size(records: &[Record]) -> HashMap<String, u64> {
         .iter()
         .map(|r| {
             let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
-            (v["user_id"].as_str().unwrap().to_string(), v["count"].as_u64().unwrap())
+            (
+                v["user_id"].as_str().unwrap().to_string(),
+                v["count"].as_u64().unwrap(),
+            )
         })
         .collect()
 }

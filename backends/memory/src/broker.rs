@@ -137,7 +137,11 @@ impl MemoryBroker {
 
     /// Records currently retained in `topic`, summed over partitions.
     pub fn retained(&self, topic: &str) -> usize {
-        self.topic(topic).parts.iter().map(|p| lock(p).records.len()).sum()
+        self.topic(topic)
+            .parts
+            .iter()
+            .map(|p| lock(p).records.len())
+            .sum()
     }
 
     /// Offsets `group` has committed on `topic`, by partition.
@@ -151,7 +155,11 @@ impl MemoryBroker {
 
     /// Records `topic` dropped to stay within capacity because no group read them.
     pub fn evicted(&self, topic: &str) -> u64 {
-        self.topic(topic).parts.iter().map(|p| lock(p).evicted).sum()
+        self.topic(topic)
+            .parts
+            .iter()
+            .map(|p| lock(p).evicted)
+            .sum()
     }
 }
 
@@ -172,9 +180,16 @@ pub struct MemorySink {
 }
 
 impl MemorySink {
-    async fn append(&self, part: usize, mut recs: VecDeque<Stored>) {
+    /// Appends `recs` (all for partition `part`) in order, waiting while the partition is
+    /// full and a consumer group still needs its records.
+    async fn append(
+        &self,
+        part: usize,
+        recs: &mut (dyn Iterator<Item = Stored> + Send),
+        mut left: usize,
+    ) {
         let t = &self.topic;
-        while !recs.is_empty() {
+        while left > 0 {
             let notified = t.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
@@ -182,15 +197,16 @@ impl MemorySink {
                 let mut log = lock(&t.parts[part]);
                 let mut room = t.capacity.saturating_sub(log.records.len());
                 if room == 0 && log.groups.is_empty() {
-                    let n = recs.len().min(log.records.len());
+                    let n = left.min(log.records.len());
                     log.records.drain(..n);
                     log.base += n as u64;
                     log.evicted += n as u64;
                     room = t.capacity - log.records.len();
                 }
-                let n = room.min(recs.len());
+                let n = room.min(left);
                 if n > 0 {
-                    log.records.extend(recs.drain(..n));
+                    log.records.extend(recs.take(n));
+                    left -= n;
                     drop(log);
                     t.data.notify_waiters();
                     continue;
@@ -211,23 +227,30 @@ impl Sink for MemorySink {
     async fn send(&mut self, batch: &[OutRecord]) -> Result<()> {
         let n = self.topic.parts.len();
         let now = weir_engine::time::now_millis();
-        let mut by_part: Vec<VecDeque<Stored>> = vec![VecDeque::new(); n];
-        for r in batch {
-            let p = match &r.key {
-                Some(k) => partition_of(k, n),
-                None => (self.topic.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as usize,
-            };
-            by_part[p].push_back(Stored {
-                key: r.key.clone(),
-                payload: r.payload.clone(),
-                headers: r.headers.clone(),
-                timestamp: r.timestamp.unwrap_or(now),
-            });
-        }
-        for (p, recs) in by_part.into_iter().enumerate() {
-            if !recs.is_empty() {
-                self.append(p, recs).await;
+        // The partition of each record, then one pass per partition, in batch order.
+        let parts: Vec<u32> = batch
+            .iter()
+            .map(|r| match &r.key {
+                Some(k) => partition_of(k, n) as u32,
+                None => (self.topic.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as u32,
+            })
+            .collect();
+        for p in 0..n as u32 {
+            let count = parts.iter().filter(|&&q| q == p).count();
+            if count == 0 {
+                continue;
             }
+            let mut recs = batch
+                .iter()
+                .zip(&parts)
+                .filter(|(_, q)| **q == p)
+                .map(|(r, _)| Stored {
+                    key: r.key.clone(),
+                    payload: r.payload.clone(),
+                    headers: r.headers.clone(),
+                    timestamp: r.timestamp.unwrap_or(now),
+                });
+            self.append(p as usize, &mut recs, count).await;
         }
         Ok(())
     }
@@ -282,7 +305,11 @@ impl Source for MemorySource {
         if !self.assigned {
             self.assigned = true;
             return Ok(Received::Assigned(
-                self.checkpoints.iter().enumerate().map(|(p, cp)| (p as u32, *cp)).collect(),
+                self.checkpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(p, cp)| (p as u32, *cp))
+                    .collect(),
             ));
         }
         let n = self.topic.parts.len();
@@ -339,7 +366,10 @@ impl Source for MemorySource {
 mod tests {
     use super::*;
 
-    const CP: Checkpoint = Checkpoint { watermark: 0, processed: 0 };
+    const CP: Checkpoint = Checkpoint {
+        watermark: 0,
+        processed: 0,
+    };
 
     fn rec(key: &str, v: &str) -> OutRecord {
         OutRecord {
@@ -363,28 +393,57 @@ mod tests {
 
     #[tokio::test]
     async fn same_key_same_partition_in_order() {
-        let b = MemoryBroker::new(MemoryConfig { partitions: 4, capacity: 1000 });
+        let b = MemoryBroker::new(MemoryConfig {
+            partitions: 4,
+            capacity: 1000,
+        });
         let mut src = b.source("t", Some("g"));
         let mut sink = b.sink("t");
-        let batch: Vec<_> = (0..50).map(|i| rec(&format!("k{}", i % 5), &i.to_string())).collect();
+        let batch: Vec<_> = (0..50)
+            .map(|i| rec(&format!("k{}", i % 5), &i.to_string()))
+            .collect();
         sink.send(&batch).await.unwrap();
         let got = drain(&mut src).await;
         assert_eq!(got.len(), 50);
         for k in 0..5 {
-            let mine: Vec<_> = got.iter().filter(|r| r.key.as_deref() == Some(format!("k{k}").as_bytes())).collect();
-            assert!(mine.windows(2).all(|w| w[0].position.partition == w[1].position.partition));
-            assert!(mine.windows(2).all(|w| w[0].position.offset < w[1].position.offset));
+            let mine: Vec<_> = got
+                .iter()
+                .filter(|r| r.key.as_deref() == Some(format!("k{k}").as_bytes()))
+                .collect();
+            assert!(mine
+                .windows(2)
+                .all(|w| w[0].position.partition == w[1].position.partition));
+            assert!(mine
+                .windows(2)
+                .all(|w| w[0].position.offset < w[1].position.offset));
         }
     }
 
     #[tokio::test]
     async fn a_new_consumer_resumes_from_the_committed_offset() {
-        let b = MemoryBroker::new(MemoryConfig { partitions: 1, capacity: 1000 });
+        let b = MemoryBroker::new(MemoryConfig {
+            partitions: 1,
+            capacity: 1000,
+        });
         let mut sink = b.sink("t");
-        sink.send(&(0..10).map(|i| rec("k", &i.to_string())).collect::<Vec<_>>()).await.unwrap();
+        sink.send(
+            &(0..10)
+                .map(|i| rec("k", &i.to_string()))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .unwrap();
         let mut src = b.source("t", Some("g"));
         assert_eq!(drain(&mut src).await.len(), 10);
-        src.commit(&[(Position { partition: 0, offset: 4 }, CP)]).await.unwrap();
+        src.commit(&[(
+            Position {
+                partition: 0,
+                offset: 4,
+            },
+            CP,
+        )])
+        .await
+        .unwrap();
         drop(src);
         let mut again = b.source("t", Some("g"));
         let got = drain(&mut again).await;
@@ -395,23 +454,49 @@ mod tests {
 
     #[tokio::test]
     async fn producers_wait_for_slow_groups_and_unread_topics_roll_over() {
-        let b = MemoryBroker::new(MemoryConfig { partitions: 1, capacity: 5 });
+        let b = MemoryBroker::new(MemoryConfig {
+            partitions: 1,
+            capacity: 5,
+        });
         let mut unread = b.sink("nobody-reads");
-        unread.send(&(0..12).map(|i| rec("k", &i.to_string())).collect::<Vec<_>>()).await.unwrap();
+        unread
+            .send(
+                &(0..12)
+                    .map(|i| rec("k", &i.to_string()))
+                    .collect::<Vec<_>>(),
+            )
+            .await
+            .unwrap();
         assert_eq!(b.retained("nobody-reads"), 5);
         assert_eq!(b.evicted("nobody-reads"), 7);
 
         let mut src = b.source("t", Some("g"));
         let mut sink = b.sink("t");
         let send = tokio::spawn(async move {
-            sink.send(&(0..8).map(|i| rec("k", &i.to_string())).collect::<Vec<_>>()).await.unwrap();
+            sink.send(&(0..8).map(|i| rec("k", &i.to_string())).collect::<Vec<_>>())
+                .await
+                .unwrap();
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
-        assert!(!send.is_finished(), "producer must wait: the group has not committed");
+        assert!(
+            !send.is_finished(),
+            "producer must wait: the group has not committed"
+        );
         assert_eq!(b.retained("t"), 5);
         let got = drain(&mut src).await;
-        src.commit(&[(Position { partition: 0, offset: got.len() as u64 }, CP)]).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(2), send).await.unwrap().unwrap();
+        src.commit(&[(
+            Position {
+                partition: 0,
+                offset: got.len() as u64,
+            },
+            CP,
+        )])
+        .await
+        .unwrap();
+        tokio::time::timeout(Duration::from_secs(2), send)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(drain(&mut src).await.len(), 3);
     }
 }

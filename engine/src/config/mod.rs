@@ -41,6 +41,8 @@ pub struct PipelineConfig {
     pub sink: TopicConfig,
     /// Where dead letters go.
     pub dead_letter: TopicConfig,
+    /// Where events whose window has closed go.
+    pub late: LatePolicy,
     /// The raw `[brokers.NAME]` sections, read by each backend.
     pub brokers: Vec<(String, Node)>,
     /// The built-in generator that feeds the demo.
@@ -71,23 +73,32 @@ pub struct WindowConfig {
     pub grace: Duration,
     /// After this long without input, time advances by the wall clock.
     pub idle_timeout: Duration,
+    /// When results are emitted.
+    pub emit: EmitMode,
 }
 
-/// One aggregate computed per (window, key).
+/// When window results are emitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmitMode {
+    /// One result per (key, window) when the window closes.
+    Final,
+    /// A result after every batch that changed a (key, window), flagged `"final": false`,
+    /// then the final one flagged `"final": true`.
+    Update,
+}
+
+/// What happens to an event whose windows have all closed. It is always counted as late.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AggFn {
-    /// Number of events.
-    Count,
+pub enum LatePolicy {
+    /// To the dead-letter output with reason `late event: ...` (when `[late]` is absent).
+    DeadLetter,
+    /// To this topic (or `--late FILE`), unchanged, with `weir.late.*` headers.
+    Output(String),
+    /// Dropped.
+    Drop,
 }
 
-impl AggFn {
-    /// The field name of this aggregate in results.
-    pub fn output_name(&self) -> String {
-        match self {
-            AggFn::Count => "count".into(),
-        }
-    }
-}
+pub use crate::aggregate::AggFn;
 
 /// `[aggregate]`.
 #[derive(Debug, Clone)]
@@ -153,10 +164,7 @@ pub fn load_str(file: &str, text: &str, overrides: &Overrides) -> Loaded {
     let lines = tree::LineIndex::new(text);
     let (doc, errors) = toml::de::DeTable::parse_recoverable(text);
     for e in errors {
-        let loc = e
-            .span()
-            .map(|s| lines.loc(s.start))
-            .unwrap_or(Loc::Nowhere);
+        let loc = e.span().map(|s| lines.loc(s.start)).unwrap_or(Loc::Nowhere);
         let msg = e.message().trim().replace('\n', " ");
         d.push(&loc, "", format!("TOML syntax: {msg}"));
     }
@@ -219,7 +227,10 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                 d.push(
                     &loc,
                     "pipeline.broker",
-                    format!("unknown broker `{broker}` (choose one of {})", BROKERS.join(", ")),
+                    format!(
+                        "unknown broker `{broker}` (choose one of {})",
+                        BROKERS.join(", ")
+                    ),
                 );
             }
             t.finish(d);
@@ -233,8 +244,7 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             let topic = t.req_str(d, "topic").unwrap_or_default().to_string();
             let group = t.str_or(d, "group", &format!("weir-{name}"));
             let batch_size = t.uint_or(d, "batch_size", 1024, 1..=1_000_000) as usize;
-            let max_payload_bytes =
-                t.uint_or(d, "max_payload_bytes", MIB, 16..=64 * MIB) as usize;
+            let max_payload_bytes = t.uint_or(d, "max_payload_bytes", MIB, 16..=64 * MIB) as usize;
             let commit_interval = t.duration_or(d, "commit_interval", Duration::from_secs(1));
             t.finish(d);
             SourceConfig {
@@ -246,7 +256,11 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             }
         }
         None => {
-            d.push(&Loc::Nowhere, "source", "missing required table [source] (with `topic`)");
+            d.push(
+                &Loc::Nowhere,
+                "source",
+                "missing required table [source] (with `topic`)",
+            );
             SourceConfig {
                 topic: String::new(),
                 group: String::new(),
@@ -288,13 +302,26 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                 (Some("broker"), None) => TimeSource::Broker,
                 (Some("processing"), None) => TimeSource::Processing,
                 (Some(other), _) if !matches!(other, "field" | "broker" | "processing") => {
-                    let loc = t.node("from").map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
-                    d.push(&loc, "event_time.from", format!("unknown time source `{other}` (choose field, broker or processing)"));
+                    let loc = t
+                        .node("from")
+                        .map(|n| n.loc.clone())
+                        .unwrap_or(Loc::Nowhere);
+                    d.push(
+                        &loc,
+                        "event_time.from",
+                        format!(
+                            "unknown time source `{other}` (choose field, broker or processing)"
+                        ),
+                    );
                     TimeSource::Processing
                 }
                 (Some(_), Some(_)) => {
                     let loc = field_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
-                    d.push(&loc, "event_time.field", "`field` only applies with from = \"field\"");
+                    d.push(
+                        &loc,
+                        "event_time.field",
+                        "`field` only applies with from = \"field\"",
+                    );
                     TimeSource::Processing
                 }
                 (_, None) => {
@@ -312,42 +339,132 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         Some(mut t) => {
             let kind_node = t.node("type");
             let kind = t.str_or(d, "type", "tumbling");
-            let size_node = t.node("size");
-            let size = t.duration_or(d, "size", Duration::from_secs(10));
+            let ms = |d: &mut Diagnostics,
+                      t: &mut TableReader<'_>,
+                      key: &'static str,
+                      default: Duration| {
+                let node = t.node(key);
+                let v = t.duration_or(d, key, default);
+                if v.as_millis() == 0 {
+                    d.push(
+                        &node
+                            .map(|n| n.loc.clone())
+                            .unwrap_or_else(|| t.loc().clone()),
+                        &format!("window.{key}"),
+                        "must be at least 1ms",
+                    );
+                }
+                (v.as_millis() as i64).max(1)
+            };
+            let kind = match kind.as_str() {
+                "tumbling" => WindowKind::Tumbling {
+                    size: ms(d, &mut t, "size", Duration::from_secs(10)),
+                },
+                "hopping" | "sliding" => {
+                    let size = ms(d, &mut t, "size", Duration::from_secs(10));
+                    let advance_node = t.node("advance");
+                    let advance = ms(d, &mut t, "advance", Duration::from_secs(5));
+                    if advance > size {
+                        d.push(
+                            &advance_node
+                                .map(|n| n.loc.clone())
+                                .unwrap_or_else(|| t.loc().clone()),
+                            "window.advance",
+                            "must not be larger than `size` (events would fall between windows)",
+                        );
+                    } else if advance_node.is_none() {
+                        d.push(
+                            t.loc(),
+                            "window.advance",
+                            "hopping windows need `advance`, e.g. advance = \"5s\"",
+                        );
+                    }
+                    WindowKind::Hopping { size, advance }
+                }
+                "session" => {
+                    if t.node("gap").is_none() {
+                        d.push(
+                            t.loc(),
+                            "window.gap",
+                            "session windows need `gap`, e.g. gap = \"30s\"",
+                        );
+                    }
+                    WindowKind::Session {
+                        gap: ms(d, &mut t, "gap", Duration::from_secs(30)),
+                    }
+                }
+                other => {
+                    d.push(
+                        &kind_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                        "window.type",
+                        format!(
+                            "unknown window type `{other}` (choose tumbling, hopping or session)"
+                        ),
+                    );
+                    WindowKind::Tumbling { size: 10_000 }
+                }
+            };
+            // Keys of the other kinds are errors, not silently ignored.
+            let allowed: &[&str] = match kind {
+                WindowKind::Tumbling { .. } => &["size"],
+                WindowKind::Hopping { .. } => &["size", "advance"],
+                WindowKind::Session { .. } => &["gap"],
+            };
+            for key in ["size", "advance", "gap"] {
+                if !allowed.contains(&key) {
+                    if let Some(n) = t.node(key) {
+                        d.push(
+                            &n.loc,
+                            &format!("window.{key}"),
+                            format!(
+                                "does not apply to {} windows",
+                                match kind {
+                                    WindowKind::Tumbling { .. } => "tumbling",
+                                    WindowKind::Hopping { .. } => "hopping",
+                                    WindowKind::Session { .. } => "session",
+                                }
+                            ),
+                        );
+                    }
+                }
+            }
             let grace = t.duration_or(d, "grace", Duration::ZERO);
             let idle_timeout = t.duration_or(d, "idle_timeout", Duration::from_secs(5));
-            if kind != "tumbling" {
-                d.push(
-                    &kind_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
-                    "window.type",
-                    format!("unknown window type `{kind}` (choose tumbling)"),
-                );
-            }
-            if size.as_millis() == 0 {
-                d.push(
-                    &size_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
-                    "window.size",
-                    "must be at least 1ms",
-                );
-            }
             if idle_timeout.is_zero() {
                 d.push(t.loc(), "window.idle_timeout", "must be more than 0");
             }
+            let emit_node = t.node("emit");
+            let emit = match t.str_or(d, "emit", "final").as_str() {
+                "final" => EmitMode::Final,
+                "update" => EmitMode::Update,
+                other => {
+                    d.push(
+                        &emit_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                        "window.emit",
+                        format!("unknown emit mode `{other}` (choose final or update)"),
+                    );
+                    EmitMode::Final
+                }
+            };
             t.finish(d);
             WindowConfig {
-                kind: WindowKind::Tumbling {
-                    size: (size.as_millis() as i64).max(1),
-                },
+                kind,
                 grace,
                 idle_timeout: idle_timeout.max(Duration::from_millis(1)),
+                emit,
             }
         }
         None => {
-            d.push(&Loc::Nowhere, "window", "missing required table [window] (with `size`)");
+            d.push(
+                &Loc::Nowhere,
+                "window",
+                "missing required table [window] (with `size`)",
+            );
             WindowConfig {
                 kind: WindowKind::Tumbling { size: 10_000 },
                 grace: Duration::ZERO,
                 idle_timeout: Duration::from_secs(5),
+                emit: EmitMode::Final,
             }
         }
     };
@@ -369,13 +486,16 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                         d.push(
                             t.loc(),
                             "aggregate.group_by",
-                            format!("`{g}` is an {:?} in the schema; keys must be scalars", f.ty).to_lowercase(),
+                            format!("`{g}` is an {:?} in the schema; keys must be scalars", f.ty)
+                                .to_lowercase(),
                         );
                     }
                 }
             }
             let compute_node = t.node("compute");
-            let names = t.str_list(d, "compute").unwrap_or_else(|| vec!["count".into()]);
+            let names = t
+                .str_list(d, "compute")
+                .unwrap_or_else(|| vec!["count".into()]);
             let mut compute = Vec::new();
             for n in &names {
                 match n.trim() {
@@ -391,7 +511,11 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             AggregateConfig { group_by, compute }
         }
         None => {
-            d.push(&Loc::Nowhere, "aggregate", "missing required table [aggregate] (with `group_by`)");
+            d.push(
+                &Loc::Nowhere,
+                "aggregate",
+                "missing required table [aggregate] (with `group_by`)",
+            );
             AggregateConfig {
                 group_by: Vec::new(),
                 compute: vec![AggFn::Count],
@@ -406,7 +530,11 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             TopicConfig { topic }
         }
         None => {
-            d.push(&Loc::Nowhere, key, format!("missing required table [{key}] (with `topic`)"));
+            d.push(
+                &Loc::Nowhere,
+                key,
+                format!("missing required table [{key}] (with `topic`)"),
+            );
             TopicConfig {
                 topic: String::new(),
             }
@@ -414,6 +542,36 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
     };
     let sink = topic_table(&mut r, "sink");
     let dead_letter = topic_table(&mut r, "dead_letter");
+    let late = match r.table(d, "late") {
+        Some(mut t) => {
+            let topic = t.str(d, "topic").map(str::to_string);
+            let drop_node = t.node("drop");
+            let drop = t.bool_or(d, "drop", false);
+            let policy = match (topic, drop) {
+                (Some(_), true) => {
+                    d.push(
+                        &drop_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                        "late.drop",
+                        "choose either `topic` or `drop = true`",
+                    );
+                    LatePolicy::Drop
+                }
+                (Some(topic), false) => LatePolicy::Output(topic),
+                (None, true) => LatePolicy::Drop,
+                (None, false) => {
+                    d.push(
+                        t.loc(),
+                        "late",
+                        "set `topic` (a late-events topic) or `drop = true`",
+                    );
+                    LatePolicy::DeadLetter
+                }
+            };
+            t.finish(d);
+            policy
+        }
+        None => LatePolicy::DeadLetter,
+    };
 
     let mut brokers = Vec::new();
     if let Some(mut t) = r.table(d, "brokers") {
@@ -422,7 +580,10 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                 d.push(
                     loc,
                     &format!("brokers.{k}"),
-                    format!("unknown broker section (choose among {})", BROKERS.join(", ")),
+                    format!(
+                        "unknown broker section (choose among {})",
+                        BROKERS.join(", ")
+                    ),
                 );
             } else if !matches!(node.value, Value::Table(_)) {
                 d.push(&node.loc, &format!("brokers.{k}"), "expected a table");
@@ -464,6 +625,7 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         aggregate,
         sink,
         dead_letter,
+        late,
         brokers,
         demo,
     }
@@ -494,7 +656,11 @@ fn read_schema(mut t: TableReader<'_>, d: &mut Diagnostics) -> Schema {
         for (name, _loc, node) in fields.entries() {
             let key = format!("schema.fields.{name}");
             let Value::Table(ft) = &node.value else {
-                d.push(&node.loc, &key, "expected a table such as { type = \"string\" }");
+                d.push(
+                    &node.loc,
+                    &key,
+                    "expected a table such as { type = \"string\" }",
+                );
                 continue;
             };
             let mut fr = TableReader::new(&key, ft, node.loc.clone());
@@ -521,7 +687,11 @@ fn read_schema(mut t: TableReader<'_>, d: &mut Diagnostics) -> Schema {
                 );
             }
             if name.is_empty() || name.split('.').any(|p| p.is_empty()) {
-                d.push(&node.loc, &key, "field paths are dotted names such as metadata.page");
+                d.push(
+                    &node.loc,
+                    &key,
+                    "field paths are dotted names such as metadata.page",
+                );
             }
             fr.finish(d);
             let spec = FieldSpec {

@@ -203,10 +203,12 @@ impl<'t> TableReader<'t> {
     ) -> u64 {
         match self.node(key) {
             None => default,
-            Some(n @ Node {
-                value: Value::Int(i),
-                ..
-            }) => {
+            Some(
+                n @ Node {
+                    value: Value::Int(i),
+                    ..
+                },
+            ) => {
                 if *i >= 0 && range.contains(&(*i as u64)) {
                     *i as u64
                 } else {
@@ -238,10 +240,12 @@ impl<'t> TableReader<'t> {
     ) -> Duration {
         match self.node(key) {
             None => default,
-            Some(n @ Node {
-                value: Value::Str(s),
-                ..
-            }) => crate::time::parse_duration(s).unwrap_or_else(|e| {
+            Some(
+                n @ Node {
+                    value: Value::Str(s),
+                    ..
+                },
+            ) => crate::time::parse_duration(s).unwrap_or_else(|e| {
                 d.push(&n.loc, &self.key_path(key), e);
                 default
             }),

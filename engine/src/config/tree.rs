@@ -75,7 +75,10 @@ pub struct Table {
 impl Table {
     /// The value under `key`.
     pub fn get(&self, key: &str) -> Option<&Node> {
-        self.entries.iter().find(|(k, _, _)| k == key).map(|(_, _, n)| n)
+        self.entries
+            .iter()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, _, n)| n)
     }
 
     fn get_mut(&mut self, key: &str) -> Option<&mut Node> {
@@ -106,7 +109,12 @@ impl<'a> LineIndex<'a> {
         let line = self.starts.partition_point(|&s| s <= offset).max(1);
         let start = self.starts[line - 1];
         let end = offset.min(self.text.len()).max(start);
-        let col = self.text.get(start..end).map(|s| s.chars().count()).unwrap_or(0) + 1;
+        let col = self
+            .text
+            .get(start..end)
+            .map(|s| s.chars().count())
+            .unwrap_or(0)
+            + 1;
         Loc::File { line, col }
     }
 }
@@ -195,7 +203,9 @@ pub fn set_path(root: &mut Table, path: &str, node: Node) -> Result<(), String> 
         if i + 1 == parts.len() {
             match table.get_mut(part) {
                 Some(existing) => *existing = node,
-                None => table.entries.push((part.to_string(), node.loc.clone(), node)),
+                None => table
+                    .entries
+                    .push((part.to_string(), node.loc.clone(), node)),
             }
             return Ok(());
         }

@@ -1,10 +1,12 @@
 //! Windows: which windows an event belongs to, the state kept per (window, key), and the
 //! watermark that decides when a window closes.
 
+mod session;
 mod store;
 mod watermark;
 
-pub use store::{Acc, Pane, WindowStore};
+pub use session::{Session, SessionStore};
+pub use store::{Acc, Extra, Pane, WindowStore};
 pub use watermark::Watermarks;
 
 /// A half-open window `[start, end)` in epoch milliseconds.
@@ -24,10 +26,25 @@ pub enum WindowKind {
         /// Window length.
         size: i64,
     },
+    /// Fixed-size windows starting every `advance`; an event belongs to every window
+    /// covering it (`size / advance` of them).
+    Hopping {
+        /// Window length.
+        size: i64,
+        /// Distance between window starts.
+        advance: i64,
+    },
+    /// Per key: events less than `gap` apart share a window, which ends `gap` after its
+    /// last event; an event bridging two sessions merges them.
+    Session {
+        /// Inactivity gap.
+        gap: i64,
+    },
 }
 
 impl WindowKind {
-    /// The window an event at `t` belongs to.
+    /// The (first) window an event at `t` belongs to: for hopping windows the one that
+    /// ends last; for sessions the event's own `[t, t + gap)` before any merge.
     #[inline]
     pub fn assign(&self, t: i64) -> WindowRange {
         match *self {
@@ -38,7 +55,42 @@ impl WindowKind {
                     end: start + size,
                 }
             }
+            WindowKind::Hopping { size, advance } => {
+                let start = t - t.rem_euclid(advance);
+                WindowRange {
+                    start,
+                    end: start + size,
+                }
+            }
+            WindowKind::Session { gap } => WindowRange {
+                start: t,
+                end: t.saturating_add(gap),
+            },
         }
+    }
+
+    /// Calls `f` with every fixed window covering `t`, latest-ending first (one for
+    /// tumbling windows). Not for sessions.
+    #[inline]
+    pub fn for_each(&self, t: i64, mut f: impl FnMut(WindowRange)) {
+        match *self {
+            WindowKind::Hopping { size, advance } => {
+                let mut start = t - t.rem_euclid(advance);
+                while start > t - size {
+                    f(WindowRange {
+                        start,
+                        end: start + size,
+                    });
+                    start -= advance;
+                }
+            }
+            _ => f(self.assign(t)),
+        }
+    }
+
+    /// Whether this kind keeps windows per key (sessions).
+    pub fn is_session(&self) -> bool {
+        matches!(self, WindowKind::Session { .. })
     }
 }
 
@@ -49,9 +101,27 @@ mod tests {
     #[test]
     fn tumbling_aligns_to_the_epoch_including_before_it() {
         let k = WindowKind::Tumbling { size: 10_000 };
-        assert_eq!(k.assign(0), WindowRange { start: 0, end: 10_000 });
-        assert_eq!(k.assign(9_999), WindowRange { start: 0, end: 10_000 });
+        assert_eq!(
+            k.assign(0),
+            WindowRange {
+                start: 0,
+                end: 10_000
+            }
+        );
+        assert_eq!(
+            k.assign(9_999),
+            WindowRange {
+                start: 0,
+                end: 10_000
+            }
+        );
         assert_eq!(k.assign(10_000).start, 10_000);
-        assert_eq!(k.assign(-1), WindowRange { start: -10_000, end: 0 });
+        assert_eq!(
+            k.assign(-1),
+            WindowRange {
+                start: -10_000,
+                end: 0
+            }
+        );
     }
 }

@@ -7,14 +7,24 @@ use dashmap::DashMap;
 use super::WindowRange;
 use crate::record::Position;
 
-/// The state of one (window, key): O(1) whatever the number of events.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// State of the aggregates beyond `count`, boxed so a count-only entry stays small.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Extra(pub Box<[crate::aggregate::AggState]>);
+
+/// The state of one (window, key): a count plus, only when configured, the other
+/// aggregates' state. O(1) whatever the number of events (`count_distinct` excepted: it
+/// keeps the distinct values).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Acc {
     /// Events counted.
     pub count: u64,
     /// The source partition that fed this entry (records keyed by the group key all come
     /// from one partition), so a revoked partition's state can be dropped.
     pub partition: u32,
+    /// Changed since the last `update` emission.
+    pub dirty: bool,
+    /// Other aggregates' state.
+    pub extra: Option<Box<Extra>>,
 }
 
 type Hasher = foldhash::fast::RandomState;
@@ -28,6 +38,8 @@ pub struct Pane {
     pub groups: DashMap<Box<[u8]>, Acc, Hasher>,
     /// Lowest contributing offset by partition index (`u64::MAX` = none).
     pub min_offsets: Vec<u64>,
+    /// Keys changed since the last `update` emission (only tracked in update mode).
+    pub dirty: Vec<Box<[u8]>>,
 }
 
 impl Pane {
@@ -35,6 +47,7 @@ impl Pane {
         Pane {
             groups: DashMap::with_capacity_and_hasher(capacity, Hasher::default()),
             min_offsets: Vec::new(),
+            dirty: Vec::new(),
         }
     }
 }
@@ -46,6 +59,7 @@ pub struct WindowStore {
     /// Keys seen in the last closed pane, to pre-size the next one.
     last_size: usize,
     entries: usize,
+    track_dirty: bool,
 }
 
 impl WindowStore {
@@ -54,9 +68,23 @@ impl WindowStore {
         Self::default()
     }
 
+    /// An empty store that remembers which entries changed, for `update` emission.
+    pub fn tracking_updates() -> Self {
+        WindowStore {
+            track_dirty: true,
+            ..Self::default()
+        }
+    }
+
     /// Adds one event with group key `key` at `pos` to `window`, updating its accumulator.
     #[inline]
-    pub fn add(&mut self, window: WindowRange, key: &[u8], pos: Position, update: impl FnOnce(&mut Acc)) {
+    pub fn add(
+        &mut self,
+        window: WindowRange,
+        key: &[u8],
+        pos: Position,
+        update: impl FnOnce(&mut Acc),
+    ) {
         let last_size = self.last_size;
         let pane = self
             .panes
@@ -70,15 +98,35 @@ impl WindowStore {
         *m = (*m).min(pos.offset);
         if let Some(mut acc) = pane.groups.get_mut(key) {
             update(&mut acc);
+            if self.track_dirty && !acc.dirty {
+                acc.dirty = true;
+                pane.dirty.push(key.into());
+            }
             return;
         }
         let mut acc = Acc {
             partition: pos.partition,
+            dirty: self.track_dirty,
             ..Acc::default()
         };
         update(&mut acc);
         pane.groups.insert(key.into(), acc);
+        if self.track_dirty {
+            pane.dirty.push(key.into());
+        }
         self.entries += 1;
+    }
+
+    /// Calls `f` with every entry changed since the last call, and marks it clean.
+    pub fn drain_updates(&mut self, mut f: impl FnMut(WindowRange, &[u8], &Acc)) {
+        for (&(end, start), pane) in &mut self.panes {
+            for key in pane.dirty.drain(..) {
+                if let Some(mut acc) = pane.groups.get_mut(&key) {
+                    acc.dirty = false;
+                    f(WindowRange { start, end }, &key, &acc);
+                }
+            }
+        }
     }
 
     /// Whether `window` is open (has state).
@@ -122,6 +170,7 @@ impl WindowStore {
         for pane in self.panes.values_mut() {
             let before = pane.groups.len();
             pane.groups.retain(|_, acc| acc.partition != partition);
+            pane.dirty.retain(|k| pane.groups.contains_key(k));
             dropped += before - pane.groups.len();
             if let Some(m) = pane.min_offsets.get_mut(partition as usize) {
                 *m = u64::MAX;
@@ -167,6 +216,7 @@ mod tests {
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].0, w1);
         assert_eq!(closed[0].1.groups.get(&b"a"[..]).unwrap().count, 2);
+        assert!(closed[0].1.dirty.is_empty(), "no tracking unless asked");
         assert_eq!(s.min_offset(0), Some(5));
         assert_eq!(s.min_offset(1), None);
         assert_eq!(s.entries(), 1);

@@ -155,7 +155,12 @@ impl Watermarks {
             if let Some(last) = self.last_input {
                 let since = now.duration_since(last);
                 if since >= self.idle_timeout {
-                    let max = self.parts.iter().map(|p| p.max_event).max().unwrap_or(i64::MIN);
+                    let max = self
+                        .parts
+                        .iter()
+                        .map(|p| p.max_event)
+                        .max()
+                        .unwrap_or(i64::MIN);
                     if max != i64::MIN {
                         let wm = max
                             .saturating_sub(self.out_of_orderness)
@@ -229,12 +234,20 @@ mod tests {
         w.observe(0, 5_000);
         assert_eq!(w.observe(1, 9_000), 5_000);
         w.revoke(&[1]);
-        assert_eq!(w.current(), 5_000, "a partial revocation keeps the watermark");
+        assert_eq!(
+            w.current(),
+            5_000,
+            "a partial revocation keeps the watermark"
+        );
         w.revoke(&[0]);
         assert_eq!(w.current(), i64::MIN);
         w.assign(&[0], now);
         w.restore_and_hold(2_000);
-        assert_eq!(w.current(), 2_000, "the checkpoint's watermark, not the old one");
+        assert_eq!(
+            w.current(),
+            2_000,
+            "the checkpoint's watermark, not the old one"
+        );
     }
 
     #[test]

@@ -1,0 +1,209 @@
+//! The `weir` binary: exit codes, `generate` determinism, `run --input`, the demo and its
+//! graceful Ctrl-C.
+
+mod conformance;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn weir() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_weir"));
+    c.env_remove("WEIR_BROKER").env("WEIR_LOG", "warn");
+    c
+}
+
+fn pipeline() -> String {
+    conformance::pipeline_file().display().to_string()
+}
+
+#[test]
+fn validate_exits_0_for_a_good_file_and_2_with_every_problem() {
+    let ok = weir().args(["validate", &pipeline()]).output().unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("ok: "));
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[source]\ntopic = 5\n[window]\nsize = \"x\"\n").unwrap();
+    let out = weir()
+        .args(["validate", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = bad.display().to_string();
+    assert!(
+        err.contains(&format!("{file}:2:9: source.topic: expected a string")),
+        "{err}"
+    );
+    assert!(err.contains(&format!("{file}:4:8: window.size:")), "{err}");
+    assert!(err.contains("aggregate: missing required table"), "{err}");
+
+    let usage = weir().args(["validate"]).output().unwrap();
+    assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
+    let broker = weir()
+        .args(["validate", &pipeline(), "--broker", "nats"])
+        .output()
+        .unwrap();
+    assert_eq!(broker.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&broker.stderr)
+        .contains("--broker nats: pipeline.broker: unknown broker `nats`"));
+}
+
+#[test]
+fn generate_is_deterministic_for_a_seed() {
+    let run = |seed: &str| {
+        let o = weir()
+            .args([
+                "generate", "--events", "500", "--users", "7", "--seed", seed,
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let a = run("3");
+    assert_eq!(a, run("3"));
+    assert_ne!(a, run("4"));
+    assert_eq!(a.lines().count(), 500);
+    let users: std::collections::HashSet<String> = a
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["user_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(users.len(), 7);
+}
+
+#[test]
+fn run_with_input_emits_every_window_and_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let gen = weir()
+        .args([
+            "generate",
+            "--events",
+            "5000",
+            "--users",
+            "20",
+            "--seed",
+            "11",
+            "--invalid-every",
+            "50",
+        ])
+        .output()
+        .unwrap();
+    std::fs::write(&events, &gen.stdout).unwrap();
+    let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
+    let status = weir()
+        .args(["run", &pipeline(), "--input", events.to_str().unwrap()])
+        .args([
+            "--output",
+            out.to_str().unwrap(),
+            "--dead-letter",
+            dead.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let lines: Vec<Vec<u8>> = gen
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    let want = conformance::oracle(&lines);
+    let mut got = conformance::Counts::new();
+    for l in std::fs::read_to_string(&out).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let start = chrono::DateTime::parse_from_rfc3339(v["window_start"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis();
+        got.insert(
+            (v["user_id"].as_str().unwrap().to_string(), start),
+            v["count"].as_u64().unwrap(),
+        );
+    }
+    assert_eq!(got, want);
+    assert_eq!(std::fs::read_to_string(&dead).unwrap().lines().count(), 100);
+}
+
+#[test]
+fn run_reads_stdin_and_writes_stdout() {
+    let mut child = weir()
+        .args([
+            "run",
+            &pipeline(),
+            "--input",
+            "-",
+            "--output",
+            "-",
+            "--dead-letter",
+            "/dev/null",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for (i, user) in ["a", "b", "a"].iter().enumerate() {
+        writeln!(
+            stdin,
+            r#"{{"event_type":"click","user_id":"{user}","action":"x","timestamp":"2024-06-27T15:00:0{i}Z"}}"#
+        )
+        .unwrap();
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(r#"{"user_id":"a","window_start":"2024-06-27T15:00:00Z","window_end":"2024-06-27T15:00:10Z","count":2}"#), "{text}");
+    assert!(
+        text.contains(r#""user_id":"b""#) && text.lines().count() == 2,
+        "{text}"
+    );
+}
+
+#[test]
+fn the_demo_prints_results_and_stops_cleanly_on_ctrl_c() {
+    let mut child = weir()
+        .args([
+            "run",
+            &pipeline(),
+            "--set",
+            "demo.interval=100ms",
+            "--set",
+            "window.size=1s",
+        ])
+        .args(["--set", "window.grace=0s", "--set", "demo.invalid_every=0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let start = Instant::now();
+    let first = lines.next().expect("a result line").unwrap();
+    assert!(start.elapsed() < Duration::from_secs(20));
+    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert!(
+        v["count"].as_u64().unwrap() >= 1 && v["user_id"].is_string(),
+        "{first}"
+    );
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "graceful Ctrl-C exits 0");
+}
