@@ -24,13 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use futures_util::{FutureExt as _, StreamExt as _};
+use bytes::{Bytes, BytesMut};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
@@ -129,7 +126,10 @@ impl ConsumerContext for RebalanceContext {
     }
 }
 
-pub(crate) type Consumer_ = StreamConsumer<RebalanceContext>;
+/// A `BaseConsumer`: `recv` drains what librdkafka already fetched with non-blocking polls
+/// on the caller's thread, and only waits (in a blocking-pool thread) when nothing is there.
+/// (A `StreamConsumer` measured 3-5x slower here: every batch paid a task wake-up.)
+pub(crate) type Consumer_ = BaseConsumer<RebalanceContext>;
 
 /// Reads one Kafka topic. See the module documentation.
 pub struct KafkaSource {
@@ -147,7 +147,11 @@ pub struct KafkaSource {
     joined: bool,
     /// Where checkpoints also go, for brokers that drop commit metadata.
     store: Option<CheckpointStore>,
+    /// Buffer that received keys and payloads are copied into (see `to_record`).
+    arena: BytesMut,
 }
+
+const ARENA: usize = 256 * 1024;
 
 /// How long the first `recv` of a group member waits for its partitions.
 pub const JOIN_WAIT: Duration = Duration::from_secs(60);
@@ -182,6 +186,7 @@ impl KafkaSource {
             owned: Vec::new(),
             joined: false,
             store,
+            arena: BytesMut::new(),
         })
     }
 
@@ -214,6 +219,7 @@ impl KafkaSource {
             owned: vec![true; partitions as usize],
             joined: true,
             store: None,
+            arena: BytesMut::new(),
         })
     }
 
@@ -327,10 +333,21 @@ impl KafkaSource {
     }
 }
 
-fn to_record(m: &BorrowedMessage<'_>) -> Record {
+/// Copies a message out of librdkafka's buffer. Keys and payloads are appended to `arena`
+/// and split off as shared slices of it: one allocation per ~256 KiB of records instead of
+/// two per record.
+fn to_record(m: &BorrowedMessage<'_>, arena: &mut BytesMut) -> Record {
+    let mut copy = |b: &[u8]| {
+        if arena.capacity() - arena.len() < b.len() {
+            *arena = BytesMut::with_capacity(ARENA.max(b.len()));
+        }
+        // (An exact-size buffer handed in for one record never needs the line above.)
+        arena.extend_from_slice(b);
+        arena.split().freeze()
+    };
     Record {
-        key: m.key().map(Bytes::copy_from_slice),
-        payload: m.payload().map(Bytes::copy_from_slice).unwrap_or_default(),
+        key: m.key().map(&mut copy),
+        payload: m.payload().map(&mut copy).unwrap_or_default(),
         headers: m
             .headers()
             .map(|hs| {
@@ -366,47 +383,85 @@ impl Source for KafkaSource {
         // A record that arrived after rebalance events belongs after them.
         let mut fresh: Option<Record> = None;
         let mut error = None;
-        {
-            let consumer = self.consumer.clone();
-            let ctx = consumer.context();
-            let mut stream = consumer.stream();
+        let ctx = self.consumer.context();
+        // Drain what librdkafka already fetched, without waiting, up to `max`. Each poll
+        // serves at most one event, so a rebalance stops the batch right there.
+        while batch.len() < max && !ctx.has_events() {
+            match self.consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => batch.push(to_record(&m, &mut self.arena)),
+                Some(Err(e)) => {
+                    error = Some(e);
+                    break;
+                }
+                None => break,
+            }
+        }
+        if batch.is_empty() && error.is_none() && !ctx.has_events() {
+            // Nothing fetched yet: wait in the blocking pool, in short slices so that a
+            // dropped `recv` (shutdown) leaves no long poll behind. A record that arrives
+            // after rebalance events (served inside the same poll) belongs after them.
             let wait = if self.joined {
                 wait
             } else {
                 wait.max(JOIN_WAIT)
             };
-            let first = tokio::select! {
-                m = stream.next() => m,
-                _ = ctx.notify.notified() => None,
-                _ = tokio::time::sleep(wait) => None,
-            };
-            match first {
-                None => {
-                    if !self.joined && !ctx.has_events() {
-                        tracing::warn!(topic = %self.topic, "kafka: no partitions assigned after {JOIN_WAIT:?}; still waiting");
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let slice = deadline
+                    .saturating_duration_since(tokio::time::Instant::now())
+                    .min(Duration::from_millis(100));
+                let c = self.consumer.clone();
+                let got = tokio::task::spawn_blocking(move || {
+                    c.poll(slice).map(|r| {
+                        r.map(|m| {
+                            // One record: an exact-size buffer, not a whole arena.
+                            let mut one = BytesMut::with_capacity(
+                                m.payload_len() + m.key().map_or(0, <[u8]>::len),
+                            );
+                            (to_record(&m, &mut one), c.context().has_events())
+                        })
+                    })
+                })
+                .await
+                .map_err(|e| {
+                    weir_engine::EngineError::backend(
+                        "kafka",
+                        format!("poll task failed: {e}"),
+                        true,
+                    )
+                })?;
+                match got {
+                    Some(Ok((r, after_events))) => {
+                        if after_events {
+                            fresh = Some(r);
+                        } else {
+                            batch.push(r);
+                        }
+                        break;
                     }
-                }
-                Some(Ok(m)) => {
-                    if ctx.has_events() {
-                        fresh = Some(to_record(&m));
-                    } else {
-                        batch.push(to_record(&m));
+                    Some(Err(e)) => {
+                        error = Some(e);
+                        break;
                     }
+                    None if ctx.has_events() || tokio::time::Instant::now() >= deadline => {
+                        if !self.joined && !ctx.has_events() {
+                            tracing::warn!(topic = %self.topic, "kafka: no partitions assigned after {JOIN_WAIT:?}; still waiting");
+                        }
+                        break;
+                    }
+                    None => {}
                 }
-                Some(Err(e)) => error = Some(e),
             }
-            // Drain what librdkafka already fetched, without waiting, up to `max`. Each
-            // poll serves at most one event, so a rebalance stops the batch right there.
             while error.is_none()
                 && fresh.is_none()
                 && !batch.is_empty()
                 && batch.len() < max
                 && !ctx.has_events()
             {
-                match stream.next().now_or_never() {
-                    Some(Some(Ok(m))) => batch.push(to_record(&m)),
-                    Some(Some(Err(e))) => error = Some(e),
-                    Some(None) | None => break,
+                match self.consumer.poll(Duration::ZERO) {
+                    Some(Ok(m)) => batch.push(to_record(&m, &mut self.arena)),
+                    Some(Err(e)) => error = Some(e),
+                    None => break,
                 }
             }
         }
