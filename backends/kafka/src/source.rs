@@ -6,8 +6,8 @@
 //! [`Checkpoint`] travels as the commit's metadata string and comes back with
 //! [`Received::Assigned`] after a restart or a rebalance.
 //!
-//! **Rebalances.** librdkafka runs the rebalance callbacks inside our own poll of the
-//! consumer queue (in [`KafkaSource::recv`]). [`RebalanceContext`] only records them; `recv`
+//! **Rebalances.** librdkafka runs the rebalance callbacks inside our own polls of the
+//! consumer queue (in [`KafkaSource::recv`], or the blocking-pool slice it waits in). [`RebalanceContext`] only records them; `recv`
 //! turns them into [`Received::Revoked`] / [`Received::Assigned`] before handing out any
 //! record that arrived after them, and drops records of revoked partitions that were
 //! fetched before the revocation (the new owner reads them again from the committed
@@ -47,8 +47,6 @@ enum Event {
 #[derive(Default)]
 pub struct RebalanceContext {
     events: Mutex<Vec<Event>>,
-    /// Wakes a `recv` waiting for records when a rebalance happened meanwhile.
-    notify: tokio::sync::Notify,
 }
 
 impl RebalanceContext {
@@ -57,7 +55,6 @@ impl RebalanceContext {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(e);
-        self.notify.notify_one();
     }
 
     fn has_events(&self) -> bool {
