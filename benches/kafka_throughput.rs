@@ -170,8 +170,8 @@ fn main() {
         assert!(k.balanced(), "{k:?}");
         let rate = n as f64 / s;
         println!(
-            "  (b) Weir Kafka -> window -> Kafka:  {rate:>10.0} events/s  ({n} in {s:.2} s; {} results produced, {} commits)",
-            k.results_out, k.commits
+            "  (b) Weir Kafka -> window -> Kafka:  {rate:>10.0} events/s  ({n} in {s:.2} s; {} results produced, {} late, {} commits)",
+            k.results_out, k.late, k.commits
         );
         rate
     });
