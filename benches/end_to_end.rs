@@ -51,8 +51,9 @@ fn bare(events: &[Bytes]) -> usize {
     counts.len()
 }
 
-/// Ends the run when the topic is drained, so the timing holds no idle wait.
-struct UntilDrained(Box<dyn Source>, bool);
+/// Ends the run as soon as all `n` records were delivered, so the timing holds no wait
+/// for input that will never come.
+struct UntilDrained(Box<dyn Source>, usize);
 
 #[async_trait]
 impl Source for UntilDrained {
@@ -60,10 +61,12 @@ impl Source for UntilDrained {
         self.0.topic()
     }
     async fn recv(&mut self, max: usize, wait: Duration) -> weir_engine::Result<Received> {
+        if self.1 == 0 {
+            return Ok(Received::End);
+        }
         match self.0.recv(max, wait).await? {
-            Received::Batch(b) if b.is_empty() && self.1 => Ok(Received::End),
             Received::Batch(b) => {
-                self.1 = true;
+                self.1 = self.1.saturating_sub(b.len());
                 Ok(Received::Batch(b))
             }
             other => Ok(other),
@@ -116,7 +119,13 @@ fn run(n: usize, rate: i64, rounds: usize) {
     // The pipeline as `pipelines/user_activity.toml` describes it, on the memory backend.
     let (config, _) = Backend::load(
         &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/user_activity.toml"),
-        &Overrides::default(),
+        &Overrides {
+            // WEIR_BENCH_SET="source.batch_size=4096" tries other settings.
+            sets: std::env::var("WEIR_BENCH_SET")
+                .map(|s| vec![s])
+                .unwrap_or_default(),
+            broker: None,
+        },
     )
     .expect("pipeline file");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -150,7 +159,7 @@ fn run(n: usize, rate: i64, rounds: usize) {
                     .collect();
                 sink.send(&batch).await.unwrap();
             }
-            let source = UntilDrained(Box::new(broker.source("in", Some("bench"))), false);
+            let source = UntilDrained(Box::new(broker.source("in", Some("bench"))), n);
             let pipeline = Pipeline::new(
                 Job::from_config(&config),
                 Box::new(source),

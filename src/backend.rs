@@ -4,6 +4,8 @@ use weir_engine::config::{Diagnostics, PipelineConfig};
 use weir_engine::{Sink, Source};
 use weir_memory::{MemoryBroker, MemoryConfig};
 
+#[cfg(feature = "amqp")]
+use weir_amqp::{AmqpBroker, AmqpConfig};
 #[cfg(feature = "kafka")]
 pub use weir_kafka::{KafkaBroker, KafkaConfig, StartAt};
 
@@ -15,6 +17,9 @@ pub enum Backend {
     /// A Kafka cluster (rdkafka).
     #[cfg(feature = "kafka")]
     Kafka(KafkaBroker),
+    /// RabbitMQ over AMQP 0-9-1 (`[brokers.amqp]`).
+    #[cfg(feature = "amqp")]
+    Amqp(AmqpBroker),
 }
 
 /// The backends compiled into this build.
@@ -22,6 +27,8 @@ pub const AVAILABLE: &[&str] = &[
     "memory",
     #[cfg(feature = "kafka")]
     "kafka",
+    #[cfg(feature = "amqp")]
+    "amqp",
 ];
 
 impl Backend {
@@ -38,10 +45,14 @@ impl Backend {
         let memory = MemoryConfig::from_section(section("memory"), d);
         #[cfg(feature = "kafka")]
         let kafka = KafkaConfig::from_section(section("kafka"), d);
+        #[cfg(feature = "amqp")]
+        let amqp = AmqpConfig::from_section(section("amqp"), d);
         match c.broker.as_str() {
             "memory" => Some(Backend::Memory(MemoryBroker::new(memory))),
             #[cfg(feature = "kafka")]
             "kafka" => Some(Backend::Kafka(KafkaBroker::new(kafka))),
+            #[cfg(feature = "amqp")]
+            "amqp" => Some(Backend::Amqp(AmqpBroker::new(amqp))),
             other if !weir_engine::config::BROKERS.contains(&other) => None,
             other => {
                 d.push(
@@ -63,6 +74,8 @@ impl Backend {
             Backend::Memory(_) => "memory",
             #[cfg(feature = "kafka")]
             Backend::Kafka(_) => "kafka",
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(_) => "amqp",
         }
     }
 
@@ -91,6 +104,9 @@ impl Backend {
             Backend::Memory(b) => Ok(Box::new(b.source(topic, group))),
             #[cfg(feature = "kafka")]
             Backend::Kafka(b) => Ok(Box::new(b.source(topic, group).await?)),
+            // In AMQP the queue is the group: consumers of a topic share its queue.
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(b) => Ok(Box::new(b.source(topic).await?)),
         }
     }
 
@@ -100,6 +116,8 @@ impl Backend {
             Backend::Memory(b) => Ok(Box::new(b.sink(topic))),
             #[cfg(feature = "kafka")]
             Backend::Kafka(b) => Ok(Box::new(b.sink(topic).await?)),
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(b) => Ok(Box::new(b.sink(topic).await?)),
         }
     }
 
@@ -113,6 +131,11 @@ impl Backend {
     ) -> anyhow::Result<Option<Box<dyn Source>>> {
         match self {
             Backend::Memory(_) => {
+                let _ = (topic, from_beginning);
+                Ok(None)
+            }
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(_) => {
                 let _ = (topic, from_beginning);
                 Ok(None)
             }

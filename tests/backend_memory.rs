@@ -24,3 +24,13 @@ async fn memory_restart_loses_nothing() {
 async fn memory_idle_input_still_closes_the_last_window() {
     conformance::idle_input_still_closes_the_last_window("memory").await;
 }
+
+#[tokio::test]
+async fn memory_hopping_windows_match_the_oracle() {
+    conformance::hopping_windows_match_the_oracle("memory").await;
+}
+
+#[tokio::test]
+async fn memory_session_windows_match_the_oracle() {
+    conformance::session_windows_match_the_oracle("memory").await;
+}

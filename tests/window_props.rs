@@ -9,6 +9,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use tokio::time::Instant;
 use weir_engine::operator::{Emitted, Outcome, WindowOperator};
+use weir_engine::window::WindowKind;
 use weir_engine::{Job, Position, Record};
 
 const SIZE: i64 = 1_000;
@@ -75,7 +76,31 @@ fn run(
     grace: i64,
     partitions: u32,
 ) -> (HashMap<(String, i64), u64>, Vec<Outcome>) {
+    let (got, outcomes) = run_kind(
+        evs,
+        batch,
+        grace,
+        partitions,
+        WindowKind::Tumbling { size: SIZE },
+    );
+    (
+        got.into_iter().map(|((k, s, _), c)| ((k, s), c)).collect(),
+        outcomes,
+    )
+}
+
+type Results = HashMap<(String, i64, i64), u64>;
+
+/// Runs the operator with any window kind; results keyed by (key, start, end).
+fn run_kind(
+    evs: &[Ev],
+    batch: usize,
+    grace: i64,
+    partitions: u32,
+    kind: WindowKind,
+) -> (Results, Vec<Outcome>) {
     let job = Job::tumbling_count("k", "t", Duration::from_millis(SIZE as u64))
+        .with_window(kind)
         .with_grace(Duration::from_millis(grace as u64));
     let mut op = WindowOperator::new(&job, "props");
     let now = Instant::now();
@@ -95,24 +120,104 @@ fn run(
             };
             offsets[e.partition as usize] += 1;
             outcomes.push(op.ingest(&rec, now, 0, &mut out));
+            assert!(
+                out.late.is_empty(),
+                "late events go to dead letters by default"
+            );
         }
         op.close_ready(now, &mut out);
     }
     op.close_all(&mut out);
     assert_eq!(op.open_entries(), 0, "state is dropped once emitted");
     let mut counts = HashMap::new();
+    let ms = |v: &serde_json::Value| {
+        chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+            .unwrap()
+            .timestamp_millis()
+    };
     for r in &out.results {
         let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
-        let start = chrono::DateTime::parse_from_rfc3339(v["window_start"].as_str().unwrap())
-            .unwrap()
-            .timestamp_millis();
-        let key = (v["k"].as_str().unwrap().to_string(), start);
+        let key = (
+            v["k"].as_str().unwrap().to_string(),
+            ms(&v["window_start"]),
+            ms(&v["window_end"]),
+        );
         assert!(
             counts.insert(key, v["count"].as_u64().unwrap()).is_none(),
             "one result per (key, window)"
         );
     }
     (counts, outcomes)
+}
+
+/// The oracle's watermark after each event: recomputed from scratch.
+fn watermarks(evs: &[Ev], partitions: u32) -> Vec<i64> {
+    let mut max = vec![i64::MIN; partitions as usize];
+    let mut wm = i64::MIN;
+    evs.iter()
+        .map(|e| {
+            max[e.partition as usize] = max[e.partition as usize].max(e.t);
+            wm = wm.max(*max.iter().min().unwrap());
+            wm
+        })
+        .collect()
+}
+
+/// Hopping oracle: an event counts in each of its windows not yet closed when it arrives;
+/// it is late when all of them had closed.
+fn hopping_oracle(
+    evs: &[Ev],
+    grace: i64,
+    partitions: u32,
+    size: i64,
+    advance: i64,
+) -> (Results, usize) {
+    let mut counts = Results::new();
+    let mut late = 0;
+    for (e, wm) in evs.iter().zip(watermarks(evs, partitions)) {
+        let mut any = false;
+        let mut start = e.t.div_euclid(advance) * advance;
+        while start > e.t - size {
+            if start + size + grace > wm {
+                any = true;
+                *counts
+                    .entry((format!("k{}", e.key), start, start + size))
+                    .or_insert(0) += 1;
+            }
+            start -= advance;
+        }
+        late += usize::from(!any);
+    }
+    (counts, late)
+}
+
+/// Session oracle: an event is late when the watermark passed it by more than grace; the
+/// others form, per key, the connected components of their [t, t + gap) intervals.
+fn session_oracle(evs: &[Ev], grace: i64, partitions: u32, gap: i64) -> (Results, usize) {
+    let mut by_key: HashMap<String, Vec<i64>> = HashMap::new();
+    let mut late = 0;
+    for (e, wm) in evs.iter().zip(watermarks(evs, partitions)) {
+        if e.t + grace < wm {
+            late += 1;
+        } else {
+            by_key.entry(format!("k{}", e.key)).or_default().push(e.t);
+        }
+    }
+    let mut counts = Results::new();
+    for (k, mut ts) in by_key {
+        ts.sort_unstable();
+        let (mut start, mut end, mut n) = (ts[0], ts[0] + gap, 0);
+        for t in ts {
+            if t >= end {
+                counts.insert((k.clone(), start, end), n);
+                (start, n) = (t, 0);
+            }
+            end = end.max(t + gap);
+            n += 1;
+        }
+        counts.insert((k, start, end), n);
+    }
+    (counts, late)
 }
 
 /// The brute-force oracle: recompute the watermark from scratch after every event (the
@@ -159,6 +264,35 @@ proptest! {
         let partitions = evs.iter().map(|e| e.partition + 1).max().unwrap_or(1);
         let (got, outcomes) = run(&evs, batch, grace, partitions);
         let (want, late) = oracle(&evs, grace, partitions);
+        prop_assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Late).count(), late);
+        prop_assert_eq!(got.values().sum::<u64>() as usize + late, evs.len());
+        prop_assert_eq!(got, want);
+    }
+
+    /// Hopping windows: every event in every open window covering it, exactly.
+    #[test]
+    fn hopping_matches_the_oracle(
+        (evs, batch, _d) in scenario(3_000),
+        grace in 0i64..1_500,
+        (size, advance) in (1i64..=4).prop_flat_map(|n| (Just(n * 500), prop::sample::select(vec![250i64, 500]))),
+    ) {
+        let partitions = evs.iter().map(|e| e.partition + 1).max().unwrap_or(1);
+        let (got, outcomes) = run_kind(&evs, batch, grace, partitions, WindowKind::Hopping { size, advance });
+        let (want, late) = hopping_oracle(&evs, grace, partitions, size, advance);
+        prop_assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Late).count(), late);
+        prop_assert_eq!(got, want);
+    }
+
+    /// Session windows, merges across late-but-allowed events included, exactly.
+    #[test]
+    fn sessions_match_the_oracle(
+        (evs, batch, _d) in scenario(3_000),
+        grace in 0i64..1_500,
+        gap in 50i64..2_000,
+    ) {
+        let partitions = evs.iter().map(|e| e.partition + 1).max().unwrap_or(1);
+        let (got, outcomes) = run_kind(&evs, batch, grace, partitions, WindowKind::Session { gap });
+        let (want, late) = session_oracle(&evs, grace, partitions, gap);
         prop_assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Late).count(), late);
         prop_assert_eq!(got.values().sum::<u64>() as usize + late, evs.len());
         prop_assert_eq!(got, want);

@@ -190,10 +190,8 @@ impl Aggregates {
                     *a += x;
                     *n += 1;
                 }
-                (AggState::Distinct(set), Some(Input::Text(t))) => {
-                    if !set.contains(t) {
-                        set.insert(t.clone());
-                    }
+                (AggState::Distinct(set), Some(Input::Text(t))) if !set.contains(t) => {
+                    set.insert(t.clone());
                 }
                 _ => {}
             }

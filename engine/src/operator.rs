@@ -11,7 +11,9 @@ use crate::config::{EmitMode, LatePolicy, PipelineConfig, WindowConfig};
 use crate::decode::{Decoder, Schema, TimeSource, Val};
 use crate::output::{dead_letter, late_record, ResultEncoder, WindowText, KEY_SEP};
 use crate::record::{OutRecord, Position, Record};
-use crate::window::{Acc, Extra, SessionStore, Watermarks, WindowKind, WindowRange, WindowStore};
+use crate::window::{
+    Acc, ClosedSession, Extra, Pane, SessionStore, Watermarks, WindowKind, WindowRange, WindowStore,
+};
 
 /// What the pipeline computes, independent of where records come from and go.
 #[derive(Debug, Clone)]
@@ -436,15 +438,6 @@ impl WindowOperator {
         // watermark had not closed its window yet: the rest was delivered before.
         let closed_at = if replaying { self.replay_watermark } else { wm };
         let (aggs, inputs, grace) = (&self.aggs, &self.inputs, self.grace);
-        let apply = |acc: &mut Acc| {
-            acc.count += 1;
-            if aggs.has_state() {
-                let extra = acc
-                    .extra
-                    .get_or_insert_with(|| Box::new(Extra(aggs.init())));
-                aggs.apply(&mut extra.0, inputs);
-            }
-        };
         let added = match &mut self.state {
             State::Fixed(store) => {
                 let mut added = 0u64;
@@ -454,7 +447,7 @@ impl WindowOperator {
                         missed += 1;
                     } else {
                         added += 1;
-                        store.add(w, &self.key_buf, rec.position, apply);
+                        store.add(w, &self.key_buf, rec.position, aggs, inputs);
                     }
                 });
                 if added > 0 && !replaying {
@@ -465,7 +458,7 @@ impl WindowOperator {
             // A session event is late once the watermark passed it by more than grace:
             // that also guarantees it can never touch a session already emitted.
             State::Sessions(sessions) if t.saturating_add(grace) >= closed_at => {
-                sessions.add(&self.key_buf, t, rec.position, aggs, apply);
+                sessions.add(&self.key_buf, t, rec.position, aggs, inputs);
                 true
             }
             State::Sessions(_) => false,
@@ -517,11 +510,7 @@ impl WindowOperator {
                 for (window, pane) in closed {
                     out.windows_closed += 1;
                     out.results.reserve(pane.groups.len());
-                    let text = WindowText::new(window);
-                    for (key, acc) in pane.groups.into_iter() {
-                        out.results
-                            .push(self.encoder.encode_with(&text, &key, &acc, true));
-                    }
+                    Self::encode_pane(&self.encoder, window, pane, out);
                 }
             }
             State::Sessions(sessions) => {
@@ -538,11 +527,7 @@ impl WindowOperator {
             State::Fixed(store) => {
                 for (window, pane) in store.drain_all() {
                     out.windows_closed += 1;
-                    let text = WindowText::new(window);
-                    for (key, acc) in pane.groups.into_iter() {
-                        out.results
-                            .push(self.encoder.encode_with(&text, &key, &acc, true));
-                    }
+                    Self::encode_pane(&self.encoder, window, pane, out);
                 }
             }
             State::Sessions(sessions) => {
@@ -552,12 +537,23 @@ impl WindowOperator {
         }
     }
 
-    fn encode_sessions(&self, closed: Vec<(WindowRange, Box<[u8]>, Acc)>, out: &mut Emitted) {
+    fn encode_pane(encoder: &ResultEncoder, window: WindowRange, pane: Pane, out: &mut Emitted) {
+        let text = WindowText::new(window);
+        let Pane { groups, extras, .. } = pane;
+        for (key, acc) in groups.into_iter() {
+            let extra = extras.remove(&key).map(|(_, e)| e);
+            out.results
+                .push(encoder.encode_with(&text, &key, &acc, extra.as_ref(), true));
+        }
+    }
+
+    fn encode_sessions(&self, closed: Vec<ClosedSession>, out: &mut Emitted) {
         out.windows_closed += closed.len() as u64;
-        for (w, key, acc) in closed {
+        for (w, key, acc, extra) in closed {
+            let text = WindowText::new(w);
             out.results.push(
                 self.encoder
-                    .encode_with(&WindowText::new(w), &key, &acc, true),
+                    .encode_with(&text, &key, &acc, extra.as_deref(), true),
             );
         }
     }
@@ -567,9 +563,9 @@ impl WindowOperator {
             return;
         }
         let enc = &self.encoder;
-        let mut push = |w: WindowRange, key: &[u8], acc: &Acc| {
+        let mut push = |w: WindowRange, key: &[u8], acc: &Acc, extra: Option<&Extra>| {
             out.results
-                .push(enc.encode_with(&WindowText::new(w), key, acc, false));
+                .push(enc.encode_with(&WindowText::new(w), key, acc, extra, false));
         };
         match &mut self.state {
             State::Fixed(s) => s.drain_updates(&mut push),

@@ -8,7 +8,7 @@ use crate::record::{
     HEADER_SOURCE_TOPIC,
 };
 use crate::time::write_rfc3339;
-use crate::window::{Acc, WindowRange};
+use crate::window::{Acc, Extra, WindowRange};
 
 /// Separates the JSON texts of key parts inside an encoded group key. JSON text never
 /// contains a raw 0x1F byte, so the encoding is unambiguous.
@@ -86,12 +86,19 @@ impl ResultEncoder {
     /// One result record: `{"user_id": "User3", "window_start": ..., "window_end": ...,
     /// "count": 42}`, keyed by the group key, with its deterministic id in a header.
     pub fn encode(&self, window: WindowRange, key: &[u8], acc: &Acc) -> OutRecord {
-        self.encode_with(&WindowText::new(window), key, acc, true)
+        self.encode_with(&WindowText::new(window), key, acc, None, true)
     }
 
     /// [`encode`](Self::encode) with the window's text formatted beforehand. The payload,
     /// the key and the id share one allocation.
-    pub fn encode_with(&self, w: &WindowText, key: &[u8], acc: &Acc, is_final: bool) -> OutRecord {
+    pub fn encode_with(
+        &self,
+        w: &WindowText,
+        key: &[u8],
+        acc: &Acc,
+        extra: Option<&Extra>,
+        is_final: bool,
+    ) -> OutRecord {
         let mut out = Vec::with_capacity(
             48 + 2 * key.len() + w.fields.len() + w.id_suffix.len() + 24 * self.aggs.len(),
         );
@@ -102,13 +109,13 @@ impl ResultEncoder {
             out.push(b',');
         }
         out.extend_from_slice(&w.fields);
-        let mut extra = acc.extra.as_ref().map(|e| e.0.iter());
+        let mut extra = extra.map(|e| e.0.iter());
         for (agg, name) in &self.aggs {
             out.extend_from_slice(name);
             let state = extra.as_mut().and_then(|it| it.next());
             match agg {
-                AggFn::Count => write_u64(&mut out, acc.count),
-                _ => write_value(&mut out, acc.count, state),
+                AggFn::Count => write_u64(&mut out, acc.count()),
+                _ => write_value(&mut out, acc.count(), state),
             }
         }
         if self.flag_final {
@@ -306,9 +313,10 @@ mod tests {
                 end: 1_719_500_410_000,
             },
             br#""User3""#,
-            &Acc {
-                count: 42,
-                ..Acc::default()
+            &{
+                let mut a = Acc::default();
+                a.add(42);
+                a
             },
         );
         assert_eq!(

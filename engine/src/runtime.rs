@@ -158,6 +158,16 @@ impl Pipeline {
                     reason = StopReason::Idle;
                     true
                 }
+                Received::Assigned(parts)
+                    if parts
+                        .iter()
+                        .any(|(p, _)| *p >= crate::window::Acc::MAX_PARTITIONS) =>
+                {
+                    return Err(EngineError::Stopped(format!(
+                        "the source has partition indexes of {} or more, which Weir does not support",
+                        crate::window::Acc::MAX_PARTITIONS
+                    )));
+                }
                 Received::Assigned(parts) => {
                     tracing::info!(partitions = ?parts, "partitions assigned");
                     // Idleness counts from the moment there is something to read: joining a
@@ -229,7 +239,10 @@ impl Pipeline {
                 op.open_entries() as u64,
                 std::sync::atomic::Ordering::Relaxed,
             );
-            if ended || last_commit.elapsed() >= self.job.commit_interval {
+            if ended
+                || last_commit.elapsed() >= self.job.commit_interval
+                || self.source.wants_commit()
+            {
                 self.commit(&op, &mut committed).await?;
                 last_commit = Instant::now();
             }

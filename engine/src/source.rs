@@ -44,4 +44,12 @@ pub trait Source: Send {
     /// Positions are "next offset to read": committing `{partition: 0, offset: 10}` means
     /// records 0..10 of partition 0 need not be delivered again after a restart.
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()>;
+
+    /// Whether the source asks for a commit now rather than at the next commit interval:
+    /// a broker that stops delivering until earlier records are acknowledged (AMQP's
+    /// prefetch) is running out of credit. The runtime asks after every batch; a commit
+    /// still never passes what is safe. Default: never.
+    fn wants_commit(&self) -> bool {
+        false
+    }
 }

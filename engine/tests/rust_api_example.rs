@@ -16,7 +16,8 @@ fn example(name: &str) -> PathBuf {
         // stale binary would test old code: ask cargo (a no-op when it is up to date).
         let profile_release = p.components().any(|c| c.as_os_str() == "release");
         let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "-p", "weir-engine", "--example", name]);
+        // --workspace: the same feature resolution as `cargo test`, so nothing is rebuilt.
+        cargo.args(["build", "--workspace", "--example", name]);
         if profile_release {
             cargo.arg("--release");
         }

@@ -22,7 +22,12 @@ use weir_engine::{EngineError, Job, OutRecord, Pipeline, Processor, Received, Re
 
 /// The pipeline every backend runs.
 pub fn pipeline_file() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/user_activity.toml")
+    pipeline_named("user_activity")
+}
+
+/// `pipelines/NAME.toml`.
+pub fn pipeline_named(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("pipelines/{name}.toml"))
 }
 
 /// A backend under test, with topic names of its own so runs never see each other's data.
@@ -37,6 +42,11 @@ impl Bed {
     /// Loads the pipeline with `--broker broker`, unique topics and group, plus `extra`
     /// `--set` overrides.
     pub fn new(broker: &str, case: &str, extra: &[&str]) -> Bed {
+        Bed::with_file(&pipeline_file(), broker, case, extra)
+    }
+
+    /// Like [`Bed::new`] for another pipeline file (its late topic made unique too).
+    pub fn with_file(file: &Path, broker: &str, case: &str, extra: &[&str]) -> Bed {
         let id = format!(
             "{case}-{}-{}-{}",
             std::process::id(),
@@ -55,12 +65,26 @@ impl Bed {
                 sets.push(format!("brokers.kafka.bootstrap_servers={addr}"));
             }
         }
+        if broker == "amqp" {
+            if let Ok(url) = std::env::var("WEIR_AMQP_URL") {
+                sets.push(format!("brokers.amqp.url={url}"));
+            }
+            // RabbitMQ deletes the run's queues once they are unused for this long.
+            sets.push("brokers.amqp.queue_expires=10m".to_string());
+        }
         sets.extend(extra.iter().map(|s| s.to_string()));
         let overrides = Overrides {
             sets,
             broker: Some((broker.to_string(), format!("--broker {broker}"))),
         };
-        let (config, backend) = match Backend::load(&pipeline_file(), &overrides) {
+        let mut overrides = overrides;
+        if std::fs::read_to_string(file)
+            .unwrap()
+            .contains("[late]\ntopic")
+        {
+            overrides.sets.push(format!("late.topic=conf-late-{id}"));
+        }
+        let (config, backend) = match Backend::load(file, &overrides) {
             Ok(x) => x,
             Err(e) => panic!("{e}"),
         };
@@ -91,7 +115,7 @@ impl Bed {
     /// The pipeline over this bed's topics.
     pub async fn pipeline(&self) -> Pipeline {
         let c = &self.config;
-        Pipeline::new(
+        let p = Pipeline::new(
             Job::from_config(c),
             self.backend
                 .source(&c.source.topic, Some(&c.source.group))
@@ -102,7 +126,13 @@ impl Bed {
                 .sink(&c.dead_letter.topic)
                 .await
                 .expect("dead-letter sink"),
-        )
+        );
+        match &c.late {
+            weir_engine::config::LatePolicy::Output(t) => {
+                p.late_output(self.backend.sink(t).await.expect("late sink"))
+            }
+            _ => p,
+        }
     }
 
     /// Reads `topic` from the beginning until `expect` records arrived or `idle` passed
@@ -462,4 +492,181 @@ fn results_any_size(records: &[Record]) -> HashMap<String, u64> {
             )
         })
         .collect()
+}
+
+/// (group key values joined by `|`, window start, window end) -> (count, distinct values).
+pub type Windows = HashMap<(String, i64, i64), (u64, u64)>;
+
+fn event_ms(v: &serde_json::Value) -> i64 {
+    chrono::NaiveDateTime::parse_from_str(v["timestamp"].as_str().unwrap(), "%Y-%m-%d %H:%M:%S%.f")
+        .unwrap()
+        .and_utc()
+        .timestamp_millis()
+}
+
+fn rfc_ms(v: &serde_json::Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap())
+        .unwrap()
+        .timestamp_millis()
+}
+
+/// Final results as (key, start, end) -> (count, the named distinct aggregate).
+fn windows_of(records: &[Record], keys: &[&str], distinct: &str) -> Windows {
+    let mut w = Windows::new();
+    for r in records {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        if v["final"] == false {
+            continue;
+        }
+        let key: Vec<&str> = keys.iter().map(|k| v[*k].as_str().unwrap()).collect();
+        let k = (
+            key.join("|"),
+            rfc_ms(&v["window_start"]),
+            rfc_ms(&v["window_end"]),
+        );
+        let val = (v["count"].as_u64().unwrap(), v[distinct].as_u64().unwrap());
+        if let Some(prev) = w.insert(k.clone(), val) {
+            assert_eq!(prev, val, "duplicate final results for {k:?} differ");
+        }
+    }
+    w
+}
+
+/// `pipelines/page_views_hopping.toml`: 60 s windows every 10 s per (page, event type),
+/// count and distinct users, against an oracle over the same events.
+pub async fn hopping_windows_match_the_oracle(broker: &str) {
+    let bed = Bed::with_file(
+        &pipeline_named("page_views_hopping"),
+        broker,
+        "hopping",
+        &[],
+    );
+    let data = lines(5, 6_000, 40, 0);
+    let mut want: HashMap<(String, i64, i64), (u64, std::collections::HashSet<String>)> =
+        HashMap::new();
+    for l in &data {
+        let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+        let t = event_ms(&v);
+        let key = format!(
+            "{}|{}",
+            v["metadata"]["page"].as_str().unwrap(),
+            v["event_type"].as_str().unwrap()
+        );
+        let mut start = t.div_euclid(10_000) * 10_000;
+        while start > t - 60_000 {
+            let e = want
+                .entry((key.clone(), start, start + 60_000))
+                .or_default();
+            e.0 += 1;
+            e.1.insert(v["user_id"].as_str().unwrap().to_string());
+            start -= 10_000;
+        }
+    }
+    let want: Windows = want
+        .into_iter()
+        .map(|(k, (n, users))| (k, (n, users.len() as u64)))
+        .collect();
+    bed.produce(&data).await;
+    let s = bed
+        .pipeline()
+        .await
+        .exit_when_idle(Duration::from_secs(2))
+        .run()
+        .await
+        .expect("run")
+        .counters;
+    assert_eq!(
+        (s.windowed, s.late, s.late_window_misses),
+        (6_000, 0, 0),
+        "{s:?}"
+    );
+    let records = bed
+        .read(&bed.config.sink.topic, want.len(), Duration::from_secs(5))
+        .await;
+    assert_eq!(
+        windows_of(
+            &records,
+            &["metadata.page", "event_type"],
+            "distinct_user_id"
+        ),
+        want
+    );
+}
+
+/// `pipelines/user_sessions.toml`: per-user sessions with a 30 s gap, emitted in update
+/// mode; the final results match an oracle, and updates never exceed their final count.
+pub async fn session_windows_match_the_oracle(broker: &str) {
+    let bed = Bed::with_file(&pipeline_named("user_sessions"), broker, "sessions", &[]);
+    // Sparse: one event every 200 ms over 30 users, so a user's gaps often pass 30 s.
+    let mut g = weir_engine::generate::EventGenerator::new(8, 30);
+    let mut t =
+        weir_engine::generate::Timeline::new(8, weir_engine::generate::DEFAULT_START_MS, 200, 500);
+    let data: Vec<Vec<u8>> = (0..3_000)
+        .map(|_| g.event(t.next_time()).into_bytes())
+        .collect();
+    let mut by_user: HashMap<String, Vec<(i64, String)>> = HashMap::new();
+    for l in &data {
+        let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+        by_user
+            .entry(v["user_id"].as_str().unwrap().to_string())
+            .or_default()
+            .push((
+                event_ms(&v),
+                v["metadata"]["page"].as_str().unwrap().to_string(),
+            ));
+    }
+    let mut want = Windows::new();
+    for (user, mut evs) in by_user {
+        evs.sort();
+        let mut i = 0;
+        while i < evs.len() {
+            let (start, mut end) = (evs[i].0, evs[i].0 + 30_000);
+            let mut pages = std::collections::HashSet::new();
+            let mut n = 0;
+            while i < evs.len() && evs[i].0 < end {
+                end = end.max(evs[i].0 + 30_000);
+                pages.insert(evs[i].1.clone());
+                n += 1;
+                i += 1;
+            }
+            want.insert((user.clone(), start, end), (n, pages.len() as u64));
+        }
+    }
+    assert!(
+        want.len() > 30,
+        "the dataset should split users into several sessions"
+    );
+    bed.produce(&data).await;
+    let s = bed
+        .pipeline()
+        .await
+        .exit_when_idle(Duration::from_secs(2))
+        .run()
+        .await
+        .expect("run")
+        .counters;
+    assert_eq!((s.windowed, s.late), (3_000, 0), "{s:?}");
+    let records = bed
+        .read(&bed.config.sink.topic, usize::MAX, Duration::from_secs(3))
+        .await;
+    let finals = windows_of(&records, &["user_id"], "distinct_page");
+    assert_eq!(finals, want);
+    let mut updates = 0;
+    for r in &records {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        if v["final"] == false {
+            updates += 1;
+            let user = v["user_id"].as_str().unwrap();
+            let (start, count) = (rfc_ms(&v["window_start"]), v["count"].as_u64().unwrap());
+            // An update belongs to a session that ends up containing it.
+            assert!(
+                want.iter().any(|((u, s, e), (n, _))| u == user
+                    && *s <= start
+                    && start < *e
+                    && count <= *n),
+                "update {v} matches no final session"
+            );
+        }
+    }
+    assert!(updates > 0, "update mode emits intermediate results");
 }

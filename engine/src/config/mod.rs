@@ -496,16 +496,23 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             let names = t
                 .str_list(d, "compute")
                 .unwrap_or_else(|| vec!["count".into()]);
-            let mut compute = Vec::new();
+            let mut compute: Vec<AggFn> = Vec::new();
+            let loc = compute_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
             for n in &names {
-                match n.trim() {
-                    "count" => compute.push(AggFn::Count),
-                    other => d.push(
-                        &compute_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
-                        "aggregate.compute",
-                        format!("unknown aggregate `{other}` (supported: count)"),
-                    ),
+                match AggFn::parse(n) {
+                    Ok(f) if compute.contains(&f) => {
+                        d.push(&loc, "aggregate.compute", format!("`{n}` is listed twice"))
+                    }
+                    Ok(f) => compute.push(f),
+                    Err(e) => d.push(&loc, "aggregate.compute", e),
                 }
+            }
+            if names.is_empty() {
+                d.push(
+                    &loc,
+                    "aggregate.compute",
+                    "name at least one aggregate, e.g. [\"count\"]",
+                );
             }
             t.finish(d);
             AggregateConfig { group_by, compute }

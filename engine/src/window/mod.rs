@@ -5,7 +5,7 @@ mod session;
 mod store;
 mod watermark;
 
-pub use session::{Session, SessionStore};
+pub use session::{ClosedSession, Session, SessionStore};
 pub use store::{Acc, Extra, Pane, WindowStore};
 pub use watermark::Watermarks;
 

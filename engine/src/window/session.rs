@@ -6,9 +6,12 @@ use std::collections::BTreeMap;
 use dashmap::DashMap;
 use smallvec::SmallVec;
 
-use super::store::Acc;
+use super::store::{Acc, Extra};
 use super::WindowRange;
-use crate::aggregate::Aggregates;
+use crate::aggregate::{Aggregates, Inputs};
+
+/// A closed session: its window, key, count and other aggregates' state.
+pub type ClosedSession = (WindowRange, Box<[u8]>, Acc, Option<Box<Extra>>);
 use crate::record::Position;
 
 type Hasher = foldhash::fast::RandomState;
@@ -20,8 +23,10 @@ pub struct Session {
     pub start: i64,
     /// Last event time + gap.
     pub end: i64,
-    /// The aggregates.
+    /// The count.
     pub acc: Acc,
+    /// Other aggregates' state, when configured.
+    pub extra: Option<Box<Extra>>,
     /// Lowest source offset that fed it (its partition is `acc.partition`).
     pub min_offset: u64,
     /// The end under which the close index lists it.
@@ -54,14 +59,7 @@ impl SessionStore {
     }
 
     /// Adds an event at `t` for `key`, merging every session it touches.
-    pub fn add(
-        &mut self,
-        key: &[u8],
-        t: i64,
-        pos: Position,
-        aggs: &Aggregates,
-        update: impl FnOnce(&mut Acc),
-    ) {
+    pub fn add(&mut self, key: &[u8], t: i64, pos: Position, aggs: &Aggregates, inputs: &Inputs) {
         let (lo, hi) = (t, t.saturating_add(self.gap));
         let mut list = match self.sessions.get_mut(key) {
             Some(l) => l,
@@ -85,8 +83,8 @@ impl SessionStore {
                         m.end = m.end.max(s.end);
                         m.min_offset = m.min_offset.min(s.min_offset);
                         m.indexed_end = m.indexed_end.min(s.indexed_end);
-                        m.acc.count += s.acc.count;
-                        if let (Some(a), Some(b)) = (m.acc.extra.as_mut(), s.acc.extra) {
+                        m.acc.add(s.acc.count());
+                        if let (Some(a), Some(b)) = (m.extra.as_mut(), s.extra) {
                             Aggregates::merge(&mut a.0, b.0);
                         }
                         m
@@ -100,22 +98,20 @@ impl SessionStore {
         let mut s = merged.unwrap_or_else(|| Session {
             start: lo,
             end: hi,
-            acc: Acc {
-                partition: pos.partition,
-                extra: aggs
-                    .has_state()
-                    .then(|| Box::new(super::Extra(aggs.init()))),
-                ..Acc::default()
-            },
+            acc: Acc::new(pos.partition, false),
+            extra: aggs.has_state().then(|| Box::new(Extra(aggs.init()))),
             min_offset: pos.offset,
             indexed_end: hi,
         });
         s.start = s.start.min(lo);
         s.end = s.end.max(hi);
         s.min_offset = s.min_offset.min(pos.offset);
-        update(&mut s.acc);
-        if self.track_dirty && !s.acc.dirty {
-            s.acc.dirty = true;
+        s.acc.add(1);
+        if let Some(e) = s.extra.as_mut() {
+            aggs.apply(&mut e.0, inputs);
+        }
+        if self.track_dirty && !s.acc.is_dirty() {
+            s.acc.set_dirty(true);
             self.dirty.push(key.into());
         }
         if fresh {
@@ -133,11 +129,7 @@ impl SessionStore {
     }
 
     /// Removes and returns every session whose `end + grace <= watermark`.
-    pub fn close_until(
-        &mut self,
-        watermark: i64,
-        grace: i64,
-    ) -> Vec<(WindowRange, Box<[u8]>, Acc)> {
+    pub fn close_until(&mut self, watermark: i64, grace: i64) -> Vec<ClosedSession> {
         let mut out = Vec::new();
         while let Some(entry) = self.index.first_entry() {
             let at = *entry.key();
@@ -162,6 +154,7 @@ impl SessionStore {
                             },
                             key.clone(),
                             s.acc,
+                            s.extra,
                         ));
                     } else {
                         if list[i].indexed_end == at {
@@ -181,12 +174,12 @@ impl SessionStore {
                 }
             }
         }
-        out.sort_by_key(|(w, _, _)| (w.end, w.start));
+        out.sort_by_key(|(w, ..)| (w.end, w.start));
         out
     }
 
     /// Removes and returns every open session.
-    pub fn drain_all(&mut self) -> Vec<(WindowRange, Box<[u8]>, Acc)> {
+    pub fn drain_all(&mut self) -> Vec<ClosedSession> {
         let mut out = Vec::new();
         for (key, list) in std::mem::take(&mut self.sessions) {
             for s in list {
@@ -197,22 +190,23 @@ impl SessionStore {
                     },
                     key.clone(),
                     s.acc,
+                    s.extra,
                 ));
             }
         }
         self.index.clear();
         self.dirty.clear();
         self.entries = 0;
-        out.sort_by_key(|(w, _, _)| (w.end, w.start));
+        out.sort_by_key(|(w, ..)| (w.end, w.start));
         out
     }
 
     /// Calls `f` with every session changed since the last call, and marks it clean.
-    pub fn drain_updates(&mut self, mut f: impl FnMut(WindowRange, &[u8], &Acc)) {
+    pub fn drain_updates(&mut self, mut f: impl FnMut(WindowRange, &[u8], &Acc, Option<&Extra>)) {
         for key in std::mem::take(&mut self.dirty) {
             if let Some(mut list) = self.sessions.get_mut(&key) {
-                for s in list.iter_mut().filter(|s| s.acc.dirty) {
-                    s.acc.dirty = false;
+                for s in list.iter_mut().filter(|s| s.acc.is_dirty()) {
+                    s.acc.set_dirty(false);
                     f(
                         WindowRange {
                             start: s.start,
@@ -220,6 +214,7 @@ impl SessionStore {
                         },
                         &key,
                         &s.acc,
+                        s.extra.as_deref(),
                     );
                 }
             }
@@ -233,7 +228,7 @@ impl SessionStore {
             .flat_map(|e| {
                 e.value()
                     .iter()
-                    .filter(|s| s.acc.partition == partition)
+                    .filter(|s| s.acc.partition() == partition)
                     .map(|s| s.min_offset)
                     .collect::<Vec<_>>()
             })
@@ -245,7 +240,7 @@ impl SessionStore {
         let mut dropped = 0;
         self.sessions.retain(|_, list| {
             let before = list.len();
-            list.retain(|s| s.acc.partition != partition);
+            list.retain(|s| s.acc.partition() != partition);
             dropped += before - list.len();
             !list.is_empty()
         });
@@ -271,7 +266,7 @@ mod tests {
                 offset,
             },
             &Aggregates::default(),
-            |a| a.count += 1,
+            &Inputs::default(),
         );
     }
 
@@ -290,19 +285,19 @@ mod tests {
         let closed = s.close_until(20, 0);
         assert_eq!(closed.len(), 1, "only b's [3, 13) closed: {closed:?}");
         assert_eq!(
-            (closed[0].0.start, closed[0].0.end, closed[0].2.count),
+            (closed[0].0.start, closed[0].0.end, closed[0].2.count()),
             (3, 13, 1)
         );
         let closed = s.close_until(32, 0);
         assert_eq!(closed.len(), 1);
         assert_eq!(
-            (closed[0].0.start, closed[0].0.end, closed[0].2.count),
+            (closed[0].0.start, closed[0].0.end, closed[0].2.count()),
             (0, 32, 4)
         );
         assert_eq!(s.min_offset(0), Some(5));
         let closed = s.close_until(50, 0);
         assert_eq!(
-            (closed[0].0.start, closed[0].0.end, closed[0].2.count),
+            (closed[0].0.start, closed[0].0.end, closed[0].2.count()),
             (40, 50, 1)
         );
         assert_eq!(s.entries(), 0);

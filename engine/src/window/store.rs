@@ -5,26 +5,69 @@ use std::collections::BTreeMap;
 use dashmap::DashMap;
 
 use super::WindowRange;
+use crate::aggregate::{Aggregates, Inputs};
 use crate::record::Position;
 
-/// State of the aggregates beyond `count`, boxed so a count-only entry stays small.
+/// State of the aggregates beyond `count`, kept beside the counts only when configured.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Extra(pub Box<[crate::aggregate::AggState]>);
 
-/// The state of one (window, key): a count plus, only when configured, the other
-/// aggregates' state. O(1) whatever the number of events (`count_distinct` excepted: it
-/// keeps the distinct values).
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The count of one (window, key) in one 8-byte word: the count (48 bits), the source
+/// partition that fed the entry (15 bits; records keyed by the group key all come from one
+/// partition, so a revoked partition's state can be dropped) and a changed-since-last-
+/// update flag. Other aggregates live in [`Pane::extras`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Acc {
+    bits: u64,
+}
+
+const COUNT_MASK: u64 = (1 << 48) - 1;
+const DIRTY: u64 = 1 << 63;
+
+impl Acc {
+    /// Source partitions an entry can name.
+    pub const MAX_PARTITIONS: u32 = 1 << 15;
+
+    /// An empty accumulator fed by `partition`.
+    pub fn new(partition: u32, dirty: bool) -> Self {
+        debug_assert!(partition < Self::MAX_PARTITIONS);
+        let part = ((partition % Self::MAX_PARTITIONS) as u64) << 48;
+        Acc {
+            bits: part | if dirty { DIRTY } else { 0 },
+        }
+    }
+
     /// Events counted.
-    pub count: u64,
-    /// The source partition that fed this entry (records keyed by the group key all come
-    /// from one partition), so a revoked partition's state can be dropped.
-    pub partition: u32,
-    /// Changed since the last `update` emission.
-    pub dirty: bool,
-    /// Other aggregates' state.
-    pub extra: Option<Box<Extra>>,
+    #[inline]
+    pub fn count(&self) -> u64 {
+        self.bits & COUNT_MASK
+    }
+
+    /// Counts `n` more events (saturating at 2^48 - 1).
+    #[inline]
+    pub fn add(&mut self, n: u64) {
+        let c = (self.count() + n).min(COUNT_MASK);
+        self.bits = (self.bits & !COUNT_MASK) | c;
+    }
+
+    /// The partition that fed this entry.
+    pub fn partition(&self) -> u32 {
+        ((self.bits >> 48) & 0x7fff) as u32
+    }
+
+    /// Whether it changed since the last update emission.
+    pub fn is_dirty(&self) -> bool {
+        self.bits & DIRTY != 0
+    }
+
+    /// Marks it changed (or not).
+    pub fn set_dirty(&mut self, dirty: bool) {
+        if dirty {
+            self.bits |= DIRTY
+        } else {
+            self.bits &= !DIRTY
+        }
+    }
 }
 
 type Hasher = foldhash::fast::RandomState;
@@ -40,14 +83,23 @@ pub struct Pane {
     pub min_offsets: Vec<u64>,
     /// Keys changed since the last `update` emission (only tracked in update mode).
     pub dirty: Vec<Box<[u8]>>,
+    /// Other aggregates' state by key (empty when only `count` is computed).
+    pub extras: DashMap<Box<[u8]>, Extra, Hasher>,
 }
 
 impl Pane {
     fn new(capacity: usize) -> Self {
         Pane {
-            groups: DashMap::with_capacity_and_hasher(capacity, Hasher::default()),
+            // One operator owns a store; two shards (DashMap's minimum) keep small panes
+            // from being split into many half-empty tables.
+            groups: DashMap::with_capacity_and_hasher_and_shard_amount(
+                capacity,
+                Hasher::default(),
+                2,
+            ),
             min_offsets: Vec::new(),
             dirty: Vec::new(),
+            extras: DashMap::with_hasher_and_shard_amount(Hasher::default(), 2),
         }
     }
 }
@@ -76,14 +128,16 @@ impl WindowStore {
         }
     }
 
-    /// Adds one event with group key `key` at `pos` to `window`, updating its accumulator.
+    /// Counts one event with group key `key` at `pos` into `window`, and applies its
+    /// `inputs` to the other aggregates, if any.
     #[inline]
     pub fn add(
         &mut self,
         window: WindowRange,
         key: &[u8],
         pos: Position,
-        update: impl FnOnce(&mut Acc),
+        aggs: &Aggregates,
+        inputs: &Inputs,
     ) {
         let last_size = self.last_size;
         let pane = self
@@ -96,20 +150,26 @@ impl WindowStore {
         }
         let m = &mut pane.min_offsets[p];
         *m = (*m).min(pos.offset);
+        if aggs.has_state() {
+            match pane.extras.get_mut(key) {
+                Some(mut e) => aggs.apply(&mut e.0, inputs),
+                None => {
+                    let mut e = Extra(aggs.init());
+                    aggs.apply(&mut e.0, inputs);
+                    pane.extras.insert(key.into(), e);
+                }
+            }
+        }
         if let Some(mut acc) = pane.groups.get_mut(key) {
-            update(&mut acc);
-            if self.track_dirty && !acc.dirty {
-                acc.dirty = true;
+            acc.add(1);
+            if self.track_dirty && !acc.is_dirty() {
+                acc.set_dirty(true);
                 pane.dirty.push(key.into());
             }
             return;
         }
-        let mut acc = Acc {
-            partition: pos.partition,
-            dirty: self.track_dirty,
-            ..Acc::default()
-        };
-        update(&mut acc);
+        let mut acc = Acc::new(pos.partition, self.track_dirty);
+        acc.add(1);
         pane.groups.insert(key.into(), acc);
         if self.track_dirty {
             pane.dirty.push(key.into());
@@ -117,13 +177,19 @@ impl WindowStore {
         self.entries += 1;
     }
 
+    /// Counts one event, with no other aggregates.
+    pub fn count(&mut self, window: WindowRange, key: &[u8], pos: Position) {
+        self.add(window, key, pos, &Aggregates::default(), &Inputs::default());
+    }
+
     /// Calls `f` with every entry changed since the last call, and marks it clean.
-    pub fn drain_updates(&mut self, mut f: impl FnMut(WindowRange, &[u8], &Acc)) {
+    pub fn drain_updates(&mut self, mut f: impl FnMut(WindowRange, &[u8], &Acc, Option<&Extra>)) {
         for (&(end, start), pane) in &mut self.panes {
             for key in pane.dirty.drain(..) {
                 if let Some(mut acc) = pane.groups.get_mut(&key) {
-                    acc.dirty = false;
-                    f(WindowRange { start, end }, &key, &acc);
+                    acc.set_dirty(false);
+                    let extra = pane.extras.get(&key);
+                    f(WindowRange { start, end }, &key, &acc, extra.as_deref());
                 }
             }
         }
@@ -169,8 +235,9 @@ impl WindowStore {
         let mut dropped = 0;
         for pane in self.panes.values_mut() {
             let before = pane.groups.len();
-            pane.groups.retain(|_, acc| acc.partition != partition);
+            pane.groups.retain(|_, acc| acc.partition() != partition);
             pane.dirty.retain(|k| pane.groups.contains_key(k));
+            pane.extras.retain(|k, _| pane.groups.contains_key(k));
             dropped += before - pane.groups.len();
             if let Some(m) = pane.min_offsets.get_mut(partition as usize) {
                 *m = u64::MAX;
@@ -204,10 +271,10 @@ mod tests {
         let mut s = WindowStore::new();
         let w1 = WindowRange { start: 0, end: 10 };
         let w2 = WindowRange { start: 10, end: 20 };
-        s.add(w2, b"a", pos(0, 5), |a| a.count += 1);
-        s.add(w1, b"a", pos(0, 3), |a| a.count += 1);
-        s.add(w1, b"a", pos(1, 9), |a| a.count += 1);
-        s.add(w1, b"b", pos(0, 4), |a| a.count += 1);
+        s.count(w2, b"a", pos(0, 5));
+        s.count(w1, b"a", pos(0, 3));
+        s.count(w1, b"a", pos(1, 9));
+        s.count(w1, b"b", pos(0, 4));
         assert_eq!(s.entries(), 3);
         assert_eq!(s.min_offset(0), Some(3));
         assert_eq!(s.min_offset(1), Some(9));
@@ -215,7 +282,7 @@ mod tests {
         let closed = s.close_until(12, 2);
         assert_eq!(closed.len(), 1);
         assert_eq!(closed[0].0, w1);
-        assert_eq!(closed[0].1.groups.get(&b"a"[..]).unwrap().count, 2);
+        assert_eq!(closed[0].1.groups.get(&b"a"[..]).unwrap().count(), 2);
         assert!(closed[0].1.dirty.is_empty(), "no tracking unless asked");
         assert_eq!(s.min_offset(0), Some(5));
         assert_eq!(s.min_offset(1), None);
@@ -228,8 +295,8 @@ mod tests {
     fn revoking_a_partition_drops_its_entries_and_offsets() {
         let mut s = WindowStore::new();
         let w = WindowRange { start: 0, end: 10 };
-        s.add(w, b"a", pos(0, 1), |a| a.count += 1);
-        s.add(w, b"b", pos(1, 7), |a| a.count += 1);
+        s.count(w, b"a", pos(0, 1));
+        s.count(w, b"b", pos(1, 7));
         s.revoke(1);
         assert_eq!(s.entries(), 1);
         assert_eq!(s.min_offset(1), None);

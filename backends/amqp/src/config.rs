@@ -1,0 +1,247 @@
+//! `[brokers.amqp]` settings.
+
+use weir_engine::config::{Diagnostics, Node, TableReader, Value};
+
+/// The URL used when `[brokers.amqp]` has no `url`: RabbitMQ's defaults on loopback.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// The exchange type topics are published to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeType {
+    /// `topic`: routing key = topic name; users may bind extra queues with patterns.
+    Topic,
+    /// `direct`: routing key = topic name, exact match.
+    Direct,
+}
+
+/// The kind of queue a topic's records are kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// A classic (mirrored-or-not) durable queue: destructive consumption, order kept on
+    /// requeue. The default.
+    Classic,
+    /// A quorum queue (Raft-replicated).
+    Quorum,
+    /// A RabbitMQ stream: an append-only log read with `x-stream-offset`; the position
+    /// committed by Weir is the stream offset, so a restart resumes (and replays) from it.
+    Stream,
+}
+
+impl QueueType {
+    /// The `x-queue-type` argument value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+            QueueType::Stream => "stream",
+        }
+    }
+}
+
+/// Settings of the RabbitMQ backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpConfig {
+    /// `amqp://user:pass@host:port/vhost` (vhost `/` is `%2f`).
+    pub url: String,
+    /// The exchange every topic is published to (routing key = topic).
+    pub exchange: String,
+    /// Its type.
+    pub exchange_type: ExchangeType,
+    /// Whether the exchange and queues survive a broker restart (and messages are
+    /// published persistent). Quorum queues and streams are always durable.
+    pub durable: bool,
+    /// Unacknowledged deliveries the broker may hand the consumer (`basic.qos`). Open
+    /// windows hold their deliveries unacked, so size it above the events per window plus
+    /// grace (see the README).
+    pub prefetch: u16,
+    /// Classic, quorum or stream queues.
+    pub queue_type: QueueType,
+    /// Where a stream consumer starts when no position was committed yet: `first`, `last`
+    /// or `next`.
+    pub stream_offset: String,
+    /// Declare queues with `x-single-active-consumer`: one consumer at a time receives,
+    /// the others stand by. Keeps redelivery order, which the checkpoint relies on.
+    pub single_active_consumer: bool,
+    /// Declare queues with `x-expires`: RabbitMQ deletes a queue (and its records) unused
+    /// for this long (streams excepted: RabbitMQ refuses it for them). For throw-away
+    /// topics (tests, demos); `None` = queues stay.
+    pub queue_expires: Option<std::time::Duration>,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        AmqpConfig {
+            url: DEFAULT_URL.to_string(),
+            exchange: "weir".to_string(),
+            exchange_type: ExchangeType::Topic,
+            durable: true,
+            prefetch: 10_000,
+            queue_type: QueueType::Classic,
+            stream_offset: "first".to_string(),
+            single_active_consumer: true,
+            queue_expires: None,
+        }
+    }
+}
+
+impl AmqpConfig {
+    /// Reads a `[brokers.amqp]` section (absent = defaults), reporting every problem to `d`
+    /// at its `file:line:col`.
+    pub fn from_section(section: Option<&Node>, d: &mut Diagnostics) -> Self {
+        let mut c = AmqpConfig::default();
+        let Some(Node {
+            value: Value::Table(t),
+            loc,
+        }) = section
+        else {
+            return c;
+        };
+        let mut r = TableReader::new("brokers.amqp", t, loc.clone());
+        if let Some(n) = r.node("url") {
+            match &n.value {
+                Value::Str(s) if s.starts_with("amqp://") || s.starts_with("amqps://") => {
+                    match s.parse::<lapin::uri::AMQPUri>() {
+                        Ok(_) => c.url = s.clone(),
+                        Err(e) => d.push(
+                            &n.loc,
+                            "brokers.amqp.url",
+                            format!("not a valid AMQP URL: {e}"),
+                        ),
+                    }
+                }
+                Value::Str(s) => d.push(
+                    &n.loc,
+                    "brokers.amqp.url",
+                    format!("`{s}` is not an AMQP URL (expected amqp://user:pass@host:port/vhost)"),
+                ),
+                other => d.push(
+                    &n.loc,
+                    "brokers.amqp.url",
+                    format!("expected a string, found {}", other.type_name()),
+                ),
+            }
+        }
+        let exchange_loc = r.node("exchange").map(|n| n.loc.clone());
+        c.exchange = r.str_or(d, "exchange", "weir");
+        if c.exchange.is_empty() || c.exchange.starts_with("amq.") || c.exchange.len() > 255 {
+            if let Some(loc) = &exchange_loc {
+                d.push(
+                    loc,
+                    "brokers.amqp.exchange",
+                    "must be 1..=255 bytes and not start with `amq.` (reserved by RabbitMQ)",
+                );
+            }
+        }
+        c.exchange_type = match one_of(&mut r, d, "exchange_type", &["topic", "direct"]).as_deref()
+        {
+            Some("direct") => ExchangeType::Direct,
+            _ => ExchangeType::Topic,
+        };
+        c.durable = r.bool_or(d, "durable", true);
+        c.prefetch = r.uint_or(d, "prefetch", 10_000, 1..=65_535) as u16;
+        c.queue_type =
+            match one_of(&mut r, d, "queue_type", &["classic", "quorum", "stream"]).as_deref() {
+                Some("quorum") => QueueType::Quorum,
+                Some("stream") => QueueType::Stream,
+                _ => QueueType::Classic,
+            };
+        if let Some(s) = one_of(&mut r, d, "stream_offset", &["first", "last", "next"]) {
+            c.stream_offset = s;
+        }
+        c.single_active_consumer = r.bool_or(d, "single_active_consumer", true);
+        if let Some(loc) = r.node("queue_expires").map(|n| n.loc.clone()) {
+            let e = r.duration_or(d, "queue_expires", std::time::Duration::ZERO);
+            if e.as_millis() == 0 || e.as_millis() > u32::MAX as u128 {
+                d.push(
+                    &loc,
+                    "brokers.amqp.queue_expires",
+                    "must be between 1ms and 49 days",
+                );
+            } else {
+                c.queue_expires = Some(e);
+            }
+        }
+        if !c.durable && c.queue_type != QueueType::Classic {
+            d.push(
+                r.loc(),
+                "brokers.amqp.durable",
+                format!(
+                    "{} queues are always durable; remove `durable = false`",
+                    c.queue_type.as_str()
+                ),
+            );
+        }
+        r.finish(d);
+        c
+    }
+}
+
+/// A string setting restricted to `allowed`; `None` when absent or invalid (reported).
+fn one_of(
+    r: &mut TableReader<'_>,
+    d: &mut Diagnostics,
+    key: &'static str,
+    allowed: &[&str],
+) -> Option<String> {
+    let loc = r.node(key).map(|n| n.loc.clone())?;
+    let s = r.str(d, key)?;
+    if allowed.contains(&s) {
+        Some(s.to_string())
+    } else {
+        d.push(
+            &loc,
+            &r.key_path(key),
+            format!("`{s}` is not one of {}", allowed.join(", ")),
+        );
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_engine::config::{load_str, Overrides};
+
+    fn read(text: &str) -> (AmqpConfig, Diagnostics) {
+        let loaded = load_str("p.toml", text, &Overrides::default());
+        let mut d = Diagnostics::default();
+        let section = loaded
+            .config
+            .brokers
+            .iter()
+            .find(|(n, _)| n == "amqp")
+            .map(|(_, n)| n);
+        (AmqpConfig::from_section(section, &mut d), d)
+    }
+
+    #[test]
+    fn defaults_and_values() {
+        let (c, d) = read(
+            "[brokers.amqp]\nprefetch = 500\nqueue_type = \"quorum\"\nexchange_type = \"direct\"\n",
+        );
+        assert!(d.is_empty(), "{:?}", d.problems());
+        assert_eq!(c.prefetch, 500);
+        assert_eq!(c.queue_type, QueueType::Quorum);
+        assert_eq!(c.exchange_type, ExchangeType::Direct);
+        assert_eq!(c.url, DEFAULT_URL);
+    }
+
+    #[test]
+    fn every_problem_has_a_location() {
+        let (_, d) = read(
+            "[brokers.amqp]\nprefetch = 0\nqueue_type = \"lazy\"\nurl = \"http://x\"\nprefech = 3\ndurable = false\nstream_offset = \"first\"\n",
+        );
+        let keys: Vec<&str> = d.problems().iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(d.problems().len(), 4, "{:?}", d.problems());
+        assert!(keys.contains(&"brokers.amqp.prefetch"));
+        assert!(keys.contains(&"brokers.amqp.queue_type"));
+        assert!(keys.contains(&"brokers.amqp.url"));
+        assert!(keys.contains(&"brokers.amqp.prefech"));
+        for p in d.problems() {
+            assert!(
+                matches!(p.loc, weir_engine::config::Loc::File { .. }),
+                "{p:?}"
+            );
+        }
+    }
+}

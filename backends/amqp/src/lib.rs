@@ -1,0 +1,86 @@
+//! Weir's RabbitMQ backend (AMQP 0-9-1, lapin on tokio).
+//!
+//! Topology: every pipeline topic `T` is a durable queue named `T`, bound to one exchange
+//! (`[brokers.amqp] exchange`, type `topic` or `direct`) with routing key `T`. Sinks publish
+//! to the exchange with routing key `T`; sources consume queue `T`. Both sides declare the
+//! exchange, the queue and the binding, so records published before any consumer exists are
+//! kept, not dropped as unroutable.
+//!
+//! The source acknowledges deliveries only when the runtime commits their position (after
+//! everything derived from them was confirmed by its sink); positions are a counter the
+//! source assigns per delivery (one partition, 0). Each commit acks and records the
+//! position with the engine's checkpoint in a companion queue `weir.checkpoint.T`, in one
+//! AMQP transaction, so a restarted pipeline knows which redelivered records were already
+//! counted in emitted windows. The sink publishes persistent messages with publisher
+//! confirms and waits for every confirm of a batch.
+
+mod config;
+mod error;
+mod sink;
+mod source;
+mod topology;
+
+use std::sync::Arc;
+
+pub use config::{AmqpConfig, ExchangeType, QueueType, DEFAULT_URL};
+pub use error::{is_retryable, redact};
+pub use sink::AmqpSink;
+pub use source::AmqpSource;
+pub use topology::{checkpoint_queue, retry_queue};
+
+/// Connects to `url` and closes again: `Ok` when RabbitMQ answers.
+pub async fn ping(url: &str) -> weir_engine::Result<()> {
+    let cfg = AmqpConfig {
+        url: url.to_string(),
+        ..AmqpConfig::default()
+    };
+    let conn = topology::connect(&cfg, "weir ping").await?;
+    let _ = conn.close(200, "ping".into()).await;
+    Ok(())
+}
+
+/// A configured RabbitMQ backend: makes sources and sinks on its topology.
+#[derive(Debug, Clone)]
+pub struct AmqpBroker {
+    config: Arc<AmqpConfig>,
+}
+
+impl AmqpBroker {
+    /// A backend with these settings (nothing is connected yet).
+    pub fn new(config: AmqpConfig) -> Self {
+        AmqpBroker {
+            config: Arc::new(config),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.config
+    }
+
+    /// A consumer of queue `topic`, connected and with its topology declared.
+    ///
+    /// In AMQP the queue is the consumer group: every consumer of `topic` shares queue
+    /// `topic` (one active at a time with `single_active_consumer`).
+    pub async fn source(&self, topic: &str) -> weir_engine::Result<AmqpSource> {
+        AmqpSource::connect(self.config.clone(), topic).await
+    }
+
+    /// A publisher to the retry queue of `source_topic` (`<source_topic>.retry`): records
+    /// sent to it come back into `source_topic` after `delay` (TTL + dead-letter exchange;
+    /// RabbitMQ counts the trips in the `x-death` header, and headers such as an attempt
+    /// counter travel with the record). Not wired into the engine yet: it has no retry
+    /// topic (issue 8).
+    pub async fn retry_sink(
+        &self,
+        source_topic: &str,
+        delay: std::time::Duration,
+    ) -> weir_engine::Result<AmqpSink> {
+        AmqpSink::connect_retry(self.config.clone(), source_topic, delay).await
+    }
+
+    /// A publisher to `topic`, connected and with its topology declared.
+    pub async fn sink(&self, topic: &str) -> weir_engine::Result<AmqpSink> {
+        AmqpSink::connect(self.config.clone(), topic).await
+    }
+}
