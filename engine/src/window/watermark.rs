@@ -79,25 +79,13 @@ impl Watermarks {
         }
     }
 
-    /// Stops considering `partitions` (revoked): they no longer hold the watermark, and
-    /// their event times are forgotten (a later owner replays them).
-    ///
-    /// When no partition is left (an eager rebalance revokes them all before assigning
-    /// again), no window state is left either, and the watermark starts over: the next
-    /// assignment restores it from the committed checkpoints. Keeping it would make this
-    /// pipeline treat the replay of its own uncommitted input as late.
+    /// Stops considering `partitions` (revoked): they no longer hold the watermark.
     pub fn revoke(&mut self, partitions: &[u32]) {
         for &p in partitions {
             if let Some(part) = self.parts.get_mut(p as usize) {
                 part.idle = true;
                 part.assigned = false;
-                part.max_event = i64::MIN;
             }
-        }
-        if self.parts.iter().all(|p| !p.assigned) {
-            self.global = i64::MIN;
-            self.last_input = None;
-            self.held = false;
         }
     }
 
@@ -222,32 +210,6 @@ mod tests {
         assert_eq!(w.observe(1, 500), 400);
         assert_eq!(w.observe(1, 2_000), 900);
         assert_eq!(w.observe(0, 800), 900, "older events never move it back");
-    }
-
-    #[test]
-    fn revoking_every_partition_starts_the_watermark_over() {
-        let now = Instant::now();
-        let mut w = Watermarks::new(0, Duration::from_secs(5));
-        w.assign(&[0, 1], now);
-        w.touch(0, now);
-        w.touch(1, now);
-        w.observe(0, 5_000);
-        assert_eq!(w.observe(1, 9_000), 5_000);
-        w.revoke(&[1]);
-        assert_eq!(
-            w.current(),
-            5_000,
-            "a partial revocation keeps the watermark"
-        );
-        w.revoke(&[0]);
-        assert_eq!(w.current(), i64::MIN);
-        w.assign(&[0], now);
-        w.restore_and_hold(2_000);
-        assert_eq!(
-            w.current(),
-            2_000,
-            "the checkpoint's watermark, not the old one"
-        );
     }
 
     #[test]
