@@ -6,23 +6,19 @@ use weir_memory::{MemoryBroker, MemoryConfig};
 
 #[cfg(feature = "amqp")]
 use weir_amqp::{AmqpBroker, AmqpConfig};
+#[cfg(feature = "kafka")]
+pub use weir_kafka::{KafkaBroker, KafkaConfig, StartAt};
 #[cfg(feature = "kinesis")]
 use weir_kinesis::{KinesisBroker, KinesisConfig};
-
-/// The backends compiled into this build.
-const AVAILABLE: &[&str] = &[
-    "memory",
-    #[cfg(feature = "amqp")]
-    "amqp",
-    #[cfg(feature = "kinesis")]
-    "kinesis",
-];
 
 /// A configured backend, ready to make sources and sinks.
 #[derive(Debug, Clone)]
 pub enum Backend {
     /// The embedded in-process broker.
     Memory(MemoryBroker),
+    /// A Kafka cluster (rdkafka).
+    #[cfg(feature = "kafka")]
+    Kafka(KafkaBroker),
     /// RabbitMQ over AMQP 0-9-1 (`[brokers.amqp]`).
     #[cfg(feature = "amqp")]
     Amqp(AmqpBroker),
@@ -30,6 +26,17 @@ pub enum Backend {
     #[cfg(feature = "kinesis")]
     Kinesis(KinesisBroker),
 }
+
+/// The backends compiled into this build.
+pub const AVAILABLE: &[&str] = &[
+    "memory",
+    #[cfg(feature = "kafka")]
+    "kafka",
+    #[cfg(feature = "amqp")]
+    "amqp",
+    #[cfg(feature = "kinesis")]
+    "kinesis",
+];
 
 impl Backend {
     /// Reads the chosen backend's `[brokers.NAME]` section, reporting problems to `d`.
@@ -43,12 +50,16 @@ impl Backend {
         // Sections of backends that are not chosen are still checked, so a typo surfaces
         // before the day someone switches to that broker.
         let memory = MemoryConfig::from_section(section("memory"), d);
+        #[cfg(feature = "kafka")]
+        let kafka = KafkaConfig::from_section(section("kafka"), d);
         #[cfg(feature = "amqp")]
         let amqp = AmqpConfig::from_section(section("amqp"), d);
         #[cfg(feature = "kinesis")]
         let kinesis = KinesisConfig::from_section(section("kinesis"), d);
         match c.broker.as_str() {
             "memory" => Some(Backend::Memory(MemoryBroker::new(memory))),
+            #[cfg(feature = "kafka")]
+            "kafka" => Some(Backend::Kafka(KafkaBroker::new(kafka))),
             #[cfg(feature = "amqp")]
             "amqp" => Some(Backend::Amqp(AmqpBroker::new(amqp))),
             #[cfg(feature = "kinesis")]
@@ -72,6 +83,8 @@ impl Backend {
     pub fn name(&self) -> &'static str {
         match self {
             Backend::Memory(_) => "memory",
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(_) => "kafka",
             #[cfg(feature = "amqp")]
             Backend::Amqp(_) => "amqp",
             #[cfg(feature = "kinesis")]
@@ -102,6 +115,8 @@ impl Backend {
     ) -> anyhow::Result<Box<dyn Source>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.source(topic, group))),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(b) => Ok(Box::new(b.source(topic, group).await?)),
             // In AMQP the queue is the group: consumers of a topic share its queue.
             #[cfg(feature = "amqp")]
             Backend::Amqp(b) => Ok(Box::new(b.source(topic).await?)),
@@ -114,10 +129,50 @@ impl Backend {
     pub async fn sink(&self, topic: &str) -> anyhow::Result<Box<dyn Sink>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.sink(topic))),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(b) => Ok(Box::new(b.sink(topic).await?)),
             #[cfg(feature = "amqp")]
             Backend::Amqp(b) => Ok(Box::new(b.sink(topic).await?)),
             #[cfg(feature = "kinesis")]
             Backend::Kinesis(b) => Ok(Box::new(b.sink(topic).await?)),
+        }
+    }
+
+    /// A reader of `topic` outside any consumer group, from the beginning or only new
+    /// records; it commits nothing (for `weir tail`). `None` when the backend has no such
+    /// reader (the in-process memory broker lives and dies with its process).
+    pub async fn reader(
+        &self,
+        topic: &str,
+        from_beginning: bool,
+    ) -> anyhow::Result<Option<Box<dyn Source>>> {
+        match self {
+            Backend::Memory(_) => {
+                let _ = (topic, from_beginning);
+                Ok(None)
+            }
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(_) => {
+                let _ = (topic, from_beginning);
+                Ok(None)
+            }
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(b) => {
+                let start = if from_beginning {
+                    StartAt::Beginning
+                } else {
+                    StartAt::End
+                };
+                Ok(Some(Box::new(b.reader(topic, start).await?)))
+            }
+            // A group-less Kinesis source reads from the start position (trim horizon by
+            // default) and keeps its checkpoints in memory; "only new records" is not offered.
+            #[cfg(feature = "kinesis")]
+            Backend::Kinesis(b) if from_beginning => {
+                Ok(Some(Box::new(b.source(topic, None).await?)))
+            }
+            #[cfg(feature = "kinesis")]
+            Backend::Kinesis(_) => Ok(None),
         }
     }
 }

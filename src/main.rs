@@ -15,6 +15,8 @@ use weir_engine::{Job, OutRecord, Pipeline, Received, Sink, Source, StopReason};
 
 use weir::Backend;
 
+mod io_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "weir",
@@ -34,6 +36,11 @@ enum Command {
     Validate(PipelineArgs),
     /// Print seed-shaped random events as JSON lines.
     Generate(GenerateArgs),
+    /// Publish JSON lines from stdin to the pipeline's source topic (or --topic), keyed by
+    /// its group_by field; waits for acknowledgements and prints how many were sent.
+    Produce(io_cmd::ProduceArgs),
+    /// Print the records of the pipeline's sink topic (or --topic) as JSON lines.
+    Tail(io_cmd::TailArgs),
 }
 
 #[derive(Args)]
@@ -126,6 +133,8 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Produce(a) => io_cmd::produce(a),
+        Command::Tail(a) => io_cmd::tail(a),
         Command::Generate(a) => match generate(a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

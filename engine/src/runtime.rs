@@ -170,11 +170,16 @@ impl Pipeline {
                 }
                 Received::Assigned(parts) => {
                     tracing::info!(partitions = ?parts, "partitions assigned");
+                    // Idleness counts from the moment there is something to read: joining a
+                    // consumer group can take longer than a short idle exit.
+                    last_record = Instant::now();
                     op.assign(&parts, Instant::now());
                     false
                 }
                 Received::Revoked(parts) => {
                     tracing::info!(partitions = ?parts, "partitions revoked; their open windows are left to the new owner");
+                    // A rebalance is under way: wait for the next assignment before idling out.
+                    last_record = Instant::now();
                     op.revoke(&parts);
                     for &p in &parts {
                         if let Some(c) = committed.get_mut(p as usize) {

@@ -1,0 +1,306 @@
+//! `[brokers.kafka]` settings.
+//!
+//! ```toml
+//! [brokers.kafka]
+//! bootstrap_servers = "127.0.0.1:19092"
+//! create_topics = true          # create missing topics at start (source, sink, dead letters)
+//! partitions = 4                # ... with this many partitions
+//! replication_factor = 1        # ... and this replication factor
+//! session_timeout = "6s"        # consumer-group session timeout (librdkafka's 45 s default
+//!                               # makes every group join wait ~23 s)
+//! checkpoint_topic = "weir-checkpoints"  # optional: for brokers that drop commit metadata
+//!
+//! [brokers.kafka.producer]      # any librdkafka producer property, passed through
+//! "linger.ms" = "5"
+//!
+//! [brokers.kafka.consumer]      # any librdkafka consumer property, passed through
+//! "fetch.min.bytes" = "1"
+//! ```
+//!
+//! Pass-through keys may be quoted (`"linger.ms" = 5`) or dotted (`linger.ms = 5`, which
+//! TOML and `--set brokers.kafka.producer.linger.ms=5` turn into nested tables); both
+//! name the librdkafka property `linger.ms`. Values may be strings, integers, floats or
+//! booleans. Each property is checked against librdkafka at load time, so a misspelt
+//! property or a bad value is reported at its `file:line:col`.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use weir_engine::config::{Diagnostics, Loc, Node, TableReader, Value};
+
+/// The default bootstrap address: the test bed's Tansu broker on loopback.
+pub const DEFAULT_BOOTSTRAP: &str = "127.0.0.1:19092";
+
+/// Producer defaults: durable (all in-sync replicas, idempotent), batched (5 ms linger),
+/// compressed with lz4 (built into librdkafka), and a bounded delivery time so a broker
+/// outage surfaces as a retryable error instead of a 5-minute silent wait.
+pub const PRODUCER_DEFAULTS: [(&str, &str); 5] = [
+    ("acks", "all"),
+    ("enable.idempotence", "true"),
+    ("linger.ms", "5"),
+    ("compression.type", "lz4"),
+    ("message.timeout.ms", "30000"),
+];
+
+/// Consumer defaults: Weir commits itself after acknowledgement (never librdkafka's
+/// auto-commit), and a new group reads from the beginning.
+pub const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
+    ("enable.auto.commit", "false"),
+    ("auto.offset.reset", "earliest"),
+    ("enable.partition.eof", "false"),
+];
+
+/// Properties Weir sets itself; setting them in a pass-through table is a mistake.
+const OWNED: [(&str, &str); 3] = [
+    ("bootstrap.servers", "use `bootstrap_servers` in [brokers.kafka]"),
+    ("group.id", "the consumer group is `source.group`"),
+    (
+        "enable.auto.commit",
+        "Weir commits offsets itself once outputs are acknowledged; auto-commit would break at-least-once",
+    ),
+];
+
+/// Settings of the Kafka backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`: comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Create the pipeline's topics at start when they are missing.
+    pub create_topics: bool,
+    /// Partitions of created topics.
+    pub partitions: i32,
+    /// Replication factor of created topics.
+    pub replication_factor: i32,
+    /// Consumer-group session timeout.
+    pub session_timeout: Duration,
+    /// Also keep checkpoints in this one-partition topic, for brokers that do not return
+    /// commit metadata (see `checkpoints.rs`). `None`: commit metadata only.
+    pub checkpoint_topic: Option<String>,
+    /// librdkafka producer properties: defaults, then the `[brokers.kafka.producer]` table.
+    pub producer: Vec<(String, String)>,
+    /// librdkafka consumer properties: defaults, then the `[brokers.kafka.consumer]` table.
+    pub consumer: Vec<(String, String)>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            bootstrap_servers: DEFAULT_BOOTSTRAP.to_string(),
+            create_topics: true,
+            partitions: 4,
+            replication_factor: 1,
+            session_timeout: Duration::from_secs(6),
+            checkpoint_topic: None,
+            producer: PRODUCER_DEFAULTS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            consumer: CONSUMER_DEFAULTS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Reads a `[brokers.kafka]` section (absent = defaults), reporting problems to `d`.
+    pub fn from_section(section: Option<&Node>, d: &mut Diagnostics) -> Self {
+        let mut c = KafkaConfig::default();
+        let Some(Node {
+            value: Value::Table(t),
+            loc,
+        }) = section
+        else {
+            return c;
+        };
+        let mut r = TableReader::new("brokers.kafka", t, loc.clone());
+        if let Some(node) = r.node("bootstrap_servers") {
+            match &node.value {
+                Value::Str(s) if s.split(',').all(|h| valid_host_port(h.trim())) => {
+                    c.bootstrap_servers = s.clone()
+                }
+                Value::Str(s) => d.push(
+                    &node.loc,
+                    &r.key_path("bootstrap_servers"),
+                    format!("`{s}` is not a comma-separated list of host:port"),
+                ),
+                other => d.push(
+                    &node.loc,
+                    &r.key_path("bootstrap_servers"),
+                    format!(
+                        "expected a string such as \"127.0.0.1:9092\", found {}",
+                        other.type_name()
+                    ),
+                ),
+            }
+        }
+        c.create_topics = r.bool_or(d, "create_topics", true);
+        c.partitions = r.uint_or(d, "partitions", 4, 1..=10_000) as i32;
+        c.replication_factor = r.uint_or(d, "replication_factor", 1, 1..=32) as i32;
+        c.session_timeout = r.duration_or(d, "session_timeout", Duration::from_secs(6));
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&c.session_timeout) {
+            let at = r
+                .node("session_timeout")
+                .map(|n| n.loc.clone())
+                .unwrap_or(Loc::Nowhere);
+            d.push(
+                &at,
+                &r.key_path("session_timeout"),
+                "must be between 1s and 1h",
+            );
+        }
+        c.checkpoint_topic = r.str(d, "checkpoint_topic").map(str::to_string);
+        if let Some(t) = &c.checkpoint_topic {
+            if t.is_empty()
+                || t.len() > 249
+                || !t
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch))
+            {
+                let at = r
+                    .node("checkpoint_topic")
+                    .map(|n| n.loc.clone())
+                    .unwrap_or(Loc::Nowhere);
+                d.push(
+                    &at,
+                    &r.key_path("checkpoint_topic"),
+                    format!("`{t}` is not a valid Kafka topic name"),
+                );
+            }
+        }
+        if let Some(mut p) = r.table(d, "producer") {
+            merge(&mut c.producer, passthrough(&mut p, d));
+        }
+        if let Some(mut p) = r.table(d, "consumer") {
+            merge(&mut c.consumer, passthrough(&mut p, d));
+        }
+        r.finish(d);
+        c
+    }
+
+    /// The librdkafka configuration of a producer.
+    pub fn producer_config(&self) -> ClientConfig {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &self.bootstrap_servers);
+        for (k, v) in &self.producer {
+            cc.set(k, v);
+        }
+        cc
+    }
+
+    /// The librdkafka configuration of a consumer in `group`.
+    pub fn consumer_config(&self, group: &str) -> ClientConfig {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &self.bootstrap_servers)
+            .set("group.id", group)
+            .set(
+                "session.timeout.ms",
+                self.session_timeout.as_millis().to_string(),
+            );
+        for (k, v) in &self.consumer {
+            cc.set(k, v);
+        }
+        cc
+    }
+
+    /// The librdkafka configuration of an admin client.
+    pub fn admin_config(&self) -> ClientConfig {
+        let mut cc = ClientConfig::new();
+        cc.set("bootstrap.servers", &self.bootstrap_servers);
+        cc
+    }
+}
+
+fn valid_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    }
+}
+
+fn merge(into: &mut Vec<(String, String)>, from: Vec<(String, String)>) {
+    for (k, v) in from {
+        match into.iter_mut().find(|(x, _)| *x == k) {
+            Some(slot) => slot.1 = v,
+            None => into.push((k, v)),
+        }
+    }
+}
+
+/// Reads a pass-through table of librdkafka properties, flattening nested tables into
+/// dotted names and checking every property with librdkafka itself.
+fn passthrough(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let base = r.key_path("");
+    let base = base.trim_end_matches('.').to_string();
+    flatten(&base, "", r.entries(), d, &mut out);
+    out.into_iter()
+        .filter_map(|(name, value, loc)| {
+            let key_path = format!("{base}.\"{name}\"");
+            if let Some((_, why)) = OWNED.iter().find(|(k, _)| *k == name) {
+                // Turning auto-commit *off* is harmless; anything else Weir owns is not.
+                if !(name == "enable.auto.commit" && value == "false") {
+                    d.push(&loc, &key_path, format!("cannot be set here: {why}"));
+                    return None;
+                }
+            }
+            let mut probe = ClientConfig::new();
+            probe.set(&name, &value);
+            if let Err(e) = probe.create_native_config() {
+                d.push(
+                    &loc,
+                    &key_path,
+                    format!("librdkafka rejects `{name} = {value}`: {}", describe(&e)),
+                );
+                return None;
+            }
+            Some((name, value))
+        })
+        .collect()
+}
+
+fn describe(e: &rdkafka::error::KafkaError) -> String {
+    match e {
+        rdkafka::error::KafkaError::ClientConfig(_, desc, _, _) => desc.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn flatten(
+    base: &str,
+    prefix: &str,
+    entries: &[(String, Loc, Node)],
+    d: &mut Diagnostics,
+    out: &mut Vec<(String, String, Loc)>,
+) {
+    for (k, loc, node) in entries {
+        let name = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        let value = match &node.value {
+            Value::Str(s) => s.clone(),
+            Value::Int(i) => i.to_string(),
+            Value::Float(f) => f.to_string(),
+            Value::Bool(b) => b.to_string(),
+            Value::Table(t) => {
+                flatten(base, &name, &t.entries, d, out);
+                continue;
+            }
+            other => {
+                d.push(
+                    loc,
+                    &format!("{base}.\"{name}\""),
+                    format!(
+                        "expected a librdkafka property value (string, number or boolean), found {}",
+                        other.type_name()
+                    ),
+                );
+                continue;
+            }
+        };
+        out.push((name, value, loc.clone()));
+    }
+}

@@ -1,0 +1,101 @@
+//! The Kafka backend's errors and how they map onto the engine's.
+
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use weir_engine::EngineError;
+
+/// What went wrong talking to Kafka.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// A client could not be created from its configuration (a librdkafka property the
+    /// load-time check could not catch). Not retryable.
+    #[error("cannot create the Kafka {what}: {source}")]
+    Client {
+        /// `producer`, `consumer` or `admin client`.
+        what: &'static str,
+        /// librdkafka's reason.
+        source: RdError,
+    },
+    /// Receiving failed (broker unreachable, fetch error).
+    #[error("receiving from `{topic}` failed: {source}")]
+    Receive {
+        /// The topic.
+        topic: String,
+        /// librdkafka's reason.
+        source: RdError,
+    },
+    /// A record was not acknowledged.
+    #[error("delivery to `{topic}` failed: {source}")]
+    Delivery {
+        /// The topic.
+        topic: String,
+        /// librdkafka's reason.
+        source: RdError,
+    },
+    /// Committing offsets failed.
+    #[error("committing offsets of `{topic}` failed: {source}")]
+    Commit {
+        /// The topic.
+        topic: String,
+        /// librdkafka's reason.
+        source: RdError,
+    },
+    /// Creating or describing a topic failed.
+    #[error("topic `{topic}`: {message}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// What went wrong.
+        message: String,
+        /// Whether trying again may help (broker unreachable).
+        retryable: bool,
+    },
+    /// A delivery future was dropped by librdkafka (the producer is shutting down).
+    #[error("the producer of `{0}` was shut down before acknowledging")]
+    Canceled(String),
+}
+
+impl KafkaError {
+    /// Whether retrying the same call may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            KafkaError::Client { .. } => false,
+            KafkaError::Receive { source, .. } | KafkaError::Commit { source, .. } => {
+                !is_permanent(source)
+            }
+            KafkaError::Delivery { source, .. } => !is_permanent(source),
+            KafkaError::Topic { retryable, .. } => *retryable,
+            KafkaError::Canceled(_) => true,
+        }
+    }
+}
+
+/// Errors that retrying will not cure: authorisation, records the broker will never take,
+/// topics that cannot exist. Everything else (timeouts, transport, leadership changes,
+/// broker down) is treated as transient.
+fn is_permanent(e: &RdError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            MessageSizeTooLarge
+                | InvalidMessageSize
+                | InvalidMessage
+                | MessageBatchTooLarge
+                | TopicAuthorizationFailed
+                | GroupAuthorizationFailed
+                | ClusterAuthorizationFailed
+                | InvalidTopic
+                | InvalidConfig
+                | InvalidArgument
+                | UnsupportedVersion
+                | Fatal
+        )
+    )
+}
+
+impl From<KafkaError> for EngineError {
+    fn from(e: KafkaError) -> Self {
+        let retryable = e.is_retryable();
+        EngineError::backend("kafka", e, retryable)
+    }
+}

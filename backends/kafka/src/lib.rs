@@ -1,0 +1,298 @@
+//! Weir's Kafka backend (rdkafka over a bundled librdkafka).
+//!
+//! - [`KafkaSource`]: a consumer in the pipeline's group that commits offsets — with the
+//!   engine's [`Checkpoint`](weir_engine::Checkpoint) as commit metadata — only when the
+//!   runtime says every output derived from them was acknowledged, and that turns
+//!   rebalances into [`Received::Assigned`](weir_engine::Received) /
+//!   [`Received::Revoked`](weir_engine::Received).
+//! - [`KafkaSink`]: a producer (batching, compression, `acks=all`, idempotence as
+//!   configured) whose `send` returns once every record's delivery report arrived.
+//! - [`KafkaConfig`]: the `[brokers.kafka]` section.
+//!
+//! Broker outages are retryable errors (the runtime retries with backoff and logs);
+//! configuration problems are reported when the pipeline file is loaded.
+
+mod checkpoints;
+mod config;
+mod error;
+mod sink;
+mod source;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::FutureProducer;
+use rdkafka::Offset;
+
+pub use config::{KafkaConfig, CONSUMER_DEFAULTS, DEFAULT_BOOTSTRAP, PRODUCER_DEFAULTS};
+pub use error::KafkaError;
+pub use sink::KafkaSink;
+pub use source::{KafkaSource, RebalanceContext};
+
+/// Where a group-less reader starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// The earliest retained record of each partition.
+    Beginning,
+    /// Only records produced from now on.
+    End,
+}
+
+/// A configured Kafka cluster: makes sources and sinks. Cloning shares the producer.
+#[derive(Clone)]
+pub struct KafkaBroker {
+    config: Arc<KafkaConfig>,
+    producer: Arc<OnceLock<Arc<FutureProducer>>>,
+    ensured: Arc<Mutex<HashSet<String>>>,
+}
+
+impl std::fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBroker")
+            .field("bootstrap_servers", &self.config.bootstrap_servers)
+            .finish()
+    }
+}
+
+impl KafkaBroker {
+    /// A broker client with these settings. Nothing connects until a source or sink is made.
+    pub fn new(config: KafkaConfig) -> Self {
+        KafkaBroker {
+            config: Arc::new(config),
+            producer: Arc::default(),
+            ensured: Arc::default(),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.config
+    }
+
+    /// A consumer of `topic` in `group` (group mode; commits), or — without a group — a
+    /// reader of every partition from the beginning that commits nothing.
+    pub async fn source(
+        &self,
+        topic: &str,
+        group: Option<&str>,
+    ) -> Result<KafkaSource, KafkaError> {
+        self.ensure_topic(topic).await?;
+        match group {
+            Some(g) => {
+                let store = match &self.config.checkpoint_topic {
+                    Some(t) => {
+                        self.ensure_topic_with(t, 1).await?;
+                        Some(checkpoints::CheckpointStore {
+                            producer: self.producer()?,
+                            config: self.config.clone(),
+                            topic: t.clone(),
+                            group: g.to_string(),
+                        })
+                    }
+                    None => None,
+                };
+                let consumer = self
+                    .config
+                    .consumer_config(g)
+                    .create_with_context(RebalanceContext::default())
+                    .map_err(|source| KafkaError::Client {
+                        what: "consumer",
+                        source,
+                    })?;
+                KafkaSource::subscribed(consumer, topic, store)
+            }
+            None => self.reader(topic, StartAt::Beginning).await,
+        }
+    }
+
+    /// A group-less reader of every partition of `topic`, from `start`; commits nothing.
+    pub async fn reader(&self, topic: &str, start: StartAt) -> Result<KafkaSource, KafkaError> {
+        self.ensure_topic(topic).await?;
+        let partitions = self.partitions(topic).await?;
+        let consumer = self
+            .config
+            .consumer_config("weir-reader")
+            .create_with_context(RebalanceContext::default())
+            .map_err(|source| KafkaError::Client {
+                what: "consumer",
+                source,
+            })?;
+        let start = match start {
+            StartAt::Beginning => Offset::Beginning,
+            StartAt::End => Offset::End,
+        };
+        KafkaSource::fixed(consumer, topic, partitions, start)
+    }
+
+    /// A producer to `topic`. Every sink of this broker shares one librdkafka producer.
+    pub async fn sink(&self, topic: &str) -> Result<KafkaSink, KafkaError> {
+        self.ensure_topic(topic).await?;
+        Ok(KafkaSink::new(self.producer()?, topic))
+    }
+
+    fn producer(&self) -> Result<Arc<FutureProducer>, KafkaError> {
+        if let Some(p) = self.producer.get() {
+            return Ok(p.clone());
+        }
+        let p: FutureProducer =
+            self.config
+                .producer_config()
+                .create()
+                .map_err(|source| KafkaError::Client {
+                    what: "producer",
+                    source,
+                })?;
+        Ok(self.producer.get_or_init(|| Arc::new(p)).clone())
+    }
+
+    /// The number of partitions of `topic`, waiting (with a log line every attempt) while
+    /// the broker is unreachable.
+    pub async fn partitions(&self, topic: &str) -> Result<i32, KafkaError> {
+        let probe: BaseConsumer = self
+            .config
+            .consumer_config("weir-metadata")
+            .create()
+            .map_err(|source| KafkaError::Client {
+                what: "consumer",
+                source,
+            })?;
+        let probe = Arc::new(probe);
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let p = probe.clone();
+            let t = topic.to_string();
+            let got = tokio::task::spawn_blocking(move || {
+                p.fetch_metadata(Some(&t), Duration::from_secs(5))
+            })
+            .await
+            .map_err(|e| KafkaError::Topic {
+                topic: topic.to_string(),
+                message: e.to_string(),
+                retryable: true,
+            })?;
+            match got {
+                Ok(md) => {
+                    let n = md
+                        .topics()
+                        .iter()
+                        .find(|t| t.name() == topic)
+                        .filter(|t| t.error().is_none())
+                        .map(|t| t.partitions().len() as i32)
+                        .unwrap_or(0);
+                    if n > 0 {
+                        return Ok(n);
+                    }
+                    tracing::warn!(topic, retry_in = ?delay, "kafka: topic has no partitions yet (missing?); retrying");
+                }
+                Err(e) => tracing::warn!(
+                    topic,
+                    error = %e,
+                    retry_in = ?delay,
+                    "kafka: cannot read metadata from {}; retrying",
+                    self.config.bootstrap_servers
+                ),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// Creates `topic` when `create_topics` is on and it is missing. While the broker is
+    /// unreachable this waits, logging every attempt.
+    pub async fn ensure_topic(&self, topic: &str) -> Result<(), KafkaError> {
+        self.ensure_topic_with(topic, self.config.partitions).await
+    }
+
+    async fn ensure_topic_with(&self, topic: &str, partitions: i32) -> Result<(), KafkaError> {
+        if !self.config.create_topics
+            || self
+                .ensured
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(topic)
+        {
+            return Ok(());
+        }
+        let admin: AdminClient<DefaultClientContext> = self
+            .config
+            .admin_config()
+            .create()
+            .map_err(|source| KafkaError::Client {
+                what: "admin client",
+                source,
+            })?;
+        let new = NewTopic::new(
+            topic,
+            partitions,
+            TopicReplication::Fixed(self.config.replication_factor),
+        );
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let outcome = match admin.create_topics([&new], &opts).await {
+                Ok(results) => match results.into_iter().next() {
+                    Some(Ok(_)) => {
+                        tracing::info!(
+                            topic,
+                            partitions,
+                            replication_factor = self.config.replication_factor,
+                            "kafka: created topic"
+                        );
+                        Ok(())
+                    }
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => Ok(()),
+                    Some(Err((_, code))) => Err((code.to_string(), transient(code))),
+                },
+                Err(e) => Err((e.to_string(), true)),
+            };
+            match outcome {
+                Ok(()) => {
+                    self.ensured
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(topic.to_string());
+                    return Ok(());
+                }
+                Err((message, true)) => {
+                    tracing::warn!(
+                        topic,
+                        error = %message,
+                        retry_in = ?delay,
+                        "kafka: cannot create the topic at {}; retrying",
+                        self.config.bootstrap_servers
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+                Err((message, false)) => {
+                    return Err(KafkaError::Topic {
+                        topic: topic.to_string(),
+                        message: format!("cannot create it: {message}"),
+                        retryable: false,
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn transient(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        RequestTimedOut
+            | BrokerTransportFailure
+            | AllBrokersDown
+            | NotController
+            | LeaderNotAvailable
+            | NetworkException
+            | BrokerNotAvailable
+            | OperationTimedOut
+            | CoordinatorNotAvailable
+    )
+}

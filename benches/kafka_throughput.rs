@@ -1,0 +1,310 @@
+//! Kafka throughput on the test broker (`scripts/brokers up kafka`, or WEIR_KAFKA_BOOTSTRAP):
+//! 1,000,000 seed events over 1,000 users are produced into a fresh 4-partition topic, then
+//!
+//! (a) raw: an rdkafka `BaseConsumer` assigned to every partition reads them all, touching
+//!     each payload and nothing more;
+//! (b) Weir: `pipelines/user_activity.toml` on the Kafka backend reads the same topic in a
+//!     fresh consumer group, decodes, validates and counts per user in 10 s tumbling
+//!     windows, produces every result to a sink topic with acks=all and commits.
+//!
+//! Both are timed from their first record to their last (Weir: to the end of the run,
+//! which includes the final windows' results and commit; the group join before the first
+//! record is not counted, and the run ends when the topic is drained, with no idle wait).
+//!
+//! `cargo bench --bench kafka_throughput` (WEIR_BENCH_EVENTS changes the count).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Message as _;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use weir::Backend;
+use weir_engine::config::Overrides;
+use weir_engine::{Checkpoint, Job, OutRecord, Pipeline, Position, Received, Source};
+
+/// Ends the run once `total` records were delivered (the topic is drained), and notes
+/// when the first record arrived.
+struct Drained {
+    inner: Box<dyn Source>,
+    seen: usize,
+    total: usize,
+    first: Arc<Mutex<Option<Instant>>>,
+}
+
+#[async_trait]
+impl Source for Drained {
+    fn topic(&self) -> &str {
+        self.inner.topic()
+    }
+    async fn recv(&mut self, max: usize, wait: Duration) -> weir_engine::Result<Received> {
+        if self.seen >= self.total {
+            return Ok(Received::End);
+        }
+        let r = self.inner.recv(max, wait).await?;
+        if let Received::Batch(b) = &r {
+            if !b.is_empty() {
+                self.first.lock().unwrap().get_or_insert_with(Instant::now);
+                self.seen += b.len();
+            }
+        }
+        Ok(r)
+    }
+    async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> weir_engine::Result<()> {
+        self.inner.commit(positions).await
+    }
+}
+
+fn main() {
+    let n: usize = std::env::var("WEIR_BENCH_EVENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let bootstrap =
+        std::env::var("WEIR_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let reachable =
+        std::net::ToSocketAddrs::to_socket_addrs(bootstrap.split(',').next().unwrap_or_default())
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|sa| {
+                std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(3)).is_ok()
+            });
+    assert!(
+        reachable,
+        "Kafka at {bootstrap} is not reachable: run scripts/brokers up kafka"
+    );
+
+    let id = weir_engine::time::now_millis();
+    // WEIR_BENCH_SET="source.batch_size=8192;brokers.kafka.producer.linger.ms=0" tries
+    // other settings.
+    let extra: Vec<String> = std::env::var("WEIR_BENCH_SET")
+        .map(|s| {
+            s.split(';')
+                .filter(|x| !x.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let overrides = Overrides {
+        sets: vec![
+            format!("source.topic=bench-in-{id}"),
+            format!("source.group=bench-group-{id}"),
+            format!("sink.topic=bench-out-{id}"),
+            format!("dead_letter.topic=bench-dlq-{id}"),
+            format!("brokers.kafka.bootstrap_servers={bootstrap}"),
+        ]
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect(),
+        broker: Some(("kafka".into(), "--broker kafka".into())),
+    };
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/user_activity.toml");
+    let (c, backend) = Backend::load(&path, &overrides).unwrap_or_else(|e| panic!("{e}"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    println!(
+        "kafka throughput, {n} events over 1,000 users, broker {bootstrap}, settings {extra:?}"
+    );
+    let events = weir_engine::generate::dataset(7, n, 1_000, 0);
+    let bytes: usize = events.iter().map(String::len).sum();
+    rt.block_on(async {
+        let mut sink = backend.sink(&c.source.topic).await.expect("sink");
+        let t = Instant::now();
+        for chunk in events.chunks(10_000) {
+            let batch: Vec<OutRecord> = chunk
+                .iter()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    OutRecord {
+                        key: v["user_id"].as_str().map(|u| Bytes::from(u.to_string())),
+                        payload: Bytes::from(l.clone()),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            sink.send(&batch).await.expect("produce");
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "  produce (acks=all, idempotent, lz4): {:>10.0} events/s  ({n} in {s:.2} s, {:.0} MB)",
+            n as f64 / s,
+            bytes as f64 / 1e6
+        );
+    });
+    drop(events);
+
+    // (a) raw rdkafka consume.
+    let raw = raw_consume(
+        &bootstrap,
+        &c.source.topic,
+        n,
+        &format!("bench-raw-{id}"),
+        "(a)",
+    );
+
+    // (b) Weir: Kafka -> decode -> window -> Kafka.
+    let weir = rt.block_on(async {
+        let first = Arc::new(Mutex::new(None));
+        let source = Drained {
+            inner: backend.source(&c.source.topic, Some(&c.source.group)).await.expect("source"),
+            seen: 0,
+            total: n,
+            first: first.clone(),
+        };
+        let pipeline = Pipeline::new(
+            Job::from_config(&c),
+            Box::new(source),
+            backend.sink(&c.sink.topic).await.expect("sink"),
+            backend.sink(&c.dead_letter.topic).await.expect("dead-letter sink"),
+        );
+        let summary = pipeline.run().await.expect("pipeline");
+        let s = first.lock().unwrap().expect("records arrived").elapsed().as_secs_f64();
+        let k = summary.counters;
+        assert_eq!(k.events_in as usize, n, "{k:?}");
+        assert!(k.balanced(), "{k:?}");
+        let rate = n as f64 / s;
+        println!(
+            "  (b) Weir Kafka -> window -> Kafka:  {rate:>10.0} events/s  ({n} in {s:.2} s; {} results produced, {} late, {} commits)",
+            k.results_out, k.late, k.commits
+        );
+        rate
+    });
+    println!("  Weir / raw: {:.0} %", 100.0 * weir / raw);
+
+    // (c) Weir with its outputs discarded: the Kafka source and the engine alone (a second
+    // fresh group over the same topic), to separate consuming from producing results.
+    let no_output = rt.block_on(async {
+        let first = Arc::new(Mutex::new(None));
+        let source = Drained {
+            inner: backend
+                .source(&c.source.topic, Some(&format!("{}-null", c.source.group)))
+                .await
+                .expect("source"),
+            seen: 0,
+            total: n,
+            first: first.clone(),
+        };
+        let pipeline = Pipeline::new(
+            Job::from_config(&c),
+            Box::new(source),
+            Box::new(Null),
+            Box::new(Null),
+        );
+        let summary = pipeline.run().await.expect("pipeline");
+        let s = first
+            .lock()
+            .unwrap()
+            .expect("records arrived")
+            .elapsed()
+            .as_secs_f64();
+        assert_eq!(summary.counters.events_in as usize, n);
+        let rate = n as f64 / s;
+        println!(
+            "  (c) Weir Kafka -> window -> (discarded): {rate:>10.0} events/s  ({n} in {s:.2} s)"
+        );
+        rate
+    });
+    println!(
+        "  Weir without producing results / raw: {:.0} %",
+        100.0 * no_output / raw
+    );
+
+    // (d) The Kafka source alone: `recv` in a loop, as the runtime calls it.
+    rt.block_on(async {
+        let mut src = backend
+            .source(&c.source.topic, Some(&format!("{}-src", c.source.group)))
+            .await
+            .expect("source");
+        let (mut got, mut first, mut batches) = (0usize, None, 0usize);
+        while got < n {
+            if let Received::Batch(b) = src.recv(c.source.batch_size, Duration::from_millis(200)).await.expect("recv") {
+                if !b.is_empty() {
+                    first.get_or_insert_with(Instant::now);
+                    got += b.len();
+                    batches += 1;
+                }
+            }
+        }
+        let s = first.unwrap().elapsed().as_secs_f64();
+        println!(
+            "  (d) Weir Kafka source alone:        {:>10.0} events/s  ({n} in {s:.2} s, {:.0} records per batch)",
+            n as f64 / s,
+            n as f64 / batches as f64
+        );
+        let mut src = backend.reader(&c.source.topic, true).await.expect("reader").expect("kafka reader");
+        let (mut got, mut first) = (0usize, None);
+        while got < n {
+            if let Received::Batch(b) = src.recv(c.source.batch_size, Duration::from_millis(200)).await.expect("recv") {
+                if !b.is_empty() {
+                    first.get_or_insert_with(Instant::now);
+                    got += b.len();
+                }
+            }
+        }
+        let s = first.unwrap().elapsed().as_secs_f64();
+        println!("  (e) Weir Kafka reader (no group):   {:>10.0} events/s  ({n} in {s:.2} s)", n as f64 / s);
+    });
+    raw_consume(
+        &bootstrap,
+        &c.source.topic,
+        n,
+        &format!("bench-raw2-{id}"),
+        "(f) again:",
+    );
+}
+
+/// Reads `n` records of every partition of `topic` with a plain `BaseConsumer`.
+fn raw_consume(bootstrap: &str, topic: &str, n: usize, group: &str, label: &str) -> f64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let parts = md.topics()[0].partitions().len() as i32;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).expect("assign");
+    let (mut got, mut touched) = (0usize, 0usize);
+    let mut first = None;
+    while got < n {
+        match consumer.poll(Duration::from_secs(10)) {
+            Some(Ok(m)) => {
+                first.get_or_insert_with(Instant::now);
+                touched += m.payload().map_or(0, <[u8]>::len);
+                got += 1;
+            }
+            Some(Err(e)) => panic!("raw consume: {e}"),
+            None => panic!("raw consume: nothing for 10 s after {got} records"),
+        }
+    }
+    let s = first.unwrap().elapsed().as_secs_f64();
+    let rate = n as f64 / s;
+    println!("  {label} raw rdkafka BaseConsumer:       {rate:>10.0} events/s  ({n} in {s:.2} s, {touched} payload bytes)");
+    rate
+}
+
+/// A sink that acknowledges everything at once.
+struct Null;
+
+#[async_trait]
+impl weir_engine::Sink for Null {
+    fn name(&self) -> &str {
+        "null"
+    }
+    async fn send(&mut self, _: &[OutRecord]) -> weir_engine::Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,189 @@
+//! `weir produce` and `weir tail`: JSON lines into a pipeline's source topic, and a
+//! topic's records out as JSON lines, on any backend whose topics outlive the process
+//! (not `memory`: its topics live and die with one process; use `weir run` there).
+
+use std::io::{BufRead as _, Write as _};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+use weir::Backend;
+use weir_engine::config::PipelineConfig;
+use weir_engine::{OutRecord, Received};
+
+use crate::PipelineArgs;
+
+/// `weir produce`.
+#[derive(Args)]
+pub struct ProduceArgs {
+    #[command(flatten)]
+    p: PipelineArgs,
+    /// Publish to this topic instead of the pipeline's source topic.
+    #[arg(long)]
+    topic: Option<String>,
+}
+
+/// `weir tail`.
+#[derive(Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    p: PipelineArgs,
+    /// Print this topic instead of the pipeline's sink topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Start at the oldest retained record instead of only new ones.
+    #[arg(long)]
+    from_beginning: bool,
+    /// Exit 0 once no new record arrived for this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    idle_exit: Option<f64>,
+}
+
+fn setup(
+    p: &PipelineArgs,
+    verb: &str,
+) -> Result<(PipelineConfig, Backend, tokio::runtime::Runtime), ExitCode> {
+    let (c, backend) = crate::load(p).map_err(|e| {
+        eprint!("{e}");
+        ExitCode::from(2)
+    })?;
+    if matches!(backend, Backend::Memory(_)) {
+        eprintln!(
+            "error: `weir {verb}` needs a broker whose topics outlive this process; the memory \
+             backend lives inside one `weir run` (which feeds and prints it itself). Use \
+             --broker kafka (or another broker backend)."
+        );
+        return Err(ExitCode::from(2));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        })?;
+    Ok((c, backend, rt))
+}
+
+/// Reads JSON lines on stdin and publishes them, keyed by the pipeline's (first)
+/// `group_by` field, waiting for every acknowledgement; prints how many were sent.
+pub fn produce(a: ProduceArgs) -> ExitCode {
+    let (c, backend, rt) = match setup(&a.p, "produce") {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let topic = a.topic.clone().unwrap_or_else(|| c.source.topic.clone());
+    let key_field = c.aggregate.group_by.first().cloned();
+    let result = rt.block_on(async {
+        let mut sink = backend.sink(&topic).await?;
+        let stdin = std::io::stdin();
+        let mut lines = stdin.lock().split(b'\n');
+        let mut sent = 0u64;
+        loop {
+            let mut batch = Vec::with_capacity(1000);
+            for line in lines.by_ref() {
+                let mut line = line?;
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                batch.push(OutRecord {
+                    key: key_field.as_deref().and_then(|f| key_of(&line, f)),
+                    payload: Bytes::from(line),
+                    ..Default::default()
+                });
+                if batch.len() == 1000 {
+                    break;
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            sink.send(&batch).await?;
+            sent += batch.len() as u64;
+        }
+        anyhow::Ok(sent)
+    });
+    match result {
+        Ok(n) => {
+            println!(
+                "sent {n} record{} to {topic} (all acknowledged)",
+                if n == 1 { "" } else { "s" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The key of an event: its `field`, unquoted when it is a string, as JSON text otherwise.
+/// Lines that are not JSON objects get no key (the pipeline dead-letters them).
+fn key_of(line: &[u8], field: &str) -> Option<Bytes> {
+    let v: serde_json::Value = serde_json::from_slice(line).ok()?;
+    match v.get(field)? {
+        serde_json::Value::String(s) => Some(Bytes::from(s.clone().into_bytes())),
+        serde_json::Value::Null => None,
+        other => Some(Bytes::from(other.to_string().into_bytes())),
+    }
+}
+
+/// Prints a topic's records (their payloads, one per line) as they arrive.
+pub fn tail(a: TailArgs) -> ExitCode {
+    let (c, backend, rt) = match setup(&a.p, "tail") {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let idle = match a.idle_exit {
+        Some(s) if !(s.is_finite() && s >= 0.0) => {
+            eprintln!("error: --idle-exit must be a number of seconds, 0 or more");
+            return ExitCode::from(2);
+        }
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => None,
+    };
+    let topic = a.topic.clone().unwrap_or_else(|| c.sink.topic.clone());
+    let result = rt.block_on(async {
+        let Some(mut src) = backend.reader(&topic, a.from_beginning).await? else {
+            anyhow::bail!("the {} backend has no reader", backend.name());
+        };
+        let mut last = tokio::time::Instant::now();
+        let out = std::io::stdout();
+        loop {
+            let received = tokio::select! {
+                r = src.recv(1000, Duration::from_millis(200)) => r?,
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            match received {
+                Received::Batch(b) if !b.is_empty() => {
+                    let mut buf = Vec::with_capacity(b.len() * 128);
+                    for r in &b {
+                        buf.extend_from_slice(&r.payload);
+                        buf.push(b'\n');
+                    }
+                    let mut out = out.lock();
+                    out.write_all(&buf).and_then(|_| out.flush())?;
+                    last = tokio::time::Instant::now();
+                }
+                Received::End => return Ok(()),
+                Received::Assigned(_) => last = tokio::time::Instant::now(),
+                _ => {}
+            }
+            if idle.is_some_and(|d| last.elapsed() >= d) {
+                return Ok(());
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The conformance suite on Kafka (the test bed's Tansu, or any Kafka at
+//! WEIR_KAFKA_BOOTSTRAP), plus what only Kafka has: dead-letter headers, restart and
+//! two pipeline instances sharing one consumer group, and `[brokers.kafka]` checking.
+//!
+//! These tests need a running broker and fail (never skip) without one:
+//! `scripts/brokers up kafka`.
+
+mod conformance;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use conformance::{oracle, results, Bed};
+use weir_engine::record::{
+    HEADER_ERROR, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
+};
+use weir_engine::{OutRecord, StopReason};
+
+/// Panics with instructions unless a Kafka broker answers at the configured address.
+fn require_kafka() {
+    // WEIR_LOG=info shows the pipelines' and librdkafka's log lines.
+    if let Ok(filter) = std::env::var("WEIR_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+    let addr = std::env::var("WEIR_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let first = addr
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
+        .ok()
+        .and_then(|mut a| a.next())
+        .is_some_and(|sa| {
+            std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(3)).is_ok()
+        });
+    assert!(
+        reachable,
+        "Kafka at {addr} is not reachable: run scripts/brokers up kafka (or set WEIR_KAFKA_BOOTSTRAP)"
+    );
+}
+
+#[tokio::test]
+async fn kafka_counts_match_the_oracle() {
+    require_kafka();
+    conformance::counts_match_the_oracle("kafka").await;
+}
+
+#[tokio::test]
+async fn kafka_bad_input_goes_to_dead_letters() {
+    require_kafka();
+    conformance::bad_input_goes_to_dead_letters("kafka").await;
+}
+
+#[tokio::test]
+async fn kafka_restart_loses_nothing() {
+    require_kafka();
+    let second_run = conformance::restart_loses_nothing("kafka").await;
+    // The checkpoint came back as commit metadata and recognised replayed records.
+    assert!(second_run.replayed > 0, "{second_run:?}");
+}
+
+#[tokio::test]
+async fn kafka_idle_input_still_closes_the_last_window() {
+    require_kafka();
+    conformance::idle_input_still_closes_the_last_window("kafka").await;
+}
+
+/// A dead letter on Kafka keeps the original key and headers and adds the `weir.*`
+/// headers naming the reason and the source record.
+#[tokio::test]
+async fn kafka_dead_letters_carry_key_and_headers() {
+    require_kafka();
+    let bed = Bed::new("kafka", "dlq-headers", &[]);
+    let bad = OutRecord {
+        key: Some(Bytes::from_static(b"User7")),
+        payload: Bytes::from_static(b"{\"user_id\": \"User7\", "),
+        headers: vec![("trace-id".into(), Bytes::from_static(b"abc-123"))],
+        timestamp: None,
+    };
+    let mut sink = bed
+        .backend
+        .sink(&bed.config.source.topic)
+        .await
+        .expect("sink");
+    weir_engine::Sink::send(&mut *sink, std::slice::from_ref(&bad))
+        .await
+        .expect("produce");
+    let summary = bed
+        .pipeline()
+        .await
+        .exit_when_idle(Duration::from_secs(2))
+        .run()
+        .await
+        .expect("run");
+    assert_eq!(summary.counters.dead_letters, 1, "{:?}", summary.counters);
+    let dead = bed
+        .read(&bed.config.dead_letter.topic, 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert_eq!(d.key.as_deref(), Some(&b"User7"[..]));
+    let header = |name: &str| {
+        d.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_else(|| panic!("no header {name} in {:?}", d.headers))
+    };
+    assert_eq!(header("trace-id"), "abc-123");
+    assert!(
+        header(HEADER_ERROR).contains("invalid JSON"),
+        "{}",
+        header(HEADER_ERROR)
+    );
+    assert_eq!(header(HEADER_SOURCE_TOPIC), bed.config.source.topic);
+    assert_eq!(
+        header(HEADER_SOURCE_PARTITION).parse::<u32>().unwrap(),
+        dead_source_partition(d)
+    );
+    assert_eq!(header(HEADER_SOURCE_OFFSET), "0");
+    let env: serde_json::Value = serde_json::from_slice(&d.payload).unwrap();
+    assert_eq!(env["payload"], "{\"user_id\": \"User7\", ");
+    assert!(d.timestamp.is_some(), "records carry the broker timestamp");
+}
+
+fn dead_source_partition(d: &weir_engine::Record) -> u32 {
+    let env: serde_json::Value = serde_json::from_slice(&d.payload).unwrap();
+    env["source"]["partition"].as_u64().unwrap() as u32
+}
+
+/// Two pipeline instances in one consumer group split the partitions between them and
+/// together produce exactly the oracle's results (records are keyed by user, so each
+/// (user, window) lives in one partition).
+#[tokio::test]
+async fn kafka_two_instances_share_one_group() {
+    require_kafka();
+    // A long idle timeout: partitions that waited for data must still hold the watermark
+    // when it arrives, or one partition's burst would make the other's records late.
+    let bed = Bed::new(
+        "kafka",
+        "group",
+        &["source.commit_interval=200ms", "window.idle_timeout=60s"],
+    );
+    let data: Vec<Vec<u8>> = weir_engine::generate::dataset(5, 20_000, 40, 0)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    let want = oracle(&data);
+    // Both instances join first, so that each owns some partitions when data arrives.
+    let idle = Duration::from_secs(12);
+    let a = tokio::spawn(bed.pipeline().await.exit_when_idle(idle).run());
+    let b = tokio::spawn(bed.pipeline().await.exit_when_idle(idle).run());
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    bed.produce(&data).await;
+    let a = a.await.unwrap().expect("instance a");
+    let b = b.await.unwrap().expect("instance b");
+    for s in [&a, &b] {
+        assert_eq!(s.reason, StopReason::Idle);
+        assert!(s.counters.balanced(), "{:?}", s.counters);
+        assert!(
+            s.counters.events_in > 0,
+            "both instances got partitions: {:?} {:?}",
+            a.counters,
+            b.counters
+        );
+        assert_eq!(s.counters.late, 0, "{:?}", s.counters);
+    }
+    let counted = a.counters.windowed + b.counters.windowed;
+    assert!(
+        counted >= 20_000,
+        "every event counted at least once: {counted}"
+    );
+    let got = results(
+        &bed.read(&bed.config.sink.topic, usize::MAX, Duration::from_secs(4))
+            .await,
+    );
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want);
+}
+
+/// A mistake in `[brokers.kafka]` is reported at its file:line:col, and so is a librdkafka
+/// property librdkafka does not know.
+#[test]
+fn kafka_bad_config_is_reported_at_its_location() {
+    let text = std::fs::read_to_string(conformance::pipeline_file()).unwrap();
+    let text = text.replace(
+        "[brokers.kafka]\n",
+        "[brokers.kafka]\nbootstrap_server = \"localhost:9092\"\n",
+    );
+    let text = text.replace(
+        "[brokers.kafka.producer]     # librdkafka producer properties, passed through\n",
+        "[brokers.kafka.producer]\n\"linger.msec\" = \"5\"\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, &text).unwrap();
+    let line_of = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+    let overrides = weir_engine::config::Overrides {
+        sets: vec![],
+        broker: Some(("kafka".into(), "--broker kafka".into())),
+    };
+    let err = weir::Backend::load(&path, &overrides)
+        .expect_err("bad config must fail")
+        .to_string();
+    let file = path.display().to_string();
+    assert!(
+        err.contains(&format!("{file}:{}:1: brokers.kafka.bootstrap_server: unknown key (did you mean `bootstrap_servers`?)", line_of("bootstrap_server "))),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{file}:{}:1: brokers.kafka.producer.\"linger.msec\": librdkafka rejects",
+            line_of("\"linger.msec\"")
+        )),
+        "{err}"
+    );
+}
