@@ -234,13 +234,7 @@ async fn counts_on(queue_type: &str) {
         .collect();
     let want = conformance::oracle(&data);
     bed.produce(&data).await;
-    let summary = bed
-        .pipeline()
-        .await
-        .exit_when_idle(Duration::from_secs(2))
-        .run()
-        .await
-        .expect("run");
+    let summary = bed.run_until_idle().await.expect("run");
     let s = summary.counters;
     assert_eq!(
         (s.events_in, s.windowed, s.late),

@@ -90,13 +90,7 @@ async fn kafka_dead_letters_carry_key_and_headers() {
     weir_engine::Sink::send(&mut *sink, std::slice::from_ref(&bad))
         .await
         .expect("produce");
-    let summary = bed
-        .pipeline()
-        .await
-        .exit_when_idle(Duration::from_secs(2))
-        .run()
-        .await
-        .expect("run");
+    let summary = bed.run_until_idle().await.expect("run");
     assert_eq!(summary.counters.dead_letters, 1, "{:?}", summary.counters);
     let dead = bed
         .read(&bed.config.dead_letter.topic, 1, Duration::from_secs(5))

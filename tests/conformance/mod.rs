@@ -146,6 +146,16 @@ impl Bed {
         }
     }
 
+    /// Runs the pipeline until its input has been idle for 2 s, emitting every open
+    /// window as at the end of input.
+    pub async fn run_until_idle(&self) -> weir_engine::Result<weir_engine::Summary> {
+        self.pipeline()
+            .await
+            .exit_when_idle(Duration::from_secs(2))
+            .run()
+            .await
+    }
+
     /// Reads `topic` from the beginning until `expect` records arrived or `idle` passed
     /// without one (counted from the partition assignment: joining a group takes time).
     pub async fn read(&self, topic: &str, expect: usize, idle: Duration) -> Vec<Record> {
@@ -274,13 +284,7 @@ pub async fn counts_match_the_oracle(broker: &str) {
     let want = oracle(&data);
     assert_eq!(want.values().sum::<u64>(), 20_000);
     bed.produce(&data).await;
-    let summary = bed
-        .pipeline()
-        .await
-        .exit_when_idle(Duration::from_secs(2))
-        .run()
-        .await
-        .expect("run");
+    let summary = bed.run_until_idle().await.expect("run");
     assert_eq!(summary.reason, StopReason::Idle);
     let s = summary.counters;
     assert_eq!(
@@ -325,13 +329,7 @@ pub async fn bad_input_goes_to_dead_letters(broker: &str) {
     let invalid = data.len() as u64 - valid;
     assert_eq!(invalid, 200 + crafted.len() as u64);
     bed.produce(&data).await;
-    let summary = bed
-        .pipeline()
-        .await
-        .exit_when_idle(Duration::from_secs(2))
-        .run()
-        .await
-        .expect("run");
+    let summary = bed.run_until_idle().await.expect("run");
     let s = summary.counters;
     assert_eq!(
         (s.windowed, s.dead_letters, s.late),
@@ -439,13 +437,7 @@ pub async fn restart_loses_nothing(broker: &str) -> weir_engine::metrics::Snapsh
         .run()
         .await;
     assert!(matches!(first, Err(EngineError::Stopped(_))), "{first:?}");
-    let second = bed
-        .pipeline()
-        .await
-        .exit_when_idle(Duration::from_secs(2))
-        .run()
-        .await
-        .expect("second run");
+    let second = bed.run_until_idle().await.expect("second run");
     let s = second.counters;
     assert!(
         s.events_in < 10_000,
@@ -584,14 +576,7 @@ pub async fn hopping_windows_match_the_oracle(broker: &str) {
         .map(|(k, (n, users))| (k, (n, users.len() as u64)))
         .collect();
     bed.produce(&data).await;
-    let s = bed
-        .pipeline()
-        .await
-        .exit_when_idle(Duration::from_secs(2))
-        .run()
-        .await
-        .expect("run")
-        .counters;
+    let s = bed.run_until_idle().await.expect("run").counters;
     assert_eq!(
         (s.windowed, s.late, s.late_window_misses),
         (6_000, 0, 0),
@@ -654,14 +639,7 @@ pub async fn session_windows_match_the_oracle(broker: &str) {
         "the dataset should split users into several sessions"
     );
     bed.produce(&data).await;
-    let s = bed
-        .pipeline()
-        .await
-        .exit_when_idle(Duration::from_secs(2))
-        .run()
-        .await
-        .expect("run")
-        .counters;
+    let s = bed.run_until_idle().await.expect("run").counters;
     assert_eq!((s.windowed, s.late), (3_000, 0), "{s:?}");
     let records = bed
         .read(&bed.config.sink.topic, usize::MAX, Duration::from_secs(3))

@@ -195,11 +195,6 @@ impl WindowStore {
         }
     }
 
-    /// Whether `window` is open (has state).
-    pub fn is_open(&self, window: WindowRange) -> bool {
-        self.panes.contains_key(&(window.end, window.start))
-    }
-
     /// Removes and returns, oldest first, every window whose `end + grace <= watermark`.
     pub fn close_until(&mut self, watermark: i64, grace: i64) -> Vec<(WindowRange, Pane)> {
         let mut out = Vec::new();
