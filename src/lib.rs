@@ -2,6 +2,7 @@
 //! `pipeline.broker`, so that tests and Rust users can build any backend from a
 //! `pipeline.toml`.
 
+pub mod assemble;
 pub mod backend;
 
 pub use backend::Backend;

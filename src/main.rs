@@ -10,9 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use weir_engine::config::{ConfigErrors, LatePolicy, Overrides, PipelineConfig};
 use weir_engine::generate::{EventGenerator, Timeline, DEFAULT_START_MS};
-use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
-use weir_engine::{Job, OutRecord, Pipeline, Received, Sink, Source, StopReason};
+use weir_engine::{OutRecord, Received, Source, StopReason};
 
+use weir::assemble::{FileIo, Parts};
 use weir::Backend;
 
 mod io_cmd;
@@ -203,22 +203,13 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         });
     }
     let memory = matches!(backend, Backend::Memory(_));
-    let source: Box<dyn Source> = match &a.input {
-        Some(path) => Box::new(JsonLinesSource::open(path).await?),
-        None => {
-            backend
-                .source(&c.source.topic, Some(&c.source.group))
-                .await?
-        }
+    let io = FileIo {
+        input: a.input.clone(),
+        output: a.output.clone(),
+        dead_letter: a.dead_letter.clone(),
+        late: a.late.clone(),
     };
-    let sink: Box<dyn Sink> = match &a.output {
-        Some(path) => Box::new(JsonLinesSink::create(path).await?),
-        None => backend.sink(&c.sink.topic).await?,
-    };
-    let dead: Box<dyn Sink> = match &a.dead_letter {
-        Some(path) => Box::new(JsonLinesSink::create(path).await?),
-        None => backend.sink(&c.dead_letter.topic).await?,
-    };
+    let parts = Parts::open(&c, &backend, &io).await?;
 
     // The embedded broker lives and dies with this process: feed it with the demo
     // generator when there is no --input, and print what lands in its topics.
@@ -272,26 +263,11 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         }
     }
 
-    let job = if a.late.is_some() && c.late == LatePolicy::DeadLetter {
-        // --late FILE asks for a late output even if the file has no [late] section.
-        Job::from_config(&c).with_late(LatePolicy::Output("--late".into()))
-    } else {
-        Job::from_config(&c)
-    };
-    let mut pipeline = Pipeline::new(job, source, sink, dead).shutdown_on(shutdown.clone());
-    match (&c.late, &a.late) {
-        (_, Some(path)) => {
-            pipeline = pipeline.late_output(Box::new(JsonLinesSink::create(path).await?))
-        }
-        (LatePolicy::Output(topic), None) => {
-            pipeline = pipeline.late_output(backend.sink(topic).await?);
-            if memory {
-                let src = backend.source(topic, None).await?;
-                tasks.spawn(tail(src, tails_done.clone(), "late event: "));
-            }
-        }
-        _ => {}
+    if let (LatePolicy::Output(topic), None, true) = (&c.late, &a.late, memory) {
+        let src = backend.source(topic, None).await?;
+        tasks.spawn(tail(src, tails_done.clone(), "late event: "));
     }
+    let mut pipeline = parts.into_pipeline().shutdown_on(shutdown.clone());
     if let Some(idle) = a.exit_when_idle {
         pipeline = pipeline.exit_when_idle(idle);
     }
