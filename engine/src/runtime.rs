@@ -250,6 +250,7 @@ impl Pipeline {
                 break;
             }
         }
+        self.flush().await?;
         self.commit(&op, &mut committed).await?;
         let counters = m.snapshot();
         let open_windows = op.open_windows();
@@ -287,6 +288,15 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Waits until every sink acknowledged everything submitted to it (see [`Sink::submit`]).
+    async fn flush(&mut self) -> Result<()> {
+        flush_with_retry(&mut *self.dead_letter, &self.shutdown).await?;
+        if let Some(late) = self.late.as_mut() {
+            flush_with_retry(&mut **late, &self.shutdown).await?;
+        }
+        flush_with_retry(&mut *self.sink, &self.shutdown).await
+    }
+
     async fn commit(
         &mut self,
         op: &WindowOperator,
@@ -303,6 +313,8 @@ impl Pipeline {
         if changed.is_empty() {
             return Ok(());
         }
+        // Every output derived from the positions below was submitted; wait for its acks.
+        self.flush().await?;
         let mut delay = Duration::from_millis(100);
         loop {
             match self.source.commit(&changed).await {
@@ -350,14 +362,33 @@ async fn recv_with_retry(
     }
 }
 
+/// Submits `batch` (see [`Sink::submit`]; acknowledged by the flush before the next
+/// commit), retrying retryable failures.
 async fn send_with_retry(
     sink: &mut dyn Sink,
     batch: &[OutRecord],
     shutdown: &CancellationToken,
 ) -> Result<()> {
+    retry(sink, Some(batch), shutdown).await
+}
+
+/// Waits for every acknowledgement `sink` owes, retrying retryable failures.
+async fn flush_with_retry(sink: &mut dyn Sink, shutdown: &CancellationToken) -> Result<()> {
+    retry(sink, None, shutdown).await
+}
+
+async fn retry(
+    sink: &mut dyn Sink,
+    batch: Option<&[OutRecord]>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match sink.send(batch).await {
+        let res = match batch {
+            Some(b) => sink.submit(b).await,
+            None => sink.flush().await,
+        };
+        match res {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() => {
                 tracing::warn!(sink = sink.name(), error = %e, retry_in = ?delay, "send failed; retrying");
