@@ -1,6 +1,8 @@
 //! A Kafka producer as a [`Sink`]: a batch is handed to librdkafka (which batches,
 //! compresses and retries per `[brokers.kafka.producer]`), then every delivery report is
-//! awaited before `send` returns.
+//! awaited before `send` returns. The runtime uses `submit` and `flush` instead: batches
+//! are handed over as they come and their delivery reports are awaited only before a
+//! commit, so producing overlaps with consuming and processing the next batches.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -19,7 +21,16 @@ use crate::error::KafkaError;
 pub struct KafkaSink {
     producer: Arc<FutureProducer>,
     topic: String,
+    /// Submitted records whose delivery report is outstanding, oldest first.
+    in_flight: VecDeque<(DeliveryFuture, OutRecord)>,
+    /// Submitted records whose delivery failed: the next `flush` sends them again.
+    failed: Vec<OutRecord>,
+    /// The first failure since the last `flush`.
+    error: Option<KafkaError>,
 }
+
+/// Submitted records kept in flight before `submit` waits for the oldest reports.
+const MAX_IN_FLIGHT: usize = 200_000;
 
 impl std::fmt::Debug for KafkaSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -34,6 +45,9 @@ impl KafkaSink {
         KafkaSink {
             producer,
             topic: topic.to_string(),
+            in_flight: VecDeque::new(),
+            failed: Vec::new(),
+            error: None,
         }
     }
 
@@ -51,6 +65,60 @@ impl KafkaSink {
             Err(_) => Err(KafkaError::Canceled(self.topic.clone())),
         }
     }
+
+    /// Waits for the oldest submitted record's report; a failed record is kept for a resend.
+    async fn settle_oldest(&mut self) -> bool {
+        let Some((f, r)) = self.in_flight.pop_front() else {
+            return false;
+        };
+        if let Err(e) = self.settle(f).await {
+            self.failed.push(r);
+            self.error.get_or_insert(e);
+        }
+        true
+    }
+
+    /// Hands one record to librdkafka, keeping it (and its report) in flight.
+    async fn enqueue(&mut self, r: OutRecord) -> Result<(), KafkaError> {
+        loop {
+            match self.producer.send_result(record(&self.topic, &r)) {
+                Ok(f) => {
+                    self.in_flight.push_back((f, r));
+                    return Ok(());
+                }
+                Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // librdkafka's local queue is full: wait for our oldest delivery (or a
+                    // moment, if none is ours) and offer the record again.
+                    if !self.settle_oldest().await {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                Err((e, _)) => return Err(self.delivery_error(e)),
+            }
+        }
+    }
+}
+
+/// The librdkafka message for `r`.
+fn record<'a>(topic: &'a str, r: &'a OutRecord) -> FutureRecord<'a, [u8], [u8]> {
+    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).payload(&r.payload[..]);
+    if let Some(k) = &r.key {
+        rec = rec.key(&k[..]);
+    }
+    if let Some(ts) = r.timestamp {
+        rec = rec.timestamp(ts);
+    }
+    if !r.headers.is_empty() {
+        let mut h = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (name, value) in &r.headers {
+            h = h.insert(Header {
+                key: name,
+                value: Some(&value[..]),
+            });
+        }
+        rec = rec.headers(h);
+    }
+    rec
 }
 
 #[async_trait]
@@ -63,24 +131,7 @@ impl Sink for KafkaSink {
         let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(batch.len());
         let mut first_error: Option<KafkaError> = None;
         for r in batch {
-            let mut rec: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.topic).payload(&r.payload[..]);
-            if let Some(k) = &r.key {
-                rec = rec.key(&k[..]);
-            }
-            if let Some(ts) = r.timestamp {
-                rec = rec.timestamp(ts);
-            }
-            if !r.headers.is_empty() {
-                let mut h = OwnedHeaders::new_with_capacity(r.headers.len());
-                for (name, value) in &r.headers {
-                    h = h.insert(Header {
-                        key: name,
-                        value: Some(&value[..]),
-                    });
-                }
-                rec = rec.headers(h);
-            }
+            let mut rec = record(&self.topic, r);
             loop {
                 match self.producer.send_result(rec) {
                     Ok(f) => {
@@ -112,6 +163,32 @@ impl Sink for KafkaSink {
             }
         }
         match first_error {
+            None => Ok(()),
+            Some(e) => Err(e.into()),
+        }
+    }
+
+    async fn submit(&mut self, batch: &[OutRecord]) -> Result<()> {
+        for r in batch {
+            self.enqueue(r.clone()).await?;
+        }
+        while self.in_flight.len() > MAX_IN_FLIGHT {
+            self.settle_oldest().await;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        let mut again = std::mem::take(&mut self.failed).into_iter();
+        while let Some(r) = again.next() {
+            if let Err(e) = self.enqueue(r.clone()).await {
+                self.failed.push(r);
+                self.failed.extend(again);
+                return Err(e.into());
+            }
+        }
+        while self.settle_oldest().await {}
+        match self.error.take() {
             None => Ok(()),
             Some(e) => Err(e.into()),
         }
