@@ -155,12 +155,13 @@ impl ResultEncoder {
             *arena = BytesMut::with_capacity(ARENA.max(out.len()));
         }
         arena.extend_from_slice(out);
-        let all = arena.split().freeze();
+        let payload = arena.split_to(payload_end).freeze();
+        let id = arena.split().freeze();
         drop(buffers);
         OutRecord {
-            key: Some(all.slice(payload_end..key_end)),
-            payload: all.slice(..payload_end),
-            headers: vec![(HEADER_ID.to_string(), all.slice(payload_end..))],
+            key: Some(id.slice(..key_end - payload_end)),
+            payload,
+            headers: vec![(HEADER_ID.to_string(), id)],
             timestamp: Some(w.start),
         }
     }
