@@ -48,6 +48,7 @@ pub enum StartAt {
 pub struct KafkaBroker {
     config: Arc<KafkaConfig>,
     producer: Arc<OnceLock<Arc<FutureProducer>>>,
+    sink_producer: Arc<OnceLock<Arc<sink::SinkProducer>>>,
     ensured: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -65,6 +66,7 @@ impl KafkaBroker {
         KafkaBroker {
             config: Arc::new(config),
             producer: Arc::default(),
+            sink_producer: Arc::default(),
             ensured: Arc::default(),
         }
     }
@@ -132,7 +134,19 @@ impl KafkaBroker {
     /// A producer to `topic`. Every sink of this broker shares one librdkafka producer.
     pub async fn sink(&self, topic: &str) -> Result<KafkaSink, KafkaError> {
         self.ensure_topic(topic).await?;
-        Ok(KafkaSink::new(self.producer()?, topic))
+        if let Some(p) = self.sink_producer.get() {
+            return Ok(KafkaSink::new(p.clone(), topic));
+        }
+        let p: sink::SinkProducer = self
+            .config
+            .producer_config()
+            .create_with_context(sink::SinkContext)
+            .map_err(|source| KafkaError::Client {
+                what: "producer",
+                source,
+            })?;
+        let p = self.sink_producer.get_or_init(|| Arc::new(p)).clone();
+        Ok(KafkaSink::new(p, topic))
     }
 
     fn producer(&self) -> Result<Arc<FutureProducer>, KafkaError> {
