@@ -328,6 +328,9 @@ fn raw_consume(bootstrap: &str, topic: &str, n: usize, group: &str, label: &str)
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
+        // As Weir's consumer (backends/kafka CONSUMER_DEFAULTS): librdkafka's default 1 s
+        // pause once a partition's queue is full stalls even this loop now and then.
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .expect("consumer");
     let md = consumer
