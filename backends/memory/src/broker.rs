@@ -300,8 +300,9 @@ impl Sink for MemorySink {
     async fn send(&mut self, batch: &[OutRecord]) -> Result<()> {
         let n = self.topic.parts.len();
         let now = weir_engine::time::now_millis();
-        // One buffer holds the whole batch, partition by partition (each partition's
-        // records, in batch order, back to back: its consumer reads them sequentially).
+        // Each partition's records of the batch are copied into one buffer of their own, in
+        // batch order, back to back: its consumer reads them sequentially, and a partition
+        // that is read or trimmed late keeps only its own bytes alive.
         let parts: Vec<u32> = batch
             .iter()
             .map(|r| match &r.key {
@@ -309,33 +310,27 @@ impl Sink for MemorySink {
                 None => (self.topic.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as u32,
             })
             .collect();
-        let mut buf = BytesMut::with_capacity(batch.iter().map(Stored::size).sum());
-        let mut per_part: Vec<Vec<(usize, usize, u32, u32)>> = vec![Vec::new(); n];
-        for (p, mine) in per_part.iter_mut().enumerate() {
-            for (i, r) in batch
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| parts[*i] == p as u32)
-            {
-                let (start, key, payload) = Stored::write(&mut buf, r);
-                mine.push((i, start, key, payload));
-            }
-        }
-        let data = buf.freeze();
-        for (p, recs) in per_part.into_iter().enumerate() {
-            if recs.is_empty() {
+        for p in 0..n {
+            let mine = || {
+                batch
+                    .iter()
+                    .zip(&parts)
+                    .filter(move |(_, q)| **q == p as u32)
+                    .map(|(r, _)| r)
+            };
+            let count = mine().count();
+            if count == 0 {
                 continue;
             }
-            let count = recs.len();
-            let mut recs = recs.into_iter().map(|(i, start, key, payload)| {
-                let r = &batch[i];
-                Stored {
-                    data: data.slice(start..start + Stored::size(r)),
-                    key,
-                    payload,
-                    headers: r.headers.len() as u32,
-                    timestamp: r.timestamp.unwrap_or(now),
-                }
+            let mut buf = BytesMut::with_capacity(mine().map(Stored::size).sum());
+            let at: Vec<(usize, u32, u32)> = mine().map(|r| Stored::write(&mut buf, r)).collect();
+            let data = buf.freeze();
+            let mut recs = mine().zip(at).map(|(r, (start, key, payload))| Stored {
+                data: data.slice(start..start + Stored::size(r)),
+                key,
+                payload,
+                headers: r.headers.len() as u32,
+                timestamp: r.timestamp.unwrap_or(now),
             });
             self.append(p, &mut recs, count).await;
         }
