@@ -13,10 +13,20 @@ function keyOf(r) {
   }).join(" / ");
 }
 
+// Colours by order of first appearance, so neighbouring keys never look alike.
+const PALETTE = ["#2f6fde", "#e8793b", "#2a9d6f", "#c2417a", "#8a5cd1", "#b59a1a",
+  "#1b9bb5", "#d64541", "#5f7d2a", "#7a5230", "#4b5bbf", "#999999"];
+const colors = new Map();
 function colorOf(key) {
-  let h = 0;
-  for (const c of key) h = (h * 31 + c.codePointAt(0)) >>> 0;
-  return `hsl(${h % 360} 62% 52%)`;
+  if (!colors.has(key)) colors.set(key, PALETTE[colors.size % PALETTE.length]);
+  return colors.get(key);
+}
+
+// A round step for about four grid lines up to `max`: 1, 2 or 5 times a power of ten.
+function niceStep(max) {
+  const raw = Math.max(1, max / 4);
+  const pow = 10 ** Math.floor(Math.log10(raw));
+  return [1, 2, 5, 10].map((m) => m * pow).find((s) => s >= raw);
 }
 
 function latestWindows() {
@@ -78,12 +88,13 @@ function drawChart() {
   const W = 640, H = 260, left = 40, bottom = 22, top = 8;
   const windows = latestWindows();
   const totals = windows.map((w) => [...state.windows.get(w).values()].reduce((s, r) => s + (Number(r[value]) || 0), 0));
-  const max = Math.max(1, ...totals);
+  const step = niceStep(Math.max(1, ...totals));
+  const max = Math.ceil(Math.max(1, ...totals) / step) * step;
   const parts = [];
-  for (let i = 0; i <= 4; i++) {
-    const y = top + (H - top - bottom) * (1 - i / 4);
+  for (let v = 0; v <= max; v += step) {
+    const y = top + (H - top - bottom) * (1 - v / max);
     parts.push(svg("line", { x1: left, x2: W, y1: y, y2: y, stroke: "#dde1ea" }));
-    parts.push(svg("text", { x: left - 4, y: y + 4, "text-anchor": "end" }, String(Math.round(max * i / 4))));
+    parts.push(svg("text", { x: left - 4, y: y + 4, "text-anchor": "end" }, String(v)));
   }
   const slot = (W - left) / WINDOWS_SHOWN;
   const keys = new Set();
