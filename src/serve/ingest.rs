@@ -88,9 +88,14 @@ impl Ingest {
     }
 
     /// Validates one event and publishes it; returns its key fields once acknowledged.
-    pub async fn track(&self, body: Bytes) -> Result<KeyFields, Refused> {
-        let (record, fields) = match self.decoder.check(&body) {
-            Ok(ev) => (self.record(&ev, body.clone()), self.key_fields(&ev)),
+    pub async fn track(&self, body: &[u8]) -> Result<KeyFields, Refused> {
+        // A copy: the request's bytes may be a slice of a much larger read buffer, which a
+        // record kept by the broker would keep alive whole.
+        let (record, fields) = match self.decoder.check(body) {
+            Ok(ev) => (
+                self.record(&ev, Bytes::copy_from_slice(body)),
+                self.key_fields(&ev),
+            ),
             Err(problems) => return Err(self.invalid(vec![(0, problems)])),
         };
         self.publish(vec![record]).await.map(|()| fields)

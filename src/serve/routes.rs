@@ -111,7 +111,7 @@ fn refused(r: Refused) -> Response {
 }
 
 async fn track(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    match app.ingest.track(body).await {
+    match app.ingest.track(&body).await {
         Ok(fields) => {
             let mut answer = serde_json::Map::new();
             answer.insert("message".into(), "event accepted".into());
