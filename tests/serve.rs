@@ -18,6 +18,10 @@ struct Server {
 
 impl Server {
     fn start(sets: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_with(sets, env, &[])
+    }
+
+    fn start_with(sets: &[&str], env: &[(&str, &str)], args: &[&str]) -> Server {
         let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/user_activity.toml");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
         cmd.args(["serve", pipeline, "--listen", "127.0.0.1:0"])
@@ -28,7 +32,7 @@ impl Server {
         for s in sets {
             cmd.args(["--set", s]);
         }
-        cmd.envs(env.iter().copied());
+        cmd.envs(env.iter().copied()).args(args);
         let mut child = cmd.spawn().expect("weir serve starts");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
@@ -434,5 +438,54 @@ async fn page_health_and_metrics_are_served() {
     assert_eq!(
         reqwest::get(s.at("/nope")).await.unwrap().status().as_u16(),
         404
+    );
+}
+
+#[tokio::test]
+async fn demo_feeds_the_live_view_and_ctrl_c_stops_cleanly() {
+    let mut s = Server::start_with(
+        &[
+            "window.size=1s",
+            "window.grace=0s",
+            "demo.interval=100ms",
+            "demo.invalid_every=5",
+        ],
+        &[],
+        &["--demo"],
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.at("/ws").replace("http://", "ws://"))
+        .await
+        .unwrap();
+    let r = next_of(&mut ws, "result").await["result"].clone();
+    assert!(r["user_id"].as_str().unwrap().starts_with("User"), "{r}");
+    assert!(r["count"].as_u64().unwrap() >= 1, "{r}");
+    // One in five demo events is spoiled: the counters show them as dead letters.
+    loop {
+        let c = next_of(&mut ws, "counters").await;
+        if c["dead_letters"].as_u64().unwrap() > 0 {
+            break;
+        }
+    }
+
+    let kill = Command::new("kill")
+        .args(["-INT", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "weir serve did not stop on Ctrl-C"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a graceful stop with balanced counters"
     );
 }
