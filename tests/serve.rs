@@ -169,11 +169,23 @@ async fn track_answers_202_and_422_with_every_problem() {
     let (code, body) = s.post("/track/batch", batch).await;
     assert_eq!(code, 422, "{body}");
     assert_eq!(body["errors"][0]["index"], 1, "{body}");
-    let (code, _) = s.post("/track/batch", r#"{"not":"an array"}"#).await;
+    let (code, body) = s.post("/track/batch", "[{}]").await;
     assert_eq!(code, 422);
+    assert_eq!(body["errors"][0]["index"], 0, "{body}");
+    assert_eq!(
+        body["errors"][0]["problems"].as_array().unwrap().len(),
+        4,
+        "{body}"
+    );
+    let (code, body) = s.post("/track/batch", r#"{"not":"an array"}"#).await;
+    assert_eq!(code, 422);
+    assert!(body["problems"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("expected a JSON array"));
 
     assert_eq!(s.metric("weir_http_events_accepted_total").await, 3.0);
-    assert_eq!(s.refused("invalid").await, 4.0);
+    assert_eq!(s.refused("invalid").await, 5.0);
 }
 
 #[tokio::test]

@@ -22,8 +22,10 @@ const MAX_BATCH: usize = 4096;
 /// Why an ingest request was not accepted.
 #[derive(Debug)]
 pub enum Refused {
-    /// The events do not match the schema: per event (its index in a batch), its problems.
-    Invalid(Vec<(usize, Vec<String>)>),
+    /// The event (or the batch's body) is invalid: every problem.
+    Invalid(Vec<String>),
+    /// Events of a batch do not match the schema: per invalid event, its index and problems.
+    InvalidEvents(Vec<(usize, Vec<String>)>),
     /// The broker is down, slow or the queue is full: try again later.
     Unavailable(String),
 }
@@ -96,7 +98,7 @@ impl Ingest {
                 self.record(&ev, Bytes::copy_from_slice(body)),
                 self.key_fields(&ev),
             ),
-            Err(problems) => return Err(self.invalid(vec![(0, problems)])),
+            Err(problems) => return Err(self.invalid(Refused::Invalid(problems))),
         };
         self.publish(vec![record]).await.map(|()| fields)
     }
@@ -106,10 +108,8 @@ impl Ingest {
     pub async fn track_batch(&self, body: &[u8]) -> Result<usize, Refused> {
         let events: Vec<&serde_json::value::RawValue> =
             serde_json::from_slice(body).map_err(|e| {
-                self.invalid(vec![(
-                    0,
-                    vec![format!("expected a JSON array of events: {e}")],
-                )])
+                let why = format!("expected a JSON array of events: {e}");
+                self.invalid(Refused::Invalid(vec![why]))
             })?;
         let mut records = Vec::with_capacity(events.len());
         let mut problems = Vec::new();
@@ -121,7 +121,7 @@ impl Ingest {
             }
         }
         if !problems.is_empty() {
-            return Err(self.invalid(problems));
+            return Err(self.invalid(Refused::InvalidEvents(problems)));
         }
         let n = records.len();
         if n > 0 {
@@ -135,9 +135,9 @@ impl Ingest {
         self.queue - self.room.available_permits().min(self.queue)
     }
 
-    fn invalid(&self, problems: Vec<(usize, Vec<String>)>) -> Refused {
+    fn invalid(&self, why: Refused) -> Refused {
         self.stats.invalid.fetch_add(1, Ordering::Relaxed);
-        Refused::Invalid(problems)
+        why
     }
 
     fn unavailable(&self, why: String) -> Refused {

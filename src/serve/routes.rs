@@ -82,15 +82,12 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 
 fn refused(r: Refused) -> Response {
     match r {
-        Refused::Invalid(events) if events.len() == 1 && events[0].0 == 0 => {
-            let problems = &events[0].1;
-            (
-                StatusCode::UNPROCESSABLE_ENTITY,
-                Json(json!({"message": "invalid event", "problems": problems})),
-            )
-                .into_response()
-        }
-        Refused::Invalid(events) => {
+        Refused::Invalid(problems) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"message": "invalid event", "problems": problems})),
+        )
+            .into_response(),
+        Refused::InvalidEvents(events) => {
             let errors: Vec<_> = events
                 .iter()
                 .map(|(i, p)| json!({"index": i, "problems": p}))
