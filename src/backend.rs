@@ -138,6 +138,25 @@ impl Backend {
         }
     }
 
+    /// A reader of every record of `topic`, from the beginning, that commits nothing: what
+    /// an enrichment table is loaded from.
+    ///
+    /// On RabbitMQ a queue is read destructively, so the table's queue is consumed without
+    /// acknowledging anything: a restart gets every record again. That bounds the table to
+    /// the queue's prefetch (`[brokers.amqp] prefetch`, 10,000 by default) unless
+    /// `queue_type = "stream"`, and the table queue must have one reader.
+    pub async fn table_reader(&self, topic: &str) -> anyhow::Result<Box<dyn Source>> {
+        match self {
+            Backend::Memory(b) => Ok(Box::new(b.source(topic, None))),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(b) => Ok(Box::new(b.reader(topic, StartAt::Beginning).await?)),
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(b) => Ok(Box::new(b.source(topic).await?)),
+            #[cfg(feature = "kinesis")]
+            Backend::Kinesis(b) => Ok(Box::new(b.source(topic, None).await?)),
+        }
+    }
+
     /// A reader of `topic` outside any consumer group, from the beginning or only new
     /// records; it commits nothing (for `weir tail`). `None` when the backend has no such
     /// reader (the in-process memory broker lives and dies with its process).

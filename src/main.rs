@@ -210,6 +210,7 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         late: a.late.clone(),
     };
     let parts = Parts::open(&c, &backend, &io).await?;
+    let background = parts.background.clone();
 
     // The embedded broker lives and dies with this process: feed it with the demo
     // generator when there is no --input, and print what lands in its topics.
@@ -272,6 +273,7 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         pipeline = pipeline.exit_when_idle(idle);
     }
     let result = pipeline.run().await;
+    background.cancel();
     shutdown.cancel();
     tails_done.cancel();
     tasks.close();

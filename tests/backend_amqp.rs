@@ -328,3 +328,17 @@ async fn amqp_retry_queue_requeues_after_the_delay() {
     assert_eq!(header("weir.attempt").as_deref(), Some(&b"1"[..]));
     assert!(header("x-death").is_some(), "{:?}", r.headers);
 }
+
+#[tokio::test]
+async fn amqp_enrichment_retries_until_profiles_arrive() {
+    let _shared = BROKER.read().await;
+    require_rabbitmq().await;
+    conformance::enrichment_retries_until_profiles_arrive("amqp").await;
+}
+
+#[tokio::test]
+async fn amqp_fail_stops_and_a_restart_resumes_from_the_failing_record() {
+    let _shared = BROKER.read().await;
+    require_rabbitmq().await;
+    conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("amqp").await;
+}

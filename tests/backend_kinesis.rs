@@ -388,3 +388,15 @@ fn kinesis_config_problems_are_all_reported() {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_enrichment_retries_until_profiles_arrive() {
+    require_kinesis();
+    conformance::enrichment_retries_until_profiles_arrive("kinesis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_fail_stops_and_a_restart_resumes_from_the_failing_record() {
+    require_kinesis();
+    conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("kinesis").await;
+}
