@@ -224,6 +224,35 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
                 topic = %c.source.topic,
                 "demo generator feeding the source topic (the seed's timer)"
             );
+            if let Some(e) = &c.enrich {
+                // Profiles arrive a little after the first events, so the demo shows
+                // events waiting in the retry topic and then being counted.
+                let mut table = backend.sink(&e.table).await?;
+                let (demo, key, stop) = (c.demo.clone(), e.table_key.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(demo.interval * 2) => {}
+                    }
+                    let countries = ["NL", "DE", "FR", "JP", "BR"];
+                    let rows: Vec<OutRecord> = (0..demo.users)
+                        .map(|u| OutRecord {
+                            payload: serde_json::json!({
+                                key.as_str(): format!("User{u}"),
+                                "country": countries[u % countries.len()],
+                            })
+                            .to_string()
+                            .into_bytes()
+                            .into(),
+                            ..Default::default()
+                        })
+                        .collect();
+                    match table.send(&rows).await {
+                        Ok(()) => tracing::info!(rows = rows.len(), "demo profiles published to the enrichment table"),
+                        Err(e) => tracing::warn!(error = %e, "demo could not publish profiles"),
+                    }
+                });
+            }
             let mut sink = backend.sink(&c.source.topic).await?;
             let demo = c.demo.clone();
             let stop = shutdown.clone();
