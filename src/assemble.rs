@@ -103,7 +103,7 @@ impl Parts {
                     tracing::error!(error = %err, "the enrichment table stopped following its topic");
                 }
             });
-            processors.push(Box::new(Enricher::new(e.clone(), table)));
+            processors.push(Box::new(Enricher::new(e.clone(), table, &job)));
         }
         Ok(Parts {
             job,

@@ -248,7 +248,10 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
                         })
                         .collect();
                     match table.send(&rows).await {
-                        Ok(()) => tracing::info!(rows = rows.len(), "demo profiles published to the enrichment table"),
+                        Ok(()) => tracing::info!(
+                            rows = rows.len(),
+                            "demo profiles published to the enrichment table"
+                        ),
                         Err(e) => tracing::warn!(error = %e, "demo could not publish profiles"),
                     }
                 });

@@ -70,7 +70,18 @@ struct KeyReader {
 
 impl KeyReader {
     fn new(path: &str) -> Self {
-        let mut decoder = Decoder::new(&Schema::default(), &TimeSource::Processing, usize::MAX);
+        Self::validating(
+            path,
+            &Schema::default(),
+            &TimeSource::Processing,
+            usize::MAX,
+        )
+    }
+
+    /// A reader that also checks the event against the pipeline's schema, time field and
+    /// payload limit: an event that fails them yields an error.
+    fn validating(path: &str, schema: &Schema, time: &TimeSource, max_payload: usize) -> Self {
+        let mut decoder = Decoder::new(schema, time, max_payload);
         let slot = decoder.want(path);
         KeyReader { decoder, slot }
     }
@@ -143,6 +154,8 @@ pub async fn follow(
 
 /// The enrichment processor (stage `enrich`): adds the table's value for each event's key
 /// under `into`, or rejects the event as recoverable when the key is not in the table yet.
+/// Events that fail the pipeline's validation pass unchanged (validation dead-letters them
+/// with its reason and their original payload); they are never retried.
 pub struct Enricher {
     cfg: EnrichConfig,
     table: Arc<Table>,
@@ -151,13 +164,14 @@ pub struct Enricher {
 }
 
 impl Enricher {
-    /// An enricher joining `table` as `cfg` says.
-    pub fn new(cfg: EnrichConfig, table: Arc<Table>) -> Self {
+    /// An enricher joining `table` as `cfg` says, for events of `job` (whose schema, time
+    /// field and payload limit it checks first).
+    pub fn new(cfg: EnrichConfig, table: Arc<Table>, job: &crate::Job) -> Self {
         let mut field = Vec::new();
         write_json_str(&mut field, &cfg.into);
         field.push(b':');
         Enricher {
-            reader: KeyReader::new(&cfg.key),
+            reader: KeyReader::validating(&cfg.key, &job.schema, &job.time, job.max_payload_bytes),
             cfg,
             table,
             field,
@@ -237,6 +251,8 @@ mod tests {
     use super::*;
 
     fn enricher(table: Arc<Table>) -> Enricher {
+        let job = crate::Job::tumbling_count("user_id", "timestamp", Duration::from_secs(10))
+            .with_schema(Schema::seed_event());
         Enricher::new(
             EnrichConfig {
                 table: "profiles".into(),
@@ -245,7 +261,17 @@ mod tests {
                 into: "profile".into(),
             },
             table,
+            &job,
         )
+    }
+
+    fn event(user: &str, event_type: &str) -> Record {
+        Record {
+            payload: Bytes::from(format!(
+                r#"{{"event_type":"{event_type}","user_id":"{user}","action":"a","timestamp":"2024-06-27 15:00:00.000"}} "#
+            )),
+            ..Default::default()
+        }
     }
 
     #[tokio::test]
@@ -256,22 +282,25 @@ mod tests {
             Bytes::from_static(b"{\"user_id\":\"u1\",\"country\":\"NL\"}"),
         )]);
         let mut e = enricher(table);
-        let rec = |p: &'static str| Record {
-            payload: Bytes::from_static(p.as_bytes()),
-            ..Default::default()
-        };
+        let invalid = event("u2", "hover");
         let mut batch = vec![
-            rec("{\"user_id\":\"u1\",\"n\":1} "),
-            rec("{\"user_id\":\"u2\"}"),
-            rec("not json"),
+            event("u1", "click"),
+            event("u2", "click"),
+            Record {
+                payload: Bytes::from_static(b"not json"),
+                ..Default::default()
+            },
+            invalid.clone(),
         ];
         let mut rejected = Vec::new();
         e.process(&mut batch, &mut rejected).await.unwrap();
-        assert_eq!(batch.len(), 2);
+        assert_eq!(batch.len(), 3);
         let v: serde_json::Value = serde_json::from_slice(&batch[0].payload).unwrap();
         assert_eq!(v["profile"]["country"], "NL");
-        assert_eq!(v["n"], 1);
+        assert_eq!(v["event_type"], "click");
+        // Invalid events are left to validation, unchanged, even when their key is unknown.
         assert_eq!(&batch[1].payload[..], b"not json");
+        assert_eq!(batch[2].payload, invalid.payload);
         assert_eq!(rejected.len(), 1);
         assert!(rejected[0].recoverable);
         assert_eq!(rejected[0].reason, "no `profiles` entry for user_id u2 yet");

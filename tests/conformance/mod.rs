@@ -742,25 +742,23 @@ pub async fn enrichment_retries_until_profiles_arrive(broker: &str) {
             "window.idle_timeout=10m",
         ],
     );
-    let data = lines(11, 3_000, 20, 0);
-    let user = |l: &Vec<u8>| -> usize {
-        user_of(l)
-            .unwrap()
-            .trim_start_matches("User")
-            .parse()
-            .unwrap()
-    };
+    // One event in 50 is invalid: those go to the dead letters at once, never retried.
+    let data = lines(11, 3_000, 20, 50);
     // (country, hour) -> count: the oracle's per-user 10 s counts, regrouped.
     let mut want: HashMap<(String, i64), u64> = HashMap::new();
+    let (mut never, mut valid) = (0, 0);
     for ((u, start), n) in oracle(&data) {
+        valid += n;
         let n_user: usize = u.trim_start_matches("User").parse().unwrap();
         if n_user < 15 {
             let hour = start - start.rem_euclid(3_600_000);
             *want.entry((country_of(&u).to_string(), hour)).or_default() += n;
+        } else {
+            never += n;
         }
     }
-    let never = data.iter().filter(|l| user(l) >= 15).count() as u64;
-    assert!(never > 0 && want.len() >= 5);
+    let invalid = data.len() as u64 - valid;
+    assert!(never > 0 && invalid > 0 && want.len() >= 5);
 
     bed.produce_to(&table, &(0..10).map(profile).collect::<Vec<_>>())
         .await;
@@ -784,7 +782,7 @@ pub async fn enrichment_retries_until_profiles_arrive(broker: &str) {
     let s = summary.counters;
     assert!(s.balanced(), "{s:?}");
     assert_eq!(s.windowed, want.values().sum::<u64>(), "{s:?}");
-    assert_eq!((s.dead_letters, s.late), (never, 0), "{s:?}");
+    assert_eq!((s.dead_letters, s.late), (never + invalid, 0), "{s:?}");
     assert!(s.retried >= never * 7, "{s:?}");
 
     let mut got: HashMap<(String, i64), u64> = HashMap::new();
@@ -811,13 +809,22 @@ pub async fn enrichment_retries_until_profiles_arrive(broker: &str) {
     let dead = bed
         .read(
             &bed.config.dead_letter.topic,
-            never as usize,
+            (never + invalid) as usize,
             Duration::from_secs(5),
         )
         .await;
-    assert_eq!(dead.len() as u64, never);
-    for d in &dead {
-        let e: serde_json::Value = serde_json::from_slice(&d.payload).unwrap();
+    assert_eq!(dead.len() as u64, never + invalid);
+    let (gave_up, rest): (Vec<serde_json::Value>, Vec<serde_json::Value>) = dead
+        .iter()
+        .map(|d| serde_json::from_slice::<serde_json::Value>(&d.payload).unwrap())
+        .partition(|e| e["attempts"].is_array());
+    assert_eq!(gave_up.len() as u64, never);
+    for e in &rest {
+        assert!(!e["error"].as_str().unwrap().contains("gave up"), "{e}");
+        // Invalid events are dead-lettered with their original payload, not enriched.
+        assert!(!e["payload"].as_str().unwrap().contains("\"plan\""), "{e}");
+    }
+    for e in &gave_up {
         let why = e["error"].as_str().unwrap();
         assert!(why.starts_with("gave up after 8 attempts: "), "{e}");
         assert!(
