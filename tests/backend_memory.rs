@@ -44,3 +44,8 @@ async fn memory_enrichment_retries_until_profiles_arrive() {
 async fn memory_fail_stops_and_a_restart_resumes_from_the_failing_record() {
     conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("memory").await;
 }
+
+#[tokio::test]
+async fn memory_retried_events_keep_their_event_time() {
+    conformance::retried_events_keep_their_event_time("memory").await;
+}

@@ -879,3 +879,83 @@ pub async fn fail_stops_and_a_restart_resumes_from_the_failing_record(broker: &s
     );
     assert_eq!(got, want);
 }
+
+/// A retried event keeps its own event time: once its profile arrives it is counted in its
+/// window if that window is still open, and is late if the window closed meanwhile.
+pub async fn retried_events_keep_their_event_time(broker: &str) {
+    let id = format!(
+        "{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    );
+    let table = format!("conf-profiles-{id}");
+    let bed = Bed::with_file(
+        &pipeline_named("enriched_by_country"),
+        broker,
+        "retry-time",
+        &[
+            &format!("enrich.table={table}"),
+            &format!("retry.topic=conf-retry-{id}"),
+            "retry.initial=200ms",
+            "retry.max=500ms",
+            "retry.max_attempts=1000",
+            // One partition: User1's events move the watermark for User0's too.
+            "brokers.memory.partitions=1",
+            "window.grace=0s",
+            "window.idle_timeout=10m",
+        ],
+    );
+    let event = |user: &str, second: u32| {
+        format!(
+            r#"{{"event_type":"click","user_id":"{user}","action":"a","timestamp":"2024-06-27 15:00:{second:02}.000000"}}"#
+        )
+        .into_bytes()
+    };
+    // User0 (no profile yet): ten events in window :00–:10 and one in :50–:60. User1 moves
+    // the watermark to :50, closing every window before :50.
+    let mut data: Vec<Vec<u8>> = (0..10).map(|s| event("User0", s)).collect();
+    data.push(event("User0", 55));
+    data.extend((0..=50).map(|s| event("User1", s)));
+    bed.produce_to(&table, &[profile(1)]).await;
+    bed.produce(&data).await;
+    let (pipeline, background) = bed.assembled().await;
+    let metrics = pipeline.metrics();
+    let run = tokio::spawn(pipeline.exit_when_idle(Duration::from_secs(2)).run());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metrics.snapshot().windowed < 51 || metrics.snapshot().retried < 11 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            metrics.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bed.produce_to(&table, &[profile(0)]).await;
+    let s = run.await.unwrap().expect("run").counters;
+    background.cancel();
+    assert!(s.balanced(), "{s:?}");
+    assert_eq!((s.windowed, s.late, s.dead_letters), (52, 10, 0), "{s:?}");
+    let results = bed
+        .read(&bed.config.sink.topic, 7, Duration::from_secs(3))
+        .await;
+    let nl: Vec<serde_json::Value> = results
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.payload).unwrap())
+        .filter(|v| v["profile.country"] == "NL")
+        .collect();
+    assert_eq!(nl.len(), 1, "{nl:?}");
+    assert_eq!(nl[0]["window_start"], "2024-06-27T15:00:50Z");
+    assert_eq!(nl[0]["count"], 1);
+    let late = bed
+        .read(&bed.config.dead_letter.topic, 10, Duration::from_secs(3))
+        .await;
+    assert_eq!(late.len(), 10);
+    for r in &late {
+        let e: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        assert!(
+            e["error"].as_str().unwrap().starts_with("late event"),
+            "{e}"
+        );
+        assert_eq!(e["source"]["topic"], bed.config.source.topic.as_str());
+    }
+}
