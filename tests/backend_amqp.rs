@@ -342,3 +342,10 @@ async fn amqp_fail_stops_and_a_restart_resumes_from_the_failing_record() {
     require_rabbitmq().await;
     conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("amqp").await;
 }
+
+#[tokio::test]
+async fn amqp_waiting_retries_survive_a_restart() {
+    let _shared = BROKER.read().await;
+    require_rabbitmq().await;
+    conformance::waiting_retries_survive_a_restart("amqp").await;
+}

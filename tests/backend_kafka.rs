@@ -226,3 +226,9 @@ async fn kafka_fail_stops_and_a_restart_resumes_from_the_failing_record() {
     require_kafka();
     conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("kafka").await;
 }
+
+#[tokio::test]
+async fn kafka_waiting_retries_survive_a_restart() {
+    require_kafka();
+    conformance::waiting_retries_survive_a_restart("kafka").await;
+}

@@ -400,3 +400,9 @@ async fn kinesis_fail_stops_and_a_restart_resumes_from_the_failing_record() {
     require_kinesis();
     conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("kinesis").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_waiting_retries_survive_a_restart() {
+    require_kinesis();
+    conformance::waiting_retries_survive_a_restart("kinesis").await;
+}

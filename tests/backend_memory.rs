@@ -49,3 +49,8 @@ async fn memory_fail_stops_and_a_restart_resumes_from_the_failing_record() {
 async fn memory_retried_events_keep_their_event_time() {
     conformance::retried_events_keep_their_event_time("memory").await;
 }
+
+#[tokio::test]
+async fn memory_waiting_retries_survive_a_restart() {
+    conformance::waiting_retries_survive_a_restart("memory").await;
+}

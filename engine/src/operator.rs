@@ -361,13 +361,16 @@ impl WindowOperator {
         partitions: &[(u32, Option<crate::record::Checkpoint>)],
         now: Instant,
     ) {
-        // Retry-topic partitions never hold or move the watermark.
+        // Retry-topic partitions never hold or move the watermark; an assignment of only
+        // retry partitions (the retry topic's consumer) leaves the source's as they are.
         let ids: Vec<u32> = partitions
             .iter()
             .map(|(p, _)| *p)
             .filter(|p| *p < RETRY_PARTITION_BASE)
             .collect();
-        self.watermarks.assign(&ids, now);
+        if !ids.is_empty() || partitions.is_empty() {
+            self.watermarks.assign(&ids, now);
+        }
         let mut restored = None;
         for (p, cp) in partitions {
             let Some(cp) = cp else { continue };
@@ -376,7 +379,9 @@ impl WindowOperator {
                 self.replay.resize(i + 1, 0);
             }
             self.replay[i] = cp.processed;
-            restored = Some(restored.unwrap_or(i64::MAX).min(cp.watermark));
+            if *p < RETRY_PARTITION_BASE {
+                restored = Some(restored.unwrap_or(i64::MAX).min(cp.watermark));
+            }
         }
         if let Some(wm) = restored {
             self.replay_watermark = wm;
@@ -431,8 +436,11 @@ impl WindowOperator {
         if !self.watermarks.is_held() {
             return;
         }
+        // Retry partitions hold records back until due: the replay does not wait for them.
         let pending = self.replay.iter().enumerate().any(|(p, &until)| {
-            until > 0 && self.next_offset.get(p).copied().flatten().unwrap_or(0) < until
+            until > 0
+                && p < RETRY_PARTITION_BASE as usize
+                && self.next_offset.get(p).copied().flatten().unwrap_or(0) < until
         });
         let timed_out = self.replay_started.is_some_and(|t| {
             now.duration_since(t) >= self.idle_timeout

@@ -959,3 +959,89 @@ pub async fn retried_events_keep_their_event_time(broker: &str) {
         assert_eq!(e["source"]["topic"], bed.config.source.topic.as_str());
     }
 }
+
+/// Records waiting in the retry topic survive a stop: their positions are not committed
+/// while they wait, so the next run reads them again and counts them once.
+pub async fn waiting_retries_survive_a_restart(broker: &str) {
+    let id = format!(
+        "{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    );
+    let table = format!("conf-profiles-{id}");
+    let bed = Bed::with_file(
+        &pipeline_named("enriched_by_country"),
+        broker,
+        "retry-restart",
+        &[
+            &format!("enrich.table={table}"),
+            &format!("retry.topic=conf-retry-{id}"),
+            "retry.initial=3s",
+            "retry.max=3s",
+            "window.size=1h",
+            "window.grace=1h",
+            "window.idle_timeout=10m",
+        ],
+    );
+    let data = lines(21, 600, 5, 0);
+    let mut want: HashMap<String, u64> = HashMap::new();
+    for l in &data {
+        *want
+            .entry(country_of(&user_of(l).unwrap()).to_string())
+            .or_default() += 1;
+    }
+    bed.produce(&data).await;
+    let (pipeline, background) = bed.assembled().await;
+    let metrics = pipeline.metrics();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(pipeline.shutdown_on(stop.clone()).run());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while metrics.snapshot().retried < data.len() as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            metrics.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+    let first = run.await.unwrap().expect("first run").counters;
+    background.cancel();
+    assert_eq!(
+        (first.windowed, first.retried),
+        (0, data.len() as u64),
+        "{first:?}"
+    );
+
+    bed.produce_to(&table, &(0..5).map(profile).collect::<Vec<_>>())
+        .await;
+    let (pipeline, background) = bed.assembled().await;
+    let second = pipeline
+        .exit_when_idle(Duration::from_secs(3))
+        .run()
+        .await
+        .expect("second run")
+        .counters;
+    background.cancel();
+    assert!(second.balanced(), "{second:?}");
+    assert_eq!(
+        (second.windowed, second.dead_letters, second.late),
+        (data.len() as u64, 0, 0),
+        "{second:?}"
+    );
+    let mut got: HashMap<String, u64> = HashMap::new();
+    for r in bed
+        // One result per country and hour; the data may start just before an hour.
+        .read(
+            &bed.config.sink.topic,
+            2 * want.len(),
+            Duration::from_secs(3),
+        )
+        .await
+    {
+        let v: serde_json::Value = serde_json::from_slice(&r.payload).unwrap();
+        let c = v["profile.country"].as_str().unwrap().to_string();
+        *got.entry(c).or_default() += v["count"].as_u64().unwrap();
+    }
+    assert_eq!(got, want);
+}
