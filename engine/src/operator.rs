@@ -232,6 +232,9 @@ pub struct WindowOperator {
     replay_started: Option<Instant>,
     idle_timeout: std::time::Duration,
     errors: ErrorHandler,
+    /// By partition: the checkpoint this pipeline would have committed when the partition
+    /// was revoked, used if it comes back without one (a reconnect that redelivers).
+    forgotten: Vec<Option<crate::record::Checkpoint>>,
 }
 
 impl WindowOperator {
@@ -280,6 +283,7 @@ impl WindowOperator {
             replay_started: None,
             idle_timeout: job.window.idle_timeout,
             errors: ErrorHandler::new(job.errors.clone(), job.retry.clone(), topic),
+            forgotten: Vec::new(),
         }
     }
 
@@ -373,8 +377,19 @@ impl WindowOperator {
         }
         let mut restored = None;
         for (p, cp) in partitions {
-            let Some(cp) = cp else { continue };
             let i = *p as usize;
+            // Back after this pipeline had it (a reconnect that redelivers, a rebalance that
+            // returns it): what it had processed then is a replay too, so its emitted
+            // windows are not emitted again and its records are not taken for late ones.
+            // The later of that and the committed checkpoint wins.
+            let remembered = self.forgotten.get_mut(i).and_then(Option::take);
+            let cp = match (*cp, remembered) {
+                (Some(c), Some(r)) if r.processed > c.processed => Some(r),
+                (c, r) => c.or(r),
+            };
+            let Some(cp) = cp else {
+                continue;
+            };
             if self.replay.len() <= i {
                 self.replay.resize(i + 1, 0);
             }
@@ -395,6 +410,20 @@ impl WindowOperator {
     /// no longer hold the watermark.
     pub fn revoke(&mut self, partitions: &[u32]) {
         for &p in partitions {
+            if self
+                .next_offset
+                .get(p as usize)
+                .copied()
+                .flatten()
+                .is_some()
+            {
+                let cp = self.checkpoint(p);
+                let i = p as usize;
+                if self.forgotten.len() <= i {
+                    self.forgotten.resize(i + 1, None);
+                }
+                self.forgotten[i] = Some(cp);
+            }
             match &mut self.state {
                 State::Fixed(s) => s.revoke(p),
                 State::Sessions(s) => s.revoke(p),
