@@ -186,14 +186,17 @@ impl Backend {
                 };
                 Ok(Some(Box::new(b.reader(topic, start).await?)))
             }
-            // A group-less Kinesis source reads from the start position (trim horizon by
-            // default) and keeps its checkpoints in memory; "only new records" is not offered.
+            // Shard iterators at the trim horizon (everything retained) or at the latest
+            // record (only new ones); checkpoints stay in memory.
             #[cfg(feature = "kinesis")]
-            Backend::Kinesis(b) if from_beginning => {
-                Ok(Some(Box::new(b.source(topic, None).await?)))
+            Backend::Kinesis(b) => {
+                let start = if from_beginning {
+                    weir_kinesis::StartPosition::TrimHorizon
+                } else {
+                    weir_kinesis::StartPosition::Latest
+                };
+                Ok(Some(Box::new(b.reader(topic, start).await?)))
             }
-            #[cfg(feature = "kinesis")]
-            Backend::Kinesis(_) => Ok(None),
         }
     }
 }
