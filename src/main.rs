@@ -262,14 +262,14 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         late: a.late.clone(),
     };
     let parts = Parts::open(&c, &backend, &io).await?;
+    let background = parts.background.clone();
 
     // The embedded broker lives and dies with this process: feed it with the demo
     // generator when there is no --input, and print what lands in its topics.
     let tails_done = CancellationToken::new();
     if memory {
         if a.input.is_none() {
-            let sink = backend.sink(&c.source.topic).await?;
-            weir::demo::spawn(&tasks, &c, sink, shutdown.clone());
+            weir::demo::start(&tasks, &c, &backend, shutdown.clone()).await?;
         }
         if a.output.is_none() {
             let src = backend.source(&c.sink.topic, None).await?;
@@ -290,6 +290,7 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         pipeline = pipeline.exit_when_idle(idle);
     }
     let result = pipeline.run().await;
+    background.cancel();
     shutdown.cancel();
     tails_done.cancel();
     tasks.close();

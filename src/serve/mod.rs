@@ -98,12 +98,7 @@ pub async fn serve(
         .filter(|t| !t.is_empty());
     let tasks = tokio_util::task::TaskTracker::new();
     if demo {
-        crate::demo::spawn(
-            &tasks,
-            &c,
-            backend.sink(&c.source.topic).await?,
-            stop.clone(),
-        );
+        crate::demo::start(&tasks, &c, &backend, stop.clone()).await?;
     }
     let app = Arc::new(App {
         backend: backend.name(),
@@ -122,6 +117,8 @@ pub async fn serve(
         "serving the ingest API and the live view"
     );
 
+    // The tasks the parts started (the enrichment table's follower) stop with the pipeline.
+    let background = parts.background.clone();
     let pipeline = parts
         .into_pipeline()
         .with_metrics(metrics)
@@ -130,6 +127,7 @@ pub async fn serve(
         let app = app.clone();
         tokio::spawn(async move {
             let r = pipeline.run().await;
+            background.cancel();
             app.running.store(false, Ordering::Relaxed);
             app.stop.cancel();
             r

@@ -10,6 +10,9 @@ pub use reader::{ConfigErrors, Diagnostics, Problem, TableReader};
 pub use tree::{Loc, Node, Table, Value};
 
 use crate::decode::{FieldSpec, FieldType, Schema, TimeSource};
+pub use crate::enrich::EnrichConfig;
+pub use crate::errors::ErrorAction;
+pub use crate::retry::RetryConfig;
 use crate::time::TimeFormat;
 use crate::window::WindowKind;
 
@@ -49,6 +52,12 @@ pub struct PipelineConfig {
     pub demo: DemoConfig,
     /// `weir serve`'s ingest API and live view.
     pub serve: ServeConfig,
+    /// `[retry]`: the retry topic and its backoff.
+    pub retry: Option<RetryConfig>,
+    /// `[enrich]`: the table joined into each event.
+    pub enrich: Option<EnrichConfig>,
+    /// `[errors]`: the error strategy of each stage that is not the default `dead_letter`.
+    pub errors: Vec<(String, ErrorAction)>,
 }
 
 /// `[source]`: the input topic.
@@ -600,6 +609,111 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         None => LatePolicy::DeadLetter,
     };
 
+    let retry = r.table(d, "retry").map(|mut t| {
+        let topic = t.req_str(d, "topic").unwrap_or_default().to_string();
+        let initial = t.duration_or(d, "initial", Duration::from_secs(1));
+        let max = t.duration_or(d, "max", Duration::from_secs(60));
+        let multiplier = match t.node("multiplier") {
+            None => 2.0,
+            Some(n) => match n.value {
+                Value::Float(f) if f >= 1.0 && f.is_finite() => f,
+                Value::Int(i) if i >= 1 => i as f64,
+                Value::Float(_) | Value::Int(_) => {
+                    d.push(&n.loc, "retry.multiplier", "must be 1 or more");
+                    2.0
+                }
+                _ => {
+                    d.push(
+                        &n.loc,
+                        "retry.multiplier",
+                        format!("expected a number, found {}", n.value.type_name()),
+                    );
+                    2.0
+                }
+            },
+        };
+        let max_attempts = t.uint_or(d, "max_attempts", 5, 1..=1_000_000) as u32;
+        if initial.is_zero() {
+            d.push(t.loc(), "retry.initial", "must be more than 0");
+        }
+        if max < initial {
+            d.push(t.loc(), "retry.max", "must be at least `initial`");
+        }
+        t.finish(d);
+        RetryConfig {
+            topic,
+            initial,
+            multiplier,
+            max,
+            max_attempts,
+        }
+    });
+
+    let enrich = r.table(d, "enrich").map(|mut t| {
+        let table = t.req_str(d, "table").unwrap_or_default().to_string();
+        let key = t.req_str(d, "key").unwrap_or_default().to_string();
+        let table_key = t.str_or(d, "table_key", &key);
+        let into_loc = t
+            .node("into")
+            .map_or_else(|| t.loc().clone(), |n| n.loc.clone());
+        let into = t.str_or(d, "into", "profile");
+        if into.is_empty() || into.contains('.') {
+            d.push(
+                &into_loc,
+                "enrich.into",
+                "must be a top-level field name (no dots)",
+            );
+        }
+        t.finish(d);
+        EnrichConfig {
+            table,
+            key,
+            table_key,
+            into,
+        }
+    });
+
+    let mut errors = Vec::new();
+    if let Some(mut t) = r.table(d, "errors") {
+        for stage in [crate::errors::STAGE_VALIDATE, crate::errors::STAGE_ENRICH] {
+            let Some(n) = t.node(stage) else { continue };
+            let path = format!("errors.{stage}");
+            let Value::Str(s) = &n.value else {
+                d.push(
+                    &n.loc,
+                    &path,
+                    format!("expected a string, found {}", n.value.type_name()),
+                );
+                continue;
+            };
+            match ErrorAction::parse(s) {
+                None => d.push(
+                    &n.loc,
+                    &path,
+                    format!("unknown strategy `{s}` (choose dead_letter, retry, skip or fail)"),
+                ),
+                Some(ErrorAction::Retry) if retry.is_none() => d.push(
+                    &n.loc,
+                    &path,
+                    "`retry` needs a [retry] section with the retry topic",
+                ),
+                Some(_) if stage == crate::errors::STAGE_ENRICH && enrich.is_none() => {
+                    d.push(&n.loc, &path, "there is no [enrich] stage")
+                }
+                Some(a) => errors.push((stage.to_string(), a)),
+            }
+        }
+        t.finish(d);
+    }
+    // Enrichment misses are what the retry topic is for: with both, they retry unless
+    // `[errors] enrich` says otherwise.
+    if enrich.is_some()
+        && retry.is_some()
+        && !errors.iter().any(|(s, _)| s == crate::errors::STAGE_ENRICH)
+    {
+        errors.push((crate::errors::STAGE_ENRICH.to_string(), ErrorAction::Retry));
+    }
+
     let mut brokers = Vec::new();
     if let Some(mut t) = r.table(d, "brokers") {
         for (k, loc, node) in &t.table_entries() {
@@ -657,6 +771,9 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         brokers,
         demo,
         serve,
+        retry,
+        enrich,
+        errors,
     }
 }
 
