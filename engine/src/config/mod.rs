@@ -50,6 +50,8 @@ pub struct PipelineConfig {
     pub brokers: Vec<(String, Node)>,
     /// The built-in generator that feeds the demo.
     pub demo: DemoConfig,
+    /// `weir serve`'s ingest API and live view.
+    pub serve: ServeConfig,
     /// `[retry]`: the retry topic and its backoff.
     pub retry: Option<RetryConfig>,
     /// `[enrich]`: the table joined into each event.
@@ -136,6 +138,24 @@ pub struct DemoConfig {
     pub users: usize,
     /// One in this many generated events is invalid (0 = none).
     pub invalid_every: usize,
+}
+
+/// `[serve]`: the HTTP ingest API and live view of `weir serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on (`--listen` overrides it); loopback by default.
+    pub listen: std::net::SocketAddr,
+    /// Largest body of `POST /track` (413 above it); defaults to `source.max_payload_bytes`.
+    pub max_body_bytes: usize,
+    /// Largest body of `POST /track/batch`.
+    pub max_batch_bytes: usize,
+    /// Most events waiting for the broker's acknowledgement; past it requests get 503 at once.
+    pub queue: usize,
+    /// How long a request waits for the broker's acknowledgement before 503.
+    pub publish_timeout: Duration,
+    /// Name of the environment variable holding the bearer token that `POST /track*` then
+    /// require; unset or empty variable = no token. The token itself never goes in the file.
+    pub token_env: String,
 }
 
 /// Options that come from the command line rather than the file.
@@ -732,6 +752,7 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             invalid_every: 0,
         },
     };
+    let serve = read_serve(&mut r, d, source.max_payload_bytes);
     r.finish(d);
 
     PipelineConfig {
@@ -749,10 +770,57 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         late,
         brokers,
         demo,
+        serve,
         retry,
         enrich,
         errors,
     }
+}
+
+fn read_serve(r: &mut TableReader<'_>, d: &mut Diagnostics, max_payload: usize) -> ServeConfig {
+    let def = ServeConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8000)),
+        max_body_bytes: max_payload,
+        max_batch_bytes: 4 * MIB as usize,
+        queue: 10_000,
+        publish_timeout: Duration::from_secs(5),
+        token_env: "WEIR_SERVE_TOKEN".into(),
+    };
+    let Some(mut t) = r.table(d, "serve") else {
+        return def;
+    };
+    let listen_node = t.node("listen");
+    let listen = match t.str(d, "listen").map(str::parse) {
+        None => def.listen,
+        Some(Ok(a)) => a,
+        Some(Err(_)) => {
+            d.push(
+                &listen_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                "serve.listen",
+                "expected IP:PORT, e.g. \"127.0.0.1:8000\"",
+            );
+            def.listen
+        }
+    };
+    let u = |t: &mut TableReader<'_>, d: &mut Diagnostics, key, default: usize, max: u64| {
+        t.uint_or(d, key, default as u64, 0..=max) as usize
+    };
+    let c = ServeConfig {
+        listen,
+        max_body_bytes: u(&mut t, d, "max_body_bytes", def.max_body_bytes, 64 * MIB),
+        max_batch_bytes: u(
+            &mut t,
+            d,
+            "max_batch_bytes",
+            def.max_batch_bytes,
+            1024 * MIB,
+        ),
+        queue: u(&mut t, d, "queue", def.queue, 10_000_000),
+        publish_timeout: t.duration_or(d, "publish_timeout", def.publish_timeout),
+        token_env: t.str_or(d, "token_env", &def.token_env),
+    };
+    t.finish(d);
+    c
 }
 
 impl<'t> TableReader<'t> {
