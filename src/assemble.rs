@@ -1,9 +1,14 @@
 //! From a checked `pipeline.toml` and its backend to a runnable [`Pipeline`]: the part of
 //! `weir run` that `weir serve` and the tests share.
 
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
 use weir_engine::config::{LatePolicy, PipelineConfig};
+use weir_engine::enrich::{Enricher, Table};
 use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
-use weir_engine::{Job, Pipeline, Sink, Source};
+use weir_engine::retry::WithRetries;
+use weir_engine::{Job, Pipeline, Processor, Sink, Source};
 
 use crate::Backend;
 
@@ -33,12 +38,23 @@ pub struct Parts {
     pub dead_letter: Box<dyn Sink>,
     /// Where late events go, when the late policy is an output.
     pub late: Option<Box<dyn Sink>>,
+    /// Where retries go, when the pipeline has a retry topic (the source then reads the
+    /// retry topic too).
+    pub retry: Option<Box<dyn Sink>>,
+    /// Processors in order (the enrichment stage, when configured).
+    pub processors: Vec<Box<dyn Processor>>,
+    /// Stops the tasks the parts started (the enrichment table's follower): cancel it when
+    /// the pipeline has stopped.
+    pub background: CancellationToken,
 }
 
 impl Parts {
     /// Connects to every topic the pipeline reads or writes (or opens the files of `io`).
+    ///
+    /// With `[enrich]`, the table is loaded from its topic before this returns and then
+    /// followed by a background task until [`background`](Parts::background) is cancelled.
     pub async fn open(c: &PipelineConfig, backend: &Backend, io: &FileIo) -> anyhow::Result<Parts> {
-        let source: Box<dyn Source> = match &io.input {
+        let mut source: Box<dyn Source> = match &io.input {
             Some(path) => Box::new(JsonLinesSource::open(path).await?),
             None => {
                 backend
@@ -59,22 +75,61 @@ impl Parts {
             (LatePolicy::Output(topic), None) => Some(backend.sink(topic).await?),
             _ => None,
         };
+        let mut retry = None;
+        if let Some(r) = &c.retry {
+            let retries = backend.source(&r.topic, Some(&c.source.group)).await?;
+            source = Box::new(WithRetries::new(source, retries));
+            retry = Some(backend.sink(&r.topic).await?);
+        }
+        let background = CancellationToken::new();
+        let mut processors: Vec<Box<dyn Processor>> = Vec::new();
+        if let Some(e) = &c.enrich {
+            let table = Arc::new(Table::default());
+            let mut reader = backend.table_reader(&e.table).await?;
+            weir_engine::enrich::follow(
+                table.clone(),
+                &mut *reader,
+                &e.table_key,
+                true,
+                &background,
+            )
+            .await?;
+            tracing::info!(table = %e.table, rows = table.len(), "enrichment table loaded");
+            let (t, key, stop) = (table.clone(), e.table_key.clone(), background.clone());
+            tokio::spawn(async move {
+                if let Err(err) =
+                    weir_engine::enrich::follow(t, &mut *reader, &key, false, &stop).await
+                {
+                    tracing::error!(error = %err, "the enrichment table stopped following its topic");
+                }
+            });
+            processors.push(Box::new(Enricher::new(e.clone(), table, &job)));
+        }
         Ok(Parts {
             job,
             source,
             sink,
             dead_letter,
             late,
+            retry,
+            processors,
+            background,
         })
     }
 
     /// The pipeline made of these parts.
     pub fn into_pipeline(self) -> Pipeline {
-        let p = Pipeline::new(self.job, self.source, self.sink, self.dead_letter);
-        match self.late {
-            Some(late) => p.late_output(late),
-            None => p,
+        let mut p = Pipeline::new(self.job, self.source, self.sink, self.dead_letter);
+        if let Some(late) = self.late {
+            p = p.late_output(late);
         }
+        if let Some(retry) = self.retry {
+            p = p.retry_output(retry);
+        }
+        for proc in self.processors {
+            p = p.processor(proc);
+        }
+        p
     }
 }
 

@@ -138,6 +138,30 @@ impl Backend {
         }
     }
 
+    /// A reader of every record of `topic`, from the beginning, that commits nothing: what
+    /// an enrichment table is loaded from.
+    ///
+    /// On RabbitMQ a stream queue is read from its first offset. A classic or quorum queue
+    /// is read destructively, so the table's queue is consumed without acknowledging
+    /// anything: a restart gets every record again. That bounds the table to the queue's
+    /// prefetch (`[brokers.amqp] prefetch`, 10,000 by default), and the table queue must
+    /// have one reader.
+    pub async fn table_reader(&self, topic: &str) -> anyhow::Result<Box<dyn Source>> {
+        match self {
+            Backend::Memory(b) => Ok(Box::new(b.source(topic, None))),
+            #[cfg(feature = "kafka")]
+            Backend::Kafka(b) => Ok(Box::new(b.reader(topic, StartAt::Beginning).await?)),
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(b) if b.config().queue_type == weir_amqp::QueueType::Stream => {
+                Ok(Box::new(b.reader(topic, true).await?))
+            }
+            #[cfg(feature = "amqp")]
+            Backend::Amqp(b) => Ok(Box::new(b.source(topic).await?)),
+            #[cfg(feature = "kinesis")]
+            Backend::Kinesis(b) => Ok(Box::new(b.source(topic, None).await?)),
+        }
+    }
+
     /// A reader of `topic` outside any consumer group, from the beginning or only new
     /// records; it commits nothing (for `weir tail`). `None` when the backend has no such
     /// reader (the in-process memory broker lives and dies with its process).
@@ -152,10 +176,7 @@ impl Backend {
                 Ok(None)
             }
             #[cfg(feature = "amqp")]
-            Backend::Amqp(_) => {
-                let _ = (topic, from_beginning);
-                Ok(None)
-            }
+            Backend::Amqp(b) => Ok(Some(Box::new(b.reader(topic, from_beginning).await?))),
             #[cfg(feature = "kafka")]
             Backend::Kafka(b) => {
                 let start = if from_beginning {
@@ -165,14 +186,17 @@ impl Backend {
                 };
                 Ok(Some(Box::new(b.reader(topic, start).await?)))
             }
-            // A group-less Kinesis source reads from the start position (trim horizon by
-            // default) and keeps its checkpoints in memory; "only new records" is not offered.
+            // Shard iterators at the trim horizon (everything retained) or at the latest
+            // record (only new ones); checkpoints stay in memory.
             #[cfg(feature = "kinesis")]
-            Backend::Kinesis(b) if from_beginning => {
-                Ok(Some(Box::new(b.source(topic, None).await?)))
+            Backend::Kinesis(b) => {
+                let start = if from_beginning {
+                    weir_kinesis::StartPosition::TrimHorizon
+                } else {
+                    weir_kinesis::StartPosition::Latest
+                };
+                Ok(Some(Box::new(b.reader(topic, start).await?)))
             }
-            #[cfg(feature = "kinesis")]
-            Backend::Kinesis(_) => Ok(None),
         }
     }
 }

@@ -4,5 +4,7 @@
 
 pub mod assemble;
 pub mod backend;
+pub mod demo;
+pub mod serve;
 
 pub use backend::Backend;

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use weir_engine::config::{ConfigErrors, LatePolicy, Overrides, PipelineConfig};
 use weir_engine::generate::{EventGenerator, Timeline, DEFAULT_START_MS};
-use weir_engine::{OutRecord, Received, Source, StopReason};
+use weir_engine::{Received, Source, StopReason};
 
 use weir::assemble::{FileIo, Parts};
 use weir::Backend;
@@ -41,9 +41,24 @@ enum Command {
     Produce(io_cmd::ProduceArgs),
     /// Print the records of the pipeline's sink topic (or --topic) as JSON lines.
     Tail(io_cmd::TailArgs),
+    /// Run a pipeline and serve its HTTP ingest API (POST /track), a live page of its
+    /// results (GET /, GET /ws), /healthz and /metrics, until Ctrl-C.
+    Serve(ServeArgs),
 }
 
 #[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    p: PipelineArgs,
+    /// Address to listen on, instead of `[serve] listen` (127.0.0.1:8000); port 0 picks one.
+    #[arg(long, value_name = "IP:PORT")]
+    listen: Option<std::net::SocketAddr>,
+    /// Also feed the source topic with the `[demo]` generator (the seed's timer).
+    #[arg(long)]
+    demo: bool,
+}
+
+#[derive(Args, Clone)]
 struct PipelineArgs {
     /// The pipeline file.
     pipeline: PathBuf,
@@ -142,31 +157,51 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Serve(a) => {
+            let p = a.p.clone();
+            pipeline_main(&p, true, |c, backend| serve(a, c, backend))
+        }
         Command::Run(a) => {
-            let (c, backend) = match load(&a.p) {
-                Ok(x) => x,
-                Err(e) => {
-                    eprint!("{e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            match rt.block_on(run(a, c, backend)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(1)
-                }
-            }
+            let p = a.p.clone();
+            pipeline_main(&p, false, |c, backend| run(a, c, backend))
+        }
+    }
+}
+
+/// Loads the pipeline of `p` (exit 2 with every problem), then runs `f` on a tokio runtime,
+/// multi-threaded or not (exit 1 on error).
+fn pipeline_main<F>(
+    p: &PipelineArgs,
+    multi_thread: bool,
+    f: impl FnOnce(PipelineConfig, Backend) -> F,
+) -> ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let (c, backend) = match load(p) {
+        Ok(x) => x,
+        Err(e) => {
+            eprint!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut builder = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(f(c, backend)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
         }
     }
 }
@@ -187,21 +222,38 @@ fn load(a: &PipelineArgs) -> Result<(PipelineConfig, Backend), ConfigErrors> {
     Backend::load(&a.pipeline, &overrides)
 }
 
-async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<()> {
+/// A token cancelled by the first Ctrl-C; a second one aborts the process.
+fn stop_on_ctrl_c() -> CancellationToken {
     let shutdown = CancellationToken::new();
-    let tasks = tokio_util::task::TaskTracker::new();
-    {
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!(
+                "Ctrl-C: finishing the current batch, committing, stopping (Ctrl-C again to abort)"
+            );
+            shutdown.cancel();
             if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::info!("Ctrl-C: finishing the current batch, committing, stopping (Ctrl-C again to abort)");
-                shutdown.cancel();
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(130);
-                }
+                std::process::exit(130);
             }
-        });
-    }
+        }
+    });
+    token
+}
+
+async fn serve(a: ServeArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<()> {
+    let addr = a.listen.unwrap_or(c.serve.listen);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    println!("weir serve: http://{local}/ (POST /track, GET /ws, /healthz, /metrics)");
+    std::io::stdout().flush()?;
+    weir::serve::serve(c, backend, listener, a.demo, stop_on_ctrl_c()).await
+}
+
+async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<()> {
+    let shutdown = stop_on_ctrl_c();
+    let tasks = tokio_util::task::TaskTracker::new();
     let memory = matches!(backend, Backend::Memory(_));
     let io = FileIo {
         input: a.input.clone(),
@@ -210,48 +262,14 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         late: a.late.clone(),
     };
     let parts = Parts::open(&c, &backend, &io).await?;
+    let background = parts.background.clone();
 
     // The embedded broker lives and dies with this process: feed it with the demo
     // generator when there is no --input, and print what lands in its topics.
     let tails_done = CancellationToken::new();
     if memory {
         if a.input.is_none() {
-            tracing::info!(
-                events = c.demo.events,
-                every = ?c.demo.interval,
-                users = c.demo.users,
-                topic = %c.source.topic,
-                "demo generator feeding the source topic (the seed's timer)"
-            );
-            let mut sink = backend.sink(&c.source.topic).await?;
-            let demo = c.demo.clone();
-            let stop = shutdown.clone();
-            tasks.spawn(async move {
-                let mut g =
-                    EventGenerator::new(weir_engine::time::now_millis() as u64, demo.users as u64)
-                        .with_invalid_every(demo.invalid_every as u64);
-                let mut tick = tokio::time::interval(demo.interval);
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => break,
-                        _ = tick.tick() => {}
-                    }
-                    let now = weir_engine::time::now_millis();
-                    let batch: Vec<OutRecord> = (0..demo.events)
-                        .map(|_| {
-                            let payload = g.event(now);
-                            OutRecord {
-                                key: Some(g.last_user().into_bytes().into()),
-                                payload: payload.into_bytes().into(),
-                                ..Default::default()
-                            }
-                        })
-                        .collect();
-                    if let Err(e) = sink.send(&batch).await {
-                        tracing::warn!(error = %e, "demo generator could not publish");
-                    }
-                }
-            });
+            weir::demo::start(&tasks, &c, &backend, shutdown.clone()).await?;
         }
         if a.output.is_none() {
             let src = backend.source(&c.sink.topic, None).await?;
@@ -272,6 +290,7 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         pipeline = pipeline.exit_when_idle(idle);
     }
     let result = pipeline.run().await;
+    background.cancel();
     shutdown.cancel();
     tails_done.cancel();
     tasks.close();

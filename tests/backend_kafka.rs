@@ -214,3 +214,21 @@ fn kafka_bad_config_is_reported_at_its_location() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn kafka_enrichment_retries_until_profiles_arrive() {
+    require_kafka();
+    conformance::enrichment_retries_until_profiles_arrive("kafka").await;
+}
+
+#[tokio::test]
+async fn kafka_fail_stops_and_a_restart_resumes_from_the_failing_record() {
+    require_kafka();
+    conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("kafka").await;
+}
+
+#[tokio::test]
+async fn kafka_waiting_retries_survive_a_restart() {
+    require_kafka();
+    conformance::waiting_retries_survive_a_restart("kafka").await;
+}

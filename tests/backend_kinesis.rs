@@ -388,3 +388,84 @@ fn kinesis_config_problems_are_all_reported() {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_enrichment_retries_until_profiles_arrive() {
+    require_kinesis();
+    conformance::enrichment_retries_until_profiles_arrive("kinesis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_fail_stops_and_a_restart_resumes_from_the_failing_record() {
+    require_kinesis();
+    conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("kinesis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_waiting_retries_survive_a_restart() {
+    require_kinesis();
+    conformance::waiting_retries_survive_a_restart("kinesis").await;
+}
+
+/// `weir tail`'s reader: from the latest record it sees only what is put after it started;
+/// from the trim horizon it sees everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_tail_reader_from_latest_or_the_beginning() {
+    require_kinesis();
+    let bed = Bed::new("kinesis", "tail", &[]);
+    let topic = bed.config.sink.topic.clone();
+    let old: Vec<Vec<u8>> = (0..10)
+        .map(|i| format!(r#"{{"user_id":"User{i}","old":true}}"#).into_bytes())
+        .collect();
+    bed.produce_to(&topic, &old).await;
+    let mut latest = bed
+        .backend
+        .reader(&topic, false)
+        .await
+        .unwrap()
+        .expect("a reader");
+    // Let the reader take its shard iterators before anything new is put.
+    let mut assigned = false;
+    let t0 = std::time::Instant::now();
+    while !assigned && t0.elapsed() < Duration::from_secs(20) {
+        let r = latest.recv(100, Duration::from_millis(200)).await.unwrap();
+        assigned = matches!(r, weir_engine::Received::Assigned(_));
+    }
+    for _ in 0..3 {
+        let r = latest.recv(100, Duration::from_millis(200)).await.unwrap();
+        assert!(
+            !matches!(&r, weir_engine::Received::Batch(b) if !b.is_empty()),
+            "old records seen from the latest position"
+        );
+    }
+    let new: Vec<Vec<u8>> = (0..10)
+        .map(|i| format!(r#"{{"user_id":"User{i}","old":false}}"#).into_bytes())
+        .collect();
+    bed.produce_to(&topic, &new).await;
+    let read_all = |mut src: Box<dyn weir_engine::Source>, n: usize| async move {
+        let mut seen = Vec::new();
+        let t0 = std::time::Instant::now();
+        while seen.len() < n && t0.elapsed() < Duration::from_secs(30) {
+            if let weir_engine::Received::Batch(b) =
+                src.recv(100, Duration::from_millis(200)).await.unwrap()
+            {
+                seen.extend(b.into_iter().map(|r| r.payload.to_vec()));
+            }
+        }
+        seen.sort();
+        seen
+    };
+    let mut want = new.clone();
+    want.sort();
+    assert_eq!(read_all(latest, new.len()).await, want);
+    let beginning = bed
+        .backend
+        .reader(&topic, true)
+        .await
+        .unwrap()
+        .expect("a reader");
+    let mut want: Vec<Vec<u8>> = old.iter().chain(&new).cloned().collect();
+    want.sort();
+    assert_eq!(read_all(beginning, want.len()).await, want);
+    clean_up("tail").await;
+}

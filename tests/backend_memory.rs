@@ -34,3 +34,23 @@ async fn memory_hopping_windows_match_the_oracle() {
 async fn memory_session_windows_match_the_oracle() {
     conformance::session_windows_match_the_oracle("memory").await;
 }
+
+#[tokio::test]
+async fn memory_enrichment_retries_until_profiles_arrive() {
+    conformance::enrichment_retries_until_profiles_arrive("memory").await;
+}
+
+#[tokio::test]
+async fn memory_fail_stops_and_a_restart_resumes_from_the_failing_record() {
+    conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("memory").await;
+}
+
+#[tokio::test]
+async fn memory_retried_events_keep_their_event_time() {
+    conformance::retried_events_keep_their_event_time("memory").await;
+}
+
+#[tokio::test]
+async fn memory_waiting_retries_survive_a_restart() {
+    conformance::waiting_retries_survive_a_restart("memory").await;
+}

@@ -207,3 +207,40 @@ fn the_demo_prints_results_and_stops_cleanly_on_ctrl_c() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "graceful Ctrl-C exits 0");
 }
+
+#[test]
+fn a_fail_strategy_stops_the_run_with_exit_1_and_skip_counts_and_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let good = r#"{"event_type":"click","user_id":"User1","action":"a","timestamp":"2024-06-27 15:00:01.000000"}"#;
+    let bad = r#"{"event_type":"hover","user_id":"User1","action":"a","timestamp":"2024-06-27 15:00:02.000000"}"#;
+    std::fs::write(&input, format!("{good}\n{bad}\n{good}\n")).unwrap();
+    let run = |strategy: &str| {
+        weir()
+            .args(["run", &pipeline(), "--input", input.to_str().unwrap()])
+            .args(["--output", "-", "--dead-letter", "-"])
+            .args(["--set", &format!("errors.validate={strategy}")])
+            .output()
+            .unwrap()
+    };
+    let failed = run("fail");
+    assert_eq!(failed.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&failed.stderr);
+    assert!(
+        err.contains("stage `validate` failed on") && err.contains("`hover` is not one of"),
+        "{err}"
+    );
+    assert!(failed.stdout.is_empty(), "nothing was emitted");
+
+    let skipped = run("skip");
+    assert_eq!(
+        skipped.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&skipped.stderr)
+    );
+    let out = String::from_utf8(skipped.stdout).unwrap();
+    // One result counting both good events, and no dead letter.
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains(r#""count":2"#), "{out}");
+}

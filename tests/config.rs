@@ -179,3 +179,45 @@ fn memory_section_keys_are_checked() {
         "{p:#?}"
     );
 }
+
+#[test]
+fn serve_section_defaults_and_problems() {
+    let c = load_str("p.toml", GOOD, &Overrides::default())
+        .finish()
+        .unwrap();
+    assert_eq!(c.serve.listen.to_string(), "127.0.0.1:8000");
+    assert_eq!(c.serve.max_body_bytes, c.source.max_payload_bytes);
+    assert_eq!(c.serve.token_env, "WEIR_SERVE_TOKEN");
+
+    let text = format!(
+        "{GOOD}\n[serve]\nlisten = \"localhost\"\nqueue = -1\ntoken = \"secret\"\npublish_timeout = \"1s\"\n"
+    );
+    let p = problems(&text, &[]);
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("p.toml:14:10: serve.listen: expected IP:PORT")),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter().any(|l| l.starts_with("p.toml:15:9: serve.queue:")),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter()
+            .any(|l| l.starts_with("p.toml:16:1: serve.token: unknown key")),
+        "{p:#?}"
+    );
+    assert_eq!(p.len(), 3, "{p:#?}");
+
+    let c = load_str(
+        "p.toml",
+        GOOD,
+        &Overrides {
+            sets: vec!["serve.listen=127.0.0.1:0".into(), "serve.queue=2".into()],
+            broker: None,
+        },
+    )
+    .finish()
+    .unwrap();
+    assert_eq!((c.serve.listen.port(), c.serve.queue), (0, 2));
+}

@@ -1,5 +1,6 @@
 //! The seed pipeline built in code: the embedded memory broker as source and sinks, a
-//! user-written `Processor`, the 10 s tumbling count per user, dead letters.
+//! user-written `Processor`, the 10 s tumbling count per user, dead letters, and an error
+//! callback that sees every failure with its stage and chooses what happens to it.
 //!
 //! Run it with `cargo run -p weir-engine --example rust_api`.
 
@@ -9,7 +10,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use weir_engine::decode::Schema;
 use weir_engine::generate::dataset;
-use weir_engine::{Job, OutRecord, Pipeline, Processor, Received, Record, Sink, Source};
+use weir_engine::{
+    ErrorAction, Job, OutRecord, Pipeline, Processor, Received, Record, Rejected, Sink, Source,
+};
 use weir_memory::{MemoryBroker, MemoryConfig};
 
 /// A processor of our own: rejects events from crawlers before they are counted (they go
@@ -25,7 +28,7 @@ impl Processor for RejectCrawlers {
     async fn process(
         &mut self,
         batch: &mut Vec<Record>,
-        rejected: &mut Vec<(Record, String)>,
+        rejected: &mut Vec<Rejected>,
     ) -> weir_engine::Result<()> {
         let (keep, crawl): (Vec<Record>, Vec<Record>) = std::mem::take(batch)
             .into_iter()
@@ -34,7 +37,7 @@ impl Processor for RejectCrawlers {
         rejected.extend(
             crawl
                 .into_iter()
-                .map(|r| (r, "Opera user agent looks like a crawler".to_string())),
+                .map(|r| Rejected::new(r, "Opera user agent looks like a crawler")),
         );
         Ok(())
     }
@@ -68,6 +71,21 @@ async fn main() -> weir_engine::Result<()> {
         Box::new(broker.sink("user-activity-errors")),
     )
     .processor(Box::new(RejectCrawlers))
+    // Every failure passes through here; this one keeps the configured strategy (dead
+    // letters) and could as well return Retry, Skip or Fail.
+    .on_error({
+        let mut seen = 0u64;
+        move |e| {
+            seen += 1;
+            if seen == 1 {
+                eprintln!("first failure: stage {}: {}", e.stage, e.reason);
+            }
+            match e.configured {
+                ErrorAction::DeadLetter => ErrorAction::DeadLetter,
+                other => other,
+            }
+        }
+    })
     .exit_when_idle(Duration::from_millis(300))
     .run()
     .await?;

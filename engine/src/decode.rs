@@ -272,13 +272,21 @@ impl Decoder {
     }
 
     /// Decodes and validates one payload. On failure returns the reason for the dead letter.
+    #[inline]
     pub fn decode<'a>(&self, payload: &'a [u8]) -> Result<Decoded<'a>, String> {
+        self.check(payload).map_err(|problems| problems.join("; "))
+    }
+
+    /// Like [`decode`](Self::decode), but on failure returns every problem separately (for
+    /// an ingest API that lists them): one entry for a payload that is not a JSON object,
+    /// one per schema field otherwise.
+    pub fn check<'a>(&self, payload: &'a [u8]) -> Result<Decoded<'a>, Vec<String>> {
         if payload.len() > self.max_payload {
-            return Err(format!(
+            return Err(vec![format!(
                 "payload is {} bytes, over the limit of {} bytes",
                 payload.len(),
                 self.max_payload
-            ));
+            )]);
         }
         // SIMD validation first (a third of decoding with std's); std only to say where.
         let text = match simdutf8::basic::from_utf8(payload) {
@@ -287,7 +295,9 @@ impl Decoder {
                 let at = std::str::from_utf8(payload)
                     .err()
                     .map_or(0, |e| e.valid_up_to());
-                return Err(format!("payload is not valid UTF-8 (invalid byte at {at})"));
+                return Err(vec![format!(
+                    "payload is not valid UTF-8 (invalid byte at {at})"
+                )]);
             }
         };
         let mut values: Values<'a> = smallvec::smallvec![Val::Missing; self.slots];
@@ -298,7 +308,7 @@ impl Decoder {
         };
         match top.deserialize(&mut de).and_then(|()| de.end()) {
             Ok(()) => {}
-            Err(e) => return Err(format!("invalid JSON: {e}")),
+            Err(e) => return Err(vec![format!("invalid JSON: {e}")]),
         }
         let mut problems: Vec<String> = Vec::new();
         for (slot, f) in &self.checks {
@@ -364,7 +374,7 @@ impl Decoder {
         if problems.is_empty() {
             Ok(Decoded { time, values })
         } else {
-            Err(problems.join("; "))
+            Err(problems)
         }
     }
 }
@@ -609,6 +619,19 @@ mod tests {
             err.contains("`timestamp`: `soon` is not a timestamp"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn check_lists_the_problems_one_by_one() {
+        let (d, _, _) = decoder();
+        let problems = d
+            .check(br#"{"event_type":"hover","user_id":7,"timestamp":"soon"}"#)
+            .unwrap_err();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems[0].contains("`event_type`"), "{problems:?}");
+        assert_eq!(problems[2], "missing field `action`");
+        let one = d.check(b"[1]").unwrap_err();
+        assert_eq!(one.len(), 1, "{one:?}");
     }
 
     #[test]

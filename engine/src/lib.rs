@@ -6,7 +6,9 @@
 pub mod aggregate;
 pub mod config;
 pub mod decode;
+pub mod enrich;
 pub mod error;
+pub mod errors;
 pub mod generate;
 pub mod jsonl;
 pub mod metrics;
@@ -14,6 +16,7 @@ pub mod operator;
 pub mod output;
 pub mod processor;
 pub mod record;
+pub mod retry;
 pub mod runtime;
 pub mod sink;
 pub mod source;
@@ -21,8 +24,9 @@ pub mod time;
 pub mod window;
 
 pub use error::{EngineError, Result};
+pub use errors::{ErrorAction, ErrorEvent};
 pub use operator::Job;
-pub use processor::Processor;
+pub use processor::{Processor, Rejected};
 pub use record::{Checkpoint, OutRecord, Position, Record};
 pub use runtime::{Pipeline, StopReason, Summary};
 pub use sink::Sink;

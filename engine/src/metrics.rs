@@ -21,6 +21,11 @@ pub struct Metrics {
     pub filtered: AtomicU64,
     /// Replayed records (after a restart) whose outcome had already been delivered.
     pub replayed: AtomicU64,
+    /// Records sent to the retry topic (each trip counts; a record read back from the retry
+    /// topic counts in `events_in` again).
+    pub retried: AtomicU64,
+    /// Failed records dropped by a `skip` error strategy.
+    pub skipped: AtomicU64,
     /// Window results acknowledged by the sink.
     pub results_out: AtomicU64,
     /// Windows closed.
@@ -43,6 +48,8 @@ impl Default for Metrics {
             late_window_misses: AtomicU64::new(0),
             filtered: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
             results_out: AtomicU64::new(0),
             windows_closed: AtomicU64::new(0),
             commits: AtomicU64::new(0),
@@ -69,6 +76,10 @@ pub struct Snapshot {
     pub filtered: u64,
     /// See [`Metrics::replayed`].
     pub replayed: u64,
+    /// See [`Metrics::retried`].
+    pub retried: u64,
+    /// See [`Metrics::skipped`].
+    pub skipped: u64,
     /// See [`Metrics::results_out`].
     pub results_out: u64,
     /// See [`Metrics::windows_closed`].
@@ -85,7 +96,13 @@ impl Snapshot {
     /// Whether every event in is accounted for.
     pub fn balanced(&self) -> bool {
         self.events_in
-            == self.windowed + self.dead_letters + self.late + self.filtered + self.replayed
+            == self.windowed
+                + self.dead_letters
+                + self.late
+                + self.filtered
+                + self.replayed
+                + self.retried
+                + self.skipped
     }
 }
 
@@ -101,6 +118,8 @@ impl Metrics {
             late_window_misses: g(&self.late_window_misses),
             filtered: g(&self.filtered),
             replayed: g(&self.replayed),
+            retried: g(&self.retried),
+            skipped: g(&self.skipped),
             results_out: g(&self.results_out),
             windows_closed: g(&self.windows_closed),
             commits: g(&self.commits),

@@ -9,8 +9,10 @@ use tokio::time::Instant;
 use crate::aggregate::{AggFn, Aggregates, Inputs};
 use crate::config::{EmitMode, LatePolicy, PipelineConfig, WindowConfig};
 use crate::decode::{Decoder, Schema, TimeSource, Val};
+use crate::errors::{ErrorAction, ErrorCallback, ErrorHandler, STAGE_VALIDATE};
 use crate::output::{dead_letter, late_record, ResultEncoder, WindowText, KEY_SEP};
 use crate::record::{OutRecord, Position, Record};
+use crate::retry::{RetryConfig, RETRY_PARTITION_BASE};
 use crate::window::{
     Acc, ClosedSession, Extra, Pane, SessionStore, Watermarks, WindowKind, WindowRange, WindowStore,
 };
@@ -40,6 +42,11 @@ pub struct Job {
     pub max_payload_bytes: usize,
     /// How often source positions are committed.
     pub commit_interval: Duration,
+    /// The error strategy of each stage (`validate`, `enrich`, processors by name); a
+    /// stage not listed dead-letters.
+    pub errors: Vec<(String, ErrorAction)>,
+    /// The retry topic and its backoff, when the pipeline has one.
+    pub retry: Option<RetryConfig>,
 }
 
 impl Job {
@@ -57,6 +64,8 @@ impl Job {
             batch_size: c.source.batch_size,
             max_payload_bytes: c.source.max_payload_bytes,
             commit_interval: c.source.commit_interval,
+            errors: c.errors.clone(),
+            retry: c.retry.clone(),
         }
     }
 
@@ -85,6 +94,8 @@ impl Job {
             batch_size: 1024,
             max_payload_bytes: 1 << 20,
             commit_interval: Duration::from_secs(1),
+            errors: Vec::new(),
+            retry: None,
         }
     }
 
@@ -136,6 +147,19 @@ impl Job {
         self.window.idle_timeout = idle;
         self
     }
+
+    /// The same job with `action` as the error strategy of `stage`.
+    pub fn with_error_strategy(mut self, stage: &str, action: ErrorAction) -> Self {
+        self.errors.retain(|(s, _)| s != stage);
+        self.errors.push((stage.to_string(), action));
+        self
+    }
+
+    /// The same job with a retry topic.
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = Some(retry);
+        self
+    }
 }
 
 /// What happened to one record.
@@ -150,6 +174,12 @@ pub enum Outcome {
     Late,
     /// A replayed record whose outcome was delivered before the restart; skipped.
     Replayed,
+    /// A stage failed on it and it went to the retry topic.
+    Retried,
+    /// A stage failed on it and its strategy dropped it.
+    Skipped,
+    /// A stage failed on it and its strategy stops the pipeline.
+    Failed,
 }
 
 /// Per-batch output of the operator.
@@ -161,6 +191,8 @@ pub struct Emitted {
     pub dead: Vec<OutRecord>,
     /// Late events for the late output.
     pub late: Vec<OutRecord>,
+    /// Records for the retry topic.
+    pub retry: Vec<OutRecord>,
     /// Windows closed in this step.
     pub windows_closed: u64,
 }
@@ -199,6 +231,10 @@ pub struct WindowOperator {
     replay_watermark: i64,
     replay_started: Option<Instant>,
     idle_timeout: std::time::Duration,
+    errors: ErrorHandler,
+    /// By partition: the checkpoint this pipeline would have committed when the partition
+    /// was revoked, used if it comes back without one (a reconnect that redelivers).
+    forgotten: Vec<Option<crate::record::Checkpoint>>,
 }
 
 impl WindowOperator {
@@ -246,7 +282,77 @@ impl WindowOperator {
             replay_watermark: i64::MIN,
             replay_started: None,
             idle_timeout: job.window.idle_timeout,
+            errors: ErrorHandler::new(job.errors.clone(), job.retry.clone(), topic),
+            forgotten: Vec::new(),
         }
+    }
+
+    /// Lets `cb` choose the action for every failure (see [`crate::errors`]).
+    pub fn set_error_callback(&mut self, cb: ErrorCallback) {
+        self.errors.set_callback(cb);
+    }
+
+    /// Whether some failure may stop the pipeline (a `fail` strategy or a callback).
+    pub fn may_fail(&self) -> bool {
+        self.errors.may_fail()
+    }
+
+    /// The message to stop with after an [`Outcome::Failed`].
+    pub fn failure(&mut self) -> Option<String> {
+        self.errors.failure.take()
+    }
+
+    /// Handles a record that `stage` (a processor) failed on, by that stage's strategy.
+    pub fn reject(
+        &mut self,
+        stage: &str,
+        r: &crate::processor::Rejected,
+        now: Instant,
+        now_ms: i64,
+        out: &mut Emitted,
+    ) -> Outcome {
+        let rec = &r.record;
+        self.note_position(rec, now);
+        let replaying = self.replaying(rec);
+        let reason = format!("rejected by {stage}: {}", r.reason);
+        let o = self
+            .errors
+            .handle(stage, rec, &reason, r.recoverable, replaying, now_ms, out);
+        if o == Outcome::Failed {
+            self.unnote(rec);
+        }
+        o
+    }
+
+    fn replaying(&self, rec: &Record) -> bool {
+        self.replay
+            .get(rec.position.partition as usize)
+            .is_some_and(|&until| rec.position.offset < until)
+    }
+
+    /// Takes back [`note_position`](Self::note_position) for a record the pipeline stops
+    /// on: the next start resumes from it.
+    fn unnote(&mut self, rec: &Record) {
+        if let Some(n) = self.next_offset.get_mut(rec.position.partition as usize) {
+            *n = Some(rec.position.offset);
+        }
+    }
+
+    fn invalid(
+        &mut self,
+        rec: &Record,
+        reason: &str,
+        replaying: bool,
+        now_ms: i64,
+        out: &mut Emitted,
+    ) -> Outcome {
+        let o = self
+            .errors
+            .handle(STAGE_VALIDATE, rec, reason, false, replaying, now_ms, out);
+        if o == Outcome::Failed {
+            self.unnote(rec);
+        }
+        o
     }
 
     /// Declares the source partitions assigned to this pipeline, with the checkpoints
@@ -259,17 +365,38 @@ impl WindowOperator {
         partitions: &[(u32, Option<crate::record::Checkpoint>)],
         now: Instant,
     ) {
-        let ids: Vec<u32> = partitions.iter().map(|(p, _)| *p).collect();
-        self.watermarks.assign(&ids, now);
+        // Retry-topic partitions never hold or move the watermark; an assignment of only
+        // retry partitions (the retry topic's consumer) leaves the source's as they are.
+        let ids: Vec<u32> = partitions
+            .iter()
+            .map(|(p, _)| *p)
+            .filter(|p| *p < RETRY_PARTITION_BASE)
+            .collect();
+        if !ids.is_empty() || partitions.is_empty() {
+            self.watermarks.assign(&ids, now);
+        }
         let mut restored = None;
         for (p, cp) in partitions {
-            let Some(cp) = cp else { continue };
             let i = *p as usize;
+            // Back after this pipeline had it (a reconnect that redelivers, a rebalance that
+            // returns it): what it had processed then is a replay too, so its emitted
+            // windows are not emitted again and its records are not taken for late ones.
+            // The later of that and the committed checkpoint wins.
+            let remembered = self.forgotten.get_mut(i).and_then(Option::take);
+            let cp = match (*cp, remembered) {
+                (Some(c), Some(r)) if r.processed > c.processed => Some(r),
+                (c, r) => c.or(r),
+            };
+            let Some(cp) = cp else {
+                continue;
+            };
             if self.replay.len() <= i {
                 self.replay.resize(i + 1, 0);
             }
             self.replay[i] = cp.processed;
-            restored = Some(restored.unwrap_or(i64::MAX).min(cp.watermark));
+            if *p < RETRY_PARTITION_BASE {
+                restored = Some(restored.unwrap_or(i64::MAX).min(cp.watermark));
+            }
         }
         if let Some(wm) = restored {
             self.replay_watermark = wm;
@@ -283,6 +410,20 @@ impl WindowOperator {
     /// no longer hold the watermark.
     pub fn revoke(&mut self, partitions: &[u32]) {
         for &p in partitions {
+            if self
+                .next_offset
+                .get(p as usize)
+                .copied()
+                .flatten()
+                .is_some()
+            {
+                let cp = self.checkpoint(p);
+                let i = p as usize;
+                if self.forgotten.len() <= i {
+                    self.forgotten.resize(i + 1, None);
+                }
+                self.forgotten[i] = Some(cp);
+            }
             match &mut self.state {
                 State::Fixed(s) => s.revoke(p),
                 State::Sessions(s) => s.revoke(p),
@@ -294,7 +435,12 @@ impl WindowOperator {
                 *r = 0;
             }
         }
-        self.watermarks.revoke(partitions);
+        let ids: Vec<u32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| *p < RETRY_PARTITION_BASE)
+            .collect();
+        self.watermarks.revoke(&ids);
     }
 
     /// The checkpoint to store with a commit of `partition`.
@@ -319,8 +465,11 @@ impl WindowOperator {
         if !self.watermarks.is_held() {
             return;
         }
+        // Retry partitions hold records back until due: the replay does not wait for them.
         let pending = self.replay.iter().enumerate().any(|(p, &until)| {
-            until > 0 && self.next_offset.get(p).copied().flatten().unwrap_or(0) < until
+            until > 0
+                && p < RETRY_PARTITION_BASE as usize
+                && self.next_offset.get(p).copied().flatten().unwrap_or(0) < until
         });
         let timed_out = self.replay_started.is_some_and(|t| {
             now.duration_since(t) >= self.idle_timeout
@@ -344,47 +493,24 @@ impl WindowOperator {
         now_ms: i64,
         out: &mut Emitted,
     ) -> Outcome {
-        let Emitted {
-            dead,
-            late: late_out,
-            ..
-        } = out;
         self.note_position(rec, now);
-        let p = rec.position.partition as usize;
-        let replaying = self
-            .replay
-            .get(p)
-            .is_some_and(|&until| rec.position.offset < until);
-        // Dead letters of replayed records were delivered before the checkpoint.
-        let mut replay_sink = Vec::new();
-        let dead = if replaying { &mut replay_sink } else { dead };
-
+        let replaying = self.replaying(rec);
         let ev = match self.decoder.decode(&rec.payload) {
             Ok(ev) => ev,
-            Err(reason) => {
-                dead.push(dead_letter(&self.topic, rec, &reason));
-                return if replaying {
-                    Outcome::Replayed
-                } else {
-                    Outcome::Dead
-                };
-            }
+            Err(reason) => return self.invalid(rec, &reason, replaying, now_ms, out),
         };
         let t = match (&self.time, ev.time) {
             (TimeSource::Field { .. }, Some(t)) => t,
             (TimeSource::Broker, _) => match rec.timestamp {
                 Some(t) => t,
                 None => {
-                    dead.push(dead_letter(
-                        &self.topic,
+                    return self.invalid(
                         rec,
                         "record has no broker timestamp",
-                    ));
-                    return if replaying {
-                        Outcome::Replayed
-                    } else {
-                        Outcome::Dead
-                    };
+                        replaying,
+                        now_ms,
+                        out,
+                    )
                 }
             },
             _ => now_ms,
@@ -400,40 +526,31 @@ impl WindowOperator {
                     v.write_json(&mut self.key_buf)
                 }
                 Val::Missing | Val::Null => {
-                    dead.push(dead_letter(
-                        &self.topic,
-                        rec,
-                        &format!("missing group-by field `{name}`"),
-                    ));
-                    return if replaying {
-                        Outcome::Replayed
-                    } else {
-                        Outcome::Dead
-                    };
+                    let reason = format!("missing group-by field `{name}`");
+                    return self.invalid(rec, &reason, replaying, now_ms, out);
                 }
                 Val::Object | Val::Array => {
-                    dead.push(dead_letter(
-                        &self.topic,
-                        rec,
-                        &format!("group-by field `{name}` must be a string, number or boolean"),
-                    ));
-                    return if replaying {
-                        Outcome::Replayed
-                    } else {
-                        Outcome::Dead
-                    };
+                    let reason =
+                        format!("group-by field `{name}` must be a string, number or boolean");
+                    return self.invalid(rec, &reason, replaying, now_ms, out);
                 }
             }
         }
         if let Err(reason) = self.aggs.read(&ev.values, &mut self.inputs) {
-            dead.push(dead_letter(&self.topic, rec, &reason));
-            return if replaying {
-                Outcome::Replayed
-            } else {
-                Outcome::Dead
-            };
+            return self.invalid(rec, &reason, replaying, now_ms, out);
         }
-        let wm = self.watermarks.observe(rec.position.partition, t);
+        let Emitted {
+            dead,
+            late: late_out,
+            ..
+        } = out;
+        let retried = rec.position.partition >= RETRY_PARTITION_BASE;
+        // A retried event keeps its own event time and never moves the watermark.
+        let wm = if retried {
+            self.watermarks.current()
+        } else {
+            self.watermarks.observe(rec.position.partition, t)
+        };
         // After a restart, a replayed record counts again only where the checkpoint's
         // watermark had not closed its window yet: the rest was delivered before.
         let closed_at = if replaying { self.replay_watermark } else { wm };
@@ -495,7 +612,9 @@ impl WindowOperator {
             self.next_offset.resize(p + 1, None);
         }
         self.next_offset[p] = Some(rec.position.offset + 1);
-        self.watermarks.touch(rec.position.partition, now);
+        if rec.position.partition < RETRY_PARTITION_BASE {
+            self.watermarks.touch(rec.position.partition, now);
+        }
     }
 
     /// Advances idle time and closes every window the watermark has passed; in `update`

@@ -170,7 +170,12 @@ impl ResultEncoder {
 /// A late event for the late output: the original record unchanged, plus headers naming
 /// the window it missed, the watermark, and where it came from.
 pub fn late_record(topic: &str, record: &Record, window: WindowRange, watermark: i64) -> OutRecord {
-    let mut headers = record.headers.clone();
+    let meta = crate::retry::meta(record);
+    let (topic, partition, offset) = match &meta {
+        Some(m) => (m.source.topic.as_str(), m.source.partition, m.source.offset),
+        None => (topic, record.position.partition, record.position.offset),
+    };
+    let mut headers = without_retry_header(record);
     let t = |ms| Bytes::from(crate::time::format_rfc3339(ms));
     headers.push(("weir.late.window_start".into(), t(window.start)));
     headers.push(("weir.late.window_end".into(), t(window.end)));
@@ -181,12 +186,9 @@ pub fn late_record(topic: &str, record: &Record, window: WindowRange, watermark:
     ));
     headers.push((
         HEADER_SOURCE_PARTITION.into(),
-        Bytes::from(record.position.partition.to_string()),
+        Bytes::from(partition.to_string()),
     ));
-    headers.push((
-        HEADER_SOURCE_OFFSET.into(),
-        Bytes::from(record.position.offset.to_string()),
-    ));
+    headers.push((HEADER_SOURCE_OFFSET.into(), Bytes::from(offset.to_string())));
     OutRecord {
         key: record.key.clone(),
         payload: record.payload.clone(),
@@ -242,16 +244,51 @@ fn push_key_display(s: &mut Vec<u8>, key: &[u8]) {
 /// with `"payload_encoding": "base64"` when it is not UTF-8), keeping the original key and
 /// headers and adding `weir.error` / `weir.source.*` headers.
 pub fn dead_letter(topic: &str, record: &Record, reason: &str) -> OutRecord {
+    // A record back from the retry topic is reported where it first came from, with the
+    // history of its attempts.
+    if let Some(meta) = crate::retry::meta(record) {
+        return dead_letter_from(
+            &meta.source.topic,
+            meta.source.partition,
+            meta.source.offset,
+            record,
+            reason,
+            meta.history_json(),
+        );
+    }
+    dead_letter_from(
+        topic,
+        record.position.partition,
+        record.position.offset,
+        record,
+        reason,
+        None,
+    )
+}
+
+/// A dead letter for `record`, which came from `topic` at (`partition`, `offset`), with
+/// the history of its retries (`"attempts"`), if any.
+pub fn dead_letter_from(
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    record: &Record,
+    reason: &str,
+    attempts: Option<serde_json::Value>,
+) -> OutRecord {
     let mut env = serde_json::Map::new();
     env.insert("error".into(), reason.into());
     env.insert(
         "source".into(),
         serde_json::json!({
             "topic": topic,
-            "partition": record.position.partition,
-            "offset": record.position.offset,
+            "partition": partition,
+            "offset": offset,
         }),
     );
+    if let Some(a) = attempts {
+        env.insert("attempts".into(), a);
+    }
     match std::str::from_utf8(&record.payload) {
         Ok(text) => {
             env.insert("payload".into(), text.into());
@@ -265,7 +302,7 @@ pub fn dead_letter(topic: &str, record: &Record, reason: &str) -> OutRecord {
         env.insert("key".into(), String::from_utf8_lossy(k).into_owned().into());
     }
     let payload = serde_json::to_vec(&serde_json::Value::Object(env)).unwrap_or_default();
-    let mut headers = record.headers.clone();
+    let mut headers = without_retry_header(record);
     headers.push((
         HEADER_ERROR.into(),
         Bytes::copy_from_slice(reason.as_bytes()),
@@ -276,12 +313,9 @@ pub fn dead_letter(topic: &str, record: &Record, reason: &str) -> OutRecord {
     ));
     headers.push((
         HEADER_SOURCE_PARTITION.into(),
-        Bytes::from(record.position.partition.to_string()),
+        Bytes::from(partition.to_string()),
     ));
-    headers.push((
-        HEADER_SOURCE_OFFSET.into(),
-        Bytes::from(record.position.offset.to_string()),
-    ));
+    headers.push((HEADER_SOURCE_OFFSET.into(), Bytes::from(offset.to_string())));
     OutRecord {
         key: record.key.clone(),
         payload: Bytes::from(payload),
@@ -312,6 +346,15 @@ pub fn base64(data: &[u8]) -> String {
         });
     }
     s
+}
+
+fn without_retry_header(record: &Record) -> Vec<crate::record::Header> {
+    record
+        .headers
+        .iter()
+        .filter(|(n, _)| n != crate::retry::HEADER_RETRY)
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{EngineError, Result};
 use crate::metrics::{Metrics, Snapshot};
 use crate::operator::{Emitted, Job, Outcome, WindowOperator};
-use crate::processor::Processor;
-use crate::record::{Checkpoint, OutRecord, Position, Record};
+use crate::processor::{Processor, Rejected};
+use crate::record::{Checkpoint, OutRecord, Position};
 use crate::sink::Sink;
 use crate::source::{Received, Source};
 
@@ -26,6 +26,8 @@ pub struct Pipeline {
     sink: Box<dyn Sink>,
     dead_letter: Box<dyn Sink>,
     late: Option<Box<dyn Sink>>,
+    retry: Option<Box<dyn Sink>>,
+    on_error: Option<crate::errors::ErrorCallback>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     exit_when_idle: Option<Duration>,
@@ -70,6 +72,8 @@ impl Pipeline {
             sink,
             dead_letter,
             late: None,
+            retry: None,
+            on_error: None,
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
             exit_when_idle: None,
@@ -92,6 +96,25 @@ impl Pipeline {
     /// Sends late events here (needed when the job's late policy is an output).
     pub fn late_output(mut self, sink: Box<dyn Sink>) -> Self {
         self.late = Some(sink);
+        self
+    }
+
+    /// Sends records to the retry topic here (needed when the job has a retry topic). The
+    /// source should read the retry topic too: see [`crate::retry::WithRetries`].
+    pub fn retry_output(mut self, sink: Box<dyn Sink>) -> Self {
+        self.retry = Some(sink);
+        self
+    }
+
+    /// Lets `callback` choose what happens to each record a stage fails on; it sees the
+    /// stage's configured strategy and may return another.
+    pub fn on_error(
+        mut self,
+        callback: impl FnMut(&crate::errors::ErrorEvent<'_>) -> crate::errors::ErrorAction
+            + Send
+            + 'static,
+    ) -> Self {
+        self.on_error = Some(Box::new(callback));
         self
     }
 
@@ -120,11 +143,21 @@ impl Pipeline {
                 "late events go to `{t}` but the pipeline has no late output"
             )));
         }
+        if let (Some(r), None) = (&self.job.retry, &self.retry) {
+            return Err(EngineError::Stopped(format!(
+                "retries go to `{}` but the pipeline has no retry output",
+                r.topic
+            )));
+        }
         let mut op = WindowOperator::new(&self.job, &topic);
+        if let Some(cb) = self.on_error.take() {
+            op.set_error_callback(cb);
+        }
+        let may_fail = op.may_fail();
         let m = self.metrics.clone();
         let mut committed: Vec<Option<(u64, Checkpoint)>> = Vec::new();
         let mut last_commit = Instant::now();
-        let mut rejected: Vec<(Record, String)> = Vec::new();
+        let mut rejected: Vec<Rejected> = Vec::new();
         let mut last_record = Instant::now();
         let mut reason = StopReason::EndOfInput;
         tracing::info!(%topic, sink = self.sink.name(), dead_letter = self.dead_letter.name(), "pipeline started");
@@ -151,6 +184,7 @@ impl Pipeline {
                 Received::End => true,
                 Received::Batch(batch)
                     if batch.is_empty()
+                        && !self.source.pending()
                         && self
                             .exit_when_idle
                             .is_some_and(|d| last_record.elapsed() >= d) =>
@@ -194,36 +228,45 @@ impl Pipeline {
                         last_record = now;
                     }
                     let now_ms = crate::time::now_millis();
+                    // What a commit would cover before this batch: all a failure may commit.
+                    let before_batch = may_fail.then(|| committable(&op));
                     Metrics::add(&m.events_in, batch.len() as u64);
-                    let before = batch.len();
+                    let mut tally = Tally::default();
                     for p in &mut self.processors {
+                        let before = batch.len();
                         p.process(&mut batch, &mut rejected).await?;
-                    }
-                    let rejected_n = rejected.len();
-                    for (rec, why) in rejected.drain(..) {
-                        out.dead.push(crate::output::dead_letter(
-                            &topic,
-                            &rec,
-                            &format!("rejected by processor: {why}"),
-                        ));
-                        op.note_position(&rec, now);
-                    }
-                    Metrics::add(&m.filtered, (before - batch.len() - rejected_n) as u64);
-                    Metrics::add(&m.dead_letters, rejected_n as u64);
-                    let (mut windowed, mut dead, mut late, mut replayed) = (0u64, 0u64, 0u64, 0u64);
-                    for rec in &batch {
-                        match op.ingest(rec, now, now_ms, &mut out) {
-                            Outcome::Windowed => windowed += 1,
-                            Outcome::Dead => dead += 1,
-                            Outcome::Late => late += 1,
-                            Outcome::Replayed => replayed += 1,
+                        tally.filtered += (before - batch.len() - rejected.len()) as u64;
+                        for r in rejected.drain(..) {
+                            let o = op.reject(p.name(), &r, now, now_ms, &mut out);
+                            tally.count(o);
                         }
                     }
-                    Metrics::add(&m.replayed, replayed);
+                    if tally.failed == 0 {
+                        for rec in &batch {
+                            let o = op.ingest(rec, now, now_ms, &mut out);
+                            tally.count(o);
+                            if o == Outcome::Failed {
+                                break;
+                            }
+                        }
+                    }
+                    if tally.failed > 0 {
+                        let why = op.failure().unwrap_or_else(|| "a stage failed".into());
+                        // This batch's outputs are dropped: everything from the last
+                        // commit on is read again after a restart.
+                        self.commit_these(before_batch.unwrap_or_default(), &mut committed)
+                            .await?;
+                        tracing::error!("{why}");
+                        return Err(EngineError::Stopped(why));
+                    }
+                    Metrics::add(&m.filtered, tally.filtered);
+                    Metrics::add(&m.replayed, tally.replayed);
                     Metrics::add(&m.late_window_misses, op.take_window_misses());
-                    Metrics::add(&m.windowed, windowed);
-                    Metrics::add(&m.dead_letters, dead);
-                    Metrics::add(&m.late, late);
+                    Metrics::add(&m.windowed, tally.windowed);
+                    Metrics::add(&m.dead_letters, tally.dead);
+                    Metrics::add(&m.late, tally.late);
+                    Metrics::add(&m.retried, tally.retried);
+                    Metrics::add(&m.skipped, tally.skipped);
                     false
                 }
             };
@@ -275,6 +318,11 @@ impl Pipeline {
         if !out.dead.is_empty() {
             send_with_retry(&mut *self.dead_letter, &out.dead, &self.shutdown).await?;
         }
+        if !out.retry.is_empty() {
+            if let Some(retry) = self.retry.as_mut() {
+                send_with_retry(&mut **retry, &out.retry, &self.shutdown).await?;
+            }
+        }
         if !out.late.is_empty() {
             if let Some(late) = self.late.as_mut() {
                 send_with_retry(&mut **late, &out.late, &self.shutdown).await?;
@@ -291,6 +339,9 @@ impl Pipeline {
     /// Waits until every sink acknowledged everything submitted to it (see [`Sink::submit`]).
     async fn flush(&mut self) -> Result<()> {
         flush_with_retry(&mut *self.dead_letter, &self.shutdown).await?;
+        if let Some(retry) = self.retry.as_mut() {
+            flush_with_retry(&mut **retry, &self.shutdown).await?;
+        }
         if let Some(late) = self.late.as_mut() {
             flush_with_retry(&mut **late, &self.shutdown).await?;
         }
@@ -302,10 +353,16 @@ impl Pipeline {
         op: &WindowOperator,
         committed: &mut Vec<Option<(u64, Checkpoint)>>,
     ) -> Result<()> {
-        let changed: Vec<(Position, Checkpoint)> = op
-            .safe_positions()
+        self.commit_these(committable(op), committed).await
+    }
+
+    async fn commit_these(
+        &mut self,
+        positions: Vec<(Position, Checkpoint)>,
+        committed: &mut Vec<Option<(u64, Checkpoint)>>,
+    ) -> Result<()> {
+        let changed: Vec<(Position, Checkpoint)> = positions
             .into_iter()
-            .map(|p| (p, op.checkpoint(p.partition)))
             .filter(|(p, cp)| {
                 committed.get(p.partition as usize).copied().flatten() != Some((p.offset, *cp))
             })
@@ -336,6 +393,42 @@ impl Pipeline {
         }
         Metrics::add(&self.metrics.commits, 1);
         Ok(())
+    }
+}
+
+/// What the operator says is safe to commit, with the checkpoint of each partition.
+fn committable(op: &WindowOperator) -> Vec<(Position, Checkpoint)> {
+    op.safe_positions()
+        .into_iter()
+        .map(|p| (p, op.checkpoint(p.partition)))
+        .collect()
+}
+
+/// Outcomes of one batch, added to the counters once.
+#[derive(Default)]
+struct Tally {
+    windowed: u64,
+    dead: u64,
+    late: u64,
+    replayed: u64,
+    retried: u64,
+    skipped: u64,
+    filtered: u64,
+    failed: u64,
+}
+
+impl Tally {
+    #[inline]
+    fn count(&mut self, o: Outcome) {
+        match o {
+            Outcome::Windowed => self.windowed += 1,
+            Outcome::Dead => self.dead += 1,
+            Outcome::Late => self.late += 1,
+            Outcome::Replayed => self.replayed += 1,
+            Outcome::Retried => self.retried += 1,
+            Outcome::Skipped => self.skipped += 1,
+            Outcome::Failed => self.failed += 1,
+        }
     }
 }
 

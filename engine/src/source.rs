@@ -52,4 +52,10 @@ pub trait Source: Send {
     fn wants_commit(&self) -> bool {
         false
     }
+
+    /// Whether the source holds records it will deliver later (retries waiting for their
+    /// time): a run that stops when input goes idle waits for them. Default: never.
+    fn pending(&self) -> bool {
+        false
+    }
 }

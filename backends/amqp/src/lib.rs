@@ -18,6 +18,7 @@ mod config;
 mod error;
 mod sink;
 mod source;
+mod tail;
 mod topology;
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ pub use config::{AmqpConfig, ExchangeType, QueueType, DEFAULT_URL};
 pub use error::{is_retryable, redact};
 pub use sink::AmqpSink;
 pub use source::AmqpSource;
+pub use tail::AmqpTail;
 pub use topology::{checkpoint_queue, retry_queue};
 
 /// Connects to `url` and closes again: `Ok` when RabbitMQ answers.
@@ -69,14 +71,21 @@ impl AmqpBroker {
     /// A publisher to the retry queue of `source_topic` (`<source_topic>.retry`): records
     /// sent to it come back into `source_topic` after `delay` (TTL + dead-letter exchange;
     /// RabbitMQ counts the trips in the `x-death` header, and headers such as an attempt
-    /// counter travel with the record). Not wired into the engine yet: it has no retry
-    /// topic (issue 8).
+    /// counter travel with the record). The engine's `[retry]` topic does not use it: it
+    /// reads its retry topic like any other and holds records until due, the same way on
+    /// every broker.
     pub async fn retry_sink(
         &self,
         source_topic: &str,
         delay: std::time::Duration,
     ) -> weir_engine::Result<AmqpSink> {
         AmqpSink::connect_retry(self.config.clone(), source_topic, delay).await
+    }
+
+    /// A reader of `topic` that takes nothing from its queue (for `weir tail`): new records
+    /// only, or, on stream queues, everything from the first offset.
+    pub async fn reader(&self, topic: &str, from_beginning: bool) -> weir_engine::Result<AmqpTail> {
+        AmqpTail::connect(self.config.clone(), topic, from_beginning).await
     }
 
     /// A publisher to `topic`, connected and with its topology declared.

@@ -24,7 +24,7 @@ use crate::sink::{HEADER_KEY, HEADER_TIMESTAMP};
 use crate::topology;
 
 const CHECKPOINT_PREFIX: &str = "weir-amqp1:";
-const STREAM_OFFSET: &str = "x-stream-offset";
+pub(crate) const STREAM_OFFSET: &str = "x-stream-offset";
 
 struct Live {
     _conn: Connection,
@@ -158,47 +158,53 @@ impl AmqpSource {
     }
 
     fn record(&mut self, d: Delivery) -> Record {
-        let mut key = None;
-        let mut timestamp = d.properties.timestamp().map(|s| s as i64 * 1000);
-        let mut stream_offset = None;
-        let mut headers = Vec::new();
-        if let Some(table) = d.properties.headers() {
-            headers.reserve(table.inner().len());
-            for (k, v) in table {
-                match k.as_str() {
-                    HEADER_KEY => key = Some(Bytes::from(value_bytes(v))),
-                    HEADER_TIMESTAMP => {
-                        if let AMQPValue::LongLongInt(t) = v {
-                            timestamp = Some(*t);
-                        }
-                    }
-                    STREAM_OFFSET => {
-                        if let AMQPValue::LongLongInt(o) = v {
-                            stream_offset = Some(*o as u64);
-                        }
-                    }
-                    _ => headers.push((k.to_string(), Bytes::from(value_bytes(v)))),
-                }
-            }
-        }
+        let tag = d.delivery_tag;
+        let (mut rec, stream_offset) = to_record(d);
         let offset = match stream_offset {
             Some(o) if self.stream() => o,
             _ => self.next_offset,
         };
         self.next_offset = offset + 1;
         self.since_commit += 1;
-        self.unacked.push_back((offset, d.delivery_tag));
-        Record {
-            key,
-            payload: Bytes::from(d.data),
-            headers,
-            timestamp,
-            position: Position {
-                partition: 0,
-                offset,
-            },
+        self.unacked.push_back((offset, tag));
+        rec.position.offset = offset;
+        rec
+    }
+}
+
+/// A delivery as a record of partition 0 (offset 0), and its stream offset if it has one.
+pub(crate) fn to_record(d: Delivery) -> (Record, Option<u64>) {
+    let mut key = None;
+    let mut timestamp = d.properties.timestamp().map(|s| s as i64 * 1000);
+    let mut stream_offset = None;
+    let mut headers = Vec::new();
+    if let Some(table) = d.properties.headers() {
+        headers.reserve(table.inner().len());
+        for (k, v) in table {
+            match k.as_str() {
+                HEADER_KEY => key = Some(Bytes::from(value_bytes(v))),
+                HEADER_TIMESTAMP => {
+                    if let AMQPValue::LongLongInt(t) = v {
+                        timestamp = Some(*t);
+                    }
+                }
+                STREAM_OFFSET => {
+                    if let AMQPValue::LongLongInt(o) = v {
+                        stream_offset = Some(*o as u64);
+                    }
+                }
+                _ => headers.push((k.to_string(), Bytes::from(value_bytes(v)))),
+            }
         }
     }
+    let rec = Record {
+        key,
+        payload: Bytes::from(d.data),
+        headers,
+        timestamp,
+        position: Position::default(),
+    };
+    (rec, stream_offset)
 }
 
 /// A header value as bytes: strings as they are, other values in their text form.

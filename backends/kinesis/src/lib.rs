@@ -179,6 +179,22 @@ impl KinesisBroker {
         ))
     }
 
+    /// A reader of `stream` outside any group, starting at `start` instead of the
+    /// configured start position; its checkpoints stay in memory (for `weir tail`).
+    pub async fn reader(&self, stream: &str, start: StartPosition) -> Result<KinesisSource> {
+        self.ensure_stream(stream).await?;
+        let mut config = (*self.config).clone();
+        config.start_position = start;
+        Ok(KinesisSource::new(
+            self.client().await?,
+            Arc::new(config),
+            self.endpoint(),
+            stream.to_string(),
+            "ungrouped".into(),
+            Arc::new(MemoryCheckpointStore::default()),
+        ))
+    }
+
     /// A producer to `stream`.
     pub async fn sink(&self, stream: &str) -> Result<KinesisSink> {
         self.ensure_stream(stream).await?;

@@ -10,6 +10,9 @@ pub use reader::{ConfigErrors, Diagnostics, Problem, TableReader};
 pub use tree::{Loc, Node, Table, Value};
 
 use crate::decode::{FieldSpec, FieldType, Schema, TimeSource};
+pub use crate::enrich::EnrichConfig;
+pub use crate::errors::ErrorAction;
+pub use crate::retry::RetryConfig;
 use crate::time::TimeFormat;
 use crate::window::WindowKind;
 
@@ -47,6 +50,14 @@ pub struct PipelineConfig {
     pub brokers: Vec<(String, Node)>,
     /// The built-in generator that feeds the demo.
     pub demo: DemoConfig,
+    /// `weir serve`'s ingest API and live view.
+    pub serve: ServeConfig,
+    /// `[retry]`: the retry topic and its backoff.
+    pub retry: Option<RetryConfig>,
+    /// `[enrich]`: the table joined into each event.
+    pub enrich: Option<EnrichConfig>,
+    /// `[errors]`: the error strategy of each stage that is not the default `dead_letter`.
+    pub errors: Vec<(String, ErrorAction)>,
 }
 
 /// `[source]`: the input topic.
@@ -127,6 +138,24 @@ pub struct DemoConfig {
     pub users: usize,
     /// One in this many generated events is invalid (0 = none).
     pub invalid_every: usize,
+}
+
+/// `[serve]`: the HTTP ingest API and live view of `weir serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Address to listen on (`--listen` overrides it); loopback by default.
+    pub listen: std::net::SocketAddr,
+    /// Largest body of `POST /track` (413 above it); defaults to `source.max_payload_bytes`.
+    pub max_body_bytes: usize,
+    /// Largest body of `POST /track/batch`.
+    pub max_batch_bytes: usize,
+    /// Most events waiting for the broker's acknowledgement; past it requests get 503 at once.
+    pub queue: usize,
+    /// How long a request waits for the broker's acknowledgement before 503.
+    pub publish_timeout: Duration,
+    /// Name of the environment variable holding the bearer token that `POST /track*` then
+    /// require; unset or empty variable = no token. The token itself never goes in the file.
+    pub token_env: String,
 }
 
 /// Options that come from the command line rather than the file.
@@ -580,6 +609,111 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         None => LatePolicy::DeadLetter,
     };
 
+    let retry = r.table(d, "retry").map(|mut t| {
+        let topic = t.req_str(d, "topic").unwrap_or_default().to_string();
+        let initial = t.duration_or(d, "initial", Duration::from_secs(1));
+        let max = t.duration_or(d, "max", Duration::from_secs(60));
+        let multiplier = match t.node("multiplier") {
+            None => 2.0,
+            Some(n) => match n.value {
+                Value::Float(f) if f >= 1.0 && f.is_finite() => f,
+                Value::Int(i) if i >= 1 => i as f64,
+                Value::Float(_) | Value::Int(_) => {
+                    d.push(&n.loc, "retry.multiplier", "must be 1 or more");
+                    2.0
+                }
+                _ => {
+                    d.push(
+                        &n.loc,
+                        "retry.multiplier",
+                        format!("expected a number, found {}", n.value.type_name()),
+                    );
+                    2.0
+                }
+            },
+        };
+        let max_attempts = t.uint_or(d, "max_attempts", 5, 1..=1_000_000) as u32;
+        if initial.is_zero() {
+            d.push(t.loc(), "retry.initial", "must be more than 0");
+        }
+        if max < initial {
+            d.push(t.loc(), "retry.max", "must be at least `initial`");
+        }
+        t.finish(d);
+        RetryConfig {
+            topic,
+            initial,
+            multiplier,
+            max,
+            max_attempts,
+        }
+    });
+
+    let enrich = r.table(d, "enrich").map(|mut t| {
+        let table = t.req_str(d, "table").unwrap_or_default().to_string();
+        let key = t.req_str(d, "key").unwrap_or_default().to_string();
+        let table_key = t.str_or(d, "table_key", &key);
+        let into_loc = t
+            .node("into")
+            .map_or_else(|| t.loc().clone(), |n| n.loc.clone());
+        let into = t.str_or(d, "into", "profile");
+        if into.is_empty() || into.contains('.') {
+            d.push(
+                &into_loc,
+                "enrich.into",
+                "must be a top-level field name (no dots)",
+            );
+        }
+        t.finish(d);
+        EnrichConfig {
+            table,
+            key,
+            table_key,
+            into,
+        }
+    });
+
+    let mut errors = Vec::new();
+    if let Some(mut t) = r.table(d, "errors") {
+        for stage in [crate::errors::STAGE_VALIDATE, crate::errors::STAGE_ENRICH] {
+            let Some(n) = t.node(stage) else { continue };
+            let path = format!("errors.{stage}");
+            let Value::Str(s) = &n.value else {
+                d.push(
+                    &n.loc,
+                    &path,
+                    format!("expected a string, found {}", n.value.type_name()),
+                );
+                continue;
+            };
+            match ErrorAction::parse(s) {
+                None => d.push(
+                    &n.loc,
+                    &path,
+                    format!("unknown strategy `{s}` (choose dead_letter, retry, skip or fail)"),
+                ),
+                Some(ErrorAction::Retry) if retry.is_none() => d.push(
+                    &n.loc,
+                    &path,
+                    "`retry` needs a [retry] section with the retry topic",
+                ),
+                Some(_) if stage == crate::errors::STAGE_ENRICH && enrich.is_none() => {
+                    d.push(&n.loc, &path, "there is no [enrich] stage")
+                }
+                Some(a) => errors.push((stage.to_string(), a)),
+            }
+        }
+        t.finish(d);
+    }
+    // Enrichment misses are what the retry topic is for: with both, they retry unless
+    // `[errors] enrich` says otherwise.
+    if enrich.is_some()
+        && retry.is_some()
+        && !errors.iter().any(|(s, _)| s == crate::errors::STAGE_ENRICH)
+    {
+        errors.push((crate::errors::STAGE_ENRICH.to_string(), ErrorAction::Retry));
+    }
+
     let mut brokers = Vec::new();
     if let Some(mut t) = r.table(d, "brokers") {
         for (k, loc, node) in &t.table_entries() {
@@ -618,6 +752,7 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             invalid_every: 0,
         },
     };
+    let serve = read_serve(&mut r, d, source.max_payload_bytes);
     r.finish(d);
 
     PipelineConfig {
@@ -635,7 +770,57 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         late,
         brokers,
         demo,
+        serve,
+        retry,
+        enrich,
+        errors,
     }
+}
+
+fn read_serve(r: &mut TableReader<'_>, d: &mut Diagnostics, max_payload: usize) -> ServeConfig {
+    let def = ServeConfig {
+        listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8000)),
+        max_body_bytes: max_payload,
+        max_batch_bytes: 4 * MIB as usize,
+        queue: 10_000,
+        publish_timeout: Duration::from_secs(5),
+        token_env: "WEIR_SERVE_TOKEN".into(),
+    };
+    let Some(mut t) = r.table(d, "serve") else {
+        return def;
+    };
+    let listen_node = t.node("listen");
+    let listen = match t.str(d, "listen").map(str::parse) {
+        None => def.listen,
+        Some(Ok(a)) => a,
+        Some(Err(_)) => {
+            d.push(
+                &listen_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                "serve.listen",
+                "expected IP:PORT, e.g. \"127.0.0.1:8000\"",
+            );
+            def.listen
+        }
+    };
+    let u = |t: &mut TableReader<'_>, d: &mut Diagnostics, key, default: usize, max: u64| {
+        t.uint_or(d, key, default as u64, 0..=max) as usize
+    };
+    let c = ServeConfig {
+        listen,
+        max_body_bytes: u(&mut t, d, "max_body_bytes", def.max_body_bytes, 64 * MIB),
+        max_batch_bytes: u(
+            &mut t,
+            d,
+            "max_batch_bytes",
+            def.max_batch_bytes,
+            1024 * MIB,
+        ),
+        queue: u(&mut t, d, "queue", def.queue, 10_000_000),
+        publish_timeout: t.duration_or(d, "publish_timeout", def.publish_timeout),
+        token_env: t.str_or(d, "token_env", &def.token_env),
+    };
+    t.finish(d);
+    c
 }
 
 impl<'t> TableReader<'t> {

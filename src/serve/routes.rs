@@ -1,0 +1,212 @@
+//! The HTTP routes of `weir serve`.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::ingest::Refused;
+use super::App;
+
+/// The router: ingest (behind the optional token), live view, health and metrics.
+pub fn router(app: Arc<App>) -> Router {
+    let c = &app.config.serve;
+    let ingest = Router::new()
+        .route(
+            "/track",
+            post(track).layer(DefaultBodyLimit::max(c.max_body_bytes)),
+        )
+        .route(
+            "/track/batch",
+            post(track_batch).layer(DefaultBodyLimit::max(c.max_batch_bytes)),
+        )
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_token));
+    Router::new()
+        .route(
+            "/",
+            get(|| async { Html(include_str!("static/index.html")) }),
+        )
+        .route("/app.js", get(app_js))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/ws", get(ws))
+        .merge(ingest)
+        .with_state(app)
+}
+
+async fn app_js() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("static/app.js"),
+    )
+}
+
+/// 401 unless the request carries `Authorization: Bearer TOKEN` (when a token is set).
+async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &app.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same(given.as_bytes(), token.as_bytes()) {
+            app.ingest
+                .stats
+                .unauthorized
+                .fetch_add(1, Ordering::Relaxed);
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))],
+                Json(json!({"message": "missing or wrong bearer token"})),
+            )
+                .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Compares without stopping at the first difference (no timing hint about the token).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn refused(r: Refused) -> Response {
+    match r {
+        Refused::Invalid(problems) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"message": "invalid event", "problems": problems})),
+        )
+            .into_response(),
+        Refused::InvalidEvents(events) => {
+            let errors: Vec<_> = events
+                .iter()
+                .map(|(i, p)| json!({"index": i, "problems": p}))
+                .collect();
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(json!({"message": "invalid events; none was published", "errors": errors})),
+            )
+                .into_response()
+        }
+        Refused::Unavailable(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
+            Json(json!({"message": why})),
+        )
+            .into_response(),
+    }
+}
+
+async fn track(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    match app.ingest.track(&body).await {
+        Ok(fields) => {
+            let mut answer = serde_json::Map::new();
+            answer.insert("message".into(), "event accepted".into());
+            answer.extend(fields);
+            (StatusCode::ACCEPTED, Json(answer)).into_response()
+        }
+        Err(r) => refused(r),
+    }
+}
+
+async fn track_batch(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    match app.ingest.track_batch(&body).await {
+        Ok(n) => (
+            StatusCode::ACCEPTED,
+            Json(json!({"message": format!("{n} events accepted"), "accepted": n})),
+        )
+            .into_response(),
+        Err(r) => refused(r),
+    }
+}
+
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let running = app.running.load(Ordering::Relaxed);
+    let code = if running {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let status = if running { "ok" } else { "pipeline stopped" };
+    (
+        code,
+        Json(json!({"status": status, "pipeline": app.config.name, "backend": app.backend})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        super::prom::render(&app),
+    )
+}
+
+async fn ws(State(app): State<Arc<App>>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(move |socket| stream(app, socket))
+}
+
+/// Sends the hello, the latest results and then every message of the hub until the client
+/// leaves or the server stops. A client too slow to keep up skips what it missed.
+async fn stream(app: Arc<App>, mut socket: WebSocket) {
+    let (recent, mut rx) = app.hub.subscribe();
+    let hello = app.hello();
+    let counters = app.counters();
+    for msg in [hello, counters].into_iter().chain(recent) {
+        if !send(&mut socket, &msg).await {
+            return;
+        }
+    }
+    loop {
+        let msg = tokio::select! {
+            _ = app.stop.cancelled() => break,
+            m = rx.recv() => match m {
+                Ok(m) => m,
+                Err(RecvError::Lagged(n)) => {
+                    tracing::debug!(skipped = n, "a live-view client fell behind");
+                    format!(r#"{{"type":"lagged","skipped":{n}}}"#).into()
+                }
+                Err(RecvError::Closed) => break,
+            },
+            incoming = socket.recv() => match incoming {
+                // Pings are answered by axum; anything else from the client is ignored.
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => continue,
+            },
+        };
+        if !send(&mut socket, &msg).await {
+            return;
+        }
+    }
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// How long one message may take to reach a client before the client is dropped.
+const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn send(socket: &mut WebSocket, msg: &str) -> bool {
+    let sent = tokio::time::timeout(CLIENT_TIMEOUT, socket.send(Message::Text(msg.into()))).await;
+    match sent {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::info!(
+                "dropping a live-view client that took over {CLIENT_TIMEOUT:?} to take one message"
+            );
+            false
+        }
+    }
+}
