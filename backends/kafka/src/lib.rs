@@ -26,7 +26,6 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::FutureProducer;
 use rdkafka::Offset;
 
 pub use config::{KafkaConfig, CONSUMER_DEFAULTS, DEFAULT_BOOTSTRAP, PRODUCER_DEFAULTS};
@@ -47,8 +46,7 @@ pub enum StartAt {
 #[derive(Clone)]
 pub struct KafkaBroker {
     config: Arc<KafkaConfig>,
-    producer: Arc<OnceLock<Arc<FutureProducer>>>,
-    sink_producer: Arc<OnceLock<Arc<sink::SinkProducer>>>,
+    producer: Arc<OnceLock<Arc<sink::SinkProducer>>>,
     ensured: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -66,7 +64,6 @@ impl KafkaBroker {
         KafkaBroker {
             config: Arc::new(config),
             producer: Arc::default(),
-            sink_producer: Arc::default(),
             ensured: Arc::default(),
         }
     }
@@ -134,8 +131,14 @@ impl KafkaBroker {
     /// A producer to `topic`. Every sink of this broker shares one librdkafka producer.
     pub async fn sink(&self, topic: &str) -> Result<KafkaSink, KafkaError> {
         self.ensure_topic(topic).await?;
-        if let Some(p) = self.sink_producer.get() {
-            return Ok(KafkaSink::new(p.clone(), topic));
+        Ok(KafkaSink::new(self.producer()?, topic))
+    }
+
+    /// The producer every sink and the checkpoint store of this broker share (one client,
+    /// one idempotent producer id).
+    fn producer(&self) -> Result<Arc<sink::SinkProducer>, KafkaError> {
+        if let Some(p) = self.producer.get() {
+            return Ok(p.clone());
         }
         let p: sink::SinkProducer = self
             .config
@@ -145,22 +148,6 @@ impl KafkaBroker {
                 what: "producer",
                 source,
             })?;
-        let p = self.sink_producer.get_or_init(|| Arc::new(p)).clone();
-        Ok(KafkaSink::new(p, topic))
-    }
-
-    fn producer(&self) -> Result<Arc<FutureProducer>, KafkaError> {
-        if let Some(p) = self.producer.get() {
-            return Ok(p.clone());
-        }
-        let p: FutureProducer =
-            self.config
-                .producer_config()
-                .create()
-                .map_err(|source| KafkaError::Client {
-                    what: "producer",
-                    source,
-                })?;
         Ok(self.producer.get_or_init(|| Arc::new(p)).clone())
     }
 
