@@ -149,6 +149,7 @@ fn main() {
     );
 
     // (b) Weir: Kafka -> decode -> window -> Kafka.
+    let mut weir_results = 0;
     let weir = rt.block_on(async {
         let first = Arc::new(Mutex::new(None));
         let source = Drained {
@@ -169,6 +170,7 @@ fn main() {
         assert_eq!(k.events_in as usize, n, "{k:?}");
         assert!(k.balanced(), "{k:?}");
         let rate = n as f64 / s;
+        weir_results = k.results_out;
         println!(
             "  (b) Weir Kafka -> window -> Kafka:  {rate:>10.0} events/s  ({n} in {s:.2} s; {} results produced, {} late, {} commits)",
             k.results_out, k.late, k.commits
@@ -257,6 +259,67 @@ fn main() {
         &format!("bench-raw2-{id}"),
         "(f) again:",
     );
+
+    // (g) The broker's produce rate for records shaped like Weir's results, with the
+    // pipeline's producer settings: what (b) can reach is at most this divided by the
+    // results per event.
+    let rate = raw_produce(&bootstrap, &format!("bench-rawprod-{id}"), n);
+    let per_event = weir_results as f64 / n as f64;
+    println!(
+        "  (g) raw rdkafka produce, result-sized records, same settings: {rate:>10.0} records/s; \
+         at {per_event:.2} results per event (b) is capped near {:.0} events/s = {:.0} % of raw consume",
+        rate / per_event.max(f64::MIN_POSITIVE),
+        100.0 * rate / per_event.max(f64::MIN_POSITIVE) / raw
+    );
+}
+
+/// Produces `n` result-sized keyed records to a fresh topic with a plain `BaseProducer`
+/// (acks=all, idempotence, linger.ms=5, lz4, as `pipelines/user_activity.toml`) and
+/// returns records per second, from the first send to the last acknowledgement.
+fn raw_produce(bootstrap: &str, topic: &str, n: usize) -> f64 {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()
+        .expect("producer");
+    // Let auto-creation and metadata settle before timing.
+    let _ = producer.send(BaseRecord::<str, str>::to(topic).key("warm").payload("{}"));
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("warm-up flush");
+    let t = Instant::now();
+    for i in 0..n {
+        let key = format!("User{}", i % 1000);
+        let payload = format!(
+            "{{\"user_id\":\"{key}\",\"window_start\":\"2024-06-27T15:43:40Z\",\"window_end\":\"2024-06-27T15:43:50Z\",\"count\":{}}}",
+            i % 7
+        );
+        let mut rec = BaseRecord::<str, str>::to(topic)
+            .key(&key)
+            .payload(&payload);
+        loop {
+            match producer.send(rec) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
+                    rec = back;
+                    producer.poll(Duration::from_millis(1));
+                }
+                Err((e, _)) => panic!("raw produce: {e}"),
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    n as f64 / t.elapsed().as_secs_f64()
 }
 
 /// Reads `n` records of every partition of `topic` with a plain `BaseConsumer`.
@@ -265,6 +328,9 @@ fn raw_consume(bootstrap: &str, topic: &str, n: usize, group: &str, label: &str)
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
+        // As Weir's consumer (backends/kafka CONSUMER_DEFAULTS): librdkafka's default 1 s
+        // pause once a partition's queue is full stalls even this loop now and then.
+        .set("fetch.queue.backoff.ms", "10")
         .create()
         .expect("consumer");
     let md = consumer

@@ -659,8 +659,11 @@ impl WindowOperator {
     fn encode_pane(encoder: &ResultEncoder, window: WindowRange, pane: Pane, out: &mut Emitted) {
         let text = WindowText::new(window);
         let Pane { groups, extras, .. } = pane;
+        let has_extras = !extras.is_empty(); // a count alone keeps none
         for (key, acc) in groups.into_iter() {
-            let extra = extras.remove(&key).map(|(_, e)| e);
+            let extra = has_extras
+                .then(|| extras.remove(&key).map(|(_, e)| e))
+                .flatten();
             out.results
                 .push(encoder.encode_with(&text, &key, &acc, extra.as_ref(), true));
         }

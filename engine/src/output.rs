@@ -1,6 +1,8 @@
 //! Encoding window results and dead letters.
 
-use bytes::Bytes;
+use std::sync::Mutex;
+
+use bytes::{Bytes, BytesMut};
 
 use crate::aggregate::{write_value, AggFn};
 use crate::record::{
@@ -15,7 +17,7 @@ use crate::window::{Acc, Extra, WindowRange};
 pub const KEY_SEP: u8 = 0x1f;
 
 /// Writes window results as JSON records.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ResultEncoder {
     /// `"user_id":` for each key field, pre-encoded.
     key_names: Vec<Vec<u8>>,
@@ -23,6 +25,24 @@ pub struct ResultEncoder {
     aggs: Vec<(AggFn, Vec<u8>)>,
     /// Whether results carry `"final"` (update emission).
     flag_final: bool,
+    /// A scratch buffer results are written into, then copied into the arena, which
+    /// results are slices of: one allocation per [`ARENA`] bytes of results instead of two
+    /// per result. (A lock, not a `RefCell`, because the operator is shared across awaits.)
+    buffers: Mutex<(Vec<u8>, BytesMut)>,
+}
+
+/// Bytes of results per shared allocation.
+const ARENA: usize = 64 * 1024;
+
+impl Clone for ResultEncoder {
+    fn clone(&self) -> Self {
+        ResultEncoder {
+            key_names: self.key_names.clone(),
+            aggs: self.aggs.clone(),
+            flag_final: self.flag_final,
+            buffers: Mutex::default(),
+        }
+    }
 }
 
 /// The parts of a result that are the same for every key of one window, formatted once.
@@ -80,6 +100,7 @@ impl ResultEncoder {
             key_names,
             aggs,
             flag_final,
+            buffers: Mutex::default(),
         }
     }
 
@@ -90,7 +111,7 @@ impl ResultEncoder {
     }
 
     /// [`encode`](Self::encode) with the window's text formatted beforehand. The payload,
-    /// the key and the id share one allocation.
+    /// the key and the id are slices of one buffer shared by many results.
     pub fn encode_with(
         &self,
         w: &WindowText,
@@ -99,9 +120,9 @@ impl ResultEncoder {
         extra: Option<&Extra>,
         is_final: bool,
     ) -> OutRecord {
-        let mut out = Vec::with_capacity(
-            48 + 2 * key.len() + w.fields.len() + w.id_suffix.len() + 24 * self.aggs.len(),
-        );
+        let mut buffers = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
+        let (out, arena) = &mut *buffers;
+        out.clear();
         out.push(b'{');
         for (name, part) in self.key_names.iter().zip(key.split(|b| *b == KEY_SEP)) {
             out.extend_from_slice(name);
@@ -114,8 +135,8 @@ impl ResultEncoder {
             out.extend_from_slice(name);
             let state = extra.as_mut().and_then(|it| it.next());
             match agg {
-                AggFn::Count => write_u64(&mut out, acc.count()),
-                _ => write_value(&mut out, acc.count(), state),
+                AggFn::Count => write_u64(out, acc.count()),
+                _ => write_value(out, acc.count(), state),
             }
         }
         if self.flag_final {
@@ -127,14 +148,20 @@ impl ResultEncoder {
         }
         out.push(b'}');
         let payload_end = out.len();
-        push_key_display(&mut out, key);
+        push_key_display(out, key);
         let key_end = out.len();
         out.extend_from_slice(&w.id_suffix);
-        let all = Bytes::from(out);
+        if arena.capacity() - arena.len() < out.len() {
+            *arena = BytesMut::with_capacity(ARENA.max(out.len()));
+        }
+        arena.extend_from_slice(out);
+        let payload = arena.split_to(payload_end).freeze();
+        let id = arena.split().freeze();
+        drop(buffers);
         OutRecord {
-            key: Some(all.slice(payload_end..key_end)),
-            payload: all.slice(..payload_end),
-            headers: vec![(HEADER_ID.to_string(), all.slice(payload_end..))],
+            key: Some(id.slice(..key_end - payload_end)),
+            payload,
+            headers: vec![(HEADER_ID.to_string(), id)],
             timestamp: Some(w.start),
         }
     }

@@ -27,6 +27,9 @@ pub struct Pipeline {
     dead_letter: Box<dyn Sink>,
     late: Option<Box<dyn Sink>>,
     retry: Option<Box<dyn Sink>>,
+    /// Whether outputs are submitted and acknowledged before the next commit (see
+    /// [`Sink::submit`]) rather than sent and acknowledged batch by batch.
+    pipelined: bool,
     on_error: Option<crate::errors::ErrorCallback>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -73,6 +76,7 @@ impl Pipeline {
             dead_letter,
             late: None,
             retry: None,
+            pipelined: true,
             on_error: None,
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
@@ -143,6 +147,10 @@ impl Pipeline {
                 "late events go to `{t}` but the pipeline has no late output"
             )));
         }
+        // With a retry topic, outputs are acknowledged batch by batch as before: submitting
+        // them made kafka_waiting_retries_survive_a_restart fail in every full run of the
+        // Kafka tests (its second run read nothing); the cause is not found yet.
+        self.pipelined = self.retry.is_none();
         if let (Some(r), None) = (&self.job.retry, &self.retry) {
             return Err(EngineError::Stopped(format!(
                 "retries go to `{}` but the pipeline has no retry output",
@@ -293,6 +301,7 @@ impl Pipeline {
                 break;
             }
         }
+        self.flush().await?;
         self.commit(&op, &mut committed).await?;
         let counters = m.snapshot();
         let open_windows = op.open_windows();
@@ -315,24 +324,48 @@ impl Pipeline {
     async fn deliver(&mut self, out: Emitted, m: &Metrics) -> Result<()> {
         Metrics::add(&m.windows_closed, out.windows_closed);
         if !out.dead.is_empty() {
-            send_with_retry(&mut *self.dead_letter, &out.dead, &self.shutdown).await?;
+            send_with_retry(
+                &mut *self.dead_letter,
+                &out.dead,
+                self.pipelined,
+                &self.shutdown,
+            )
+            .await?;
         }
         if !out.retry.is_empty() {
             if let Some(retry) = self.retry.as_mut() {
-                send_with_retry(&mut **retry, &out.retry, &self.shutdown).await?;
+                send_with_retry(&mut **retry, &out.retry, self.pipelined, &self.shutdown).await?;
             }
         }
         if !out.late.is_empty() {
             if let Some(late) = self.late.as_mut() {
-                send_with_retry(&mut **late, &out.late, &self.shutdown).await?;
+                send_with_retry(&mut **late, &out.late, self.pipelined, &self.shutdown).await?;
             }
         }
         if !out.results.is_empty() {
             let n = out.results.len() as u64;
-            send_with_retry(&mut *self.sink, &out.results, &self.shutdown).await?;
+            send_with_retry(
+                &mut *self.sink,
+                &out.results,
+                self.pipelined,
+                &self.shutdown,
+            )
+            .await?;
             Metrics::add(&m.results_out, n);
         }
         Ok(())
+    }
+
+    /// Waits until every sink acknowledged everything submitted to it (see [`Sink::submit`]).
+    async fn flush(&mut self) -> Result<()> {
+        flush_with_retry(&mut *self.dead_letter, &self.shutdown).await?;
+        if let Some(retry) = self.retry.as_mut() {
+            flush_with_retry(&mut **retry, &self.shutdown).await?;
+        }
+        if let Some(late) = self.late.as_mut() {
+            flush_with_retry(&mut **late, &self.shutdown).await?;
+        }
+        flush_with_retry(&mut *self.sink, &self.shutdown).await
     }
 
     async fn commit(
@@ -357,6 +390,8 @@ impl Pipeline {
         if changed.is_empty() {
             return Ok(());
         }
+        // Every output derived from the positions below was submitted; wait for its acks.
+        self.flush().await?;
         let mut delay = Duration::from_millis(100);
         loop {
             match self.source.commit(&changed).await {
@@ -440,14 +475,35 @@ async fn recv_with_retry(
     }
 }
 
+/// Submits `batch` (see [`Sink::submit`]; acknowledged by the flush before the next
+/// commit), retrying retryable failures.
 async fn send_with_retry(
     sink: &mut dyn Sink,
     batch: &[OutRecord],
+    pipelined: bool,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    retry(sink, Some((batch, pipelined)), shutdown).await
+}
+
+/// Waits for every acknowledgement `sink` owes, retrying retryable failures.
+async fn flush_with_retry(sink: &mut dyn Sink, shutdown: &CancellationToken) -> Result<()> {
+    retry(sink, None, shutdown).await
+}
+
+async fn retry(
+    sink: &mut dyn Sink,
+    batch: Option<(&[OutRecord], bool)>,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let mut delay = Duration::from_millis(100);
     loop {
-        match sink.send(batch).await {
+        let res = match batch {
+            Some((b, true)) => sink.submit(b).await,
+            Some((b, false)) => sink.send(b).await,
+            None => sink.flush().await,
+        };
+        match res {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() => {
                 tracing::warn!(sink = sink.name(), error = %e, retry_in = ?delay, "send failed; retrying");

@@ -16,4 +16,23 @@ pub trait Sink: Send {
     /// On error none of the batch may be assumed delivered; the runtime will not commit
     /// the positions the batch was derived from.
     async fn send(&mut self, batch: &[OutRecord]) -> Result<()>;
+
+    /// Starts sending a batch without waiting for its acknowledgements; a later
+    /// [`flush`](Sink::flush) waits for them. The runtime submits every batch and flushes
+    /// before each commit, so it can read and process the next batch while earlier ones
+    /// are in flight. An implementation bounds what it keeps in flight (waiting inside
+    /// `submit` when it is full) and keeps the records it has not yet seen acknowledged,
+    /// so that a failed `flush` can be retried.
+    ///
+    /// On error none of the batch may be assumed submitted. Default: [`send`](Sink::send).
+    async fn submit(&mut self, batch: &[OutRecord]) -> Result<()> {
+        self.send(batch).await
+    }
+
+    /// Returns once every record submitted so far has been acknowledged. After an error,
+    /// the records not acknowledged stay pending and the next `flush` sends them again.
+    /// Default: nothing is ever pending.
+    async fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
 }

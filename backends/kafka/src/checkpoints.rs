@@ -16,19 +16,22 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::Message as _;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use weir_engine::{Checkpoint, Position};
 
+use bytes::Bytes;
+use weir_engine::{OutRecord, Sink as _};
+
 use crate::config::KafkaConfig;
 use crate::error::KafkaError;
+use crate::sink::{KafkaSink, SinkProducer};
 
 const SEP: char = '\u{1f}';
 
 /// Where one group's checkpoints of one source topic are kept.
 #[derive(Clone)]
 pub(crate) struct CheckpointStore {
-    pub(crate) producer: Arc<FutureProducer>,
+    pub(crate) producer: Arc<SinkProducer>,
     pub(crate) config: Arc<KafkaConfig>,
     /// The checkpoint topic.
     pub(crate) topic: String,
@@ -54,30 +57,18 @@ impl CheckpointStore {
         source: &str,
         positions: &[(Position, Checkpoint)],
     ) -> Result<(), KafkaError> {
-        let mut pending = Vec::with_capacity(positions.len());
-        for (p, cp) in positions {
-            let key = self.key(source, p.partition);
-            let value = cp.encode();
-            let rec: FutureRecord<'_, str, str> = FutureRecord::to(&self.topic)
-                .key(key.as_str())
-                .payload(value.as_str());
-            let f = self
-                .producer
-                .send_result(rec)
-                .map_err(|(e, _)| self.err(format!("cannot publish a checkpoint: {e}")))?;
-            pending.push(f);
-        }
-        for f in pending {
-            match f.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(self.err(format!("checkpoint not acknowledged: {e}")))
-                }
-                Err(_) => {
-                    return Err(self.err("the producer shut down before acknowledging a checkpoint"))
-                }
-            }
-        }
+        let records: Vec<OutRecord> = positions
+            .iter()
+            .map(|(p, cp)| OutRecord {
+                key: Some(Bytes::from(self.key(source, p.partition))),
+                payload: Bytes::from(cp.encode()),
+                ..Default::default()
+            })
+            .collect();
+        KafkaSink::new(self.producer.clone(), &self.topic)
+            .send(&records)
+            .await
+            .map_err(|e| self.err(format!("checkpoint not acknowledged: {e}")))?;
         Ok(())
     }
 

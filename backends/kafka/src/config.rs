@@ -43,11 +43,16 @@ pub const PRODUCER_DEFAULTS: [(&str, &str); 5] = [
 ];
 
 /// Consumer defaults: Weir commits itself after acknowledgement (never librdkafka's
-/// auto-commit), and a new group reads from the beginning.
-pub const CONSUMER_DEFAULTS: [(&str, &str); 3] = [
+/// auto-commit), and a new group reads from the beginning. A partition whose local queue
+/// reached `queued.min.messages` is fetched again after 10 ms instead of librdkafka's 1 s:
+/// a consumer that processes more slowly than the broker delivers (any pipeline on a
+/// backlog) otherwise drains the queue and then stalls for up to a second, each time
+/// (measured on the test bed: 220 k events/s with 1 s, 1.3 M/s with 10 ms).
+pub const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
     ("enable.auto.commit", "false"),
     ("auto.offset.reset", "earliest"),
     ("enable.partition.eof", "false"),
+    ("fetch.queue.backoff.ms", "10"),
 ];
 
 /// Properties Weir sets itself; setting them in a pass-through table is a mistake.

@@ -26,7 +26,6 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::FutureProducer;
 use rdkafka::Offset;
 
 pub use config::{KafkaConfig, CONSUMER_DEFAULTS, DEFAULT_BOOTSTRAP, PRODUCER_DEFAULTS};
@@ -47,7 +46,7 @@ pub enum StartAt {
 #[derive(Clone)]
 pub struct KafkaBroker {
     config: Arc<KafkaConfig>,
-    producer: Arc<OnceLock<Arc<FutureProducer>>>,
+    producer: Arc<OnceLock<Arc<sink::SinkProducer>>>,
     ensured: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -135,18 +134,20 @@ impl KafkaBroker {
         Ok(KafkaSink::new(self.producer()?, topic))
     }
 
-    fn producer(&self) -> Result<Arc<FutureProducer>, KafkaError> {
+    /// The producer every sink and the checkpoint store of this broker share (one client,
+    /// one idempotent producer id).
+    fn producer(&self) -> Result<Arc<sink::SinkProducer>, KafkaError> {
         if let Some(p) = self.producer.get() {
             return Ok(p.clone());
         }
-        let p: FutureProducer =
-            self.config
-                .producer_config()
-                .create()
-                .map_err(|source| KafkaError::Client {
-                    what: "producer",
-                    source,
-                })?;
+        let p: sink::SinkProducer = self
+            .config
+            .producer_config()
+            .create_with_context(sink::SinkContext)
+            .map_err(|source| KafkaError::Client {
+                what: "producer",
+                source,
+            })?;
         Ok(self.producer.get_or_init(|| Arc::new(p)).clone())
     }
 

@@ -1,24 +1,84 @@
-//! A Kafka producer as a [`Sink`]: a batch is handed to librdkafka (which batches,
-//! compresses and retries per `[brokers.kafka.producer]`), then every delivery report is
-//! awaited before `send` returns.
+//! A Kafka producer as a [`Sink`]: records are handed to librdkafka (which batches,
+//! compresses and retries per `[brokers.kafka.producer]`), and their delivery reports are
+//! counted per sink. The runtime calls `submit` per batch and `flush` before a commit, so
+//! producing overlaps with consuming and processing the next batches; `send` is `submit`
+//! then `flush`.
+//!
+//! Delivery reports arrive on the producer's polling thread ([`SinkContext::delivery`]):
+//! each decrements its sink's outstanding count; a failed record is copied back out of
+//! librdkafka's message, so nothing has to be kept per record while it is in flight, and
+//! the next `flush` sends it again.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
 use weir_engine::{OutRecord, Result, Sink};
 
 use crate::error::KafkaError;
 
-/// Publishes to one Kafka topic. Cloning the producer is cheap; one producer (and its
-/// connections and batches) is shared by every sink of a [`crate::KafkaBroker`].
+/// The producer every sink of a [`crate::KafkaBroker`] shares.
+pub(crate) type SinkProducer = ThreadedProducer<SinkContext>;
+
+/// Routes librdkafka's logs to `tracing` and delivery reports to their sink's count.
+#[derive(Default)]
+pub struct SinkContext;
+
+impl ClientContext for SinkContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::source::log_to_tracing(level, fac, log_message);
+    }
+
+    fn error(&self, error: RdError, reason: &str) {
+        tracing::warn!(%error, "kafka producer: {reason}");
+    }
+}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Arc<Outstanding>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sink: Arc<Outstanding>) {
+        if let Err((e, m)) = result {
+            let back = OutRecord {
+                key: m.key().map(Bytes::copy_from_slice),
+                payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                headers: crate::source::headers_of(m),
+                timestamp: m.timestamp().to_millis(),
+            };
+            sink.failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((e.clone(), back));
+        }
+        if sink.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            sink.done.notify_waiters();
+        }
+    }
+}
+
+/// One sink's records in flight.
+#[derive(Default)]
+pub struct Outstanding {
+    count: AtomicUsize,
+    failed: Mutex<Vec<(RdError, OutRecord)>>,
+    done: tokio::sync::Notify,
+}
+
+/// Publishes to one Kafka topic. One producer (and its connections and batches) is shared
+/// by every sink of a [`crate::KafkaBroker`].
 pub struct KafkaSink {
-    producer: Arc<FutureProducer>,
+    producer: Arc<SinkProducer>,
     topic: String,
+    outstanding: Arc<Outstanding>,
+    /// Records whose delivery failed, sent again by the next `flush`.
+    again: Vec<OutRecord>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -30,10 +90,12 @@ impl std::fmt::Debug for KafkaSink {
 }
 
 impl KafkaSink {
-    pub(crate) fn new(producer: Arc<FutureProducer>, topic: &str) -> Self {
+    pub(crate) fn new(producer: Arc<SinkProducer>, topic: &str) -> Self {
         KafkaSink {
             producer,
             topic: topic.to_string(),
+            outstanding: Arc::default(),
+            again: Vec::new(),
         }
     }
 
@@ -44,11 +106,55 @@ impl KafkaSink {
         }
     }
 
-    async fn settle(&self, f: DeliveryFuture) -> Result<(), KafkaError> {
-        match f.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(self.delivery_error(e)),
-            Err(_) => Err(KafkaError::Canceled(self.topic.clone())),
+    /// Hands one record to librdkafka; its report is counted in `outstanding`.
+    async fn enqueue(&self, r: &OutRecord) -> Result<(), KafkaError> {
+        let mut rec: BaseRecord<'_, [u8], [u8], Arc<Outstanding>> =
+            BaseRecord::with_opaque_to(&self.topic, self.outstanding.clone())
+                .payload(&r.payload[..]);
+        if let Some(k) = &r.key {
+            rec = rec.key(&k[..]);
+        }
+        if let Some(ts) = r.timestamp {
+            rec = rec.timestamp(ts);
+        }
+        if !r.headers.is_empty() {
+            let mut h = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (name, value) in &r.headers {
+                h = h.insert(Header {
+                    key: name,
+                    value: Some(&value[..]),
+                });
+            }
+            rec = rec.headers(h);
+        }
+        self.outstanding.count.fetch_add(1, Ordering::AcqRel);
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return Ok(()),
+                Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // librdkafka's local queue (queue.buffering.max.*) is full: this is
+                    // what bounds the records in flight. Wait for deliveries to drain it.
+                    rec = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                Err((e, _)) => {
+                    self.outstanding.count.fetch_sub(1, Ordering::AcqRel);
+                    return Err(self.delivery_error(e));
+                }
+            }
+        }
+    }
+
+    /// Waits until every record handed to librdkafka has its delivery report.
+    async fn settle(&self) {
+        loop {
+            let done = self.outstanding.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.outstanding.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            done.await;
         }
     }
 }
@@ -60,60 +166,86 @@ impl Sink for KafkaSink {
     }
 
     async fn send(&mut self, batch: &[OutRecord]) -> Result<()> {
-        let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(batch.len());
-        let mut first_error: Option<KafkaError> = None;
+        self.submit(batch).await?;
+        let res = self.flush().await;
+        // The caller sends the whole batch again after an error.
+        self.again.clear();
+        res
+    }
+
+    async fn submit(&mut self, batch: &[OutRecord]) -> Result<()> {
         for r in batch {
-            let mut rec: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.topic).payload(&r.payload[..]);
-            if let Some(k) = &r.key {
-                rec = rec.key(&k[..]);
-            }
-            if let Some(ts) = r.timestamp {
-                rec = rec.timestamp(ts);
-            }
-            if !r.headers.is_empty() {
-                let mut h = OwnedHeaders::new_with_capacity(r.headers.len());
-                for (name, value) in &r.headers {
-                    h = h.insert(Header {
-                        key: name,
-                        value: Some(&value[..]),
-                    });
-                }
-                rec = rec.headers(h);
-            }
-            loop {
-                match self.producer.send_result(rec) {
-                    Ok(f) => {
-                        pending.push_back(f);
-                        break;
-                    }
-                    Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        // librdkafka's local queue is full: wait for the oldest delivery
-                        // (or a moment, if none is ours) and offer the record again.
-                        rec = back;
-                        match pending.pop_front() {
-                            Some(f) => {
-                                if let Err(e) = self.settle(f).await {
-                                    first_error.get_or_insert(e);
-                                }
-                            }
-                            None => tokio::time::sleep(Duration::from_millis(1)).await,
-                        }
-                    }
-                    Err((e, _)) => return Err(self.delivery_error(e).into()),
-                }
+            self.enqueue(r).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        for (i, r) in self.again.iter().enumerate() {
+            if let Err(e) = self.enqueue(r).await {
+                self.again.drain(..i);
+                return Err(e.into());
             }
         }
-        // Every record must be settled before returning, even after a failure, so that no
-        // delivery of this batch is still in flight when the runtime retries it.
-        for f in pending {
-            if let Err(e) = self.settle(f).await {
-                first_error.get_or_insert(e);
-            }
+        self.again.clear();
+        self.settle().await;
+        let failed = std::mem::take(
+            &mut *self
+                .outstanding
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut first = None;
+        for (e, r) in failed {
+            first.get_or_insert(e);
+            self.again.push(r);
         }
-        match first_error {
+        match first {
             None => Ok(()),
-            Some(e) => Err(e.into()),
+            Some(e) => Err(self.delivery_error(e).into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::ClientConfig;
+
+    fn rec(v: &str) -> OutRecord {
+        OutRecord {
+            key: Some(Bytes::from_static(b"k")),
+            payload: Bytes::copy_from_slice(v.as_bytes()),
+            headers: vec![("weir.id".into(), Bytes::from_static(b"k@0"))],
+            timestamp: Some(1),
+        }
+    }
+
+    /// With no broker, deliveries time out: `flush` reports a retryable error and keeps
+    /// the failed records, and the next `flush` sends exactly those again.
+    #[tokio::test]
+    async fn failed_deliveries_are_kept_and_sent_again() {
+        let producer: SinkProducer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("message.timeout.ms", "300")
+            .create_with_context(SinkContext)
+            .unwrap();
+        let mut sink = KafkaSink::new(Arc::new(producer), "nowhere");
+        sink.submit(&[rec("a"), rec("b"), rec("c")]).await.unwrap();
+        let e = sink.flush().await.unwrap_err();
+        assert!(e.is_retryable(), "{e}");
+        let mut again: Vec<_> = sink.again.iter().map(|r| r.payload.clone()).collect();
+        again.sort();
+        assert_eq!(again, ["a", "b", "c"]);
+        assert_eq!(sink.again[0].header("weir.id").unwrap(), "k@0");
+        assert_eq!(sink.again[0].key.as_deref(), Some(&b"k"[..]));
+        // The retry re-sends them (and they fail again, still kept).
+        assert!(sink.flush().await.is_err());
+        assert_eq!(sink.again.len(), 3);
+        assert_eq!(sink.outstanding.count.load(Ordering::Acquire), 0);
+        // `send` leaves nothing behind: its caller sends the batch again itself.
+        assert!(sink.send(&[rec("d")]).await.is_err());
+        assert!(sink.again.is_empty());
     }
 }

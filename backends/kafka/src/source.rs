@@ -330,6 +330,22 @@ impl KafkaSource {
     }
 }
 
+/// Copies a message's headers out of librdkafka's buffer.
+pub(crate) fn headers_of(m: &impl rdkafka::message::Message) -> Vec<weir_engine::record::Header> {
+    m.headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Copies a message out of librdkafka's buffer. Keys and payloads are appended to `arena`
 /// and split off as shared slices of it: one allocation per ~256 KiB of records instead of
 /// two per record.
@@ -345,19 +361,7 @@ fn to_record(m: &BorrowedMessage<'_>, arena: &mut BytesMut) -> Record {
     Record {
         key: m.key().map(&mut copy),
         payload: m.payload().map(&mut copy).unwrap_or_default(),
-        headers: m
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_string(),
-                            h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        headers: headers_of(m),
         timestamp: m.timestamp().to_millis(),
         position: Position {
             partition: m.partition() as u32,

@@ -6,19 +6,92 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::Notify;
 use weir_engine::record::Header;
 use weir_engine::{Checkpoint, OutRecord, Position, Received, Record, Result, Sink, Source};
 
 use crate::MemoryConfig;
 
+/// A retained record. Its key, payload and headers are one slice of the buffer its
+/// produced batch was copied into (one allocation per batch, not three per record), laid
+/// out as: key, payload, then per header its name's and value's lengths (u32 LE each)
+/// followed by the name and the value.
 #[derive(Debug, Clone)]
 struct Stored {
-    key: Option<Bytes>,
-    payload: Bytes,
-    headers: Vec<Header>,
+    data: Bytes,
+    /// The key's length, [`NO_KEY`] when there is none.
+    key: u32,
+    payload: u32,
+    headers: u32,
     timestamp: i64,
+}
+
+const NO_KEY: u32 = u32::MAX;
+
+impl Stored {
+    /// Copies `r` to the end of `buf`; [`Stored::finish`] makes it a record once `buf` is
+    /// frozen.
+    fn write(buf: &mut BytesMut, r: &OutRecord) -> (usize, u32, u32) {
+        let start = buf.len();
+        let key = match &r.key {
+            Some(k) => {
+                buf.extend_from_slice(k);
+                k.len() as u32
+            }
+            None => NO_KEY,
+        };
+        buf.extend_from_slice(&r.payload);
+        for (name, value) in &r.headers {
+            buf.put_u32_le(name.len() as u32);
+            buf.put_u32_le(value.len() as u32);
+            buf.extend_from_slice(name.as_bytes());
+            buf.extend_from_slice(value);
+        }
+        (start, key, r.payload.len() as u32)
+    }
+
+    /// The bytes [`Stored::write`] needs for `r`.
+    fn size(r: &OutRecord) -> usize {
+        r.key.as_ref().map_or(0, Bytes::len)
+            + r.payload.len()
+            + r.headers
+                .iter()
+                .map(|(n, v)| 8 + n.len() + v.len())
+                .sum::<usize>()
+    }
+
+    fn key(&self) -> Option<Bytes> {
+        (self.key != NO_KEY).then(|| self.data.slice(..self.key as usize))
+    }
+
+    fn key_len(&self) -> usize {
+        if self.key == NO_KEY {
+            0
+        } else {
+            self.key as usize
+        }
+    }
+
+    fn payload(&self) -> Bytes {
+        let k = self.key_len();
+        self.data.slice(k..k + self.payload as usize)
+    }
+
+    fn headers(&self) -> Vec<Header> {
+        let mut out = Vec::with_capacity(self.headers as usize);
+        let mut at = self.key_len() + self.payload as usize;
+        let d = &self.data;
+        let u32_at = |i: usize| u32::from_le_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]) as usize;
+        for _ in 0..self.headers {
+            let (n, v) = (u32_at(at), u32_at(at + 4));
+            at += 8;
+            let name = String::from_utf8_lossy(&d[at..at + n]).into_owned();
+            out.push((name, d.slice(at + n..at + n + v)));
+            at += n + v;
+        }
+        out
+    }
 }
 
 #[derive(Debug, Default)]
@@ -227,7 +300,9 @@ impl Sink for MemorySink {
     async fn send(&mut self, batch: &[OutRecord]) -> Result<()> {
         let n = self.topic.parts.len();
         let now = weir_engine::time::now_millis();
-        // The partition of each record, then one pass per partition, in batch order.
+        // Each partition's records of the batch are copied into one buffer of their own, in
+        // batch order, back to back: its consumer reads them sequentially, and a partition
+        // that is read or trimmed late keeps only its own bytes alive.
         let parts: Vec<u32> = batch
             .iter()
             .map(|r| match &r.key {
@@ -235,22 +310,29 @@ impl Sink for MemorySink {
                 None => (self.topic.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as u32,
             })
             .collect();
-        for p in 0..n as u32 {
-            let count = parts.iter().filter(|&&q| q == p).count();
+        for p in 0..n {
+            let mine = || {
+                batch
+                    .iter()
+                    .zip(&parts)
+                    .filter(move |(_, q)| **q == p as u32)
+                    .map(|(r, _)| r)
+            };
+            let count = mine().count();
             if count == 0 {
                 continue;
             }
-            let mut recs = batch
-                .iter()
-                .zip(&parts)
-                .filter(|(_, q)| **q == p)
-                .map(|(r, _)| Stored {
-                    key: r.key.clone(),
-                    payload: r.payload.clone(),
-                    headers: r.headers.clone(),
-                    timestamp: r.timestamp.unwrap_or(now),
-                });
-            self.append(p as usize, &mut recs, count).await;
+            let mut buf = BytesMut::with_capacity(mine().map(Stored::size).sum());
+            let at: Vec<(usize, u32, u32)> = mine().map(|r| Stored::write(&mut buf, r)).collect();
+            let data = buf.freeze();
+            let mut recs = mine().zip(at).map(|(r, (start, key, payload))| Stored {
+                data: data.slice(start..start + Stored::size(r)),
+                key,
+                payload,
+                headers: r.headers.len() as u32,
+                timestamp: r.timestamp.unwrap_or(now),
+            });
+            self.append(p, &mut recs, count).await;
         }
         Ok(())
     }
@@ -280,9 +362,13 @@ impl MemorySource {
         let n = max.min(log.records.len() - from);
         for (i, s) in log.records.range(from..from + n).enumerate() {
             out.push(Record {
-                key: s.key.clone(),
-                payload: s.payload.clone(),
-                headers: s.headers.clone(),
+                key: s.key(),
+                payload: s.payload(),
+                headers: if s.headers == 0 {
+                    Vec::new()
+                } else {
+                    s.headers()
+                },
                 timestamp: Some(s.timestamp),
                 position: Position {
                     partition: part as u32,
