@@ -77,7 +77,11 @@ impl Parts {
         };
         let mut retry = None;
         if let Some(r) = &c.retry {
-            let retries = backend.source(&r.topic, Some(&c.source.group)).await?;
+            // A group of its own: one consumer group whose members subscribe to different
+            // topics rebalances both consumers whenever either joins (and Tansu never
+            // settled such a group under load).
+            let group = format!("{}.retry", c.source.group);
+            let retries = backend.source(&r.topic, Some(&group)).await?;
             source = Box::new(WithRetries::new(source, retries));
             retry = Some(backend.sink(&r.topic).await?);
         }

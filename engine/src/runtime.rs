@@ -27,9 +27,6 @@ pub struct Pipeline {
     dead_letter: Box<dyn Sink>,
     late: Option<Box<dyn Sink>>,
     retry: Option<Box<dyn Sink>>,
-    /// Whether outputs are submitted and acknowledged before the next commit (see
-    /// [`Sink::submit`]) rather than sent and acknowledged batch by batch.
-    pipelined: bool,
     on_error: Option<crate::errors::ErrorCallback>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -76,7 +73,6 @@ impl Pipeline {
             dead_letter,
             late: None,
             retry: None,
-            pipelined: true,
             on_error: None,
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
@@ -147,10 +143,6 @@ impl Pipeline {
                 "late events go to `{t}` but the pipeline has no late output"
             )));
         }
-        // With a retry topic, outputs are acknowledged batch by batch as before: submitting
-        // them made kafka_waiting_retries_survive_a_restart fail in every full run of the
-        // Kafka tests (its second run read nothing); the cause is not found yet.
-        self.pipelined = self.retry.is_none();
         if let (Some(r), None) = (&self.job.retry, &self.retry) {
             return Err(EngineError::Stopped(format!(
                 "retries go to `{}` but the pipeline has no retry output",
@@ -324,33 +316,21 @@ impl Pipeline {
     async fn deliver(&mut self, out: Emitted, m: &Metrics) -> Result<()> {
         Metrics::add(&m.windows_closed, out.windows_closed);
         if !out.dead.is_empty() {
-            send_with_retry(
-                &mut *self.dead_letter,
-                &out.dead,
-                self.pipelined,
-                &self.shutdown,
-            )
-            .await?;
+            send_with_retry(&mut *self.dead_letter, &out.dead, &self.shutdown).await?;
         }
         if !out.retry.is_empty() {
             if let Some(retry) = self.retry.as_mut() {
-                send_with_retry(&mut **retry, &out.retry, self.pipelined, &self.shutdown).await?;
+                send_with_retry(&mut **retry, &out.retry, &self.shutdown).await?;
             }
         }
         if !out.late.is_empty() {
             if let Some(late) = self.late.as_mut() {
-                send_with_retry(&mut **late, &out.late, self.pipelined, &self.shutdown).await?;
+                send_with_retry(&mut **late, &out.late, &self.shutdown).await?;
             }
         }
         if !out.results.is_empty() {
             let n = out.results.len() as u64;
-            send_with_retry(
-                &mut *self.sink,
-                &out.results,
-                self.pipelined,
-                &self.shutdown,
-            )
-            .await?;
+            send_with_retry(&mut *self.sink, &out.results, &self.shutdown).await?;
             Metrics::add(&m.results_out, n);
         }
         Ok(())
@@ -480,10 +460,9 @@ async fn recv_with_retry(
 async fn send_with_retry(
     sink: &mut dyn Sink,
     batch: &[OutRecord],
-    pipelined: bool,
     shutdown: &CancellationToken,
 ) -> Result<()> {
-    retry(sink, Some((batch, pipelined)), shutdown).await
+    retry(sink, Some(batch), shutdown).await
 }
 
 /// Waits for every acknowledgement `sink` owes, retrying retryable failures.
@@ -493,14 +472,13 @@ async fn flush_with_retry(sink: &mut dyn Sink, shutdown: &CancellationToken) -> 
 
 async fn retry(
     sink: &mut dyn Sink,
-    batch: Option<(&[OutRecord], bool)>,
+    batch: Option<&[OutRecord]>,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     let mut delay = Duration::from_millis(100);
     loop {
         let res = match batch {
-            Some((b, true)) => sink.submit(b).await,
-            Some((b, false)) => sink.send(b).await,
+            Some(b) => sink.submit(b).await,
             None => sink.flush().await,
         };
         match res {
