@@ -698,6 +698,41 @@ impl Bed {
     }
 }
 
+/// A bed for `pipelines/enriched_by_country.toml` with its own table and retry topics, and
+/// `extra` overrides; returns it with the table topic's name.
+fn enriched_bed(broker: &str, case: &str, extra: &[&str]) -> (Bed, String) {
+    let id = format!(
+        "{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::Relaxed)
+    );
+    let table = format!("conf-profiles-{id}");
+    let mut sets = vec![
+        format!("enrich.table={table}"),
+        format!("retry.topic=conf-retry-{id}"),
+    ];
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let bed = Bed::with_file(&pipeline_named("enriched_by_country"), broker, case, &sets);
+    (bed, table)
+}
+
+/// Polls the counters until `done` holds (at most 60 s).
+async fn wait_for(
+    metrics: &weir_engine::metrics::Metrics,
+    done: impl Fn(&weir_engine::metrics::Snapshot) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done(&metrics.snapshot()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            metrics.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The country of `UserN` in the enrichment tests.
 fn country_of(user: &str) -> &'static str {
     let n: usize = user.trim_start_matches("User").parse().unwrap_or(0);
@@ -717,20 +752,10 @@ fn profile(user: usize) -> Vec<u8> {
 /// the retry topic, users 15–19 never do. The first two groups are counted exactly per
 /// country; the last goes to the dead letters after `max_attempts` with its history.
 pub async fn enrichment_retries_until_profiles_arrive(broker: &str) {
-    let id = format!(
-        "{}-{}",
-        std::process::id(),
-        RUN.fetch_add(1, Ordering::Relaxed)
-    );
-    let table = format!("conf-profiles-{id}");
-    let retry = format!("conf-retry-{id}");
-    let bed = Bed::with_file(
-        &pipeline_named("enriched_by_country"),
+    let (bed, table) = enriched_bed(
         broker,
         "enrich",
         &[
-            &format!("enrich.table={table}"),
-            &format!("retry.topic={retry}"),
             "retry.initial=200ms",
             "retry.multiplier=1.5",
             "retry.max=1s",
@@ -767,14 +792,7 @@ pub async fn enrichment_retries_until_profiles_arrive(broker: &str) {
     let metrics = pipeline.metrics();
     let run = tokio::spawn(pipeline.exit_when_idle(Duration::from_secs(3)).run());
     // The late profiles arrive once some events are waiting in the retry topic.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while metrics.snapshot().retried == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing was retried"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(&metrics, |s| s.retried > 0).await;
     bed.produce_to(&table, &(10..15).map(profile).collect::<Vec<_>>())
         .await;
     let summary = run.await.unwrap().expect("run");
@@ -883,19 +901,10 @@ pub async fn fail_stops_and_a_restart_resumes_from_the_failing_record(broker: &s
 /// A retried event keeps its own event time: once its profile arrives it is counted in its
 /// window if that window is still open, and is late if the window closed meanwhile.
 pub async fn retried_events_keep_their_event_time(broker: &str) {
-    let id = format!(
-        "{}-{}",
-        std::process::id(),
-        RUN.fetch_add(1, Ordering::Relaxed)
-    );
-    let table = format!("conf-profiles-{id}");
-    let bed = Bed::with_file(
-        &pipeline_named("enriched_by_country"),
+    let (bed, table) = enriched_bed(
         broker,
         "retry-time",
         &[
-            &format!("enrich.table={table}"),
-            &format!("retry.topic=conf-retry-{id}"),
             "retry.initial=200ms",
             "retry.max=500ms",
             "retry.max_attempts=1000",
@@ -921,15 +930,7 @@ pub async fn retried_events_keep_their_event_time(broker: &str) {
     let (pipeline, background) = bed.assembled().await;
     let metrics = pipeline.metrics();
     let run = tokio::spawn(pipeline.exit_when_idle(Duration::from_secs(2)).run());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while metrics.snapshot().windowed < 51 || metrics.snapshot().retried < 11 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            metrics.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(&metrics, |s| s.windowed >= 51 && s.retried >= 11).await;
     bed.produce_to(&table, &[profile(0)]).await;
     let s = run.await.unwrap().expect("run").counters;
     background.cancel();
@@ -963,19 +964,10 @@ pub async fn retried_events_keep_their_event_time(broker: &str) {
 /// Records waiting in the retry topic survive a stop: their positions are not committed
 /// while they wait, so the next run reads them again and counts them once.
 pub async fn waiting_retries_survive_a_restart(broker: &str) {
-    let id = format!(
-        "{}-{}",
-        std::process::id(),
-        RUN.fetch_add(1, Ordering::Relaxed)
-    );
-    let table = format!("conf-profiles-{id}");
-    let bed = Bed::with_file(
-        &pipeline_named("enriched_by_country"),
+    let (bed, table) = enriched_bed(
         broker,
         "retry-restart",
         &[
-            &format!("enrich.table={table}"),
-            &format!("retry.topic=conf-retry-{id}"),
             "retry.initial=3s",
             "retry.max=3s",
             "window.size=1h",
@@ -995,15 +987,7 @@ pub async fn waiting_retries_survive_a_restart(broker: &str) {
     let metrics = pipeline.metrics();
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(pipeline.shutdown_on(stop.clone()).run());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while metrics.snapshot().retried < data.len() as u64 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{:?}",
-            metrics.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(&metrics, |s| s.retried >= data.len() as u64).await;
     stop.cancel();
     let first = run.await.unwrap().expect("first run").counters;
     background.cancel();
