@@ -9,6 +9,8 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 
 use crate::time::TimeFormat;
 
+mod fast;
+
 /// The JSON type a schema field must have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldType {
@@ -301,14 +303,12 @@ impl Decoder {
             }
         };
         let mut values: Values<'a> = smallvec::smallvec![Val::Missing; self.slots];
-        let mut de = serde_json::Deserializer::from_str(text);
-        let top = RootSeed {
-            node: &self.root,
-            slots: &mut values,
-        };
-        match top.deserialize(&mut de).and_then(|()| de.end()) {
-            Ok(()) => {}
-            Err(e) => return Err(vec![format!("invalid JSON: {e}")]),
+        if fast::scan(text, &self.root, &mut values).is_none() {
+            // Not the common case, or not valid: serde_json decides, and words the error.
+            values.fill(Val::Missing);
+            if let Err(e) = self.serde_scan(text, &mut values) {
+                return Err(vec![format!("invalid JSON: {e}")]);
+            }
         }
         let mut problems: Vec<String> = Vec::new();
         for (slot, f) in &self.checks {
@@ -376,6 +376,18 @@ impl Decoder {
         } else {
             Err(problems)
         }
+    }
+}
+
+impl Decoder {
+    /// Fills `values` from `text` with the serde visitor (the fallback of the fast scan).
+    fn serde_scan<'a>(&self, text: &'a str, values: &mut [Val<'a>]) -> serde_json::Result<()> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let top = RootSeed {
+            node: &self.root,
+            slots: values,
+        };
+        top.deserialize(&mut de).and_then(|()| de.end())
     }
 }
 
