@@ -161,7 +161,7 @@ impl ResultEncoder {
         OutRecord {
             key: Some(id.slice(..key_end - payload_end)),
             payload,
-            headers: vec![(HEADER_ID.to_string(), id)],
+            headers: vec![(HEADER_ID.into(), id)],
             timestamp: Some(w.start),
         }
     }

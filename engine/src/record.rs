@@ -1,5 +1,7 @@
 //! Records as they travel between sources, processors and sinks.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 /// Where a record came from: a partition index of its source and a per-partition offset.
@@ -45,8 +47,9 @@ impl Checkpoint {
     }
 }
 
-/// One header: a name and a binary value.
-pub type Header = (String, Bytes);
+/// One header: a name (usually a constant, so building one allocates nothing) and a
+/// binary value.
+pub type Header = (Cow<'static, str>, Bytes);
 
 /// A record received from a source.
 #[derive(Debug, Clone, Default)]

@@ -206,7 +206,7 @@ fn unwrap(mut rec: Record) -> (i64, Record) {
     rec.timestamp = env.timestamp;
     rec.headers.retain(|(n, _)| n != HEADER_RETRY);
     rec.headers.push((
-        HEADER_RETRY.to_string(),
+        HEADER_RETRY.into(),
         Bytes::from(serde_json::to_vec(&env.meta).unwrap_or_default()),
     ));
     (env.not_before, rec)

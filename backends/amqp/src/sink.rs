@@ -143,7 +143,7 @@ pub(crate) fn properties(r: &OutRecord, persistent: bool) -> BasicProperties {
     let mut headers = FieldTable::default();
     for (k, v) in &r.headers {
         headers.insert(
-            k.as_str().into(),
+            k.as_ref().into(),
             AMQPValue::LongString(LongString::from(v.to_vec())),
         );
     }

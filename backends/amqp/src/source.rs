@@ -193,7 +193,7 @@ pub(crate) fn to_record(d: Delivery) -> (Record, Option<u64>) {
                         stream_offset = Some(*o as u64);
                     }
                 }
-                _ => headers.push((k.to_string(), Bytes::from(value_bytes(v)))),
+                _ => headers.push((k.to_string().into(), Bytes::from(value_bytes(v)))),
             }
         }
     }

@@ -337,7 +337,7 @@ pub(crate) fn headers_of(m: &impl rdkafka::message::Message) -> Vec<weir_engine:
             hs.iter()
                 .map(|h| {
                     (
-                        h.key.to_string(),
+                        h.key.to_string().into(),
                         h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
                     )
                 })

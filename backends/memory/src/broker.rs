@@ -13,13 +13,11 @@ use weir_engine::{Checkpoint, OutRecord, Position, Received, Record, Result, Sin
 
 use crate::MemoryConfig;
 
-/// A retained record. Its key, payload and headers are one slice of the buffer its
-/// produced batch was copied into (one allocation per batch, not three per record), laid
-/// out as: key, payload, then per header its name's and value's lengths (u32 LE each)
-/// followed by the name and the value.
-#[derive(Debug, Clone)]
-struct Stored {
-    data: Bytes,
+/// Where a retained record lies in its chunk's buffer: key, payload, then per header its
+/// name's and value's lengths (u32 LE each) followed by the name and the value.
+#[derive(Debug, Clone, Copy)]
+struct Meta {
+    start: u32,
     /// The key's length, [`NO_KEY`] when there is none.
     key: u32,
     payload: u32,
@@ -29,11 +27,13 @@ struct Stored {
 
 const NO_KEY: u32 = u32::MAX;
 
-impl Stored {
-    /// Copies `r` to the end of `buf`; [`Stored::finish`] makes it a record once `buf` is
-    /// frozen.
-    fn write(buf: &mut BytesMut, r: &OutRecord) -> (usize, u32, u32) {
-        let start = buf.len();
+/// The most bytes of records one chunk's buffer holds (a bigger record gets its own).
+const CHUNK_BYTES: usize = 64 * 1024;
+
+impl Meta {
+    /// Copies `r` to the end of `buf` and says where it is.
+    fn write(buf: &mut BytesMut, r: &OutRecord, now: i64) -> Meta {
+        let start = buf.len() as u32;
         let key = match &r.key {
             Some(k) => {
                 buf.extend_from_slice(k);
@@ -48,10 +48,16 @@ impl Stored {
             buf.extend_from_slice(name.as_bytes());
             buf.extend_from_slice(value);
         }
-        (start, key, r.payload.len() as u32)
+        Meta {
+            start,
+            key,
+            payload: r.payload.len() as u32,
+            headers: r.headers.len() as u32,
+            timestamp: r.timestamp.unwrap_or(now),
+        }
     }
 
-    /// The bytes [`Stored::write`] needs for `r`.
+    /// The bytes [`Meta::write`] needs for `r`.
     fn size(r: &OutRecord) -> usize {
         r.key.as_ref().map_or(0, Bytes::len)
             + r.payload.len()
@@ -59,10 +65,6 @@ impl Stored {
                 .iter()
                 .map(|(n, v)| 8 + n.len() + v.len())
                 .sum::<usize>()
-    }
-
-    fn key(&self) -> Option<Bytes> {
-        (self.key != NO_KEY).then(|| self.data.slice(..self.key as usize))
     }
 
     fn key_len(&self) -> usize {
@@ -73,20 +75,30 @@ impl Stored {
         }
     }
 
-    fn payload(&self) -> Bytes {
-        let k = self.key_len();
-        self.data.slice(k..k + self.payload as usize)
+    /// The record, its bytes sliced out of `data` (no copy).
+    fn record(&self, data: &Bytes, position: Position) -> Record {
+        let start = self.start as usize;
+        let payload_at = start + self.key_len();
+        Record {
+            key: (self.key != NO_KEY).then(|| data.slice(start..payload_at)),
+            payload: data.slice(payload_at..payload_at + self.payload as usize),
+            headers: if self.headers == 0 {
+                Vec::new()
+            } else {
+                self.header_list(data, payload_at + self.payload as usize)
+            },
+            timestamp: Some(self.timestamp),
+            position,
+        }
     }
 
-    fn headers(&self) -> Vec<Header> {
+    fn header_list(&self, d: &Bytes, mut at: usize) -> Vec<Header> {
         let mut out = Vec::with_capacity(self.headers as usize);
-        let mut at = self.key_len() + self.payload as usize;
-        let d = &self.data;
         let u32_at = |i: usize| u32::from_le_bytes([d[i], d[i + 1], d[i + 2], d[i + 3]]) as usize;
         for _ in 0..self.headers {
             let (n, v) = (u32_at(at), u32_at(at + 4));
             at += 8;
-            let name = String::from_utf8_lossy(&d[at..at + n]).into_owned();
+            let name = String::from_utf8_lossy(&d[at..at + n]).into_owned().into();
             out.push((name, d.slice(at + n..at + n + v)));
             at += n + v;
         }
@@ -94,25 +106,85 @@ impl Stored {
     }
 }
 
+/// Records appended together: one buffer holding their bytes, and where each one is.
+#[derive(Debug)]
+struct Chunk {
+    data: Bytes,
+    metas: Vec<Meta>,
+    /// Records at the front already dropped.
+    skip: usize,
+}
+
+/// A partition's retained records as a queue of chunks, one per append: appending never
+/// moves what is already stored, and a record costs 24 bytes beside its own bytes.
 #[derive(Debug, Default)]
 struct PartLog {
-    /// Offset of `records[0]`.
+    /// Offset of the first retained record.
     base: u64,
-    records: VecDeque<Stored>,
+    chunks: VecDeque<Chunk>,
+    /// Retained records.
+    len: usize,
     /// Committed offset ("next to read") and checkpoint of every group registered here.
     groups: HashMap<String, (u64, Option<Checkpoint>)>,
     evicted: u64,
 }
 
 impl PartLog {
+    fn push(&mut self, chunk: Chunk) {
+        self.len += chunk.metas.len() - chunk.skip;
+        self.chunks.push_back(chunk);
+    }
+
+    /// Drops the `n` oldest records.
+    fn drop_front(&mut self, mut n: usize) {
+        n = n.min(self.len);
+        self.len -= n;
+        self.base += n as u64;
+        while n > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let live = front.metas.len() - front.skip;
+            if live <= n {
+                n -= live;
+                self.chunks.pop_front();
+            } else {
+                front.skip += n;
+                n = 0;
+            }
+        }
+    }
+
+    /// Calls `f` with up to `n` records from offset `from` (at or after `base`) on.
+    fn read(&self, from: u64, n: usize, mut f: impl FnMut(&Bytes, &Meta, u64)) {
+        let mut skip = (from - self.base) as usize;
+        let mut left = n.min(self.len.saturating_sub(skip));
+        let mut offset = from;
+        for c in &self.chunks {
+            if left == 0 {
+                break;
+            }
+            let live = &c.metas[c.skip..];
+            if skip >= live.len() {
+                skip -= live.len();
+                continue;
+            }
+            for m in live[skip..].iter().take(left) {
+                f(&c.data, m, offset);
+                offset += 1;
+                left -= 1;
+            }
+            skip = 0;
+        }
+    }
+
     /// Drops records every group has committed.
     fn trim(&mut self) -> bool {
         let Some(min) = self.groups.values().map(|(o, _)| *o).min() else {
             return false;
         };
-        let n = min.saturating_sub(self.base).min(self.records.len() as u64);
-        self.records.drain(..n as usize);
-        self.base += n;
+        let n = min.saturating_sub(self.base).min(self.len as u64);
+        self.drop_front(n as usize);
         n > 0
     }
 }
@@ -210,11 +282,7 @@ impl MemoryBroker {
 
     /// Records currently retained in `topic`, summed over partitions.
     pub fn retained(&self, topic: &str) -> usize {
-        self.topic(topic)
-            .parts
-            .iter()
-            .map(|p| lock(p).records.len())
-            .sum()
+        self.topic(topic).parts.iter().map(|p| lock(p).len).sum()
     }
 
     /// Offsets `group` has committed on `topic`, by partition.
@@ -253,33 +321,32 @@ pub struct MemorySink {
 }
 
 impl MemorySink {
-    /// Appends `recs` (all for partition `part`) in order, waiting while the partition is
-    /// full and a consumer group still needs its records.
-    async fn append(
-        &self,
-        part: usize,
-        recs: &mut (dyn Iterator<Item = Stored> + Send),
-        mut left: usize,
-    ) {
+    /// Appends `metas` (records of partition `part` whose bytes are `data`) in order,
+    /// waiting while the partition is full and a consumer group still needs its records.
+    async fn append(&self, part: usize, data: Bytes, mut metas: Vec<Meta>) {
         let t = &self.topic;
-        while left > 0 {
+        while !metas.is_empty() {
             let notified = t.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             {
                 let mut log = lock(&t.parts[part]);
-                let mut room = t.capacity.saturating_sub(log.records.len());
+                let mut room = t.capacity.saturating_sub(log.len);
                 if room == 0 && log.groups.is_empty() {
-                    let n = left.min(log.records.len());
-                    log.records.drain(..n);
-                    log.base += n as u64;
+                    let n = metas.len().min(log.len);
+                    log.drop_front(n);
                     log.evicted += n as u64;
-                    room = t.capacity - log.records.len();
+                    room = t.capacity - log.len;
                 }
-                let n = room.min(left);
+                let n = room.min(metas.len());
                 if n > 0 {
-                    log.records.extend(recs.take(n));
-                    left -= n;
+                    let rest = metas.split_off(n);
+                    log.push(Chunk {
+                        data: data.clone(),
+                        metas,
+                        skip: 0,
+                    });
+                    metas = rest;
                     drop(log);
                     t.data.notify_waiters();
                     continue;
@@ -303,36 +370,53 @@ impl Sink for MemorySink {
         // Each partition's records of the batch are copied into one buffer of their own, in
         // batch order, back to back: its consumer reads them sequentially, and a partition
         // that is read or trimmed late keeps only its own bytes alive.
+        let mut sizes = vec![(0usize, 0usize); n];
         let parts: Vec<u32> = batch
             .iter()
-            .map(|r| match &r.key {
-                Some(k) => partition_of(k, n) as u32,
-                None => (self.topic.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as u32,
+            .map(|r| {
+                let p = match &r.key {
+                    Some(k) => partition_of(k, n),
+                    None => {
+                        (self.topic.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
+                    }
+                };
+                sizes[p].0 += 1;
+                sizes[p].1 += Meta::size(r);
+                p as u32
             })
             .collect();
-        for p in 0..n {
-            let mine = || {
-                batch
-                    .iter()
-                    .zip(&parts)
-                    .filter(move |(_, q)| **q == p as u32)
-                    .map(|(r, _)| r)
-            };
-            let count = mine().count();
-            if count == 0 {
-                continue;
+        // Buffers of at most CHUNK_BYTES: a long-running broker frees and allocates blocks
+        // of one size, which the allocator hands back without fresh pages from the kernel.
+        let mut open: Vec<(BytesMut, Vec<Meta>)> =
+            (0..n).map(|_| (BytesMut::new(), Vec::new())).collect();
+        let mut chunks: Vec<Vec<(Bytes, Vec<Meta>)>> = (0..n).map(|_| Vec::new()).collect();
+        for (r, &p) in batch.iter().zip(&parts) {
+            let p = p as usize;
+            let size = Meta::size(r);
+            let (buf, metas) = &mut open[p];
+            if buf.capacity() - buf.len() < size {
+                let (count, bytes) = sizes[p];
+                let fresh = BytesMut::with_capacity(bytes.min(CHUNK_BYTES).max(size));
+                let old = std::mem::replace(buf, fresh);
+                let more = count.min(buf.capacity() / size.max(1) + 1);
+                let full = std::mem::replace(metas, Vec::with_capacity(more));
+                if !full.is_empty() {
+                    chunks[p].push((old.freeze(), full));
+                }
             }
-            let mut buf = BytesMut::with_capacity(mine().map(Stored::size).sum());
-            let at: Vec<(usize, u32, u32)> = mine().map(|r| Stored::write(&mut buf, r)).collect();
-            let data = buf.freeze();
-            let mut recs = mine().zip(at).map(|(r, (start, key, payload))| Stored {
-                data: data.slice(start..start + Stored::size(r)),
-                key,
-                payload,
-                headers: r.headers.len() as u32,
-                timestamp: r.timestamp.unwrap_or(now),
-            });
-            self.append(p, &mut recs, count).await;
+            sizes[p].0 -= 1;
+            sizes[p].1 -= size;
+            metas.push(Meta::write(buf, r, now));
+        }
+        for (p, (buf, metas)) in open.into_iter().enumerate() {
+            if !metas.is_empty() {
+                chunks[p].push((buf.freeze(), metas));
+            }
+        }
+        for (p, list) in chunks.into_iter().enumerate() {
+            for (data, metas) in list {
+                self.append(p, data, metas).await;
+            }
         }
         Ok(())
     }
@@ -358,24 +442,17 @@ impl MemorySource {
                 "records were dropped before this reader got them (retention)");
             *pos = log.base;
         }
-        let from = (*pos - log.base) as usize;
-        let n = max.min(log.records.len() - from);
-        for (i, s) in log.records.range(from..from + n).enumerate() {
-            out.push(Record {
-                key: s.key(),
-                payload: s.payload(),
-                headers: if s.headers == 0 {
-                    Vec::new()
-                } else {
-                    s.headers()
-                },
-                timestamp: Some(s.timestamp),
-                position: Position {
+        let before = out.len();
+        log.read(*pos, max, |data, m, offset| {
+            out.push(m.record(
+                data,
+                Position {
                     partition: part as u32,
-                    offset: *pos + i as u64,
+                    offset,
                 },
-            });
-        }
+            ))
+        });
+        let n = out.len() - before;
         *pos += n as u64;
         n
     }
@@ -475,6 +552,46 @@ mod tests {
                 Received::End => unreachable!(),
             }
         }
+    }
+
+    #[test]
+    fn a_log_reads_across_chunks_after_partial_drops() {
+        let mut log = PartLog::default();
+        for c in 0..3u32 {
+            let mut buf = BytesMut::new();
+            let metas = (0..4)
+                .map(|i| Meta::write(&mut buf, &rec("k", &format!("{c}.{i}")), 0))
+                .collect();
+            log.push(Chunk {
+                data: buf.freeze(),
+                metas,
+                skip: 0,
+            });
+        }
+        log.drop_front(5);
+        assert_eq!((log.base, log.len, log.chunks.len()), (5, 7, 2));
+        let mut got = Vec::new();
+        log.read(6, 4, |d, m, off| {
+            let r = m.record(
+                d,
+                Position {
+                    partition: 0,
+                    offset: off,
+                },
+            );
+            got.push((off, String::from_utf8(r.payload.to_vec()).unwrap()));
+            assert_eq!(r.key.as_deref(), Some(&b"k"[..]));
+        });
+        let want: Vec<(u64, String)> = [(6, "1.2"), (7, "1.3"), (8, "2.0"), (9, "2.1")]
+            .iter()
+            .map(|(o, p)| (*o, p.to_string()))
+            .collect();
+        assert_eq!(got, want);
+        let mut n = 0;
+        log.read(10, 100, |_, _, _| n += 1);
+        assert_eq!(n, 2, "reads stop at the end");
+        log.drop_front(100);
+        assert_eq!((log.base, log.len, log.chunks.len()), (12, 0, 0));
     }
 
     #[tokio::test]

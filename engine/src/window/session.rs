@@ -7,11 +7,11 @@ use dashmap::DashMap;
 use smallvec::SmallVec;
 
 use super::store::{Acc, Extra};
-use super::WindowRange;
+use super::{GroupKey, WindowRange};
 use crate::aggregate::{Aggregates, Inputs};
 
 /// A closed session: its window, key, count and other aggregates' state.
-pub type ClosedSession = (WindowRange, Box<[u8]>, Acc, Option<Box<Extra>>);
+pub type ClosedSession = (WindowRange, GroupKey, Acc, Option<Box<Extra>>);
 use crate::record::Position;
 
 type Hasher = foldhash::fast::RandomState;
@@ -37,12 +37,12 @@ pub struct Session {
 #[derive(Debug)]
 pub struct SessionStore {
     gap: i64,
-    sessions: DashMap<Box<[u8]>, SmallVec<[Session; 1]>, Hasher>,
+    sessions: DashMap<GroupKey, SmallVec<[Session; 1]>, Hasher>,
     /// end -> keys with a session indexed at that end (entries may be stale; checked).
-    index: BTreeMap<i64, Vec<Box<[u8]>>>,
+    index: BTreeMap<i64, Vec<GroupKey>>,
     entries: usize,
     track_dirty: bool,
-    dirty: Vec<Box<[u8]>>,
+    dirty: Vec<GroupKey>,
 }
 
 impl SessionStore {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use dashmap::DashMap;
 
-use super::WindowRange;
+use super::{GroupKey, WindowRange};
 use crate::aggregate::{Aggregates, Inputs};
 use crate::record::Position;
 
@@ -78,13 +78,13 @@ type Hasher = foldhash::fast::RandomState;
 #[derive(Debug)]
 pub struct Pane {
     /// Accumulators by encoded group key.
-    pub groups: DashMap<Box<[u8]>, Acc, Hasher>,
+    pub groups: DashMap<GroupKey, Acc, Hasher>,
     /// Lowest contributing offset by partition index (`u64::MAX` = none).
     pub min_offsets: Vec<u64>,
     /// Keys changed since the last `update` emission (only tracked in update mode).
-    pub dirty: Vec<Box<[u8]>>,
+    pub dirty: Vec<GroupKey>,
     /// Other aggregates' state by key (empty when only `count` is computed).
-    pub extras: DashMap<Box<[u8]>, Extra, Hasher>,
+    pub extras: DashMap<GroupKey, Extra, Hasher>,
 }
 
 impl Pane {
