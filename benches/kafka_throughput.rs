@@ -11,7 +11,13 @@
 //! which includes the final windows' results and commit; the group join before the first
 //! record is not counted, and the run ends when the topic is drained, with no idle wait).
 //!
-//! `cargo bench --bench kafka_throughput` (WEIR_BENCH_EVENTS changes the count).
+//! Each step also prints the CPU time it took, of this process and of the broker (when
+//! `scripts/brokers` started it), as cores busy on average: on a 2-core machine that says
+//! how much room was left.
+//!
+//! `cargo bench --bench kafka_throughput` (WEIR_BENCH_EVENTS changes the count;
+//! WEIR_BENCH_EVENT_RATE the events per second of event time: 100, the default, is the
+//! generator's and gives ~0.63 results per event; 1000 gives ~0.1).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -111,7 +117,19 @@ fn main() {
     println!(
         "kafka throughput, {n} events over 1,000 users, broker {bootstrap}, settings {extra:?}"
     );
-    let events = weir_engine::generate::dataset(7, n, 1_000, 0);
+    let rate: i64 = std::env::var("WEIR_BENCH_EVENT_RATE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    println!("  event time: {rate} events per second");
+    let mut g = weir_engine::generate::EventGenerator::new(7, 1_000);
+    let mut t = weir_engine::generate::Timeline::new(
+        7,
+        weir_engine::generate::DEFAULT_START_MS,
+        1000 / rate.max(1),
+        500,
+    );
+    let events: Vec<String> = (0..n).map(|_| g.event(t.next_time())).collect();
     let bytes: usize = events.iter().map(String::len).sum();
     rt.block_on(async {
         let mut sink = backend.sink(&c.source.topic).await.expect("sink");
@@ -140,6 +158,7 @@ fn main() {
     drop(events);
 
     // (a) raw rdkafka consume.
+    let cpu = Cpu::start();
     let raw = raw_consume(
         &bootstrap,
         &c.source.topic,
@@ -147,9 +166,11 @@ fn main() {
         &format!("bench-raw-{id}"),
         "(a)",
     );
+    cpu.report(n as f64 / raw);
 
     // (b) Weir: Kafka -> decode -> window -> Kafka.
     let mut weir_results = 0;
+    let cpu = Cpu::start();
     let weir = rt.block_on(async {
         let first = Arc::new(Mutex::new(None));
         let source = Drained {
@@ -177,10 +198,12 @@ fn main() {
         );
         rate
     });
+    cpu.report(n as f64 / weir);
     println!("  Weir / raw: {:.0} %", 100.0 * weir / raw);
 
     // (c) Weir with its outputs discarded: the Kafka source and the engine alone (a second
     // fresh group over the same topic), to separate consuming from producing results.
+    let cpu = Cpu::start();
     let no_output = rt.block_on(async {
         let first = Arc::new(Mutex::new(None));
         let source = Drained {
@@ -212,6 +235,7 @@ fn main() {
         );
         rate
     });
+    cpu.report(n as f64 / no_output);
     println!(
         "  Weir without producing results / raw: {:.0} %",
         100.0 * no_output / raw
@@ -360,6 +384,61 @@ fn raw_consume(bootstrap: &str, topic: &str, n: usize, group: &str, label: &str)
     let rate = n as f64 / s;
     println!("  {label} raw rdkafka BaseConsumer:       {rate:>10.0} events/s  ({n} in {s:.2} s, {touched} payload bytes)");
     rate
+}
+
+/// CPU time of this process and of the broker `scripts/brokers` started, from `/proc`.
+struct Cpu {
+    broker: Option<u32>,
+    at: (f64, f64),
+    wall: Instant,
+}
+
+impl Cpu {
+    fn start() -> Self {
+        let broker = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".brokers/run/kafka.pid"),
+        )
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+        Cpu {
+            broker,
+            at: Self::now(broker),
+            wall: Instant::now(),
+        }
+    }
+
+    /// CPU seconds (user + system) of this process and of the broker.
+    fn now(broker: Option<u32>) -> (f64, f64) {
+        let secs = |pid: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let f: Vec<f64> = s
+                        .rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .filter_map(|x| x.parse().ok())
+                        .collect();
+                    // utime and stime, fields 14 and 15, in clock ticks (100 per second).
+                    Some((f.get(10)? + f.get(11)?) / 100.0)
+                })
+                .unwrap_or(0.0)
+        };
+        (secs("self"), broker.map_or(0.0, |p| secs(&p.to_string())))
+    }
+
+    /// Prints the cores this step kept busy on average over its `timed` seconds (the CPU is
+    /// counted from `start`, so the little spent setting up before the first record counts
+    /// too).
+    fn report(&self, timed: f64) {
+        let (me, broker) = Self::now(self.broker);
+        let (me, broker) = (me - self.at.0, broker - self.at.1);
+        println!(
+            "      CPU: {me:.2} s this process + {broker:.2} s broker in {timed:.2} s timed ({:.2} s in all) = {:.2} cores busy",
+            self.wall.elapsed().as_secs_f64(),
+            (me + broker) / timed
+        );
+    }
 }
 
 /// A sink that acknowledges everything at once.

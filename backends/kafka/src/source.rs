@@ -6,21 +6,28 @@
 //! [`Checkpoint`] travels as the commit's metadata string and comes back with
 //! [`Received::Assigned`] after a restart or a rebalance.
 //!
-//! **Rebalances.** librdkafka runs the rebalance callbacks inside our own polls of the
-//! consumer queue (in [`KafkaSource::recv`], or the blocking-pool slice it waits in). [`RebalanceContext`] only records them; `recv`
-//! turns them into [`Received::Revoked`] / [`Received::Assigned`] before handing out any
-//! record that arrived after them, and drops records of revoked partitions that were
-//! fetched before the revocation (the new owner reads them again from the committed
-//! offset). A revoked partition is never committed afterwards: [`Source::commit`] skips
-//! partitions this source does not own. With the default (eager) assignors every
-//! rebalance revokes all partitions, so the engine drops all open windows and replays
-//! from the committed offsets, skipping what the checkpoints say was already emitted.
+//! **Receiving.** A thread of its own polls librdkafka and copies records into batches,
+//! which wait in a short bounded queue for `recv`: consuming overlaps the engine's work on
+//! the previous batches instead of alternating with it on one thread. When the queue is
+//! full the thread stops polling, so a slow pipeline holds back fetching.
+//!
+//! **Rebalances.** librdkafka runs the rebalance callbacks inside the poll thread's polls.
+//! [`RebalanceContext`] records them; the thread queues them right behind the records
+//! fetched before them, and `recv` turns them into [`Received::Revoked`] /
+//! [`Received::Assigned`] in that order. A revoked partition is never committed
+//! afterwards: [`Source::commit`] skips partitions that librdkafka revoked (as the callback
+//! saw it, so even before `recv` reached the event) or that this source has not been
+//! told it owns. With the default (eager) assignors every rebalance revokes all
+//! partitions, so the engine drops all open windows and replays from the committed
+//! offsets, skipping what the checkpoints say was already emitted.
 //!
 //! **Fixed mode** (`weir tail`, test readers): every partition of the topic is assigned
 //! directly at the beginning or the end, without a group; nothing is committed.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -31,6 +38,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers as _, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 use weir_engine::{Checkpoint, Position, Received, Record, Result, Source};
 
 use crate::checkpoints::CheckpointStore;
@@ -47,26 +55,52 @@ enum Event {
 #[derive(Default)]
 pub struct RebalanceContext {
     events: Mutex<Vec<Event>>,
+    /// Whether `events` is non-empty (checked after every poll, so without a lock).
+    pending: AtomicBool,
+    /// Partitions librdkafka has assigned to this member right now.
+    assigned: Mutex<Vec<bool>>,
 }
 
 impl RebalanceContext {
     fn push(&self, e: Event) {
+        let mut assigned = self.assigned.lock().unwrap_or_else(|e| e.into_inner());
+        let (parts, now) = match &e {
+            Event::Revoke(p) => (p, false),
+            Event::Assign(p) => (p, true),
+        };
+        for &p in parts {
+            let i = p as usize;
+            if assigned.len() <= i {
+                assigned.resize(i + 1, false);
+            }
+            assigned[i] = now;
+        }
+        drop(assigned);
         self.events
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(e);
+        self.pending.store(true, Ordering::Release);
     }
 
     fn has_events(&self) -> bool {
-        !self
-            .events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        self.pending.load(Ordering::Acquire)
     }
 
     fn take(&self) -> Vec<Event> {
-        std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
+        let mut events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        self.pending.store(false, Ordering::Release);
+        std::mem::take(&mut *events)
+    }
+
+    /// Whether librdkafka currently has `partition` assigned to this member.
+    fn is_assigned(&self, partition: u32) -> bool {
+        self.assigned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(partition as usize)
+            .copied()
+            .unwrap_or(false)
     }
 }
 
@@ -123,10 +157,20 @@ impl ConsumerContext for RebalanceContext {
     }
 }
 
-/// A `BaseConsumer`: `recv` drains what librdkafka already fetched with non-blocking polls
-/// on the caller's thread, and only waits (in a blocking-pool thread) when nothing is there.
+/// A `BaseConsumer`, polled by the source's own thread (see the module documentation).
 /// (A `StreamConsumer` measured 3-5x slower here: every batch paid a task wake-up.)
 pub(crate) type Consumer_ = BaseConsumer<RebalanceContext>;
+
+/// What the poll thread hands to `recv`, in the order it happened.
+#[derive(Debug)]
+enum Item {
+    Batch(Vec<Record>),
+    Events(Vec<Event>),
+    Error(RdError),
+}
+
+/// Batches the poll thread may have ready ahead of `recv`.
+const QUEUE: usize = 4;
 
 /// Reads one Kafka topic. See the module documentation.
 pub struct KafkaSource {
@@ -136,7 +180,7 @@ pub struct KafkaSource {
     group: bool,
     /// Events and batches ready to hand out, in order.
     pending: VecDeque<Received>,
-    /// Partitions currently owned (indexed by partition).
+    /// Partitions this source has announced as assigned (indexed by partition).
     owned: Vec<bool>,
     /// Whether the first assignment arrived. Until then `recv` waits up to
     /// [`JOIN_WAIT`] instead of its `wait`: joining a group takes seconds, and a caller
@@ -144,14 +188,78 @@ pub struct KafkaSource {
     joined: bool,
     /// Where checkpoints also go, for brokers that drop commit metadata.
     store: Option<CheckpointStore>,
-    /// Buffer that received keys and payloads are copied into (see `to_record`).
-    arena: BytesMut,
+    /// What the poll thread received.
+    items: Option<mpsc::Receiver<Item>>,
+    /// The largest batch `recv` was asked for; the poll thread batches up to it.
+    max: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
 }
 
 const ARENA: usize = 256 * 1024;
 
 /// How long the first `recv` of a group member waits for its partitions.
 pub const JOIN_WAIT: Duration = Duration::from_secs(60);
+
+/// How long one poll of the poll thread blocks, which bounds how long stopping it takes.
+const POLL_SLICE: Duration = Duration::from_millis(100);
+
+/// The poll thread: polls `consumer` and queues what it gets, in order, until `stop` is
+/// set or `recv`'s side of the queue is gone.
+fn poll_loop(
+    consumer: Arc<Consumer_>,
+    items: mpsc::Sender<Item>,
+    max: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) {
+    let ctx = consumer.context();
+    // Keys and payloads are copied into this buffer (see `to_record`).
+    let mut arena = BytesMut::new();
+    let send = |item| items.blocking_send(item).is_ok();
+    while !stop.load(Ordering::Relaxed) {
+        let limit = max.load(Ordering::Relaxed).max(1);
+        let mut batch: Vec<Record> = Vec::new();
+        let mut wait = POLL_SLICE;
+        loop {
+            let got = consumer.poll(wait);
+            wait = Duration::ZERO;
+            if ctx.has_events() {
+                // Rebalance callbacks served inside this poll come before the record it
+                // returned, and after the records already batched.
+                if !batch.is_empty() && !send(Item::Batch(std::mem::take(&mut batch))) {
+                    return;
+                }
+                if !send(Item::Events(ctx.take())) {
+                    return;
+                }
+            }
+            match got {
+                Some(Ok(m)) => {
+                    if batch.is_empty() {
+                        batch.reserve(limit.min(4096));
+                    }
+                    batch.push(to_record(&m, &mut arena));
+                    if batch.len() >= limit {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    if !batch.is_empty() && !send(Item::Batch(std::mem::take(&mut batch))) {
+                        return;
+                    }
+                    if !send(Item::Error(e)) {
+                        return;
+                    }
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !batch.is_empty() && !send(Item::Batch(batch)) {
+            return;
+        }
+    }
+}
 
 impl std::fmt::Debug for KafkaSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -175,16 +283,54 @@ impl KafkaSource {
                 what: "consumer",
                 source,
             })?;
-        Ok(KafkaSource {
-            consumer: Arc::new(consumer),
-            topic: topic.to_string(),
-            group: true,
-            pending: VecDeque::new(),
-            owned: Vec::new(),
-            joined: false,
+        Ok(KafkaSource::start(
+            consumer,
+            topic,
+            true,
+            VecDeque::new(),
+            Vec::new(),
+            false,
             store,
-            arena: BytesMut::new(),
-        })
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        consumer: Consumer_,
+        topic: &str,
+        group: bool,
+        pending: VecDeque<Received>,
+        owned: Vec<bool>,
+        joined: bool,
+        store: Option<CheckpointStore>,
+    ) -> Self {
+        let consumer = Arc::new(consumer);
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let max = Arc::new(AtomicUsize::new(1024));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (consumer, max, stop) = (consumer.clone(), max.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("weir-kafka-poll".into())
+                .spawn(move || poll_loop(consumer, tx, max, stop))
+                .ok()
+        };
+        if thread.is_none() {
+            tracing::error!(topic, "kafka: cannot start the poll thread");
+        }
+        KafkaSource {
+            consumer,
+            topic: topic.to_string(),
+            group,
+            pending,
+            owned,
+            joined,
+            store,
+            items: Some(rx),
+            max,
+            stop,
+            thread,
+        }
     }
 
     /// A source reading partitions `0..partitions` of `topic` from `start`, without a group.
@@ -208,16 +354,15 @@ impl KafkaSource {
         })?;
         let parts: Vec<(u32, Option<Checkpoint>)> =
             (0..partitions as u32).map(|p| (p, None)).collect();
-        Ok(KafkaSource {
-            consumer: Arc::new(consumer),
-            topic: topic.to_string(),
-            group: false,
-            pending: VecDeque::from([Received::Assigned(parts)]),
-            owned: vec![true; partitions as usize],
-            joined: true,
-            store: None,
-            arena: BytesMut::new(),
-        })
+        Ok(KafkaSource::start(
+            consumer,
+            topic,
+            false,
+            VecDeque::from([Received::Assigned(parts)]),
+            vec![true; partitions as usize],
+            true,
+            None,
+        ))
     }
 
     fn set_owned(&mut self, parts: &[i32], owned: bool) {
@@ -306,16 +451,13 @@ impl KafkaSource {
         parts.iter().map(|&p| (p as u32, None)).collect()
     }
 
-    /// Turns the rebalance events recorded so far into `pending` entries, dropping
-    /// records of revoked partitions from `stale` (records fetched before the events).
-    async fn handle_events(&mut self, stale: &mut Vec<Record>) {
-        for e in self.consumer.context().take() {
+    /// Turns rebalance events into `pending` entries.
+    async fn handle_events(&mut self, events: Vec<Event>) {
+        for e in events {
             match e {
                 Event::Revoke(parts) => {
                     self.set_owned(&parts, false);
-                    let before = stale.len();
-                    stale.retain(|r| self.owns(r.position.partition));
-                    tracing::debug!(topic = %self.topic, ?parts, dropped = before - stale.len(), "partitions revoked");
+                    tracing::debug!(topic = %self.topic, ?parts, "partitions revoked");
                     self.pending
                         .push_back(Received::Revoked(parts.iter().map(|&p| p as u32).collect()));
                 }
@@ -326,6 +468,17 @@ impl KafkaSource {
                     self.pending.push_back(Received::Assigned(cps));
                 }
             }
+        }
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Closing the queue wakes a thread waiting to hand over a batch.
+        self.items = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -354,7 +507,6 @@ fn to_record(m: &BorrowedMessage<'_>, arena: &mut BytesMut) -> Record {
         if arena.capacity() - arena.len() < b.len() {
             *arena = BytesMut::with_capacity(ARENA.max(b.len()));
         }
-        // (An exact-size buffer handed in for one record never needs the line above.)
         arena.extend_from_slice(b);
         arena.split().freeze()
     };
@@ -377,122 +529,55 @@ impl Source for KafkaSource {
     }
 
     async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {
+        self.max.store(max, Ordering::Relaxed);
         if let Some(r) = self.pending.pop_front() {
             return Ok(r);
         }
-        let mut batch: Vec<Record> = Vec::with_capacity(max.min(4096));
-        // A record that arrived after rebalance events belongs after them.
-        let mut fresh: Option<Record> = None;
-        let mut error = None;
-        let ctx = self.consumer.context();
-        // Drain what librdkafka already fetched, without waiting, up to `max`. Each poll
-        // serves at most one event, so a rebalance stops the batch right there.
-        while batch.len() < max && !ctx.has_events() {
-            match self.consumer.poll(Duration::ZERO) {
-                Some(Ok(m)) => batch.push(to_record(&m, &mut self.arena)),
-                Some(Err(e)) => {
-                    error = Some(e);
-                    break;
+        let wait = if self.joined {
+            wait
+        } else {
+            wait.max(JOIN_WAIT)
+        };
+        let Some(items) = self.items.as_mut() else {
+            return Ok(Received::End);
+        };
+        let item = match tokio::time::timeout(wait, items.recv()).await {
+            Ok(Some(item)) => item,
+            Ok(None) => {
+                return Err(weir_engine::EngineError::backend(
+                    "kafka",
+                    format!("the poll thread of `{}` stopped", self.topic),
+                    false,
+                ))
+            }
+            Err(_) => {
+                if !self.joined {
+                    tracing::warn!(topic = %self.topic, "kafka: no partitions assigned after {JOIN_WAIT:?}; still waiting");
                 }
-                None => break,
+                return Ok(Received::Batch(Vec::new()));
             }
-        }
-        if batch.is_empty() && error.is_none() && !ctx.has_events() {
-            // Nothing fetched yet: wait in the blocking pool, in short slices so that a
-            // dropped `recv` (shutdown) leaves no long poll behind. A record that arrives
-            // after rebalance events (served inside the same poll) belongs after them.
-            let wait = if self.joined {
-                wait
-            } else {
-                wait.max(JOIN_WAIT)
-            };
-            let deadline = tokio::time::Instant::now() + wait;
-            loop {
-                let slice = deadline
-                    .saturating_duration_since(tokio::time::Instant::now())
-                    .min(Duration::from_millis(100));
-                let c = self.consumer.clone();
-                let got = tokio::task::spawn_blocking(move || {
-                    c.poll(slice).map(|r| {
-                        r.map(|m| {
-                            // One record: an exact-size buffer, not a whole arena.
-                            let mut one = BytesMut::with_capacity(
-                                m.payload_len() + m.key().map_or(0, <[u8]>::len),
-                            );
-                            (to_record(&m, &mut one), c.context().has_events())
-                        })
-                    })
-                })
-                .await
-                .map_err(|e| {
-                    weir_engine::EngineError::backend(
-                        "kafka",
-                        format!("poll task failed: {e}"),
-                        true,
-                    )
-                })?;
-                match got {
-                    Some(Ok((r, after_events))) => {
-                        if after_events {
-                            fresh = Some(r);
-                        } else {
-                            batch.push(r);
-                        }
-                        break;
-                    }
-                    Some(Err(e)) => {
-                        error = Some(e);
-                        break;
-                    }
-                    None if ctx.has_events() || tokio::time::Instant::now() >= deadline => {
-                        if !self.joined && !ctx.has_events() {
-                            tracing::warn!(topic = %self.topic, "kafka: no partitions assigned after {JOIN_WAIT:?}; still waiting");
-                        }
-                        break;
-                    }
-                    None => {}
+        };
+        match item {
+            Item::Batch(mut batch) => {
+                // Records of partitions not (or no longer) announced as ours are never
+                // handed out; the queue's order makes this a safety net only.
+                if batch.iter().any(|r| !self.owns(r.position.partition)) {
+                    batch.retain(|r| self.owns(r.position.partition));
                 }
-            }
-            while error.is_none()
-                && fresh.is_none()
-                && !batch.is_empty()
-                && batch.len() < max
-                && !ctx.has_events()
-            {
-                match self.consumer.poll(Duration::ZERO) {
-                    Some(Ok(m)) => batch.push(to_record(&m, &mut self.arena)),
-                    Some(Err(e)) => error = Some(e),
-                    None => break,
-                }
-            }
-        }
-        if self.consumer.context().has_events() {
-            self.handle_events(&mut batch).await;
-            if !batch.is_empty() {
-                self.pending.push_back(Received::Batch(batch));
-            }
-            if let Some(r) = fresh {
-                self.pending.push_back(Received::Batch(vec![r]));
-            }
-            return Ok(self
-                .pending
-                .pop_front()
-                .unwrap_or(Received::Batch(Vec::new())));
-        }
-        if let Some(r) = fresh {
-            batch.push(r);
-        }
-        match error {
-            Some(e) if batch.is_empty() => Err(KafkaError::Receive {
-                topic: self.topic.clone(),
-                source: e,
-            }
-            .into()),
-            Some(e) => {
-                tracing::warn!(topic = %self.topic, error = %e, "kafka: receive error after a partial batch");
                 Ok(Received::Batch(batch))
             }
-            None => Ok(Received::Batch(batch)),
+            Item::Events(events) => {
+                self.handle_events(events).await;
+                Ok(self
+                    .pending
+                    .pop_front()
+                    .unwrap_or(Received::Batch(Vec::new())))
+            }
+            Item::Error(source) => Err(KafkaError::Receive {
+                topic: self.topic.clone(),
+                source,
+            }
+            .into()),
         }
     }
 
@@ -501,8 +586,9 @@ impl Source for KafkaSource {
             return Ok(());
         }
         let mut tpl = TopicPartitionList::with_capacity(positions.len());
+        let ctx = self.consumer.context();
         for (p, cp) in positions {
-            if !self.owns(p.partition) {
+            if !self.owns(p.partition) || !ctx.is_assigned(p.partition) {
                 tracing::debug!(topic = %self.topic, partition = p.partition, "not committing a partition this source no longer owns");
                 continue;
             }
@@ -521,7 +607,7 @@ impl Source for KafkaSource {
             // Checkpoints first: one newer than its offset is harmless, one older is not.
             let owned: Vec<(Position, Checkpoint)> = positions
                 .iter()
-                .filter(|(p, _)| self.owns(p.partition))
+                .filter(|(p, _)| self.owns(p.partition) && ctx.is_assigned(p.partition))
                 .copied()
                 .collect();
             store.write(&self.topic, &owned).await?;
