@@ -277,6 +277,7 @@ impl MemoryBroker {
             checkpoints,
             assigned: false,
             next_part: 0,
+            since_commit: 0,
         }
     }
 
@@ -431,7 +432,14 @@ pub struct MemorySource {
     checkpoints: Vec<Option<Checkpoint>>,
     assigned: bool,
     next_part: usize,
+    /// Records handed out since the last commit.
+    since_commit: usize,
 }
+
+/// Records a group reads before its source asks for a commit ahead of the commit
+/// interval: what the group has committed is freed, and a fast pipeline over a long topic
+/// then reuses that memory instead of growing.
+const COMMIT_EVERY: usize = 16 * 1024;
 
 impl MemorySource {
     fn take(&mut self, part: usize, max: usize, out: &mut Vec<Record>) -> usize {
@@ -454,6 +462,7 @@ impl MemorySource {
         });
         let n = out.len() - before;
         *pos += n as u64;
+        self.since_commit += n;
         n
     }
 }
@@ -507,6 +516,7 @@ impl Source for MemorySource {
     }
 
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()> {
+        self.since_commit = 0;
         let Some(group) = &self.group else {
             return Ok(());
         };
@@ -522,6 +532,10 @@ impl Source for MemorySource {
             self.topic.space.notify_waiters();
         }
         Ok(())
+    }
+
+    fn wants_commit(&self) -> bool {
+        self.group.is_some() && self.since_commit >= COMMIT_EVERY
     }
 }
 
@@ -592,6 +606,32 @@ mod tests {
         assert_eq!(n, 2, "reads stop at the end");
         log.drop_front(100);
         assert_eq!((log.base, log.len, log.chunks.len()), (12, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_group_that_read_a_lot_asks_for_a_commit() {
+        let b = MemoryBroker::new(MemoryConfig {
+            partitions: 2,
+            capacity: 2 * COMMIT_EVERY,
+        });
+        let mut src = b.source("t", Some("g"));
+        let mut sink = b.sink("t");
+        let batch: Vec<_> = (0..COMMIT_EVERY + 10)
+            .map(|i| rec(&i.to_string(), "{}"))
+            .collect();
+        sink.send(&batch).await.unwrap();
+        assert!(!src.wants_commit());
+        let got = drain(&mut src).await;
+        assert_eq!(got.len(), COMMIT_EVERY + 10);
+        assert!(src.wants_commit());
+        src.commit(&[]).await.unwrap();
+        assert!(!src.wants_commit());
+        let mut reader = b.source("t", None);
+        drain(&mut reader).await;
+        assert!(
+            !reader.wants_commit(),
+            "a reader without a group commits nothing"
+        );
     }
 
     #[tokio::test]
