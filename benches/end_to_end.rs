@@ -75,6 +75,9 @@ impl Source for UntilDrained {
     async fn commit(&mut self, p: &[(Position, Checkpoint)]) -> weir_engine::Result<()> {
         self.0.commit(p).await
     }
+    fn recycle(&mut self, batch: Vec<weir_engine::Record>) {
+        self.0.recycle(batch)
+    }
 }
 
 fn main() {

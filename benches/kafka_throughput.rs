@@ -61,6 +61,9 @@ impl Source for Drained {
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> weir_engine::Result<()> {
         self.inner.commit(positions).await
     }
+    fn recycle(&mut self, batch: Vec<weir_engine::Record>) {
+        self.inner.recycle(batch)
+    }
 }
 
 fn main() {

@@ -343,6 +343,10 @@ impl Source for WithRetries {
         self.main.topic()
     }
 
+    fn recycle(&mut self, batch: Vec<Record>) {
+        self.main.recycle(batch);
+    }
+
     async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {
         if let Some(c) = self.ctrl.pop_front() {
             return Ok(c);

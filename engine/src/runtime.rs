@@ -267,6 +267,7 @@ impl Pipeline {
                     Metrics::add(&m.late, tally.late);
                     Metrics::add(&m.retried, tally.retried);
                     Metrics::add(&m.skipped, tally.skipped);
+                    self.source.recycle(batch);
                     false
                 }
             };

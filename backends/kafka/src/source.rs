@@ -172,6 +172,9 @@ enum Item {
 /// Batches the poll thread may have ready ahead of `recv`.
 const QUEUE: usize = 4;
 
+/// Batches the runtime handed back, for the poll thread to fill again.
+type Spares = Arc<Mutex<Vec<Vec<Record>>>>;
+
 /// Reads one Kafka topic. See the module documentation.
 pub struct KafkaSource {
     consumer: Arc<Consumer_>,
@@ -192,6 +195,7 @@ pub struct KafkaSource {
     items: Option<mpsc::Receiver<Item>>,
     /// The largest batch `recv` was asked for; the poll thread batches up to it.
     max: Arc<AtomicUsize>,
+    spares: Spares,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -210,6 +214,7 @@ fn poll_loop(
     consumer: Arc<Consumer_>,
     items: mpsc::Sender<Item>,
     max: Arc<AtomicUsize>,
+    spares: Spares,
     stop: Arc<AtomicBool>,
 ) {
     let ctx = consumer.context();
@@ -235,7 +240,12 @@ fn poll_loop(
             }
             match got {
                 Some(Ok(m)) => {
-                    if batch.is_empty() {
+                    if batch.capacity() == 0 {
+                        batch = spares
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .pop()
+                            .unwrap_or_default();
                         batch.reserve(limit.min(4096));
                     }
                     batch.push(to_record(&m, &mut arena));
@@ -307,12 +317,14 @@ impl KafkaSource {
         let consumer = Arc::new(consumer);
         let (tx, rx) = mpsc::channel(QUEUE);
         let max = Arc::new(AtomicUsize::new(1024));
+        let spares = Spares::default();
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (consumer, max, stop) = (consumer.clone(), max.clone(), stop.clone());
+            let (consumer, max, spares, stop) =
+                (consumer.clone(), max.clone(), spares.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("weir-kafka-poll".into())
-                .spawn(move || poll_loop(consumer, tx, max, stop))
+                .spawn(move || poll_loop(consumer, tx, max, spares, stop))
                 .ok()
         };
         if thread.is_none() {
@@ -328,6 +340,7 @@ impl KafkaSource {
             store,
             items: Some(rx),
             max,
+            spares,
             stop,
             thread,
         }
@@ -578,6 +591,14 @@ impl Source for KafkaSource {
                 source,
             }
             .into()),
+        }
+    }
+
+    fn recycle(&mut self, mut batch: Vec<Record>) {
+        batch.clear();
+        let mut spares = self.spares.lock().unwrap_or_else(|e| e.into_inner());
+        if spares.len() < QUEUE {
+            spares.push(batch);
         }
     }
 

@@ -278,6 +278,7 @@ impl MemoryBroker {
             assigned: false,
             next_part: 0,
             since_commit: 0,
+            spare: Vec::new(),
         }
     }
 
@@ -434,6 +435,8 @@ pub struct MemorySource {
     next_part: usize,
     /// Records handed out since the last commit.
     since_commit: usize,
+    /// A batch the runtime handed back, to fill next.
+    spare: Vec<Record>,
 }
 
 /// Records a group reads before its source asks for a commit ahead of the commit
@@ -487,11 +490,12 @@ impl Source for MemorySource {
         let n = self.topic.parts.len();
         let deadline = tokio::time::Instant::now() + wait;
         let topic = self.topic.clone();
+        let mut batch = std::mem::take(&mut self.spare);
+        batch.reserve(max.min(8192));
         loop {
             let notified = topic.data.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let mut batch = Vec::with_capacity(max.min(8192));
             // A fair share from each partition first, then fill up from any.
             let share = (max / n).max(1);
             for pass in 0..2 {
@@ -510,6 +514,7 @@ impl Source for MemorySource {
                 return Ok(Received::Batch(batch));
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.spare = batch;
                 return Ok(Received::Batch(Vec::new()));
             }
         }
@@ -536,6 +541,13 @@ impl Source for MemorySource {
 
     fn wants_commit(&self) -> bool {
         self.group.is_some() && self.since_commit >= COMMIT_EVERY
+    }
+
+    fn recycle(&mut self, mut batch: Vec<Record>) {
+        batch.clear();
+        if batch.capacity() > self.spare.capacity() {
+            self.spare = batch;
+        }
     }
 }
 
