@@ -29,6 +29,33 @@ fn hot_path(c: &mut Criterion) {
         })
     });
 
+    // What end_to_end's bare loop parses each event into.
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Meta<'a> {
+        session_id: &'a str,
+        page: &'a str,
+        item_id: &'a str,
+        user_agent: &'a str,
+    }
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Event<'a> {
+        event_type: &'a str,
+        user_id: &'a str,
+        action: &'a str,
+        timestamp: &'a str,
+        #[serde(borrow)]
+        metadata: Option<Meta<'a>>,
+    }
+    g.bench_function("serde_json_borrowed_struct_parse", |b| {
+        b.iter(|| {
+            for e in &events {
+                black_box(serde_json::from_slice::<Event>(e.as_bytes()).unwrap());
+            }
+        })
+    });
+
     let time = TimeSource::Field {
         path: "timestamp".into(),
         format: TimeFormat::Auto,

@@ -660,13 +660,15 @@ impl WindowOperator {
         let text = WindowText::new(window);
         let Pane { groups, extras, .. } = pane;
         let has_extras = !extras.is_empty(); // a count alone keeps none
-        for (key, acc) in groups.into_iter() {
-            let extra = has_extras
-                .then(|| extras.remove(&key).map(|(_, e)| e))
-                .flatten();
-            out.results
-                .push(encoder.encode_with(&text, &key, &acc, extra.as_ref(), true));
-        }
+        encoder.batch(|b| {
+            for (key, acc) in groups.into_iter() {
+                let extra = has_extras
+                    .then(|| extras.remove(&key).map(|(_, e)| e))
+                    .flatten();
+                out.results
+                    .push(b.encode(&text, &key, &acc, extra.as_ref(), true));
+            }
+        });
     }
 
     fn encode_sessions(&self, closed: Vec<ClosedSession>, out: &mut Emitted) {

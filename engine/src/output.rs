@@ -120,18 +120,50 @@ impl ResultEncoder {
         extra: Option<&Extra>,
         is_final: bool,
     ) -> OutRecord {
+        self.batch(|b| b.encode(w, key, acc, extra, is_final))
+    }
+
+    /// Runs `f` with the encoder's buffers taken once, for encoding many results.
+    pub fn batch<T>(&self, f: impl FnOnce(&mut EncodeBatch<'_>) -> T) -> T {
         let mut buffers = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
-        let (out, arena) = &mut *buffers;
+        let (scratch, arena) = &mut *buffers;
+        f(&mut EncodeBatch {
+            enc: self,
+            out: scratch,
+            arena,
+        })
+    }
+}
+
+/// A [`ResultEncoder`] with its buffers in hand (see [`ResultEncoder::batch`]).
+pub struct EncodeBatch<'e> {
+    enc: &'e ResultEncoder,
+    out: &'e mut Vec<u8>,
+    arena: &'e mut BytesMut,
+}
+
+impl EncodeBatch<'_> {
+    /// [`ResultEncoder::encode_with`] without taking the buffers again.
+    pub fn encode(
+        &mut self,
+        w: &WindowText,
+        key: &[u8],
+        acc: &Acc,
+        extra: Option<&Extra>,
+        is_final: bool,
+    ) -> OutRecord {
+        let enc = self.enc;
+        let (out, arena) = (&mut *self.out, &mut *self.arena);
         out.clear();
         out.push(b'{');
-        for (name, part) in self.key_names.iter().zip(key.split(|b| *b == KEY_SEP)) {
+        for (name, part) in enc.key_names.iter().zip(key.split(|b| *b == KEY_SEP)) {
             out.extend_from_slice(name);
             out.extend_from_slice(part);
             out.push(b',');
         }
         out.extend_from_slice(&w.fields);
         let mut extra = extra.map(|e| e.0.iter());
-        for (agg, name) in &self.aggs {
+        for (agg, name) in &enc.aggs {
             out.extend_from_slice(name);
             let state = extra.as_mut().and_then(|it| it.next());
             match agg {
@@ -139,7 +171,7 @@ impl ResultEncoder {
                 _ => write_value(out, acc.count(), state),
             }
         }
-        if self.flag_final {
+        if enc.flag_final {
             out.extend_from_slice(if is_final {
                 b",\"final\":true"
             } else {
@@ -157,7 +189,6 @@ impl ResultEncoder {
         arena.extend_from_slice(out);
         let payload = arena.split_to(payload_end).freeze();
         let id = arena.split().freeze();
-        drop(buffers);
         OutRecord {
             key: Some(id.slice(..key_end - payload_end)),
             payload,

@@ -160,21 +160,27 @@ impl WindowStore {
                 }
             }
         }
-        if let Some(mut acc) = pane.groups.get_mut(key) {
-            acc.add(1);
-            if self.track_dirty && !acc.is_dirty() {
-                acc.set_dirty(true);
-                pane.dirty.push(key.into());
+        // One lookup whether the key is new or not (a short key is copied inline, with no
+        // allocation, to make the entry's key).
+        match pane.groups.entry(GroupKey::from_slice(key)) {
+            dashmap::Entry::Occupied(mut e) => {
+                let acc = e.get_mut();
+                acc.add(1);
+                if self.track_dirty && !acc.is_dirty() {
+                    acc.set_dirty(true);
+                    pane.dirty.push(key.into());
+                }
             }
-            return;
+            dashmap::Entry::Vacant(e) => {
+                let mut acc = Acc::new(pos.partition, self.track_dirty);
+                acc.add(1);
+                e.insert(acc);
+                if self.track_dirty {
+                    pane.dirty.push(key.into());
+                }
+                self.entries += 1;
+            }
         }
-        let mut acc = Acc::new(pos.partition, self.track_dirty);
-        acc.add(1);
-        pane.groups.insert(key.into(), acc);
-        if self.track_dirty {
-            pane.dirty.push(key.into());
-        }
-        self.entries += 1;
     }
 
     /// Counts one event, with no other aggregates.
