@@ -10,31 +10,14 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::Deserialize;
 use weir::Backend;
 use weir_engine::config::Overrides;
 use weir_engine::{Checkpoint, Job, OutRecord, Pipeline, Position, Received, Sink, Source};
 use weir_memory::{MemoryBroker, MemoryConfig};
 
-#[derive(Deserialize)]
-#[allow(dead_code)]
-struct Meta<'a> {
-    session_id: &'a str,
-    page: &'a str,
-    item_id: &'a str,
-    user_agent: &'a str,
-}
-
-#[derive(Deserialize)]
-#[allow(dead_code)]
-struct Event<'a> {
-    event_type: &'a str,
-    user_id: &'a str,
-    action: &'a str,
-    timestamp: &'a str,
-    #[serde(borrow)]
-    metadata: Option<Meta<'a>>,
-}
+#[path = "support/seed_event.rs"]
+mod seed_event;
+use seed_event::Event;
 
 /// The bare loop: parse every event into a borrowed struct, count per user.
 fn bare(events: &[Bytes]) -> usize {

@@ -15,6 +15,10 @@ use weir_engine::operator::{Emitted, WindowOperator};
 use weir_engine::time::{parse_datetime, TimeFormat};
 use weir_engine::{Job, Position, Record};
 
+#[path = "support/seed_event.rs"]
+mod seed_event;
+use seed_event::Event;
+
 fn hot_path(c: &mut Criterion) {
     let events = dataset(3, 10_000, 1_000, 0);
     let mut g = c.benchmark_group("per_event");
@@ -29,25 +33,6 @@ fn hot_path(c: &mut Criterion) {
         })
     });
 
-    // What end_to_end's bare loop parses each event into.
-    #[derive(serde::Deserialize)]
-    #[allow(dead_code)]
-    struct Meta<'a> {
-        session_id: &'a str,
-        page: &'a str,
-        item_id: &'a str,
-        user_agent: &'a str,
-    }
-    #[derive(serde::Deserialize)]
-    #[allow(dead_code)]
-    struct Event<'a> {
-        event_type: &'a str,
-        user_id: &'a str,
-        action: &'a str,
-        timestamp: &'a str,
-        #[serde(borrow)]
-        metadata: Option<Meta<'a>>,
-    }
     g.bench_function("serde_json_borrowed_struct_parse", |b| {
         b.iter(|| {
             for e in &events {

@@ -137,36 +137,45 @@ impl<'a> Scanner<'a> {
         self.text.get(start..end)
     }
 
-    /// The members of an object whose `{` was consumed, read through `node`.
-    fn object(&mut self, node: &Node, slots: &mut [Val<'a>], depth: usize) -> Option<()> {
+    /// The items of an object or array whose opening bracket was consumed, up to `close`:
+    /// `item` reads each one; the whitespace and separators around them are checked here.
+    #[inline]
+    fn items(&mut self, close: u8, mut item: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
         self.ws();
-        if self.peek()? == b'}' {
+        if self.peek()? == close {
             self.i += 1;
             return Some(());
         }
         loop {
             self.ws();
-            if self.peek()? != b'"' {
-                return None;
-            }
-            let key = self.plain_string()?;
-            let child = node.child(key);
-            self.eat(b':')?;
-            self.ws();
-            match child {
-                Some(n) => self.value(n, slots, depth)?,
-                None => self.skip(depth)?,
-            }
+            item(self)?;
             self.ws();
             match self.peek()? {
                 b',' => self.i += 1,
-                b'}' => {
+                c if c == close => {
                     self.i += 1;
                     return Some(());
                 }
                 _ => return None,
             }
         }
+    }
+
+    /// The members of an object whose `{` was consumed, read through `node`.
+    fn object(&mut self, node: &Node, slots: &mut [Val<'a>], depth: usize) -> Option<()> {
+        self.items(b'}', |s| {
+            if s.peek()? != b'"' {
+                return None;
+            }
+            let key = s.plain_string()?;
+            let child = node.child(key);
+            s.eat(b':')?;
+            s.ws();
+            match child {
+                Some(n) => s.value(n, slots, depth),
+                None => s.skip(depth),
+            }
+        })
     }
 
     /// A value the pipeline reads (its node has a slot, children, or both).
@@ -245,54 +254,22 @@ impl<'a> Scanner<'a> {
                     return None;
                 }
                 self.i += 1;
-                self.ws();
-                if self.peek()? == b'}' {
-                    self.i += 1;
-                    return Some(());
-                }
-                loop {
-                    self.ws();
-                    if self.peek()? != b'"' {
+                self.items(b'}', |s| {
+                    if s.peek()? != b'"' {
                         return None;
                     }
-                    self.string()?;
-                    self.eat(b':')?;
-                    self.ws();
-                    self.skip(depth + 1)?;
-                    self.ws();
-                    match self.peek()? {
-                        b',' => self.i += 1,
-                        b'}' => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
-                    }
-                }
+                    s.string()?;
+                    s.eat(b':')?;
+                    s.ws();
+                    s.skip(depth + 1)
+                })
             }
             b'[' => {
                 if depth >= MAX_DEPTH {
                     return None;
                 }
                 self.i += 1;
-                self.ws();
-                if self.peek()? == b']' {
-                    self.i += 1;
-                    return Some(());
-                }
-                loop {
-                    self.ws();
-                    self.skip(depth + 1)?;
-                    self.ws();
-                    match self.peek()? {
-                        b',' => self.i += 1,
-                        b']' => {
-                            self.i += 1;
-                            return Some(());
-                        }
-                        _ => return None,
-                    }
-                }
+                self.items(b']', |s| s.skip(depth + 1))
             }
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
