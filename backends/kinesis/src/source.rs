@@ -28,8 +28,11 @@ struct Raw {
 
 /// What reader tasks tell the source.
 enum Msg {
-    /// Records of one GetRecords call, in shard order.
-    Records(String, Vec<Raw>),
+    /// Records of one GetRecords call, in shard order, and whether the reader caught up
+    /// with the shard's end with them.
+    Records(String, Vec<Raw>, bool),
+    /// An empty GetRecords: the reader is at the shard's end.
+    CaughtUp(String),
     /// The shard is closed and was read to its end.
     Ended(String),
     /// A call failed; `retryable` says whether the reader keeps going.
@@ -45,6 +48,8 @@ struct ShardState {
     pending: VecDeque<(u64, String)>,
     /// What is committed.
     stored: ShardCheckpoint,
+    /// Whether its reader's last GetRecords reached the end of the shard.
+    caught_up: bool,
 }
 
 /// A reader of one Kinesis stream for one group. See the crate docs for the design.
@@ -176,6 +181,7 @@ impl KinesisSource {
                     partition: stored.partition,
                     next_offset: stored.next_offset,
                     pending: VecDeque::new(),
+                    caught_up: false,
                     stored,
                 },
             );
@@ -233,11 +239,18 @@ impl KinesisSource {
 
     fn take_msg(&mut self, msg: Msg) -> Result<bool> {
         match msg {
-            Msg::Records(shard, raws) => {
+            Msg::CaughtUp(shard) => {
+                if let Some(st) = self.shards.get_mut(&shard) {
+                    st.caught_up = true;
+                }
+                Ok(false)
+            }
+            Msg::Records(shard, raws, caught_up) => {
                 let st = self
                     .shards
                     .get_mut(&shard)
                     .expect("records of a known shard");
+                st.caught_up = caught_up;
                 let buffer = self.buffers.entry(st.partition).or_default();
                 self.buffered += raws.len();
                 for r in raws {
@@ -369,7 +382,21 @@ impl Reader {
                 if let Some(last) = recs.last() {
                     start = Start::After(last.sequence_number().to_string());
                 }
-                if !empty {
+                // A short read means the reader caught up (kinesalite always answers
+                // MillisBehindLatest 0, so that alone is not trusted); a full one reads on
+                // at once.
+                let caught_up =
+                    n < self.limit as usize && out.millis_behind_latest().unwrap_or(0) == 0;
+                if empty {
+                    if self
+                        .tx
+                        .send(Msg::CaughtUp(self.shard.clone()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                } else {
                     let raws = recs
                         .iter()
                         .map(|r| Raw {
@@ -385,7 +412,7 @@ impl Reader {
                         .collect();
                     if self
                         .tx
-                        .send(Msg::Records(self.shard.clone(), raws))
+                        .send(Msg::Records(self.shard.clone(), raws, caught_up))
                         .await
                         .is_err()
                     {
@@ -396,8 +423,6 @@ impl Reader {
                     Some(next) => it = next.to_string(),
                     None => break 'outer,
                 }
-                // A short read means the reader caught up (MillisBehindLatest is not
-                // trustworthy: kinesalite always answers 0); a full one reads on at once.
                 if n < self.limit as usize {
                     tokio::time::sleep(self.poll).await;
                 }
@@ -461,6 +486,18 @@ impl Source for KinesisSource {
             }
         }
         Ok(Received::Batch(out))
+    }
+
+    /// Records of `partition` wait in this source's buffers or channel, or its shard's
+    /// reader has not reached the shard's end yet.
+    fn has_backlog(&self, partition: u32) -> bool {
+        if !self.rx.is_empty() || self.buffers.get(&partition).is_some_and(|b| !b.is_empty()) {
+            return true;
+        }
+        self.shards
+            .iter()
+            .find(|(_, st)| st.partition == partition)
+            .is_some_and(|(id, st)| !st.caught_up && !self.ended.contains(id))
     }
 
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()> {
