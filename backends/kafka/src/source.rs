@@ -155,6 +155,12 @@ impl ClientContext for RebalanceContext {
     }
 
     fn error(&self, error: RdError, reason: &str) {
+        // The end of a partition is how the source learns it has no backlog, not an error.
+        if matches!(error, RdError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+        {
+            return;
+        }
         tracing::warn!(%error, "kafka: {reason}");
     }
 }
