@@ -65,7 +65,14 @@ async fn amqp_restart_loses_nothing() {
 async fn amqp_start_before_data_is_exact() {
     let _shared = BROKER.read().await;
     require_rabbitmq().await;
-    conformance::start_before_data_is_exact("amqp").await;
+    conformance::start_before_data_is_exact("amqp", true).await;
+}
+
+#[tokio::test]
+async fn amqp_start_before_unkeyed_data_is_exact() {
+    let _shared = BROKER.read().await;
+    require_rabbitmq().await;
+    conformance::start_before_data_is_exact("amqp", false).await;
 }
 
 #[tokio::test]

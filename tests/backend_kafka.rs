@@ -67,7 +67,13 @@ async fn kafka_restart_loses_nothing() {
 #[tokio::test]
 async fn kafka_start_before_data_is_exact() {
     require_kafka();
-    conformance::start_before_data_is_exact("kafka").await;
+    conformance::start_before_data_is_exact("kafka", true).await;
+}
+
+#[tokio::test]
+async fn kafka_start_before_unkeyed_data_is_exact() {
+    require_kafka();
+    conformance::start_before_data_is_exact("kafka", false).await;
 }
 
 #[tokio::test]

@@ -97,7 +97,14 @@ async fn kinesis_counts_match_the_oracle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_start_before_data_is_exact() {
     require_kinesis();
-    conformance::start_before_data_is_exact("kinesis").await;
+    conformance::start_before_data_is_exact("kinesis", true).await;
+    clean_up("early").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_start_before_unkeyed_data_is_exact() {
+    require_kinesis();
+    conformance::start_before_data_is_exact("kinesis", false).await;
     clean_up("early").await;
 }
 

@@ -57,7 +57,12 @@ async fn memory_waiting_retries_survive_a_restart() {
 
 #[tokio::test]
 async fn memory_start_before_data_is_exact() {
-    conformance::start_before_data_is_exact("memory").await;
+    conformance::start_before_data_is_exact("memory", true).await;
+}
+
+#[tokio::test]
+async fn memory_start_before_unkeyed_data_is_exact() {
+    conformance::start_before_data_is_exact("memory", false).await;
 }
 
 #[tokio::test]

@@ -37,6 +37,11 @@ impl Rng {
 
 /// A `weir run` of the bed's pipeline, its log appended to `log`.
 fn spawn(bed: &Bed, log: &Path) -> Child {
+    spawn_idle(bed, log, "10s")
+}
+
+/// A `weir run` that exits after `idle` without records.
+fn spawn_idle(bed: &Bed, log: &Path, idle: &str) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
     cmd.arg("run")
         .arg(conformance::pipeline_file())
@@ -51,13 +56,38 @@ fn spawn(bed: &Bed, log: &Path) -> Child {
         .open(log)
         .expect("log file");
     cmd.arg("--exit-when-idle")
-        .arg("10s")
+        .arg(idle)
         .env("WEIR_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(err)
         .spawn()
         .expect("weir run")
+}
+
+/// Waits up to `limit` for `child` to exit with success.
+async fn wait_ok(child: &mut Child, log: &Path, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("weir run did not end within {limit:?}:\n{}", tail(log));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status.success(), "weir run: {status}\n{}", tail(log));
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(sig)
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(ok.success());
 }
 
 fn tail(log: &Path) -> String {
@@ -124,21 +154,15 @@ async fn survives_kill_9(broker: &str, events: usize, rounds: usize, takeover: b
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"=== final run\n"))
         .unwrap();
     let mut last = spawn(&bed, &log);
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    let status = loop {
-        if let Some(s) = last.try_wait().expect("wait") {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = last.kill();
-            panic!("the final run did not end within 180 s:\n{}", tail(&log));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let waited = tokio::time::timeout(
+        Duration::from_secs(200),
+        wait_ok(&mut last, &log, Duration::from_secs(180)),
+    )
+    .await;
     if let Ok(keep) = std::env::var("WEIR_CRASH_LOG") {
         let _ = std::fs::copy(&log, keep);
     }
-    assert!(status.success(), "final run: {status}\n{}", tail(&log));
+    waited.expect("the final run ended");
 
     let records = bed
         .read_all(&bed.config.sink.topic, Duration::from_secs(6))
@@ -205,4 +229,62 @@ async fn amqp_survives_kill_9_mid_stream_and_during_takeovers() {
 async fn kinesis_survives_kill_9_mid_stream() {
     // One instance per (stream, group) on Kinesis: no takeover to kill.
     survives_kill_9("kinesis", 40_000, 10, false).await;
+}
+
+/// Two instances in one group start before their data and wait three idle timeouts; the
+/// data comes; one instance is frozen (SIGSTOP) while it holds its partitions, then killed.
+/// The survivor takes its partitions over from their last commits: every window exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_two_instances_before_their_data_and_one_frozen_then_killed() {
+    let bed = Bed::new(
+        "kafka",
+        "frozen",
+        &["source.commit_interval=300ms", "window.idle_timeout=2s"],
+    );
+    let data: Vec<Vec<u8>> = dataset(17, 40_000, 500, 0)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    let want = oracle(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let mut a = spawn_idle(&bed, &log_a, "30s");
+    let mut b = spawn_idle(&bed, &log_b, "30s");
+    // Both join and share the four partitions, then wait on empty ones.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    bed.produce(&data).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    signal(&a, "-STOP");
+    // Frozen past its session timeout: the group hands its partitions to b.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    a.kill().expect("kill");
+    let _ = a.wait();
+    wait_ok(&mut b, &log_b, Duration::from_secs(120)).await;
+    let log = std::fs::read_to_string(&log_b).unwrap();
+    assert!(
+        log.matches("partitions assigned").count() >= 2,
+        "b took over a's partitions:\n{}",
+        tail(&log_b)
+    );
+    let got = results(
+        &bed.read_all(&bed.config.sink.topic, Duration::from_secs(6))
+            .await,
+    );
+    let missing = want.keys().filter(|k| !got.contains_key(*k)).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} windows missing\n{}",
+        want.len(),
+        tail(&log_b)
+    );
+    assert_eq!(got, want);
+    let dead = bed
+        .read_all(&bed.config.dead_letter.topic, Duration::from_secs(3))
+        .await;
+    assert!(
+        dead.is_empty(),
+        "no event was late or invalid: {} dead letters",
+        dead.len()
+    );
 }

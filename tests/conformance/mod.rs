@@ -129,6 +129,25 @@ impl Bed {
         }
     }
 
+    /// Publishes records without a key (the broker spreads them over partitions).
+    pub async fn produce_unkeyed(&self, lines: &[Vec<u8>]) {
+        let mut sink = self
+            .backend
+            .sink(&self.config.source.topic)
+            .await
+            .expect("sink");
+        for chunk in lines.chunks(1000) {
+            let batch: Vec<OutRecord> = chunk
+                .iter()
+                .map(|l| OutRecord {
+                    payload: Bytes::from(l.clone()),
+                    ..Default::default()
+                })
+                .collect();
+            sink.send(&batch).await.expect("produce");
+        }
+    }
+
     /// The pipeline over this bed's topics.
     pub async fn pipeline(&self) -> Pipeline {
         let c = &self.config;
@@ -535,14 +554,21 @@ pub async fn idle_input_still_closes_the_last_window(broker: &str) {
 /// then 20,000 events arrive on every partition at once. Not one is late, every window is
 /// exact: partitions that delivered nothing yet (or still hold a backlog) never let the
 /// first partition read run ahead.
-pub async fn start_before_data_is_exact(broker: &str) {
+///
+/// `keyed: false` produces the records without keys, so a (key, window) spans partitions
+/// and they all share one event time.
+pub async fn start_before_data_is_exact(broker: &str, keyed: bool) {
     let bed = Bed::new(broker, "early", &["window.idle_timeout=2s"]);
     let data = lines(11, 20_000, 500, 0);
     let want = oracle(&data);
     let stop = tokio_util::sync::CancellationToken::new();
     let run = tokio::spawn(bed.pipeline().await.shutdown_on(stop.clone()).run());
     tokio::time::sleep(Duration::from_secs(6)).await;
-    bed.produce(&data).await;
+    if keyed {
+        bed.produce(&data).await;
+    } else {
+        bed.produce_unkeyed(&data).await;
+    }
     let records = bed
         .read(&bed.config.sink.topic, want.len(), Duration::from_secs(20))
         .await;

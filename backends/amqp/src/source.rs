@@ -61,6 +61,9 @@ pub struct AmqpSource {
     /// consumer that stood by (single active consumer) becomes active only when the one
     /// before it is gone, and must then number from what that one committed last.
     standing_by: Option<Option<u64>>,
+    /// Ready messages in the queue, as the last passive declare (after a receive that
+    /// waited in vain) reported them; deliveries since then mean "not at the end".
+    ready: u32,
 }
 
 impl AmqpSource {
@@ -76,6 +79,7 @@ impl AmqpSource {
             failures: 0,
             since_commit: 0,
             standing_by: None,
+            ready: u32::MAX,
         };
         s.open().await?;
         Ok(s)
@@ -322,7 +326,26 @@ impl Source for AmqpSource {
         )
         .await;
         let first = match first {
-            Err(_) => return Ok(Received::Batch(Vec::new())),
+            Err(_) if self.cfg.queue_type == QueueType::Stream => {
+                return Ok(Received::Batch(Vec::new()))
+            }
+            Err(_) => {
+                // Nothing came: ask how many messages wait (a consumer that stands by, or
+                // one out of prefetch credit, sees them here).
+                let passive = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                self.ready = match live
+                    .ch
+                    .queue_declare(self.topic.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    Ok(q) => q.message_count(),
+                    Err(e) => return Ok(self.lost(&e)),
+                };
+                return Ok(Received::Batch(Vec::new()));
+            }
             Ok(Some(Ok(d))) => d,
             Ok(Some(Err(e))) => return Ok(self.lost(&e)),
             Ok(None) => return Ok(self.lost(&"the broker cancelled the consumer")),
@@ -344,6 +367,7 @@ impl Source for AmqpSource {
             Some(read) => self.took_over(read).await?,
             None => None,
         };
+        self.ready = u32::MAX;
         let records = deliveries.into_iter().map(|d| self.record(d)).collect();
         match taken_over {
             Some(assigned) => {
@@ -352,6 +376,13 @@ impl Source for AmqpSource {
             }
             None => Ok(Received::Batch(records)),
         }
+    }
+
+    /// Messages wait in the queue (as the last empty receive found), or deliveries came
+    /// since that check. A stream's message count is all it retains, read or not: streams
+    /// answer `false` (their partition goes idle on the wall clock alone).
+    fn has_backlog(&self, _partition: u32) -> bool {
+        !self.stream() && self.ready > 0
     }
 
     /// Asks for a commit once half the prefetch arrived since the last one: the broker

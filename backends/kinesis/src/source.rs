@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_trait::async_trait;
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
@@ -28,11 +30,11 @@ struct Raw {
 
 /// What reader tasks tell the source.
 enum Msg {
-    /// Records of one GetRecords call, in shard order, and whether the reader caught up
-    /// with the shard's end with them.
-    Records(String, Vec<Raw>, bool),
-    /// An empty GetRecords: the reader is at the shard's end.
-    CaughtUp(String),
+    /// Records of one GetRecords call, in shard order, and, if the reader caught up with
+    /// the shard's end with them, when that call was made.
+    Records(String, Vec<Raw>, Option<Instant>),
+    /// An empty GetRecords, made at that time: the reader was at the shard's end.
+    CaughtUp(String, Instant),
     /// The shard is closed and was read to its end.
     Ended(String),
     /// A call failed; `retryable` says whether the reader keeps going.
@@ -48,8 +50,8 @@ struct ShardState {
     pending: VecDeque<(u64, String)>,
     /// What is committed.
     stored: ShardCheckpoint,
-    /// Whether its reader's last GetRecords reached the end of the shard.
-    caught_up: bool,
+    /// When a GetRecords that reached the end of the shard was made, if the last one did.
+    caught_up: Option<Instant>,
 }
 
 /// A reader of one Kinesis stream for one group. See the crate docs for the design.
@@ -181,7 +183,7 @@ impl KinesisSource {
                     partition: stored.partition,
                     next_offset: stored.next_offset,
                     pending: VecDeque::new(),
-                    caught_up: false,
+                    caught_up: None,
                     stored,
                 },
             );
@@ -239,9 +241,9 @@ impl KinesisSource {
 
     fn take_msg(&mut self, msg: Msg) -> Result<bool> {
         match msg {
-            Msg::CaughtUp(shard) => {
+            Msg::CaughtUp(shard, at) => {
                 if let Some(st) = self.shards.get_mut(&shard) {
-                    st.caught_up = true;
+                    st.caught_up = Some(at);
                 }
                 Ok(false)
             }
@@ -355,6 +357,7 @@ impl Reader {
                 }
             };
             loop {
+                let asked = Instant::now();
                 let out = match self
                     .client
                     .get_records()
@@ -385,12 +388,13 @@ impl Reader {
                 // A short read means the reader caught up (kinesalite always answers
                 // MillisBehindLatest 0, so that alone is not trusted); a full one reads on
                 // at once.
-                let caught_up =
-                    n < self.limit as usize && out.millis_behind_latest().unwrap_or(0) == 0;
+                let caught_up = (n < self.limit as usize
+                    && out.millis_behind_latest().unwrap_or(0) == 0)
+                    .then_some(asked);
                 if empty {
                     if self
                         .tx
-                        .send(Msg::CaughtUp(self.shard.clone()))
+                        .send(Msg::CaughtUp(self.shard.clone(), asked))
                         .await
                         .is_err()
                     {
@@ -494,10 +498,15 @@ impl Source for KinesisSource {
         if !self.rx.is_empty() || self.buffers.get(&partition).is_some_and(|b| !b.is_empty()) {
             return true;
         }
+        // "Caught up" is only as fresh as the call that found it: one older than a few
+        // polls (a slow or starved reader) may miss records put since.
+        let fresh = self.config.poll_interval * 4 + Duration::from_secs(1);
         self.shards
             .iter()
             .find(|(_, st)| st.partition == partition)
-            .is_some_and(|(id, st)| !st.caught_up && !self.ended.contains(id))
+            .is_some_and(|(id, st)| {
+                !self.ended.contains(id) && st.caught_up.is_none_or(|at| at.elapsed() > fresh)
+            })
     }
 
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()> {
