@@ -105,7 +105,7 @@ async fn kinesis_start_before_data_is_exact() {
 async fn kinesis_start_before_unkeyed_data_is_exact() {
     require_kinesis();
     conformance::start_before_data_is_exact("kinesis", false).await;
-    clean_up("early").await;
+    clean_up("unkeyed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -558,7 +558,8 @@ pub async fn idle_input_still_closes_the_last_window(broker: &str) {
 /// `keyed: false` produces the records without keys, so a (key, window) spans partitions
 /// and they all share one event time.
 pub async fn start_before_data_is_exact(broker: &str, keyed: bool) {
-    let bed = Bed::new(broker, "early", &["window.idle_timeout=2s"]);
+    let case = if keyed { "early" } else { "unkeyed" };
+    let bed = Bed::new(broker, case, &["window.idle_timeout=2s"]);
     let data = lines(11, 20_000, 500, 0);
     let want = oracle(&data);
     let stop = tokio_util::sync::CancellationToken::new();
