@@ -450,15 +450,16 @@ impl WindowOperator {
             }
             first
         });
-        self.tasks = vec![merged];
-        // Partitions are added to the merged task again as they deliver.
-        for (p, r) in self.ready.iter_mut().enumerate() {
-            if *r {
-                if let Some(t) = self.tasks[0].as_mut() {
-                    t.watermarks.add(&[p as u32], Instant::now());
-                }
+        let merged = match merged {
+            Some(t) => t,
+            // Only retried records came so far: the source's partitions join as they
+            // deliver.
+            None => {
+                self.ready.iter_mut().for_each(|r| *r = false);
+                self.new_task()
             }
-        }
+        };
+        self.tasks = vec![Some(merged)];
     }
 
     /// Whether `rec`'s broker key is one of its group-by values: records keyed that way

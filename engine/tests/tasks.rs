@@ -1,0 +1,164 @@
+//! Event time per task: keyed partitions keep their own watermark, unkeyed input shares
+//! one, partitions assigned later start from their own checkpoint, and a future-dated event
+//! cannot drag the watermark along.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use weir_engine::operator::{Emitted, Outcome, WindowOperator};
+use weir_engine::{Checkpoint, Job, Position, Record};
+
+fn rec(partition: u32, offset: u64, key: Option<&str>, t: i64) -> Record {
+    Record {
+        key: key.map(|k| Bytes::from(k.to_string())),
+        payload: Bytes::from(format!(r#"{{"k":"{}","t":{t}}}"#, key.unwrap_or("x"))),
+        position: Position { partition, offset },
+        ..Default::default()
+    }
+}
+
+fn job() -> Job {
+    Job::tumbling_count("k", "t", Duration::from_secs(10)).with_grace(Duration::from_secs(1))
+}
+
+fn now_ms() -> i64 {
+    weir_engine::time::now_millis()
+}
+
+#[test]
+fn keyed_partitions_keep_their_own_time() {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    op.assign(&[(0, None), (1, None)], now);
+    let mut out = Emitted::default();
+    // Partition 0 reads far ahead (a backlog read first, a partition assigned earlier).
+    for (i, t) in [1_000, 50_000, 100_000].iter().enumerate() {
+        let o = op.ingest(&rec(0, i as u64, Some("a"), *t), now, now_ms(), &mut out);
+        assert_eq!(o, Outcome::Windowed);
+    }
+    // Partition 1's old events are not late: its own time has not moved.
+    for (i, t) in [2_000, 3_000].iter().enumerate() {
+        let o = op.ingest(&rec(1, i as u64, Some("b"), *t), now, now_ms(), &mut out);
+        assert_eq!(o, Outcome::Windowed, "partition 1 at {t}");
+    }
+    assert!(!op.is_shared());
+    op.close_ready(now, &|_| false, &mut out);
+    let closed: Vec<String> = out
+        .results
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .collect();
+    assert_eq!(
+        closed.len(),
+        2,
+        "partition 0 closed its two windows: {closed:?}"
+    );
+    assert!(
+        closed.iter().all(|r| r.contains(r#""k":"a""#)),
+        "{closed:?}"
+    );
+    assert_eq!(op.open_entries(), 2, "b's window and a's last stay open");
+}
+
+#[test]
+fn an_unkeyed_record_merges_every_partition_into_one_time() {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    op.assign(&[(0, None), (1, None)], now);
+    let mut out = Emitted::default();
+    op.ingest(&rec(0, 0, Some("a"), 1_000), now, now_ms(), &mut out);
+    op.ingest(&rec(1, 0, Some("b"), 1_500), now, now_ms(), &mut out);
+    assert!(!op.is_shared());
+    op.ingest(&rec(1, 1, None, 2_000), now, now_ms(), &mut out);
+    assert!(op.is_shared(), "a record without the group key as its key");
+    assert_eq!(op.open_entries(), 3, "nothing was lost in the merge");
+    // One time now: partition 0 moving ahead closes nothing while partition 1 lags.
+    op.ingest(&rec(0, 1, Some("a"), 60_000), now, now_ms(), &mut out);
+    op.close_ready(now, &|_| false, &mut out);
+    assert!(out.results.is_empty());
+    op.ingest(&rec(1, 2, None, 60_000), now, now_ms(), &mut out);
+    op.close_ready(now, &|_| false, &mut out);
+    assert_eq!(out.results.len(), 3, "a, b and x of the first window");
+}
+
+#[test]
+fn a_partition_assigned_later_replays_against_its_own_checkpoint() {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    // Partition 0 comes back with a checkpoint far ahead of partition 1's.
+    op.assign(
+        &[(
+            0,
+            Some(Checkpoint {
+                watermark: 90_000,
+                processed: 5,
+            }),
+        )],
+        now,
+    );
+    let mut out = Emitted::default();
+    let o = op.ingest(&rec(0, 3, Some("a"), 40_000), now, now_ms(), &mut out);
+    assert_eq!(o, Outcome::Replayed, "its window closed before the crash");
+    // Later, partition 1 (held by a dead member until its session timed out).
+    op.assign(
+        &[
+            (0, None),
+            (
+                1,
+                Some(Checkpoint {
+                    watermark: 30_000,
+                    processed: 4,
+                }),
+            ),
+        ],
+        now,
+    );
+    let replayed = op.ingest(&rec(1, 2, Some("b"), 15_000), now, now_ms(), &mut out);
+    assert_eq!(replayed, Outcome::Replayed, "closed at its own checkpoint");
+    let counted = op.ingest(&rec(1, 3, Some("b"), 35_000), now, now_ms(), &mut out);
+    assert_eq!(
+        counted,
+        Outcome::Windowed,
+        "open at its own checkpoint: counted again"
+    );
+    let live = op.ingest(&rec(1, 4, Some("b"), 36_000), now, now_ms(), &mut out);
+    assert_eq!(live, Outcome::Windowed, "not judged by partition 0's time");
+    assert_eq!(op.checkpoint(1).watermark, 36_000);
+    assert!(op.checkpoint(0).watermark >= 90_000);
+}
+
+#[test]
+fn a_future_event_is_dead_lettered_and_a_near_one_cannot_pass_the_wall_clock() {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    op.assign(&[(0, None)], now);
+    let mut out = Emitted::default();
+    let wall = now_ms();
+    let far = op.ingest(
+        &rec(0, 0, Some("a"), wall + 2 * 3_600_000),
+        now,
+        wall,
+        &mut out,
+    );
+    assert_eq!(far, Outcome::Dead);
+    let reason = String::from_utf8_lossy(&out.dead[0].payload).to_string();
+    assert!(reason.contains("more than 1h ahead"), "{reason}");
+    // Ten minutes ahead: counted, but the watermark stops at the wall clock, so an event
+    // of now is still on time (it would be late for ten minutes otherwise).
+    let near = op.ingest(&rec(0, 1, Some("a"), wall + 600_000), now, wall, &mut out);
+    assert_eq!(near, Outcome::Windowed);
+    assert_eq!(op.watermark(), wall);
+    let current = op.ingest(&rec(0, 2, Some("a"), wall), now, wall, &mut out);
+    assert_eq!(current, Outcome::Windowed);
+    let off = job().with_max_future(None);
+    let mut op = WindowOperator::new(&off, "t");
+    op.assign(&[(0, None)], now);
+    let o = op.ingest(
+        &rec(0, 0, Some("a"), wall + 2 * 3_600_000),
+        now,
+        wall,
+        &mut out,
+    );
+    assert_eq!(o, Outcome::Windowed, "max_future = \"off\"");
+}
