@@ -945,12 +945,14 @@ impl WindowOperator {
             .collect()
     }
 
-    /// The pipeline's watermark: the lowest of its tasks' (`i64::MIN` before any event).
+    /// The pipeline's watermark: the lowest of its tasks' that saw an event (`i64::MIN`
+    /// before any event).
     pub fn watermark(&self) -> i64 {
         self.tasks
             .iter()
             .flatten()
             .map(|t| t.watermarks.current())
+            .filter(|&w| w != i64::MIN)
             .min()
             .unwrap_or(i64::MIN)
     }

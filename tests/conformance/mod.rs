@@ -111,26 +111,15 @@ impl Bed {
 
     /// Publishes seed events to the source topic, keyed by user like `weir produce`.
     pub async fn produce(&self, lines: &[Vec<u8>]) {
-        let mut sink = self
-            .backend
-            .sink(&self.config.source.topic)
-            .await
-            .expect("sink");
-        for chunk in lines.chunks(1000) {
-            let batch: Vec<OutRecord> = chunk
-                .iter()
-                .map(|l| OutRecord {
-                    key: user_of(l).map(|u| Bytes::from(u.into_bytes())),
-                    payload: Bytes::from(l.clone()),
-                    ..Default::default()
-                })
-                .collect();
-            sink.send(&batch).await.expect("produce");
-        }
+        self.produce_with(lines, true).await
     }
 
     /// Publishes records without a key (the broker spreads them over partitions).
     pub async fn produce_unkeyed(&self, lines: &[Vec<u8>]) {
+        self.produce_with(lines, false).await
+    }
+
+    async fn produce_with(&self, lines: &[Vec<u8>], keyed: bool) {
         let mut sink = self
             .backend
             .sink(&self.config.source.topic)
@@ -140,6 +129,9 @@ impl Bed {
             let batch: Vec<OutRecord> = chunk
                 .iter()
                 .map(|l| OutRecord {
+                    key: user_of(l)
+                        .filter(|_| keyed)
+                        .map(|u| Bytes::from(u.into_bytes())),
                     payload: Bytes::from(l.clone()),
                     ..Default::default()
                 })
