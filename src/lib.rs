@@ -5,6 +5,7 @@
 pub mod assemble;
 pub mod backend;
 pub mod demo;
+pub mod observe;
 pub mod serve;
 
 pub use backend::Backend;

@@ -13,9 +13,11 @@ use weir_engine::generate::{EventGenerator, Timeline, DEFAULT_START_MS};
 use weir_engine::{Received, Source, StopReason};
 
 use weir::assemble::{FileIo, Parts};
+use weir::observe::{Observer, Phase};
 use weir::Backend;
 
 mod io_cmd;
+mod signals;
 
 #[derive(Parser)]
 #[command(
@@ -91,9 +93,14 @@ struct RunArgs {
     /// at the end of input: a bounded run over a broker topic.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     exit_when_idle: Option<Duration>,
+    /// Serve Prometheus `/metrics` and `/healthz` on this address, instead of
+    /// `[observability] listen` (none by default); port 0 picks a free one.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+/// Durations on the command line read as in the pipeline file (`5s`, `500ms`, `1m30s`).
+pub(crate) fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     weir_engine::time::parse_duration(s)
 }
 
@@ -127,6 +134,7 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(colour())
         .init();
     match cli.command {
         Command::Validate(a) => match load(&a) {
@@ -168,6 +176,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Colour in log lines only on a terminal, and never with `NO_COLOR` set (no-color.org).
+fn colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// Loads the pipeline of `p` (exit 2 with every problem), then runs `f` on a tokio runtime,
 /// multi-threaded or not (exit 1 on error).
 fn pipeline_main<F>(
@@ -197,7 +211,10 @@ where
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(f(c, backend)) {
+    let result = rt.block_on(f(c, backend));
+    // A blocking call still waiting for an unreachable broker must not hold the exit.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -222,24 +239,6 @@ fn load(a: &PipelineArgs) -> Result<(PipelineConfig, Backend), ConfigErrors> {
     Backend::load(&a.pipeline, &overrides)
 }
 
-/// A token cancelled by the first Ctrl-C; a second one aborts the process.
-fn stop_on_ctrl_c() -> CancellationToken {
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::info!(
-                "Ctrl-C: finishing the current batch, committing, stopping (Ctrl-C again to abort)"
-            );
-            shutdown.cancel();
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
-            }
-        }
-    });
-    token
-}
-
 async fn serve(a: ServeArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<()> {
     let addr = a.listen.unwrap_or(c.serve.listen);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -248,12 +247,115 @@ async fn serve(a: ServeArgs, c: PipelineConfig, backend: Backend) -> anyhow::Res
     let local = listener.local_addr()?;
     println!("weir serve: http://{local}/ (POST /track, GET /ws, /healthz, /metrics)");
     std::io::stdout().flush()?;
-    weir::serve::serve(c, backend, listener, a.demo, stop_on_ctrl_c()).await
+    let stop = signals::stop_token()?;
+    weir::serve::serve(c, backend, listener, a.demo, stop).await
 }
 
 async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<()> {
-    let shutdown = stop_on_ctrl_c();
+    let shutdown = signals::stop_token()?;
     let tasks = tokio_util::task::TaskTracker::new();
+    let tails_done = CancellationToken::new();
+    let observer = match a.metrics_listen.or(c.observability.listen) {
+        Some(addr) => {
+            let o = Observer::new(&c.name, backend.name(), c.observability.stuck_after);
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
+            let local = listener.local_addr()?;
+            tracing::info!("metrics: http://{local}/metrics and http://{local}/healthz");
+            let server = axum::serve(listener, weir::observe::router(o.clone()))
+                .with_graceful_shutdown(tails_done.clone().cancelled_owned());
+            tasks.spawn(async move {
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "the metrics server stopped");
+                }
+            });
+            Some(o)
+        }
+        None => None,
+    };
+    // Connecting may wait for an unreachable broker: a signal stops that at once.
+    let started = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        r = start(&a, &c, &backend, &shutdown, &tasks, &tails_done) => Some(r),
+    };
+    let started = match started {
+        Some(Err(e)) => {
+            tails_done.cancel();
+            tasks.close();
+            tasks.wait().await;
+            return Err(e);
+        }
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
+    let Some(parts) = started else {
+        tails_done.cancel();
+        tasks.close();
+        tasks.wait().await;
+        tracing::info!("stopped before the pipeline started: nothing was read or committed");
+        return Ok(());
+    };
+    let background = parts.background.clone();
+    let mut pipeline = match &observer {
+        Some(o) => parts
+            .observed(o)
+            .into_pipeline()
+            .with_metrics(o.metrics.clone()),
+        None => parts.into_pipeline(),
+    }
+    .shutdown_on(shutdown.clone());
+    if let Some(idle) = a.exit_when_idle {
+        pipeline = pipeline.exit_when_idle(idle);
+    }
+    if let Some(o) = &observer {
+        o.set_phase(Phase::Running);
+    }
+    let result = pipeline.run().await;
+    if let Some(o) = &observer {
+        o.set_phase(Phase::Stopped);
+    }
+    background.cancel();
+    shutdown.cancel();
+    tails_done.cancel();
+    tasks.close();
+    tasks.wait().await;
+    let summary = result?;
+    let s = summary.counters;
+    if !s.balanced() {
+        anyhow::bail!("counters do not balance: {s:?}");
+    }
+    if summary.reason == StopReason::Shutdown && summary.open_windows > 0 {
+        if matches!(backend, Backend::Memory(_)) && a.input.is_none() {
+            tracing::info!(
+                open_windows = summary.open_windows,
+                "open windows were not emitted; the memory broker's topics end with this process, so their events are gone"
+            );
+        } else if a.input.is_some() {
+            tracing::info!(
+                open_windows = summary.open_windows,
+                "open windows were not emitted; run the same --input again to get them"
+            );
+        } else {
+            tracing::info!(
+                open_windows = summary.open_windows,
+                "open windows were not emitted; their input is uncommitted and is recomputed on restart"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Opens the pipeline's parts and starts what feeds and prints the memory broker.
+async fn start(
+    a: &RunArgs,
+    c: &PipelineConfig,
+    backend: &Backend,
+    shutdown: &CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+    tails_done: &CancellationToken,
+) -> anyhow::Result<Parts> {
     let memory = matches!(backend, Backend::Memory(_));
     let io = FileIo {
         input: a.input.clone(),
@@ -261,15 +363,13 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         dead_letter: a.dead_letter.clone(),
         late: a.late.clone(),
     };
-    let parts = Parts::open(&c, &backend, &io).await?;
-    let background = parts.background.clone();
+    let parts = Parts::open(c, backend, &io).await?;
 
     // The embedded broker lives and dies with this process: feed it with the demo
     // generator when there is no --input, and print what lands in its topics.
-    let tails_done = CancellationToken::new();
     if memory {
         if a.input.is_none() {
-            weir::demo::start(&tasks, &c, &backend, shutdown.clone()).await?;
+            weir::demo::start(tasks, c, backend, shutdown.clone()).await?;
         }
         if a.output.is_none() {
             let src = backend.source(&c.sink.topic, None).await?;
@@ -285,28 +385,7 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         let src = backend.source(topic, None).await?;
         tasks.spawn(tail(src, tails_done.clone(), "late event: "));
     }
-    let mut pipeline = parts.into_pipeline().shutdown_on(shutdown.clone());
-    if let Some(idle) = a.exit_when_idle {
-        pipeline = pipeline.exit_when_idle(idle);
-    }
-    let result = pipeline.run().await;
-    background.cancel();
-    shutdown.cancel();
-    tails_done.cancel();
-    tasks.close();
-    tasks.wait().await;
-    let summary = result?;
-    let s = summary.counters;
-    if !s.balanced() {
-        anyhow::bail!("counters do not balance: {s:?}");
-    }
-    if summary.reason == StopReason::Shutdown && summary.open_windows > 0 {
-        tracing::info!(
-            open_windows = summary.open_windows,
-            "open windows were not emitted; their input is uncommitted and is recomputed on restart"
-        );
-    }
-    Ok(())
+    Ok(parts)
 }
 
 /// Prints the records of a topic as they arrive (results to stdout; dead letters and late

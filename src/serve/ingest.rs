@@ -39,8 +39,6 @@ pub struct IngestStats {
     pub invalid: AtomicU64,
     /// Requests refused with 503.
     pub unavailable: AtomicU64,
-    /// Requests refused for a missing or wrong token (401).
-    pub unauthorized: AtomicU64,
 }
 
 struct Pending {
