@@ -49,6 +49,11 @@ struct Conn {
     busy: AtomicUsize,
     /// When it last started or finished a request (ms since the server started).
     last_active: AtomicU64,
+    /// When the first byte of the next request's head arrived (ms since the server
+    /// started, plus one; 0: none yet).
+    head_started: AtomicU64,
+    /// Notified when `head_started` is set.
+    head: tokio::sync::Notify,
     /// Cancelled to close it.
     close: CancellationToken,
 }
@@ -141,6 +146,8 @@ pub async fn serve(
         let conn = Arc::new(Conn {
             busy: AtomicUsize::new(0),
             last_active: AtomicU64::new(conns.now()),
+            head_started: AtomicU64::new(0),
+            head: tokio::sync::Notify::new(),
             close: stop.child_token(),
         });
         conns
@@ -182,8 +189,10 @@ async fn serve_connection(
             async move {
                 conn.busy.fetch_add(1, Ordering::Relaxed);
                 conn.last_active.store(conns.now(), Ordering::Relaxed);
+                conn.head_started.store(0, Ordering::Relaxed);
                 let res = router.oneshot(req.map(Body::new)).await;
                 conn.last_active.store(conns.now(), Ordering::Relaxed);
+                conn.head_started.store(0, Ordering::Relaxed);
                 conn.busy.fetch_sub(1, Ordering::Relaxed);
                 Ok::<_, Infallible>(match res {
                     Ok(r) => r,
@@ -192,23 +201,33 @@ async fn serve_connection(
             }
         })
     };
+    // The timeouts are this loop's, not hyper's: hyper's header timer also runs while a
+    // kept-alive connection waits for its next request, which would make it the idle
+    // timeout too.
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+    builder.timer(TokioTimer::new()).header_read_timeout(None);
+    let io = Watched {
+        inner: stream,
+        conn: conn.clone(),
+        conns: conns.clone(),
+    };
     let http = builder
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(http);
-    let idle = limits.idle_timeout.as_millis() as u64;
     let mut graceful = false;
     loop {
         let last = conn.last_active.load(Ordering::Relaxed);
+        let head = conn.head_started.load(Ordering::Relaxed);
+        let at = |ms: u64, limit: Duration| conns.started + Duration::from_millis(ms) + limit;
         let idle_at = if conn.busy.load(Ordering::Relaxed) > 0 {
             Instant::now() + limits.idle_timeout
+        } else if head > 0 {
+            at(head - 1, limits.header_timeout).min(at(last, limits.idle_timeout))
         } else {
-            conns.started + Duration::from_millis(last.saturating_add(idle))
+            at(last, limits.idle_timeout)
         };
+        let head_arrives = conn.head.notified();
         tokio::select! {
             r = http.as_mut() => {
                 if let Err(e) = r {
@@ -225,13 +244,81 @@ async fn serve_connection(
                     return;
                 }
             }
+            _ = head_arrives, if head == 0 => {}
             _ = tokio::time::sleep_until(idle_at) => {
                 let still_idle = conn.busy.load(Ordering::Relaxed) == 0
                     && conn.last_active.load(Ordering::Relaxed) == last;
                 if still_idle {
+                    if conn.head_started.load(Ordering::Relaxed) > 0 {
+                        tracing::debug!("serve: closing a connection that did not send its request headers in time");
+                    }
                     return;
                 }
             }
         }
+    }
+}
+
+/// The connection's socket, noting when the first byte of a request head arrives (for
+/// the header timeout).
+struct Watched {
+    inner: tokio::net::TcpStream,
+    conn: Arc<Conn>,
+    conns: Arc<Conns>,
+}
+
+impl tokio::io::AsyncRead for Watched {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && self.conn.busy.load(Ordering::Relaxed) == 0
+            && self.conn.head_started.load(Ordering::Relaxed) == 0
+        {
+            let now = self.conns.now() + 1;
+            self.conn.head_started.store(now, Ordering::Relaxed);
+            self.conn.head.notify_waiters();
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Watched {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
