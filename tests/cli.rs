@@ -244,3 +244,124 @@ fn a_fail_strategy_stops_the_run_with_exit_1_and_skip_counts_and_drops() {
     assert_eq!(out.lines().count(), 1, "{out}");
     assert!(out.contains(r#""count":2"#), "{out}");
 }
+
+/// `weir run --metrics-listen`: the same Prometheus text as `weir serve` (counters,
+/// per-partition positions, commit and sink latency histograms) and `/healthz`; with the
+/// broker unreachable, `[observability] listen` answers 503 while connecting.
+#[tokio::test]
+async fn run_serves_metrics_and_health() {
+    let mut child = weir()
+        .args(["run", &pipeline(), "--metrics-listen", "127.0.0.1:0"])
+        .args(["--set", "demo.interval=100ms", "--set", "window.size=1s"])
+        .args([
+            "--set",
+            "window.grace=0s",
+            "--set",
+            "source.commit_interval=100ms",
+        ])
+        .env("WEIR_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = metrics_url(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = reqwest::get(format!("{base}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let count = value(&text, "weir_commit_duration_seconds_count{");
+        if value(&text, "weir_results_out_total{") > 0.0 && count > 0.0 {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no results or commits:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let labels = r#"pipeline="user_activity",backend="memory""#;
+    assert!(value(&text, &format!("weir_events_in_total{{{labels}}}")) > 0.0);
+    assert!(text.contains("# TYPE weir_sink_ack_duration_seconds histogram"));
+    assert!(text.contains(&format!(
+        r#"weir_commit_duration_seconds_bucket{{{labels},le="+Inf"}}"#
+    )));
+    assert!(
+        value(&text, "weir_partition_received_offset{") > 0.0,
+        "per-partition positions:\n{text}"
+    );
+    assert!(text.contains("weir_partition_committed_offset{"), "{text}");
+    assert_eq!(value(&text, "weir_up{"), 1.0);
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+
+    // Kafka unreachable: the endpoint comes from the file's [observability] section and
+    // says 503 while the pipeline is still connecting.
+    let mut child = weir()
+        .args(["run", &pipeline(), "--broker", "kafka"])
+        .args(["--set", "brokers.kafka.bootstrap_servers=127.0.0.1:9"])
+        .args(["--set", "observability.listen=127.0.0.1:0"])
+        .env("WEIR_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = metrics_url(&mut child);
+    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(health.status().as_u16(), 503);
+    let body: serde_json::Value = health.json().await.unwrap();
+    assert_eq!(
+        body["status"], "starting: connecting to the broker",
+        "{body}"
+    );
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(value(&text, "weir_up{"), 0.0);
+    let kill = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// The base URL of the metrics endpoint, from the log line that announces it.
+fn metrics_url(child: &mut std::process::Child) -> String {
+    let err = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in err.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("a `metrics: http://…` log line");
+        if let Some(rest) = line.split("metrics: ").nth(1) {
+            let url = rest.split_whitespace().next().unwrap();
+            return url.trim_end_matches("/metrics").to_string();
+        }
+    }
+}
+
+/// The value of the first series starting with `prefix`.
+fn value(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+}
