@@ -1,6 +1,6 @@
 //! `weir`: run, check and feed event-streaming pipelines described in `pipeline.toml`.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -140,11 +140,11 @@ fn main() -> ExitCode {
         Command::Validate(a) => match load(&a) {
             Ok((c, backend)) => {
                 println!(
-                    "ok: {} — {} backend, {} -> {:?} window of {} -> {} (dead letters -> {})",
+                    "ok: {} — {} backend, {} -> {} window of {} -> {} (dead letters -> {})",
                     a.pipeline.display(),
                     backend.name(),
                     c.source.topic,
-                    c.window.kind,
+                    describe(c.window.kind),
                     c.aggregate.group_by.join(", "),
                     c.sink.topic,
                     c.dead_letter.topic
@@ -176,9 +176,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// A window in the file's words: `tumbling 10s`, `hopping 1m every 10s`, `session (gap 30s)`.
+fn describe(kind: weir_engine::window::WindowKind) -> String {
+    use weir_engine::time::human;
+    use weir_engine::window::WindowKind;
+    let ms = |v: i64| human(Duration::from_millis(v.max(0) as u64));
+    match kind {
+        WindowKind::Tumbling { size } => format!("tumbling {}", ms(size)),
+        WindowKind::Hopping { size, advance } => {
+            format!("hopping {} every {}", ms(size), ms(advance))
+        }
+        WindowKind::Session { gap } => format!("session (gap {})", ms(gap)),
+    }
+}
+
 /// Colour in log lines only on a terminal, and never with `NO_COLOR` set (no-color.org).
 fn colour() -> bool {
-    use std::io::IsTerminal as _;
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
@@ -272,6 +285,12 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
             });
             Some(o)
         }
+        // A long --input run shows its progress on a terminal.
+        None if a.input.is_some() && std::io::stderr().is_terminal() => Some(Observer::new(
+            &c.name,
+            backend.name(),
+            c.observability.stuck_after,
+        )),
         None => None,
     };
     // Connecting may wait for an unreachable broker: a signal stops that at once.
@@ -312,9 +331,19 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
     if let Some(o) = &observer {
         o.set_phase(Phase::Running);
     }
+    let progress = match &observer {
+        Some(o) if a.input.is_some() && std::io::stderr().is_terminal() => {
+            Some(tokio::spawn(progress(o.clone())))
+        }
+        _ => None,
+    };
     let result = pipeline.run().await;
     if let Some(o) = &observer {
         o.set_phase(Phase::Stopped);
+    }
+    if let Some(p) = progress {
+        p.abort();
+        eprint!("\r\x1b[K");
     }
     background.cancel();
     shutdown.cancel();
@@ -345,6 +374,41 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         }
     }
     Ok(())
+}
+
+/// Rewrites one line on the terminal every second: events read and their rate, bytes
+/// read, open (key, window) entries.
+async fn progress(o: std::sync::Arc<Observer>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = (0u64, std::time::Instant::now());
+    loop {
+        tick.tick().await;
+        let s = o.metrics.snapshot();
+        let now = std::time::Instant::now();
+        let rate = (s.events_in - last.0) as f64 / now.duration_since(last.1).as_secs_f64();
+        last = (s.events_in, now);
+        let mib = o.bytes_in.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1048576.0;
+        eprint!(
+            "\r\x1b[K{} events ({}/s), {mib:.1} MiB read, {} open window entries",
+            thousands(s.events_in),
+            thousands(rate as u64),
+            thousands(s.open_entries)
+        );
+    }
+}
+
+/// 1234567 as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Opens the pipeline's parts and starts what feeds and prints the memory broker.

@@ -100,6 +100,8 @@ pub struct Observer {
     sink_failing: AtomicI64,
     last_error: Mutex<Option<String>>,
     partitions: Mutex<BTreeMap<u32, PartitionStats>>,
+    /// Payload bytes received from the source.
+    pub bytes_in: AtomicU64,
     /// Time of each successful `Source::commit`.
     pub commit_latency: Histogram,
     /// Time of each `Sink::send` / `Sink::flush` (until the broker acknowledged).
@@ -122,6 +124,7 @@ impl Observer {
             sink_failing: AtomicI64::new(-1),
             last_error: Mutex::new(None),
             partitions: Mutex::default(),
+            bytes_in: AtomicU64::new(0),
             commit_latency: Histogram::default(),
             sink_latency: Histogram::default(),
         })
@@ -400,6 +403,8 @@ impl Source for ObservedSource {
                 o.ok(&o.source_failing);
                 o.source_ok.store(o.now(), Ordering::Relaxed);
                 if !b.is_empty() {
+                    let bytes: usize = b.iter().map(|r| r.payload.len() + 1).sum();
+                    o.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
                     let mut parts = o.partitions.lock().unwrap_or_else(|p| p.into_inner());
                     // One map lookup per run of records of the same partition.
                     let mut run: Option<(u32, u64, Option<i64>)> = None;
