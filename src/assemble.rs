@@ -56,9 +56,21 @@ impl Parts {
     /// With `[enrich]`, the table is loaded from its topic before this returns and then
     /// followed by a background task until [`background`](Parts::background) is cancelled.
     pub async fn open(c: &PipelineConfig, backend: &Backend, io: &FileIo) -> anyhow::Result<Parts> {
-        let mut source: Box<dyn Source> = match &io.input {
-            Some(path) => Box::new(JsonLinesSource::open(path).await?),
-            None => {
+        Parts::open_with(c, backend, io, None).await
+    }
+
+    /// [`open`](Parts::open), reading `input` instead of the source topic (or the input
+    /// file) when given: what `weir test` feeds its cases through.
+    pub async fn open_with(
+        c: &PipelineConfig,
+        backend: &Backend,
+        io: &FileIo,
+        input: Option<Box<dyn Source>>,
+    ) -> anyhow::Result<Parts> {
+        let mut source: Box<dyn Source> = match (input, &io.input) {
+            (Some(input), _) => input,
+            (None, Some(path)) => Box::new(JsonLinesSource::open(path).await?),
+            (None, None) => {
                 connect(
                     c,
                     backend,

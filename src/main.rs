@@ -43,9 +43,23 @@ enum Command {
     Produce(io_cmd::ProduceArgs),
     /// Print the records of the pipeline's sink topic (or --topic) as JSON lines.
     Tail(io_cmd::TailArgs),
+    /// Test a pipeline against golden cases (input events and the expected results, dead
+    /// letters and late events) on the memory backend; exit 1 if any case differs.
+    Test(TestArgs),
     /// Run a pipeline and serve its HTTP ingest API (POST /track), a live page of its
     /// results (GET /, GET /ws), /healthz and /metrics, until Ctrl-C.
     Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    /// Case files; default: every `*.toml` in `tests/<pipeline name>/` beside the pipeline.
+    cases: Vec<PathBuf>,
+    /// Override a setting for every case: `--set window.grace=5s` (repeatable).
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    sets: Vec<String>,
 }
 
 #[derive(Args)]
@@ -128,8 +142,14 @@ struct GenerateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `weir test` prints its own report; the pipelines' info lines would bury it.
+    let default = if matches!(cli.command, Command::Test(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -157,6 +177,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Produce(a) => io_cmd::produce(a),
+        Command::Test(a) => test_cases(a),
         Command::Tail(a) => io_cmd::tail(a),
         Command::Generate(a) => match generate(a) {
             Ok(()) => ExitCode::SUCCESS,
@@ -193,6 +214,73 @@ fn describe(kind: weir_engine::window::WindowKind) -> String {
 /// Colour in log lines only on a terminal, and never with `NO_COLOR` set (no-color.org).
 fn colour() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// `weir test`: runs every case, prints each result and a diff per failing case; exit 0
+/// when all pass, 1 when one differs, 2 when a case or the pipeline cannot be used.
+fn test_cases(a: TestArgs) -> ExitCode {
+    let paths = if a.cases.is_empty() {
+        weir::golden::shipped_cases(&a.pipeline)
+    } else {
+        a.cases.clone()
+    };
+    if paths.is_empty() {
+        eprintln!(
+            "error: no cases given and none in tests/{}/ beside {}",
+            a.pipeline.file_stem().unwrap_or_default().to_string_lossy(),
+            a.pipeline.display()
+        );
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for path in &paths {
+        let case = match weir::golden::read_case(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e:#}");
+                return ExitCode::from(2);
+            }
+        };
+        let about = case
+            .description()
+            .map(|d| format!(" — {d}"))
+            .unwrap_or_default();
+        match rt.block_on(case.run(&a.pipeline, &a.sets)) {
+            Ok(diff) if diff.passed() => {
+                passed += 1;
+                println!("ok    {}{about}", case.name());
+            }
+            Ok(diff) => {
+                failed += 1;
+                println!("FAIL  {}{about} ({})", case.name(), path.display());
+                print!("{}", diff.render());
+            }
+            Err(e) => {
+                eprintln!("error: case {} ({}): {e:#}", case.name(), path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    println!(
+        "{} case{}: {passed} passed, {failed} failed",
+        passed + failed,
+        if passed + failed == 1 { "" } else { "s" }
+    );
+    if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// Loads the pipeline of `p` (exit 2 with every problem), then runs `f` on a tokio runtime,

@@ -4,6 +4,7 @@
 mod conformance;
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -480,4 +481,63 @@ fn duration_flags_take_the_file_syntax() {
             );
         }
     }
+}
+
+/// `weir test`: every shipped pipeline has golden cases and they pass (exit 0); a case
+/// that expects something else fails with a diff (exit 1); a case file with a problem
+/// names its place (exit 2).
+#[test]
+fn weir_test_runs_golden_cases() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut pipelines = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        pipelines += 1;
+        let out = weir()
+            .args(["test", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{}:\n{text}", path.display());
+        assert!(text.contains(" passed, 0 failed"), "{text}");
+    }
+    assert!(pipelines >= 4);
+
+    let pipeline = dir.join("user_activity.toml");
+    let case = std::fs::read_to_string(dir.join("tests/user_activity/two_windows.toml")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let wrong = tmp.path().join("wrong.toml");
+    std::fs::write(&wrong, case.replacen(r#""count":2}"#, r#""count":3}"#, 1)).unwrap();
+    let out = weir()
+        .args(["test", pipeline.to_str().unwrap(), wrong.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL  wrong"), "{text}");
+    assert!(
+        text.contains(r#"- {"user_id":"User1","window_start":"2024-06-27T15:00:00Z","window_end":"2024-06-27T15:00:10Z","count":3}"#)
+            && text.contains(r#"+ {"user_id":"User1","window_start":"2024-06-27T15:00:00Z","window_end":"2024-06-27T15:00:10Z","count":2}"#),
+        "{text}"
+    );
+
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "input = '''\n{}\n'''\nresults = '''\n{\"a\":1}\n{oops\n'''\n",
+    )
+    .unwrap();
+    let out = weir()
+        .args(["test", pipeline.to_str().unwrap(), bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:6:1: not JSON", bad.display())),
+        "{err}"
+    );
 }
