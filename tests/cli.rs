@@ -541,3 +541,35 @@ fn weir_test_runs_golden_cases() {
         "{err}"
     );
 }
+
+/// Every README example shown as a terminal session (a ```text block starting with
+/// `$ weir …`) gives exactly the output the README shows, from the repository's root.
+#[test]
+fn readme_sessions_run_as_shown() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let mut sessions = 0;
+    for block in readme.split("```text\n").skip(1) {
+        let block = block.split("```").next().unwrap();
+        let Some(first) = block.lines().next() else {
+            continue;
+        };
+        let Some(cmd) = first.strip_prefix("$ weir ") else {
+            continue;
+        };
+        sessions += 1;
+        let shown: String = block.lines().skip(1).map(|l| format!("{l}\n")).collect();
+        let out = weir()
+            .current_dir(root)
+            .args(cmd.split_whitespace())
+            .output()
+            .unwrap();
+        let got = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(got, shown, "README: `$ weir {cmd}`");
+    }
+    assert!(sessions >= 2, "the README's sessions were found");
+}
