@@ -356,30 +356,30 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
     let shutdown = signals::stop_token()?;
     let tasks = tokio_util::task::TaskTracker::new();
     let tails_done = CancellationToken::new();
-    let observer = match a.metrics_listen.or(c.observability.listen) {
-        Some(addr) => {
-            let o = Observer::new(&c.name, backend.name(), c.observability.stuck_after);
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
-            let local = listener.local_addr()?;
-            tracing::info!("metrics: http://{local}/metrics and http://{local}/healthz");
-            let server = axum::serve(listener, weir::observe::router(o.clone()))
-                .with_graceful_shutdown(tails_done.clone().cancelled_owned());
-            tasks.spawn(async move {
-                if let Err(e) = server.await {
-                    tracing::error!(error = %e, "the metrics server stopped");
-                }
-            });
-            Some(o)
+    // Observed always: the progress line, giving up on a failing broker and the optional
+    // metrics endpoint read it.
+    let observer = Observer::new(&c.name, backend.name(), c.observability.stuck_after);
+    if let Some(addr) = a.metrics_listen.or(c.observability.listen) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
+        let local = listener.local_addr()?;
+        tracing::info!("metrics: http://{local}/metrics and http://{local}/healthz");
+        let server = axum::serve(listener, weir::observe::router(observer.clone()))
+            .with_graceful_shutdown(tails_done.clone().cancelled_owned());
+        tasks.spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "the metrics server stopped");
+            }
+        });
+    }
+    let stop_tasks = |tasks: tokio_util::task::TaskTracker| {
+        let tails_done = tails_done.clone();
+        async move {
+            tails_done.cancel();
+            tasks.close();
+            tasks.wait().await;
         }
-        // A long --input run shows its progress on a terminal.
-        None if a.input.is_some() && std::io::stderr().is_terminal() => Some(Observer::new(
-            &c.name,
-            backend.name(),
-            c.observability.stuck_after,
-        )),
-        None => None,
     };
     // Connecting may wait for an unreachable broker: a signal stops that at once.
     let started = tokio::select! {
@@ -387,57 +387,46 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         _ = shutdown.cancelled() => None,
         r = start(&a, &c, &backend, &shutdown, &tasks, &tails_done) => Some(r),
     };
-    let started = match started {
+    let parts = match started {
+        Some(Ok(parts)) => parts,
         Some(Err(e)) => {
-            tails_done.cancel();
-            tasks.close();
-            tasks.wait().await;
+            stop_tasks(tasks).await;
             return Err(e);
         }
-        Some(Ok(p)) => Some(p),
-        None => None,
-    };
-    let Some(parts) = started else {
-        tails_done.cancel();
-        tasks.close();
-        tasks.wait().await;
-        tracing::info!("stopped before the pipeline started: nothing was read or committed");
-        return Ok(());
+        None => {
+            stop_tasks(tasks).await;
+            tracing::info!("stopped before the pipeline started: nothing was read or committed");
+            return Ok(());
+        }
     };
     let background = parts.background.clone();
-    let mut pipeline = match &observer {
-        Some(o) => parts
-            .observed(o)
-            .into_pipeline()
-            .with_metrics(o.metrics.clone()),
-        None => parts.into_pipeline(),
-    }
-    .shutdown_on(shutdown.clone());
+    let mut pipeline = parts
+        .observed(&observer)
+        .into_pipeline()
+        .with_metrics(observer.metrics.clone())
+        .shutdown_on(shutdown.clone());
     if let Some(idle) = a.exit_when_idle {
         pipeline = pipeline.exit_when_idle(idle);
     }
-    if let Some(o) = &observer {
-        o.set_phase(Phase::Running);
-    }
-    let progress = match &observer {
-        Some(o) if a.input.is_some() && std::io::stderr().is_terminal() => {
-            Some(tokio::spawn(progress(o.clone())))
-        }
-        _ => None,
+    observer.set_phase(Phase::Running);
+    let progress = (a.input.is_some() && std::io::stderr().is_terminal())
+        .then(|| tokio::spawn(progress(observer.clone())));
+    let watchdog = {
+        let (o, limit, stop) = (observer.clone(), c.give_up_after, shutdown.clone());
+        tokio::spawn(async move { o.give_up_after(limit, &stop).await })
     };
     let result = pipeline.run().await;
-    if let Some(o) = &observer {
-        o.set_phase(Phase::Stopped);
-    }
+    observer.set_phase(Phase::Stopped);
+    background.cancel();
+    shutdown.cancel();
     if let Some(p) = progress {
         p.abort();
         eprint!("\r\x1b[K");
     }
-    background.cancel();
-    shutdown.cancel();
-    tails_done.cancel();
-    tasks.close();
-    tasks.wait().await;
+    stop_tasks(tasks).await;
+    if let Ok(Some(why)) = watchdog.await {
+        anyhow::bail!("{why}");
+    }
     let summary = result?;
     let s = summary.counters;
     if !s.balanced() {

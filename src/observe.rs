@@ -156,6 +156,55 @@ impl Observer {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
     }
 
+    /// How long the source or a sink has been failing without a success in between (the
+    /// longer of the two), with the last error; `None` while both answer.
+    pub fn failing_for(&self) -> Option<(Duration, String)> {
+        let now = self.now();
+        let since = [
+            self.source_failing.load(Ordering::Relaxed),
+            self.sink_failing.load(Ordering::Relaxed),
+        ]
+        .into_iter()
+        .filter(|s| *s >= 0)
+        .min()?;
+        let error = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        Some((Duration::from_millis((now - since).max(0) as u64), error))
+    }
+
+    /// Watches the broker while the pipeline runs: once the source or a sink has failed
+    /// for `give_up_after` without a success, logs it, cancels `stop` and returns the
+    /// reason (the run then exits 1). Returns `None` when `stop` is cancelled otherwise.
+    pub async fn give_up_after(
+        &self,
+        give_up_after: Duration,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Option<String> {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return None,
+                _ = tick.tick() => {}
+            }
+            if let Some((d, error)) = self.failing_for() {
+                if d >= give_up_after {
+                    let why = format!(
+                        "gave up: the broker has failed for {} ([pipeline] give_up_after = {}): {error}",
+                        human(d),
+                        human(give_up_after)
+                    );
+                    tracing::error!("{why}");
+                    stop.cancel();
+                    return Some(why);
+                }
+            }
+        }
+    }
+
     /// `Ok` while healthy; otherwise why not.
     pub fn health(&self) -> Result<(), String> {
         match self.phase() {

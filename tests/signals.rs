@@ -277,3 +277,99 @@ fn http_get(base: &str, path: &str) -> (u16, String) {
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     (code, body)
 }
+
+/// A TCP proxy on a free loopback port; `cut` closes every connection through it and stops
+/// listening, as a broker that goes away does.
+struct Proxy {
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    open: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn to(target: String) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (s, o) = (stop.clone(), open.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(upstream) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let mut o = o.lock().unwrap();
+                o.push(client.try_clone().unwrap());
+                o.push(upstream.try_clone().unwrap());
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                    (upstream, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { port, stop, open }
+    }
+
+    fn cut(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for s in self.open.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// RabbitMQ going away while the pipeline runs: the source's reconnects fail (each one
+/// logged), and after `[pipeline] give_up_after` the run stops with exit 1 saying why.
+#[test]
+fn amqp_an_outage_while_running_is_given_up_after_give_up_after() {
+    let url = std::env::var("WEIR_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let (creds, rest) = url
+        .split_once('@')
+        .expect("user:pass@host:port in WEIR_AMQP_URL");
+    let (hostport, vhost) = rest.split_once('/').unwrap_or((rest, "%2f"));
+    let proxy = Proxy::to(hostport.to_string());
+    let via = format!("brokers.amqp.url={creds}@127.0.0.1:{}/{vhost}", proxy.port);
+    let id = std::process::id();
+    let topic = |t: &str| format!("{t}=outage-{t}-{id}").replace(".topic-", "-");
+    let mut w = Weir::spawn(&[
+        "run",
+        pipeline(),
+        "--broker",
+        "amqp",
+        "--set",
+        &via,
+        "--set",
+        &topic("source.topic"),
+        "--set",
+        &topic("sink.topic"),
+        "--set",
+        &topic("dead_letter.topic"),
+        "--set",
+        "brokers.amqp.queue_expires=1m",
+        "--set",
+        "pipeline.give_up_after=2s",
+    ]);
+    w.wait_for("pipeline started", Duration::from_secs(20));
+    proxy.cut();
+    let line = w.wait_for("cannot reconnect", Duration::from_secs(10));
+    assert!(line.contains("attempt=1"), "{line}");
+    assert_eq!(w.exit_within(Duration::from_secs(20)), Some(1));
+    let why = w.wait_for("error: gave up", Duration::from_secs(1));
+    assert!(
+        why.contains("the broker has failed for") && why.contains("give_up_after = 2s"),
+        "{why}"
+    );
+}

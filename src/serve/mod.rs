@@ -174,6 +174,10 @@ pub async fn serve(
         .with_metrics(observer.metrics.clone())
         .shutdown_on(stop.clone());
     observer.set_phase(Phase::Running);
+    let watchdog = {
+        let (o, limit, stop) = (observer.clone(), c.give_up_after, stop.clone());
+        tokio::spawn(async move { o.give_up_after(limit, &stop).await })
+    };
     let run = {
         let app = app.clone();
         tokio::spawn(async move {
@@ -201,7 +205,11 @@ pub async fn serve(
     stop.cancel();
     tasks.close();
     tasks.wait().await;
-    let summary = run.await??;
+    let summary = run.await?;
+    if let Ok(Some(why)) = watchdog.await {
+        anyhow::bail!("{why}");
+    }
+    let summary = summary?;
     served??;
     let s = summary.counters;
     anyhow::ensure!(s.balanced(), "counters do not balance: {s:?}");
