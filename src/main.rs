@@ -359,6 +359,7 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
     // Observed always: the progress line, giving up on a failing broker and the optional
     // metrics endpoint read it.
     let observer = Observer::new(&c.name, backend.name(), c.observability.stuck_after);
+    observer.read_event_time(&c);
     if let Some(addr) = a.metrics_listen.or(c.observability.listen) {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

@@ -65,6 +65,16 @@ struct PartitionStats {
     committed: u64,
     /// The highest broker timestamp seen, epoch ms.
     broker_time: Option<i64>,
+    /// The highest event time sampled (the newest record of each batch), epoch ms.
+    event_time: Option<i64>,
+}
+
+/// How the observer reads a record's event time, as the pipeline does.
+#[derive(Debug)]
+struct EventTime {
+    decoder: Option<weir_engine::decode::Decoder>,
+    source: weir_engine::decode::TimeSource,
+    out_of_orderness_ms: i64,
 }
 
 /// One per-partition series' value, if it has one.
@@ -102,6 +112,7 @@ pub struct Observer {
     partitions: Mutex<BTreeMap<u32, PartitionStats>>,
     /// Payload bytes received from the source.
     pub bytes_in: AtomicU64,
+    event_time: std::sync::OnceLock<EventTime>,
     /// Time of each successful `Source::commit`.
     pub commit_latency: Histogram,
     /// Time of each `Sink::send` / `Sink::flush` (until the broker acknowledged).
@@ -125,9 +136,32 @@ impl Observer {
             last_error: Mutex::new(None),
             partitions: Mutex::default(),
             bytes_in: AtomicU64::new(0),
+            event_time: std::sync::OnceLock::new(),
             commit_latency: Histogram::default(),
             sink_latency: Histogram::default(),
         })
+    }
+
+    /// Reads event times as pipeline `c` does, for the per-partition watermarks.
+    pub fn read_event_time(&self, c: &weir_engine::config::PipelineConfig) {
+        use weir_engine::decode::{Decoder, Schema, TimeSource};
+        let decoder = matches!(c.time, TimeSource::Field { .. })
+            .then(|| Decoder::new(&Schema::default(), &c.time, c.source.max_payload_bytes));
+        let _ = self.event_time.set(EventTime {
+            decoder,
+            source: c.time.clone(),
+            out_of_orderness_ms: c.out_of_orderness.as_millis() as i64,
+        });
+    }
+
+    fn event_time_of(&self, rec: &Record) -> Option<i64> {
+        use weir_engine::decode::TimeSource;
+        let et = self.event_time.get()?;
+        match &et.source {
+            TimeSource::Field { .. } => et.decoder.as_ref()?.decode(&rec.payload).ok()?.time,
+            TimeSource::Broker => rec.timestamp,
+            TimeSource::Processing => Some(weir_engine::time::now_millis()),
+        }
     }
 
     /// Moves to `phase`.
@@ -303,6 +337,13 @@ impl Observer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let ooo = self.event_time.get().map_or(0, |e| e.out_of_orderness_ms);
+        let watermark_lag = |p: &PartitionStats| {
+            p.event_time.map(|t| {
+                let ms = weir_engine::time::now_millis().saturating_sub(t - ooo);
+                format!("{:.3}", ms as f64 / 1000.0)
+            })
+        };
         let per_partition: [(&str, &str, &str, PartitionValue); 4] = [
             (
                 "weir_partition_received_offset",
@@ -340,6 +381,16 @@ impl Observer {
                 if let Some(v) = value(st) {
                     let _ = writeln!(out, r#"{name}{{{labels},partition="{p}"}} {v}"#);
                 }
+            }
+        }
+        let name = "weir_partition_watermark_lag_seconds";
+        let _ = write!(
+            out,
+            "# HELP {name} Wall clock minus the partition's watermark (its highest event time, sampled from the newest record of each batch, minus the allowed out-of-orderness).\n# TYPE {name} gauge\n"
+        );
+        for (p, st) in &parts {
+            if let Some(v) = watermark_lag(st) {
+                let _ = writeln!(out, r#"{name}{{{labels},partition="{p}"}} {v}"#);
             }
         }
         for (name, help, h) in [
@@ -456,22 +507,26 @@ impl Source for ObservedSource {
                     o.bytes_in.fetch_add(bytes as u64, Ordering::Relaxed);
                     let mut parts = o.partitions.lock().unwrap_or_else(|p| p.into_inner());
                     // One map lookup per run of records of the same partition.
-                    let mut run: Option<(u32, u64, Option<i64>)> = None;
-                    let mut flush = |run: Option<(u32, u64, Option<i64>)>| {
-                        if let Some((p, next, t)) = run {
+                    // The run's newest record gives the partition's event time (sampled:
+                    // one decode per run, not per record).
+                    let mut run: Option<(u32, u64, Option<i64>, &Record)> = None;
+                    let mut flush = |run: Option<(u32, u64, Option<i64>, &Record)>| {
+                        if let Some((p, next, t, last)) = run {
                             let st = parts.entry(p).or_default();
                             st.received = st.received.max(next);
                             st.broker_time = st.broker_time.max(t);
+                            st.event_time = st.event_time.max(o.event_time_of(last));
                         }
                     };
                     for rec in b {
                         let (p, next) = (rec.position.partition, rec.position.offset + 1);
                         match &mut run {
-                            Some((rp, n, t)) if *rp == p => {
+                            Some((rp, n, t, last)) if *rp == p => {
                                 *n = (*n).max(next);
                                 *t = (*t).max(rec.timestamp);
+                                *last = rec;
                             }
-                            _ => flush(run.replace((p, next, rec.timestamp))),
+                            _ => flush(run.replace((p, next, rec.timestamp, rec))),
                         }
                     }
                     flush(run);

@@ -310,6 +310,9 @@ async fn run_serves_metrics_and_health() {
         "per-partition positions:\n{text}"
     );
     assert!(text.contains("weir_partition_committed_offset{"), "{text}");
+    // The demo's events carry wall-clock times: each partition's watermark is recent.
+    let lag = value(&text, "weir_partition_watermark_lag_seconds{");
+    assert!((0.0..60.0).contains(&lag), "{lag}\n{text}");
     assert_eq!(value(&text, "weir_up{"), 1.0);
     let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(health.status().as_u16(), 200);

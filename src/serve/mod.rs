@@ -111,6 +111,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let hub = Arc::new(Hub::new(LIVE_LAG, LIVE_RECENT));
     let observer = Observer::new(&c.name, backend.name(), c.observability.stuck_after);
+    observer.read_event_time(&c);
     let token = std::env::var(&c.serve.token_env)
         .ok()
         .filter(|t| !t.is_empty());
