@@ -1,7 +1,8 @@
 //! `weir test`: golden-file tests of a pipeline, without a broker.
 //!
 //! A case is a TOML file: input events as JSON lines in arrival order (a line may be
-//! `{"partition": N, "event": {…}}` to arrive on source partition N), optional `set`
+//! `{"partition": N, "order": K, "event": {…}}` to arrive on source partition N, as the
+//! K-th event; lines without `order` keep their place), optional `set`
 //! overrides and enrichment `table` rows, and the expected `results`, `dead_letters` and
 //! `late` records (JSON lines; order does not matter; a section left out is not checked).
 //! The pipeline runs on the memory backend, its input read from the case; when the input
@@ -219,12 +220,17 @@ impl Case {
             backend.sink(&e.table).await?.send(&rows).await?;
         }
 
-        let input = CaseInput::new(
-            self.lines(&self.file.input)
-                .into_iter()
-                .map(|(_, l)| arrival(l))
-                .collect(),
-        );
+        let mut events: Vec<(u64, u32, Bytes)> = self
+            .lines(&self.file.input)
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, l))| {
+                let (partition, order, payload) = arrival(l);
+                (order.unwrap_or(i as u64), partition, payload)
+            })
+            .collect();
+        events.sort_by_key(|(order, _, _)| *order);
+        let input = CaseInput::new(events.into_iter().map(|(_, p, e)| (p, e)).collect());
         let parts =
             Parts::open_with(&c, &backend, &FileIo::default(), Some(Box::new(input))).await?;
         let background = parts.background.clone();
@@ -248,13 +254,16 @@ impl Case {
     }
 }
 
-/// An input line: `{"partition": N, "event": {…}}` arrives on partition N; anything else
-/// (including lines that are not JSON) is the payload itself, on partition 0.
-fn arrival(line: &str) -> (u32, Bytes) {
+/// An input line: `{"partition": N, "order": K, "event": {…}}` arrives on partition N as
+/// the K-th event (both optional); anything else (including lines that are not JSON) is
+/// the payload itself, on partition 0, in its place.
+fn arrival(line: &str) -> (u32, Option<u64>, Bytes) {
     if let Ok(Value::Object(o)) = serde_json::from_str::<Value>(line) {
-        let envelope =
-            o.contains_key("event") && o.keys().all(|k| k == "event" || k == "partition");
+        let envelope = o.contains_key("event")
+            && o.keys()
+                .all(|k| k == "event" || k == "partition" || k == "order");
         if envelope {
+            let order = o.get("order").and_then(Value::as_u64);
             let partition = o
                 .get("partition")
                 .and_then(Value::as_u64)
@@ -264,10 +273,10 @@ fn arrival(line: &str) -> (u32, Bytes) {
                 Value::String(s) => s.clone(),
                 v => v.to_string(),
             };
-            return (partition, Bytes::from(event));
+            return (partition, order, Bytes::from(event));
         }
     }
-    (0, Bytes::copy_from_slice(line.as_bytes()))
+    (0, None, Bytes::copy_from_slice(line.as_bytes()))
 }
 
 /// Every record of `topic` on the memory backend, as JSON (text that is not JSON as a
@@ -395,13 +404,20 @@ mod tests {
     fn envelopes_pick_a_partition_and_everything_else_is_the_payload() {
         assert_eq!(
             arrival(r#"{"partition": 2, "event": {"a": 1}}"#),
-            (2, Bytes::from(r#"{"a":1}"#))
+            (2, None, Bytes::from(r#"{"a":1}"#))
         );
-        assert_eq!(arrival(r#"{"a": 1}"#), (0, Bytes::from(r#"{"a": 1}"#)));
-        assert_eq!(arrival("not json"), (0, Bytes::from("not json")));
+        assert_eq!(
+            arrival(r#"{"order": 7, "event": {"a": 1}}"#),
+            (0, Some(7), Bytes::from(r#"{"a":1}"#))
+        );
+        assert_eq!(
+            arrival(r#"{"a": 1}"#),
+            (0, None, Bytes::from(r#"{"a": 1}"#))
+        );
+        assert_eq!(arrival("not json"), (0, None, Bytes::from("not json")));
         // An event that merely has an `event` field is an event.
         let ev = r#"{"event": "x", "user_id": "u"}"#;
-        assert_eq!(arrival(ev), (0, Bytes::from(ev)));
+        assert_eq!(arrival(ev), (0, None, Bytes::from(ev)));
     }
 
     #[test]
