@@ -190,24 +190,25 @@ impl Observer {
         *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
     }
 
-    /// How long the source or a sink has been failing without a success in between (the
-    /// longer of the two), with the last error; `None` while both answer.
-    pub fn failing_for(&self) -> Option<(Duration, String)> {
+    /// What has been failing longest without a success in between (`the source` or `a
+    /// sink`), for how long, and the last error; `None` while both answer.
+    pub fn failing_for(&self) -> Option<(&'static str, Duration, String)> {
         let now = self.now();
-        let since = [
-            self.source_failing.load(Ordering::Relaxed),
-            self.sink_failing.load(Ordering::Relaxed),
+        let (what, since) = [
+            ("the source", self.source_failing.load(Ordering::Relaxed)),
+            ("a sink", self.sink_failing.load(Ordering::Relaxed)),
         ]
         .into_iter()
-        .filter(|s| *s >= 0)
-        .min()?;
+        .filter(|(_, s)| *s >= 0)
+        .min_by_key(|(_, s)| *s)?;
         let error = self
             .last_error
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
             .unwrap_or_default();
-        Some((Duration::from_millis((now - since).max(0) as u64), error))
+        let d = Duration::from_millis((now - since).max(0) as u64);
+        Some((what, d, error))
     }
 
     /// Watches the broker while the pipeline runs: once the source or a sink has failed
@@ -224,10 +225,10 @@ impl Observer {
                 _ = stop.cancelled() => return None,
                 _ = tick.tick() => {}
             }
-            if let Some((d, error)) = self.failing_for() {
+            if let Some((what, d, error)) = self.failing_for() {
                 if d >= give_up_after {
                     let why = format!(
-                        "gave up: the broker has failed for {} ([pipeline] give_up_after = {}): {error}",
+                        "gave up: {what} has failed for {} ([pipeline] give_up_after = {}): {error}",
                         human(d),
                         human(give_up_after)
                     );
@@ -246,25 +247,13 @@ impl Observer {
             Phase::Stopped => return Err("pipeline stopped".into()),
             Phase::Running => {}
         }
-        let now = self.now();
-        for (what, since) in [
-            ("the source", self.source_failing.load(Ordering::Relaxed)),
-            ("a sink", self.sink_failing.load(Ordering::Relaxed)),
-        ] {
-            if since >= 0 && now - since >= self.stuck_after.as_millis() as i64 {
-                let error = self
-                    .last_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .clone()
-                    .unwrap_or_default();
-                return Err(format!(
-                    "stuck: {what} has failed for {}: {error}",
-                    human(Duration::from_millis((now - since) as u64))
-                ));
-            }
+        match self.failing_for() {
+            Some((what, d, error)) if d >= self.stuck_after => Err(format!(
+                "stuck: {what} has failed for {}: {error}",
+                human(d)
+            )),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// The Prometheus exposition text of the pipeline, labelled `pipeline` and `backend`;

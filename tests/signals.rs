@@ -369,7 +369,7 @@ fn amqp_an_outage_while_running_is_given_up_after_give_up_after() {
     assert_eq!(w.exit_within(Duration::from_secs(20)), Some(1));
     let why = w.wait_for("error: gave up", Duration::from_secs(1));
     assert!(
-        why.contains("the broker has failed for") && why.contains("give_up_after = 2s"),
+        why.contains("the source has failed for") && why.contains("give_up_after = 2s"),
         "{why}"
     );
 }
