@@ -373,3 +373,68 @@ fn amqp_an_outage_while_running_is_given_up_after_give_up_after() {
         "{why}"
     );
 }
+
+/// The settings that point `backend` at the test brokers (`WEIR_*` or the loopback
+/// defaults of scripts/brokers), with topics and a group of this run's own.
+fn on_test_broker(backend: &str, dir: &std::path::Path) -> Vec<String> {
+    let id = format!("{backend}-{}", std::process::id());
+    let mut sets = vec![
+        format!("source.topic=sig-in-{id}"),
+        format!("source.group=sig-{id}"),
+        format!("sink.topic=sig-out-{id}"),
+        format!("dead_letter.topic=sig-dlq-{id}"),
+    ];
+    match backend {
+        "kafka" => {
+            if let Ok(addr) = std::env::var("WEIR_KAFKA_BOOTSTRAP") {
+                sets.push(format!("brokers.kafka.bootstrap_servers={addr}"));
+            }
+        }
+        "amqp" => {
+            if let Ok(url) = std::env::var("WEIR_AMQP_URL") {
+                sets.push(format!("brokers.amqp.url={url}"));
+            }
+            sets.push("brokers.amqp.queue_expires=1m".into());
+        }
+        _ => {
+            let ep = std::env::var("WEIR_KINESIS_ENDPOINT")
+                .unwrap_or_else(|_| "http://127.0.0.1:4567".into());
+            sets.push(format!("brokers.kinesis.endpoint_url={ep}"));
+            sets.push("brokers.kinesis.credentials=emulator".into());
+            sets.push("brokers.kinesis.create_streams=true".into());
+            sets.push(format!("brokers.kinesis.checkpoint_dir={}", dir.display()));
+        }
+    }
+    sets
+}
+
+/// A pipeline running on a real broker stops on SIGTERM with exit 0 within seconds, having
+/// committed (the runtime's "pipeline stopped (Shutdown)" line).
+fn sigterm_stops_a_running_pipeline(backend: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let sets = on_test_broker(backend, dir.path());
+    let mut args = vec!["run", pipeline(), "--broker", backend];
+    for s in &sets {
+        args.extend(["--set", s]);
+    }
+    let mut w = Weir::spawn(&args);
+    w.wait_for("partitions assigned", Duration::from_secs(60));
+    w.signal("TERM");
+    assert_eq!(w.exit_within(Duration::from_secs(10)), Some(0), "{backend}");
+    w.wait_for("pipeline stopped (Shutdown)", Duration::from_secs(1));
+}
+
+#[test]
+fn kafka_sigterm_stops_a_running_pipeline() {
+    sigterm_stops_a_running_pipeline("kafka");
+}
+
+#[test]
+fn amqp_sigterm_stops_a_running_pipeline() {
+    sigterm_stops_a_running_pipeline("amqp");
+}
+
+#[test]
+fn kinesis_sigterm_stops_a_running_pipeline() {
+    sigterm_stops_a_running_pipeline("kinesis");
+}
