@@ -180,25 +180,25 @@ fn serve_answers_healthz_503_while_connecting_and_stops_on_a_signal() {
     }
 }
 
-/// `[pipeline] give_up_after` ends the retries with exit 1 and a message saying so, the
-/// same on every backend.
+/// `[pipeline] give_up_after` ends the retries of `run` and `serve` with exit 1 and a
+/// message saying so, the same on every backend.
 #[test]
 fn an_unreachable_broker_is_given_up_after_the_configured_time_on_every_backend() {
     for (backend, set) in UNREACHABLE {
-        let mut w = Weir::spawn(&[
-            "run",
-            pipeline(),
-            "--broker",
-            backend,
-            "--set",
-            set,
-            "--set",
-            "pipeline.give_up_after=1s",
-        ]);
-        assert_eq!(w.exit_within(Duration::from_secs(15)), Some(1), "{backend}");
-        let line = w.wait_for("gave up after", Duration::from_secs(1));
-        assert!(line.starts_with("error: "), "{line}");
-        assert!(line.contains("opening topic user-activity"), "{line}");
+        for command in [&["run"][..], &["serve", "--listen", "127.0.0.1:0"]] {
+            let mut args = command.to_vec();
+            args.extend([pipeline(), "--broker", backend, "--set", set]);
+            args.extend(["--set", "pipeline.give_up_after=1s"]);
+            let mut w = Weir::spawn(&args);
+            assert_eq!(
+                w.exit_within(Duration::from_secs(15)),
+                Some(1),
+                "{backend} {command:?}"
+            );
+            let line = w.wait_for("gave up after", Duration::from_secs(1));
+            assert!(line.starts_with("error: "), "{line}");
+            assert!(line.contains("opening topic user-activity"), "{line}");
+        }
     }
 }
 
