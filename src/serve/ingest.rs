@@ -254,12 +254,13 @@ async fn publish(
                 Err(format!("the broker refused the events: {e}"))
             }
             Err(_) => {
+                let within = weir_engine::time::human(timeout);
                 tracing::warn!(
                     topic = sink.name(),
-                    ?timeout,
+                    timeout = %within,
                     "ingest: no acknowledgement from the broker"
                 );
-                Err(format!("the broker did not acknowledge within {timeout:?}"))
+                Err(format!("the broker did not acknowledge within {within}"))
             }
         };
         for j in jobs {
