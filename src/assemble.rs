@@ -1,6 +1,7 @@
 //! From a checked `pipeline.toml` and its backend to a runnable [`Pipeline`]: the part of
 //! `weir run` that `weir serve` and the tests share.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -10,6 +11,7 @@ use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
 use weir_engine::retry::WithRetries;
 use weir_engine::{Job, Pipeline, Processor, Sink, Source};
 
+use crate::observe::Observer;
 use crate::Backend;
 
 /// Files (or `-` for stdio) that stand in for the pipeline's topics; `None` keeps the topic.
@@ -54,25 +56,41 @@ impl Parts {
     /// With `[enrich]`, the table is loaded from its topic before this returns and then
     /// followed by a background task until [`background`](Parts::background) is cancelled.
     pub async fn open(c: &PipelineConfig, backend: &Backend, io: &FileIo) -> anyhow::Result<Parts> {
-        let mut source: Box<dyn Source> = match &io.input {
-            Some(path) => Box::new(JsonLinesSource::open(path).await?),
-            None => {
-                backend
-                    .source(&c.source.topic, Some(&c.source.group))
-                    .await?
+        Parts::open_with(c, backend, io, None).await
+    }
+
+    /// [`open`](Parts::open), reading `input` instead of the source topic (or the input
+    /// file) when given: what `weir test` feeds its cases through.
+    pub async fn open_with(
+        c: &PipelineConfig,
+        backend: &Backend,
+        io: &FileIo,
+        input: Option<Box<dyn Source>>,
+    ) -> anyhow::Result<Parts> {
+        let mut source: Box<dyn Source> = match (input, &io.input) {
+            (Some(input), _) => input,
+            (None, Some(path)) => Box::new(JsonLinesSource::open(path).await?),
+            (None, None) => {
+                connect(
+                    c,
+                    backend,
+                    &format!("opening topic {}", c.source.topic),
+                    || backend.source(&c.source.topic, Some(&c.source.group)),
+                )
+                .await?
             }
         };
-        let sink = open_sink(backend, &c.sink.topic, io.output.as_deref()).await?;
+        let sink = open_sink(c, backend, &c.sink.topic, io.output.as_deref()).await?;
         let dead_letter =
-            open_sink(backend, &c.dead_letter.topic, io.dead_letter.as_deref()).await?;
+            open_sink(c, backend, &c.dead_letter.topic, io.dead_letter.as_deref()).await?;
         let mut job = Job::from_config(c);
         if io.late.is_some() && c.late == LatePolicy::DeadLetter {
             // A late file asks for a late output even if the file has no [late] section.
             job = job.with_late(LatePolicy::Output("--late".into()));
         }
         let late = match (&c.late, &io.late) {
-            (_, Some(path)) => Some(open_sink(backend, "", Some(path)).await?),
-            (LatePolicy::Output(topic), None) => Some(backend.sink(topic).await?),
+            (_, Some(path)) => Some(open_sink(c, backend, "", Some(path)).await?),
+            (LatePolicy::Output(topic), None) => Some(open_sink(c, backend, topic, None).await?),
             _ => None,
         };
         let mut retry = None;
@@ -81,15 +99,21 @@ impl Parts {
             // topics rebalances both consumers whenever either joins (and Tansu never
             // settled such a group under load).
             let group = format!("{}.retry", c.source.group);
-            let retries = backend.source(&r.topic, Some(&group)).await?;
+            let retries = connect(c, backend, &format!("opening topic {}", r.topic), || {
+                backend.source(&r.topic, Some(&group))
+            })
+            .await?;
             source = Box::new(WithRetries::new(source, retries));
-            retry = Some(backend.sink(&r.topic).await?);
+            retry = Some(open_sink(c, backend, &r.topic, None).await?);
         }
         let background = CancellationToken::new();
         let mut processors: Vec<Box<dyn Processor>> = Vec::new();
         if let Some(e) = &c.enrich {
             let table = Arc::new(Table::default());
-            let mut reader = backend.table_reader(&e.table).await?;
+            let mut reader = connect(c, backend, &format!("opening table {}", e.table), || {
+                backend.table_reader(&e.table)
+            })
+            .await?;
             weir_engine::enrich::follow(
                 table.clone(),
                 &mut *reader,
@@ -121,6 +145,23 @@ impl Parts {
         })
     }
 
+    /// These parts reporting to `observer` (`/metrics`, `/healthz`): the source and
+    /// every sink wrapped.
+    pub fn observed(self, observer: &Arc<Observer>) -> Parts {
+        use crate::observe::{ObservedSink, ObservedSource};
+        let wrap = |s: Box<dyn Sink>| -> Box<dyn Sink> {
+            Box::new(ObservedSink::new(s, observer.clone()))
+        };
+        Parts {
+            source: Box::new(ObservedSource::new(self.source, observer.clone())),
+            sink: wrap(self.sink),
+            dead_letter: wrap(self.dead_letter),
+            late: self.late.map(wrap),
+            retry: self.retry.map(wrap),
+            ..self
+        }
+    }
+
     /// The pipeline made of these parts.
     pub fn into_pipeline(self) -> Pipeline {
         let mut p = Pipeline::new(self.job, self.source, self.sink, self.dead_letter);
@@ -138,12 +179,38 @@ impl Parts {
 }
 
 async fn open_sink(
+    c: &PipelineConfig,
     backend: &Backend,
     topic: &str,
     file: Option<&str>,
 ) -> anyhow::Result<Box<dyn Sink>> {
     Ok(match file {
         Some(path) => Box::new(JsonLinesSink::create(path).await?),
-        None => backend.sink(topic).await?,
+        None => {
+            connect(c, backend, &format!("opening topic {topic}"), || {
+                backend.sink(topic)
+            })
+            .await?
+        }
     })
+}
+
+/// Runs `open` until it succeeds, retrying an unreachable broker for the pipeline's
+/// `give_up_after` with a log line per attempt (see [`Backend::retrying`]). Cancel it by
+/// dropping the future.
+pub async fn connect<T, F, Fut>(
+    c: &PipelineConfig,
+    backend: &Backend,
+    what: &str,
+    open: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = weir_engine::Result<T>>,
+{
+    let never = CancellationToken::new();
+    backend
+        .retrying(what, c.give_up_after, &never, open)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("{what}: stopped"))
 }

@@ -1,7 +1,12 @@
 //! The closed set of broker backends, chosen by `pipeline.broker`.
 
+use std::future::Future;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use weir_engine::backoff::Backoff;
 use weir_engine::config::{Diagnostics, PipelineConfig};
-use weir_engine::{Sink, Source};
+use weir_engine::{EngineError, Sink, Source};
 use weir_memory::{MemoryBroker, MemoryConfig};
 
 #[cfg(feature = "amqp")]
@@ -107,16 +112,37 @@ impl Backend {
         ))
     }
 
+    /// Runs `connect` (one attempt at opening something on this backend) until it
+    /// succeeds, retrying an unreachable broker the same way on every backend: a log line
+    /// from the first failure, backoff, and an error after `give_up_after` (zero: at once).
+    /// `None` when `stop` was cancelled first.
+    pub async fn retrying<T, F, Fut>(
+        &self,
+        what: &str,
+        give_up_after: Duration,
+        stop: &CancellationToken,
+        connect: F,
+    ) -> weir_engine::Result<Option<T>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = weir_engine::Result<T>>,
+    {
+        let backoff = Backoff::broker().give_up_after(Some(give_up_after));
+        weir_engine::backoff::retry(what, backoff, stop, connect).await
+    }
+
     /// A consumer of `topic` in `group`.
     pub async fn source(
         &self,
         topic: &str,
         group: Option<&str>,
-    ) -> anyhow::Result<Box<dyn Source>> {
+    ) -> weir_engine::Result<Box<dyn Source>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.source(topic, group))),
             #[cfg(feature = "kafka")]
-            Backend::Kafka(b) => Ok(Box::new(b.source(topic, group).await?)),
+            Backend::Kafka(b) => Ok(Box::new(
+                b.source(topic, group).await.map_err(EngineError::from)?,
+            )),
             // In AMQP the queue is the group: consumers of a topic share its queue.
             #[cfg(feature = "amqp")]
             Backend::Amqp(b) => Ok(Box::new(b.source(topic).await?)),
@@ -126,11 +152,11 @@ impl Backend {
     }
 
     /// A producer to `topic`.
-    pub async fn sink(&self, topic: &str) -> anyhow::Result<Box<dyn Sink>> {
+    pub async fn sink(&self, topic: &str) -> weir_engine::Result<Box<dyn Sink>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.sink(topic))),
             #[cfg(feature = "kafka")]
-            Backend::Kafka(b) => Ok(Box::new(b.sink(topic).await?)),
+            Backend::Kafka(b) => Ok(Box::new(b.sink(topic).await.map_err(EngineError::from)?)),
             #[cfg(feature = "amqp")]
             Backend::Amqp(b) => Ok(Box::new(b.sink(topic).await?)),
             #[cfg(feature = "kinesis")]
@@ -146,11 +172,15 @@ impl Backend {
     /// anything: a restart gets every record again. That bounds the table to the queue's
     /// prefetch (`[brokers.amqp] prefetch`, 10,000 by default), and the table queue must
     /// have one reader.
-    pub async fn table_reader(&self, topic: &str) -> anyhow::Result<Box<dyn Source>> {
+    pub async fn table_reader(&self, topic: &str) -> weir_engine::Result<Box<dyn Source>> {
         match self {
             Backend::Memory(b) => Ok(Box::new(b.source(topic, None))),
             #[cfg(feature = "kafka")]
-            Backend::Kafka(b) => Ok(Box::new(b.reader(topic, StartAt::Beginning).await?)),
+            Backend::Kafka(b) => Ok(Box::new(
+                b.reader(topic, StartAt::Beginning)
+                    .await
+                    .map_err(EngineError::from)?,
+            )),
             #[cfg(feature = "amqp")]
             Backend::Amqp(b) if b.config().queue_type == weir_amqp::QueueType::Stream => {
                 Ok(Box::new(b.reader(topic, true).await?))
@@ -169,7 +199,7 @@ impl Backend {
         &self,
         topic: &str,
         from_beginning: bool,
-    ) -> anyhow::Result<Option<Box<dyn Source>>> {
+    ) -> weir_engine::Result<Option<Box<dyn Source>>> {
         match self {
             Backend::Memory(_) => {
                 let _ = (topic, from_beginning);
@@ -184,7 +214,9 @@ impl Backend {
                 } else {
                     StartAt::End
                 };
-                Ok(Some(Box::new(b.reader(topic, start).await?)))
+                Ok(Some(Box::new(
+                    b.reader(topic, start).await.map_err(EngineError::from)?,
+                )))
             }
             // Shard iterators at the trim horizon (everything retained) or at the latest
             // record (only new ones); checkpoints stay in memory.

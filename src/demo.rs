@@ -19,13 +19,17 @@ pub async fn start(
 ) -> anyhow::Result<()> {
     tracing::info!(
         events = c.demo.events,
-        every = ?c.demo.interval,
+        every = %weir_engine::time::human(c.demo.interval),
         users = c.demo.users,
         topic = %c.source.topic,
         "demo generator feeding the source topic (the seed's timer)"
     );
     if let Some(e) = &c.enrich {
-        let table = backend.sink(&e.table).await?;
+        let table =
+            crate::assemble::connect(c, backend, &format!("opening topic {}", e.table), || {
+                backend.sink(&e.table)
+            })
+            .await?;
         tasks.spawn(profiles(
             table,
             c.demo.clone(),
@@ -33,7 +37,13 @@ pub async fn start(
             stop.clone(),
         ));
     }
-    let sink = backend.sink(&c.source.topic).await?;
+    let sink = crate::assemble::connect(
+        c,
+        backend,
+        &format!("opening topic {}", c.source.topic),
+        || backend.sink(&c.source.topic),
+    )
+    .await?;
     tasks.spawn(events(sink, c.demo.clone(), stop));
     Ok(())
 }

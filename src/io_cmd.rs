@@ -35,9 +35,9 @@ pub struct TailArgs {
     /// Start at the oldest retained record instead of only new ones.
     #[arg(long)]
     from_beginning: bool,
-    /// Exit 0 once no new record arrived for this many seconds.
-    #[arg(long, value_name = "SECONDS")]
-    idle_exit: Option<f64>,
+    /// Exit 0 once no new record arrived for this long (e.g. `5s`, `500ms`).
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration_arg)]
+    idle_exit: Option<Duration>,
 }
 
 fn setup(
@@ -76,7 +76,11 @@ pub fn produce(a: ProduceArgs) -> ExitCode {
     let topic = a.topic.clone().unwrap_or_else(|| c.source.topic.clone());
     let key_field = c.aggregate.group_by.first().cloned();
     let result = rt.block_on(async {
-        let mut sink = backend.sink(&topic).await?;
+        let mut sink =
+            weir::assemble::connect(&c, &backend, &format!("opening topic {topic}"), || {
+                backend.sink(&topic)
+            })
+            .await?;
         let stdin = std::io::stdin();
         let mut lines = stdin.lock().split(b'\n');
         let mut sent = 0u64;
@@ -139,17 +143,20 @@ pub fn tail(a: TailArgs) -> ExitCode {
         Ok(x) => x,
         Err(code) => return code,
     };
-    let idle = match a.idle_exit {
-        Some(s) if !(s.is_finite() && s >= 0.0) => {
-            eprintln!("error: --idle-exit must be a number of seconds, 0 or more");
-            return ExitCode::from(2);
-        }
-        Some(s) => Some(Duration::from_secs_f64(s)),
-        None => None,
-    };
+    let idle = a.idle_exit;
     let topic = a.topic.clone().unwrap_or_else(|| c.sink.topic.clone());
     let result = rt.block_on(async {
-        let Some(mut src) = backend.reader(&topic, a.from_beginning).await? else {
+        let what = format!("opening topic {topic}");
+        let reader = weir::assemble::connect(&c, &backend, &what, || {
+            backend.reader(&topic, a.from_beginning)
+        });
+        let stop = crate::signals::first();
+        tokio::pin!(stop);
+        let reader = tokio::select! {
+            r = reader => r?,
+            _ = &mut stop => return Ok(()),
+        };
+        let Some(mut src) = reader else {
             anyhow::bail!("the {} backend has no reader", backend.name());
         };
         let mut last = tokio::time::Instant::now();
@@ -157,7 +164,7 @@ pub fn tail(a: TailArgs) -> ExitCode {
         loop {
             let received = tokio::select! {
                 r = src.recv(1000, Duration::from_millis(200)) => r?,
-                _ = tokio::signal::ctrl_c() => return Ok(()),
+                _ = &mut stop => return Ok(()),
             };
             match received {
                 Received::Batch(b) if !b.is_empty() => {

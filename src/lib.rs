@@ -5,6 +5,8 @@
 pub mod assemble;
 pub mod backend;
 pub mod demo;
+pub mod golden;
+pub mod observe;
 pub mod serve;
 
 pub use backend::Backend;

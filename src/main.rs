@@ -1,6 +1,6 @@
 //! `weir`: run, check and feed event-streaming pipelines described in `pipeline.toml`.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,9 +13,11 @@ use weir_engine::generate::{EventGenerator, Timeline, DEFAULT_START_MS};
 use weir_engine::{Received, Source, StopReason};
 
 use weir::assemble::{FileIo, Parts};
+use weir::observe::{Observer, Phase};
 use weir::Backend;
 
 mod io_cmd;
+mod signals;
 
 #[derive(Parser)]
 #[command(
@@ -41,9 +43,23 @@ enum Command {
     Produce(io_cmd::ProduceArgs),
     /// Print the records of the pipeline's sink topic (or --topic) as JSON lines.
     Tail(io_cmd::TailArgs),
+    /// Test a pipeline against golden cases (input events and the expected results, dead
+    /// letters and late events) on the memory backend; exit 1 if any case differs.
+    Test(TestArgs),
     /// Run a pipeline and serve its HTTP ingest API (POST /track), a live page of its
     /// results (GET /, GET /ws), /healthz and /metrics, until Ctrl-C.
     Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct TestArgs {
+    /// The pipeline file.
+    pipeline: PathBuf,
+    /// Case files; default: every `*.toml` in `tests/<pipeline name>/` beside the pipeline.
+    cases: Vec<PathBuf>,
+    /// Override a setting for every case: `--set window.grace=5s` (repeatable).
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    sets: Vec<String>,
 }
 
 #[derive(Args)]
@@ -91,9 +107,14 @@ struct RunArgs {
     /// at the end of input: a bounded run over a broker topic.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_arg)]
     exit_when_idle: Option<Duration>,
+    /// Serve Prometheus `/metrics` and `/healthz` on this address, instead of
+    /// `[observability] listen` (none by default); port 0 picks a free one.
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
-fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+/// Durations on the command line read as in the pipeline file (`5s`, `500ms`, `1m30s`).
+pub(crate) fn parse_duration_arg(s: &str) -> Result<Duration, String> {
     weir_engine::time::parse_duration(s)
 }
 
@@ -121,22 +142,29 @@ struct GenerateArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `weir test` prints its own report; the pipelines' info lines would bury it.
+    let default = if matches!(cli.command, Command::Test(_)) {
+        "warn"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(colour())
         .init();
     match cli.command {
         Command::Validate(a) => match load(&a) {
             Ok((c, backend)) => {
                 println!(
-                    "ok: {} — {} backend, {} -> {:?} window of {} -> {} (dead letters -> {})",
+                    "ok: {} — {} backend, {} -> {} window of {} -> {} (dead letters -> {})",
                     a.pipeline.display(),
                     backend.name(),
                     c.source.topic,
-                    c.window.kind,
+                    describe(c.window.kind),
                     c.aggregate.group_by.join(", "),
                     c.sink.topic,
                     c.dead_letter.topic
@@ -149,6 +177,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Produce(a) => io_cmd::produce(a),
+        Command::Test(a) => test_cases(a),
         Command::Tail(a) => io_cmd::tail(a),
         Command::Generate(a) => match generate(a) {
             Ok(()) => ExitCode::SUCCESS,
@@ -165,6 +194,92 @@ fn main() -> ExitCode {
             let p = a.p.clone();
             pipeline_main(&p, false, |c, backend| run(a, c, backend))
         }
+    }
+}
+
+/// A window in the file's words: `tumbling 10s`, `hopping 1m every 10s`, `session (gap 30s)`.
+fn describe(kind: weir_engine::window::WindowKind) -> String {
+    use weir_engine::time::human;
+    use weir_engine::window::WindowKind;
+    let ms = |v: i64| human(Duration::from_millis(v.max(0) as u64));
+    match kind {
+        WindowKind::Tumbling { size } => format!("tumbling {}", ms(size)),
+        WindowKind::Hopping { size, advance } => {
+            format!("hopping {} every {}", ms(size), ms(advance))
+        }
+        WindowKind::Session { gap } => format!("session (gap {})", ms(gap)),
+    }
+}
+
+/// Colour in log lines only on a terminal, and never with `NO_COLOR` set (no-color.org).
+fn colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// `weir test`: runs every case, prints each result and a diff per failing case; exit 0
+/// when all pass, 1 when one differs, 2 when a case or the pipeline cannot be used.
+fn test_cases(a: TestArgs) -> ExitCode {
+    let paths = if a.cases.is_empty() {
+        weir::golden::shipped_cases(&a.pipeline)
+    } else {
+        a.cases.clone()
+    };
+    if paths.is_empty() {
+        eprintln!(
+            "error: no cases given and none in tests/{}/ beside {}",
+            a.pipeline.file_stem().unwrap_or_default().to_string_lossy(),
+            a.pipeline.display()
+        );
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for path in &paths {
+        let case = match weir::golden::read_case(path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e:#}");
+                return ExitCode::from(2);
+            }
+        };
+        let about = case
+            .description()
+            .map(|d| format!(" — {d}"))
+            .unwrap_or_default();
+        match rt.block_on(case.run(&a.pipeline, &a.sets)) {
+            Ok(diff) if diff.passed() => {
+                passed += 1;
+                println!("ok    {}{about}", case.name());
+            }
+            Ok(diff) => {
+                failed += 1;
+                println!("FAIL  {}{about} ({})", case.name(), path.display());
+                print!("{}", diff.render());
+            }
+            Err(e) => {
+                eprintln!("error: case {} ({}): {e:#}", case.name(), path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    println!(
+        "{} case{}: {passed} passed, {failed} failed",
+        passed + failed,
+        if passed + failed == 1 { "" } else { "s" }
+    );
+    if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 
@@ -197,7 +312,10 @@ where
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(f(c, backend)) {
+    let result = rt.block_on(f(c, backend));
+    // A blocking call still waiting for an unreachable broker must not hold the exit.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -222,24 +340,6 @@ fn load(a: &PipelineArgs) -> Result<(PipelineConfig, Backend), ConfigErrors> {
     Backend::load(&a.pipeline, &overrides)
 }
 
-/// A token cancelled by the first Ctrl-C; a second one aborts the process.
-fn stop_on_ctrl_c() -> CancellationToken {
-    let shutdown = CancellationToken::new();
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            tracing::info!(
-                "Ctrl-C: finishing the current batch, committing, stopping (Ctrl-C again to abort)"
-            );
-            shutdown.cancel();
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
-            }
-        }
-    });
-    token
-}
-
 async fn serve(a: ServeArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<()> {
     let addr = a.listen.unwrap_or(c.serve.listen);
     let listener = tokio::net::TcpListener::bind(addr)
@@ -248,12 +348,156 @@ async fn serve(a: ServeArgs, c: PipelineConfig, backend: Backend) -> anyhow::Res
     let local = listener.local_addr()?;
     println!("weir serve: http://{local}/ (POST /track, GET /ws, /healthz, /metrics)");
     std::io::stdout().flush()?;
-    weir::serve::serve(c, backend, listener, a.demo, stop_on_ctrl_c()).await
+    let stop = signals::stop_token()?;
+    weir::serve::serve(c, backend, listener, a.demo, stop).await
 }
 
 async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<()> {
-    let shutdown = stop_on_ctrl_c();
+    let shutdown = signals::stop_token()?;
     let tasks = tokio_util::task::TaskTracker::new();
+    let tails_done = CancellationToken::new();
+    // Observed always: the progress line, giving up on a failing broker and the optional
+    // metrics endpoint read it.
+    let observer = Observer::new(&c.name, backend.name(), c.observability.stuck_after);
+    observer.read_event_time(&c);
+    if let Some(addr) = a.metrics_listen.or(c.observability.listen) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
+        let local = listener.local_addr()?;
+        tracing::info!("metrics: http://{local}/metrics and http://{local}/healthz");
+        let server = axum::serve(listener, weir::observe::router(observer.clone()))
+            .with_graceful_shutdown(tails_done.clone().cancelled_owned());
+        tasks.spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "the metrics server stopped");
+            }
+        });
+    }
+    let stop_tasks = |tasks: tokio_util::task::TaskTracker| {
+        let tails_done = tails_done.clone();
+        async move {
+            tails_done.cancel();
+            tasks.close();
+            tasks.wait().await;
+        }
+    };
+    // Connecting may wait for an unreachable broker: a signal stops that at once.
+    let started = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        r = start(&a, &c, &backend, &shutdown, &tasks, &tails_done) => Some(r),
+    };
+    let parts = match started {
+        Some(Ok(parts)) => parts,
+        Some(Err(e)) => {
+            stop_tasks(tasks).await;
+            return Err(e);
+        }
+        None => {
+            stop_tasks(tasks).await;
+            tracing::info!("stopped before the pipeline started: nothing was read or committed");
+            return Ok(());
+        }
+    };
+    let background = parts.background.clone();
+    let mut pipeline = parts
+        .observed(&observer)
+        .into_pipeline()
+        .with_metrics(observer.metrics.clone())
+        .shutdown_on(shutdown.clone());
+    if let Some(idle) = a.exit_when_idle {
+        pipeline = pipeline.exit_when_idle(idle);
+    }
+    observer.set_phase(Phase::Running);
+    let progress = (a.input.is_some() && std::io::stderr().is_terminal())
+        .then(|| tokio::spawn(progress(observer.clone())));
+    let watchdog = {
+        let (o, limit, stop) = (observer.clone(), c.give_up_after, shutdown.clone());
+        tokio::spawn(async move { o.give_up_after(limit, &stop).await })
+    };
+    let result = pipeline.run().await;
+    observer.set_phase(Phase::Stopped);
+    background.cancel();
+    shutdown.cancel();
+    if let Some(p) = progress {
+        p.abort();
+        eprint!("\r\x1b[K");
+    }
+    stop_tasks(tasks).await;
+    if let Ok(Some(why)) = watchdog.await {
+        anyhow::bail!("{why}");
+    }
+    let summary = result?;
+    let s = summary.counters;
+    if !s.balanced() {
+        anyhow::bail!("counters do not balance: {s:?}");
+    }
+    if summary.reason == StopReason::Shutdown && summary.open_windows > 0 {
+        if matches!(backend, Backend::Memory(_)) && a.input.is_none() {
+            tracing::info!(
+                open_windows = summary.open_windows,
+                "open windows were not emitted; the memory broker's topics end with this process, so their events are gone"
+            );
+        } else if a.input.is_some() {
+            tracing::info!(
+                open_windows = summary.open_windows,
+                "open windows were not emitted; run the same --input again to get them"
+            );
+        } else {
+            tracing::info!(
+                open_windows = summary.open_windows,
+                "open windows were not emitted; their input is uncommitted and is recomputed on restart"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites one line on the terminal every second: events read and their rate, bytes
+/// read, open (key, window) entries.
+async fn progress(o: std::sync::Arc<Observer>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = (0u64, std::time::Instant::now());
+    loop {
+        tick.tick().await;
+        let s = o.metrics.snapshot();
+        let now = std::time::Instant::now();
+        let rate = (s.events_in - last.0) as f64 / now.duration_since(last.1).as_secs_f64();
+        last = (s.events_in, now);
+        let mib = o.bytes_in.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1048576.0;
+        eprint!(
+            "\r\x1b[K{} events ({}/s), {mib:.1} MiB read, {} open window entries",
+            thousands(s.events_in),
+            thousands(rate as u64),
+            thousands(s.open_entries)
+        );
+    }
+}
+
+/// 1234567 as `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Opens the pipeline's parts and starts what feeds and prints the memory broker.
+async fn start(
+    a: &RunArgs,
+    c: &PipelineConfig,
+    backend: &Backend,
+    shutdown: &CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+    tails_done: &CancellationToken,
+) -> anyhow::Result<Parts> {
     let memory = matches!(backend, Backend::Memory(_));
     let io = FileIo {
         input: a.input.clone(),
@@ -261,15 +505,13 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         dead_letter: a.dead_letter.clone(),
         late: a.late.clone(),
     };
-    let parts = Parts::open(&c, &backend, &io).await?;
-    let background = parts.background.clone();
+    let parts = Parts::open(c, backend, &io).await?;
 
     // The embedded broker lives and dies with this process: feed it with the demo
     // generator when there is no --input, and print what lands in its topics.
-    let tails_done = CancellationToken::new();
     if memory {
         if a.input.is_none() {
-            weir::demo::start(&tasks, &c, &backend, shutdown.clone()).await?;
+            weir::demo::start(tasks, c, backend, shutdown.clone()).await?;
         }
         if a.output.is_none() {
             let src = backend.source(&c.sink.topic, None).await?;
@@ -285,28 +527,7 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         let src = backend.source(topic, None).await?;
         tasks.spawn(tail(src, tails_done.clone(), "late event: "));
     }
-    let mut pipeline = parts.into_pipeline().shutdown_on(shutdown.clone());
-    if let Some(idle) = a.exit_when_idle {
-        pipeline = pipeline.exit_when_idle(idle);
-    }
-    let result = pipeline.run().await;
-    background.cancel();
-    shutdown.cancel();
-    tails_done.cancel();
-    tasks.close();
-    tasks.wait().await;
-    let summary = result?;
-    let s = summary.counters;
-    if !s.balanced() {
-        anyhow::bail!("counters do not balance: {s:?}");
-    }
-    if summary.reason == StopReason::Shutdown && summary.open_windows > 0 {
-        tracing::info!(
-            open_windows = summary.open_windows,
-            "open windows were not emitted; their input is uncommitted and is recomputed on restart"
-        );
-    }
-    Ok(())
+    Ok(parts)
 }
 
 /// Prints the records of a topic as they arrive (results to stdout; dead letters and late

@@ -379,10 +379,7 @@ async fn kinesis_unreachable_endpoint_is_a_clear_retryable_error() {
         text.contains("http://127.0.0.1:9 is not reachable"),
         "{text}"
     );
-    let e = err
-        .downcast_ref::<weir_engine::EngineError>()
-        .expect("engine error");
-    assert!(e.is_retryable(), "{e}");
+    assert!(err.is_retryable(), "{err}");
 }
 
 /// Every problem in `[brokers.kinesis]` is reported with its place, unknown keys included.

@@ -221,3 +221,61 @@ fn serve_section_defaults_and_problems() {
     .unwrap();
     assert_eq!((c.serve.listen.port(), c.serve.queue), (0, 2));
 }
+
+#[test]
+fn operating_settings_defaults_and_problems() {
+    let c = load_str("p.toml", GOOD, &Overrides::default())
+        .finish()
+        .unwrap();
+    assert_eq!(c.give_up_after, std::time::Duration::from_secs(300));
+    assert_eq!(c.observability.listen, None);
+    assert_eq!(
+        c.observability.stuck_after,
+        std::time::Duration::from_secs(30)
+    );
+    assert_eq!(
+        (
+            c.serve.header_timeout.as_secs(),
+            c.serve.idle_timeout.as_secs(),
+            c.serve.max_connections
+        ),
+        (10, 60, 512)
+    );
+
+    let text = format!(
+        "{GOOD}\n[observability]\nlisten = \"everywhere\"\nstuck_after = \"soon\"\n[serve]\nheader_timeout = 5\nmax_connections = -3\nidle_timeout = \"2m\"\n"
+    );
+    let p = problems(&text, &[]);
+    for want in [
+        "p.toml:14:10: observability.listen: expected IP:PORT",
+        "p.toml:15:15: observability.stuck_after:",
+        "p.toml:17:18: serve.header_timeout:",
+        "p.toml:18:19: serve.max_connections:",
+    ] {
+        assert!(p.iter().any(|l| l.starts_with(want)), "{want} in {p:#?}");
+    }
+    assert_eq!(p.len(), 4, "{p:#?}");
+
+    let p = problems(GOOD, &["pipeline.give_up_after=forever"]);
+    assert!(
+        p.iter().any(|l| l.starts_with(
+            "--set pipeline.give_up_after=forever: pipeline.give_up_after: `forever` is not a duration"
+        )),
+        "{p:#?}"
+    );
+    let c = load_str(
+        "p.toml",
+        GOOD,
+        &Overrides {
+            sets: vec![
+                "pipeline.give_up_after=1m30s".into(),
+                "observability.listen=127.0.0.1:9090".into(),
+            ],
+            broker: None,
+        },
+    )
+    .finish()
+    .unwrap();
+    assert_eq!(c.give_up_after.as_secs(), 90);
+    assert_eq!(c.observability.listen.unwrap().port(), 9090);
+}

@@ -22,8 +22,11 @@ impl Server {
     }
 
     fn start_with(sets: &[&str], env: &[(&str, &str)], args: &[&str]) -> Server {
+        Server::start_cmd(sets, env, args, Command::new(env!("CARGO_BIN_EXE_weir")))
+    }
+
+    fn start_cmd(sets: &[&str], env: &[(&str, &str)], args: &[&str], mut cmd: Command) -> Server {
         let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/user_activity.toml");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
         cmd.args(["serve", pipeline, "--listen", "127.0.0.1:0"])
             .env_remove("WEIR_BROKER")
             .env_remove("WEIR_SERVE_TOKEN")
@@ -201,10 +204,16 @@ async fn bodies_over_the_limit_get_413() {
         r#"{{"event_type":"click","user_id":"User1","action":"{}","timestamp":"2024-06-27T15:43:43Z"}}"#,
         "x".repeat(300)
     );
-    assert_eq!(s.post("/track", big).await.0, 413);
+    let (code, body) = s.post("/track", big).await;
+    assert_eq!(code, 413);
+    assert!(
+        body["message"].as_str().unwrap().contains("length limit"),
+        "{body}"
+    );
     let batch = format!("[{small},{small},{small},{small}]");
     assert!(batch.len() > 400);
-    assert_eq!(s.post("/track/batch", batch).await.0, 413);
+    let (code, body) = s.post("/track/batch", batch).await;
+    assert_eq!((code, body["message"].is_string()), (413, true), "{body}");
     assert_eq!(s.post("/track/batch", format!("[{small}]")).await.0, 202);
 }
 
@@ -227,12 +236,34 @@ async fn a_token_from_the_environment_guards_ingest_only() {
         401
     );
     let (code, body) = s
-        .post_with("/track", ev, Some("test-token-not-a-secret"))
+        .post_with("/track", ev.clone(), Some("test-token-not-a-secret"))
         .await;
     assert_eq!(code, 202, "{body}");
+    // The scheme is case-insensitive (RFC 9110 §11.1); the token is not.
+    for header in [
+        "bearer test-token-not-a-secret",
+        "BEARER   test-token-not-a-secret",
+    ] {
+        let resp = reqwest::Client::new()
+            .post(s.at("/track"))
+            .header("authorization", header)
+            .body(ev.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 202, "{header}");
+    }
+    let resp = reqwest::Client::new()
+        .post(s.at("/track"))
+        .header("authorization", "bearer TEST-TOKEN-NOT-A-SECRET")
+        .body(ev.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
     let health = reqwest::get(s.at("/healthz")).await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
-    assert_eq!(s.refused("unauthorized").await, 3.0);
+    assert_eq!(s.refused("unauthorized").await, 4.0);
 }
 
 /// A memory partition of 2 records that the pipeline cannot commit (their window stays
@@ -293,7 +324,7 @@ async fn a_stalled_broker_gets_503_not_a_hang_and_a_full_queue_503_at_once() {
 
     let (code, took, body) = stalled.await.unwrap();
     assert_eq!(code, 503, "{body}");
-    assert!(body.contains("did not acknowledge"), "{body}");
+    assert!(body.contains("did not acknowledge within 2s"), "{body}");
     assert!(
         took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
         "{took:?}"
@@ -447,9 +478,112 @@ async fn page_health_and_metrics_are_served() {
             "{name} in\n{text}"
         );
     }
+    let nope = reqwest::get(s.at("/nope")).await.unwrap();
+    assert_eq!(nope.status().as_u16(), 404);
     assert_eq!(
-        reqwest::get(s.at("/nope")).await.unwrap().status().as_u16(),
-        404
+        nope.json::<Value>().await.unwrap(),
+        json!({"message": "no such route"})
+    );
+    // Errors axum writes itself are JSON too.
+    let wrong_method = reqwest::get(s.at("/track")).await.unwrap();
+    assert_eq!(wrong_method.status().as_u16(), 405);
+    assert!(wrong_method.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    assert!(wrong_method.json::<Value>().await.unwrap()["message"].is_string());
+}
+
+/// Raises this process's open-file limit so it can hold many sockets.
+fn allow_files(n: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let want = Rlimit {
+        current: Some(n.min(lim.maximum.unwrap_or(u64::MAX))),
+        maximum: lim.maximum,
+    };
+    if lim.current.is_some_and(|c| c < n) {
+        setrlimit(Resource::Nofile, want).unwrap();
+    }
+    let now = getrlimit(Resource::Nofile).current;
+    assert!(
+        now.is_none_or(|c| c >= n),
+        "this test needs {n} open files; the hard limit is {:?}",
+        lim.maximum
+    );
+}
+
+/// The issue's lock-out: 1,100 connections that never send a byte, against a server
+/// limited to 1,024 file descriptors. With the default `[serve]` limits the server keeps
+/// accepting (closing the longest-idle connections past `max_connections`), so a real
+/// request still gets its answer.
+#[tokio::test]
+async fn idle_connections_do_not_lock_out_a_request_under_a_1024_descriptor_limit() {
+    allow_files(4096);
+    // The server under `ulimit -n 1024`, as the issue found it.
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        r#"ulimit -n 1024 && exec "$0" "$@""#,
+        env!("CARGO_BIN_EXE_weir"),
+    ]);
+    let s = Server::start_cmd(&[], &[], &[], cmd);
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let mut idle = Vec::with_capacity(1100);
+    for _ in 0..1100 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let health = client.get(s.at("/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    let ev = event("User1", "2024-06-27T15:43:43Z");
+    let tracked = client.post(s.at("/track")).body(ev).send().await.unwrap();
+    assert_eq!(tracked.status().as_u16(), 202);
+    drop(idle);
+}
+
+/// A client that sends half its headers is closed after `header_timeout`; one that sends
+/// nothing, or nothing more after a response, after `idle_timeout`.
+#[tokio::test]
+async fn slow_and_idle_connections_are_closed_after_their_timeouts() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = Server::start(&["serve.header_timeout=1s", "serve.idle_timeout=4s"], &[]);
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let closed_within = |mut c: tokio::net::TcpStream, limit: Duration| async move {
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(limit, c.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "still open after {limit:?}");
+        (started.elapsed(), String::from_utf8_lossy(&buf).to_string())
+    };
+
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(
+        b"GET /healthz HTTP/1.1
+Host: x
+",
+    )
+    .await
+    .unwrap();
+    let (took, _) = closed_within(slow, Duration::from_secs(3)).await;
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+
+    let silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let (took, _) = closed_within(silent, Duration::from_secs(8)).await;
+    assert!(took >= Duration::from_millis(3900), "{took:?}");
+
+    let mut kept = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let (took, answer) = closed_within(kept, Duration::from_secs(8)).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        took >= Duration::from_millis(3900),
+        "kept alive until idle: {took:?}"
     );
 }
 

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod aggregate;
+pub mod backoff;
 pub mod config;
 pub mod decode;
 pub mod enrich;

@@ -20,13 +20,29 @@ pub struct Position {
 
 /// What the runtime stores with a commit so a restarted pipeline can tell replayed records
 /// whose windows were already emitted from ones it must count again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Checkpoint {
     /// The pipeline watermark at the commit: every window with `end + grace` at or below it
     /// had its results acknowledged.
     pub watermark: i64,
     /// The next offset after the last record processed in this partition at the commit.
     pub processed: u64,
+}
+
+/// For log lines: the watermark as an RFC 3339 time, not epoch milliseconds.
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let watermark = if self.watermark == i64::MIN {
+            "none".to_string()
+        } else {
+            crate::time::format_rfc3339(self.watermark)
+        };
+        write!(
+            f,
+            "Checkpoint {{ watermark: {watermark}, processed: {} }}",
+            self.processed
+        )
+    }
 }
 
 impl Checkpoint {
@@ -96,3 +112,21 @@ pub const HEADER_SOURCE_TOPIC: &str = "weir.source.topic";
 pub const HEADER_SOURCE_PARTITION: &str = "weir.source.partition";
 /// Header carrying the offset a dead letter came from.
 pub const HEADER_SOURCE_OFFSET: &str = "weir.source.offset";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_shows_its_watermark_as_a_time_in_logs() {
+        let cp = Checkpoint {
+            watermark: 1_719_500_539_749,
+            processed: 42,
+        };
+        assert_eq!(
+            format!("{cp:?}"),
+            "Checkpoint { watermark: 2024-06-27T15:02:19.749Z, processed: 42 }"
+        );
+        assert_eq!(Checkpoint::decode(&cp.encode()), Some(cp));
+    }
+}

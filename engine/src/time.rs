@@ -232,27 +232,72 @@ pub fn format_rfc3339(ms: i64) -> String {
     s
 }
 
-/// Parses a duration such as `500ms`, `2s`, `1.5s`, `10m`, `1h`, `1d` (or a bare `0`).
+/// A duration in the units `parse_duration` reads: `500ms`, `2s`, `1.5s`, `10m`,
+/// `1m30s`, `2h`, `1d` (for log lines and messages).
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return if ms == 0 && !d.is_zero() {
+            format!("{}µs", d.as_micros())
+        } else {
+            format!("{ms}ms")
+        };
+    }
+    if ms < 60_000 {
+        return if ms.is_multiple_of(1000) {
+            format!("{}s", ms / 1000)
+        } else {
+            let s = format!("{:.3}", ms as f64 / 1000.0);
+            format!("{}s", s.trim_end_matches('0'))
+        };
+    }
+    let secs = d.as_secs();
+    let units = [(86_400, "d"), (3600, "h"), (60, "m"), (1, "s")];
+    let mut out = String::new();
+    let mut rest = secs;
+    for (size, unit) in units {
+        if rest >= size {
+            out.push_str(&format!("{}{unit}", rest / size));
+            rest %= size;
+        }
+    }
+    out
+}
+
+/// Parses a duration such as `500ms`, `2s`, `1.5s`, `10m`, `1h`, `1d`, a sum of them
+/// (`1m30s`, as [`human`] writes them), or a bare `0`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let bad = || format!("`{t}` is not a duration (use e.g. 500ms, 2s, 1m, 1h)");
     if t == "0" {
         return Ok(Duration::ZERO);
     }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(bad)?;
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "s" | "sec" | "secs" => 1.0,
-        "m" | "min" | "mins" => 60.0,
-        "h" => 3600.0,
-        "d" => 86_400.0,
-        _ => return Err(bad()),
-    };
-    let secs = n * scale;
+    if t.is_empty() {
+        return Err(bad());
+    }
+    let mut rest = t;
+    let mut secs = 0.0;
+    while !rest.is_empty() {
+        let split = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let (num, tail) = rest.split_at(split);
+        let n: f64 = num.parse().map_err(|_| bad())?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let scale = match unit.trim() {
+            "ms" => 0.001,
+            "s" | "sec" | "secs" => 1.0,
+            "m" | "min" | "mins" => 60.0,
+            "h" => 3600.0,
+            "d" => 86_400.0,
+            _ => return Err(bad()),
+        };
+        secs += n * scale;
+        rest = tail;
+    }
     if !secs.is_finite() || !(0.0..=1e10).contains(&secs) {
         return Err(bad());
     }
@@ -270,6 +315,24 @@ pub fn now_millis() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn human_durations_read_back_as_the_same_duration() {
+        for (ms, text) in [
+            (0, "0ms"),
+            (500, "500ms"),
+            (2000, "2s"),
+            (1500, "1.5s"),
+            (10_000, "10s"),
+            (90_000, "1m30s"),
+            (3_600_000, "1h"),
+            (86_400_000 + 60_000, "1d1m"),
+        ] {
+            let d = Duration::from_millis(ms);
+            assert_eq!(human(d), text);
+            assert_eq!(parse_duration(text).unwrap(), d, "{text}");
+        }
+    }
 
     #[test]
     fn parses_the_seed_form_and_rfc3339() {
@@ -340,7 +403,8 @@ mod tests {
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
-        for bad in ["", "s", "2x", "-1s", "abc", "1e400s"] {
+        assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
+        for bad in ["", "s", "2x", "-1s", "abc", "1e400s", "5", "1m30", "1s-2s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should fail");
         }
     }

@@ -39,8 +39,6 @@ pub struct IngestStats {
     pub invalid: AtomicU64,
     /// Requests refused with 503.
     pub unavailable: AtomicU64,
-    /// Requests refused for a missing or wrong token (401).
-    pub unauthorized: AtomicU64,
 }
 
 struct Pending {
@@ -256,12 +254,13 @@ async fn publish(
                 Err(format!("the broker refused the events: {e}"))
             }
             Err(_) => {
+                let within = weir_engine::time::human(timeout);
                 tracing::warn!(
                     topic = sink.name(),
-                    ?timeout,
+                    timeout = %within,
                     "ingest: no acknowledgement from the broker"
                 );
-                Err(format!("the broker did not acknowledge within {timeout:?}"))
+                Err(format!("the broker did not acknowledge within {within}"))
             }
         };
         for j in jobs {

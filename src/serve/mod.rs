@@ -7,21 +7,22 @@
 //!                                                                          └─▶ Hub ─▶ /ws clients
 //! ```
 
+mod http;
 mod ingest;
 mod live;
 mod prom;
 mod routes;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use weir_engine::config::PipelineConfig;
-use weir_engine::metrics::Metrics;
 
 use crate::assemble::{FileIo, Parts};
+use crate::observe::{Observer, Phase};
 use crate::Backend;
 
 pub use ingest::{Ingest, Refused};
@@ -38,16 +39,35 @@ const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 pub struct App {
     config: PipelineConfig,
     backend: &'static str,
-    ingest: Ingest,
+    /// Set once the broker is connected; until then `POST /track*` wait for it (up to
+    /// `publish_timeout`, then 503).
+    ingest: OnceLock<Ingest>,
+    /// Notified when `ingest` is set.
+    ready: tokio::sync::Notify,
+    /// Requests refused for a missing or wrong token (401).
+    unauthorized: std::sync::atomic::AtomicU64,
     hub: Arc<Hub>,
-    metrics: Arc<Metrics>,
+    observer: Arc<Observer>,
     /// The bearer token `POST /track*` require, if any.
     token: Option<String>,
-    running: AtomicBool,
     stop: CancellationToken,
 }
 
 impl App {
+    /// The ingest API once the broker is connected, waiting up to `publish_timeout` for it.
+    async fn ingest(&self) -> Option<&Ingest> {
+        let deadline = tokio::time::Instant::now() + self.config.serve.publish_timeout;
+        loop {
+            let ready = self.ready.notified();
+            if let Some(i) = self.ingest.get() {
+                return Some(i);
+            }
+            if tokio::time::timeout_at(deadline, ready).await.is_err() {
+                return self.ingest.get();
+            }
+        }
+    }
+
     fn hello(&self) -> Arc<str> {
         let c = &self.config;
         serde_json::json!({
@@ -62,7 +82,7 @@ impl App {
     }
 
     fn counters(&self) -> Arc<str> {
-        let s = self.metrics.snapshot();
+        let s = self.observer.metrics.snapshot();
         serde_json::json!({
             "type": "counters",
             "events_in": s.events_in,
@@ -71,7 +91,7 @@ impl App {
             "dead_letters": s.dead_letters,
             "late": s.late,
             "watermark": (s.watermark != i64::MIN).then_some(s.watermark),
-            "accepted": self.ingest.stats.accepted.load(Ordering::Relaxed),
+            "accepted": self.ingest.get().map_or(0, |i| i.stats.accepted.load(Ordering::Relaxed)),
         })
         .to_string()
         .into()
@@ -80,7 +100,8 @@ impl App {
 
 /// Runs the pipeline of `c` on `backend` and serves HTTP on `listener` until `stop` (or
 /// until the pipeline stops, which also stops the server). `demo` feeds the source topic
-/// with the `[demo]` generator.
+/// with the `[demo]` generator. The server answers at once: `/healthz` says 503 while the
+/// broker is being connected, and `stop` ends that wait too.
 pub async fn serve(
     c: PipelineConfig,
     backend: Backend,
@@ -89,29 +110,59 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let hub = Arc::new(Hub::new(LIVE_LAG, LIVE_RECENT));
-    let mut parts = Parts::open(&c, &backend, &FileIo::default()).await?;
-    parts.sink = Box::new(LiveSink::new(parts.sink, hub.clone()));
-    let metrics = Arc::new(Metrics::default());
-    let ingest = Ingest::start(&c, backend.sink(&c.source.topic).await?, stop.clone());
+    let observer = Observer::new(&c.name, backend.name(), c.observability.stuck_after);
+    observer.read_event_time(&c);
     let token = std::env::var(&c.serve.token_env)
         .ok()
         .filter(|t| !t.is_empty());
     let tasks = tokio_util::task::TaskTracker::new();
-    if demo {
-        crate::demo::start(&tasks, &c, &backend, stop.clone()).await?;
-    }
     let app = Arc::new(App {
         backend: backend.name(),
-        ingest,
+        ingest: OnceLock::new(),
+        ready: tokio::sync::Notify::new(),
+        unauthorized: Default::default(),
         hub: hub.clone(),
-        metrics: metrics.clone(),
+        observer: observer.clone(),
         token,
-        running: AtomicBool::new(true),
         stop: stop.clone(),
         config: c,
     });
+    let server = tokio::spawn(http::serve(
+        listener,
+        routes::router(app.clone()),
+        http::Limits::from(&app.config.serve),
+        stop.clone(),
+    ));
+
+    let c = &app.config;
+    let connected = tokio::select! {
+        biased;
+        _ = stop.cancelled() => None,
+        r = connect(c, &backend, &hub, &observer, &tasks, demo, &stop) => Some(r),
+    };
+    let parts = match connected {
+        Some(Ok((parts, ingest))) => {
+            let _ = app.ingest.set(ingest);
+            app.ready.notify_waiters();
+            parts
+        }
+        Some(Err(e)) => {
+            observer.set_phase(Phase::Stopped);
+            stop.cancel();
+            let _ = server.await;
+            return Err(e);
+        }
+        None => {
+            observer.set_phase(Phase::Stopped);
+            tasks.close();
+            tasks.wait().await;
+            server.await??;
+            tracing::info!("stopped before the pipeline started: nothing was read or committed");
+            return Ok(());
+        }
+    };
     tracing::info!(
-        pipeline = %app.config.name,
+        pipeline = %c.name,
         backend = app.backend,
         token = app.token.is_some(),
         "serving the ingest API and the live view"
@@ -121,14 +172,19 @@ pub async fn serve(
     let background = parts.background.clone();
     let pipeline = parts
         .into_pipeline()
-        .with_metrics(metrics)
+        .with_metrics(observer.metrics.clone())
         .shutdown_on(stop.clone());
+    observer.set_phase(Phase::Running);
+    let watchdog = {
+        let (o, limit, stop) = (observer.clone(), c.give_up_after, stop.clone());
+        tokio::spawn(async move { o.give_up_after(limit, &stop).await })
+    };
     let run = {
         let app = app.clone();
         tokio::spawn(async move {
             let r = pipeline.run().await;
             background.cancel();
-            app.running.store(false, Ordering::Relaxed);
+            app.observer.set_phase(Phase::Stopped);
             app.stop.cancel();
             r
         })
@@ -146,15 +202,46 @@ pub async fn serve(
         });
     }
 
-    let server = axum::serve(listener, routes::router(app.clone()))
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await;
+    let served = server.await;
     stop.cancel();
     tasks.close();
     tasks.wait().await;
-    let summary = run.await??;
-    server?;
+    let summary = run.await?;
+    if let Ok(Some(why)) = watchdog.await {
+        anyhow::bail!("{why}");
+    }
+    let summary = summary?;
+    served??;
     let s = summary.counters;
     anyhow::ensure!(s.balanced(), "counters do not balance: {s:?}");
     Ok(())
+}
+
+/// Connects the pipeline's parts (observed, the results teed to the live view) and the
+/// ingest API's producer, and starts the demo generator if asked.
+async fn connect(
+    c: &PipelineConfig,
+    backend: &Backend,
+    hub: &Arc<Hub>,
+    observer: &Arc<Observer>,
+    tasks: &tokio_util::task::TaskTracker,
+    demo: bool,
+    stop: &CancellationToken,
+) -> anyhow::Result<(Parts, Ingest)> {
+    let mut parts = Parts::open(c, backend, &FileIo::default())
+        .await?
+        .observed(observer);
+    parts.sink = Box::new(LiveSink::new(parts.sink, hub.clone()));
+    let ingest_sink = crate::assemble::connect(
+        c,
+        backend,
+        &format!("opening topic {}", c.source.topic),
+        || backend.sink(&c.source.topic),
+    )
+    .await?;
+    let ingest = Ingest::start(c, ingest_sink, stop.clone());
+    if demo {
+        crate::demo::start(tasks, c, backend, stop.clone()).await?;
+    }
+    Ok((parts, ingest))
 }

@@ -1,5 +1,5 @@
-//! `GET /metrics`: the pipeline's and the ingest API's counters in Prometheus' text format,
-//! labelled with the pipeline and its backend.
+//! `GET /metrics` of `weir serve`: the pipeline's exposition (the same text as
+//! `weir run --metrics-listen`, see [`crate::observe`]) plus the ingest API's counters.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,119 +8,46 @@ use super::App;
 
 /// The exposition text.
 pub fn render(app: &App) -> String {
-    let s = app.metrics.snapshot();
-    let labels = format!(
-        r#"pipeline="{}",backend="{}""#,
-        escape(&app.config.name),
-        app.backend
-    );
-    let mut out = String::with_capacity(2048);
-    let mut metric = |name: &str, kind: &str, help: &str, value: String| {
+    app.observer.render(|out, labels| {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
+        let zero = AtomicU64::new(0);
+        let st = app.ingest.get().map(|i| &i.stats);
+        let pick = |f: fn(&super::ingest::IngestStats) -> &AtomicU64| st.map_or(&zero, f);
         let _ = write!(
             out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {value}\n"
+            "# HELP weir_http_events_accepted_total Events POST /track* published and the broker acknowledged.\n\
+             # TYPE weir_http_events_accepted_total counter\n\
+             weir_http_events_accepted_total{{{labels}}} {}\n",
+            g(pick(|s| &s.accepted))
         );
-    };
-    let counters = [
-        (
-            "weir_events_in_total",
-            "Records received from the source topic.",
-            s.events_in,
-        ),
-        (
-            "weir_events_windowed_total",
-            "Records counted into a window.",
-            s.windowed,
-        ),
-        (
-            "weir_results_out_total",
-            "Window results acknowledged by the sink.",
-            s.results_out,
-        ),
-        (
-            "weir_dead_letters_total",
-            "Records sent to the dead-letter output.",
-            s.dead_letters,
-        ),
-        (
-            "weir_late_events_total",
-            "Records whose windows had all closed.",
-            s.late,
-        ),
-        (
-            "weir_windows_closed_total",
-            "Windows closed.",
-            s.windows_closed,
-        ),
-        (
-            "weir_commits_total",
-            "Commits of source positions.",
-            s.commits,
-        ),
-    ];
-    for (name, help, v) in counters {
-        metric(name, "counter", help, v.to_string());
-    }
-    metric(
-        "weir_open_entries",
-        "gauge",
-        "Open (window, key) entries.",
-        s.open_entries.to_string(),
-    );
-    let lag = if s.watermark == i64::MIN {
-        "NaN".to_string()
-    } else {
-        let ms = weir_engine::time::now_millis().saturating_sub(s.watermark);
-        format!("{:.3}", ms as f64 / 1000.0)
-    };
-    metric(
-        "weir_watermark_lag_seconds",
-        "gauge",
-        "Wall clock minus the pipeline watermark (NaN before the first event).",
-        lag,
-    );
-    let st = &app.ingest.stats;
-    let g = |a: &AtomicU64| a.load(Ordering::Relaxed).to_string();
-    metric(
-        "weir_http_events_accepted_total",
-        "counter",
-        "Events POST /track* published and the broker acknowledged.",
-        g(&st.accepted),
-    );
-    let refused = [
-        ("invalid", &st.invalid),
-        ("unavailable", &st.unavailable),
-        ("unauthorized", &st.unauthorized),
-    ];
-    let _ = write!(
-        out,
-        "# HELP weir_http_requests_refused_total POST /track* requests refused, by reason.\n\
-         # TYPE weir_http_requests_refused_total counter\n"
-    );
-    for (reason, a) in refused {
-        let _ = writeln!(
+        let _ = write!(
             out,
-            r#"weir_http_requests_refused_total{{{labels},reason="{reason}"}} {}"#,
-            g(a)
+            "# HELP weir_http_requests_refused_total POST /track* requests refused, by reason.\n\
+             # TYPE weir_http_requests_refused_total counter\n"
         );
-    }
-    let _ = write!(
-        out,
-        "# HELP weir_http_queue_events Events waiting for the broker's acknowledgement.\n\
-         # TYPE weir_http_queue_events gauge\nweir_http_queue_events{{{labels}}} {}\n",
-        app.ingest.queued()
-    );
-    let _ = write!(
-        out,
-        "# HELP weir_live_clients Connected /ws clients.\n# TYPE weir_live_clients gauge\n\
-         weir_live_clients{{{labels}}} {}\n",
-        app.hub.clients()
-    );
-    out
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', r"\\")
-        .replace('"', r#"\""#)
-        .replace('\n', r"\n")
+        let refused = [
+            ("invalid", pick(|s| &s.invalid)),
+            ("unavailable", pick(|s| &s.unavailable)),
+            ("unauthorized", &app.unauthorized),
+        ];
+        for (reason, a) in refused {
+            let _ = writeln!(
+                out,
+                r#"weir_http_requests_refused_total{{{labels},reason="{reason}"}} {}"#,
+                g(a)
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP weir_http_queue_events Events waiting for the broker's acknowledgement.\n\
+             # TYPE weir_http_queue_events gauge\nweir_http_queue_events{{{labels}}} {}\n",
+            app.ingest.get().map_or(0, |i| i.queued())
+        );
+        let _ = write!(
+            out,
+            "# HELP weir_live_clients Connected /ws clients.\n# TYPE weir_live_clients gauge\n\
+             weir_live_clients{{{labels}}} {}\n",
+            app.hub.clients()
+        );
+    })
 }

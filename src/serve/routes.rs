@@ -40,7 +40,41 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/ws", get(ws))
         .merge(ingest)
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                Json(json!({"message": "no such route"})),
+            )
+        })
+        .layer(middleware::map_response(json_errors))
         .with_state(app)
+}
+
+/// Every error answer is JSON `{"message": …}`: the ones axum itself writes as plain text
+/// (413 over a body limit, 405, a bad WebSocket upgrade, …) are rewritten.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_string(),
+        t => t.to_string(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let body = serde_json::to_vec(&json!({"message": message})).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 async fn app_js() -> impl IntoResponse {
@@ -57,13 +91,10 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .unwrap_or("");
         if !same(given.as_bytes(), token.as_bytes()) {
-            app.ingest
-                .stats
-                .unauthorized
-                .fetch_add(1, Ordering::Relaxed);
+            app.unauthorized.fetch_add(1, Ordering::Relaxed);
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))],
@@ -73,6 +104,15 @@ async fn require_token(State(app): State<Arc<App>>, req: Request, next: Next) ->
         }
     }
     next.run(req).await
+}
+
+/// The token of an `Authorization` value whose scheme is `Bearer`, in any case (RFC 9110:
+/// schemes are case-insensitive), with any amount of space after it.
+fn bearer(v: &str) -> Option<&str> {
+    let (scheme, token) = v.trim().split_once([' ', '\t'])?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
 }
 
 /// Compares without stopping at the first difference (no timing hint about the token).
@@ -107,8 +147,18 @@ fn refused(r: Refused) -> Response {
     }
 }
 
+/// 503 when the broker is still not connected after `publish_timeout`.
+fn starting() -> Response {
+    refused(Refused::Unavailable(
+        "starting: connecting to the broker".into(),
+    ))
+}
+
 async fn track(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    match app.ingest.track(&body).await {
+    let Some(ingest) = app.ingest().await else {
+        return starting();
+    };
+    match ingest.track(&body).await {
         Ok(fields) => {
             let mut answer = serde_json::Map::new();
             answer.insert("message".into(), "event accepted".into());
@@ -120,7 +170,10 @@ async fn track(State(app): State<Arc<App>>, body: Bytes) -> Response {
 }
 
 async fn track_batch(State(app): State<Arc<App>>, body: Bytes) -> Response {
-    match app.ingest.track_batch(&body).await {
+    let Some(ingest) = app.ingest().await else {
+        return starting();
+    };
+    match ingest.track_batch(&body).await {
         Ok(n) => (
             StatusCode::ACCEPTED,
             Json(json!({"message": format!("{n} events accepted"), "accepted": n})),
@@ -131,28 +184,11 @@ async fn track_batch(State(app): State<Arc<App>>, body: Bytes) -> Response {
 }
 
 async fn healthz(State(app): State<Arc<App>>) -> Response {
-    let running = app.running.load(Ordering::Relaxed);
-    let code = if running {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    let status = if running { "ok" } else { "pipeline stopped" };
-    (
-        code,
-        Json(json!({"status": status, "pipeline": app.config.name, "backend": app.backend})),
-    )
-        .into_response()
+    crate::observe::health_response(&app.observer)
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        super::prom::render(&app),
-    )
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    crate::observe::metrics_response(super::prom::render(&app))
 }
 
 async fn ws(State(app): State<Arc<App>>, upgrade: WebSocketUpgrade) -> Response {

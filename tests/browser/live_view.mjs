@@ -48,6 +48,31 @@ const event = (user, time) => ({
   metadata: { page: "/search" },
 });
 
+// The chart's time labels: at least two, the latest window's among them, none overlapping
+// another, none squeezed (at least 9 px high), all inside the chart.
+async function checkLabels(page, width) {
+  const labels = await page.evaluate(() => {
+    const chart = document.querySelector("#chart").getBoundingClientRect();
+    return { chart: { left: chart.left, right: chart.right },
+      boxes: [...document.querySelectorAll("#chart text.time")].map((t) => {
+        const b = t.getBoundingClientRect();
+        return { text: t.textContent, left: b.left, right: b.right, height: b.height };
+      }) };
+  });
+  const boxes = labels.boxes.sort((a, b) => a.left - b.left);
+  if (boxes.length < 2) fail(`at ${width} px the chart has ${boxes.length} time labels`);
+  if (boxes[boxes.length - 1].text !== "15:03:10") fail(`at ${width} px the latest label is ${boxes[boxes.length - 1].text}`);
+  for (let i = 1; i < boxes.length; i++) {
+    if (boxes[i].left < boxes[i - 1].right + 2) {
+      fail(`at ${width} px labels ${boxes[i - 1].text} and ${boxes[i].text} overlap`);
+    }
+  }
+  for (const b of boxes) {
+    if (b.height < 9) fail(`at ${width} px label ${b.text} is ${b.height} px high`);
+    if (b.left < labels.chart.left - 1 || b.right > labels.chart.right + 1) fail(`at ${width} px label ${b.text} is outside the chart`);
+  }
+}
+
 async function main() {
   mkdirSync(outDir, { recursive: true });
   const shot = join(outDir, "live_view.png");
@@ -84,9 +109,36 @@ async function main() {
     if (bars !== 3) fail(`the chart has ${bars} bars, expected 3 (one per user)`);
     await page.waitForFunction(() => document.querySelector("#c-results_out").textContent === "3", null, { timeout: 5_000 });
     if ((await page.textContent("#c-events_in")) !== "7") fail("events-in counter is not 7");
-    if (errors.length) fail(`page errors: ${errors.join("; ")}`);
+
+    // Fourteen more windows (15:01:00 … 15:03:10), closed by an event at 15:10:00: the
+    // chart shows the latest twelve, and its time labels must never overlap.
+    for (let k = 0; k < 14; k++) {
+      const t = new Date(Date.UTC(2024, 5, 27, 15, 1, 0) + k * 10_000 + 1_000);
+      const time = t.toISOString().replace("T", " ").replace("Z", "000");
+      const r = await fetch(new URL("/track", url), { method: "POST", body: JSON.stringify(event(`User${k % 3 + 1}`, time)) });
+      if (r.status !== 202) fail(`POST /track answered ${r.status}`);
+    }
+    await fetch(new URL("/track", url), { method: "POST", body: JSON.stringify(event("User1", "2024-06-27 15:10:00.000000")) });
+    await page.locator('#results tr[data-window="2024-06-27T15:03:10Z"]').waitFor({ timeout: 15_000 });
+    await checkLabels(page, 1280);
     await page.screenshot({ path: shot, fullPage: true });
-    console.log(`browser test: the live page shows User1=3, User2=2, User3=1 in 3 bars; screenshot ${shot}`);
+
+    // A phone: 390 px wide. Nothing may stick out sideways, labels keep their size and
+    // do not overlap, the counters and the table stay on the page.
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.waitForFunction(() => Math.abs(document.querySelector("#chart").viewBox.baseVal.width
+      - document.querySelector("#chart").getBoundingClientRect().width) < 2, null, { timeout: 5_000 });
+    const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+    if (overflow > 0) fail(`at 390 px the page scrolls sideways by ${overflow} px`);
+    for (const id of ["#c-events_in", "#chart", "#results"]) {
+      const box = await page.locator(id).boundingBox();
+      if (!box || box.x < 0 || box.x + Math.min(box.width, 390) > 390.5) fail(`${id} is not within the 390 px page: ${JSON.stringify(box)}`);
+    }
+    await checkLabels(page, 390);
+    const phone = join(outDir, "live_view-390.png");
+    await page.screenshot({ path: phone, fullPage: true });
+    if (errors.length) fail(`page errors: ${errors.join("; ")}`);
+    console.log(`browser test: the live page shows User1=3, User2=2, User3=1 in 3 bars; 12 windows with non-overlapping labels at 1280 and 390 px; screenshots ${shot}, ${phone}`);
   } catch (e) {
     await page.screenshot({ path: join(outDir, "live_view-failed.png"), fullPage: true }).catch(() => {});
     throw e;

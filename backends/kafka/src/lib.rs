@@ -154,9 +154,31 @@ impl KafkaBroker {
         Ok(self.producer.get_or_init(|| Arc::new(p)).clone())
     }
 
-    /// The number of partitions of `topic`, waiting (with a log line every attempt) while
-    /// the broker is unreachable.
+    /// The number of partitions of `topic`. An unreachable broker is a retryable error
+    /// after a few seconds (callers retry with the workspace's backoff); a topic whose
+    /// partitions are not known yet is waited for briefly.
     pub async fn partitions(&self, topic: &str) -> Result<i32, KafkaError> {
+        for _ in 0..10 {
+            let n = self.metadata(topic).await?;
+            if n > 0 {
+                return Ok(n);
+            }
+            tracing::debug!(topic, "kafka: topic has no partitions yet; asking again");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        Err(KafkaError::Topic {
+            topic: topic.to_string(),
+            message: format!(
+                "has no partitions at {} (missing? set create_topics)",
+                self.config.bootstrap_servers
+            ),
+            retryable: true,
+        })
+    }
+
+    /// One metadata request: the partition count of `topic` (0 when it does not exist),
+    /// or a retryable error when no broker answers within [`METADATA_TIMEOUT`].
+    async fn metadata(&self, topic: &str) -> Result<i32, KafkaError> {
         let probe: BaseConsumer = self
             .config
             .consumer_config("weir-metadata")
@@ -165,49 +187,36 @@ impl KafkaBroker {
                 what: "consumer",
                 source,
             })?;
-        let probe = Arc::new(probe);
-        let mut delay = Duration::from_millis(200);
-        loop {
-            let p = probe.clone();
-            let t = topic.to_string();
-            let got = tokio::task::spawn_blocking(move || {
-                p.fetch_metadata(Some(&t), Duration::from_secs(5))
-            })
-            .await
-            .map_err(|e| KafkaError::Topic {
+        let t = topic.to_string();
+        let got =
+            tokio::task::spawn_blocking(move || probe.fetch_metadata(Some(&t), METADATA_TIMEOUT))
+                .await
+                .map_err(|e| KafkaError::Topic {
+                    topic: topic.to_string(),
+                    message: e.to_string(),
+                    retryable: true,
+                })?;
+        match got {
+            Ok(md) => Ok(md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .filter(|t| t.error().is_none())
+                .map(|t| t.partitions().len() as i32)
+                .unwrap_or(0)),
+            Err(e) => Err(KafkaError::Topic {
                 topic: topic.to_string(),
-                message: e.to_string(),
-                retryable: true,
-            })?;
-            match got {
-                Ok(md) => {
-                    let n = md
-                        .topics()
-                        .iter()
-                        .find(|t| t.name() == topic)
-                        .filter(|t| t.error().is_none())
-                        .map(|t| t.partitions().len() as i32)
-                        .unwrap_or(0);
-                    if n > 0 {
-                        return Ok(n);
-                    }
-                    tracing::warn!(topic, retry_in = ?delay, "kafka: topic has no partitions yet (missing?); retrying");
-                }
-                Err(e) => tracing::warn!(
-                    topic,
-                    error = %e,
-                    retry_in = ?delay,
-                    "kafka: cannot read metadata from {}; retrying",
+                message: format!(
+                    "cannot reach Kafka at {}: {e}",
                     self.config.bootstrap_servers
                 ),
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
+                retryable: true,
+            }),
         }
     }
 
-    /// Creates `topic` when `create_topics` is on and it is missing. While the broker is
-    /// unreachable this waits, logging every attempt.
+    /// Creates `topic` when `create_topics` is on and it is missing. One attempt: an
+    /// unreachable broker is a retryable error (callers retry with backoff).
     pub async fn ensure_topic(&self, topic: &str) -> Result<(), KafkaError> {
         self.ensure_topic_with(topic, self.config.partitions).await
     }
@@ -222,6 +231,20 @@ impl KafkaBroker {
         {
             return Ok(());
         }
+        // A metadata request first: it fails within seconds when no broker answers (the
+        // admin request below would take its full timeout), and an existing topic needs
+        // no creation.
+        if self.metadata(topic).await? == 0 {
+            self.create_topic(topic, partitions).await?;
+        }
+        self.ensured
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(topic.to_string());
+        Ok(())
+    }
+
+    async fn create_topic(&self, topic: &str, partitions: i32) -> Result<(), KafkaError> {
         let admin: AdminClient<DefaultClientContext> = self
             .config
             .admin_config()
@@ -236,54 +259,36 @@ impl KafkaBroker {
             TopicReplication::Fixed(self.config.replication_factor),
         );
         let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-        let mut delay = Duration::from_millis(200);
-        loop {
-            let outcome = match admin.create_topics([&new], &opts).await {
-                Ok(results) => match results.into_iter().next() {
-                    Some(Ok(_)) => {
-                        tracing::info!(
-                            topic,
-                            partitions,
-                            replication_factor = self.config.replication_factor,
-                            "kafka: created topic"
-                        );
-                        Ok(())
-                    }
-                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => Ok(()),
-                    Some(Err((_, code))) => Err((code.to_string(), transient(code))),
-                },
-                Err(e) => Err((e.to_string(), true)),
-            };
-            match outcome {
-                Ok(()) => {
-                    self.ensured
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(topic.to_string());
-                    return Ok(());
-                }
-                Err((message, true)) => {
-                    tracing::warn!(
+        let outcome = match admin.create_topics([&new], &opts).await {
+            Ok(results) => match results.into_iter().next() {
+                Some(Ok(_)) => {
+                    tracing::info!(
                         topic,
-                        error = %message,
-                        retry_in = ?delay,
-                        "kafka: cannot create the topic at {}; retrying",
-                        self.config.bootstrap_servers
+                        partitions,
+                        replication_factor = self.config.replication_factor,
+                        "kafka: created topic"
                     );
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
+                    Ok(())
                 }
-                Err((message, false)) => {
-                    return Err(KafkaError::Topic {
-                        topic: topic.to_string(),
-                        message: format!("cannot create it: {message}"),
-                        retryable: false,
-                    })
-                }
-            }
-        }
+                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => Ok(()),
+                Some(Err((_, code))) => Err((code.to_string(), transient(code))),
+            },
+            Err(e) => Err((e.to_string(), true)),
+        };
+        outcome.map_err(|(message, retryable)| KafkaError::Topic {
+            topic: topic.to_string(),
+            message: format!(
+                "cannot create it at {}: {message}",
+                self.config.bootstrap_servers
+            ),
+            retryable,
+        })
     }
 }
+
+/// How long one metadata request waits for a broker: an unreachable cluster is reported
+/// (and retried) after this long.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn transient(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;

@@ -71,7 +71,13 @@ impl KinesisError {
             SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => KinesisError::Unreachable {
                 op,
                 endpoint: endpoint.to_string(),
-                detail: DisplayErrorContext(&e).to_string(),
+                detail: match &e {
+                    SdkError::DispatchFailure(d) => match d.as_connector_error() {
+                        Some(c) => causes(c),
+                        None => "dispatch failure".into(),
+                    },
+                    _ => "timed out".into(),
+                },
             },
             _ => {
                 let code = e.code().unwrap_or("unknown").to_string();
@@ -113,6 +119,22 @@ impl KinesisError {
             KinesisError::Invalid(_) | KinesisError::Credentials { .. } => false,
         }
     }
+}
+
+/// An error and its causes as one line of their messages, without the SDK's debug dump:
+/// "dispatch failure: io error: … Connection refused (os error 111)".
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
 }
 
 /// Whether an error code means "slow down".

@@ -36,6 +36,9 @@ pub struct PipelineConfig {
     pub broker: String,
     /// Where the `broker` setting came from.
     pub broker_loc: Loc,
+    /// `[pipeline] give_up_after`: how long an unreachable broker is retried (with a log
+    /// line per attempt) before the command fails with exit 1; zero fails at once.
+    pub give_up_after: Duration,
     /// The input topic and how it is read.
     pub source: SourceConfig,
     /// What events must look like.
@@ -63,6 +66,8 @@ pub struct PipelineConfig {
     pub demo: DemoConfig,
     /// `weir serve`'s ingest API and live view.
     pub serve: ServeConfig,
+    /// `[observability]`: where `weir run` serves `/metrics` and `/healthz`.
+    pub observability: ObservabilityConfig,
     /// `[retry]`: the retry topic and its backoff.
     pub retry: Option<RetryConfig>,
     /// `[enrich]`: the table joined into each event.
@@ -167,6 +172,23 @@ pub struct ServeConfig {
     /// Name of the environment variable holding the bearer token that `POST /track*` then
     /// require; unset or empty variable = no token. The token itself never goes in the file.
     pub token_env: String,
+    /// How long a client may take to send a request's headers (slow clients are closed).
+    pub header_timeout: Duration,
+    /// How long a connection may stay open without a request in progress.
+    pub idle_timeout: Duration,
+    /// Most open connections; past it the longest-idle connection is closed to make room.
+    pub max_connections: usize,
+}
+
+/// `[observability]`: the metrics and health endpoint of `weir run`.
+#[derive(Debug, Clone, Default)]
+pub struct ObservabilityConfig {
+    /// Where `/metrics` and `/healthz` are served (`--metrics-listen` overrides it); none
+    /// by default.
+    pub listen: Option<std::net::SocketAddr>,
+    /// How long the pipeline may go without a successful receive (an unreachable broker)
+    /// before `/healthz` answers 503.
+    pub stuck_after: Duration,
 }
 
 /// Options that come from the command line rather than the file.
@@ -257,9 +279,11 @@ const MIB: u64 = 1 << 20;
 fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
     let mut r = TableReader::new("", root, Loc::Nowhere);
 
-    let (name, broker, broker_loc) = match r.table(d, "pipeline") {
+    let default_give_up = Duration::from_secs(300);
+    let (name, broker, broker_loc, give_up_after) = match r.table(d, "pipeline") {
         Some(mut t) => {
             let name = t.str_or(d, "name", "weir");
+            let give_up = t.duration_or(d, "give_up_after", default_give_up);
             let broker_node = t.node("broker");
             let broker = t.str_or(d, "broker", "memory");
             let loc = broker_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
@@ -274,9 +298,14 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                 );
             }
             t.finish(d);
-            (name, broker, loc)
+            (name, broker, loc, give_up)
         }
-        None => ("weir".into(), "memory".into(), Loc::Nowhere),
+        None => (
+            "weir".into(),
+            "memory".into(),
+            Loc::Nowhere,
+            default_give_up,
+        ),
     };
 
     let source = match r.table(d, "source") {
@@ -775,12 +804,14 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         },
     };
     let serve = read_serve(&mut r, d, source.max_payload_bytes);
+    let observability = read_observability(&mut r, d);
     r.finish(d);
 
     PipelineConfig {
         name,
         broker,
         broker_loc,
+        give_up_after,
         source,
         schema,
         time,
@@ -794,10 +825,49 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         brokers,
         demo,
         serve,
+        observability,
         retry,
         enrich,
         errors,
     }
+}
+
+/// An `IP:PORT` setting.
+fn socket_addr(
+    t: &mut TableReader<'_>,
+    d: &mut Diagnostics,
+    key: &'static str,
+    path: &str,
+) -> Option<std::net::SocketAddr> {
+    let node = t.node(key);
+    match t.str(d, key).map(str::parse) {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(_)) => {
+            d.push(
+                &node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                path,
+                "expected IP:PORT, e.g. \"127.0.0.1:9090\"",
+            );
+            None
+        }
+    }
+}
+
+fn read_observability(r: &mut TableReader<'_>, d: &mut Diagnostics) -> ObservabilityConfig {
+    let stuck_default = Duration::from_secs(30);
+    let Some(mut t) = r.table(d, "observability") else {
+        return ObservabilityConfig {
+            listen: None,
+            stuck_after: stuck_default,
+        };
+    };
+    let c = ObservabilityConfig {
+        listen: socket_addr(&mut t, d, "listen", "observability.listen"),
+        stuck_after: t.duration_or(d, "stuck_after", stuck_default),
+    };
+    t.finish(d);
+    c
 }
 
 fn read_serve(r: &mut TableReader<'_>, d: &mut Diagnostics, max_payload: usize) -> ServeConfig {
@@ -808,23 +878,14 @@ fn read_serve(r: &mut TableReader<'_>, d: &mut Diagnostics, max_payload: usize) 
         queue: 10_000,
         publish_timeout: Duration::from_secs(5),
         token_env: "WEIR_SERVE_TOKEN".into(),
+        header_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_secs(60),
+        max_connections: 512,
     };
     let Some(mut t) = r.table(d, "serve") else {
         return def;
     };
-    let listen_node = t.node("listen");
-    let listen = match t.str(d, "listen").map(str::parse) {
-        None => def.listen,
-        Some(Ok(a)) => a,
-        Some(Err(_)) => {
-            d.push(
-                &listen_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
-                "serve.listen",
-                "expected IP:PORT, e.g. \"127.0.0.1:8000\"",
-            );
-            def.listen
-        }
-    };
+    let listen = socket_addr(&mut t, d, "listen", "serve.listen").unwrap_or(def.listen);
     let u = |t: &mut TableReader<'_>, d: &mut Diagnostics, key, default: usize, max: u64| {
         t.uint_or(d, key, default as u64, 0..=max) as usize
     };
@@ -841,6 +902,9 @@ fn read_serve(r: &mut TableReader<'_>, d: &mut Diagnostics, max_payload: usize) 
         queue: u(&mut t, d, "queue", def.queue, 10_000_000),
         publish_timeout: t.duration_or(d, "publish_timeout", def.publish_timeout),
         token_env: t.str_or(d, "token_env", &def.token_env),
+        header_timeout: t.duration_or(d, "header_timeout", def.header_timeout),
+        idle_timeout: t.duration_or(d, "idle_timeout", def.idle_timeout),
+        max_connections: u(&mut t, d, "max_connections", def.max_connections, 1_000_000).max(1),
     };
     t.finish(d);
     c

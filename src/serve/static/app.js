@@ -82,10 +82,46 @@ function svg(tag, attrs, text) {
   return e;
 }
 
+// Space kept between two time labels, in px.
+const LABEL_GAP = 6;
+
+// The width of a time label as the browser draws it (11 px font), measured once.
+let labelWidth = 0;
+function measureLabel(chart) {
+  if (labelWidth > 0) return labelWidth;
+  const probe = svg("text", { x: 0, y: -10, class: "time" }, "00:00:00");
+  chart.append(probe);
+  labelWidth = Math.ceil(probe.getComputedTextLength()) || 52;
+  probe.remove();
+  return labelWidth;
+}
+
+// Time labels placed from the latest window leftwards, each under its bar, skipping any
+// that would come closer than LABEL_GAP to the one on its right: they never overlap and
+// never leave the chart, however narrow it is. The latest window is always labelled.
+function placeLabels(labels, width, left, right) {
+  const placed = [];
+  let limit = right;
+  for (let i = labels.length - 1; i >= 0; i--) {
+    const half = width / 2;
+    let cx = labels[i].cx;
+    if (i === labels.length - 1) cx = Math.min(cx, limit - half - 1);
+    else if (cx + half + LABEL_GAP > limit) continue;
+    if (cx - half < left) break;
+    placed.push({ ...labels[i], cx });
+    limit = cx - half;
+  }
+  return placed;
+}
+
 function drawChart() {
   const value = state.values[0];
   const chart = $("chart");
-  const W = 640, H = 260, left = 40, bottom = 22, top = 8;
+  // Drawn in the chart's own pixels (no stretching), so text keeps its shape and size on
+  // any screen.
+  const W = Math.max(200, Math.round(chart.getBoundingClientRect().width) || 640);
+  const H = 260, left = 40, bottom = 22, top = 8;
+  chart.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const windows = latestWindows();
   const totals = windows.map((w) => [...state.windows.get(w).values()].reduce((s, r) => s + (Number(r[value]) || 0), 0));
   const step = niceStep(Math.max(1, ...totals));
@@ -97,6 +133,7 @@ function drawChart() {
     parts.push(svg("text", { x: left - 4, y: y + 4, "text-anchor": "end" }, String(v)));
   }
   const slot = (W - left) / WINDOWS_SHOWN;
+  const labels = [];
   const keys = new Set();
   windows.forEach((w, i) => {
     let y = H - bottom;
@@ -109,9 +146,12 @@ function drawChart() {
       rect.append(svg("title", {}, `${w} ${key}: ${r[value]}`));
       parts.push(rect);
     }
-    parts.push(svg("text", { x: x + slot * 0.35, y: H - 6, "text-anchor": "middle" }, (w.split("T")[1] || w).replace("Z", "")));
+    labels.push({ cx: x + slot * 0.35, text: (w.split("T")[1] || w).replace("Z", "") });
   });
   chart.replaceChildren(...parts);
+  for (const l of placeLabels(labels, measureLabel(chart), 0, W)) {
+    chart.append(svg("text", { x: l.cx, y: H - 6, "text-anchor": "middle", class: "time" }, l.text));
+  }
   $("legend").replaceChildren(...[...keys].sort().map((k) => {
     const s = el("span", {}, k);
     s.prepend(el("i", { style: `background:${colorOf(k)}` }));
@@ -148,5 +188,12 @@ function connect() {
     }
   };
 }
+
+// Redraw at the new width when the window is resized or a phone turns.
+let resized = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resized);
+  resized = setTimeout(scheduleDraw, 100);
+});
 
 connect();
