@@ -61,6 +61,9 @@ impl Source for Timed<Box<dyn Source>> {
     fn wants_commit(&self) -> bool {
         self.0.wants_commit()
     }
+    fn has_backlog(&self, partition: u32) -> bool {
+        self.0.has_backlog(partition)
+    }
     async fn commit(&mut self, p: &[(Position, Checkpoint)]) -> weir_engine::Result<()> {
         let t = Instant::now();
         let r = self.0.commit(p).await;

@@ -55,6 +55,9 @@ impl Source for UntilDrained {
             other => Ok(other),
         }
     }
+    fn has_backlog(&self, partition: u32) -> bool {
+        self.0.has_backlog(partition)
+    }
     async fn commit(&mut self, p: &[(Position, Checkpoint)]) -> weir_engine::Result<()> {
         self.0.commit(p).await
     }

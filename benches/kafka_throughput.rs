@@ -58,6 +58,9 @@ impl Source for Drained {
         }
         Ok(r)
     }
+    fn has_backlog(&self, partition: u32) -> bool {
+        self.inner.has_backlog(partition)
+    }
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> weir_engine::Result<()> {
         self.inner.commit(positions).await
     }

@@ -560,6 +560,10 @@ impl Source for ObservedSource {
         self.inner.pending()
     }
 
+    fn has_backlog(&self, partition: u32) -> bool {
+        self.inner.has_backlog(partition)
+    }
+
     fn recycle(&mut self, batch: Vec<Record>) {
         self.inner.recycle(batch)
     }
