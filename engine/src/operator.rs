@@ -430,7 +430,7 @@ impl WindowOperator {
 
     /// The input is not keyed by the group key: merge every task into one.
     #[cold]
-    fn share(&mut self, rec: &Record) {
+    fn share(&mut self, rec: &Record, now: Instant) {
         self.shared = true;
         let mut tasks = std::mem::take(&mut self.tasks).into_iter().flatten();
         let merged = tasks.next().map(|mut first| {
@@ -450,7 +450,7 @@ impl WindowOperator {
             }
             first
         });
-        let merged = match merged {
+        let mut merged = match merged {
             Some(t) => t,
             // Only retried records came so far: the source's partitions join as they
             // deliver.
@@ -459,6 +459,10 @@ impl WindowOperator {
                 self.new_task()
             }
         };
+        // Until now each partition went idle on its own: one that delivered nothing yet
+        // must hold the merged time as at a wake-up (the first unkeyed record often comes
+        // right after a quiet start).
+        merged.watermarks.rearm(now);
         self.tasks = vec![Some(merged)];
     }
 
@@ -742,7 +746,7 @@ impl WindowOperator {
             return self.invalid(rec, &reason, replaying, now_ms, out);
         }
         if !self.shared && !self.keyed_by_group(rec, &ev.values) {
-            self.share(rec);
+            self.share(rec, now);
         }
         let retried = rec.position.partition >= RETRY_PARTITION_BASE;
         let ti = if retried {

@@ -162,3 +162,28 @@ fn a_future_event_is_dead_lettered_and_a_near_one_cannot_pass_the_wall_clock() {
     );
     assert_eq!(o, Outcome::Windowed, "max_future = \"off\"");
 }
+
+#[test]
+fn unkeyed_data_after_a_quiet_start_waits_for_every_partition() {
+    let job = job().with_idle_timeout(Duration::from_secs(1));
+    let mut op = WindowOperator::new(&job, "t");
+    let t0 = Instant::now();
+    op.assign(&[(0, None), (1, None)], t0);
+    let mut out = Emitted::default();
+    // Started before the data: both partitions idle.
+    let t1 = t0 + Duration::from_secs(3);
+    op.close_ready(t1, &|_| false, &mut out);
+    // Partition 1's (unkeyed) records come first, far ahead in event time.
+    for (i, t) in [1_000, 30_000, 60_000].iter().enumerate() {
+        op.ingest(&rec(1, i as u64, None, *t), t1, now_ms(), &mut out);
+    }
+    assert!(op.is_shared());
+    op.close_ready(t1, &|_| false, &mut out);
+    assert!(out.results.is_empty(), "partition 0 holds the time again");
+    let o = op.ingest(&rec(0, 0, None, 2_000), t1, now_ms(), &mut out);
+    assert_eq!(
+        o,
+        Outcome::Windowed,
+        "partition 0's first record is not late"
+    );
+}

@@ -147,10 +147,17 @@ impl Watermarks {
             .enumerate()
             .all(|(i, p)| i == woken as usize || p.idle || !p.assigned);
         if others_idle {
-            for p in self.parts.iter_mut().filter(|p| p.assigned) {
-                p.idle = false;
-                p.last_seen = now;
-            }
+            self.rearm(now);
+        }
+    }
+
+    /// Re-arms every partition of this task: each holds the watermark again until it
+    /// delivers or `idle_timeout` passes (tasks just merged: which of their partitions is
+    /// idle was judged apart).
+    pub fn rearm(&mut self, now: Instant) {
+        for p in self.parts.iter_mut().filter(|p| p.assigned) {
+            p.idle = false;
+            p.last_seen = now;
         }
     }
 
