@@ -440,7 +440,7 @@ impl WindowOperator {
                 n += 1;
             }
             if n > 1 {
-                tracing::warn!(
+                tracing::info!(
                     partition = rec.position.partition,
                     offset = rec.position.offset,
                     "records are not keyed by the group key (this one's key is {}): one event time for all partitions, \
