@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 use weir_engine::config::{LatePolicy, PipelineConfig};
 use weir_engine::enrich::{Enricher, Table};
 use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
+use weir_engine::metrics::Metrics;
 use weir_engine::retry::WithRetries;
 use weir_engine::{Job, Pipeline, Processor, Sink, Source};
 
@@ -43,6 +44,9 @@ pub struct Parts {
     pub retry: Option<Box<dyn Sink>>,
     /// Processors in order (the enrichment stage, when configured).
     pub processors: Vec<Box<dyn Processor>>,
+    /// The pipeline's counters (shared with the `--input` file's reader, which counts
+    /// blank lines into them).
+    pub metrics: Arc<Metrics>,
     /// Stops the tasks the parts started (the enrichment table's follower): cancel it when
     /// the pipeline has stopped.
     pub background: CancellationToken,
@@ -54,8 +58,13 @@ impl Parts {
     /// With `[enrich]`, the table is loaded from its topic before this returns and then
     /// followed by a background task until [`background`](Parts::background) is cancelled.
     pub async fn open(c: &PipelineConfig, backend: &Backend, io: &FileIo) -> anyhow::Result<Parts> {
+        let metrics = Arc::new(Metrics::default());
         let mut source: Box<dyn Source> = match &io.input {
-            Some(path) => Box::new(JsonLinesSource::open(path).await?),
+            Some(path) => Box::new(
+                JsonLinesSource::open(path)
+                    .await?
+                    .counting_into(metrics.clone()),
+            ),
             None => {
                 backend
                     .source(&c.source.topic, Some(&c.source.group))
@@ -117,13 +126,15 @@ impl Parts {
             late,
             retry,
             processors,
+            metrics,
             background,
         })
     }
 
     /// The pipeline made of these parts.
     pub fn into_pipeline(self) -> Pipeline {
-        let mut p = Pipeline::new(self.job, self.source, self.sink, self.dead_letter);
+        let mut p = Pipeline::new(self.job, self.source, self.sink, self.dead_letter)
+            .with_metrics(self.metrics);
         if let Some(late) = self.late {
             p = p.late_output(late);
         }

@@ -63,18 +63,22 @@ impl App {
 
     fn counters(&self) -> Arc<str> {
         let s = self.metrics.snapshot();
-        serde_json::json!({
-            "type": "counters",
-            "events_in": s.events_in,
-            "windowed": s.windowed,
-            "results_out": s.results_out,
-            "dead_letters": s.dead_letters,
-            "late": s.late,
-            "watermark": (s.watermark != i64::MIN).then_some(s.watermark),
-            "accepted": self.ingest.stats.accepted.load(Ordering::Relaxed),
-        })
-        .to_string()
-        .into()
+        let mut m = serde_json::Map::new();
+        m.insert("type".into(), "counters".into());
+        // Every counter of the balance and the others, from the one list all displays share.
+        for t in s.terms() {
+            m.insert(t.name.into(), t.value.into());
+        }
+        m.insert("balanced".into(), s.balanced().into());
+        m.insert(
+            "watermark".into(),
+            (s.watermark != i64::MIN).then_some(s.watermark).into(),
+        );
+        m.insert(
+            "accepted".into(),
+            self.ingest.stats.accepted.load(Ordering::Relaxed).into(),
+        );
+        serde_json::Value::Object(m).to_string().into()
     }
 }
 
@@ -91,7 +95,7 @@ pub async fn serve(
     let hub = Arc::new(Hub::new(LIVE_LAG, LIVE_RECENT));
     let mut parts = Parts::open(&c, &backend, &FileIo::default()).await?;
     parts.sink = Box::new(LiveSink::new(parts.sink, hub.clone()));
-    let metrics = Arc::new(Metrics::default());
+    let metrics = parts.metrics.clone();
     let ingest = Ingest::start(&c, backend.sink(&c.source.topic).await?, stop.clone());
     let token = std::env::var(&c.serve.token_env)
         .ok()
