@@ -8,7 +8,7 @@ use weir_engine::config::{LatePolicy, PipelineConfig};
 use weir_engine::enrich::{Enricher, Table};
 use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
 use weir_engine::metrics::Metrics;
-use weir_engine::retry::WithRetries;
+use weir_engine::retry::{RetrySink, WithRetries};
 use weir_engine::{Job, Pipeline, Processor, Sink, Source};
 
 use crate::Backend;
@@ -91,8 +91,9 @@ impl Parts {
             // settled such a group under load).
             let group = format!("{}.retry", c.source.group);
             let retries = backend.source(&r.topic, Some(&group)).await?;
-            source = Box::new(WithRetries::new(source, retries));
-            retry = Some(backend.sink(&r.topic).await?);
+            let sink = RetrySink::new(backend.sink(&r.topic).await?);
+            source = Box::new(WithRetries::new(source, retries).awaiting(sink.counter()));
+            retry = Some(Box::new(sink) as Box<dyn Sink>);
         }
         let background = CancellationToken::new();
         let mut processors: Vec<Box<dyn Processor>> = Vec::new();
