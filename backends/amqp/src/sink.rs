@@ -81,7 +81,7 @@ impl AmqpSink {
             .await
             .map_err(|e| amqp_error("enabling publisher confirms", &e))?;
         match &self.retry {
-            None => topology::declare_topic(&ch, &self.cfg, &self.topic).await?,
+            None => topology::declare_published_topic(&conn, &ch, &self.cfg, &self.topic).await?,
             Some((source, delay)) => {
                 topology::declare_retry(&ch, &self.cfg, source, *delay).await?
             }
@@ -154,6 +154,11 @@ pub(crate) fn properties(r: &OutRecord, persistent: bool) -> BasicProperties {
         );
     }
     let mut p = BasicProperties::default().with_delivery_mode(if persistent { 2 } else { 1 });
+    // Results, dead letters and retry envelopes are JSON objects, and so are the events
+    // `weir produce` and POST /track publish: say so to standard consumers.
+    if r.payload.first() == Some(&b'{') {
+        p = p.with_content_type("application/json".into());
+    }
     if let Some(ts) = r.timestamp {
         headers.insert(HEADER_TIMESTAMP.into(), AMQPValue::LongLongInt(ts));
         if ts >= 0 {

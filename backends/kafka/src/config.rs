@@ -55,8 +55,13 @@ pub const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
     ("fetch.queue.backoff.ms", "10"),
 ];
 
-/// Properties Weir sets itself; setting them in a pass-through table is a mistake.
-const OWNED: [(&str, &str); 3] = [
+/// Properties Weir sets itself, or that would break its delivery model; setting them in a
+/// pass-through table is a mistake.
+const OWNED: [(&str, &str); 4] = [
+    (
+        "transactional.id",
+        "Weir's producers are idempotent and at-least-once; transactions (exactly-once) are not supported yet, and a transactional producer that never begins a transaction fails every send — remove the key",
+    ),
     ("bootstrap.servers", "use `bootstrap_servers` in [brokers.kafka]"),
     ("group.id", "the consumer group is `source.group`"),
     (

@@ -586,6 +586,14 @@ impl Source for KafkaSource {
                     .pop_front()
                     .unwrap_or(Received::Batch(Vec::new())))
             }
+            Item::Error(source) if crate::error::is_undecodable(&source) => {
+                let e = KafkaError::Undecodable {
+                    topic: self.topic.clone(),
+                    source,
+                };
+                tracing::error!(topic = %self.topic, "{e}");
+                Err(e.into())
+            }
             Item::Error(source) => Err(KafkaError::Receive {
                 topic: self.topic.clone(),
                 source,

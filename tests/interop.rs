@@ -1,0 +1,271 @@
+//! Weir next to the producers and consumers people already run: standard third-party
+//! clients (confluent-kafka, pika, boto3 + aws-kinesis-agg, from the venv
+//! `scripts/interop-venv` makes) against the real brokers of the test bed. Test names start
+//! with the broker's name so `scripts/test` can leave a broker out explicitly.
+
+mod conformance;
+mod thirdparty;
+use thirdparty as interop;
+
+use std::time::Duration;
+
+use conformance::{oracle, results, Bed};
+use weir_engine::generate::dataset;
+use weir_engine::StopReason;
+
+fn seed_lines(seed: u64, n: usize, users: u64) -> Vec<Vec<u8>> {
+    dataset(seed, n, users, 0)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect()
+}
+
+/// `key\tvalue` lines for [`interop::KAFKA_PRODUCE`], keyed by user like a Java producer.
+fn keyed(lines: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in lines {
+        let v: serde_json::Value = serde_json::from_slice(l).unwrap();
+        out.extend_from_slice(v["user_id"].as_str().unwrap_or("").as_bytes());
+        out.push(b'\t');
+        out.extend_from_slice(l);
+        out.push(b'\n');
+    }
+    out
+}
+
+/// A topic compressed with zstd by a Java-like producer (librdkafka 2.16 in
+/// confluent-kafka, `compression.type=zstd`) is read like any other codec: exactly the
+/// oracle's counts. (Before, Weir's librdkafka had no zstd: a WARN every 10 s forever, or
+/// the records skipped.)
+#[tokio::test]
+async fn kafka_reads_zstd_from_a_java_like_producer() {
+    let bed = Bed::new("kafka", "zstd", &[]);
+    // Weir creates the topic (4 partitions) as for any run.
+    drop(
+        bed.backend
+            .sink(&bed.config.source.topic)
+            .await
+            .expect("topic"),
+    );
+    let data = seed_lines(14, 5_000, 20);
+    let want = oracle(&data);
+    let sent = interop::run_async(
+        interop::KAFKA_PRODUCE,
+        vec![
+            ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
+            ("TOPIC".into(), bed.config.source.topic.clone()),
+            ("CODEC".into(), "zstd".into()),
+        ],
+        keyed(&data),
+    )
+    .await;
+    assert_eq!(sent.trim(), "5000");
+    let summary = bed.run_until_idle().await.expect("run");
+    assert_eq!(summary.reason, StopReason::Idle);
+    let s = summary.counters;
+    assert_eq!(
+        (s.events_in, s.windowed, s.dead_letters),
+        (5_000, 5_000, 0),
+        "{s:?}"
+    );
+    let got = results(
+        &bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5))
+            .await,
+    );
+    assert_eq!(got, want);
+}
+
+/// What pika printed, as records: body, `weir.key` header as the key, headers.
+fn pika_records(out: &str, queue: &str) -> Vec<weir_engine::Record> {
+    out.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["queue"] == queue)
+        .map(|v| {
+            assert_eq!(v["content_type"], "application/json", "{v}");
+            let h = v["headers"].as_object().unwrap();
+            let rec = weir_engine::Record {
+                key: h
+                    .get("weir.key")
+                    .map(|k| bytes::Bytes::from(k.as_str().unwrap().to_string())),
+                payload: bytes::Bytes::from(v["body"].as_str().unwrap().to_string()),
+                headers: h
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        Some((
+                            k.clone().into(),
+                            bytes::Bytes::from(v.as_str()?.to_string()),
+                        ))
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            rec
+        })
+        .collect()
+}
+
+fn amqp_queues(bed: &Bed) -> String {
+    let c = &bed.config;
+    [
+        c.source.topic.clone(),
+        c.sink.topic.clone(),
+        c.dead_letter.topic.clone(),
+        format!("weir.checkpoint.{}", c.source.topic),
+    ]
+    .join(",")
+}
+
+/// A standard consumer declares the queues Weir published to the way pika's docs do,
+/// `queue_declare(queue, durable=True)`, after Weir made them: it works (no
+/// `inequivalent arg 'x-single-active-consumer'`), and it reads exactly the oracle's
+/// results, as JSON with `content_type` `application/json`, the key in `weir.key` and the
+/// id in `weir.id`.
+#[tokio::test]
+async fn amqp_a_standard_consumer_declares_and_reads_the_results_queue() {
+    let bed = Bed::without_queue_expiry("amqp", "pika-after", &[]);
+    let mut data = seed_lines(15, 2_000, 20);
+    data.push(b"{\"user_id\": \"User1\", not json".to_vec());
+    let want = oracle(&data);
+    bed.produce(&data).await;
+    let summary = bed.run_until_idle().await.expect("run");
+    let s = summary.counters;
+    assert_eq!(
+        (s.events_in, s.windowed, s.dead_letters),
+        (2_001, 2_000, 1),
+        "{s:?}"
+    );
+    let c = &bed.config;
+    let env = vec![
+        ("URL".to_string(), interop::amqp_url()),
+        (
+            "QUEUES".to_string(),
+            format!("{},{}", c.sink.topic, c.dead_letter.topic),
+        ),
+    ];
+    let out = interop::run_async(interop::PIKA_CONSUME, env, Vec::new()).await;
+    let got = results(&pika_records(&out, &c.sink.topic));
+    assert_eq!(got, want);
+    let dead = pika_records(&out, &c.dead_letter.topic);
+    assert_eq!(dead.len(), 1);
+    let env: serde_json::Value = serde_json::from_slice(&dead[0].payload).unwrap();
+    assert!(
+        env["error"].as_str().unwrap().contains("invalid JSON"),
+        "{env}"
+    );
+    assert_eq!(env["payload"], "{\"user_id\": \"User1\", not json");
+    interop::run_async(
+        interop::PIKA_DELETE,
+        vec![
+            ("URL".into(), interop::amqp_url()),
+            ("QUEUES".into(), amqp_queues(&bed)),
+        ],
+        Vec::new(),
+    )
+    .await;
+}
+
+/// Queues a standard client declared first, with arguments Weir does not set, are used as
+/// they are: the results queue (`x-max-length`) and the dead-letter queue
+/// (`x-message-ttl`) by Weir's sinks, the input queue (no single active consumer) by Weir's
+/// source with an exclusive consumer. The counts are the oracle's.
+#[tokio::test]
+async fn amqp_queues_declared_first_by_another_client_are_used_as_they_are() {
+    let bed = Bed::without_queue_expiry("amqp", "pika-first", &[]);
+    let c = &bed.config;
+    let url = interop::amqp_url();
+    let declare = |queues: String, args: &str| {
+        vec![
+            ("URL".to_string(), url.clone()),
+            ("QUEUES".to_string(), queues),
+            ("ARGS".to_string(), args.to_string()),
+            ("DECLARE_ONLY".to_string(), "1".to_string()),
+        ]
+    };
+    interop::run_async(
+        interop::PIKA_CONSUME,
+        declare(c.source.topic.clone(), ""),
+        Vec::new(),
+    )
+    .await;
+    interop::run_async(
+        interop::PIKA_CONSUME,
+        declare(c.sink.topic.clone(), r#"{"x-max-length": 100000}"#),
+        Vec::new(),
+    )
+    .await;
+    interop::run_async(
+        interop::PIKA_CONSUME,
+        declare(c.dead_letter.topic.clone(), r#"{"x-message-ttl": 3600000}"#),
+        Vec::new(),
+    )
+    .await;
+    let data = seed_lines(16, 2_000, 20);
+    let want = oracle(&data);
+    bed.produce(&data).await;
+    let summary = bed.run_until_idle().await.expect("run");
+    assert_eq!(summary.counters.windowed, 2_000, "{:?}", summary.counters);
+    let env = vec![
+        ("URL".to_string(), url.clone()),
+        ("QUEUES".to_string(), c.sink.topic.clone()),
+        (
+            "ARGS".to_string(),
+            r#"{"x-max-length": 100000}"#.to_string(),
+        ),
+    ];
+    let out = interop::run_async(interop::PIKA_CONSUME, env, Vec::new()).await;
+    assert_eq!(results(&pika_records(&out, &c.sink.topic)), want);
+    interop::run_async(
+        interop::PIKA_DELETE,
+        vec![("URL".into(), url), ("QUEUES".into(), amqp_queues(&bed))],
+        Vec::new(),
+    )
+    .await;
+}
+
+/// Where using a queue as it is would not be safe — Weir's source needs a durable queue,
+/// and another client declared it transient — the error names the argument that differs
+/// and the setting to change.
+#[tokio::test]
+async fn amqp_an_inequivalent_queue_names_the_argument_and_the_setting() {
+    let bed = Bed::without_queue_expiry("amqp", "pika-transient", &[]);
+    let topic = bed.config.source.topic.clone();
+    let url = interop::amqp_url();
+    const TRANSIENT: &str = r#"
+import os, pika
+conn = pika.BlockingConnection(pika.URLParameters(os.environ["URL"]))
+conn.channel().queue_declare(os.environ["QUEUES"], durable=False)
+conn.close()
+"#;
+    interop::run_async(
+        TRANSIENT,
+        vec![
+            ("URL".into(), url.clone()),
+            ("QUEUES".into(), topic.clone()),
+        ],
+        Vec::new(),
+    )
+    .await;
+    let err = match bed
+        .backend
+        .source(&topic, Some(&bed.config.source.group))
+        .await
+    {
+        Ok(mut src) => src
+            .recv(10, Duration::from_secs(5))
+            .await
+            .expect_err("a transient queue cannot be Weir's durable source")
+            .to_string(),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("inequivalent arg 'durable'"), "{err}");
+    assert!(
+        err.contains(&format!("queue `{topic}` already exists with another `durable` than Weir declares: change `brokers.amqp.durable`")),
+        "{err}"
+    );
+    interop::run_async(
+        interop::PIKA_DELETE,
+        vec![("URL".into(), url), ("QUEUES".into(), amqp_queues(&bed))],
+        Vec::new(),
+    )
+    .await;
+}

@@ -1,0 +1,144 @@
+//! Third-party clients for the interop tests: Python's confluent-kafka (librdkafka 2.16),
+//! pika and boto3 (with aws-kinesis-agg for KPL aggregation), from the venv that
+//! `scripts/interop-venv` makes from PyPI. A venv that cannot be made fails the test,
+//! loudly; it is never a skip.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
+/// The venv's python, made on first use.
+pub fn python() -> &'static Path {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(root.join("scripts/interop-venv"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("cannot run scripts/interop-venv");
+        assert!(
+            out.status.success(),
+            "scripts/interop-venv failed: the interop tests need python3 with venv and PyPI"
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+/// Runs `script` with the venv's python, `stdin` on its standard input and `env` set;
+/// panics with its stderr unless it exits 0; returns its stdout.
+pub fn run(script: &str, env: &[(&str, &str)], stdin: &[u8]) -> String {
+    let mut child = Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn python");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python failed: {stderr}\n--- script:\n{script}"
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Like [`run`] off the async runtime's threads.
+pub async fn run_async(script: &'static str, env: Vec<(String, String)>, stdin: Vec<u8>) -> String {
+    tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run(script, &env, &stdin)
+    })
+    .await
+    .unwrap()
+}
+
+/// A producer configured the way a Java client commonly is: idempotent, acks=all,
+/// Java's murmur2 partitioner, 5 ms linger; compression from `CODEC`. Reads
+/// `key\tvalue` lines (an empty key = no key) from stdin; prints how many were delivered.
+pub const KAFKA_PRODUCE: &str = r#"
+import os, sys
+from confluent_kafka import Producer
+p = Producer({
+    "bootstrap.servers": os.environ["BOOTSTRAP"],
+    "compression.type": os.environ["CODEC"],
+    "enable.idempotence": True,
+    "acks": "all",
+    "linger.ms": 5,
+    "partitioner": "murmur2_random",
+    "message.max.bytes": int(os.environ.get("MAX_BYTES", "1000000")),
+})
+ok = [0]
+def done(err, msg):
+    if err is not None:
+        sys.exit("delivery failed: %s" % err)
+    ok[0] += 1
+for line in sys.stdin.buffer:
+    line = line.rstrip(b"\n")
+    key, _, value = line.partition(b"\t")
+    if value == b"\\N":
+        value = None
+    while True:
+        try:
+            p.produce(os.environ["TOPIC"], value=value, key=key or None, on_delivery=done)
+            break
+        except BufferError:
+            p.poll(0.1)
+    p.poll(0)
+left = p.flush(30)
+if left:
+    sys.exit("%d records not delivered" % left)
+print(ok[0])
+"#;
+
+/// The Kafka bootstrap address of the test bed.
+pub fn kafka_bootstrap() -> String {
+    std::env::var("WEIR_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+/// The RabbitMQ URL of the test bed.
+pub fn amqp_url() -> String {
+    std::env::var("WEIR_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// pika, as a standard consumer: `queue_declare(Q, durable=True)` (plus `ARGS`, JSON, if
+/// set) for each queue of `QUEUES` (comma-separated), then, unless `DECLARE_ONLY`, reads
+/// every message of each with basic_get and prints one JSON line per message:
+/// {queue, body, content_type, headers}.
+pub const PIKA_CONSUME: &str = r#"
+import json, os, sys, pika
+conn = pika.BlockingConnection(pika.URLParameters(os.environ["URL"]))
+ch = conn.channel()
+args = json.loads(os.environ.get("ARGS") or "null")
+for q in os.environ["QUEUES"].split(","):
+    ch.queue_declare(q, durable=True, arguments=args)
+    if os.environ.get("DECLARE_ONLY"):
+        continue
+    while True:
+        method, props, body = ch.basic_get(q, auto_ack=True)
+        if method is None:
+            break
+        h = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in (props.headers or {}).items()}
+        print(json.dumps({"queue": q, "body": body.decode(), "content_type": props.content_type, "headers": h}))
+conn.close()
+"#;
+
+/// pika deletes the queues of `QUEUES` (comma-separated; missing ones are fine).
+pub const PIKA_DELETE: &str = r#"
+import os, pika
+conn = pika.BlockingConnection(pika.URLParameters(os.environ["URL"]))
+for q in os.environ["QUEUES"].split(","):
+    ch = conn.channel()
+    try:
+        ch.queue_delete(q)
+    except Exception:
+        pass
+conn.close()
+"#;
