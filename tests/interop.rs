@@ -269,3 +269,112 @@ conn.close()
     )
     .await;
 }
+
+/// A valid seed event whose `metadata.user_agent` makes it `size` bytes; with `quotes`,
+/// the padding is escaped quotes (`\"`), which a dead letter's envelope doubles.
+fn huge_event(size: usize, quotes: bool) -> Vec<u8> {
+    let head = r#"{"event_type":"click","user_id":"User1","action":"a","timestamp":"2024-06-27 15:00:01.000","metadata":{"user_agent":""#;
+    let tail = r#""}}"#;
+    let pad = size - head.len() - tail.len();
+    let body = if quotes {
+        "\\\"".repeat(pad / 2) + &"x".repeat(pad % 2)
+    } else {
+        "x".repeat(pad)
+    };
+    let e = format!("{head}{body}{tail}").into_bytes();
+    assert_eq!(e.len(), size);
+    serde_json::from_slice::<serde_json::Value>(&e).expect("the huge event is valid JSON");
+    e
+}
+
+/// Runs the bed's pipeline over its source (one huge event and 100 seed events) and checks
+/// the huge event's dead letter: it arrived, within `limit` bytes, cut, with the original
+/// size and a prefix of the original payload; the run did not fail; the other events
+/// were counted.
+async fn the_huge_dead_letter_is_cut_to_fit(bed: &Bed, event: &[u8], limit: usize) {
+    let summary = bed
+        .run_until_idle()
+        .await
+        .expect("a dead letter never fails the run for its size");
+    let s = summary.counters;
+    assert_eq!(
+        (s.events_in, s.windowed, s.dead_letters),
+        (101, 100, 1),
+        "{s:?}"
+    );
+    let dead = bed
+        .read(&bed.config.dead_letter.topic, 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(dead.len(), 1);
+    let d = &dead[0];
+    assert!(d.payload.len() <= limit, "{} > {limit}", d.payload.len());
+    let env: serde_json::Value = serde_json::from_slice(&d.payload).unwrap();
+    assert!(
+        env["error"].as_str().unwrap().contains("bytes"),
+        "{}",
+        env["error"]
+    );
+    assert_eq!(env["payload_truncated"], true);
+    assert_eq!(env["payload_bytes"], event.len());
+    let kept = env["payload"].as_str().unwrap();
+    assert!(kept.len() > limit / 4, "kept {} bytes", kept.len());
+    assert!(event.starts_with(kept.as_bytes()));
+    assert_eq!(env["source"]["topic"], bed.config.source.topic);
+}
+
+/// One valid 2 MB event on Kafka (from a producer allowed 3 MB): its dead letter
+/// ("payload exceeds max_payload_bytes") is cut to the producer's 1,000,000-byte
+/// `message.max.bytes` with its original size in the envelope, instead of failing the run
+/// (exit 1, and again on every restart).
+#[tokio::test]
+async fn kafka_a_2mb_event_becomes_a_dead_letter_cut_to_fit() {
+    let bed = Bed::new("kafka", "huge", &[]);
+    drop(
+        bed.backend
+            .sink(&bed.config.source.topic)
+            .await
+            .expect("topic"),
+    );
+    let event = huge_event(2_000_000, false);
+    let mut input = keyed(&seed_lines(17, 100, 5));
+    input.extend_from_slice(b"User1\t");
+    input.extend_from_slice(&event);
+    input.push(b'\n');
+    let sent = interop::run_async(
+        interop::KAFKA_PRODUCE,
+        vec![
+            ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
+            ("TOPIC".into(), bed.config.source.topic.clone()),
+            ("CODEC".into(), "lz4".into()),
+            ("MAX_BYTES".into(), "3000000".into()),
+        ],
+        input,
+    )
+    .await;
+    assert_eq!(sent.trim(), "101");
+    the_huge_dead_letter_is_cut_to_fit(&bed, &event, 1_000_000).await;
+}
+
+/// The same on RabbitMQ with `max_message_bytes` set to 1,000,000 (RabbitMQ's own default
+/// is 128 MiB).
+#[tokio::test]
+async fn amqp_a_2mb_event_becomes_a_dead_letter_cut_to_fit() {
+    let bed = Bed::new("amqp", "huge", &["brokers.amqp.max_message_bytes=1000000"]);
+    let event = huge_event(2_000_000, false);
+    let mut data = seed_lines(17, 100, 5);
+    data.push(event.clone());
+    bed.produce(&data).await;
+    the_huge_dead_letter_is_cut_to_fit(&bed, &event, 1_000_000).await;
+}
+
+/// The same on Kinesis, whose records are at most 1 MiB: a valid 900 kB event full of
+/// escaped quotes, whose dead-letter envelope would be 1.8 MB.
+#[tokio::test]
+async fn kinesis_a_900kb_event_becomes_a_dead_letter_cut_to_fit() {
+    let bed = Bed::new("kinesis", "huge", &[]);
+    let event = huge_event(900_000, true);
+    let mut data = seed_lines(17, 100, 5);
+    data.push(event.clone());
+    bed.produce(&data).await;
+    the_huge_dead_letter_is_cut_to_fit(&bed, &event, 1024 * 1024).await;
+}

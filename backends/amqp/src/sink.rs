@@ -188,8 +188,17 @@ impl Sink for AmqpSink {
         // awaited.
         let exchange = self.cfg.exchange.as_str();
         let topic = self.topic.as_str();
+        // A dead letter or late record never fails for its size: it is cut to fit.
+        let fitted: Vec<Option<OutRecord>> = batch
+            .iter()
+            .map(|r| weir_engine::output::fit_to(r, self.cfg.max_message_bytes))
+            .collect();
+        if fitted.iter().any(Option::is_some) {
+            tracing::warn!(topic = %self.topic, limit = self.cfg.max_message_bytes, "record cut to fit brokers.amqp.max_message_bytes (payload_truncated in its envelope)");
+        }
         let mut started = Vec::with_capacity(batch.len());
-        for r in batch {
+        for (r, fit) in batch.iter().zip(&fitted) {
+            let r = fit.as_ref().unwrap_or(r);
             let mut f = Box::pin(ch.basic_publish(
                 exchange.into(),
                 topic.into(),

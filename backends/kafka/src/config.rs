@@ -189,6 +189,19 @@ impl KafkaConfig {
         c
     }
 
+    /// The largest dead letter or late record the sinks send whole: the producer's
+    /// `message.max.bytes` (librdkafka's default 1,000,000) less 1 KiB for record framing.
+    /// Larger ones are cut to fit.
+    pub fn max_record_bytes(&self) -> usize {
+        let max = self
+            .producer
+            .iter()
+            .find(|(k, _)| k == "message.max.bytes")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(1_000_000);
+        max.saturating_sub(1024).max(1024)
+    }
+
     /// The librdkafka configuration of a producer.
     pub fn producer_config(&self) -> ClientConfig {
         let mut cc = ClientConfig::new();
