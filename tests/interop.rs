@@ -378,3 +378,134 @@ async fn kinesis_a_900kb_event_becomes_a_dead_letter_cut_to_fit() {
     bed.produce(&data).await;
     the_huge_dead_letter_is_cut_to_fit(&bed, &event, 1024 * 1024).await;
 }
+
+/// Records aggregated by the Kinesis Producer Library's format (aws-kinesis-agg's
+/// RecordAggregator, what the KPL writes by default; put with boto3), mixed with plain
+/// ones, are de-aggregated into their user records: exactly the oracle's counts, no dead
+/// letter. Each user record has its own position: a second run of the same group finds
+/// nothing new to count.
+#[tokio::test]
+async fn kinesis_kpl_aggregated_records_are_deaggregated() {
+    let bed = Bed::new("kinesis", "kpl", &[]);
+    drop(
+        bed.backend
+            .sink(&bed.config.source.topic)
+            .await
+            .expect("stream"),
+    );
+    let data = seed_lines(18, 3_000, 20);
+    let want = oracle(&data);
+    let out = interop::run_async(
+        interop::KPL_PUT,
+        vec![
+            ("ENDPOINT".into(), interop::kinesis_endpoint()),
+            ("STREAM".into(), bed.config.source.topic.clone()),
+            ("PLAIN".into(), "200".into()),
+        ],
+        keyed(&data),
+    )
+    .await;
+    let (puts, users) = out.trim().split_once(' ').unwrap();
+    let (puts, users): (usize, usize) = (puts.parse().unwrap(), users.parse().unwrap());
+    assert_eq!(users, 3_000);
+    assert!(
+        puts < 400,
+        "{puts} Kinesis records: the rest must be aggregates"
+    );
+    let summary = bed.run_until_idle().await.expect("run");
+    let s = summary.counters;
+    assert_eq!(
+        (s.events_in, s.windowed, s.dead_letters),
+        (3_000, 3_000, 0),
+        "{s:?}"
+    );
+    let got = results(
+        &bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5))
+            .await,
+    );
+    assert_eq!(got, want);
+    let again = bed.run_until_idle().await.expect("second run");
+    let s = again.counters;
+    assert_eq!((s.windowed, s.dead_letters, s.late), (0, 0, 0), "{s:?}");
+    assert_eq!(s.events_in, s.replayed, "{s:?}");
+}
+
+/// A commit in the middle of a KPL aggregate: the next reader of the group reads the
+/// aggregate again from its first user record, with the same offsets, so the engine
+/// recognises the ones already handled (their checkpoint says how far it got).
+#[tokio::test]
+async fn kinesis_a_commit_inside_an_aggregate_resumes_with_the_same_positions() {
+    use weir_engine::{Checkpoint, Position, Received, Record};
+    let bed = Bed::new("kinesis", "kpl-commit", &[]);
+    let topic = bed.config.source.topic.clone();
+    let group = bed.config.source.group.clone();
+    drop(bed.backend.sink(&topic).await.expect("stream"));
+    // One aggregate of 10 user records (one partition key: one shard).
+    let data: Vec<Vec<u8>> = (0..10)
+        .map(|i| format!("{{\"n\":{i}}}").into_bytes())
+        .collect();
+    let mut input = Vec::new();
+    for d in &data {
+        input.extend_from_slice(b"K\t");
+        input.extend_from_slice(d);
+        input.push(b'\n');
+    }
+    let out = interop::run_async(
+        interop::KPL_PUT,
+        vec![
+            ("ENDPOINT".into(), interop::kinesis_endpoint()),
+            ("STREAM".into(), topic.clone()),
+        ],
+        input,
+    )
+    .await;
+    assert_eq!(out.trim(), "1 10");
+    async fn read(src: &mut dyn weir_engine::Source, n: usize) -> Vec<Record> {
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while got.len() < n && tokio::time::Instant::now() < deadline {
+            if let Received::Batch(b) = src.recv(100, Duration::from_millis(200)).await.unwrap() {
+                got.extend(b);
+            }
+        }
+        got
+    }
+    let mut src = bed.backend.source(&topic, Some(&group)).await.unwrap();
+    let first = read(&mut *src, 10).await;
+    assert_eq!(first.len(), 10);
+    let payloads: Vec<&[u8]> = first.iter().map(|r| &r.payload[..]).collect();
+    assert_eq!(payloads, data.iter().map(|d| &d[..]).collect::<Vec<_>>());
+    let offsets: Vec<u64> = first.iter().map(|r| r.position.offset).collect();
+    assert_eq!(
+        offsets,
+        (offsets[0]..offsets[0] + 10).collect::<Vec<_>>(),
+        "one offset each"
+    );
+    let p = first[0].position.partition;
+    // Handled up to the 4th user record.
+    let cp = Checkpoint {
+        watermark: 0,
+        processed: offsets[4],
+    };
+    src.commit(&[(
+        Position {
+            partition: p,
+            offset: offsets[4],
+        },
+        cp,
+    )])
+    .await
+    .unwrap();
+    drop(src);
+    let mut again = bed.backend.source(&topic, Some(&group)).await.unwrap();
+    let second = read(&mut *again, 10).await;
+    let got: Vec<(u64, &[u8])> = second
+        .iter()
+        .map(|r| (r.position.offset, &r.payload[..]))
+        .collect();
+    let want: Vec<(u64, &[u8])> = first
+        .iter()
+        .map(|r| (r.position.offset, &r.payload[..]))
+        .collect();
+    assert_eq!(got, want, "the whole aggregate again, same offsets");
+}

@@ -142,3 +142,45 @@ for q in os.environ["QUEUES"].split(","):
         pass
 conn.close()
 "#;
+
+/// The Kinesis endpoint of the test bed.
+pub fn kinesis_endpoint() -> String {
+    std::env::var("WEIR_KINESIS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4567".into())
+}
+
+/// boto3 putting `key\tvalue` lines from stdin to stream `STREAM`: the first `PLAIN` as
+/// plain records, the rest aggregated the way the KPL does (aws-kinesis-agg's
+/// RecordAggregator, aggregates of at most `AGG_BYTES`). Prints
+/// "<kinesis records> <user records>".
+pub const KPL_PUT: &str = r#"
+import os, sys, boto3
+from aws_kinesis_agg.aggregator import RecordAggregator
+k = boto3.client("kinesis", endpoint_url=os.environ["ENDPOINT"], region_name="us-east-1",
+                 aws_access_key_id="weir", aws_secret_access_key="weir")
+stream = os.environ["STREAM"]
+plain = int(os.environ.get("PLAIN", "0"))
+agg = RecordAggregator(max_size=int(os.environ.get("AGG_BYTES", "51200")))
+puts = users = 0
+def put(rec):
+    global puts
+    pk, ehk, data = rec.get_contents()
+    args = dict(StreamName=stream, Data=data, PartitionKey=pk)
+    if ehk:
+        args["ExplicitHashKey"] = ehk
+    k.put_record(**args)
+    puts += 1
+for i, line in enumerate(sys.stdin.buffer):
+    key, _, value = line.rstrip(b"\n").partition(b"\t")
+    users += 1
+    if i < plain:
+        k.put_record(StreamName=stream, Data=value, PartitionKey=key.decode() or "none")
+        puts += 1
+        continue
+    full = agg.add_user_record(key.decode(), value)
+    if full is not None:
+        put(full)
+last = agg.clear_and_get()
+if last is not None and last.get_num_user_records():
+    put(last)
+print(puts, users)
+"#;
