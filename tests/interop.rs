@@ -509,3 +509,122 @@ async fn kinesis_a_commit_inside_an_aggregate_resumes_with_the_same_positions() 
         .collect();
     assert_eq!(got, want, "the whole aggregate again, same offsets");
 }
+
+/// A Kafka tombstone (null value) from a standard producer is a dead letter that says it
+/// is a tombstone, with `"payload": null` and the `weir.null_value` header; an empty value
+/// is an "empty payload". Neither is "EOF while parsing".
+#[tokio::test]
+async fn kafka_a_tombstone_is_told_apart_from_an_empty_value() {
+    let bed = Bed::new("kafka", "tombstone", &[]);
+    drop(
+        bed.backend
+            .sink(&bed.config.source.topic)
+            .await
+            .expect("topic"),
+    );
+    let mut input = keyed(&seed_lines(19, 10, 3));
+    input.extend_from_slice(b"User1\t\\N\nUser2\t\n");
+    let sent = interop::run_async(
+        interop::KAFKA_PRODUCE,
+        vec![
+            ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
+            ("TOPIC".into(), bed.config.source.topic.clone()),
+            ("CODEC".into(), "gzip".into()),
+        ],
+        input,
+    )
+    .await;
+    assert_eq!(sent.trim(), "12");
+    let summary = bed.run_until_idle().await.expect("run");
+    let s = summary.counters;
+    assert_eq!(
+        (s.events_in, s.windowed, s.dead_letters),
+        (12, 10, 2),
+        "{s:?}"
+    );
+    let dead = bed
+        .read(&bed.config.dead_letter.topic, 2, Duration::from_secs(5))
+        .await;
+    assert_eq!(dead.len(), 2);
+    let by_key = |k: &[u8]| {
+        let d = dead.iter().find(|d| d.key.as_deref() == Some(k)).unwrap();
+        let env: serde_json::Value = serde_json::from_slice(&d.payload).unwrap();
+        (d.clone(), env)
+    };
+    let (t, env) = by_key(b"User1");
+    assert!(
+        env["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("null value (a Kafka tombstone)"),
+        "{env}"
+    );
+    assert!(env["payload"].is_null(), "{env}");
+    assert_eq!(env["key"], "User1");
+    assert!(t
+        .headers
+        .iter()
+        .any(|(n, v)| n == "weir.null_value" && &v[..] == b"true"));
+    let (_, env) = by_key(b"User2");
+    assert_eq!(env["error"], "empty payload: no JSON event");
+    assert_eq!(env["payload"], "");
+    for (_, env) in [by_key(b"User1"), by_key(b"User2")] {
+        assert!(!env["error"].as_str().unwrap().contains("EOF"), "{env}");
+    }
+}
+
+/// Headers without a value (null) on a record that becomes a dead letter come back null,
+/// not as empty strings, to a standard consumer; empty ones stay empty.
+#[tokio::test]
+async fn kafka_null_headers_stay_null_on_a_dead_letter() {
+    let bed = Bed::new("kafka", "null-headers", &[]);
+    drop(
+        bed.backend
+            .sink(&bed.config.source.topic)
+            .await
+            .expect("topic"),
+    );
+    const PRODUCE: &str = r#"
+import os
+from confluent_kafka import Producer
+p = Producer({"bootstrap.servers": os.environ["BOOTSTRAP"]})
+p.produce(os.environ["TOPIC"], key=b"User1", value=b"{not json",
+          headers=[("h-null", None), ("h-empty", b""), ("h-text", b"x")])
+assert p.flush(30) == 0
+"#;
+    let env = |topic: &str| {
+        vec![
+            ("BOOTSTRAP".to_string(), interop::kafka_bootstrap()),
+            ("TOPIC".to_string(), topic.to_string()),
+            ("COUNT".to_string(), "1".to_string()),
+        ]
+    };
+    interop::run_async(PRODUCE, env(&bed.config.source.topic), Vec::new()).await;
+    let summary = bed.run_until_idle().await.expect("run");
+    assert_eq!(summary.counters.dead_letters, 1, "{:?}", summary.counters);
+    let out = interop::run_async(
+        interop::KAFKA_CONSUME,
+        env(&bed.config.dead_letter.topic),
+        Vec::new(),
+    )
+    .await;
+    let d: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let h: Vec<(String, serde_json::Value)> = d["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap().to_string(), p[1].clone()))
+        .collect();
+    let get = |n: &str| {
+        h.iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {n} in {h:?}"))
+    };
+    assert!(get("h-null").is_null(), "{h:?}");
+    assert_eq!(get("h-empty"), "");
+    assert_eq!(get("h-text"), "x");
+    assert!(get("weir.error").as_str().unwrap().contains("invalid JSON"));
+    assert!(h.iter().all(|(k, _)| k != "weir.null_headers"), "{h:?}");
+    assert_eq!(d["key"], "User1");
+}

@@ -6,8 +6,8 @@ use bytes::{Bytes, BytesMut};
 
 use crate::aggregate::{write_value, AggFn};
 use crate::record::{
-    OutRecord, Record, HEADER_ERROR, HEADER_ID, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION,
-    HEADER_SOURCE_TOPIC,
+    OutRecord, Record, HEADER_ERROR, HEADER_ID, HEADER_NULL_VALUE, HEADER_SOURCE_OFFSET,
+    HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
 };
 use crate::time::write_rfc3339;
 use crate::window::{Acc, Extra, WindowRange};
@@ -307,6 +307,15 @@ pub fn dead_letter_from(
     reason: &str,
     attempts: Option<serde_json::Value>,
 ) -> OutRecord {
+    // A record without a value (a Kafka tombstone) is not an empty one: say so.
+    let null_value = record.headers.iter().any(|(n, _)| n == HEADER_NULL_VALUE);
+    let tombstone;
+    let reason = if null_value && record.payload.is_empty() {
+        tombstone = format!("null value (a Kafka tombstone), not an event; {reason}");
+        tombstone.as_str()
+    } else {
+        reason
+    };
     let mut env = serde_json::Map::new();
     env.insert("error".into(), reason.into());
     env.insert(
@@ -321,6 +330,9 @@ pub fn dead_letter_from(
         env.insert("attempts".into(), a);
     }
     match std::str::from_utf8(&record.payload) {
+        Ok(_) if null_value && record.payload.is_empty() => {
+            env.insert("payload".into(), serde_json::Value::Null);
+        }
         Ok(text) => {
             env.insert("payload".into(), text.into());
         }

@@ -184,3 +184,29 @@ if last is not None and last.get_num_user_records():
     put(last)
 print(puts, users)
 "#;
+
+/// confluent-kafka: reads `COUNT` records of `TOPIC` from the beginning (a group of its
+/// own) and prints one JSON line per record: {key, value, headers: [[name, value|null]]}.
+pub const KAFKA_CONSUME: &str = r#"
+import json, os, sys, time, uuid
+from confluent_kafka import Consumer
+c = Consumer({"bootstrap.servers": os.environ["BOOTSTRAP"], "group.id": "interop-" + uuid.uuid4().hex,
+              "auto.offset.reset": "earliest", "session.timeout.ms": 6000, "enable.auto.commit": False})
+c.subscribe([os.environ["TOPIC"]])
+want = int(os.environ["COUNT"])
+got = 0
+deadline = time.time() + 45
+while got < want and time.time() < deadline:
+    m = c.poll(0.5)
+    if m is None:
+        continue
+    if m.error():
+        sys.exit("consume error: %s" % m.error())
+    dec = lambda b: None if b is None else b.decode("utf-8", "replace")
+    print(json.dumps({"key": dec(m.key()), "value": dec(m.value()),
+                      "headers": [[k, dec(v)] for k, v in (m.headers() or [])]}))
+    got += 1
+c.close()
+if got < want:
+    sys.exit("only %d of %d records" % (got, want))
+"#;

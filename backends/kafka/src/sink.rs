@@ -24,6 +24,11 @@ use weir_engine::{OutRecord, Result, Sink};
 
 use crate::error::KafkaError;
 
+/// On a record read from Kafka: the JSON list of its headers that had no value (null),
+/// which the record's header type cannot hold. A Kafka sink writes those back as null and
+/// drops this header.
+pub const HEADER_NULL_HEADERS: &str = "weir.null_headers";
+
 /// The producer every sink of a [`crate::KafkaBroker`] shares.
 pub(crate) type SinkProducer = ThreadedProducer<SinkContext>;
 
@@ -128,11 +133,22 @@ impl KafkaSink {
             rec = rec.timestamp(ts);
         }
         if !r.headers.is_empty() {
+            // Headers that were null when read from Kafka are written back as null.
+            let nulls: Vec<String> = r
+                .headers
+                .iter()
+                .find(|(n, _)| n == HEADER_NULL_HEADERS)
+                .and_then(|(_, v)| serde_json::from_slice(v).ok())
+                .unwrap_or_default();
             let mut h = OwnedHeaders::new_with_capacity(r.headers.len());
             for (name, value) in &r.headers {
+                if name == HEADER_NULL_HEADERS {
+                    continue;
+                }
+                let null = value.is_empty() && nulls.iter().any(|n| n == name);
                 h = h.insert(Header {
                     key: name,
-                    value: Some(&value[..]),
+                    value: (!null).then_some(&value[..]),
                 });
             }
             rec = rec.headers(h);
