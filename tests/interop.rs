@@ -628,3 +628,114 @@ assert p.flush(30) == 0
     assert!(h.iter().all(|(k, _)| k != "weir.null_headers"), "{h:?}");
     assert_eq!(d["key"], "User1");
 }
+
+/// A late event too large for the broker (events up to 3 MB allowed, `[late]` topic set):
+/// its late record is cut to fit, as an envelope naming the window it missed, with the
+/// original size; the run does not fail. One partition/shard so the order is the
+/// production order. On Kafka the events come from a confluent-kafka producer allowed
+/// 3 MB, while Weir's producer keeps librdkafka's 1,000,000.
+async fn a_huge_late_event_is_cut_to_fit(
+    broker: &str,
+    extra: &[&str],
+    size: usize,
+    limit: Option<usize>,
+) {
+    let mut sets = vec![
+        "source.max_payload_bytes=3000000",
+        "brokers.kafka.partitions=1",
+        "brokers.kinesis.shards=1",
+    ];
+    sets.extend_from_slice(extra);
+    let late_topic = format!(
+        "late-{broker}-{}-{}",
+        std::process::id(),
+        weir_engine::time::now_millis() % 1_000_000_000
+    );
+    let late_set = format!("late.topic={late_topic}");
+    sets.push(&late_set);
+    let bed = Bed::new(broker, "huge-late", &sets);
+    assert_eq!(
+        bed.config.late,
+        weir_engine::config::LatePolicy::Output(late_topic.clone())
+    );
+    let mut data = seed_lines(20, 100, 5);
+    // An hour before the others: its window closed long ago.
+    let mut event = huge_event(size, false);
+    let at = event
+        .windows(13)
+        .position(|w| w == b"2024-06-27 15")
+        .unwrap();
+    event[at..at + 13].copy_from_slice(b"2024-06-27 14");
+    data.push(event.clone());
+    if broker == "kafka" {
+        drop(
+            bed.backend
+                .sink(&bed.config.source.topic)
+                .await
+                .expect("topic"),
+        );
+        let sent = interop::run_async(
+            interop::KAFKA_PRODUCE,
+            vec![
+                ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
+                ("TOPIC".into(), bed.config.source.topic.clone()),
+                ("CODEC".into(), "lz4".into()),
+                ("MAX_BYTES".into(), "3000000".into()),
+            ],
+            keyed(&data),
+        )
+        .await;
+        assert_eq!(sent.trim(), "101");
+    } else {
+        bed.produce(&data).await;
+    }
+    let summary = bed
+        .run_until_idle()
+        .await
+        .expect("a late record never fails the run for its size");
+    let s = summary.counters;
+    assert_eq!(
+        (s.events_in, s.windowed, s.late, s.dead_letters),
+        (101, 100, 1, 0),
+        "{s:?}"
+    );
+    let late = bed.read(&late_topic, 1, Duration::from_secs(5)).await;
+    assert_eq!(late.len(), 1);
+    let l = &late[0];
+    let Some(limit) = limit else {
+        // It fits as it is: the original event, unchanged.
+        assert_eq!(&l.payload[..], &event[..]);
+        return;
+    };
+    assert!(l.payload.len() <= limit, "{} > {limit}", l.payload.len());
+    let env: serde_json::Value = serde_json::from_slice(&l.payload).unwrap();
+    assert_eq!(env["payload_truncated"], true, "{}", env["error"]);
+    assert_eq!(env["payload_bytes"], size);
+    assert_eq!(env["late"]["window_start"], "2024-06-27T14:00:00Z");
+    assert_eq!(env["source"]["topic"], bed.config.source.topic);
+    let kept = env["payload"].as_str().unwrap();
+    assert!(kept.len() > limit / 4 && event.starts_with(kept.as_bytes()));
+}
+
+#[tokio::test]
+async fn kafka_a_2mb_late_event_is_cut_to_fit() {
+    a_huge_late_event_is_cut_to_fit("kafka", &[], 2_000_000, Some(1_000_000)).await;
+}
+
+#[tokio::test]
+async fn amqp_a_2mb_late_event_is_cut_to_fit() {
+    a_huge_late_event_is_cut_to_fit(
+        "amqp",
+        &["brokers.amqp.max_message_bytes=1000000"],
+        2_000_000,
+        Some(1_000_000),
+    )
+    .await;
+}
+
+/// On Kinesis a late record is the original record, which fitted as a source record, so
+/// it is never over the limit: a 1,040,000-byte late event arrives whole.
+#[tokio::test]
+async fn kinesis_a_1mb_late_event_arrives_whole() {
+    a_huge_late_event_is_cut_to_fit("kinesis", &[], 1_040_000, None).await;
+}
