@@ -739,3 +739,54 @@ async fn amqp_a_2mb_late_event_is_cut_to_fit() {
 async fn kinesis_a_1mb_late_event_arrives_whole() {
     a_huge_late_event_is_cut_to_fit("kinesis", &[], 1_040_000, None).await;
 }
+
+/// A record batch librdkafka cannot decode (zstd header, garbage inside; written with a raw
+/// ProduceRequest between good records) stops the run with an error naming the topic,
+/// instead of being skipped (librdkafka moves past such a batch) with exit 0; and since
+/// nothing past it was committed, a restart stops at it again.
+#[tokio::test]
+async fn kafka_an_undecodable_batch_is_a_loud_error_never_a_skip() {
+    let bed = Bed::new("kafka", "undecodable", &["brokers.kafka.partitions=1"]);
+    let topic = bed.config.source.topic.clone();
+    drop(bed.backend.sink(&topic).await.expect("topic"));
+    let produce = |lines: Vec<Vec<u8>>| {
+        interop::run_async(
+            interop::KAFKA_PRODUCE,
+            vec![
+                ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
+                ("TOPIC".into(), topic.clone()),
+                ("CODEC".into(), "zstd".into()),
+            ],
+            keyed(&lines),
+        )
+    };
+    let data = seed_lines(21, 100, 5);
+    assert_eq!(produce(data[..50].to_vec()).await.trim(), "50");
+    let err = interop::run_async(
+        interop::KAFKA_CORRUPT_ZSTD_BATCH,
+        vec![
+            ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
+            ("TOPIC".into(), topic.clone()),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(err.trim(), "0", "the broker stored the batch");
+    assert_eq!(produce(data[50..].to_vec()).await.trim(), "50");
+    for run in ["first run", "restart"] {
+        // Not a stall either (librdkafka's error retried forever).
+        let e = tokio::time::timeout(Duration::from_secs(60), bed.run_until_idle())
+            .await
+            .expect("the run must stop, not stall")
+            .expect_err("an undecodable batch must stop the run")
+            .to_string();
+        assert!(
+            e.contains(&format!("records of `{topic}` cannot be decoded")),
+            "{run}: {e}"
+        );
+        assert!(
+            e.contains("Invalid compressed data") || e.contains("BadCompression"),
+            "{run}: {e}"
+        );
+    }
+}

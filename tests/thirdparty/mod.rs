@@ -210,3 +210,51 @@ c.close()
 if got < want:
     sys.exit("only %d of %d records" % (got, want))
 "#;
+
+/// Writes one record batch that says it is zstd-compressed but holds garbage (valid CRC),
+/// to partition 0 of `TOPIC` with a raw Kafka ProduceRequest v3, as a broken or
+/// incompatible producer could; prints the broker's error code (0 = stored).
+pub const KAFKA_CORRUPT_ZSTD_BATCH: &str = r#"
+import os, socket, struct, sys, time
+def crc32c(data):
+    poly = 0x82F63B78
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ poly if c & 1 else c >> 1
+        table.append(c)
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+assert crc32c(b"123456789") == 0xE3069283
+def batch(payload, codec):
+    now = int(time.time() * 1000)
+    after_crc = struct.pack(">hiqqqhii", codec, 0, now, now, -1, -1, -1, 1) + payload
+    body = struct.pack(">ib", -1, 2) + struct.pack(">I", crc32c(after_crc)) + after_crc
+    return struct.pack(">qi", 0, len(body)) + body
+def s16(s):
+    b = s.encode(); return struct.pack(">h", len(b)) + b
+host, port = os.environ["BOOTSTRAP"].split(",")[0].rsplit(":", 1)
+topic = os.environ["TOPIC"]
+rb = batch(b"\x28\xb5\x2f\xfd" + os.urandom(64), 4)   # zstd magic, garbage after
+req = struct.pack(">hhi", 0, 3, 7) + s16("weir-interop") + struct.pack(">hhi", -1, -1, 10000)
+req += struct.pack(">i", 1) + s16(topic) + struct.pack(">i", 1) + struct.pack(">i", 0) + struct.pack(">i", len(rb)) + rb
+sock = socket.create_connection((host, int(port)), timeout=10)
+sock.sendall(struct.pack(">i", len(req)) + req)
+def recvn(n):
+    out = b""
+    while len(out) < n:
+        c = sock.recv(n - len(out))
+        if not c: sys.exit("connection closed")
+        out += c
+    return out
+size = struct.unpack(">i", recvn(4))[0]
+resp = recvn(size)
+corr, ntopics = struct.unpack(">ii", resp[:8])
+tl = struct.unpack(">h", resp[8:10])[0]
+pos = 10 + tl
+nparts, part, err = struct.unpack(">iih", resp[pos:pos+10])
+print(err)
+"#;
