@@ -80,8 +80,9 @@ fn hot_path(c: &mut Criterion) {
             let now = tokio::time::Instant::now();
             op.assign(&[(0, None)], now);
             let mut out = Emitted::default();
+            let now_ms = weir_engine::time::now_millis();
             for r in &records {
-                op.ingest(r, now, 0, &mut out);
+                op.ingest(r, now, now_ms, &mut out);
             }
             op.close_all(&mut out);
             black_box(out.results.len())

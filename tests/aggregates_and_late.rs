@@ -30,7 +30,14 @@ fn run(job: &Job, events: &[&str]) -> (Emitted, Vec<Outcome>) {
     let outcomes = events
         .iter()
         .enumerate()
-        .map(|(i, e)| op.ingest(&rec(i as u64, e), now, 0, &mut out))
+        .map(|(i, e)| {
+            op.ingest(
+                &rec(i as u64, e),
+                now,
+                weir_engine::time::now_millis(),
+                &mut out,
+            )
+        })
         .collect();
     op.close_all(&mut out);
     (out, outcomes)
@@ -180,7 +187,7 @@ fn update_mode_emits_changes_then_the_final_result() {
                 &mut out,
             );
         }
-        op.close_ready(now, &mut out);
+        op.close_ready(now, &|_| false, &mut out);
     }
     op.close_all(&mut out);
     let seen: Vec<(String, u64, bool)> = out

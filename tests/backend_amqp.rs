@@ -62,6 +62,27 @@ async fn amqp_restart_loses_nothing() {
 }
 
 #[tokio::test]
+async fn amqp_start_before_data_is_exact() {
+    let _shared = BROKER.read().await;
+    require_rabbitmq().await;
+    conformance::start_before_data_is_exact("amqp", true).await;
+}
+
+#[tokio::test]
+async fn amqp_start_before_unkeyed_data_is_exact() {
+    let _shared = BROKER.read().await;
+    require_rabbitmq().await;
+    conformance::start_before_data_is_exact("amqp", false).await;
+}
+
+#[tokio::test]
+async fn amqp_a_future_event_cannot_stop_the_count() {
+    let _shared = BROKER.read().await;
+    require_rabbitmq().await;
+    conformance::a_future_event_cannot_stop_the_count("amqp").await;
+}
+
+#[tokio::test]
 async fn amqp_idle_input_still_closes_the_last_window() {
     let _shared = BROKER.read().await;
     require_rabbitmq().await;

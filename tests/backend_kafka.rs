@@ -65,6 +65,24 @@ async fn kafka_restart_loses_nothing() {
 }
 
 #[tokio::test]
+async fn kafka_start_before_data_is_exact() {
+    require_kafka();
+    conformance::start_before_data_is_exact("kafka", true).await;
+}
+
+#[tokio::test]
+async fn kafka_start_before_unkeyed_data_is_exact() {
+    require_kafka();
+    conformance::start_before_data_is_exact("kafka", false).await;
+}
+
+#[tokio::test]
+async fn kafka_a_future_event_cannot_stop_the_count() {
+    require_kafka();
+    conformance::a_future_event_cannot_stop_the_count("kafka").await;
+}
+
+#[tokio::test]
 async fn kafka_idle_input_still_closes_the_last_window() {
     require_kafka();
     conformance::idle_input_still_closes_the_last_window("kafka").await;

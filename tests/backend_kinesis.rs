@@ -95,6 +95,27 @@ async fn kinesis_counts_match_the_oracle() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_start_before_data_is_exact() {
+    require_kinesis();
+    conformance::start_before_data_is_exact("kinesis", true).await;
+    clean_up("early").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_start_before_unkeyed_data_is_exact() {
+    require_kinesis();
+    conformance::start_before_data_is_exact("kinesis", false).await;
+    clean_up("unkeyed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_a_future_event_cannot_stop_the_count() {
+    require_kinesis();
+    conformance::a_future_event_cannot_stop_the_count("kinesis").await;
+    clean_up("future").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_bad_input_goes_to_dead_letters() {
     require_kinesis();
     conformance::bad_input_goes_to_dead_letters("kinesis").await;

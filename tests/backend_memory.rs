@@ -54,3 +54,18 @@ async fn memory_retried_events_keep_their_event_time() {
 async fn memory_waiting_retries_survive_a_restart() {
     conformance::waiting_retries_survive_a_restart("memory").await;
 }
+
+#[tokio::test]
+async fn memory_start_before_data_is_exact() {
+    conformance::start_before_data_is_exact("memory", true).await;
+}
+
+#[tokio::test]
+async fn memory_start_before_unkeyed_data_is_exact() {
+    conformance::start_before_data_is_exact("memory", false).await;
+}
+
+#[tokio::test]
+async fn memory_a_future_event_cannot_stop_the_count() {
+    conformance::a_future_event_cannot_stop_the_count("memory").await;
+}

@@ -119,13 +119,13 @@ fn run_kind(
                 ..Default::default()
             };
             offsets[e.partition as usize] += 1;
-            outcomes.push(op.ingest(&rec, now, 0, &mut out));
+            outcomes.push(op.ingest(&rec, now, weir_engine::time::now_millis(), &mut out));
             assert!(
                 out.late.is_empty(),
                 "late events go to dead letters by default"
             );
         }
-        op.close_ready(now, &mut out);
+        op.close_ready(now, &|_| false, &mut out);
     }
     op.close_all(&mut out);
     assert_eq!(op.open_entries(), 0, "state is dropped once emitted");

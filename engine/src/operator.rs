@@ -11,7 +11,7 @@ use crate::config::{EmitMode, LatePolicy, PipelineConfig, WindowConfig};
 use crate::decode::{Decoder, Schema, TimeSource, Val};
 use crate::errors::{ErrorAction, ErrorCallback, ErrorHandler, STAGE_VALIDATE};
 use crate::output::{dead_letter, late_record, ResultEncoder, WindowText, KEY_SEP};
-use crate::record::{OutRecord, Position, Record};
+use crate::record::{Checkpoint, OutRecord, Position, Record};
 use crate::retry::{RetryConfig, RETRY_PARTITION_BASE};
 use crate::window::{
     Acc, ClosedSession, Extra, Pane, SessionStore, Watermarks, WindowKind, WindowRange, WindowStore,
@@ -26,6 +26,8 @@ pub struct Job {
     pub time: TimeSource,
     /// Allowed out-of-orderness (the watermark trails the highest event time by this).
     pub out_of_orderness: Duration,
+    /// Events dated further ahead of the wall clock are dead letters (`None`: no limit).
+    pub max_future: Option<Duration>,
     /// Window kind, grace and idle timeout.
     pub window: WindowConfig,
     /// Key fields (dotted paths).
@@ -56,6 +58,7 @@ impl Job {
             schema: c.schema.clone(),
             time: c.time.clone(),
             out_of_orderness: c.out_of_orderness,
+            max_future: c.max_future,
             window: c.window,
             group_by: c.aggregate.group_by.clone(),
             compute: c.aggregate.compute.clone(),
@@ -79,6 +82,7 @@ impl Job {
                 format: crate::time::TimeFormat::Auto,
             },
             out_of_orderness: Duration::ZERO,
+            max_future: Some(crate::config::DEFAULT_MAX_FUTURE),
             window: WindowConfig {
                 kind: WindowKind::Tumbling {
                     size: size.as_millis().max(1) as i64,
@@ -139,6 +143,12 @@ impl Job {
     /// The same job with a late-event policy.
     pub fn with_late(mut self, late: LatePolicy) -> Self {
         self.late = late;
+        self
+    }
+
+    /// The same job with a limit on how far ahead of the wall clock events may be dated.
+    pub fn with_max_future(mut self, max_future: Option<Duration>) -> Self {
+        self.max_future = max_future;
         self
     }
 
@@ -203,6 +213,73 @@ enum State {
     Sessions(SessionStore),
 }
 
+impl State {
+    fn new(kind: WindowKind, update: bool) -> Self {
+        match kind {
+            WindowKind::Session { gap } => State::Sessions(SessionStore::new(gap, update)),
+            _ if update => State::Fixed(WindowStore::tracking_updates()),
+            _ => State::Fixed(WindowStore::new()),
+        }
+    }
+
+    fn revoke(&mut self, partition: u32) {
+        match self {
+            State::Fixed(s) => s.revoke(partition),
+            State::Sessions(s) => s.revoke(partition),
+        }
+    }
+
+    fn min_offset(&self, partition: u32) -> Option<u64> {
+        match self {
+            State::Fixed(s) => s.min_offset(partition),
+            State::Sessions(s) => s.min_offset(partition),
+        }
+    }
+
+    fn absorb(&mut self, other: State) {
+        match (self, other) {
+            (State::Fixed(a), State::Fixed(b)) => a.absorb(b),
+            (State::Sessions(a), State::Sessions(b)) => a.absorb(b),
+            _ => unreachable!("one job has one window kind"),
+        }
+    }
+
+    fn entries(&self) -> usize {
+        match self {
+            State::Fixed(s) => s.entries(),
+            State::Sessions(s) => s.entries(),
+        }
+    }
+
+    fn windows(&self) -> usize {
+        match self {
+            State::Fixed(s) => s.windows(),
+            State::Sessions(s) => s.entries(),
+        }
+    }
+}
+
+/// A unit of window state with an event time of its own: one source partition while the
+/// input is keyed by the group key (every (key, window) then lives in one partition, as
+/// in Kafka Streams' stream time per task), or every partition together otherwise.
+#[derive(Debug)]
+struct Task {
+    state: State,
+    watermarks: Watermarks,
+    /// Replayed records (below their partition's `replay` mark) of windows that closed at
+    /// or below this watermark were delivered before: the highest checkpoint watermark
+    /// restored into this task.
+    replay_watermark: i64,
+}
+
+impl Task {
+    fn absorb(&mut self, other: Task) {
+        self.state.absorb(other.state);
+        self.watermarks.absorb(other.watermarks);
+        self.replay_watermark = self.replay_watermark.max(other.replay_watermark);
+    }
+}
+
 /// The windowed aggregation over decoded records.
 #[derive(Debug)]
 pub struct WindowOperator {
@@ -211,7 +288,6 @@ pub struct WindowOperator {
     kind: WindowKind,
     grace: i64,
     time: TimeSource,
-    state: State,
     aggs: Aggregates,
     inputs: Inputs,
     emit: EmitMode,
@@ -219,22 +295,29 @@ pub struct WindowOperator {
     /// (event, window) pairs not counted because that window had closed while another
     /// window of the event was still open (hopping windows).
     window_misses: u64,
-    watermarks: Watermarks,
     encoder: ResultEncoder,
-    /// Next offset after the last record seen, by partition.
-    next_offset: Vec<Option<u64>>,
     key_buf: Vec<u8>,
     topic: String,
-    /// After a restart: by partition, the offset below which records were processed before
-    /// the checkpoint, and the watermark of that checkpoint.
-    replay: Vec<u64>,
-    replay_watermark: i64,
-    replay_started: Option<Instant>,
-    idle_timeout: std::time::Duration,
+    out_of_orderness: i64,
+    idle_timeout: Duration,
+    max_future: Option<i64>,
     errors: ErrorHandler,
+    /// Window state and event time, by task: by source partition while `shared` is
+    /// false, one task (index 0) once it is true.
+    tasks: Vec<Option<Task>>,
+    /// Whether the input proved not to be keyed by the group key: then a (key, window)
+    /// may span partitions, and all of them share one task.
+    shared: bool,
+    /// By source partition: whether its task exists and holds it (the hot path's check).
+    ready: Vec<bool>,
+    /// Next offset after the last record seen, by partition.
+    next_offset: Vec<Option<u64>>,
+    /// After a restart, by partition: the offset below which records were processed
+    /// before the checkpoint (a replay).
+    replay: Vec<u64>,
     /// By partition: the checkpoint this pipeline would have committed when the partition
     /// was revoked, used if it comes back without one (a reconnect that redelivers).
-    forgotten: Vec<Option<crate::record::Checkpoint>>,
+    forgotten: Vec<Option<Checkpoint>>,
 }
 
 impl WindowOperator {
@@ -252,37 +335,29 @@ impl WindowOperator {
                 .map(|f| (f.clone(), f.field().map_or(0, |p| decoder.want(p))))
                 .collect(),
         );
-        let update = job.emit == EmitMode::Update;
-        let state = match job.window.kind {
-            WindowKind::Session { gap } => State::Sessions(SessionStore::new(gap, update)),
-            _ if update => State::Fixed(WindowStore::tracking_updates()),
-            _ => State::Fixed(WindowStore::new()),
-        };
         WindowOperator {
             decoder,
             key_slots,
             kind: job.window.kind,
             grace: job.window.grace.as_millis() as i64,
             time: job.time.clone(),
-            state,
             aggs,
             inputs: Inputs::default(),
             emit: job.emit,
             late: job.late.clone(),
             window_misses: 0,
-            watermarks: Watermarks::new(
-                job.out_of_orderness.as_millis() as i64,
-                job.window.idle_timeout,
-            ),
             encoder: ResultEncoder::new(&job.group_by, &job.compute, job.emit == EmitMode::Update),
-            next_offset: Vec::new(),
             key_buf: Vec::with_capacity(64),
             topic: topic.to_string(),
-            replay: Vec::new(),
-            replay_watermark: i64::MIN,
-            replay_started: None,
+            out_of_orderness: job.out_of_orderness.as_millis() as i64,
             idle_timeout: job.window.idle_timeout,
+            max_future: job.max_future.map(|d| d.as_millis() as i64),
             errors: ErrorHandler::new(job.errors.clone(), job.retry.clone(), topic),
+            tasks: Vec::new(),
+            shared: false,
+            ready: Vec::new(),
+            next_offset: Vec::new(),
+            replay: Vec::new(),
             forgotten: Vec::new(),
         }
     }
@@ -300,6 +375,108 @@ impl WindowOperator {
     /// The message to stop with after an [`Outcome::Failed`].
     pub fn failure(&mut self) -> Option<String> {
         self.errors.failure.take()
+    }
+
+    /// Whether the input proved not to be keyed by the group key, so that every
+    /// partition shares one event time.
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
+    fn new_task(&self) -> Task {
+        Task {
+            state: State::new(self.kind, self.emit == EmitMode::Update),
+            watermarks: Watermarks::new(self.out_of_orderness, self.idle_timeout),
+            replay_watermark: i64::MIN,
+        }
+    }
+
+    /// The task that holds source partition `p`'s windows.
+    #[inline]
+    fn task_index(&self, p: u32) -> usize {
+        if self.shared {
+            0
+        } else {
+            p as usize
+        }
+    }
+
+    /// Makes sure source partition `p` has its task and is one of its partitions (a
+    /// source that never announces assignments, such as a file).
+    fn ensure_task(&mut self, p: u32, now: Instant) -> usize {
+        let i = self.task_index(p);
+        if self.ready.get(p as usize).copied().unwrap_or(false) {
+            return i;
+        }
+        if self.tasks.len() <= i {
+            self.tasks.resize_with(i + 1, || None);
+        }
+        if self.tasks[i].is_none() {
+            self.tasks[i] = Some(self.new_task());
+        }
+        if let Some(t) = self.tasks[i].as_mut() {
+            t.watermarks.add(&[p], now);
+        }
+        if self.ready.len() <= p as usize {
+            self.ready.resize(p as usize + 1, false);
+        }
+        self.ready[p as usize] = true;
+        i
+    }
+
+    fn task(&mut self, i: usize) -> &mut Task {
+        self.tasks[i].as_mut().expect("the task exists")
+    }
+
+    /// The input is not keyed by the group key: merge every task into one.
+    #[cold]
+    fn share(&mut self, rec: &Record) {
+        self.shared = true;
+        let mut tasks = std::mem::take(&mut self.tasks).into_iter().flatten();
+        let merged = tasks.next().map(|mut first| {
+            let mut n = 1;
+            for t in tasks {
+                first.absorb(t);
+                n += 1;
+            }
+            if n > 1 {
+                tracing::warn!(
+                    partition = rec.position.partition,
+                    offset = rec.position.offset,
+                    "records are not keyed by the group key (this one's key is {}): one event time for all partitions, \
+                     which a single pipeline instance must read (see README, \"Several instances\")",
+                    rec.key.as_deref().map_or("missing".to_string(), |k| format!("`{}`", String::from_utf8_lossy(k)))
+                );
+            }
+            first
+        });
+        self.tasks = vec![merged];
+        // Partitions are added to the merged task again as they deliver.
+        for (p, r) in self.ready.iter_mut().enumerate() {
+            if *r {
+                if let Some(t) = self.tasks[0].as_mut() {
+                    t.watermarks.add(&[p as u32], Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Whether `rec`'s broker key is one of its group-by values: records keyed that way
+    /// put every (key, window) in one partition.
+    fn keyed_by_group(&self, rec: &Record, values: &[Val<'_>]) -> bool {
+        let Some(k) = rec.key.as_deref() else {
+            return false;
+        };
+        let mut text = Vec::new();
+        self.key_slots.iter().any(|(slot, _)| match &values[*slot] {
+            Val::Str(s) => s.as_bytes() == k,
+            v @ (Val::Int(_) | Val::Float(_) | Val::Bool(_)) => {
+                text.clear();
+                v.write_json(&mut text);
+                text == k
+            }
+            _ => false,
+        })
     }
 
     /// Handles a record that `stage` (a processor) failed on, by that stage's strategy.
@@ -355,16 +532,12 @@ impl WindowOperator {
         o
     }
 
-    /// Declares the source partitions assigned to this pipeline, with the checkpoints
-    /// committed for them. Records below a checkpoint's `processed` offset are a replay:
-    /// those whose window the checkpoint's watermark had closed are skipped (their results
-    /// were delivered), the others are counted again, and the watermark stays at the
-    /// checkpoint's until the replay is over (or its partitions go idle).
-    pub fn assign(
-        &mut self,
-        partitions: &[(u32, Option<crate::record::Checkpoint>)],
-        now: Instant,
-    ) {
+    /// Declares the source partitions assigned to this pipeline (the whole current set),
+    /// with the checkpoints committed for them. Each partition's task starts from its
+    /// checkpoint's watermark; records below the checkpoint's `processed` offset are a
+    /// replay: those whose window that watermark had closed are skipped (their results
+    /// were delivered), the others are counted again.
+    pub fn assign(&mut self, partitions: &[(u32, Option<Checkpoint>)], now: Instant) {
         // Retry-topic partitions never hold or move the watermark; an assignment of only
         // retry partitions (the retry topic's consumer) leaves the source's as they are.
         let ids: Vec<u32> = partitions
@@ -373,9 +546,20 @@ impl WindowOperator {
             .filter(|p| *p < RETRY_PARTITION_BASE)
             .collect();
         if !ids.is_empty() || partitions.is_empty() {
-            self.watermarks.assign(&ids, now);
+            // Partitions no longer listed stop holding their task's watermark.
+            for (p, r) in self.ready.iter_mut().enumerate() {
+                if *r && !ids.contains(&(p as u32)) {
+                    *r = false;
+                    let i = if self.shared { 0 } else { p };
+                    if let Some(Some(t)) = self.tasks.get_mut(i) {
+                        t.watermarks.revoke(&[p as u32]);
+                    }
+                }
+            }
         }
-        let mut restored = None;
+        for &p in &ids {
+            self.ensure_task(p, now);
+        }
         for (p, cp) in partitions {
             let i = *p as usize;
             // Back after this pipeline had it (a reconnect that redelivers, a rebalance that
@@ -395,14 +579,17 @@ impl WindowOperator {
             }
             self.replay[i] = cp.processed;
             if *p < RETRY_PARTITION_BASE {
-                restored = Some(restored.unwrap_or(i64::MAX).min(cp.watermark));
+                let ti = self.task_index(*p);
+                let t = self.task(ti);
+                t.watermarks.restore(cp.watermark);
+                t.replay_watermark = t.replay_watermark.max(cp.watermark);
+                tracing::info!(
+                    partition = p,
+                    watermark = %crate::time::format_rfc3339(cp.watermark),
+                    replay_until = cp.processed,
+                    "restored checkpoint; replaying uncommitted input"
+                );
             }
-        }
-        if let Some(wm) = restored {
-            self.replay_watermark = wm;
-            self.replay_started = Some(now);
-            self.watermarks.restore_and_hold(wm);
-            tracing::info!(watermark = %crate::time::format_rfc3339(wm), "restored checkpoint; replaying uncommitted input");
         }
     }
 
@@ -410,47 +597,59 @@ impl WindowOperator {
     /// no longer hold the watermark.
     pub fn revoke(&mut self, partitions: &[u32]) {
         for &p in partitions {
-            if self
-                .next_offset
-                .get(p as usize)
-                .copied()
-                .flatten()
-                .is_some()
-            {
+            let i = p as usize;
+            if self.next_offset.get(i).copied().flatten().is_some() {
                 let cp = self.checkpoint(p);
-                let i = p as usize;
                 if self.forgotten.len() <= i {
                     self.forgotten.resize(i + 1, None);
                 }
                 self.forgotten[i] = Some(cp);
             }
-            match &mut self.state {
-                State::Fixed(s) => s.revoke(p),
-                State::Sessions(s) => s.revoke(p),
+            if p < RETRY_PARTITION_BASE {
+                let ti = self.task_index(p);
+                if let Some(slot) = self.tasks.get_mut(ti) {
+                    if let Some(t) = slot.as_mut() {
+                        t.state.revoke(p);
+                        t.watermarks.revoke(&[p]);
+                        // A task whose partitions are all gone and that holds nothing
+                        // (retried records stay counted where they are) goes with them.
+                        if t.state.entries() == 0 && t.watermarks.assigned().next().is_none() {
+                            *slot = None;
+                        }
+                    }
+                }
+                if let Some(r) = self.ready.get_mut(i) {
+                    *r = false;
+                }
+            } else {
+                for t in self.tasks.iter_mut().flatten() {
+                    t.state.revoke(p);
+                }
             }
-            if let Some(n) = self.next_offset.get_mut(p as usize) {
+            if let Some(n) = self.next_offset.get_mut(i) {
                 *n = None;
             }
-            if let Some(r) = self.replay.get_mut(p as usize) {
+            if let Some(r) = self.replay.get_mut(i) {
                 *r = 0;
             }
         }
-        let ids: Vec<u32> = partitions
-            .iter()
-            .copied()
-            .filter(|p| *p < RETRY_PARTITION_BASE)
-            .collect();
-        self.watermarks.revoke(&ids);
+    }
+
+    /// The watermark of the task that holds `partition` (for retry partitions, the
+    /// lowest of all tasks).
+    fn watermark_of(&self, partition: u32) -> i64 {
+        if partition < RETRY_PARTITION_BASE {
+            if let Some(Some(t)) = self.tasks.get(self.task_index(partition)) {
+                return t.watermarks.current();
+            }
+        }
+        self.watermark()
     }
 
     /// The checkpoint to store with a commit of `partition`.
-    pub fn checkpoint(&self, partition: u32) -> crate::record::Checkpoint {
-        crate::record::Checkpoint {
-            watermark: if self.watermarks.is_held() {
-                self.replay_watermark
-            } else {
-                self.watermarks.current()
-            },
+    pub fn checkpoint(&self, partition: u32) -> Checkpoint {
+        Checkpoint {
+            watermark: self.watermark_of(partition),
             processed: self
                 .next_offset
                 .get(partition as usize)
@@ -461,30 +660,21 @@ impl WindowOperator {
         }
     }
 
-    fn end_replay_if_done(&mut self, now: Instant) {
-        if !self.watermarks.is_held() {
-            return;
+    /// The task a retried record counts in: the one of the partition it first came from.
+    fn retry_task(&mut self, rec: &Record, now: Instant) -> usize {
+        let origin = crate::retry::origin_partition(rec).unwrap_or(0);
+        let i = self.task_index(origin);
+        if let Some(Some(_)) = self.tasks.get(i) {
+            return i;
         }
-        // Retry partitions hold records back until due: the replay does not wait for them.
-        let pending = self.replay.iter().enumerate().any(|(p, &until)| {
-            until > 0
-                && p < RETRY_PARTITION_BASE as usize
-                && self.next_offset.get(p).copied().flatten().unwrap_or(0) < until
-        });
-        let timed_out = self.replay_started.is_some_and(|t| {
-            now.duration_since(t) >= self.idle_timeout
-                && self.next_idle_deadline().is_none_or(|d| d <= now)
-        });
-        if !pending || timed_out {
-            self.replay.clear();
-            self.replay_started = None;
-            self.watermarks.release();
-            tracing::info!("replay finished");
+        if let Some(i) = self.tasks.iter().position(Option::is_some) {
+            return i;
         }
+        self.ensure_task(origin, now)
     }
 
     /// Handles one record; dead letters and late events go to `out`. `now_ms` is the wall
-    /// clock used for processing-time windows.
+    /// clock used for processing-time windows and the `max_future` limit.
     #[inline]
     pub fn ingest(
         &mut self,
@@ -515,6 +705,17 @@ impl WindowOperator {
             },
             _ => now_ms,
         };
+        if let Some(limit) = self.max_future {
+            if t > now_ms.saturating_add(limit) {
+                let reason = format!(
+                    "event time {} is more than {} ahead of the wall clock ({}; event_time.max_future)",
+                    crate::time::format_rfc3339(t),
+                    crate::time::format_duration(Duration::from_millis(limit as u64)),
+                    crate::time::format_rfc3339(now_ms),
+                );
+                return self.invalid(rec, &reason, replaying, now_ms, out);
+            }
+        }
         self.key_buf.clear();
         for (i, (slot, name)) in self.key_slots.iter().enumerate() {
             if i > 0 {
@@ -539,27 +740,39 @@ impl WindowOperator {
         if let Err(reason) = self.aggs.read(&ev.values, &mut self.inputs) {
             return self.invalid(rec, &reason, replaying, now_ms, out);
         }
+        if !self.shared && !self.keyed_by_group(rec, &ev.values) {
+            self.share(rec);
+        }
+        let retried = rec.position.partition >= RETRY_PARTITION_BASE;
+        let ti = if retried {
+            self.retry_task(rec, now)
+        } else {
+            self.ensure_task(rec.position.partition, now)
+        };
         let Emitted {
             dead,
             late: late_out,
             ..
         } = out;
-        let retried = rec.position.partition >= RETRY_PARTITION_BASE;
-        // A retried event keeps its own event time and never moves the watermark.
+        let (kind, grace) = (self.kind, self.grace);
+        let (aggs, inputs) = (&self.aggs, &self.inputs);
+        let task = self.tasks[ti].as_mut().expect("the task exists");
+        // A retried event keeps its own event time and never moves the watermark; a
+        // future-dated one (within `max_future`) moves it no further than the wall clock.
         let wm = if retried {
-            self.watermarks.current()
+            task.watermarks.current()
         } else {
-            self.watermarks.observe(rec.position.partition, t)
+            task.watermarks
+                .observe(rec.position.partition, t.min(now_ms))
         };
         // After a restart, a replayed record counts again only where the checkpoint's
         // watermark had not closed its window yet: the rest was delivered before.
-        let closed_at = if replaying { self.replay_watermark } else { wm };
-        let (aggs, inputs, grace) = (&self.aggs, &self.inputs, self.grace);
-        let added = match &mut self.state {
+        let closed_at = if replaying { task.replay_watermark } else { wm };
+        let added = match &mut task.state {
             State::Fixed(store) => {
                 let mut added = 0u64;
                 let mut missed = 0u64;
-                self.kind.for_each(t, |w| {
+                kind.for_each(t, |w| {
                     if w.end.saturating_add(grace) <= closed_at {
                         missed += 1;
                     } else {
@@ -613,28 +826,31 @@ impl WindowOperator {
         }
         self.next_offset[p] = Some(rec.position.offset + 1);
         if rec.position.partition < RETRY_PARTITION_BASE {
-            self.watermarks.touch(rec.position.partition, now);
+            let i = self.ensure_task(rec.position.partition, now);
+            self.task(i).watermarks.touch(rec.position.partition, now);
         }
     }
 
-    /// Advances idle time and closes every window the watermark has passed; in `update`
-    /// mode first emits the entries this batch changed.
-    pub fn close_ready(&mut self, now: Instant, out: &mut Emitted) {
-        self.end_replay_if_done(now);
-        let wm = self.watermarks.tick(now);
+    /// Advances idle time and closes every window its task's watermark has passed; in
+    /// `update` mode first emits the entries this batch changed. `backlog(p)` says whether
+    /// the broker holds records of partition `p` not delivered yet (it is then not idle).
+    pub fn close_ready(&mut self, now: Instant, backlog: &dyn Fn(u32) -> bool, out: &mut Emitted) {
         self.emit_updates(out);
-        match &mut self.state {
-            State::Fixed(store) => {
-                let closed = store.close_until(wm, self.grace);
-                for (window, pane) in closed {
-                    out.windows_closed += 1;
-                    out.results.reserve(pane.groups.len());
-                    Self::encode_pane(&self.encoder, window, pane, out);
+        for task in self.tasks.iter_mut().flatten() {
+            let wm = task.watermarks.tick(now, backlog);
+            match &mut task.state {
+                State::Fixed(store) => {
+                    let closed = store.close_until(wm, self.grace);
+                    for (window, pane) in closed {
+                        out.windows_closed += 1;
+                        out.results.reserve(pane.groups.len());
+                        Self::encode_pane(&self.encoder, window, pane, out);
+                    }
                 }
-            }
-            State::Sessions(sessions) => {
-                let closed = sessions.close_until(wm, self.grace);
-                self.encode_sessions(closed, out);
+                State::Sessions(sessions) => {
+                    let closed = sessions.close_until(wm, self.grace);
+                    Self::encode_sessions(&self.encoder, closed, out);
+                }
             }
         }
     }
@@ -642,16 +858,18 @@ impl WindowOperator {
     /// Closes every open window (the input has ended).
     pub fn close_all(&mut self, out: &mut Emitted) {
         self.emit_updates(out);
-        match &mut self.state {
-            State::Fixed(store) => {
-                for (window, pane) in store.drain_all() {
-                    out.windows_closed += 1;
-                    Self::encode_pane(&self.encoder, window, pane, out);
+        for task in self.tasks.iter_mut().flatten() {
+            match &mut task.state {
+                State::Fixed(store) => {
+                    for (window, pane) in store.drain_all() {
+                        out.windows_closed += 1;
+                        Self::encode_pane(&self.encoder, window, pane, out);
+                    }
                 }
-            }
-            State::Sessions(sessions) => {
-                let closed = sessions.drain_all();
-                self.encode_sessions(closed, out);
+                State::Sessions(sessions) => {
+                    let closed = sessions.drain_all();
+                    Self::encode_sessions(&self.encoder, closed, out);
+                }
             }
         }
     }
@@ -671,14 +889,12 @@ impl WindowOperator {
         });
     }
 
-    fn encode_sessions(&self, closed: Vec<ClosedSession>, out: &mut Emitted) {
+    fn encode_sessions(encoder: &ResultEncoder, closed: Vec<ClosedSession>, out: &mut Emitted) {
         out.windows_closed += closed.len() as u64;
         for (w, key, acc, extra) in closed {
             let text = WindowText::new(w);
-            out.results.push(
-                self.encoder
-                    .encode_with(&text, &key, &acc, extra.as_deref(), true),
-            );
+            out.results
+                .push(encoder.encode_with(&text, &key, &acc, extra.as_deref(), true));
         }
     }
 
@@ -691,9 +907,11 @@ impl WindowOperator {
             out.results
                 .push(enc.encode_with(&WindowText::new(w), key, acc, extra, false));
         };
-        match &mut self.state {
-            State::Fixed(s) => s.drain_updates(&mut push),
-            State::Sessions(s) => s.drain_updates(&mut push),
+        for task in self.tasks.iter_mut().flatten() {
+            match &mut task.state {
+                State::Fixed(s) => s.drain_updates(&mut push),
+                State::Sessions(s) => s.drain_updates(&mut push),
+            }
         }
     }
 
@@ -711,11 +929,13 @@ impl WindowOperator {
             .enumerate()
             .filter_map(|(p, next)| {
                 let next = (*next)?;
-                let held = match &self.state {
-                    State::Fixed(s) => s.min_offset(p as u32),
-                    State::Sessions(s) => s.min_offset(p as u32),
-                }
-                .unwrap_or(u64::MAX);
+                let held = self
+                    .tasks
+                    .iter()
+                    .flatten()
+                    .filter_map(|t| t.state.min_offset(p as u32))
+                    .min()
+                    .unwrap_or(u64::MAX);
                 Some(Position {
                     partition: p as u32,
                     offset: next.min(held),
@@ -724,29 +944,33 @@ impl WindowOperator {
             .collect()
     }
 
-    /// The pipeline watermark.
+    /// The pipeline's watermark: the lowest of its tasks' (`i64::MIN` before any event).
     pub fn watermark(&self) -> i64 {
-        self.watermarks.current()
+        self.tasks
+            .iter()
+            .flatten()
+            .map(|t| t.watermarks.current())
+            .min()
+            .unwrap_or(i64::MIN)
     }
 
     /// When the next partition goes idle, if any is active.
     pub fn next_idle_deadline(&self) -> Option<Instant> {
-        self.watermarks.next_idle_deadline()
+        self.tasks
+            .iter()
+            .flatten()
+            .filter_map(|t| t.watermarks.next_idle_deadline())
+            .min()
     }
 
     /// Open (window, key) entries.
     pub fn open_entries(&self) -> usize {
-        match &self.state {
-            State::Fixed(s) => s.entries(),
-            State::Sessions(s) => s.entries(),
-        }
+        self.tasks.iter().flatten().map(|t| t.state.entries()).sum()
     }
 
-    /// Open windows (sessions count one each).
+    /// Open windows (sessions count one each; a window open in several tasks counts
+    /// once per task).
     pub fn open_windows(&self) -> usize {
-        match &self.state {
-            State::Fixed(s) => s.windows(),
-            State::Sessions(s) => s.entries(),
-        }
+        self.tasks.iter().flatten().map(|t| t.state.windows()).sum()
     }
 }

@@ -130,6 +130,11 @@ impl RetryConfig {
     }
 }
 
+/// The source partition a retried record first came from, if it is a retry envelope.
+pub(crate) fn origin_partition(rec: &Record) -> Option<u32> {
+    meta(rec).map(|m| m.source.partition)
+}
+
 /// How many times `rec` went through the retry topic before.
 pub fn attempts(rec: &Record) -> u32 {
     meta(rec).map_or(0, |m| m.retries)
@@ -419,6 +424,10 @@ impl Source for WithRetries {
 
     fn recycle(&mut self, batch: Vec<Record>) {
         self.main.recycle(batch);
+    }
+
+    fn has_backlog(&self, partition: u32) -> bool {
+        partition < RETRY_PARTITION_BASE && self.main.has_backlog(partition)
     }
 
     async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {

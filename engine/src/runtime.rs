@@ -274,7 +274,8 @@ impl Pipeline {
             if ended {
                 op.close_all(&mut out);
             } else {
-                op.close_ready(Instant::now(), &mut out);
+                let source = &*self.source;
+                op.close_ready(Instant::now(), &|p| source.has_backlog(p), &mut out);
             }
             self.deliver(out, &m).await?;
             m.watermark

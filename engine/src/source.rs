@@ -53,6 +53,16 @@ pub trait Source: Send {
         false
     }
 
+    /// Whether the broker holds records of `partition` that this source has not delivered
+    /// yet. A partition with such a backlog is never idle, however long it has been since
+    /// its last record: idleness must not close windows that data already in the broker
+    /// belongs to. Sources that cannot tell answer `false` (their partitions go idle on the
+    /// wall clock alone). Default: `false`.
+    fn has_backlog(&self, partition: u32) -> bool {
+        let _ = partition;
+        false
+    }
+
     /// Whether the source holds records it will deliver later (retries waiting for their
     /// time): a run that stops when input goes idle waits for them. Default: never.
     fn pending(&self) -> bool {

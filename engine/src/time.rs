@@ -209,6 +209,22 @@ pub fn write_rfc3339(out: &mut String, ms: i64) {
     out.push('Z');
 }
 
+/// A duration in the config file's syntax (`1h`, `90s`, `500ms`).
+pub fn format_duration(d: std::time::Duration) -> String {
+    let ms = d.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= size && ms.is_multiple_of(size) {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
 /// Epoch milliseconds as an RFC 3339 UTC string.
 pub fn format_rfc3339(ms: i64) -> String {
     let mut s = String::with_capacity(24);

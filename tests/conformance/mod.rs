@@ -34,6 +34,8 @@ pub fn pipeline_named(name: &str) -> PathBuf {
 pub struct Bed {
     pub config: PipelineConfig,
     pub backend: Backend,
+    /// The `--set` overrides that made this bed (for `weir` processes of the same bed).
+    pub sets: Vec<String>,
 }
 
 static RUN: AtomicUsize = AtomicUsize::new(0);
@@ -112,7 +114,11 @@ impl Bed {
             Err(e) => panic!("{e}"),
         };
         assert_eq!(config.broker, broker);
-        Bed { config, backend }
+        Bed {
+            config,
+            backend,
+            sets: overrides.sets,
+        }
     }
 
     /// Publishes seed events to the source topic, keyed by user like `weir produce`.
@@ -127,6 +133,25 @@ impl Bed {
                 .iter()
                 .map(|l| OutRecord {
                     key: user_of(l).map(|u| Bytes::from(u.into_bytes())),
+                    payload: Bytes::from(l.clone()),
+                    ..Default::default()
+                })
+                .collect();
+            sink.send(&batch).await.expect("produce");
+        }
+    }
+
+    /// Publishes records without a key (the broker spreads them over partitions).
+    pub async fn produce_unkeyed(&self, lines: &[Vec<u8>]) {
+        let mut sink = self
+            .backend
+            .sink(&self.config.source.topic)
+            .await
+            .expect("sink");
+        for chunk in lines.chunks(1000) {
+            let batch: Vec<OutRecord> = chunk
+                .iter()
+                .map(|l| OutRecord {
                     payload: Bytes::from(l.clone()),
                     ..Default::default()
                 })
@@ -171,6 +196,23 @@ impl Bed {
     /// Reads `topic` from the beginning until `expect` records arrived or `idle` passed
     /// without one (counted from the partition assignment: joining a group takes time).
     pub async fn read(&self, topic: &str, expect: usize, idle: Duration) -> Vec<Record> {
+        self.read_with(topic, expect, idle, false).await
+    }
+
+    /// Like [`read`](Self::read), committing what it read as it goes: a RabbitMQ queue
+    /// stops delivering to a reader that holds `prefetch` unacknowledged messages, so this
+    /// is how a topic larger than that is read to its end (and consumed).
+    pub async fn read_all(&self, topic: &str, idle: Duration) -> Vec<Record> {
+        self.read_with(topic, usize::MAX, idle, true).await
+    }
+
+    async fn read_with(
+        &self,
+        topic: &str,
+        expect: usize,
+        idle: Duration,
+        commit: bool,
+    ) -> Vec<Record> {
         let group = format!(
             "conf-reader-{}-{}",
             std::process::id(),
@@ -194,6 +236,24 @@ impl Bed {
                 .expect("read")
             {
                 Received::Batch(b) if !b.is_empty() => {
+                    if commit {
+                        let mut next: HashMap<u32, u64> = HashMap::new();
+                        for r in &b {
+                            let n = next.entry(r.position.partition).or_default();
+                            *n = (*n).max(r.position.offset + 1);
+                        }
+                        let cp = weir_engine::Checkpoint {
+                            watermark: i64::MIN,
+                            processed: 0,
+                        };
+                        let positions: Vec<_> = next
+                            .into_iter()
+                            .map(|(partition, offset)| {
+                                (weir_engine::Position { partition, offset }, cp)
+                            })
+                            .collect();
+                        src.commit(&positions).await.expect("reader commit");
+                    }
                     out.extend(b);
                     last = tokio::time::Instant::now();
                 }
@@ -500,6 +560,74 @@ pub async fn idle_input_still_closes_the_last_window(broker: &str) {
     let s = run.await.unwrap().expect("run").counters;
     assert_eq!(got.values().sum::<u64>(), 40, "{got:?} {s:?}");
     assert_eq!(got.len(), 4);
+}
+
+/// Started before its data: the pipeline waits three idle timeouts on empty partitions,
+/// then 20,000 events arrive on every partition at once. Not one is late, every window is
+/// exact: partitions that delivered nothing yet (or still hold a backlog) never let the
+/// first partition read run ahead.
+///
+/// `keyed: false` produces the records without keys, so a (key, window) spans partitions
+/// and they all share one event time.
+pub async fn start_before_data_is_exact(broker: &str, keyed: bool) {
+    let case = if keyed { "early" } else { "unkeyed" };
+    let bed = Bed::new(broker, case, &["window.idle_timeout=2s"]);
+    let data = lines(11, 20_000, 500, 0);
+    let want = oracle(&data);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(bed.pipeline().await.shutdown_on(stop.clone()).run());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    if keyed {
+        bed.produce(&data).await;
+    } else {
+        bed.produce_unkeyed(&data).await;
+    }
+    let records = bed
+        .read(&bed.config.sink.topic, want.len(), Duration::from_secs(20))
+        .await;
+    stop.cancel();
+    let s = run.await.unwrap().expect("run").counters;
+    assert_eq!((s.late, s.dead_letters), (0, 0), "{s:?}");
+    let got = results(&records);
+    let missing = want.keys().filter(|k| !got.contains_key(*k)).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} windows missing; {s:?}",
+        want.len()
+    );
+    assert_eq!(got, want);
+}
+
+/// One event dated 2100 among valid ones: it is a dead letter naming its time and the
+/// limit, and cannot drag the watermark along, so every valid event is counted.
+pub async fn a_future_event_cannot_stop_the_count(broker: &str) {
+    let bed = Bed::new(broker, "future", &[]);
+    let mut data = lines(5, 2_000, 20, 0);
+    let want = oracle(&data);
+    let future = br#"{"event_type":"click","user_id":"User1","action":"a","timestamp":"2100-01-01 00:00:00"}"#.to_vec();
+    data.insert(10, future.clone());
+    bed.produce(&data).await;
+    let s = bed.run_until_idle().await.expect("run").counters;
+    assert_eq!((s.windowed, s.dead_letters, s.late), (2_000, 1, 0), "{s:?}");
+    let got = results(
+        &bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5))
+            .await,
+    );
+    assert_eq!(got, want);
+    let dead = bed
+        .read(&bed.config.dead_letter.topic, 1, Duration::from_secs(5))
+        .await;
+    assert_eq!(dead.len(), 1);
+    let v: serde_json::Value = serde_json::from_slice(&dead[0].payload).unwrap();
+    let reason = v["error"].as_str().unwrap();
+    assert!(
+        reason.contains("2100-01-01T00:00:00Z")
+            && reason.contains("max_future")
+            && reason.contains("1h"),
+        "{reason}"
+    );
+    assert_eq!(v["payload"].as_str().unwrap().as_bytes(), &future[..]);
 }
 
 fn results_any_size(records: &[Record]) -> HashMap<String, u64> {
@@ -893,6 +1021,7 @@ pub async fn fail_stops_and_a_restart_resumes_from_the_failing_record(broker: &s
     let mut again = Bed {
         config: bed.config.clone(),
         backend: bed.backend.clone(),
+        sets: bed.sets.clone(),
     };
     again.config.errors.clear();
     let summary = again.run_until_idle().await.expect("second run");

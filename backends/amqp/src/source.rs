@@ -57,6 +57,13 @@ pub struct AmqpSource {
     failures: u32,
     /// Deliveries received since the last commit.
     since_commit: usize,
+    /// The committed position read when consuming started, until the first delivery: a
+    /// consumer that stood by (single active consumer) becomes active only when the one
+    /// before it is gone, and must then number from what that one committed last.
+    standing_by: Option<Option<u64>>,
+    /// Ready messages in the queue, as the last passive declare (after a receive that
+    /// waited in vain) reported them; deliveries since then mean "not at the end".
+    ready: u32,
 }
 
 impl AmqpSource {
@@ -71,6 +78,8 @@ impl AmqpSource {
             connected_once: false,
             failures: 0,
             since_commit: 0,
+            standing_by: None,
+            ready: u32::MAX,
         };
         s.open().await?;
         Ok(s)
@@ -129,6 +138,7 @@ impl AmqpSource {
             })?;
         self.next_offset = stored.map_or(0, |(p, _)| p);
         self.unacked.clear();
+        self.standing_by = (!self.stream()).then_some(stored.map(|(p, _)| p));
         // The first assignment hands the engine the stored checkpoint (a fresh pipeline
         // replays against it); after a reconnect the engine has just dropped the state of
         // the lost channel and counts what is redelivered as new.
@@ -156,6 +166,31 @@ impl AmqpSource {
             consumer,
         });
         Ok(())
+    }
+
+    /// The first delivery arrived: if another consumer committed since this one read the
+    /// checkpoint (it stood by while that one was active), number from that commit and
+    /// hand its checkpoint to the engine before the deliveries.
+    async fn took_over(&mut self, read: Option<u64>) -> Result<Option<Received>> {
+        let Some(live) = &self.live else {
+            return Ok(None);
+        };
+        let ch = live
+            ._conn
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("opening a channel", &e))?;
+        let stored = read_checkpoint(&ch, &topology::checkpoint_queue(&self.topic)).await;
+        let _ = ch.close(200, "checkpoint read".into()).await;
+        let Some((pos, cp)) = stored? else {
+            return Ok(None);
+        };
+        if Some(pos) == read {
+            return Ok(None);
+        }
+        tracing::info!(topic = %self.topic, from = ?read, to = pos, "RabbitMQ source became the active consumer; resuming from the last commit of the one before");
+        self.next_offset = pos;
+        Ok(Some(Received::Assigned(vec![(0, Some(cp))])))
     }
 
     /// The connection or channel is gone: forget its deliveries and tell the engine.
@@ -305,24 +340,63 @@ impl Source for AmqpSource {
         )
         .await;
         let first = match first {
-            Err(_) => return Ok(Received::Batch(Vec::new())),
+            Err(_) if self.cfg.queue_type == QueueType::Stream => {
+                return Ok(Received::Batch(Vec::new()))
+            }
+            Err(_) => {
+                // Nothing came: ask how many messages wait (a consumer that stands by, or
+                // one out of prefetch credit, sees them here).
+                let passive = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                self.ready = match live
+                    .ch
+                    .queue_declare(self.topic.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    Ok(q) => q.message_count(),
+                    Err(e) => return Ok(self.lost(&e)),
+                };
+                return Ok(Received::Batch(Vec::new()));
+            }
             Ok(Some(Ok(d))) => d,
             Ok(Some(Err(e))) => return Ok(self.lost(&e)),
             Ok(None) => return Ok(self.lost(&"the broker cancelled the consumer")),
         };
         let mut deliveries = Vec::with_capacity(max.min(self.cfg.prefetch as usize).max(1));
         deliveries.push(first);
-        let mut cx = Context::from_waker(Waker::noop());
-        while deliveries.len() < max {
-            match Pin::new(&mut live.consumer).poll_next(&mut cx) {
-                Poll::Ready(Some(Ok(d))) => deliveries.push(d),
-                Poll::Ready(Some(Err(e))) => return Ok(self.lost(&e)),
-                Poll::Ready(None) => return Ok(self.lost(&"the broker cancelled the consumer")),
-                Poll::Pending => break,
+        {
+            let mut cx = Context::from_waker(Waker::noop());
+            while deliveries.len() < max {
+                match Pin::new(&mut live.consumer).poll_next(&mut cx) {
+                    Poll::Ready(Some(Ok(d))) => deliveries.push(d),
+                    Poll::Ready(Some(Err(e))) => return Ok(self.lost(&e)),
+                    Poll::Ready(None) => return Ok(self.lost(&"the broker cancelled the consumer")),
+                    Poll::Pending => break,
+                }
             }
         }
+        let taken_over = match self.standing_by.take() {
+            Some(read) => self.took_over(read).await?,
+            None => None,
+        };
+        self.ready = u32::MAX;
         let records = deliveries.into_iter().map(|d| self.record(d)).collect();
-        Ok(Received::Batch(records))
+        match taken_over {
+            Some(assigned) => {
+                self.events.push_back(Received::Batch(records));
+                Ok(assigned)
+            }
+            None => Ok(Received::Batch(records)),
+        }
+    }
+
+    /// Messages wait in the queue (as the last empty receive found), or deliveries came
+    /// since that check. A stream's message count is all it retains, read or not: streams
+    /// answer `false` (their partition goes idle on the wall clock alone).
+    fn has_backlog(&self, _partition: u32) -> bool {
+        !self.stream() && self.ready > 0
     }
 
     /// Asks for a commit once half the prefetch arrived since the last one: the broker

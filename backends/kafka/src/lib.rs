@@ -95,9 +95,12 @@ impl KafkaBroker {
                     }
                     None => None,
                 };
+                // End-of-partition events (from fetch responses' high watermark) tell the
+                // source which partitions still have a backlog (`Source::has_backlog`).
                 let consumer = self
                     .config
                     .consumer_config(g)
+                    .set("enable.partition.eof", "true")
                     .create_with_context(RebalanceContext::default())
                     .map_err(|source| KafkaError::Client {
                         what: "consumer",

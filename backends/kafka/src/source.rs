@@ -59,6 +59,35 @@ pub struct RebalanceContext {
     pending: AtomicBool,
     /// Partitions librdkafka has assigned to this member right now.
     assigned: Mutex<Vec<bool>>,
+    /// What the poll thread has read of each partition.
+    progress: Mutex<Progress>,
+}
+
+/// By partition: the next offset after the last record the poll thread took from
+/// librdkafka (-1: none since the assignment), and whether librdkafka reported the end
+/// of the partition after it.
+#[derive(Debug, Default)]
+struct Progress {
+    polled: Vec<i64>,
+    at_end: Vec<bool>,
+}
+
+impl Progress {
+    fn slot(&mut self, p: usize) -> (&mut i64, &mut bool) {
+        if self.polled.len() <= p {
+            self.polled.resize(p + 1, -1);
+            self.at_end.resize(p + 1, false);
+        }
+        (&mut self.polled[p], &mut self.at_end[p])
+    }
+
+    fn batch(&mut self, batch: &[Record]) {
+        for r in batch {
+            let (polled, at_end) = self.slot(r.position.partition as usize);
+            *polled = (*polled).max(r.position.offset as i64 + 1);
+            *at_end = false;
+        }
+    }
 }
 
 impl RebalanceContext {
@@ -76,11 +105,23 @@ impl RebalanceContext {
             assigned[i] = now;
         }
         drop(assigned);
+        if now {
+            let mut progress = self.progress();
+            for &p in parts {
+                let (polled, at_end) = progress.slot(p as usize);
+                *polled = -1;
+                *at_end = false;
+            }
+        }
         self.events
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(e);
         self.pending.store(true, Ordering::Release);
+    }
+
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn has_events(&self) -> bool {
@@ -114,6 +155,12 @@ impl ClientContext for RebalanceContext {
     }
 
     fn error(&self, error: RdError, reason: &str) {
+        // The end of a partition is how the source learns it has no backlog, not an error.
+        if matches!(error, RdError::PartitionEOF(_))
+            || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+        {
+            return;
+        }
         tracing::warn!(%error, "kafka: {reason}");
     }
 }
@@ -196,6 +243,9 @@ pub struct KafkaSource {
     /// The largest batch `recv` was asked for; the poll thread batches up to it.
     max: Arc<AtomicUsize>,
     spares: Spares,
+    /// By partition, the next offset after the last record `recv` handed out (-1: none
+    /// since the assignment).
+    delivered: Vec<i64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -220,7 +270,12 @@ fn poll_loop(
     let ctx = consumer.context();
     // Keys and payloads are copied into this buffer (see `to_record`).
     let mut arena = BytesMut::new();
-    let send = |item| items.blocking_send(item).is_ok();
+    let send = |item: Item| {
+        if let Item::Batch(b) = &item {
+            ctx.progress().batch(b);
+        }
+        items.blocking_send(item).is_ok()
+    };
     while !stop.load(Ordering::Relaxed) {
         let limit = max.load(Ordering::Relaxed).max(1);
         let mut batch: Vec<Record> = Vec::new();
@@ -252,6 +307,13 @@ fn poll_loop(
                     if batch.len() >= limit {
                         break;
                     }
+                }
+                Some(Err(RdError::PartitionEOF(p))) => {
+                    // Everything fetched so far is behind the records already batched.
+                    if !batch.is_empty() && !send(Item::Batch(std::mem::take(&mut batch))) {
+                        return;
+                    }
+                    *ctx.progress().slot(p.max(0) as usize).1 = true;
                 }
                 Some(Err(e)) => {
                     if !batch.is_empty() && !send(Item::Batch(std::mem::take(&mut batch))) {
@@ -341,6 +403,7 @@ impl KafkaSource {
             items: Some(rx),
             max,
             spares,
+            delivered: Vec::new(),
             stop,
             thread,
         }
@@ -477,6 +540,13 @@ impl KafkaSource {
                 Event::Assign(parts) => {
                     self.joined = true;
                     self.set_owned(&parts, true);
+                    for &p in &parts {
+                        let i = p as usize;
+                        if self.delivered.len() <= i {
+                            self.delivered.resize(i + 1, -1);
+                        }
+                        self.delivered[i] = -1;
+                    }
                     let cps = self.checkpoints(&parts).await;
                     self.pending.push_back(Received::Assigned(cps));
                 }
@@ -599,6 +669,13 @@ impl Source for KafkaSource {
                 if batch.iter().any(|r| !self.owns(r.position.partition)) {
                     batch.retain(|r| self.owns(r.position.partition));
                 }
+                for r in &batch {
+                    let p = r.position.partition as usize;
+                    if self.delivered.len() <= p {
+                        self.delivered.resize(p + 1, -1);
+                    }
+                    self.delivered[p] = self.delivered[p].max(r.position.offset as i64 + 1);
+                }
                 Ok(Received::Batch(batch))
             }
             Item::Events(events) => {
@@ -622,6 +699,21 @@ impl Source for KafkaSource {
             }
             .into()),
         }
+    }
+
+    /// Records of `partition` wait in this source's queue, or librdkafka has not reported
+    /// its end since the last record (end-of-partition events compare the position with
+    /// the high watermark of fetch responses; Tansu's ListOffsets under-reports that high
+    /// watermark, its fetch responses do not). A partition not fetched yet is backlogged.
+    fn has_backlog(&self, partition: u32) -> bool {
+        if !self.group {
+            return false;
+        }
+        let p = partition as usize;
+        let delivered = self.delivered.get(p).copied().unwrap_or(-1);
+        let mut progress = self.consumer.context().progress();
+        let (polled, at_end) = progress.slot(p);
+        *polled > delivered || !*at_end
     }
 
     fn recycle(&mut self, mut batch: Vec<Record>) {

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use async_trait::async_trait;
 use aws_sdk_kinesis::primitives::DateTime;
 use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
@@ -28,8 +30,11 @@ struct Raw {
 
 /// What reader tasks tell the source.
 enum Msg {
-    /// Records of one GetRecords call, in shard order.
-    Records(String, Vec<Raw>),
+    /// Records of one GetRecords call, in shard order, and, if the reader caught up with
+    /// the shard's end with them, when that call was made.
+    Records(String, Vec<Raw>, Option<Instant>),
+    /// An empty GetRecords, made at that time: the reader was at the shard's end.
+    CaughtUp(String, Instant),
     /// The shard is closed and was read to its end.
     Ended(String),
     /// A call failed; `retryable` says whether the reader keeps going.
@@ -48,6 +53,8 @@ struct ShardState {
     pending: VecDeque<(u64, String, bool)>,
     /// What is committed.
     stored: ShardCheckpoint,
+    /// When a GetRecords that reached the end of the shard was made, if the last one did.
+    caught_up: Option<Instant>,
 }
 
 /// A reader of one Kinesis stream for one group. See the crate docs for the design.
@@ -179,6 +186,7 @@ impl KinesisSource {
                     partition: stored.partition,
                     next_offset: stored.next_offset,
                     pending: VecDeque::new(),
+                    caught_up: None,
                     stored,
                 },
             );
@@ -236,11 +244,18 @@ impl KinesisSource {
 
     fn take_msg(&mut self, msg: Msg) -> Result<bool> {
         match msg {
-            Msg::Records(shard, raws) => {
+            Msg::CaughtUp(shard, at) => {
+                if let Some(st) = self.shards.get_mut(&shard) {
+                    st.caught_up = Some(at);
+                }
+                Ok(false)
+            }
+            Msg::Records(shard, raws, caught_up) => {
                 let st = self
                     .shards
                     .get_mut(&shard)
                     .expect("records of a known shard");
+                st.caught_up = caught_up;
                 let buffer = self.buffers.entry(st.partition).or_default();
                 self.buffered += raws.len();
                 for r in raws {
@@ -368,6 +383,7 @@ impl Reader {
                 }
             };
             loop {
+                let asked = Instant::now();
                 let out = match self
                     .client
                     .get_records()
@@ -395,7 +411,22 @@ impl Reader {
                 if let Some(last) = recs.last() {
                     start = Start::After(last.sequence_number().to_string());
                 }
-                if !empty {
+                // A short read means the reader caught up (kinesalite always answers
+                // MillisBehindLatest 0, so that alone is not trusted); a full one reads on
+                // at once.
+                let caught_up = (n < self.limit as usize
+                    && out.millis_behind_latest().unwrap_or(0) == 0)
+                    .then_some(asked);
+                if empty {
+                    if self
+                        .tx
+                        .send(Msg::CaughtUp(self.shard.clone(), asked))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                } else {
                     let raws = recs
                         .iter()
                         .map(|r| Raw {
@@ -411,7 +442,7 @@ impl Reader {
                         .collect();
                     if self
                         .tx
-                        .send(Msg::Records(self.shard.clone(), raws))
+                        .send(Msg::Records(self.shard.clone(), raws, caught_up))
                         .await
                         .is_err()
                     {
@@ -422,8 +453,6 @@ impl Reader {
                     Some(next) => it = next.to_string(),
                     None => break 'outer,
                 }
-                // A short read means the reader caught up (MillisBehindLatest is not
-                // trustworthy: kinesalite always answers 0); a full one reads on at once.
                 if n < self.limit as usize {
                     tokio::time::sleep(self.poll).await;
                 }
@@ -487,6 +516,23 @@ impl Source for KinesisSource {
             }
         }
         Ok(Received::Batch(out))
+    }
+
+    /// Records of `partition` wait in this source's buffers or channel, or its shard's
+    /// reader has not reached the shard's end yet.
+    fn has_backlog(&self, partition: u32) -> bool {
+        if !self.rx.is_empty() || self.buffers.get(&partition).is_some_and(|b| !b.is_empty()) {
+            return true;
+        }
+        // "Caught up" is only as fresh as the call that found it: one older than a few
+        // polls (a slow or starved reader) may miss records put since.
+        let fresh = self.config.poll_interval * 4 + Duration::from_secs(1);
+        self.shards
+            .iter()
+            .find(|(_, st)| st.partition == partition)
+            .is_some_and(|(id, st)| {
+                !self.ended.contains(id) && st.caught_up.is_none_or(|at| at.elapsed() > fresh)
+            })
     }
 
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()> {

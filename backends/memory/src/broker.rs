@@ -543,6 +543,17 @@ impl Source for MemorySource {
         self.group.is_some() && self.since_commit >= COMMIT_EVERY
     }
 
+    fn has_backlog(&self, partition: u32) -> bool {
+        let p = partition as usize;
+        match (self.topic.parts.get(p), self.positions.get(p)) {
+            (Some(part), Some(&pos)) => {
+                let log = lock(part);
+                log.base + log.len as u64 > pos
+            }
+            _ => false,
+        }
+    }
+
     fn recycle(&mut self, mut batch: Vec<Record>) {
         batch.clear();
         if batch.capacity() > self.spare.capacity() {

@@ -19,6 +19,14 @@ use crate::window::WindowKind;
 /// The broker backends Weir knows, in the order the docs list them.
 pub const BROKERS: [&str; 4] = ["memory", "kafka", "amqp", "kinesis"];
 
+/// How far ahead of the wall clock an event may be dated unless `[event_time] max_future`
+/// says otherwise. Client clocks (phones, browsers) are often minutes off; a producer that
+/// writes local time in the wrong zone is whole hours off and is caught. An event within
+/// the limit is counted, and cannot make others late (its time moves the watermark no
+/// further than the wall clock); its window simply stays open until its time comes, which
+/// the limit bounds.
+pub const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(3600);
+
 /// A whole pipeline, validated.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -36,6 +44,9 @@ pub struct PipelineConfig {
     pub time: TimeSource,
     /// Allowed out-of-orderness: the watermark trails the highest event time by this much.
     pub out_of_orderness: Duration,
+    /// Events dated further than this ahead of the wall clock are dead letters (`None`:
+    /// no limit).
+    pub max_future: Option<Duration>,
     /// The window and when it closes.
     pub window: WindowConfig,
     /// What is computed per window.
@@ -305,7 +316,7 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         None => Schema::default(),
     };
 
-    let (time, out_of_orderness) = match r.table(d, "event_time") {
+    let (time, out_of_orderness, max_future) = match r.table(d, "event_time") {
         Some(mut t) => {
             let field_node = t.node("field");
             let field = t.str(d, "field");
@@ -313,6 +324,13 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             let format_node = t.node("format");
             let format = t.str_or(d, "format", "auto");
             let ooo = t.duration_or(d, "max_out_of_orderness", Duration::ZERO);
+            let max_future = match t.node("max_future") {
+                Some(Node {
+                    value: Value::Str(s),
+                    ..
+                }) if s == "off" => None,
+                _ => Some(t.duration_or(d, "max_future", DEFAULT_MAX_FUTURE)),
+            };
             let fmt = TimeFormat::from_name(&format).unwrap_or_else(|| {
                 if let Some(n) = format_node {
                     d.push(
@@ -359,9 +377,13 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                 }
             };
             t.finish(d);
-            (time, ooo)
+            (time, ooo, max_future)
         }
-        None => (TimeSource::Processing, Duration::ZERO),
+        None => (
+            TimeSource::Processing,
+            Duration::ZERO,
+            Some(DEFAULT_MAX_FUTURE),
+        ),
     };
 
     let window = match r.table(d, "window") {
@@ -769,6 +791,7 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         schema,
         time,
         out_of_orderness,
+        max_future,
         window,
         aggregate,
         sink,

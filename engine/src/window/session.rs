@@ -247,6 +247,27 @@ impl SessionStore {
         self.entries -= dropped;
     }
 
+    /// Takes in every open session of `other` (tasks merging into one). Tasks hold
+    /// disjoint keys until they merge; a key in both keeps the sessions of each.
+    pub fn absorb(&mut self, other: SessionStore) {
+        for (key, list) in other.sessions {
+            self.entries += list.len();
+            match self.sessions.get_mut(&key) {
+                Some(mut mine) => {
+                    mine.extend(list);
+                    mine.sort_by_key(|s| s.start);
+                }
+                None => {
+                    self.sessions.insert(key, list);
+                }
+            }
+        }
+        for (end, keys) in other.index {
+            self.index.entry(end).or_default().extend(keys);
+        }
+        self.dirty.extend(other.dirty);
+    }
+
     /// Open sessions.
     pub fn entries(&self) -> usize {
         self.entries

@@ -248,6 +248,50 @@ impl WindowStore {
         self.entries -= dropped;
     }
 
+    /// Takes in every open window of `other` (tasks merging into one); entries of the
+    /// same (window, key) in both are combined.
+    pub fn absorb(&mut self, other: WindowStore) {
+        self.last_size = self.last_size.max(other.last_size);
+        for (at, pane) in other.panes {
+            let Some(mine) = self.panes.get_mut(&at) else {
+                self.entries += pane.groups.len();
+                self.panes.insert(at, pane);
+                continue;
+            };
+            for (i, &m) in pane.min_offsets.iter().enumerate() {
+                if mine.min_offsets.len() <= i {
+                    mine.min_offsets.resize(i + 1, u64::MAX);
+                }
+                mine.min_offsets[i] = mine.min_offsets[i].min(m);
+            }
+            for (key, extra) in pane.extras {
+                match mine.extras.get_mut(&key) {
+                    Some(mut e) => Aggregates::merge(&mut e.0, extra.0),
+                    None => {
+                        mine.extras.insert(key, extra);
+                    }
+                }
+            }
+            for (key, acc) in pane.groups {
+                match mine.groups.get_mut(&key) {
+                    Some(mut a) => {
+                        a.add(acc.count());
+                        if acc.is_dirty() {
+                            a.set_dirty(true);
+                        }
+                    }
+                    None => {
+                        mine.groups.insert(key, acc);
+                        self.entries += 1;
+                    }
+                }
+            }
+            mine.dirty.extend(pane.dirty);
+            mine.dirty.sort_unstable();
+            mine.dirty.dedup();
+        }
+    }
+
     /// Open (window, key) entries.
     pub fn entries(&self) -> usize {
         self.entries

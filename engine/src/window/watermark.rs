@@ -1,4 +1,20 @@
-//! Per-partition watermarks, the pipeline watermark, and idleness.
+//! Event time of one task: per-partition watermarks, the task's watermark, and idleness.
+//!
+//! A task is the unit of window state (see [`crate::operator`]): one source partition when
+//! input is keyed by the group key, or every partition together otherwise. Its watermark
+//! is the minimum over its partitions that are not idle, minus the allowed
+//! out-of-orderness, and never moves back.
+//!
+//! Idleness is what lets the last window close when input stops, and it must never hide
+//! data the broker already holds:
+//! - a partition is idle only after `idle_timeout` without a record **and** while its source
+//!   does not report a backlog of unread records (a backlogged partition is re-armed);
+//! - when every partition of the task was idle and one delivers again (a wake-up), every
+//!   partition is re-armed: one that delivers nothing within `idle_timeout` holds the
+//!   watermark until then, so the first partition read after a quiet spell (or at start,
+//!   before the data came) cannot run ahead of the others;
+//! - once every partition is idle, time advances with the wall clock from the highest event
+//!   time seen.
 
 use std::time::Duration;
 
@@ -6,21 +22,15 @@ use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
 struct Part {
-    /// Highest event time seen, `i64::MIN` before the first event.
+    /// Highest event time seen (or restored from a checkpoint), `i64::MIN` before any.
     max_event: i64,
-    /// When this partition last delivered a record (or was assigned).
+    /// When this partition last delivered a record (or was assigned or re-armed).
     last_seen: Instant,
     idle: bool,
     assigned: bool,
 }
 
-/// Tracks event time per source partition and derives the pipeline watermark.
-///
-/// A partition's watermark is its highest event time minus the allowed out-of-orderness.
-/// The pipeline watermark is the minimum over partitions that are not idle, never moves
-/// backwards, and — once every partition has been idle for `idle_timeout` — advances with
-/// the wall clock from the highest event time seen, so the last windows still close when
-/// input stops.
+/// Tracks event time per partition of one task and derives the task's watermark.
 #[derive(Debug)]
 pub struct Watermarks {
     parts: Vec<Part>,
@@ -28,7 +38,6 @@ pub struct Watermarks {
     idle_timeout: Duration,
     global: i64,
     last_input: Option<Instant>,
-    held: bool,
 }
 
 impl Watermarks {
@@ -40,7 +49,6 @@ impl Watermarks {
             idle_timeout,
             global: i64::MIN,
             last_input: None,
-            held: false,
         }
     }
 
@@ -60,8 +68,8 @@ impl Watermarks {
         &mut self.parts[p]
     }
 
-    /// Declares the partitions a source was assigned: they hold the watermark back until
-    /// they deliver or go idle.
+    /// Declares the partitions of this task: they hold the watermark back until they
+    /// deliver or go idle. Partitions not listed stop holding it.
     pub fn assign(&mut self, partitions: &[u32], now: Instant) {
         for p in &mut self.parts {
             p.assigned = false;
@@ -79,6 +87,16 @@ impl Watermarks {
         }
     }
 
+    /// Adds partitions to this task (keeping the others).
+    pub fn add(&mut self, partitions: &[u32], now: Instant) {
+        for &p in partitions {
+            let part = self.part(p, now);
+            part.assigned = true;
+            part.idle = false;
+            part.last_seen = now;
+        }
+    }
+
     /// Stops considering `partitions` (revoked): they no longer hold the watermark.
     pub fn revoke(&mut self, partitions: &[u32]) {
         for &p in partitions {
@@ -89,25 +107,61 @@ impl Watermarks {
         }
     }
 
+    /// The partitions this task holds.
+    pub fn assigned(&self) -> impl Iterator<Item = u32> + '_ {
+        self.parts
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.assigned)
+            .map(|(i, _)| i as u32)
+    }
+
+    /// Restores a checkpoint's watermark: every window it closed was delivered, so the
+    /// task's watermark starts there and none of its partitions holds it below.
+    pub fn restore(&mut self, watermark: i64) {
+        self.global = self.global.max(watermark);
+        let floor = watermark.saturating_add(self.out_of_orderness);
+        for p in self.parts.iter_mut().filter(|p| p.assigned) {
+            p.max_event = p.max_event.max(floor);
+        }
+    }
+
     /// Records that `partition` delivered a record, at `now`, without an event time yet.
     #[inline]
     pub fn touch(&mut self, partition: u32, now: Instant) {
         let part = self.part(partition, now);
         part.last_seen = now;
-        part.idle = false;
+        if part.idle {
+            part.idle = false;
+            self.wake(partition, now);
+        }
         self.last_input = Some(now);
     }
 
-    /// Records an event at `t` from `partition` and returns the pipeline watermark.
+    /// A partition came back from idleness: if all others are idle too, re-arm them.
+    #[cold]
+    fn wake(&mut self, woken: u32, now: Instant) {
+        let others_idle = self
+            .parts
+            .iter()
+            .enumerate()
+            .all(|(i, p)| i == woken as usize || p.idle || !p.assigned);
+        if others_idle {
+            for p in self.parts.iter_mut().filter(|p| p.assigned) {
+                p.idle = false;
+                p.last_seen = now;
+            }
+        }
+    }
+
+    /// Records an event at `t` from `partition` and returns the task's watermark.
     #[inline]
     pub fn observe(&mut self, partition: u32, t: i64) -> i64 {
         let p = partition as usize;
         if let Some(part) = self.parts.get_mut(p) {
             if t > part.max_event {
                 part.max_event = t;
-                if !self.held {
-                    self.recompute();
-                }
+                self.recompute();
             }
         }
         self.global
@@ -115,27 +169,27 @@ impl Watermarks {
 
     fn recompute(&mut self) {
         let mut min = i64::MAX;
-        let mut any = false;
         for p in &self.parts {
             if !p.idle {
-                any = true;
                 min = min.min(p.max_event.saturating_sub(self.out_of_orderness));
             }
         }
-        if any && min != i64::MAX && min > self.global {
+        if min != i64::MAX && min > self.global {
             self.global = min;
         }
     }
 
-    /// Marks partitions idle after `idle_timeout` without records and, if all are idle,
-    /// advances the watermark by the wall-clock time since the last record.
-    pub fn tick(&mut self, now: Instant) -> i64 {
-        if self.held {
-            return self.global;
-        }
-        for p in &mut self.parts {
+    /// Marks partitions idle after `idle_timeout` without records unless `backlog` says
+    /// the broker holds unread records of them, and, if all are idle, advances the
+    /// watermark by the wall-clock time since the last record.
+    pub fn tick(&mut self, now: Instant, backlog: &dyn Fn(u32) -> bool) -> i64 {
+        for (i, p) in self.parts.iter_mut().enumerate() {
             if !p.idle && now.duration_since(p.last_seen) >= self.idle_timeout {
-                p.idle = true;
+                if p.assigned && backlog(i as u32) {
+                    p.last_seen = now;
+                } else {
+                    p.idle = true;
+                }
             }
         }
         self.recompute();
@@ -161,26 +215,23 @@ impl Watermarks {
         self.global
     }
 
-    /// Restores the watermark of a checkpoint and holds it there (event times are still
-    /// recorded) until [`release`](Self::release): replayed records must not close windows
-    /// the checkpoint says are still open.
-    pub fn restore_and_hold(&mut self, watermark: i64) {
-        self.global = self.global.max(watermark);
-        self.held = true;
+    /// Takes in another task's partitions and time (tasks merging into one).
+    pub fn absorb(&mut self, other: Watermarks) {
+        for (i, p) in other.parts.into_iter().enumerate() {
+            if !p.assigned {
+                continue;
+            }
+            if self.parts.len() <= i {
+                self.parts.resize(i + 1, p.clone());
+            }
+            self.parts[i] = p;
+        }
+        self.last_input = self.last_input.max(other.last_input);
+        // The merged watermark is the lower one: the slower task's windows are still open.
+        self.global = self.global.min(other.global);
     }
 
-    /// Lets the watermark move again after a replay.
-    pub fn release(&mut self) {
-        self.held = false;
-        self.recompute();
-    }
-
-    /// Whether the watermark is held for a replay.
-    pub fn is_held(&self) -> bool {
-        self.held
-    }
-
-    /// The pipeline watermark (`i64::MIN` before any event).
+    /// The task's watermark (`i64::MIN` before any event).
     pub fn current(&self) -> i64 {
         self.global
     }
@@ -198,6 +249,8 @@ impl Watermarks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NO_BACKLOG: &dyn Fn(u32) -> bool = &|_| false;
 
     #[test]
     fn minimum_over_active_partitions_and_monotonic() {
@@ -219,11 +272,68 @@ mod tests {
         w.assign(&[0, 1], t0);
         w.touch(0, t0);
         w.observe(0, 10_000);
-        assert_eq!(w.tick(t0 + Duration::from_secs(1)), i64::MIN);
+        assert_eq!(w.tick(t0 + Duration::from_secs(1), NO_BACKLOG), i64::MIN);
         // Partition 1 never delivers: idle after 5 s, then partition 0 alone decides.
-        assert_eq!(w.tick(t0 + Duration::from_secs(5)), 10_000 + 5_000);
-        assert_eq!(w.tick(t0 + Duration::from_secs(8)), 18_000);
+        assert_eq!(
+            w.tick(t0 + Duration::from_secs(5), NO_BACKLOG),
+            10_000 + 5_000
+        );
+        assert_eq!(w.tick(t0 + Duration::from_secs(8), NO_BACKLOG), 18_000);
         w.touch(1, t0 + Duration::from_secs(9));
         assert_eq!(w.observe(1, 11_000), 18_000, "never backwards");
+    }
+
+    #[test]
+    fn a_partition_with_a_backlog_is_never_idle() {
+        let t0 = Instant::now();
+        let mut w = Watermarks::new(0, Duration::from_secs(5));
+        w.assign(&[0, 1], t0);
+        w.touch(0, t0);
+        w.observe(0, 10_000);
+        let backlog_on_1: &dyn Fn(u32) -> bool = &|p| p == 1;
+        for s in [5, 20, 60] {
+            assert_eq!(
+                w.tick(t0 + Duration::from_secs(s), backlog_on_1),
+                i64::MIN,
+                "partition 1 has unread records: it holds the watermark at {s} s"
+            );
+        }
+        w.touch(1, t0 + Duration::from_secs(61));
+        assert_eq!(w.observe(1, 3_000), 3_000, "its old records are not late");
+    }
+
+    #[test]
+    fn a_wake_up_re_arms_every_partition() {
+        // Started before the data: both partitions went idle with no event at all.
+        let t0 = Instant::now();
+        let mut w = Watermarks::new(0, Duration::from_secs(5));
+        w.assign(&[0, 1], t0);
+        assert_eq!(w.tick(t0 + Duration::from_secs(15), NO_BACKLOG), i64::MIN);
+        // Partition 0's data arrives first: partition 1 holds the watermark again.
+        let t1 = t0 + Duration::from_secs(16);
+        w.touch(0, t1);
+        assert_eq!(w.observe(0, 50_000), i64::MIN);
+        assert_eq!(w.tick(t1 + Duration::from_secs(1), NO_BACKLOG), i64::MIN);
+        w.touch(1, t1 + Duration::from_secs(1));
+        assert_eq!(w.observe(1, 20_000), 20_000);
+        // A partition that gets nothing more stops holding after idle_timeout.
+        w.touch(0, t1 + Duration::from_secs(5));
+        assert_eq!(w.tick(t1 + Duration::from_secs(6), NO_BACKLOG), 50_000);
+    }
+
+    #[test]
+    fn restore_starts_from_the_checkpoint() {
+        let t0 = Instant::now();
+        let mut w = Watermarks::new(500, Duration::from_secs(5));
+        w.assign(&[3], t0);
+        w.restore(40_000);
+        assert_eq!(w.current(), 40_000);
+        w.touch(3, t0);
+        assert_eq!(
+            w.observe(3, 30_000),
+            40_000,
+            "replayed records never move it back"
+        );
+        assert_eq!(w.observe(3, 41_000), 40_500);
     }
 }

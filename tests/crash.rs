@@ -1,0 +1,290 @@
+//! Crash tests: `weir run` processes killed with SIGKILL again and again while they read,
+//! join their consumer group or take over from another instance, then one run to the end.
+//! The sink and dead-letter topics are read back and checked against an independent count:
+//! every expected window present, every copy of it with the exact count, every invalid
+//! event dead-lettered, none late.
+//!
+//! One test per broker that outlives a process (the memory broker dies with it). They need
+//! the brokers of `scripts/brokers up` and fail, never skip, without them.
+//! `WEIR_CRASH_SEED=N` replays one schedule of kills.
+
+mod conformance;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use conformance::{oracle, results, Bed};
+use weir_engine::generate::dataset;
+
+/// A small deterministic generator for the kill schedule (xorshift64*).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A duration between `lo` and `hi` milliseconds.
+    fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next() % (hi - lo))
+    }
+}
+
+/// A `weir run` of the bed's pipeline, its log appended to `log`.
+fn spawn(bed: &Bed, log: &Path) -> Child {
+    spawn_idle(bed, log, "10s")
+}
+
+/// A `weir run` that exits after `idle` without records.
+fn spawn_idle(bed: &Bed, log: &Path, idle: &str) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
+    cmd.arg("run")
+        .arg(conformance::pipeline_file())
+        .arg("--broker")
+        .arg(&bed.config.broker);
+    for s in &bed.sets {
+        cmd.arg("--set").arg(s);
+    }
+    let err = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    cmd.arg("--exit-when-idle")
+        .arg(idle)
+        .env("WEIR_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("weir run")
+}
+
+/// Waits up to `limit` for `child` to exit with success.
+async fn wait_ok(child: &mut Child, log: &Path, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("weir run did not end within {limit:?}:\n{}", tail(log));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(status.success(), "weir run: {status}\n{}", tail(log));
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(sig)
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(ok.success());
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let text = text.rsplit("=== final run").next().unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
+}
+
+/// `rounds` processes killed at random moments while the data arrives (with a second
+/// instance started beside some of them when `takeover`, and one of the two killed while
+/// the other joins or takes over), then one run until idle.
+async fn survives_kill_9(broker: &str, events: usize, rounds: usize, takeover: bool) {
+    let seed = std::env::var("WEIR_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| weir_engine::time::now_millis() as u64 | 1);
+    eprintln!("{broker}: kill schedule seed {seed} (WEIR_CRASH_SEED={seed} replays it)");
+    let mut rng = Rng(seed);
+    let bed = Bed::new(broker, "crash", &["source.commit_interval=300ms"]);
+    let data: Vec<Vec<u8>> = dataset(seed, events, 500, 97)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    let want = oracle(&data);
+    let invalid: HashSet<Vec<u8>> = data
+        .iter()
+        .filter(|l| oracle(std::slice::from_ref(*l)).is_empty())
+        .cloned()
+        .collect();
+    assert!(!invalid.is_empty() && want.len() > 1_000);
+    let dir = tempfile::tempdir().unwrap();
+    let log: PathBuf = dir.path().join("weir.log");
+    let chunk = data.len().div_ceil(rounds);
+    let mut kills = 0;
+    for (round, part) in data.chunks(chunk).enumerate() {
+        bed.produce(part).await;
+        let mut procs = vec![spawn(&bed, &log)];
+        // Early rounds die while joining; later ones mid-stream.
+        let life = rng.ms(300, 4_000);
+        if takeover && round % 3 == 1 {
+            // A second instance joins; the first dies while the group rebalances for it.
+            tokio::time::sleep(rng.ms(200, 2_500)).await;
+            procs.push(spawn(&bed, &log));
+            tokio::time::sleep(rng.ms(100, 2_000)).await;
+            procs[0].kill().expect("kill");
+            kills += 1;
+        }
+        tokio::time::sleep(life).await;
+        for p in &mut procs {
+            if p.try_wait().expect("wait").is_none() {
+                p.kill().expect("kill");
+                kills += 1;
+            }
+            let _ = p.wait();
+        }
+    }
+    assert!(kills >= rounds, "only {kills} kills landed");
+    // Killed members hold their partitions until their session times out.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"=== final run\n"))
+        .unwrap();
+    let mut last = spawn(&bed, &log);
+    let waited = tokio::time::timeout(
+        Duration::from_secs(200),
+        wait_ok(&mut last, &log, Duration::from_secs(180)),
+    )
+    .await;
+    if let Ok(keep) = std::env::var("WEIR_CRASH_LOG") {
+        let _ = std::fs::copy(&log, keep);
+    }
+    waited.expect("the final run ended");
+
+    let records = bed
+        .read_all(&bed.config.sink.topic, Duration::from_secs(6))
+        .await;
+    // `results` fails on two copies of one window with different counts.
+    let got = results(&records);
+    let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} windows missing after {kills} kills (e.g. {:?})\n{}",
+        missing.len(),
+        want.len(),
+        missing.iter().take(3).collect::<Vec<_>>(),
+        tail(&log)
+    );
+    assert_eq!(got, want, "after {kills} kills");
+
+    let dead = bed
+        .read_all(&bed.config.dead_letter.topic, Duration::from_secs(6))
+        .await;
+    let mut dead_payloads = HashSet::new();
+    for d in &dead {
+        let v: serde_json::Value = serde_json::from_slice(&d.payload).expect("envelope");
+        let reason = v["error"].as_str().unwrap_or_default();
+        assert!(
+            !reason.starts_with("late event"),
+            "a valid event was late: {v}"
+        );
+        dead_payloads.insert(
+            v["payload"]
+                .as_str()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec(),
+        );
+    }
+    assert_eq!(
+        dead_payloads.len(),
+        invalid.len(),
+        "every invalid event dead-lettered, and only those"
+    );
+    assert!(dead_payloads == invalid);
+    eprintln!(
+        "{broker}: {kills} kills, {} windows exact, {} results read ({} duplicates), {} dead letters for {} invalid events",
+        want.len(),
+        records.len(),
+        records.len() - want.len(),
+        dead.len(),
+        invalid.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_survives_kill_9_mid_stream_during_joins_and_takeovers() {
+    survives_kill_9("kafka", 100_000, 12, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_survives_kill_9_mid_stream_and_during_takeovers() {
+    survives_kill_9("amqp", 40_000, 10, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_survives_kill_9_mid_stream() {
+    // One instance per (stream, group) on Kinesis: no takeover to kill.
+    survives_kill_9("kinesis", 40_000, 10, false).await;
+}
+
+/// Two instances in one group start before their data and wait three idle timeouts; the
+/// data comes; one instance is frozen (SIGSTOP) while it holds its partitions, then killed.
+/// The survivor takes its partitions over from their last commits: every window exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_two_instances_before_their_data_and_one_frozen_then_killed() {
+    let bed = Bed::new(
+        "kafka",
+        "frozen",
+        &["source.commit_interval=300ms", "window.idle_timeout=2s"],
+    );
+    let data: Vec<Vec<u8>> = dataset(17, 40_000, 500, 0)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    let want = oracle(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
+    let mut a = spawn_idle(&bed, &log_a, "30s");
+    let mut b = spawn_idle(&bed, &log_b, "30s");
+    // Both join and share the four partitions, then wait on empty ones.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    bed.produce(&data).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    signal(&a, "-STOP");
+    // Frozen past its session timeout: the group hands its partitions to b.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    a.kill().expect("kill");
+    let _ = a.wait();
+    wait_ok(&mut b, &log_b, Duration::from_secs(120)).await;
+    let log = std::fs::read_to_string(&log_b).unwrap();
+    assert!(
+        log.matches("partitions assigned").count() >= 2,
+        "b took over a's partitions:\n{}",
+        tail(&log_b)
+    );
+    let got = results(
+        &bed.read_all(&bed.config.sink.topic, Duration::from_secs(6))
+            .await,
+    );
+    let missing = want.keys().filter(|k| !got.contains_key(*k)).count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} windows missing\n{}",
+        want.len(),
+        tail(&log_b)
+    );
+    assert_eq!(got, want);
+    let dead = bed
+        .read_all(&bed.config.dead_letter.topic, Duration::from_secs(3))
+        .await;
+    assert!(
+        dead.is_empty(),
+        "no event was late or invalid: {} dead letters",
+        dead.len()
+    );
+}
