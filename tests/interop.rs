@@ -475,6 +475,18 @@ async fn kinesis_a_commit_inside_an_aggregate_resumes_with_the_same_positions() 
     assert_eq!(first.len(), 10);
     let payloads: Vec<&[u8]> = first.iter().map(|r| &r.payload[..]).collect();
     assert_eq!(payloads, data.iter().map(|d| &d[..]).collect::<Vec<_>>());
+    for r in &first {
+        // Keyed by the Kinesis record's partition key (what chose the shard); the user
+        // record's own key in a header.
+        assert_eq!(r.key.as_deref(), Some(&b"K"[..]));
+        assert!(
+            r.headers
+                .iter()
+                .any(|(n, v)| n == "weir.kpl.partition_key" && &v[..] == b"K"),
+            "{:?}",
+            r.headers
+        );
+    }
     let offsets: Vec<u64> = first.iter().map(|r| r.position.offset).collect();
     assert_eq!(
         offsets,

@@ -25,6 +25,10 @@
 
 use bytes::Bytes;
 
+/// Header on a user record of an aggregate: its own partition key (the record's key is
+/// the Kinesis record's partition key, which decided the shard).
+pub const HEADER_USER_PARTITION_KEY: &str = "weir.kpl.partition_key";
+
 /// The first bytes of an aggregated record.
 pub const MAGIC: [u8; 4] = [0xF3, 0x89, 0x9A, 0xC2];
 

@@ -260,7 +260,9 @@ impl KinesisSource {
                 self.buffered += raws.len();
                 for r in raws {
                     // A KPL aggregate becomes its user records, each with its own offset.
-                    let users = crate::kpl::deaggregate(&r.data).unwrap_or_else(|| {
+                    let deaggregated = crate::kpl::deaggregate(&r.data);
+                    let aggregated = deaggregated.is_some();
+                    let users = deaggregated.unwrap_or_else(|| {
                         vec![crate::kpl::UserRecord {
                             partition_key: r.key.clone(),
                             data: r.data.clone(),
@@ -284,10 +286,23 @@ impl KinesisSource {
                         st.next_offset += 1;
                         st.pending
                             .push_back((offset, r.sequence.clone(), i + 1 == n));
+                        // The key stays the Kinesis record's partition key, which chose
+                        // the shard: the engine infers from keys whether the input is
+                        // keyed by the group key, and the user records of one aggregate
+                        // may have been routed by another user record's key. Their own
+                        // partition key is in a header.
+                        let headers = if aggregated {
+                            vec![(
+                                crate::kpl::HEADER_USER_PARTITION_KEY.into(),
+                                u.partition_key,
+                            )]
+                        } else {
+                            Vec::new()
+                        };
                         buffer.push_back(Record {
-                            key: Some(u.partition_key),
+                            key: Some(r.key.clone()),
                             payload: u.data,
-                            headers: Vec::new(),
+                            headers,
                             timestamp: r.arrival_ms,
                             position: Position {
                                 partition: st.partition,
