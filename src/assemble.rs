@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 use weir_engine::config::{LatePolicy, PipelineConfig};
 use weir_engine::enrich::{Enricher, Table};
 use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
-use weir_engine::retry::WithRetries;
+use weir_engine::metrics::Metrics;
+use weir_engine::retry::{RetrySink, WithRetries};
 use weir_engine::{Job, Pipeline, Processor, Sink, Source};
 
 use crate::observe::Observer;
@@ -45,6 +46,9 @@ pub struct Parts {
     pub retry: Option<Box<dyn Sink>>,
     /// Processors in order (the enrichment stage, when configured).
     pub processors: Vec<Box<dyn Processor>>,
+    /// The pipeline's counters (shared with the `--input` file's reader, which counts
+    /// blank lines into them).
+    pub metrics: Arc<Metrics>,
     /// Stops the tasks the parts started (the enrichment table's follower): cancel it when
     /// the pipeline has stopped.
     pub background: CancellationToken,
@@ -55,8 +59,14 @@ impl Parts {
     ///
     /// With `[enrich]`, the table is loaded from its topic before this returns and then
     /// followed by a background task until [`background`](Parts::background) is cancelled.
-    pub async fn open(c: &PipelineConfig, backend: &Backend, io: &FileIo) -> anyhow::Result<Parts> {
-        Parts::open_with(c, backend, io, None).await
+    /// The pipeline counts into `metrics` (what `/metrics` and the summary read).
+    pub async fn open(
+        c: &PipelineConfig,
+        backend: &Backend,
+        io: &FileIo,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Parts> {
+        Parts::open_with(c, backend, io, None, metrics).await
     }
 
     /// [`open`](Parts::open), reading `input` instead of the source topic (or the input
@@ -66,10 +76,15 @@ impl Parts {
         backend: &Backend,
         io: &FileIo,
         input: Option<Box<dyn Source>>,
+        metrics: Arc<Metrics>,
     ) -> anyhow::Result<Parts> {
         let mut source: Box<dyn Source> = match (input, &io.input) {
             (Some(input), _) => input,
-            (None, Some(path)) => Box::new(JsonLinesSource::open(path).await?),
+            (None, Some(path)) => Box::new(
+                JsonLinesSource::open(path)
+                    .await?
+                    .counting_into(metrics.clone()),
+            ),
             (None, None) => {
                 connect(
                     c,
@@ -103,8 +118,9 @@ impl Parts {
                 backend.source(&r.topic, Some(&group))
             })
             .await?;
-            source = Box::new(WithRetries::new(source, retries));
-            retry = Some(open_sink(c, backend, &r.topic, None).await?);
+            let sink = RetrySink::new(open_sink(c, backend, &r.topic, None).await?);
+            source = Box::new(WithRetries::new(source, retries).awaiting(sink.counter()));
+            retry = Some(Box::new(sink) as Box<dyn Sink>);
         }
         let background = CancellationToken::new();
         let mut processors: Vec<Box<dyn Processor>> = Vec::new();
@@ -141,6 +157,7 @@ impl Parts {
             late,
             retry,
             processors,
+            metrics,
             background,
         })
     }
@@ -164,7 +181,8 @@ impl Parts {
 
     /// The pipeline made of these parts.
     pub fn into_pipeline(self) -> Pipeline {
-        let mut p = Pipeline::new(self.job, self.source, self.sink, self.dead_letter);
+        let mut p = Pipeline::new(self.job, self.source, self.sink, self.dead_letter)
+            .with_metrics(self.metrics);
         if let Some(late) = self.late {
             p = p.late_output(late);
         }

@@ -231,8 +231,14 @@ impl Case {
             .collect();
         events.sort_by_key(|(order, _, _)| *order);
         let input = CaseInput::new(events.into_iter().map(|(_, p, e)| (p, e)).collect());
-        let parts =
-            Parts::open_with(&c, &backend, &FileIo::default(), Some(Box::new(input))).await?;
+        let parts = Parts::open_with(
+            &c,
+            &backend,
+            &FileIo::default(),
+            Some(Box::new(input)),
+            Default::default(),
+        )
+        .await?;
         let background = parts.background.clone();
         let summary = parts.into_pipeline().run().await;
         background.cancel();

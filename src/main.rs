@@ -386,7 +386,7 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
     let started = tokio::select! {
         biased;
         _ = shutdown.cancelled() => None,
-        r = start(&a, &c, &backend, &shutdown, &tasks, &tails_done) => Some(r),
+        r = start(&a, &c, &backend, &shutdown, &tasks, &tails_done, observer.metrics.clone()) => Some(r),
     };
     let parts = match started {
         Some(Ok(parts)) => parts,
@@ -404,7 +404,6 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
     let mut pipeline = parts
         .observed(&observer)
         .into_pipeline()
-        .with_metrics(observer.metrics.clone())
         .shutdown_on(shutdown.clone());
     if let Some(idle) = a.exit_when_idle {
         pipeline = pipeline.exit_when_idle(idle);
@@ -497,6 +496,7 @@ async fn start(
     shutdown: &CancellationToken,
     tasks: &tokio_util::task::TaskTracker,
     tails_done: &CancellationToken,
+    metrics: std::sync::Arc<weir_engine::metrics::Metrics>,
 ) -> anyhow::Result<Parts> {
     let memory = matches!(backend, Backend::Memory(_));
     let io = FileIo {
@@ -505,7 +505,7 @@ async fn start(
         dead_letter: a.dead_letter.clone(),
         late: a.late.clone(),
     };
-    let parts = Parts::open(c, backend, &io).await?;
+    let parts = Parts::open(c, backend, &io, metrics).await?;
 
     // The embedded broker lives and dies with this process: feed it with the demo
     // generator when there is no --input, and print what lands in its topics.

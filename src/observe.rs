@@ -272,30 +272,15 @@ impl Observer {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {value}\n"
             );
         };
-        let counters = [
-            ("weir_events_in_total", "Records received from the source topic.", s.events_in),
-            ("weir_events_windowed_total", "Records counted into a window.", s.windowed),
-            ("weir_results_out_total", "Window results acknowledged by the sink.", s.results_out),
-            ("weir_dead_letters_total", "Records sent to the dead-letter output.", s.dead_letters),
-            ("weir_late_events_total", "Records whose windows had all closed.", s.late),
-            (
-                "weir_late_window_misses_total",
-                "(event, window) pairs missed because that window had closed while another was open.",
-                s.late_window_misses,
-            ),
-            ("weir_filtered_total", "Records a processor dropped.", s.filtered),
-            (
-                "weir_replayed_total",
-                "Replayed records whose outcome had already been delivered.",
-                s.replayed,
-            ),
-            ("weir_retried_total", "Records sent to the retry topic.", s.retried),
-            ("weir_skipped_total", "Failed records dropped by a skip strategy.", s.skipped),
-            ("weir_windows_closed_total", "Windows closed.", s.windows_closed),
-            ("weir_commits_total", "Commits of source positions.", s.commits),
-        ];
-        for (name, help, v) in counters {
-            metric(name, "counter", help, v.to_string());
+        // Every counter of the balance and the others, from the one list all displays share.
+        for t in s.terms() {
+            let name = match t.name {
+                // Names kept from before the list existed.
+                "windowed" => "weir_events_windowed_total".to_string(),
+                "late" => "weir_late_events_total".to_string(),
+                n => format!("weir_{n}_total"),
+            };
+            metric(&name, "counter", t.help, t.value.to_string());
         }
         metric(
             "weir_open_entries",

@@ -250,3 +250,36 @@ async fn kafka_waiting_retries_survive_a_restart() {
     require_kafka();
     conformance::waiting_retries_survive_a_restart("kafka").await;
 }
+
+/// `transactional.id` in `[brokers.kafka.producer]` is a configuration error naming the key
+/// (exit 2 from `weir validate`), not a producer that retries "Erroneous state" forever.
+#[test]
+fn kafka_transactional_id_is_a_config_error() {
+    let text = std::fs::read_to_string(conformance::pipeline_file()).unwrap();
+    let text = text.replace(
+        "[brokers.kafka.producer]     # librdkafka producer properties, passed through\n",
+        "[brokers.kafka.producer]\n\"transactional.id\" = \"weir-1\"\n",
+    );
+    assert!(text.contains("transactional.id"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tx.toml");
+    std::fs::write(&path, &text).unwrap();
+    let line = text
+        .lines()
+        .position(|l| l.starts_with("\"transactional.id\""))
+        .unwrap()
+        + 1;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["validate", path.to_str().unwrap(), "--broker", "kafka"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{}:{line}:1: brokers.kafka.producer.\"transactional.id\": cannot be set here: Weir's producers are idempotent and at-least-once",
+            path.display()
+        )),
+        "{err}"
+    );
+}

@@ -585,3 +585,194 @@ fn readme_sessions_run_as_shown() {
     }
     assert!(sessions >= 2, "the README's sessions were found");
 }
+
+/// Whitespace-only lines of `--input` are counted (in `events_in` and `blank_lines`) and
+/// shown in the summary line with every other term of the balance.
+#[test]
+fn run_input_counts_blank_lines_in_the_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    let ev = |u: &str, s: u32| {
+        format!(
+            r#"{{"event_type":"click","user_id":"{u}","action":"a","timestamp":"2024-06-27T15:00:0{s}Z"}}"#
+        )
+    };
+    // 3 events, 4 blank lines (empty, spaces, a tab, CRLF), 1 invalid line.
+    let text = format!(
+        "{}\n\n{}\n   \n\t\r\n{}\nnot json\n\r\n",
+        ev("U1", 1),
+        ev("U1", 2),
+        ev("U2", 3)
+    );
+    std::fs::write(&input, text).unwrap();
+    let out = weir()
+        .env("WEIR_LOG", "info")
+        .args([
+            "run",
+            &pipeline(),
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            "-",
+            "--dead-letter",
+            dir.path().join("dead.jsonl").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let results: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let counted: u64 = results.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, 3, "{results:?}");
+    let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
+    assert_eq!(dead.lines().count(), 1, "{dead}");
+    let summary = err
+        .lines()
+        .find(|l| l.contains("pipeline stopped"))
+        .unwrap_or_else(|| panic!("no summary line in {err}"));
+    assert!(
+        summary.contains(
+            "events_in=8 = windowed=3 + dead_letters=1 + late=0 + filtered=0 + replayed=0 + \
+             retried=0 + skipped=0 + blank_lines=4; late_window_misses=0; results_out=2"
+        ),
+        "{summary}"
+    );
+    assert!(summary.contains("(balanced)"), "{summary}");
+}
+
+/// `weir validate` refuses a `group_by` the schema does not have at its `file:line:col`
+/// (exit 2) instead of saying ok and dead-lettering every event at run time.
+#[test]
+fn validate_refuses_a_group_by_the_schema_does_not_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    let text = std::fs::read_to_string(pipeline())
+        .unwrap()
+        .replace("group_by = \"user_id\"", "group_by = \"userid\"")
+        .replace(
+            "compute = [\"count\"]",
+            "compute = [\"count\", \"sum(action)\"]",
+        );
+    std::fs::write(&file, &text).unwrap();
+    let line = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+    let out = weir()
+        .args(["validate", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let f = file.display();
+    assert!(
+        err.contains(&format!(
+            "{f}:{}:12: aggregate.group_by: `userid` is not a field of the schema",
+            line("group_by")
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{f}:{}:11: aggregate.compute: sum_action needs a number, but `action` is a string",
+            line("compute")
+        )),
+        "{err}"
+    );
+}
+
+/// `weir run --input` with a `[retry]` section: events whose profile never arrives are
+/// retried until `max_attempts` and then dead-lettered with the reason, before the run
+/// exits; none vanishes in the retry topic when the input ends.
+#[test]
+fn run_input_with_retries_runs_them_to_their_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = dir.path().join("dead.jsonl");
+    let text: String = (1..=3)
+        .map(|i| {
+            format!(
+                "{{\"event_type\":\"click\",\"user_id\":\"User{i}\",\"action\":\"a\",\"timestamp\":\"2024-06-27T15:00:0{i}Z\"}}\n"
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let mut child = weir()
+        .env("WEIR_LOG", "info")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .args([
+            "run",
+            &conformance::pipeline_named("enriched_by_country")
+                .display()
+                .to_string(),
+            "--input",
+            "-",
+            "--output",
+            "-",
+            "--dead-letter",
+            dead.to_str().unwrap(),
+            "--set",
+            "retry.initial=100ms",
+            "--set",
+            "retry.max=200ms",
+            "--set",
+            "retry.max_attempts=3",
+        ])
+        .spawn()
+        .unwrap();
+    // The first event goes through all its attempts while the input waits (the retry
+    // topic is polled and found empty meanwhile); the last two are retried just before
+    // the input ends.
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = text.lines();
+    writeln!(stdin, "{}", lines.next().unwrap()).unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let rest: String = lines.map(|l| format!("{l}\n")).collect();
+    stdin.write_all(rest.as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "no profile, no result"
+    );
+    let dead = std::fs::read_to_string(&dead).unwrap();
+    let dead: Vec<serde_json::Value> = dead
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    let mut users: Vec<String> = dead
+        .iter()
+        .map(|d| {
+            assert!(
+                d["error"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("gave up after 3 attempts"),
+                "{d}"
+            );
+            assert_eq!(d["attempts"].as_array().unwrap().len(), 3, "{d}");
+            let p: serde_json::Value =
+                serde_json::from_str(d["payload"].as_str().unwrap()).unwrap();
+            p["user_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    users.sort();
+    assert_eq!(users, ["User1", "User2", "User3"]);
+    let summary = err
+        .lines()
+        .find(|l| l.contains("pipeline stopped"))
+        .unwrap_or_else(|| panic!("no summary line in {err}"));
+    // Each event in three times (twice back from the retry topic), retried twice, then a
+    // dead letter.
+    assert!(
+        summary.contains("events_in=9 = windowed=0 + dead_letters=3 + late=0 + filtered=0 + replayed=0 + retried=6 + skipped=0 + blank_lines=0"),
+        "{summary}"
+    );
+}

@@ -279,3 +279,59 @@ fn operating_settings_defaults_and_problems() {
     assert_eq!(c.give_up_after.as_secs(), 90);
     assert_eq!(c.observability.listen.unwrap().port(), 9090);
 }
+
+const WITH_SCHEMA: &str = r#"
+[source]
+topic = "in"
+[schema.fields]
+user_id = { type = "string" }
+action = { type = "string" }
+amount = { type = "number", required = false }
+metadata = { type = "object", required = false }
+[window]
+size = "10s"
+[aggregate]
+group_by = "usr_id"
+compute = ["count", "sum(action)", "mean(amount)", "count_distinct(metadata.page)", "max(nope)"]
+[sink]
+topic = "out"
+[dead_letter]
+topic = "dlq"
+"#;
+
+/// A `group_by` or aggregate that names a field the schema does not have, or a numeric
+/// aggregate over a string field, would dead-letter every event: a configuration error at
+/// the key's `file:line:col`, not a run that fails every record.
+#[test]
+fn group_by_and_aggregates_are_checked_against_the_schema() {
+    let p = problems(WITH_SCHEMA, &[]);
+    assert_eq!(
+        p,
+        vec![
+            "p.toml:12:12: aggregate.group_by: `usr_id` is not a field of the schema (declared: user_id, action, amount, metadata); every event would be a dead letter",
+            "p.toml:13:11: aggregate.compute: sum_action needs a number, but `action` is a string in the schema; every event would be a dead letter",
+            "p.toml:13:11: aggregate.compute: `nope` (in max_nope) is not a field of the schema (declared: user_id, action, amount, metadata)",
+        ],
+        "{p:#?}"
+    );
+    // Fixed, the same file is valid: fields inside a declared object are allowed.
+    let fixed = problems(
+        WITH_SCHEMA,
+        &[
+            "aggregate.group_by=user_id",
+            r#"aggregate.compute=["count", "mean(amount)", "count_distinct(metadata.page)"]"#,
+        ],
+    );
+    assert_eq!(fixed, Vec::<String>::new());
+    // The enrichment's field is known only at run time.
+    let enriched = problems(
+        WITH_SCHEMA,
+        &[
+            "aggregate.group_by=profile.country",
+            r#"aggregate.compute=["count"]"#,
+            "enrich.table=profiles",
+            "enrich.key=user_id",
+        ],
+    );
+    assert_eq!(enriched, Vec::<String>::new());
+}

@@ -471,6 +471,13 @@ async fn page_health_and_metrics_are_served() {
         "weir_results_out_total",
         "weir_dead_letters_total",
         "weir_late_events_total",
+        "weir_events_windowed_total",
+        "weir_filtered_total",
+        "weir_replayed_total",
+        "weir_retried_total",
+        "weir_skipped_total",
+        "weir_blank_lines_total",
+        "weir_late_window_misses_total",
         "weir_watermark_lag_seconds",
     ] {
         assert!(
@@ -608,6 +615,21 @@ async fn demo_feeds_the_live_view_and_ctrl_c_stops_cleanly() {
     // One in five demo events is spoiled: the counters show them as dead letters.
     loop {
         let c = next_of(&mut ws, "counters").await;
+        // Every term of the balance is on the page.
+        for k in [
+            "events_in",
+            "windowed",
+            "dead_letters",
+            "late",
+            "filtered",
+            "replayed",
+            "retried",
+            "skipped",
+            "blank_lines",
+            "late_window_misses",
+        ] {
+            assert!(c[k].is_u64(), "{k} missing from {c}");
+        }
         if c["dead_letters"].as_u64().unwrap() > 0 {
             break;
         }

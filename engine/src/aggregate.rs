@@ -74,6 +74,11 @@ impl AggFn {
         }
     }
 
+    /// Whether it needs numeric values (`sum`, `min`, `max`, `mean`).
+    pub fn is_numeric(&self) -> bool {
+        self.numeric()
+    }
+
     fn numeric(&self) -> bool {
         matches!(
             self,

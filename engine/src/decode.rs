@@ -312,6 +312,9 @@ impl Decoder {
                 self.max_payload
             )]);
         }
+        if payload.is_empty() {
+            return Err(vec!["empty payload: no JSON event".into()]);
+        }
         // SIMD validation first (a third of decoding with std's); std only to say where.
         let text = match simdutf8::basic::from_utf8(payload) {
             Ok(t) => t,
@@ -677,7 +680,7 @@ mod tests {
             (b"42", "expected a JSON object"),
             (b"\xff\xfe{}", "not valid UTF-8"),
             (b"{} trailing", "invalid JSON"),
-            (b"", "invalid JSON"),
+            (b"", "empty payload"),
             (&[b'x'; 5000], "over the limit of 4096 bytes"),
         ];
         for (payload, want) in cases {

@@ -2,6 +2,7 @@
 //! `--dead-letter`). One record per line; the line number is the offset in partition 0.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -9,14 +10,18 @@ use bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 use crate::error::Result;
+use crate::metrics::Metrics;
 use crate::record::{Checkpoint, OutRecord, Position, Record};
 use crate::sink::Sink;
 use crate::source::{Received, Source};
 
-/// Reads JSON lines from a file or standard input. Empty lines are skipped (but keep their
-/// line numbers). Commits are no-ops: a file is re-read from the start on each run.
+/// Reads JSON lines from a file or standard input. Whitespace-only lines are skipped (but
+/// keep their line numbers) and counted in [`Metrics::blank_lines`] (and `events_in`) of the
+/// counters given with [`counting_into`](Self::counting_into). Commits are no-ops: a file
+/// is re-read from the start on each run.
 pub struct JsonLinesSource {
     name: String,
+    metrics: Option<Arc<Metrics>>,
     reader: BufReader<Box<dyn AsyncRead + Send + Unpin>>,
     line: Vec<u8>,
     next_offset: u64,
@@ -44,12 +49,20 @@ impl JsonLinesSource {
     pub fn from_reader(name: String, r: Box<dyn AsyncRead + Send + Unpin>) -> Self {
         JsonLinesSource {
             name,
+            metrics: None,
             reader: BufReader::with_capacity(1 << 16, r),
             line: Vec::with_capacity(512),
             next_offset: 0,
             assigned: false,
             done: false,
         }
+    }
+
+    /// Counts skipped blank lines into `m` (the pipeline's counters): each one in
+    /// `events_in` and in `blank_lines`, so the balance still holds.
+    pub fn counting_into(mut self, m: Arc<Metrics>) -> Self {
+        self.metrics = Some(m);
+        self
     }
 }
 
@@ -97,6 +110,10 @@ impl Source for JsonLinesSource {
             let offset = self.next_offset;
             self.next_offset += 1;
             if l.iter().all(|b| b.is_ascii_whitespace()) {
+                if let Some(m) = &self.metrics {
+                    Metrics::add(&m.events_in, 1);
+                    Metrics::add(&m.blank_lines, 1);
+                }
                 continue;
             }
             batch.push(Record {
@@ -175,8 +192,10 @@ mod tests {
 
     #[tokio::test]
     async fn reads_lines_with_offsets_and_ends() {
-        let data = b"{\"a\":1}\n\n{\"a\":2}\r\n{\"a\":3}".to_vec();
-        let mut s = JsonLinesSource::from_reader("t".into(), Box::new(std::io::Cursor::new(data)));
+        let data = b"{\"a\":1}\n\n{\"a\":2}\r\n \t\r\n{\"a\":3}".to_vec();
+        let m = Arc::new(Metrics::default());
+        let mut s = JsonLinesSource::from_reader("t".into(), Box::new(std::io::Cursor::new(data)))
+            .counting_into(m.clone());
         assert!(matches!(
             s.recv(10, Duration::from_secs(1)).await.unwrap(),
             Received::Assigned(_)
@@ -193,9 +212,11 @@ mod tests {
             vec![
                 (&b"{\"a\":1}"[..], 0),
                 (&b"{\"a\":2}"[..], 2),
-                (&b"{\"a\":3}"[..], 3)
+                (&b"{\"a\":3}"[..], 4)
             ]
         );
+        let c = m.snapshot();
+        assert_eq!((c.blank_lines, c.events_in), (2, 2));
         assert!(matches!(
             s.recv(10, Duration::from_secs(1)).await.unwrap(),
             Received::End

@@ -112,6 +112,9 @@ pub const HEADER_SOURCE_TOPIC: &str = "weir.source.topic";
 pub const HEADER_SOURCE_PARTITION: &str = "weir.source.partition";
 /// Header carrying the offset a dead letter came from.
 pub const HEADER_SOURCE_OFFSET: &str = "weir.source.offset";
+/// Header a source puts on a record that had no value at all (a Kafka tombstone), as
+/// opposed to an empty one: `true`.
+pub const HEADER_NULL_VALUE: &str = "weir.null_value";
 
 #[cfg(test)]
 mod tests {

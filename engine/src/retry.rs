@@ -10,6 +10,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,6 +22,7 @@ use tokio::time::Instant;
 use crate::error::{EngineError, Result};
 use crate::output::{base64, dead_letter_from};
 use crate::record::{Checkpoint, OutRecord, Position, Record};
+use crate::sink::Sink;
 use crate::source::{Received, Source};
 
 /// Retry-topic partitions are numbered from here in the merged source.
@@ -274,6 +277,59 @@ pub struct WithRetries {
     next_poll: Instant,
     main_ended: bool,
     retry_drained: bool,
+    /// Retry records the pipeline submitted to the retry topic (see [`RetrySink`]).
+    sent: Option<Arc<AtomicU64>>,
+    /// Retry records read back from the retry topic.
+    read_back: u64,
+}
+
+/// The retry topic's sink, counting what it was given so that [`WithRetries`] knows
+/// whether retries are still on their way when the source topic ends (`--input`): the
+/// pipeline then runs until every retry has come back and reached its end (counted in a
+/// window, late, or a dead letter after `max_attempts`), instead of ending with retries
+/// still in the topic.
+pub struct RetrySink {
+    inner: Box<dyn Sink>,
+    sent: Arc<AtomicU64>,
+}
+
+impl RetrySink {
+    /// Wraps the retry topic's sink; give [`counter`](Self::counter) to
+    /// [`WithRetries::awaiting`].
+    pub fn new(inner: Box<dyn Sink>) -> Self {
+        RetrySink {
+            inner,
+            sent: Arc::default(),
+        }
+    }
+
+    /// How many retry records were submitted so far.
+    pub fn counter(&self) -> Arc<AtomicU64> {
+        self.sent.clone()
+    }
+}
+
+#[async_trait]
+impl Sink for RetrySink {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    async fn send(&mut self, batch: &[OutRecord]) -> Result<()> {
+        self.inner.send(batch).await?;
+        self.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn submit(&mut self, batch: &[OutRecord]) -> Result<()> {
+        self.inner.submit(batch).await?;
+        self.sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        self.inner.flush().await
+    }
 }
 
 impl WithRetries {
@@ -288,7 +344,24 @@ impl WithRetries {
             next_poll: Instant::now(),
             main_ended: false,
             retry_drained: false,
+            sent: None,
+            read_back: 0,
         }
+    }
+
+    /// When the source topic ends, keeps reading the retry topic until as many retry
+    /// records came back as `sent` counts (the counter of the pipeline's [`RetrySink`]).
+    /// Without it the merged source ends once the retry topic looks drained.
+    pub fn awaiting(mut self, sent: Arc<AtomicU64>) -> Self {
+        self.sent = Some(sent);
+        self
+    }
+
+    /// Retry records submitted but not read back yet.
+    fn in_flight(&self) -> u64 {
+        self.sent.as_ref().map_or(0, |s| {
+            s.load(Ordering::Relaxed).saturating_sub(self.read_back)
+        })
     }
 
     fn min_held_offset(&self, partition: u32) -> Option<u64> {
@@ -307,6 +380,7 @@ impl WithRetries {
         match self.retry.recv(max, Duration::ZERO).await? {
             Received::Batch(b) => {
                 self.retry_drained = b.is_empty();
+                self.read_back += b.len() as u64;
                 for mut r in b {
                     r.position.partition += RETRY_PARTITION_BASE;
                     let (due, rec) = unwrap(r);
@@ -374,7 +448,12 @@ impl Source for WithRetries {
         }
         if self.main_ended {
             if out.is_empty() && self.held.is_empty() && self.retry_drained {
-                return Ok(Received::End);
+                if self.in_flight() == 0 {
+                    return Ok(Received::End);
+                }
+                // Retries are on their way: poll for them at once.
+                self.next_poll = Instant::now();
+                self.retry_drained = false;
             }
             if out.is_empty() {
                 tokio::time::sleep(wait.min(RETRY_POLL)).await;

@@ -300,13 +300,9 @@ impl Pipeline {
         let counters = m.snapshot();
         let open_windows = op.open_windows();
         tracing::info!(
-            events_in = counters.events_in,
-            windowed = counters.windowed,
-            dead_letters = counters.dead_letters,
-            late = counters.late,
-            results = counters.results_out,
             open_windows,
-            "pipeline stopped ({reason:?})"
+            "pipeline stopped ({reason:?}): {}",
+            counters.summary_line()
         );
         Ok(Summary {
             reason,

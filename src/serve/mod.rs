@@ -83,18 +83,25 @@ impl App {
 
     fn counters(&self) -> Arc<str> {
         let s = self.observer.metrics.snapshot();
-        serde_json::json!({
-            "type": "counters",
-            "events_in": s.events_in,
-            "windowed": s.windowed,
-            "results_out": s.results_out,
-            "dead_letters": s.dead_letters,
-            "late": s.late,
-            "watermark": (s.watermark != i64::MIN).then_some(s.watermark),
-            "accepted": self.ingest.get().map_or(0, |i| i.stats.accepted.load(Ordering::Relaxed)),
-        })
-        .to_string()
-        .into()
+        let mut m = serde_json::Map::new();
+        m.insert("type".into(), "counters".into());
+        // Every counter of the balance and the others, from the one list all displays share.
+        for t in s.terms() {
+            m.insert(t.name.into(), t.value.into());
+        }
+        m.insert("balanced".into(), s.balanced().into());
+        m.insert(
+            "watermark".into(),
+            (s.watermark != i64::MIN).then_some(s.watermark).into(),
+        );
+        m.insert(
+            "accepted".into(),
+            self.ingest
+                .get()
+                .map_or(0, |i| i.stats.accepted.load(Ordering::Relaxed))
+                .into(),
+        );
+        serde_json::Value::Object(m).to_string().into()
     }
 }
 
@@ -170,10 +177,7 @@ pub async fn serve(
 
     // The tasks the parts started (the enrichment table's follower) stop with the pipeline.
     let background = parts.background.clone();
-    let pipeline = parts
-        .into_pipeline()
-        .with_metrics(observer.metrics.clone())
-        .shutdown_on(stop.clone());
+    let pipeline = parts.into_pipeline().shutdown_on(stop.clone());
     observer.set_phase(Phase::Running);
     let watchdog = {
         let (o, limit, stop) = (observer.clone(), c.give_up_after, stop.clone());
@@ -228,7 +232,7 @@ async fn connect(
     demo: bool,
     stop: &CancellationToken,
 ) -> anyhow::Result<(Parts, Ingest)> {
-    let mut parts = Parts::open(c, backend, &FileIo::default())
+    let mut parts = Parts::open(c, backend, &FileIo::default(), observer.metrics.clone())
         .await?
         .observed(observer);
     parts.sink = Box::new(LiveSink::new(parts.sink, hub.clone()));

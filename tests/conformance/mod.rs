@@ -49,6 +49,16 @@ impl Bed {
 
     /// Like [`Bed::new`] for another pipeline file (its late topic made unique too).
     pub fn with_file(file: &Path, broker: &str, case: &str, extra: &[&str]) -> Bed {
+        Bed::build(file, broker, case, extra, true)
+    }
+
+    /// Like [`Bed::new`], but RabbitMQ queues get no `x-expires` (the test deletes them),
+    /// as a standard consumer declaring them with no arguments expects.
+    pub fn without_queue_expiry(broker: &str, case: &str, extra: &[&str]) -> Bed {
+        Bed::build(&pipeline_file(), broker, case, extra, false)
+    }
+
+    fn build(file: &Path, broker: &str, case: &str, extra: &[&str], expiring: bool) -> Bed {
         let id = format!(
             "{case}-{}-{}-{}",
             std::process::id(),
@@ -72,7 +82,9 @@ impl Bed {
                 sets.push(format!("brokers.amqp.url={url}"));
             }
             // RabbitMQ deletes the run's queues once they are unused for this long.
-            sets.push("brokers.amqp.queue_expires=10m".to_string());
+            if expiring {
+                sets.push("brokers.amqp.queue_expires=10m".to_string());
+            }
         }
         // Brokers run elsewhere are found through the environment; checkpoints stay per test.
         if broker == "kinesis" {
@@ -794,6 +806,7 @@ impl Bed {
             &self.config,
             &self.backend,
             &weir::assemble::FileIo::default(),
+            Default::default(),
         )
         .await
         .expect("open the pipeline's parts");

@@ -66,7 +66,13 @@ pub struct AmqpConfig {
     /// for this long (streams excepted: RabbitMQ refuses it for them). For throw-away
     /// topics (tests, demos); `None` = queues stay.
     pub queue_expires: Option<std::time::Duration>,
+    /// The broker's largest message (RabbitMQ's `max_message_size`, 128 MiB by default):
+    /// dead letters and late records larger than this are cut to fit.
+    pub max_message_bytes: usize,
 }
+
+/// RabbitMQ's default `max_message_size` (3.8 and later): 128 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
 
 impl Default for AmqpConfig {
     fn default() -> Self {
@@ -80,6 +86,7 @@ impl Default for AmqpConfig {
             stream_offset: "first".to_string(),
             single_active_consumer: true,
             queue_expires: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 }
@@ -149,6 +156,12 @@ impl AmqpConfig {
             c.stream_offset = s;
         }
         c.single_active_consumer = r.bool_or(d, "single_active_consumer", true);
+        c.max_message_bytes = r.uint_or(
+            d,
+            "max_message_bytes",
+            DEFAULT_MAX_MESSAGE_BYTES as u64,
+            4096..=DEFAULT_MAX_MESSAGE_BYTES as u64 * 4,
+        ) as usize;
         if let Some(loc) = r.node("queue_expires").map(|n| n.loc.clone()) {
             let e = r.duration_or(d, "queue_expires", std::time::Duration::ZERO);
             if e.as_millis() == 0 || e.as_millis() > u32::MAX as u128 {

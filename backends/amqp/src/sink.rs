@@ -81,7 +81,7 @@ impl AmqpSink {
             .await
             .map_err(|e| amqp_error("enabling publisher confirms", &e))?;
         match &self.retry {
-            None => topology::declare_topic(&ch, &self.cfg, &self.topic).await?,
+            None => topology::declare_published_topic(&conn, &ch, &self.cfg, &self.topic).await?,
             Some((source, delay)) => {
                 topology::declare_retry(&ch, &self.cfg, source, *delay).await?
             }
@@ -154,6 +154,11 @@ pub(crate) fn properties(r: &OutRecord, persistent: bool) -> BasicProperties {
         );
     }
     let mut p = BasicProperties::default().with_delivery_mode(if persistent { 2 } else { 1 });
+    // Results, dead letters and retry envelopes are JSON objects, and so are the events
+    // `weir produce` and POST /track publish: say so to standard consumers.
+    if r.payload.first() == Some(&b'{') {
+        p = p.with_content_type("application/json".into());
+    }
     if let Some(ts) = r.timestamp {
         headers.insert(HEADER_TIMESTAMP.into(), AMQPValue::LongLongInt(ts));
         if ts >= 0 {
@@ -183,8 +188,17 @@ impl Sink for AmqpSink {
         // awaited.
         let exchange = self.cfg.exchange.as_str();
         let topic = self.topic.as_str();
+        // A dead letter or late record never fails for its size: it is cut to fit.
+        let fitted: Vec<Option<OutRecord>> = batch
+            .iter()
+            .map(|r| weir_engine::output::fit_to(r, self.cfg.max_message_bytes))
+            .collect();
+        if fitted.iter().any(Option::is_some) {
+            tracing::warn!(topic = %self.topic, limit = self.cfg.max_message_bytes, "record cut to fit brokers.amqp.max_message_bytes (payload_truncated in its envelope)");
+        }
         let mut started = Vec::with_capacity(batch.len());
-        for r in batch {
+        for (r, fit) in batch.iter().zip(&fitted) {
+            let r = fit.as_ref().unwrap_or(r);
             let mut f = Box::pin(ch.basic_publish(
                 exchange.into(),
                 topic.into(),

@@ -16,10 +16,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, Consumer};
-use weir_engine::{Checkpoint, Position, Received, Record, Result, Source};
+use weir_engine::{Checkpoint, EngineError, Position, Received, Record, Result, Source};
 
 use crate::config::{AmqpConfig, QueueType};
-use crate::error::{amqp_error, redact};
+use crate::error::{amqp_error, redact, BACKEND};
 use crate::sink::{HEADER_KEY, HEADER_TIMESTAMP};
 use crate::topology;
 
@@ -92,11 +92,8 @@ impl AmqpSource {
     /// Connects, declares, reads the committed position and starts consuming.
     async fn open(&mut self) -> Result<()> {
         let conn = topology::connect(&self.cfg, &format!("weir source {}", self.topic)).await?;
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error("opening a channel", &e))?;
-        topology::declare_topic(&ch, &self.cfg, &self.topic).await?;
+        let (ch, exclusive) =
+            topology::declare_consumed_topic(&conn, &self.cfg, &self.topic).await?;
         let ckpt_queue = topology::declare_checkpoint_queue(&ch, &self.cfg, &self.topic).await?;
         let stored = read_checkpoint(&ch, &ckpt_queue).await?;
         ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
@@ -117,11 +114,28 @@ impl AmqpSource {
             .basic_consume(
                 self.topic.as_str().into(),
                 "".into(),
-                BasicConsumeOptions::default(),
+                BasicConsumeOptions {
+                    exclusive,
+                    ..Default::default()
+                },
                 args,
             )
             .await
-            .map_err(|e| amqp_error(&format!("consuming queue `{}`", self.topic), &e))?;
+            .map_err(|e| {
+                if exclusive && e.to_string().contains("exclusive") {
+                    // Another instance reads the queue: wait for it, as a standby.
+                    EngineError::backend(
+                        BACKEND,
+                        format!(
+                            "queue `{}` is read by another consumer (exclusively, as the queue has no single active consumer); retrying",
+                            self.topic
+                        ),
+                        true,
+                    )
+                } else {
+                    amqp_error(&format!("consuming queue `{}`", self.topic), &e)
+                }
+            })?;
         self.next_offset = stored.map_or(0, |(p, _)| p);
         self.unacked.clear();
         self.standing_by = (!self.stream()).then_some(stored.map(|(p, _)| p));

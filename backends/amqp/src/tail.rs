@@ -57,7 +57,9 @@ impl AmqpTail {
             .create_channel()
             .await
             .map_err(|e| amqp_error("opening a channel", &e))?;
-        topology::declare_topic(&ch, &cfg, topic).await?;
+        // Tail only reads a copy (or a stream from its start): it declares the queue the
+        // way a publisher does, leaving an existing one as it is.
+        topology::declare_published_topic(&conn, &ch, &cfg, topic).await?;
         let (queue, mut args, no_ack) = if from_beginning {
             ch.basic_qos(cfg.prefetch, BasicQosOptions::default())
                 .await

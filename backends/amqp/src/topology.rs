@@ -25,13 +25,114 @@ pub(crate) async fn connect(cfg: &AmqpConfig, name: &str) -> weir_engine::Result
     })
 }
 
-/// Declares the exchange, queue `topic` and the binding `topic` → queue `topic`.
-/// Idempotent: RabbitMQ accepts re-declarations with the same arguments.
+/// Declares the exchange, queue `topic` and the binding `topic` → queue `topic`, for a
+/// queue a Weir source reads: with `x-single-active-consumer` (unless turned off), so one
+/// instance reads it at a time. Idempotent: RabbitMQ accepts re-declarations with the same
+/// arguments. A queue that exists with other arguments fails with an error naming the
+/// argument that differs and the setting to change (see [`declare_error`]).
 pub(crate) async fn declare_topic(
     ch: &Channel,
     cfg: &AmqpConfig,
     topic: &str,
 ) -> weir_engine::Result<()> {
+    declare_exchange(ch, cfg).await?;
+    declare_queue(ch, cfg, topic, true)
+        .await
+        .map_err(|e| declare_error(topic, &e))?;
+    bind(ch, cfg, topic).await
+}
+
+/// [`declare_topic`] on a new channel of `conn`, for a source. A queue that already exists
+/// without `x-single-active-consumer` (declared by a publisher: a Weir sink, or another
+/// client) is used as it is, and the returned flag says to consume it with an exclusive
+/// consumer, which keeps the guarantee single active consumer gave: one reader at a time.
+pub(crate) async fn declare_consumed_topic(
+    conn: &Connection,
+    cfg: &AmqpConfig,
+    topic: &str,
+) -> weir_engine::Result<(Channel, bool)> {
+    let open = || async {
+        conn.create_channel()
+            .await
+            .map_err(|e| amqp_error("opening a channel", &e))
+    };
+    let ch = open().await?;
+    declare_exchange(&ch, cfg).await?;
+    match declare_queue(&ch, cfg, topic, true).await {
+        Ok(()) => {
+            bind(&ch, cfg, topic).await?;
+            Ok((ch, false))
+        }
+        Err(e)
+            if cfg.single_active_consumer
+                && inequivalent_arg(&e).as_deref() == Some("x-single-active-consumer") =>
+        {
+            // The refusal closed the channel.
+            let ch = open().await?;
+            bind(&ch, cfg, topic).await?;
+            tracing::info!(
+                queue = topic,
+                "queue exists without x-single-active-consumer (declared by a publisher); using it as it is, with an exclusive consumer"
+            );
+            Ok((ch, true))
+        }
+        Err(e) => Err(declare_error(topic, &e)),
+    }
+}
+
+/// Declares the exchange, queue `topic` and the binding, for a queue Weir only publishes
+/// to (results, dead letters, late events): a queue that already exists is used as it is
+/// (a passive declare, on a channel of its own since a missing queue closes it), whatever
+/// its arguments; a new one is declared the way other clients expect — durable, no
+/// `x-single-active-consumer` — so that a standard consumer's
+/// `queue_declare(queue, durable=True)` finds it equivalent.
+pub(crate) async fn declare_published_topic(
+    conn: &Connection,
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    topic: &str,
+) -> weir_engine::Result<()> {
+    declare_exchange(ch, cfg).await?;
+    if !queue_exists(conn, topic).await? {
+        if let Err(e) = declare_queue(ch, cfg, topic, false).await {
+            return Err(declare_error(topic, &e));
+        }
+    }
+    bind(ch, cfg, topic).await
+}
+
+/// Whether queue `name` exists: a passive declare on a throwaway channel.
+pub(crate) async fn queue_exists(conn: &Connection, name: &str) -> weir_engine::Result<bool> {
+    let probe = conn
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error("opening a channel", &e))?;
+    let r = probe
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    match r {
+        Ok(_) => {
+            let _ = probe.close(200, "".into()).await;
+            Ok(true)
+        }
+        Err(e) if is_not_found(&e) => Ok(false),
+        Err(e) => Err(amqp_error(&format!("checking queue `{name}`"), &e)),
+    }
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(p)
+        if matches!(p.kind(), lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)))
+}
+
+async fn declare_exchange(ch: &Channel, cfg: &AmqpConfig) -> weir_engine::Result<()> {
     let kind = match cfg.exchange_type {
         ExchangeType::Topic => ExchangeKind::Topic,
         ExchangeType::Direct => ExchangeKind::Direct,
@@ -46,7 +147,12 @@ pub(crate) async fn declare_topic(
         FieldTable::default(),
     )
     .await
-    .map_err(|e| amqp_error(&format!("declaring exchange `{}`", cfg.exchange), &e))?;
+    .map_err(|e| amqp_error(&format!("declaring exchange `{}`", cfg.exchange), &e))
+}
+
+/// The arguments of a topic's queue: its type, `x-expires` if set, and for a queue a
+/// source reads, `x-single-active-consumer`.
+fn queue_args(cfg: &AmqpConfig, consumed: bool) -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -62,9 +168,18 @@ pub(crate) async fn declare_topic(
             AMQPValue::LongLongInt(e.as_millis() as i64),
         );
     }
-    if cfg.single_active_consumer && cfg.queue_type != QueueType::Stream {
+    if consumed && cfg.single_active_consumer && cfg.queue_type != QueueType::Stream {
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     }
+    args
+}
+
+async fn declare_queue(
+    ch: &Channel,
+    cfg: &AmqpConfig,
+    topic: &str,
+    consumed: bool,
+) -> Result<(), lapin::Error> {
     let durable = cfg.durable || cfg.queue_type != QueueType::Classic;
     ch.queue_declare(
         topic.into(),
@@ -72,10 +187,13 @@ pub(crate) async fn declare_topic(
             durable,
             ..Default::default()
         },
-        args,
+        queue_args(cfg, consumed),
     )
     .await
-    .map_err(|e| amqp_error(&format!("declaring queue `{topic}`"), &e))?;
+    .map(|_| ())
+}
+
+async fn bind(ch: &Channel, cfg: &AmqpConfig, topic: &str) -> weir_engine::Result<()> {
     ch.queue_bind(
         topic.into(),
         cfg.exchange.as_str().into(),
@@ -89,8 +207,43 @@ pub(crate) async fn declare_topic(
             &format!("binding queue `{topic}` to exchange `{}`", cfg.exchange),
             &e,
         )
-    })?;
-    Ok(())
+    })
+}
+
+/// The argument RabbitMQ names in an `inequivalent arg` refusal, if that is what `e` is.
+pub(crate) fn inequivalent_arg(e: &lapin::Error) -> Option<String> {
+    let text = e.to_string();
+    let rest = &text[text.find("inequivalent arg '")? + "inequivalent arg '".len()..];
+    Some(rest[..rest.find('\'')?].to_string())
+}
+
+/// The setting of `[brokers.amqp]` that decides queue argument `arg`.
+fn setting_of(arg: &str) -> Option<&'static str> {
+    Some(match arg {
+        "x-single-active-consumer" => "brokers.amqp.single_active_consumer",
+        "x-queue-type" => "brokers.amqp.queue_type",
+        "x-expires" => "brokers.amqp.queue_expires",
+        "durable" => "brokers.amqp.durable",
+        _ => return None,
+    })
+}
+
+/// A failed queue declaration as an engine error; for a queue that exists with other
+/// arguments, the message names the argument and the setting to change.
+pub(crate) fn declare_error(queue: &str, e: &lapin::Error) -> weir_engine::EngineError {
+    let what = format!("declaring queue `{queue}`");
+    let Some(arg) = inequivalent_arg(e) else {
+        return amqp_error(&what, e);
+    };
+    let advice = match setting_of(&arg) {
+        Some(setting) => format!(
+            "queue `{queue}` already exists with another `{arg}` than Weir declares: change `{setting}` to match the queue, or delete the queue so Weir declares it"
+        ),
+        None => format!(
+            "queue `{queue}` already exists with argument `{arg}`, which Weir does not set: declare the queue without it, or delete it so Weir declares it"
+        ),
+    };
+    weir_engine::EngineError::backend(BACKEND, format!("{what}: {e}. {advice}"), false)
 }
 
 /// Declares the checkpoint queue of `queue`: durable, classic, keeping only the newest

@@ -65,7 +65,7 @@ impl CheckpointStore {
                 ..Default::default()
             })
             .collect();
-        KafkaSink::new(self.producer.clone(), &self.topic)
+        KafkaSink::new(self.producer.clone(), &self.topic, usize::MAX)
             .send(&records)
             .await
             .map_err(|e| self.err(format!("checkpoint not acknowledged: {e}")))?;

@@ -55,8 +55,13 @@ pub const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
     ("fetch.queue.backoff.ms", "10"),
 ];
 
-/// Properties Weir sets itself; setting them in a pass-through table is a mistake.
-const OWNED: [(&str, &str); 3] = [
+/// Properties Weir sets itself, or that would break its delivery model; setting them in a
+/// pass-through table is a mistake.
+const OWNED: [(&str, &str); 4] = [
+    (
+        "transactional.id",
+        "Weir's producers are idempotent and at-least-once; transactions (exactly-once) are not supported yet, and a transactional producer that never begins a transaction fails every send — remove the key",
+    ),
     ("bootstrap.servers", "use `bootstrap_servers` in [brokers.kafka]"),
     ("group.id", "the consumer group is `source.group`"),
     (
@@ -182,6 +187,19 @@ impl KafkaConfig {
         }
         r.finish(d);
         c
+    }
+
+    /// The largest dead letter or late record the sinks send whole: the producer's
+    /// `message.max.bytes` (librdkafka's default 1,000,000) less 1 KiB for record framing.
+    /// Larger ones are cut to fit.
+    pub fn max_record_bytes(&self) -> usize {
+        let max = self
+            .producer
+            .iter()
+            .find(|(k, _)| k == "message.max.bytes")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(1_000_000);
+        max.saturating_sub(1024).max(1024)
     }
 
     /// The librdkafka configuration of a producer.

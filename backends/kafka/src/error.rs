@@ -23,6 +23,17 @@ pub enum KafkaError {
         /// librdkafka's reason.
         source: RdError,
     },
+    /// librdkafka could not decode records it fetched (a compression codec it was built
+    /// without, corrupt compressed data, a malformed record batch). librdkafka moves past
+    /// such a batch, so going on would skip its records silently: the pipeline stops
+    /// instead, committing nothing past them. Not retryable.
+    #[error("records of `{topic}` cannot be decoded: {source}. Weir stops rather than skip them; nothing past them is committed, so a restart reads them again once the cause is fixed")]
+    Undecodable {
+        /// The topic.
+        topic: String,
+        /// librdkafka's reason.
+        source: RdError,
+    },
     /// A record was not acknowledged.
     #[error("delivery to `{topic}` failed: {source}")]
     Delivery {
@@ -58,7 +69,7 @@ impl KafkaError {
     /// Whether retrying the same call may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            KafkaError::Client { .. } => false,
+            KafkaError::Client { .. } | KafkaError::Undecodable { .. } => false,
             KafkaError::Receive { source, .. } | KafkaError::Commit { source, .. } => {
                 !is_permanent(source)
             }
@@ -67,6 +78,20 @@ impl KafkaError {
             KafkaError::Canceled(_) => true,
         }
     }
+}
+
+/// A consumer error saying fetched records could not be decoded (librdkafka then skips
+/// the batch they were in).
+pub(crate) fn is_undecodable(e: &RdError) -> bool {
+    matches!(
+        e,
+        RdError::MessageConsumption(
+            RDKafkaErrorCode::BadCompression
+                | RDKafkaErrorCode::NotImplemented
+                | RDKafkaErrorCode::BadMessage
+                | RDKafkaErrorCode::InvalidMessage
+        )
+    )
 }
 
 /// Errors that retrying will not cure: authorisation, records the broker will never take,
@@ -97,5 +122,29 @@ impl From<KafkaError> for EngineError {
     fn from(e: KafkaError) -> Self {
         let retryable = e.is_retryable();
         EngineError::backend("kafka", e, retryable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undecodable_records_stop_the_pipeline() {
+        for code in [
+            RDKafkaErrorCode::BadCompression,
+            RDKafkaErrorCode::NotImplemented,
+            RDKafkaErrorCode::BadMessage,
+        ] {
+            let e = RdError::MessageConsumption(code);
+            assert!(is_undecodable(&e), "{code:?}");
+            let k = KafkaError::Undecodable {
+                topic: "t".into(),
+                source: e,
+            };
+            assert!(!k.is_retryable());
+        }
+        let transient = RdError::MessageConsumption(RDKafkaErrorCode::BrokerTransportFailure);
+        assert!(!is_undecodable(&transient));
     }
 }

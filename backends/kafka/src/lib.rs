@@ -134,7 +134,11 @@ impl KafkaBroker {
     /// A producer to `topic`. Every sink of this broker shares one librdkafka producer.
     pub async fn sink(&self, topic: &str) -> Result<KafkaSink, KafkaError> {
         self.ensure_topic(topic).await?;
-        Ok(KafkaSink::new(self.producer()?, topic))
+        Ok(KafkaSink::new(
+            self.producer()?,
+            topic,
+            self.config.max_record_bytes(),
+        ))
     }
 
     /// The producer every sink and the checkpoint store of this broker share (one client,

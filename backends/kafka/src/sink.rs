@@ -24,6 +24,11 @@ use weir_engine::{OutRecord, Result, Sink};
 
 use crate::error::KafkaError;
 
+/// On a record read from Kafka: the JSON list of its headers that had no value (null),
+/// which the record's header type cannot hold. A Kafka sink writes those back as null and
+/// drops this header.
+pub const HEADER_NULL_HEADERS: &str = "weir.null_headers";
+
 /// The producer every sink of a [`crate::KafkaBroker`] shares.
 pub(crate) type SinkProducer = ThreadedProducer<SinkContext>;
 
@@ -79,6 +84,9 @@ pub struct KafkaSink {
     outstanding: Arc<Outstanding>,
     /// Records whose delivery failed, sent again by the next `flush`.
     again: Vec<OutRecord>,
+    /// Dead letters and late records larger than this are cut to fit (see
+    /// [`KafkaConfig::max_record_bytes`](crate::KafkaConfig::max_record_bytes)).
+    max_record_bytes: usize,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -90,12 +98,13 @@ impl std::fmt::Debug for KafkaSink {
 }
 
 impl KafkaSink {
-    pub(crate) fn new(producer: Arc<SinkProducer>, topic: &str) -> Self {
+    pub(crate) fn new(producer: Arc<SinkProducer>, topic: &str, max_record_bytes: usize) -> Self {
         KafkaSink {
             producer,
             topic: topic.to_string(),
             outstanding: Arc::default(),
             again: Vec::new(),
+            max_record_bytes,
         }
     }
 
@@ -108,6 +117,12 @@ impl KafkaSink {
 
     /// Hands one record to librdkafka; its report is counted in `outstanding`.
     async fn enqueue(&self, r: &OutRecord) -> Result<(), KafkaError> {
+        // A dead letter or late record never fails for its size: it is cut to fit.
+        let fitted = weir_engine::output::fit_to(r, self.max_record_bytes);
+        if fitted.is_some() {
+            tracing::warn!(topic = %self.topic, bytes = weir_engine::output::record_size(r), limit = self.max_record_bytes, "record cut to fit the producer's message.max.bytes (payload_truncated in its envelope)");
+        }
+        let r = fitted.as_ref().unwrap_or(r);
         let mut rec: BaseRecord<'_, [u8], [u8], Arc<Outstanding>> =
             BaseRecord::with_opaque_to(&self.topic, self.outstanding.clone())
                 .payload(&r.payload[..]);
@@ -118,11 +133,22 @@ impl KafkaSink {
             rec = rec.timestamp(ts);
         }
         if !r.headers.is_empty() {
+            // Headers that were null when read from Kafka are written back as null.
+            let nulls: Vec<String> = r
+                .headers
+                .iter()
+                .find(|(n, _)| n == HEADER_NULL_HEADERS)
+                .and_then(|(_, v)| serde_json::from_slice(v).ok())
+                .unwrap_or_default();
             let mut h = OwnedHeaders::new_with_capacity(r.headers.len());
             for (name, value) in &r.headers {
+                if name == HEADER_NULL_HEADERS {
+                    continue;
+                }
+                let null = value.is_empty() && nulls.iter().any(|n| n == name);
                 h = h.insert(Header {
                     key: name,
-                    value: Some(&value[..]),
+                    value: (!null).then_some(&value[..]),
                 });
             }
             rec = rec.headers(h);
@@ -231,7 +257,7 @@ mod tests {
             .set("message.timeout.ms", "300")
             .create_with_context(SinkContext)
             .unwrap();
-        let mut sink = KafkaSink::new(Arc::new(producer), "nowhere");
+        let mut sink = KafkaSink::new(Arc::new(producer), "nowhere", 1_000_000);
         sink.submit(&[rec("a"), rec("b"), rec("c")]).await.unwrap();
         let e = sink.flush().await.unwrap_err();
         assert!(e.is_retryable(), "{e}");

@@ -568,18 +568,32 @@ impl Drop for KafkaSource {
 
 /// Copies a message's headers out of librdkafka's buffer.
 pub(crate) fn headers_of(m: &impl rdkafka::message::Message) -> Vec<weir_engine::record::Header> {
-    m.headers()
-        .map(|hs| {
-            hs.iter()
-                .map(|h| {
-                    (
-                        h.key.to_string().into(),
-                        h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
-                    )
-                })
-                .collect()
+    let Some(hs) = m.headers() else {
+        return Vec::new();
+    };
+    let mut out: Vec<weir_engine::record::Header> = hs
+        .iter()
+        .map(|h| {
+            (
+                h.key.to_string().into(),
+                h.value.map(Bytes::copy_from_slice).unwrap_or_default(),
+            )
         })
-        .unwrap_or_default()
+        .collect();
+    // Headers without a value (null) would read as empty: name them, so a dead letter
+    // written to Kafka gives them back as null (see `crate::sink`).
+    let nulls: Vec<&str> = hs
+        .iter()
+        .filter(|h| h.value.is_none())
+        .map(|h| h.key)
+        .collect();
+    if !nulls.is_empty() {
+        out.push((
+            crate::sink::HEADER_NULL_HEADERS.into(),
+            Bytes::from(serde_json::to_vec(&nulls).unwrap_or_default()),
+        ));
+    }
+    out
 }
 
 /// Copies a message out of librdkafka's buffer. Keys and payloads are appended to `arena`
@@ -593,10 +607,18 @@ fn to_record(m: &BorrowedMessage<'_>, arena: &mut BytesMut) -> Record {
         arena.extend_from_slice(b);
         arena.split().freeze()
     };
+    let mut headers = headers_of(m);
+    if m.payload().is_none() {
+        // A tombstone: no value, which an empty payload cannot tell.
+        headers.push((
+            weir_engine::record::HEADER_NULL_VALUE.into(),
+            Bytes::from_static(b"true"),
+        ));
+    }
     Record {
         key: m.key().map(&mut copy),
         payload: m.payload().map(&mut copy).unwrap_or_default(),
-        headers: headers_of(m),
+        headers,
         timestamp: m.timestamp().to_millis(),
         position: Position {
             partition: m.partition() as u32,
@@ -662,6 +684,14 @@ impl Source for KafkaSource {
                     .pending
                     .pop_front()
                     .unwrap_or(Received::Batch(Vec::new())))
+            }
+            Item::Error(source) if crate::error::is_undecodable(&source) => {
+                let e = KafkaError::Undecodable {
+                    topic: self.topic.clone(),
+                    source,
+                };
+                tracing::error!(topic = %self.topic, "{e}");
+                Err(e.into())
             }
             Item::Error(source) => Err(KafkaError::Receive {
                 topic: self.topic.clone(),

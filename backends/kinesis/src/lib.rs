@@ -16,6 +16,7 @@
 mod checkpoint;
 mod config;
 mod error;
+pub mod kpl;
 mod sink;
 mod source;
 

@@ -125,6 +125,17 @@ impl Sink for KinesisSink {
         let mut bytes = 0usize;
         for (i, r) in batch.iter().enumerate() {
             let key = partition_key(r);
+            // A dead letter or late record never fails for its size: it is cut to fit
+            // (Kinesis counts data + partition key; Weir's headers are not sent).
+            let fitted = weir_engine::output::fit_to(
+                r,
+                MAX_RECORD_BYTES - key.len() + weir_engine::output::record_size(r)
+                    - r.payload.len(),
+            );
+            if fitted.is_some() {
+                tracing::warn!(stream = %self.stream, bytes = r.payload.len() + key.len(), limit = MAX_RECORD_BYTES, "record cut to fit Kinesis' record size limit (payload_truncated in its envelope)");
+            }
+            let r = fitted.as_ref().unwrap_or(r);
             let size = r.payload.len() + key.len();
             if size > MAX_RECORD_BYTES {
                 return Err(KinesisError::Invalid(format!(

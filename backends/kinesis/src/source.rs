@@ -46,8 +46,11 @@ struct ShardState {
     partition: u32,
     /// Offset the next record of this shard gets.
     next_offset: u64,
-    /// Delivered, uncommitted records: (offset, sequence number).
-    pending: VecDeque<(u64, String)>,
+    /// Delivered, uncommitted records: (offset, sequence number, whether it is the last
+    /// user record of its Kinesis record). A KPL aggregate's user records share its
+    /// sequence number; it is committed only once all of them are, so a restart reads a
+    /// partly handled aggregate again (its user records get the same offsets).
+    pending: VecDeque<(u64, String, bool)>,
     /// What is committed.
     stored: ShardCheckpoint,
     /// When a GetRecords that reached the end of the shard was made, if the last one did.
@@ -256,19 +259,57 @@ impl KinesisSource {
                 let buffer = self.buffers.entry(st.partition).or_default();
                 self.buffered += raws.len();
                 for r in raws {
-                    let offset = st.next_offset;
-                    st.next_offset += 1;
-                    st.pending.push_back((offset, r.sequence));
-                    buffer.push_back(Record {
-                        key: Some(r.key),
-                        payload: r.data,
-                        headers: Vec::new(),
-                        timestamp: r.arrival_ms,
-                        position: Position {
-                            partition: st.partition,
-                            offset,
-                        },
+                    // A KPL aggregate becomes its user records, each with its own offset.
+                    let deaggregated = crate::kpl::deaggregate(&r.data);
+                    let aggregated = deaggregated.is_some();
+                    let users = deaggregated.unwrap_or_else(|| {
+                        vec![crate::kpl::UserRecord {
+                            partition_key: r.key.clone(),
+                            data: r.data.clone(),
+                        }]
                     });
+                    let n = users.len();
+                    if n > 1 {
+                        self.buffered += n - 1;
+                    } else if n == 0 {
+                        // An aggregate of nothing: its position is passed once committed.
+                        self.buffered -= 1;
+                        if let Some(last) = st.pending.back_mut() {
+                            if last.2 {
+                                last.1 = r.sequence.clone();
+                            }
+                        }
+                        continue;
+                    }
+                    for (i, u) in users.into_iter().enumerate() {
+                        let offset = st.next_offset;
+                        st.next_offset += 1;
+                        st.pending
+                            .push_back((offset, r.sequence.clone(), i + 1 == n));
+                        // The key stays the Kinesis record's partition key, which chose
+                        // the shard: the engine infers from keys whether the input is
+                        // keyed by the group key, and the user records of one aggregate
+                        // may have been routed by another user record's key. Their own
+                        // partition key is in a header.
+                        let headers = if aggregated {
+                            vec![(
+                                crate::kpl::HEADER_USER_PARTITION_KEY.into(),
+                                u.partition_key,
+                            )]
+                        } else {
+                            Vec::new()
+                        };
+                        buffer.push_back(Record {
+                            key: Some(r.key.clone()),
+                            payload: u.data,
+                            headers,
+                            timestamp: r.arrival_ms,
+                            position: Position {
+                                partition: st.partition,
+                                offset,
+                            },
+                        });
+                    }
                 }
                 Ok(false)
             }
@@ -520,16 +561,19 @@ impl Source for KinesisSource {
                 continue;
             };
             let st = self.shards.get_mut(&id).expect("known shard");
-            while let Some((off, _)) = st.pending.front() {
+            while let Some((off, _, _)) = st.pending.front() {
                 if *off >= pos.offset {
                     break;
                 }
-                let (off, seq) = st.pending.pop_front().expect("front exists");
-                if off + 1 == pos.offset {
+                let (off, seq, ends_record) = st.pending.pop_front().expect("front exists");
+                // Only whole Kinesis records move the stored position: a restart re-reads
+                // a partly committed KPL aggregate, whose user records get the same
+                // offsets again (and are recognised as replays).
+                if ends_record {
                     st.stored.sequence_number = Some(seq);
+                    st.stored.next_offset = st.stored.next_offset.max(off + 1);
                 }
             }
-            st.stored.next_offset = st.stored.next_offset.max(pos.offset);
             st.stored.checkpoint = Some(cp.encode());
         }
         // Every known shard is written, committed or not, so its partition index is kept.

@@ -549,9 +549,12 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         }
     };
 
+    // Where `group_by` and `compute` are, for the check against the schema below.
+    let mut agg_locs = (Loc::Nowhere, Loc::Nowhere);
     let aggregate = match r.table(d, "aggregate") {
         Some(mut t) => {
             let gb_loc = t.node("group_by").map(|n| n.loc.clone());
+            agg_locs.0 = gb_loc.clone().unwrap_or_else(|| t.loc().clone());
             let group_by = t.str_list(d, "group_by").unwrap_or_default();
             if group_by.is_empty() {
                 d.push(
@@ -578,6 +581,7 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
                 .unwrap_or_else(|| vec!["count".into()]);
             let mut compute: Vec<AggFn> = Vec::new();
             let loc = compute_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
+            agg_locs.1 = loc.clone();
             for n in &names {
                 match AggFn::parse(n) {
                     Ok(f) if compute.contains(&f) => {
@@ -724,6 +728,8 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
         }
     });
 
+    check_fields_against_schema(&schema, enrich.as_ref(), &aggregate, &agg_locs, d);
+
     let mut errors = Vec::new();
     if let Some(mut t) = r.table(d, "errors") {
         for stage in [crate::errors::STAGE_VALIDATE, crate::errors::STAGE_ENRICH] {
@@ -850,6 +856,115 @@ fn socket_addr(
                 "expected IP:PORT, e.g. \"127.0.0.1:9090\"",
             );
             None
+        }
+    }
+}
+
+/// What the schema says about field `path`.
+enum Known<'a> {
+    /// Declared, with this spec.
+    Field(&'a FieldSpec),
+    /// Inside a declared object (or `any`) field, or the enrichment's field: its type is
+    /// not known before run time.
+    Inside,
+    /// Neither.
+    Unknown,
+}
+
+fn known<'a>(schema: &'a Schema, enrich: Option<&EnrichConfig>, path: &str) -> Known<'a> {
+    if let Some(f) = schema.fields.iter().find(|f| f.path == path) {
+        return Known::Field(f);
+    }
+    let under = |parent: &str| {
+        path.strip_prefix(parent)
+            .is_some_and(|rest| rest.starts_with('.'))
+    };
+    if enrich.is_some_and(|e| under(&e.into))
+        || schema
+            .fields
+            .iter()
+            .any(|f| matches!(f.ty, FieldType::Object | FieldType::Any) && under(&f.path))
+    {
+        return Known::Inside;
+    }
+    Known::Unknown
+}
+
+/// `group_by` and every aggregate name fields the schema declares (or fields inside a
+/// declared object, or the enrichment's), and numeric aggregates name numeric fields: a
+/// pipeline that would dead-letter every event is a configuration error. A pipeline without
+/// a `[schema]` checks nothing, so there is nothing to check against.
+fn check_fields_against_schema(
+    schema: &Schema,
+    enrich: Option<&EnrichConfig>,
+    aggregate: &AggregateConfig,
+    (gb_loc, compute_loc): &(Loc, Loc),
+    d: &mut Diagnostics,
+) {
+    if schema.fields.is_empty() {
+        return;
+    }
+    let declared = || {
+        schema
+            .fields
+            .iter()
+            .map(|f| f.path.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for g in &aggregate.group_by {
+        if let Known::Unknown = known(schema, enrich, g) {
+            d.push(
+                gb_loc,
+                "aggregate.group_by",
+                format!(
+                    "`{g}` is not a field of the schema (declared: {}); every event would be a dead letter",
+                    declared()
+                ),
+            );
+        }
+    }
+    for f in &aggregate.compute {
+        let Some(field) = f.field() else { continue };
+        let name = f.output_name();
+        match known(schema, enrich, field) {
+            Known::Unknown => d.push(
+                compute_loc,
+                "aggregate.compute",
+                format!(
+                    "`{field}` (in {name}) is not a field of the schema (declared: {})",
+                    declared()
+                ),
+            ),
+            Known::Field(spec)
+                if f.is_numeric()
+                    && !matches!(
+                        spec.ty,
+                        FieldType::Integer | FieldType::Number | FieldType::Any
+                    ) =>
+            {
+                d.push(
+                    compute_loc,
+                    "aggregate.compute",
+                    format!(
+                        "{name} needs a number, but `{field}` is a {} in the schema; every event would be a dead letter",
+                        format!("{:?}", spec.ty).to_lowercase()
+                    ),
+                )
+            }
+            Known::Field(spec)
+                if matches!(spec.ty, FieldType::Object | FieldType::Array) =>
+            {
+                d.push(
+                    compute_loc,
+                    "aggregate.compute",
+                    format!(
+                        "{name} needs a string, number or boolean, but `{field}` is an {} in the schema",
+                        format!("{:?}", spec.ty).to_lowercase()
+                    ),
+                )
+            }
+            _ => {}
         }
     }
 }

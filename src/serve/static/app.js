@@ -160,7 +160,8 @@ function drawChart() {
 }
 
 function onCounters(c) {
-  for (const k of ["events_in", "windowed", "results_out", "dead_letters", "late", "accepted"]) {
+  for (const k of ["events_in", "windowed", "results_out", "dead_letters", "late", "filtered",
+    "replayed", "retried", "skipped", "blank_lines", "late_window_misses", "accepted"]) {
     if (k in c) $(`c-${k}`).textContent = c[k].toLocaleString("en");
   }
   $("c-watermark").textContent = c.watermark == null ? "–" : new Date(c.watermark).toISOString().replace("T", " ").replace(".000Z", "");
