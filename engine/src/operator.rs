@@ -961,6 +961,15 @@ impl WindowOperator {
             .unwrap_or(i64::MIN)
     }
 
+    /// The source partitions this operator reads now.
+    pub fn partitions(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ready
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| **r)
+            .map(|(p, _)| p as u32)
+    }
+
     /// When the next partition goes idle, if any is active.
     pub fn next_idle_deadline(&self) -> Option<Instant> {
         self.tasks

@@ -80,8 +80,9 @@ impl Pipeline {
         }
     }
 
-    /// Treats `idle` without any record as the end of input: emit every open window,
-    /// commit, return. For bounded runs over a broker (tests, backfills).
+    /// Treats `idle` without any record, while no partition has a backlog the broker
+    /// reports, as the end of input: emit every open window, commit, return. For bounded
+    /// runs over a broker (tests, backfills).
     pub fn exit_when_idle(mut self, idle: Duration) -> Self {
         self.exit_when_idle = Some(idle);
         self
@@ -187,7 +188,9 @@ impl Pipeline {
                         && !self.source.pending()
                         && self
                             .exit_when_idle
-                            .is_some_and(|d| last_record.elapsed() >= d) =>
+                            .is_some_and(|d| last_record.elapsed() >= d)
+                        // Records the broker holds for us are not the end of the input.
+                        && !op.partitions().any(|p| self.source.has_backlog(p)) =>
                 {
                     reason = StopReason::Idle;
                     true
