@@ -8,16 +8,18 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use weir::Backend;
 use weir_engine::config::Overrides;
-use weir_engine::{Checkpoint, Job, OutRecord, Pipeline, Position, Received, Sink, Source};
+use weir_engine::{Job, OutRecord, Pipeline, Sink, Source};
 use weir_memory::{MemoryBroker, MemoryConfig};
 
 #[path = "support/seed_event.rs"]
 mod seed_event;
 use seed_event::Event;
+#[path = "support/drained.rs"]
+mod drained;
+use drained::Drained;
 
 /// The bare loop: parse every event into a borrowed struct, count per user.
 fn bare(events: &[Bytes]) -> usize {
@@ -34,47 +36,9 @@ fn bare(events: &[Bytes]) -> usize {
     counts.len()
 }
 
-/// Ends the run as soon as all `n` records were delivered, so the timing holds no wait
-/// for input that will never come.
-struct UntilDrained(Box<dyn Source>, usize);
-
-#[async_trait]
-impl Source for UntilDrained {
-    fn topic(&self) -> &str {
-        self.0.topic()
-    }
-    async fn recv(&mut self, max: usize, wait: Duration) -> weir_engine::Result<Received> {
-        if self.1 == 0 {
-            return Ok(Received::End);
-        }
-        match self.0.recv(max, wait).await? {
-            Received::Batch(b) => {
-                self.1 = self.1.saturating_sub(b.len());
-                Ok(Received::Batch(b))
-            }
-            other => Ok(other),
-        }
-    }
-    fn has_backlog(&self, partition: u32) -> bool {
-        self.0.has_backlog(partition)
-    }
-    async fn commit(&mut self, p: &[(Position, Checkpoint)]) -> weir_engine::Result<()> {
-        self.0.commit(p).await
-    }
-    fn recycle(&mut self, batch: Vec<weir_engine::Record>) {
-        self.0.recycle(batch)
-    }
-}
-
 fn main() {
-    let n: usize = std::env::var("WEIR_BENCH_EVENTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000);
-    let rounds: usize = std::env::var("WEIR_BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let n: usize = drained::events(1_000_000);
+    let rounds: usize = drained::env_number("WEIR_BENCH_ROUNDS", 5);
     // Event-time density decides how much the windows reduce the data: at 1,000 events per
     // second of event time a 10 s window sees ~10 events per user (results ~10 % of input);
     // at 100/s (the tests' datasets) ~1 per user, so results are ~63 % of the input.
@@ -148,7 +112,7 @@ fn run(n: usize, rate: i64, rounds: usize) {
                     .collect();
                 sink.send(&batch).await.unwrap();
             }
-            let source = UntilDrained(Box::new(broker.source("in", Some("bench"))), n);
+            let source = Drained::new(Box::new(broker.source("in", Some("bench"))), n);
             let pipeline = Pipeline::new(
                 Job::from_config(&config),
                 Box::new(source),

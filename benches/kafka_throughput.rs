@@ -19,7 +19,6 @@
 //! WEIR_BENCH_EVENT_RATE the events per second of event time: 100, the default, is the
 //! generator's and gives ~0.63 results per event; 1000 gives ~0.1).
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -29,64 +28,17 @@ use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use weir::Backend;
 use weir_engine::config::Overrides;
-use weir_engine::{Checkpoint, Job, OutRecord, Pipeline, Position, Received, Source};
+use weir_engine::{Job, OutRecord, Pipeline, Received};
 
-/// Ends the run once `total` records were delivered (the topic is drained), and notes
-/// when the first record arrived.
-struct Drained {
-    inner: Box<dyn Source>,
-    seen: usize,
-    total: usize,
-    first: Arc<Mutex<Option<Instant>>>,
-}
-
-#[async_trait]
-impl Source for Drained {
-    fn topic(&self) -> &str {
-        self.inner.topic()
-    }
-    async fn recv(&mut self, max: usize, wait: Duration) -> weir_engine::Result<Received> {
-        if self.seen >= self.total {
-            return Ok(Received::End);
-        }
-        let r = self.inner.recv(max, wait).await?;
-        if let Received::Batch(b) = &r {
-            if !b.is_empty() {
-                self.first.lock().unwrap().get_or_insert_with(Instant::now);
-                self.seen += b.len();
-            }
-        }
-        Ok(r)
-    }
-    fn has_backlog(&self, partition: u32) -> bool {
-        self.inner.has_backlog(partition)
-    }
-    async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> weir_engine::Result<()> {
-        self.inner.commit(positions).await
-    }
-    fn recycle(&mut self, batch: Vec<weir_engine::Record>) {
-        self.inner.recycle(batch)
-    }
-}
+#[path = "support/drained.rs"]
+mod drained;
+use drained::Drained;
 
 fn main() {
-    let n: usize = std::env::var("WEIR_BENCH_EVENTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000);
+    let n: usize = drained::events(1_000_000);
     let bootstrap =
         std::env::var("WEIR_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let reachable =
-        std::net::ToSocketAddrs::to_socket_addrs(bootstrap.split(',').next().unwrap_or_default())
-            .ok()
-            .and_then(|mut a| a.next())
-            .is_some_and(|sa| {
-                std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(3)).is_ok()
-            });
-    assert!(
-        reachable,
-        "Kafka at {bootstrap} is not reachable: run scripts/brokers up kafka"
-    );
+    drained::require_reachable("Kafka", &bootstrap, "scripts/brokers up kafka");
 
     let id = weir_engine::time::now_millis();
     // WEIR_BENCH_SET="source.batch_size=8192;brokers.kafka.producer.linger.ms=0" tries
@@ -178,13 +130,11 @@ fn main() {
     let mut weir_results = 0;
     let cpu = Cpu::start();
     let weir = rt.block_on(async {
-        let first = Arc::new(Mutex::new(None));
-        let source = Drained {
-            inner: backend.source(&c.source.topic, Some(&c.source.group)).await.expect("source"),
-            seen: 0,
-            total: n,
-            first: first.clone(),
-        };
+        let source = Drained::new(
+            backend.source(&c.source.topic, Some(&c.source.group)).await.expect("source"),
+            n,
+        );
+        let first = source.first();
         let pipeline = Pipeline::new(
             Job::from_config(&c),
             Box::new(source),
@@ -211,16 +161,14 @@ fn main() {
     // fresh group over the same topic), to separate consuming from producing results.
     let cpu = Cpu::start();
     let no_output = rt.block_on(async {
-        let first = Arc::new(Mutex::new(None));
-        let source = Drained {
-            inner: backend
+        let source = Drained::new(
+            backend
                 .source(&c.source.topic, Some(&format!("{}-null", c.source.group)))
                 .await
                 .expect("source"),
-            seen: 0,
-            total: n,
-            first: first.clone(),
-        };
+            n,
+        );
+        let first = source.first();
         let pipeline = Pipeline::new(
             Job::from_config(&c),
             Box::new(source),

@@ -8,47 +8,21 @@
 //! `cargo bench --bench kinesis_throughput` (WEIR_BENCH_EVENTS, default 50,000;
 //! WEIR_BENCH_EVENT_RATE, events per second of event time, default both 100 and 1,000).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use weir::Backend;
 use weir_engine::config::Overrides;
-use weir_engine::{Checkpoint, Job, OutRecord, Pipeline, Position, Received, Source};
+use weir_engine::{Job, OutRecord, Pipeline};
 use weir_kinesis::aws_sdk_kinesis::types::ShardIteratorType;
 use weir_kinesis::{KinesisBroker, KinesisConfig};
 
-/// Ends the run once `left` records were received, so the timing holds no idle wait.
-struct UntilCount(Box<dyn Source>, usize);
-
-#[async_trait]
-impl Source for UntilCount {
-    fn topic(&self) -> &str {
-        self.0.topic()
-    }
-    async fn recv(&mut self, max: usize, wait: Duration) -> weir_engine::Result<Received> {
-        if self.1 == 0 {
-            return Ok(Received::End);
-        }
-        let r = self.0.recv(max, wait).await?;
-        if let Received::Batch(b) = &r {
-            self.1 = self.1.saturating_sub(b.len());
-        }
-        Ok(r)
-    }
-    fn has_backlog(&self, partition: u32) -> bool {
-        self.0.has_backlog(partition)
-    }
-    async fn commit(&mut self, p: &[(Position, Checkpoint)]) -> weir_engine::Result<()> {
-        self.0.commit(p).await
-    }
-}
+#[path = "support/drained.rs"]
+mod drained;
+use drained::Drained;
 
 fn main() {
-    let n: usize = std::env::var("WEIR_BENCH_EVENTS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50_000);
+    let n: usize = drained::events(50_000);
     let endpoint =
         std::env::var("WEIR_KINESIS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4567".into());
     // Event-time density decides how many results the windows write back: at 100 events per
@@ -181,7 +155,7 @@ fn run(n: usize, rate: i64, endpoint: &str) {
 
         // (b) Weir.
         let c = &config;
-        let source = UntilCount(
+        let source = Drained::new(
             backend
                 .source(&c.source.topic, Some(&c.source.group))
                 .await
