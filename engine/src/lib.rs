@@ -5,15 +5,17 @@
 
 pub mod aggregate;
 pub mod backoff;
+pub(crate) mod base64;
 pub mod config;
 pub mod decode;
 pub mod enrich;
 pub mod error;
-pub mod errors;
+pub mod error_policy;
 pub mod generate;
 pub mod jsonl;
 pub mod metrics;
 pub mod operator;
+pub mod outcome;
 pub mod output;
 pub mod processor;
 pub mod record;
@@ -25,7 +27,7 @@ pub mod time;
 pub mod window;
 
 pub use error::{EngineError, Result};
-pub use errors::{ErrorAction, ErrorEvent};
+pub use error_policy::{ErrorAction, ErrorEvent};
 pub use operator::Job;
 pub use processor::{Processor, Rejected};
 pub use record::{Checkpoint, OutRecord, Position, Record};

@@ -8,11 +8,13 @@ use tokio::time::Instant;
 
 use crate::aggregate::{AggFn, Aggregates, Inputs};
 use crate::config::{EmitMode, LatePolicy, PipelineConfig, WindowConfig};
+use crate::config::{ErrorAction, RetryConfig, STAGE_VALIDATE};
 use crate::decode::{Decoder, Schema, TimeSource, Val};
-use crate::errors::{ErrorAction, ErrorCallback, ErrorHandler, STAGE_VALIDATE};
+use crate::error_policy::{ErrorCallback, ErrorHandler};
+pub use crate::outcome::{Emitted, Outcome};
 use crate::output::{dead_letter, late_record, ResultEncoder, WindowText, KEY_SEP};
-use crate::record::{Checkpoint, OutRecord, Position, Record};
-use crate::retry::{RetryConfig, RETRY_PARTITION_BASE};
+use crate::record::{Checkpoint, Position, Record};
+use crate::retry::envelope::RETRY_PARTITION_BASE;
 use crate::window::{
     Acc, ClosedSession, Extra, Pane, SessionStore, Watermarks, WindowKind, WindowRange, WindowStore,
 };
@@ -172,41 +174,6 @@ impl Job {
     }
 }
 
-/// What happened to one record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Counted into an open window.
-    Windowed,
-    /// Invalid; a dead letter was produced.
-    Dead,
-    /// Every window it belonged to had closed: it went to the late output (or the
-    /// dead-letter output, or was dropped, as configured) and was counted as late.
-    Late,
-    /// A replayed record whose outcome was delivered before the restart; skipped.
-    Replayed,
-    /// A stage failed on it and it went to the retry topic.
-    Retried,
-    /// A stage failed on it and its strategy dropped it.
-    Skipped,
-    /// A stage failed on it and its strategy stops the pipeline.
-    Failed,
-}
-
-/// Per-batch output of the operator.
-#[derive(Debug, Default)]
-pub struct Emitted {
-    /// Window results.
-    pub results: Vec<OutRecord>,
-    /// Dead letters (invalid records, and late ones unless a late output is configured).
-    pub dead: Vec<OutRecord>,
-    /// Late events for the late output.
-    pub late: Vec<OutRecord>,
-    /// Records for the retry topic.
-    pub retry: Vec<OutRecord>,
-    /// Windows closed in this step.
-    pub windows_closed: u64,
-}
-
 #[derive(Debug)]
 enum State {
     Fixed(WindowStore),
@@ -362,7 +329,7 @@ impl WindowOperator {
         }
     }
 
-    /// Lets `cb` choose the action for every failure (see [`crate::errors`]).
+    /// Lets `cb` choose the action for every failure (see [`crate::error_policy`]).
     pub fn set_error_callback(&mut self, cb: ErrorCallback) {
         self.errors.set_callback(cb);
     }
@@ -667,7 +634,7 @@ impl WindowOperator {
 
     /// The task a retried record counts in: the one of the partition it first came from.
     fn retry_task(&mut self, rec: &Record, now: Instant) -> usize {
-        let origin = crate::retry::origin_partition(rec).unwrap_or(0);
+        let origin = crate::retry::envelope::origin_partition(rec).unwrap_or(0);
         let i = self.task_index(origin);
         if let Some(Some(_)) = self.tasks.get(i) {
             return i;

@@ -27,7 +27,7 @@ pub struct Pipeline {
     dead_letter: Box<dyn Sink>,
     late: Option<Box<dyn Sink>>,
     retry: Option<Box<dyn Sink>>,
-    on_error: Option<crate::errors::ErrorCallback>,
+    on_error: Option<crate::error_policy::ErrorCallback>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     exit_when_idle: Option<Duration>,
@@ -111,7 +111,7 @@ impl Pipeline {
     /// stage's configured strategy and may return another.
     pub fn on_error(
         mut self,
-        callback: impl FnMut(&crate::errors::ErrorEvent<'_>) -> crate::errors::ErrorAction
+        callback: impl FnMut(&crate::error_policy::ErrorEvent<'_>) -> crate::error_policy::ErrorAction
             + Send
             + 'static,
     ) -> Self {
