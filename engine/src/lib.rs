@@ -19,6 +19,7 @@ pub mod outcome;
 pub mod output;
 pub mod processor;
 pub mod record;
+pub(crate) mod replay;
 pub mod retry;
 pub mod runtime;
 pub mod sink;
