@@ -12,7 +12,11 @@ mod windowing;
 
 use load::read_pipeline;
 pub use load::BROKERS;
-pub use model::*;
+pub use model::{
+    AggFn, AggregateConfig, DemoConfig, EmitMode, EnrichConfig, ErrorAction, LatePolicy,
+    ObservabilityConfig, PipelineConfig, RetryConfig, ServeConfig, SourceConfig, TopicConfig,
+    WindowConfig, DEFAULT_MAX_FUTURE, STAGE_ENRICH, STAGE_VALIDATE,
+};
 pub use reader::{ConfigErrors, Diagnostics, Problem, TableReader};
 pub use tree::{Loc, Node, Table, Value};
 
