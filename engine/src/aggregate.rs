@@ -230,7 +230,7 @@ fn min_opt(a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f64
 }
 
 /// Writes an aggregate's value as JSON.
-pub fn write_value(out: &mut Vec<u8>, count: u64, state: Option<&AggState>) {
+pub(crate) fn write_value(out: &mut Vec<u8>, count: u64, state: Option<&AggState>) {
     let num = |out: &mut Vec<u8>, x: f64| match serde_json::Number::from_f64(x) {
         Some(n) => out.extend_from_slice(n.to_string().as_bytes()),
         None => out.extend_from_slice(b"null"),
@@ -254,7 +254,7 @@ pub fn write_value(out: &mut Vec<u8>, count: u64, state: Option<&AggState>) {
 }
 
 /// Appends `n` in decimal.
-pub fn write_u64(out: &mut Vec<u8>, mut n: u64) {
+pub(crate) fn write_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut buf = [0u8; 20];
     let mut i = buf.len();
     loop {

@@ -6,8 +6,9 @@ use crate::output::{dead_letter, dead_letter_from};
 use crate::record::{OutRecord, Record};
 use crate::retry::envelope::{meta, wrap, AttemptLog, Meta, SourceRef};
 
+pub use crate::config::ErrorAction;
 use crate::config::RetryConfig;
-pub use crate::config::{ErrorAction, STAGE_ENRICH, STAGE_VALIDATE};
+use crate::config::STAGE_VALIDATE;
 use crate::outcome::{Emitted, Outcome};
 
 /// One failure, as the error callback sees it.

@@ -15,8 +15,9 @@ pub use load::BROKERS;
 pub use model::{
     AggFn, AggregateConfig, DemoConfig, EmitMode, EnrichConfig, ErrorAction, LatePolicy,
     ObservabilityConfig, PipelineConfig, RetryConfig, ServeConfig, SourceConfig, TopicConfig,
-    WindowConfig, DEFAULT_MAX_FUTURE, STAGE_ENRICH, STAGE_VALIDATE,
+    WindowConfig,
 };
+pub(crate) use model::{DEFAULT_MAX_FUTURE, STAGE_ENRICH, STAGE_VALIDATE};
 pub use reader::{ConfigErrors, Diagnostics, Problem, TableReader};
 pub use tree::{Loc, Node, Table, Value};
 

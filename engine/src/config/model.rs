@@ -17,7 +17,7 @@ pub(crate) const MIB: u64 = 1 << 20;
 /// the limit is counted, and cannot make others late (its time moves the watermark no
 /// further than the wall clock); its window simply stays open until its time comes, which
 /// the limit bounds.
-pub const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(3600);
 
 /// A whole pipeline, validated.
 #[derive(Debug, Clone)]
@@ -220,9 +220,9 @@ impl RetryConfig {
 }
 
 /// The stage that validates and decodes events (`[errors] validate`).
-pub const STAGE_VALIDATE: &str = "validate";
+pub(crate) const STAGE_VALIDATE: &str = "validate";
 /// The enrichment stage (`[errors] enrich`).
-pub const STAGE_ENRICH: &str = "enrich";
+pub(crate) const STAGE_ENRICH: &str = "enrich";
 
 /// What to do with a record a stage failed on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

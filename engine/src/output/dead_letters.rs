@@ -38,7 +38,7 @@ pub fn dead_letter(topic: &str, record: &Record, reason: &str) -> OutRecord {
 
 /// A dead letter for `record`, which came from `topic` at (`partition`, `offset`), with
 /// the history of its retries (`"attempts"`), if any.
-pub fn dead_letter_from(
+pub(crate) fn dead_letter_from(
     topic: &str,
     partition: u32,
     offset: u64,
@@ -107,9 +107,9 @@ pub fn dead_letter_from(
 }
 
 /// Header on a dead letter or late record whose payload was cut to fit the broker: `true`.
-pub const HEADER_TRUNCATED: &str = "weir.truncated";
+pub(crate) const HEADER_TRUNCATED: &str = "weir.truncated";
 /// Header on a cut record: the original payload's size in bytes.
-pub const HEADER_PAYLOAD_BYTES: &str = "weir.payload_bytes";
+pub(crate) const HEADER_PAYLOAD_BYTES: &str = "weir.payload_bytes";
 
 /// A record's size as brokers limit it: payload, key and headers (names and values).
 pub fn record_size(r: &OutRecord) -> usize {

@@ -4,10 +4,9 @@
 mod dead_letters;
 
 pub use crate::base64::base64;
+pub(crate) use dead_letters::dead_letter_from;
 use dead_letters::without_retry_header;
-pub use dead_letters::{
-    dead_letter, dead_letter_from, fit_to, record_size, HEADER_PAYLOAD_BYTES, HEADER_TRUNCATED,
-};
+pub use dead_letters::{dead_letter, fit_to, record_size};
 
 use std::sync::Mutex;
 
@@ -23,11 +22,11 @@ use crate::window::{Acc, Extra, WindowRange};
 
 /// Separates the JSON texts of key parts inside an encoded group key. JSON text never
 /// contains a raw 0x1F byte, so the encoding is unambiguous.
-pub const KEY_SEP: u8 = 0x1f;
+pub(crate) const KEY_SEP: u8 = 0x1f;
 
 /// Writes window results as JSON records.
 #[derive(Debug)]
-pub struct ResultEncoder {
+pub(crate) struct ResultEncoder {
     /// `"user_id":` for each key field, pre-encoded.
     key_names: Vec<Vec<u8>>,
     /// `,"count":` for each aggregate, pre-encoded.
@@ -56,7 +55,7 @@ impl Clone for ResultEncoder {
 
 /// The parts of a result that are the same for every key of one window, formatted once.
 #[derive(Debug, Clone)]
-pub struct WindowText {
+pub(crate) struct WindowText {
     /// `"window_start":"…","window_end":"…"`.
     fields: Vec<u8>,
     /// `@` + window start, the suffix of result ids.
@@ -115,7 +114,8 @@ impl ResultEncoder {
 
     /// One result record: `{"user_id": "User3", "window_start": ..., "window_end": ...,
     /// "count": 42}`, keyed by the group key, with its deterministic id in a header.
-    pub fn encode(&self, window: WindowRange, key: &[u8], acc: &Acc) -> OutRecord {
+    #[cfg(test)]
+    pub(crate) fn encode(&self, window: WindowRange, key: &[u8], acc: &Acc) -> OutRecord {
         self.encode_with(&WindowText::new(window), key, acc, None, true)
     }
 
@@ -145,7 +145,7 @@ impl ResultEncoder {
 }
 
 /// A [`ResultEncoder`] with its buffers in hand (see [`ResultEncoder::batch`]).
-pub struct EncodeBatch<'e> {
+pub(crate) struct EncodeBatch<'e> {
     enc: &'e ResultEncoder,
     out: &'e mut Vec<u8>,
     arena: &'e mut BytesMut,
@@ -209,7 +209,12 @@ impl EncodeBatch<'_> {
 
 /// A late event for the late output: the original record unchanged, plus headers naming
 /// the window it missed, the watermark, and where it came from.
-pub fn late_record(topic: &str, record: &Record, window: WindowRange, watermark: i64) -> OutRecord {
+pub(crate) fn late_record(
+    topic: &str,
+    record: &Record,
+    window: WindowRange,
+    watermark: i64,
+) -> OutRecord {
     let meta = crate::retry::envelope::meta(record);
     let (topic, partition, offset) = match &meta {
         Some(m) => (m.source.topic.as_str(), m.source.partition, m.source.offset),
@@ -238,10 +243,12 @@ pub fn late_record(topic: &str, record: &Record, window: WindowRange, watermark:
 }
 
 /// The human form of an encoded group key: string parts unquoted, joined by `|`.
-pub fn key_display(key: &[u8]) -> String {
+#[cfg(test)]
+pub(crate) fn key_display(key: &[u8]) -> String {
     String::from_utf8_lossy(&key_display_bytes(key)).into_owned()
 }
 
+#[cfg(test)]
 fn key_display_bytes(key: &[u8]) -> Vec<u8> {
     let mut s = Vec::with_capacity(key.len());
     push_key_display(&mut s, key);

@@ -12,7 +12,7 @@ use crate::record::{OutRecord, Record};
 /// Retry-topic partitions are numbered from here in the merged source.
 pub const RETRY_PARTITION_BASE: u32 = 16_384;
 /// Header on a record read back from the retry topic: its retry metadata (JSON).
-pub const HEADER_RETRY: &str = "weir.retry";
+pub(crate) const HEADER_RETRY: &str = "weir.retry";
 
 /// The source partition a retried record first came from, if it is a retry envelope.
 pub(crate) fn origin_partition(rec: &Record) -> Option<u32> {
@@ -20,7 +20,7 @@ pub(crate) fn origin_partition(rec: &Record) -> Option<u32> {
 }
 
 /// How many times `rec` went through the retry topic before.
-pub fn attempts(rec: &Record) -> u32 {
+pub(crate) fn attempts(rec: &Record) -> u32 {
     meta(rec).map_or(0, |m| m.retries)
 }
 

@@ -7,5 +7,5 @@ pub(crate) mod envelope;
 pub(crate) mod source;
 
 pub use crate::config::RetryConfig;
-pub use envelope::{attempts, HEADER_RETRY, RETRY_PARTITION_BASE};
+pub use envelope::RETRY_PARTITION_BASE;
 pub use source::{RetrySink, WithRetries};
