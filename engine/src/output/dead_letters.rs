@@ -89,15 +89,7 @@ pub(crate) fn dead_letter_from(
         HEADER_ERROR.into(),
         Bytes::copy_from_slice(reason.as_bytes()),
     ));
-    headers.push((
-        HEADER_SOURCE_TOPIC.into(),
-        Bytes::copy_from_slice(topic.as_bytes()),
-    ));
-    headers.push((
-        HEADER_SOURCE_PARTITION.into(),
-        Bytes::from(partition.to_string()),
-    ));
-    headers.push((HEADER_SOURCE_OFFSET.into(), Bytes::from(offset.to_string())));
+    push_source_headers(&mut headers, topic, partition, offset);
     OutRecord {
         key: record.key.clone(),
         payload: Bytes::from(payload),
@@ -241,6 +233,24 @@ pub fn fit_to(r: &OutRecord, max_bytes: usize) -> Option<OutRecord> {
         let encoded = payload.len().saturating_sub(empty).max(1);
         keep = ((cut as u128 * budget as u128 / encoded as u128) as usize).min(cut - 1);
     }
+}
+
+/// Appends the `weir.source.*` headers: where a dead letter or late record came from.
+pub(super) fn push_source_headers(
+    headers: &mut Vec<crate::record::Header>,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+) {
+    headers.push((
+        HEADER_SOURCE_TOPIC.into(),
+        Bytes::copy_from_slice(topic.as_bytes()),
+    ));
+    headers.push((
+        HEADER_SOURCE_PARTITION.into(),
+        Bytes::from(partition.to_string()),
+    ));
+    headers.push((HEADER_SOURCE_OFFSET.into(), Bytes::from(offset.to_string())));
 }
 
 pub(super) fn without_retry_header(record: &Record) -> Vec<crate::record::Header> {

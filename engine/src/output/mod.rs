@@ -5,18 +5,15 @@ mod dead_letters;
 
 pub use crate::base64::base64;
 pub(crate) use dead_letters::dead_letter_from;
-use dead_letters::without_retry_header;
 pub use dead_letters::{dead_letter, fit_to, record_size};
+use dead_letters::{push_source_headers, without_retry_header};
 
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
 
 use crate::aggregate::{write_u64, write_value, AggFn};
-use crate::record::{
-    OutRecord, Record, HEADER_ID, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION,
-    HEADER_SOURCE_TOPIC,
-};
+use crate::record::{OutRecord, Record, HEADER_ID};
 use crate::time::write_rfc3339;
 use crate::window::{Acc, Extra, WindowRange};
 
@@ -225,15 +222,7 @@ pub(crate) fn late_record(
     headers.push(("weir.late.window_start".into(), t(window.start)));
     headers.push(("weir.late.window_end".into(), t(window.end)));
     headers.push(("weir.late.watermark".into(), t(watermark)));
-    headers.push((
-        HEADER_SOURCE_TOPIC.into(),
-        Bytes::copy_from_slice(topic.as_bytes()),
-    ));
-    headers.push((
-        HEADER_SOURCE_PARTITION.into(),
-        Bytes::from(partition.to_string()),
-    ));
-    headers.push((HEADER_SOURCE_OFFSET.into(), Bytes::from(offset.to_string())));
+    push_source_headers(&mut headers, topic, partition, offset);
     OutRecord {
         key: record.key.clone(),
         payload: record.payload.clone(),
