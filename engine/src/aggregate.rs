@@ -230,13 +230,13 @@ fn min_opt(a: Option<f64>, b: Option<f64>, f: fn(f64, f64) -> f64) -> Option<f64
 }
 
 /// Writes an aggregate's value as JSON.
-pub fn write_value(out: &mut Vec<u8>, count: u64, state: Option<&AggState>) {
+pub(crate) fn write_value(out: &mut Vec<u8>, count: u64, state: Option<&AggState>) {
     let num = |out: &mut Vec<u8>, x: f64| match serde_json::Number::from_f64(x) {
         Some(n) => out.extend_from_slice(n.to_string().as_bytes()),
         None => out.extend_from_slice(b"null"),
     };
     match state {
-        None | Some(AggState::None) => crate::output::write_u64(out, count),
+        None | Some(AggState::None) => write_u64(out, count),
         Some(AggState::Sum(x)) => num(out, *x),
         Some(AggState::Min(x) | AggState::Max(x)) => match x {
             Some(x) => num(out, *x),
@@ -249,8 +249,23 @@ pub fn write_value(out: &mut Vec<u8>, count: u64, state: Option<&AggState>) {
                 num(out, s / *n as f64)
             }
         }
-        Some(AggState::Distinct(set)) => crate::output::write_u64(out, set.len() as u64),
+        Some(AggState::Distinct(set)) => write_u64(out, set.len() as u64),
     }
+}
+
+/// Appends `n` in decimal.
+pub(crate) fn write_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
 }
 
 #[cfg(test)]

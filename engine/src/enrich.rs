@@ -10,25 +10,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::EnrichConfig;
+use crate::config::STAGE_ENRICH;
 use crate::decode::{write_json_str, Decoder, Schema, TimeSource, Val};
 use crate::error::Result;
-use crate::errors::STAGE_ENRICH;
 use crate::processor::{Processor, Rejected};
 use crate::record::Record;
 use crate::source::{Received, Source};
-
-/// `[enrich]`: which table to join and how.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EnrichConfig {
-    /// The topic the table is read from (every record, from the beginning).
-    pub table: String,
-    /// The event field whose value is looked up (dotted path).
-    pub key: String,
-    /// The field of the table's records that holds their key (dotted path).
-    pub table_key: String,
-    /// The field added to each event, holding the table record.
-    pub into: String,
-}
 
 /// A table of the latest JSON value per key.
 #[derive(Debug, Default)]

@@ -5,27 +5,30 @@
 
 pub mod aggregate;
 pub mod backoff;
+pub(crate) mod base64;
 pub mod config;
 pub mod decode;
 pub mod enrich;
 pub mod error;
-pub mod errors;
+pub(crate) mod error_policy;
 pub mod generate;
 pub mod jsonl;
 pub mod metrics;
 pub mod operator;
+pub(crate) mod outcome;
 pub mod output;
-pub mod processor;
+pub(crate) mod processor;
 pub mod record;
+pub(crate) mod replay;
 pub mod retry;
-pub mod runtime;
-pub mod sink;
-pub mod source;
+pub(crate) mod runtime;
+pub(crate) mod sink;
+pub(crate) mod source;
 pub mod time;
 pub mod window;
 
 pub use error::{EngineError, Result};
-pub use errors::{ErrorAction, ErrorEvent};
+pub use error_policy::{ErrorAction, ErrorEvent};
 pub use operator::Job;
 pub use processor::{Processor, Rejected};
 pub use record::{Checkpoint, OutRecord, Position, Record};

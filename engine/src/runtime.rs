@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::error::{EngineError, Result};
 use crate::metrics::{Metrics, Snapshot};
 use crate::operator::{Emitted, Job, Outcome, WindowOperator};
@@ -27,7 +28,7 @@ pub struct Pipeline {
     dead_letter: Box<dyn Sink>,
     late: Option<Box<dyn Sink>>,
     retry: Option<Box<dyn Sink>>,
-    on_error: Option<crate::errors::ErrorCallback>,
+    on_error: Option<crate::error_policy::ErrorCallback>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     exit_when_idle: Option<Duration>,
@@ -111,7 +112,7 @@ impl Pipeline {
     /// stage's configured strategy and may return another.
     pub fn on_error(
         mut self,
-        callback: impl FnMut(&crate::errors::ErrorEvent<'_>) -> crate::errors::ErrorAction
+        callback: impl FnMut(&crate::error_policy::ErrorEvent<'_>) -> crate::error_policy::ErrorAction
             + Send
             + 'static,
     ) -> Self {
@@ -373,14 +374,14 @@ impl Pipeline {
         }
         // Every output derived from the positions below was submitted; wait for its acks.
         self.flush().await?;
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = retry_backoff();
         loop {
             match self.source.commit(&changed).await {
                 Ok(()) => break,
                 Err(e) if e.is_retryable() && !self.shutdown.is_cancelled() => {
+                    let delay = next_delay(&mut backoff);
                     tracing::warn!(error = %e, retry_in = ?delay, "commit failed; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(10));
                 }
                 Err(e) => return Err(e),
             }
@@ -433,23 +434,38 @@ impl Tally {
     }
 }
 
+/// The longest wait between two attempts of the runtime's receive, send and commit.
+const RETRY_MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// The backoff of the runtime's receive, send and commit: 100 ms doubling up to 10 s,
+/// without a give-up time (`Observer::give_up_after` of `weir run` and `weir serve`
+/// watches from outside and cancels the pipeline).
+fn retry_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), RETRY_MAX_DELAY)
+}
+
+/// The next delay of a [`retry_backoff`], which never gives up.
+fn next_delay(backoff: &mut Backoff) -> Duration {
+    backoff.next_delay().unwrap_or(RETRY_MAX_DELAY)
+}
+
 async fn recv_with_retry(
     source: &mut dyn Source,
     max: usize,
     wait: Duration,
     shutdown: &CancellationToken,
 ) -> Result<Option<Received>> {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = retry_backoff();
     loop {
         match source.recv(max, wait).await {
             Ok(r) => return Ok(Some(r)),
             Err(e) if e.is_retryable() => {
+                let delay = next_delay(&mut backoff);
                 tracing::warn!(error = %e, retry_in = ?delay, "receive failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(None),
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
             Err(e) => return Err(e),
         }
@@ -476,7 +492,7 @@ async fn retry(
     batch: Option<&[OutRecord]>,
     shutdown: &CancellationToken,
 ) -> Result<()> {
-    let mut delay = Duration::from_millis(100);
+    let mut backoff = retry_backoff();
     loop {
         let res = match batch {
             Some(b) => sink.submit(b).await,
@@ -485,6 +501,7 @@ async fn retry(
         match res {
             Ok(()) => return Ok(()),
             Err(e) if e.is_retryable() => {
+                let delay = next_delay(&mut backoff);
                 tracing::warn!(sink = sink.name(), error = %e, retry_in = ?delay, "send failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Err(EngineError::Stopped(format!(
@@ -493,9 +510,80 @@ async fn retry(
                     ))),
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(Duration::from_secs(10));
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+
+    use super::*;
+
+    /// A source whose first `fail` receives fail retryably, then returns `End`.
+    struct Flaky {
+        fail: u32,
+        calls: Vec<Instant>,
+    }
+
+    #[async_trait]
+    impl Source for Flaky {
+        fn topic(&self) -> &str {
+            "flaky"
+        }
+        async fn recv(&mut self, _max: usize, _wait: Duration) -> Result<Received> {
+            self.calls.push(Instant::now());
+            if self.calls.len() as u32 <= self.fail {
+                return Err(EngineError::backend("test", "unreachable", true));
+            }
+            Ok(Received::End)
+        }
+        async fn commit(&mut self, _positions: &[(Position, Checkpoint)]) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn gaps(calls: &[Instant]) -> Vec<u64> {
+        calls
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis() as u64)
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn receive_retries_wait_100ms_doubling_up_to_10s() {
+        let mut s = Flaky {
+            fail: 9,
+            calls: Vec::new(),
+        };
+        let stop = CancellationToken::new();
+        let r = recv_with_retry(&mut s, 1, Duration::ZERO, &stop).await;
+        assert!(matches!(r, Ok(Some(Received::End))));
+        assert_eq!(
+            gaps(&s.calls),
+            [100, 200, 400, 800, 1_600, 3_200, 6_400, 10_000, 10_000]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_receive_retry_stops_at_once_on_shutdown() {
+        let mut s = Flaky {
+            fail: u32::MAX,
+            calls: Vec::new(),
+        };
+        let stop = CancellationToken::new();
+        let cancel = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            cancel.cancel();
+        });
+        let t0 = Instant::now();
+        let r = recv_with_retry(&mut s, 1, Duration::ZERO, &stop).await;
+        assert!(matches!(r, Ok(None)));
+        assert_eq!(t0.elapsed(), Duration::from_millis(250));
+        // Calls at 0 and 100 ms; the third, due at 300 ms, never happens.
+        assert_eq!(gaps(&s.calls), [100]);
     }
 }

@@ -75,7 +75,7 @@ fn clip(s: &str) -> &str {
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+pub(crate) fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -86,7 +86,7 @@ pub fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 }
 
 /// The (year, month, day) of a day count since 1970-01-01.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -190,7 +190,7 @@ pub fn parse_datetime(s: &str) -> Result<i64, String> {
 
 /// Writes epoch milliseconds as RFC 3339 UTC: `2024-06-27T15:00:00Z`, with `.mmm` only
 /// when the milliseconds are not zero.
-pub fn write_rfc3339(out: &mut String, ms: i64) {
+pub(crate) fn write_rfc3339(out: &mut String, ms: i64) {
     let secs = ms.div_euclid(1000);
     let frac = ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);
@@ -210,7 +210,7 @@ pub fn write_rfc3339(out: &mut String, ms: i64) {
 }
 
 /// A duration in the config file's syntax (`1h`, `90s`, `500ms`).
-pub fn format_duration(d: std::time::Duration) -> String {
+pub(crate) fn format_duration(d: std::time::Duration) -> String {
     let ms = d.as_millis();
     for (unit, size) in [
         ("d", 86_400_000),
@@ -226,7 +226,7 @@ pub fn format_duration(d: std::time::Duration) -> String {
 }
 
 /// Epoch milliseconds as an RFC 3339 UTC string.
-pub fn format_rfc3339(ms: i64) -> String {
+pub(crate) fn format_rfc3339(ms: i64) -> String {
     let mut s = String::with_capacity(24);
     write_rfc3339(&mut s, ms);
     s

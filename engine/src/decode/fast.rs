@@ -349,7 +349,7 @@ mod tests {
         let mut fast: Values = smallvec::smallvec![Val::Missing; d.slots];
         let sure = super::scan(text, &d.root, &mut fast).is_some();
         let mut slow: Values = smallvec::smallvec![Val::Missing; d.slots];
-        let serde = d.serde_scan(text, &mut slow);
+        let serde = super::super::visit::scan(&d.root, text, &mut slow);
         if sure {
             assert!(
                 serde.is_ok(),

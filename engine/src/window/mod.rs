@@ -5,14 +5,15 @@ mod session;
 mod store;
 mod watermark;
 
-pub use session::{ClosedSession, Session, SessionStore};
+pub(crate) use session::ClosedSession;
+pub use session::{Session, SessionStore};
 pub use store::{Acc, Extra, Pane, WindowStore};
 pub use watermark::Watermarks;
 
 /// An encoded group key as the window state stores it: keys of up to 16 bytes (a
 /// JSON-quoted user id, a small number) sit inline in the entry, with no allocation of
 /// their own; longer ones spill to the heap.
-pub type GroupKey = smallvec::SmallVec<[u8; 16]>;
+pub(crate) type GroupKey = smallvec::SmallVec<[u8; 16]>;
 
 /// A half-open window `[start, end)` in epoch milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

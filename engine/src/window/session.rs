@@ -11,7 +11,7 @@ use super::{GroupKey, WindowRange};
 use crate::aggregate::{Aggregates, Inputs};
 
 /// A closed session: its window, key, count and other aggregates' state.
-pub type ClosedSession = (WindowRange, GroupKey, Acc, Option<Box<Extra>>);
+pub(crate) type ClosedSession = (WindowRange, GroupKey, Acc, Option<Box<Extra>>);
 use crate::record::Position;
 
 type Hasher = foldhash::fast::RandomState;

@@ -1,274 +1,13 @@
-//! Encoding window results and dead letters.
+//! Dead letters: the envelope that says why a record failed and where it came from, and
+//! cutting a dead letter or late record that is larger than a broker takes.
 
-use std::sync::Mutex;
+use bytes::Bytes;
 
-use bytes::{Bytes, BytesMut};
-
-use crate::aggregate::{write_value, AggFn};
+use crate::base64::base64;
 use crate::record::{
-    OutRecord, Record, HEADER_ERROR, HEADER_ID, HEADER_NULL_VALUE, HEADER_SOURCE_OFFSET,
+    OutRecord, Record, HEADER_ERROR, HEADER_NULL_VALUE, HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
 };
-use crate::time::write_rfc3339;
-use crate::window::{Acc, Extra, WindowRange};
-
-/// Separates the JSON texts of key parts inside an encoded group key. JSON text never
-/// contains a raw 0x1F byte, so the encoding is unambiguous.
-pub const KEY_SEP: u8 = 0x1f;
-
-/// Writes window results as JSON records.
-#[derive(Debug)]
-pub struct ResultEncoder {
-    /// `"user_id":` for each key field, pre-encoded.
-    key_names: Vec<Vec<u8>>,
-    /// `,"count":` for each aggregate, pre-encoded.
-    aggs: Vec<(AggFn, Vec<u8>)>,
-    /// Whether results carry `"final"` (update emission).
-    flag_final: bool,
-    /// A scratch buffer results are written into, then copied into the arena, which
-    /// results are slices of: one allocation per [`ARENA`] bytes of results instead of two
-    /// per result. (A lock, not a `RefCell`, because the operator is shared across awaits.)
-    buffers: Mutex<(Vec<u8>, BytesMut)>,
-}
-
-/// Bytes of results per shared allocation.
-const ARENA: usize = 64 * 1024;
-
-impl Clone for ResultEncoder {
-    fn clone(&self) -> Self {
-        ResultEncoder {
-            key_names: self.key_names.clone(),
-            aggs: self.aggs.clone(),
-            flag_final: self.flag_final,
-            buffers: Mutex::default(),
-        }
-    }
-}
-
-/// The parts of a result that are the same for every key of one window, formatted once.
-#[derive(Debug, Clone)]
-pub struct WindowText {
-    /// `"window_start":"…","window_end":"…"`.
-    fields: Vec<u8>,
-    /// `@` + window start, the suffix of result ids.
-    id_suffix: Vec<u8>,
-    start: i64,
-}
-
-impl WindowText {
-    /// Formats `window`'s fields once.
-    pub fn new(window: WindowRange) -> Self {
-        let mut t = String::with_capacity(64);
-        t.push_str("\"window_start\":\"");
-        write_rfc3339(&mut t, window.start);
-        t.push_str("\",\"window_end\":\"");
-        write_rfc3339(&mut t, window.end);
-        t.push('"');
-        let mut id = String::with_capacity(24);
-        id.push('@');
-        write_rfc3339(&mut id, window.start);
-        WindowText {
-            fields: t.into_bytes(),
-            id_suffix: id.into_bytes(),
-            start: window.start,
-        }
-    }
-}
-
-impl ResultEncoder {
-    /// An encoder naming the key fields and aggregates as configured.
-    pub fn new(group_by: &[String], aggs: &[AggFn], flag_final: bool) -> Self {
-        let key_names = group_by
-            .iter()
-            .map(|n| {
-                let mut v = Vec::new();
-                crate::decode::write_json_str(&mut v, n);
-                v.push(b':');
-                v
-            })
-            .collect();
-        let aggs = aggs
-            .iter()
-            .map(|a| {
-                let mut v = vec![b','];
-                crate::decode::write_json_str(&mut v, &a.output_name());
-                v.push(b':');
-                (a.clone(), v)
-            })
-            .collect();
-        ResultEncoder {
-            key_names,
-            aggs,
-            flag_final,
-            buffers: Mutex::default(),
-        }
-    }
-
-    /// One result record: `{"user_id": "User3", "window_start": ..., "window_end": ...,
-    /// "count": 42}`, keyed by the group key, with its deterministic id in a header.
-    pub fn encode(&self, window: WindowRange, key: &[u8], acc: &Acc) -> OutRecord {
-        self.encode_with(&WindowText::new(window), key, acc, None, true)
-    }
-
-    /// [`encode`](Self::encode) with the window's text formatted beforehand. The payload,
-    /// the key and the id are slices of one buffer shared by many results.
-    pub fn encode_with(
-        &self,
-        w: &WindowText,
-        key: &[u8],
-        acc: &Acc,
-        extra: Option<&Extra>,
-        is_final: bool,
-    ) -> OutRecord {
-        self.batch(|b| b.encode(w, key, acc, extra, is_final))
-    }
-
-    /// Runs `f` with the encoder's buffers taken once, for encoding many results.
-    pub fn batch<T>(&self, f: impl FnOnce(&mut EncodeBatch<'_>) -> T) -> T {
-        let mut buffers = self.buffers.lock().unwrap_or_else(|e| e.into_inner());
-        let (scratch, arena) = &mut *buffers;
-        f(&mut EncodeBatch {
-            enc: self,
-            out: scratch,
-            arena,
-        })
-    }
-}
-
-/// A [`ResultEncoder`] with its buffers in hand (see [`ResultEncoder::batch`]).
-pub struct EncodeBatch<'e> {
-    enc: &'e ResultEncoder,
-    out: &'e mut Vec<u8>,
-    arena: &'e mut BytesMut,
-}
-
-impl EncodeBatch<'_> {
-    /// [`ResultEncoder::encode_with`] without taking the buffers again.
-    pub fn encode(
-        &mut self,
-        w: &WindowText,
-        key: &[u8],
-        acc: &Acc,
-        extra: Option<&Extra>,
-        is_final: bool,
-    ) -> OutRecord {
-        let enc = self.enc;
-        let (out, arena) = (&mut *self.out, &mut *self.arena);
-        out.clear();
-        out.push(b'{');
-        for (name, part) in enc.key_names.iter().zip(key.split(|b| *b == KEY_SEP)) {
-            out.extend_from_slice(name);
-            out.extend_from_slice(part);
-            out.push(b',');
-        }
-        out.extend_from_slice(&w.fields);
-        let mut extra = extra.map(|e| e.0.iter());
-        for (agg, name) in &enc.aggs {
-            out.extend_from_slice(name);
-            let state = extra.as_mut().and_then(|it| it.next());
-            match agg {
-                AggFn::Count => write_u64(out, acc.count()),
-                _ => write_value(out, acc.count(), state),
-            }
-        }
-        if enc.flag_final {
-            out.extend_from_slice(if is_final {
-                b",\"final\":true"
-            } else {
-                b",\"final\":false"
-            });
-        }
-        out.push(b'}');
-        let payload_end = out.len();
-        push_key_display(out, key);
-        let key_end = out.len();
-        out.extend_from_slice(&w.id_suffix);
-        if arena.capacity() - arena.len() < out.len() {
-            *arena = BytesMut::with_capacity(ARENA.max(out.len()));
-        }
-        arena.extend_from_slice(out);
-        let payload = arena.split_to(payload_end).freeze();
-        let id = arena.split().freeze();
-        OutRecord {
-            key: Some(id.slice(..key_end - payload_end)),
-            payload,
-            headers: vec![(HEADER_ID.into(), id)],
-            timestamp: Some(w.start),
-        }
-    }
-}
-
-/// A late event for the late output: the original record unchanged, plus headers naming
-/// the window it missed, the watermark, and where it came from.
-pub fn late_record(topic: &str, record: &Record, window: WindowRange, watermark: i64) -> OutRecord {
-    let meta = crate::retry::meta(record);
-    let (topic, partition, offset) = match &meta {
-        Some(m) => (m.source.topic.as_str(), m.source.partition, m.source.offset),
-        None => (topic, record.position.partition, record.position.offset),
-    };
-    let mut headers = without_retry_header(record);
-    let t = |ms| Bytes::from(crate::time::format_rfc3339(ms));
-    headers.push(("weir.late.window_start".into(), t(window.start)));
-    headers.push(("weir.late.window_end".into(), t(window.end)));
-    headers.push(("weir.late.watermark".into(), t(watermark)));
-    headers.push((
-        HEADER_SOURCE_TOPIC.into(),
-        Bytes::copy_from_slice(topic.as_bytes()),
-    ));
-    headers.push((
-        HEADER_SOURCE_PARTITION.into(),
-        Bytes::from(partition.to_string()),
-    ));
-    headers.push((HEADER_SOURCE_OFFSET.into(), Bytes::from(offset.to_string())));
-    OutRecord {
-        key: record.key.clone(),
-        payload: record.payload.clone(),
-        headers,
-        timestamp: record.timestamp,
-    }
-}
-
-/// Appends `n` in decimal.
-pub fn write_u64(out: &mut Vec<u8>, mut n: u64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[i..]);
-}
-
-/// The human form of an encoded group key: string parts unquoted, joined by `|`.
-pub fn key_display(key: &[u8]) -> String {
-    String::from_utf8_lossy(&key_display_bytes(key)).into_owned()
-}
-
-fn key_display_bytes(key: &[u8]) -> Vec<u8> {
-    let mut s = Vec::with_capacity(key.len());
-    push_key_display(&mut s, key);
-    s
-}
-
-fn push_key_display(s: &mut Vec<u8>, key: &[u8]) {
-    for (i, part) in key.split(|b| *b == KEY_SEP).enumerate() {
-        if i > 0 {
-            s.push(b'|');
-        }
-        match part {
-            [b'"', inner @ .., b'"'] if !inner.contains(&b'\\') => s.extend_from_slice(inner),
-            [b'"', ..] => match serde_json::from_slice::<String>(part) {
-                Ok(v) => s.extend_from_slice(v.as_bytes()),
-                Err(_) => s.extend_from_slice(part),
-            },
-            _ => s.extend_from_slice(part),
-        }
-    }
-}
 
 /// Builds the dead letter for `record` from `topic`: a JSON envelope
 /// `{"error", "source": {topic, partition, offset}, "payload"}` (payload as text, or base64
@@ -277,7 +16,7 @@ fn push_key_display(s: &mut Vec<u8>, key: &[u8]) {
 pub fn dead_letter(topic: &str, record: &Record, reason: &str) -> OutRecord {
     // A record back from the retry topic is reported where it first came from, with the
     // history of its attempts.
-    if let Some(meta) = crate::retry::meta(record) {
+    if let Some(meta) = crate::retry::envelope::meta(record) {
         return dead_letter_from(
             &meta.source.topic,
             meta.source.partition,
@@ -299,7 +38,7 @@ pub fn dead_letter(topic: &str, record: &Record, reason: &str) -> OutRecord {
 
 /// A dead letter for `record`, which came from `topic` at (`partition`, `offset`), with
 /// the history of its retries (`"attempts"`), if any.
-pub fn dead_letter_from(
+pub(crate) fn dead_letter_from(
     topic: &str,
     partition: u32,
     offset: u64,
@@ -350,15 +89,7 @@ pub fn dead_letter_from(
         HEADER_ERROR.into(),
         Bytes::copy_from_slice(reason.as_bytes()),
     ));
-    headers.push((
-        HEADER_SOURCE_TOPIC.into(),
-        Bytes::copy_from_slice(topic.as_bytes()),
-    ));
-    headers.push((
-        HEADER_SOURCE_PARTITION.into(),
-        Bytes::from(partition.to_string()),
-    ));
-    headers.push((HEADER_SOURCE_OFFSET.into(), Bytes::from(offset.to_string())));
+    push_source_headers(&mut headers, topic, partition, offset);
     OutRecord {
         key: record.key.clone(),
         payload: Bytes::from(payload),
@@ -368,9 +99,9 @@ pub fn dead_letter_from(
 }
 
 /// Header on a dead letter or late record whose payload was cut to fit the broker: `true`.
-pub const HEADER_TRUNCATED: &str = "weir.truncated";
+pub(crate) const HEADER_TRUNCATED: &str = "weir.truncated";
 /// Header on a cut record: the original payload's size in bytes.
-pub const HEADER_PAYLOAD_BYTES: &str = "weir.payload_bytes";
+pub(crate) const HEADER_PAYLOAD_BYTES: &str = "weir.payload_bytes";
 
 /// A record's size as brokers limit it: payload, key and headers (names and values).
 pub fn record_size(r: &OutRecord) -> usize {
@@ -504,35 +235,29 @@ pub fn fit_to(r: &OutRecord, max_bytes: usize) -> Option<OutRecord> {
     }
 }
 
-/// Standard base64 with padding.
-pub fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::with_capacity(data.len().div_ceil(3) * 4);
-    for c in data.chunks(3) {
-        let n = (c[0] as u32) << 16
-            | (*c.get(1).unwrap_or(&0) as u32) << 8
-            | *c.get(2).unwrap_or(&0) as u32;
-        s.push(T[(n >> 18) as usize & 63] as char);
-        s.push(T[(n >> 12) as usize & 63] as char);
-        s.push(if c.len() > 1 {
-            T[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        s.push(if c.len() > 2 {
-            T[n as usize & 63] as char
-        } else {
-            '='
-        });
-    }
-    s
+/// Appends the `weir.source.*` headers: where a dead letter or late record came from.
+pub(super) fn push_source_headers(
+    headers: &mut Vec<crate::record::Header>,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+) {
+    headers.push((
+        HEADER_SOURCE_TOPIC.into(),
+        Bytes::copy_from_slice(topic.as_bytes()),
+    ));
+    headers.push((
+        HEADER_SOURCE_PARTITION.into(),
+        Bytes::from(partition.to_string()),
+    ));
+    headers.push((HEADER_SOURCE_OFFSET.into(), Bytes::from(offset.to_string())));
 }
 
-fn without_retry_header(record: &Record) -> Vec<crate::record::Header> {
+pub(super) fn without_retry_header(record: &Record) -> Vec<crate::record::Header> {
     record
         .headers
         .iter()
-        .filter(|(n, _)| n != crate::retry::HEADER_RETRY)
+        .filter(|(n, _)| n != crate::retry::envelope::HEADER_RETRY)
         .cloned()
         .collect()
 }
@@ -540,55 +265,9 @@ fn without_retry_header(record: &Record) -> Vec<crate::record::Header> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_the_rfc_vectors() {
-        for (i, o) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(i.as_bytes()), o);
-        }
-    }
-
-    #[test]
-    fn result_record_shape() {
-        let enc = ResultEncoder::new(&["user_id".into()], &[AggFn::Count], false);
-        let r = enc.encode(
-            WindowRange {
-                start: 1_719_500_400_000,
-                end: 1_719_500_410_000,
-            },
-            br#""User3""#,
-            &{
-                let mut a = Acc::default();
-                a.add(42);
-                a
-            },
-        );
-        assert_eq!(
-            std::str::from_utf8(&r.payload).unwrap(),
-            r#"{"user_id":"User3","window_start":"2024-06-27T15:00:00Z","window_end":"2024-06-27T15:00:10Z","count":42}"#
-        );
-        assert_eq!(r.key.as_deref(), Some(&b"User3"[..]));
-        assert_eq!(r.header(HEADER_ID).unwrap(), "User3@2024-06-27T15:00:00Z");
-    }
-
-    #[test]
-    fn keys_with_escapes_and_several_parts_display_plainly() {
-        assert_eq!(key_display(br#""a\"b""#), "a\"b");
-        let mut k = br#""x""#.to_vec();
-        k.push(KEY_SEP);
-        k.extend_from_slice(b"42");
-        assert_eq!(key_display(&k), "x|42");
-        let mut v = Vec::new();
-        write_u64(&mut v, 0);
-        write_u64(&mut v, 18_446_744_073_709_551_615);
-        assert_eq!(v, b"018446744073709551615");
-    }
+    use crate::aggregate::AggFn;
+    use crate::output::{late_record, ResultEncoder};
+    use crate::window::{Acc, WindowRange};
 
     fn big_dead_letter(payload: &[u8]) -> OutRecord {
         let rec = Record {

@@ -2,52 +2,14 @@
 //! (`dead_letter`, `retry`, `skip`, `fail`) chosen per stage in `[errors]`, and the Rust
 //! API's error callback that may choose differently for each record.
 
-use crate::operator::{Emitted, Outcome};
-use crate::output::dead_letter;
-use crate::record::Record;
-use crate::retry::RetryConfig;
+use crate::output::{dead_letter, dead_letter_from};
+use crate::record::{OutRecord, Record};
+use crate::retry::envelope::{meta, wrap, AttemptLog, Meta, SourceRef};
 
-/// The stage that validates and decodes events (`[errors] validate`).
-pub const STAGE_VALIDATE: &str = "validate";
-/// The enrichment stage (`[errors] enrich`).
-pub const STAGE_ENRICH: &str = "enrich";
-
-/// What to do with a record a stage failed on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorAction {
-    /// Send it to the dead-letter topic with the reason (the default).
-    DeadLetter,
-    /// Send it to the retry topic; after `max_attempts` it goes to the dead letters with
-    /// the history of its attempts.
-    Retry,
-    /// Drop it, counted as `skipped`.
-    Skip,
-    /// Stop the pipeline with an error, committing nothing past the failing record.
-    Fail,
-}
-
-impl ErrorAction {
-    /// Reads `dead_letter`, `retry`, `skip` or `fail`.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "dead_letter" => ErrorAction::DeadLetter,
-            "retry" => ErrorAction::Retry,
-            "skip" => ErrorAction::Skip,
-            "fail" => ErrorAction::Fail,
-            _ => return None,
-        })
-    }
-
-    /// The name used in `pipeline.toml`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorAction::DeadLetter => "dead_letter",
-            ErrorAction::Retry => "retry",
-            ErrorAction::Skip => "skip",
-            ErrorAction::Fail => "fail",
-        }
-    }
-}
+pub use crate::config::ErrorAction;
+use crate::config::RetryConfig;
+use crate::config::STAGE_VALIDATE;
+use crate::outcome::{Emitted, Outcome};
 
 /// One failure, as the error callback sees it.
 #[derive(Debug)]
@@ -148,7 +110,7 @@ impl ErrorHandler {
             return Outcome::Dead;
         }
         let configured = self.configured(stage);
-        let attempts = crate::retry::attempts(rec);
+        let attempts = crate::retry::envelope::attempts(rec);
         let action = match self.callback.as_mut() {
             Some(cb) => (cb.get_mut().unwrap_or_else(|p| p.into_inner()))(&ErrorEvent {
                 stage,
@@ -176,28 +138,136 @@ impl ErrorHandler {
                 ));
                 Outcome::Failed
             }
-            ErrorAction::Retry => {
-                match &self.retry {
-                    Some(cfg) => match cfg.next(&self.topic, rec, stage, reason, now_ms) {
-                        Ok(r) => {
-                            out.retry.push(r);
-                            Outcome::Retried
-                        }
-                        Err(dead) => {
-                            out.dead.push(dead);
-                            Outcome::Dead
-                        }
-                    },
-                    None => {
-                        out.dead.push(dead_letter(
-                        &self.topic,
-                        rec,
-                        &format!("{reason} (retry was chosen, but the pipeline has no [retry] topic)"),
-                    ));
+            ErrorAction::Retry => match &self.retry {
+                Some(cfg) => match retry_or_give_up(cfg, &self.topic, rec, stage, reason, now_ms) {
+                    Ok(r) => {
+                        out.retry.push(r);
+                        Outcome::Retried
+                    }
+                    Err(dead) => {
+                        out.dead.push(dead);
                         Outcome::Dead
                     }
+                },
+                None => {
+                    out.dead.push(dead_letter(
+                        &self.topic,
+                        rec,
+                        &format!(
+                            "{reason} (retry was chosen, but the pipeline has no [retry] topic)"
+                        ),
+                    ));
+                    Outcome::Dead
                 }
-            }
+            },
         }
+    }
+}
+
+/// For a record that failed at `stage` with `reason`: its retry record, or, once it used up
+/// `max_attempts`, its dead letter with the history of its attempts.
+fn retry_or_give_up(
+    cfg: &RetryConfig,
+    topic: &str,
+    rec: &Record,
+    stage: &str,
+    reason: &str,
+    now_ms: i64,
+) -> std::result::Result<OutRecord, OutRecord> {
+    let mut meta = meta(rec).unwrap_or_else(|| Meta {
+        retries: 0,
+        source: SourceRef {
+            topic: topic.to_string(),
+            partition: rec.position.partition,
+            offset: rec.position.offset,
+        },
+        history: Vec::new(),
+    });
+    let attempt = meta.retries + 1;
+    meta.history.push(AttemptLog {
+        attempt,
+        at: crate::time::format_rfc3339(now_ms),
+        stage: stage.to_string(),
+        error: reason.to_string(),
+    });
+    if attempt >= cfg.max_attempts {
+        return Err(dead_letter_from(
+            &meta.source.topic,
+            meta.source.partition,
+            meta.source.offset,
+            rec,
+            &format!("gave up after {attempt} attempts: {reason}"),
+            serde_json::to_value(&meta.history).ok(),
+        ));
+    }
+    meta.retries = attempt;
+    let not_before = now_ms.saturating_add(cfg.delay(attempt).as_millis() as i64);
+    Ok(wrap(rec, meta, not_before))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::record::Position;
+    use crate::retry::envelope::{attempts, unwrap};
+
+    fn cfg() -> RetryConfig {
+        RetryConfig {
+            topic: "r".into(),
+            initial: Duration::from_millis(100),
+            multiplier: 2.0,
+            max: Duration::from_millis(350),
+            max_attempts: 3,
+        }
+    }
+
+    #[test]
+    fn delays_grow_by_the_multiplier_up_to_the_max() {
+        let c = cfg();
+        assert_eq!(c.delay(1), Duration::from_millis(100));
+        assert_eq!(c.delay(2), Duration::from_millis(200));
+        assert_eq!(c.delay(3), Duration::from_millis(350));
+    }
+
+    #[test]
+    fn a_retry_waits_by_the_backoff_and_gives_up_after_max_attempts_with_its_history() {
+        let c = cfg();
+        let rec = Record {
+            key: Some(Bytes::from_static(b"k\xff")),
+            payload: Bytes::from_static(b"{\"a\":1}"),
+            timestamp: Some(42),
+            position: Position {
+                partition: 2,
+                offset: 7,
+            },
+            ..Default::default()
+        };
+        let out = retry_or_give_up(&c, "src", &rec, "enrich", "not yet", 1_000).unwrap();
+        // The envelope's own tests check what it carries (retry::envelope).
+        let (due, back) = unwrap(Record {
+            payload: out.payload,
+            ..Default::default()
+        });
+        assert_eq!(due, 1_100);
+        assert_eq!(attempts(&back), 1);
+        let out2 = retry_or_give_up(&c, "src", &back, "enrich", "still not", 2_000).unwrap();
+        let (due2, back2) = unwrap(Record {
+            payload: out2.payload,
+            ..Default::default()
+        });
+        assert_eq!(due2, 2_200);
+        let dead = retry_or_give_up(&c, "src", &back2, "enrich", "never", 3_000).unwrap_err();
+        let v: serde_json::Value = serde_json::from_slice(&dead.payload).unwrap();
+        assert_eq!(v["error"], "gave up after 3 attempts: never");
+        assert_eq!(v["source"]["topic"], "src");
+        assert_eq!(v["source"]["partition"], 2);
+        assert_eq!(v["source"]["offset"], 7);
+        assert_eq!(v["attempts"].as_array().unwrap().len(), 3);
+        assert_eq!(v["attempts"][0]["error"], "not yet");
+        assert_eq!(v["payload"], "{\"a\":1}");
     }
 }

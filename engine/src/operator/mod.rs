@@ -2,283 +2,27 @@
 //! watermarks and says which source positions are safe to commit. Synchronous and
 //! broker-agnostic; the [`runtime`](crate::runtime) drives it.
 
+mod close;
+mod job;
+mod task;
+
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::aggregate::{AggFn, Aggregates, Inputs};
-use crate::config::{EmitMode, LatePolicy, PipelineConfig, WindowConfig};
-use crate::decode::{Decoder, Schema, TimeSource, Val};
-use crate::errors::{ErrorAction, ErrorCallback, ErrorHandler, STAGE_VALIDATE};
-use crate::output::{dead_letter, late_record, ResultEncoder, WindowText, KEY_SEP};
-use crate::record::{Checkpoint, OutRecord, Position, Record};
-use crate::retry::{RetryConfig, RETRY_PARTITION_BASE};
-use crate::window::{
-    Acc, ClosedSession, Extra, Pane, SessionStore, Watermarks, WindowKind, WindowRange, WindowStore,
-};
+use crate::aggregate::{Aggregates, Inputs};
+use crate::config::{EmitMode, LatePolicy, STAGE_VALIDATE};
+use crate::decode::{Decoder, TimeSource, Val};
+use crate::error_policy::{ErrorCallback, ErrorHandler};
+use crate::output::{dead_letter, late_record, ResultEncoder, KEY_SEP};
+use crate::record::{Checkpoint, Position, Record};
+use crate::replay::{self, Offsets};
+use crate::retry::envelope::RETRY_PARTITION_BASE;
+use crate::window::WindowKind;
 
-/// What the pipeline computes, independent of where records come from and go.
-#[derive(Debug, Clone)]
-pub struct Job {
-    /// What events must look like.
-    pub schema: Schema,
-    /// Where event time comes from.
-    pub time: TimeSource,
-    /// Allowed out-of-orderness (the watermark trails the highest event time by this).
-    pub out_of_orderness: Duration,
-    /// Events dated further ahead of the wall clock are dead letters (`None`: no limit).
-    pub max_future: Option<Duration>,
-    /// Window kind, grace and idle timeout.
-    pub window: WindowConfig,
-    /// Key fields (dotted paths).
-    pub group_by: Vec<String>,
-    /// Aggregates per (window, key).
-    pub compute: Vec<AggFn>,
-    /// When results are emitted.
-    pub emit: EmitMode,
-    /// Where events whose window has closed go.
-    pub late: LatePolicy,
-    /// Most records per batch.
-    pub batch_size: usize,
-    /// Larger payloads are dead-lettered.
-    pub max_payload_bytes: usize,
-    /// How often source positions are committed.
-    pub commit_interval: Duration,
-    /// The error strategy of each stage (`validate`, `enrich`, processors by name); a
-    /// stage not listed dead-letters.
-    pub errors: Vec<(String, ErrorAction)>,
-    /// The retry topic and its backoff, when the pipeline has one.
-    pub retry: Option<RetryConfig>,
-}
-
-impl Job {
-    /// The job a pipeline file describes.
-    pub fn from_config(c: &PipelineConfig) -> Self {
-        Job {
-            schema: c.schema.clone(),
-            time: c.time.clone(),
-            out_of_orderness: c.out_of_orderness,
-            max_future: c.max_future,
-            window: c.window,
-            group_by: c.aggregate.group_by.clone(),
-            compute: c.aggregate.compute.clone(),
-            emit: c.window.emit,
-            late: c.late.clone(),
-            batch_size: c.source.batch_size,
-            max_payload_bytes: c.source.max_payload_bytes,
-            commit_interval: c.source.commit_interval,
-            errors: c.errors.clone(),
-            retry: c.retry.clone(),
-        }
-    }
-
-    /// A tumbling count per `key` over the event-time field `time_field`, in windows of
-    /// `size`, with no schema beyond those two fields, no grace and a 5 s idle timeout.
-    pub fn tumbling_count(key: &str, time_field: &str, size: Duration) -> Self {
-        Job {
-            schema: Schema::default(),
-            time: TimeSource::Field {
-                path: time_field.into(),
-                format: crate::time::TimeFormat::Auto,
-            },
-            out_of_orderness: Duration::ZERO,
-            max_future: Some(crate::config::DEFAULT_MAX_FUTURE),
-            window: WindowConfig {
-                kind: WindowKind::Tumbling {
-                    size: size.as_millis().max(1) as i64,
-                },
-                grace: Duration::ZERO,
-                idle_timeout: Duration::from_secs(5),
-                emit: EmitMode::Final,
-            },
-            group_by: vec![key.into()],
-            compute: vec![AggFn::Count],
-            emit: EmitMode::Final,
-            late: LatePolicy::DeadLetter,
-            batch_size: 1024,
-            max_payload_bytes: 1 << 20,
-            commit_interval: Duration::from_secs(1),
-            errors: Vec::new(),
-            retry: None,
-        }
-    }
-
-    /// The same job with a schema.
-    pub fn with_schema(mut self, schema: Schema) -> Self {
-        self.schema = schema;
-        self
-    }
-
-    /// The same job with a grace period.
-    pub fn with_grace(mut self, grace: Duration) -> Self {
-        self.window.grace = grace;
-        self
-    }
-
-    /// The same job with another window kind (tumbling, hopping, session).
-    pub fn with_window(mut self, kind: WindowKind) -> Self {
-        self.window.kind = kind;
-        self
-    }
-
-    /// The same job computing these aggregates.
-    pub fn with_aggregates(mut self, compute: Vec<AggFn>) -> Self {
-        self.compute = compute;
-        self
-    }
-
-    /// The same job grouped by these fields.
-    pub fn with_group_by(mut self, fields: &[&str]) -> Self {
-        self.group_by = fields.iter().map(|f| f.to_string()).collect();
-        self
-    }
-
-    /// The same job with an emit mode.
-    pub fn with_emit(mut self, emit: EmitMode) -> Self {
-        self.emit = emit;
-        self.window.emit = emit;
-        self
-    }
-
-    /// The same job with a late-event policy.
-    pub fn with_late(mut self, late: LatePolicy) -> Self {
-        self.late = late;
-        self
-    }
-
-    /// The same job with a limit on how far ahead of the wall clock events may be dated.
-    pub fn with_max_future(mut self, max_future: Option<Duration>) -> Self {
-        self.max_future = max_future;
-        self
-    }
-
-    /// The same job with an idle timeout.
-    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
-        self.window.idle_timeout = idle;
-        self
-    }
-
-    /// The same job with `action` as the error strategy of `stage`.
-    pub fn with_error_strategy(mut self, stage: &str, action: ErrorAction) -> Self {
-        self.errors.retain(|(s, _)| s != stage);
-        self.errors.push((stage.to_string(), action));
-        self
-    }
-
-    /// The same job with a retry topic.
-    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
-        self.retry = Some(retry);
-        self
-    }
-}
-
-/// What happened to one record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Counted into an open window.
-    Windowed,
-    /// Invalid; a dead letter was produced.
-    Dead,
-    /// Every window it belonged to had closed: it went to the late output (or the
-    /// dead-letter output, or was dropped, as configured) and was counted as late.
-    Late,
-    /// A replayed record whose outcome was delivered before the restart; skipped.
-    Replayed,
-    /// A stage failed on it and it went to the retry topic.
-    Retried,
-    /// A stage failed on it and its strategy dropped it.
-    Skipped,
-    /// A stage failed on it and its strategy stops the pipeline.
-    Failed,
-}
-
-/// Per-batch output of the operator.
-#[derive(Debug, Default)]
-pub struct Emitted {
-    /// Window results.
-    pub results: Vec<OutRecord>,
-    /// Dead letters (invalid records, and late ones unless a late output is configured).
-    pub dead: Vec<OutRecord>,
-    /// Late events for the late output.
-    pub late: Vec<OutRecord>,
-    /// Records for the retry topic.
-    pub retry: Vec<OutRecord>,
-    /// Windows closed in this step.
-    pub windows_closed: u64,
-}
-
-#[derive(Debug)]
-enum State {
-    Fixed(WindowStore),
-    Sessions(SessionStore),
-}
-
-impl State {
-    fn new(kind: WindowKind, update: bool) -> Self {
-        match kind {
-            WindowKind::Session { gap } => State::Sessions(SessionStore::new(gap, update)),
-            _ if update => State::Fixed(WindowStore::tracking_updates()),
-            _ => State::Fixed(WindowStore::new()),
-        }
-    }
-
-    fn revoke(&mut self, partition: u32) {
-        match self {
-            State::Fixed(s) => s.revoke(partition),
-            State::Sessions(s) => s.revoke(partition),
-        }
-    }
-
-    fn min_offset(&self, partition: u32) -> Option<u64> {
-        match self {
-            State::Fixed(s) => s.min_offset(partition),
-            State::Sessions(s) => s.min_offset(partition),
-        }
-    }
-
-    fn absorb(&mut self, other: State) {
-        match (self, other) {
-            (State::Fixed(a), State::Fixed(b)) => a.absorb(b),
-            (State::Sessions(a), State::Sessions(b)) => a.absorb(b),
-            _ => unreachable!("one job has one window kind"),
-        }
-    }
-
-    fn entries(&self) -> usize {
-        match self {
-            State::Fixed(s) => s.entries(),
-            State::Sessions(s) => s.entries(),
-        }
-    }
-
-    fn windows(&self) -> usize {
-        match self {
-            State::Fixed(s) => s.windows(),
-            State::Sessions(s) => s.entries(),
-        }
-    }
-}
-
-/// A unit of window state with an event time of its own: one source partition while the
-/// input is keyed by the group key (every (key, window) then lives in one partition, as
-/// in Kafka Streams' stream time per task), or every partition together otherwise.
-#[derive(Debug)]
-struct Task {
-    state: State,
-    watermarks: Watermarks,
-    /// Replayed records (below their partition's `replay` mark) of windows that closed at
-    /// or below this watermark were delivered before: the highest checkpoint watermark
-    /// restored into this task.
-    replay_watermark: i64,
-}
-
-impl Task {
-    fn absorb(&mut self, other: Task) {
-        self.state.absorb(other.state);
-        self.watermarks.absorb(other.watermarks);
-        self.replay_watermark = self.replay_watermark.max(other.replay_watermark);
-    }
-}
+pub use crate::outcome::{Emitted, Outcome};
+pub use job::Job;
+use task::{State, Task};
 
 /// The windowed aggregation over decoded records.
 #[derive(Debug)]
@@ -310,14 +54,8 @@ pub struct WindowOperator {
     shared: bool,
     /// By source partition: whether its task exists and holds it (the hot path's check).
     ready: Vec<bool>,
-    /// Next offset after the last record seen, by partition.
-    next_offset: Vec<Option<u64>>,
-    /// After a restart, by partition: the offset below which records were processed
-    /// before the checkpoint (a replay).
-    replay: Vec<u64>,
-    /// By partition: the checkpoint this pipeline would have committed when the partition
-    /// was revoked, used if it comes back without one (a reconnect that redelivers).
-    forgotten: Vec<Option<Checkpoint>>,
+    /// How far each partition was read, and what of it is a replay.
+    offsets: Offsets,
 }
 
 impl WindowOperator {
@@ -356,13 +94,11 @@ impl WindowOperator {
             tasks: Vec::new(),
             shared: false,
             ready: Vec::new(),
-            next_offset: Vec::new(),
-            replay: Vec::new(),
-            forgotten: Vec::new(),
+            offsets: Offsets::default(),
         }
     }
 
-    /// Lets `cb` choose the action for every failure (see [`crate::errors`]).
+    /// Lets `cb` choose the action for every failure (see [`crate::error_policy`]).
     pub fn set_error_callback(&mut self, cb: ErrorCallback) {
         self.errors.set_callback(cb);
     }
@@ -384,11 +120,12 @@ impl WindowOperator {
     }
 
     fn new_task(&self) -> Task {
-        Task {
-            state: State::new(self.kind, self.emit == EmitMode::Update),
-            watermarks: Watermarks::new(self.out_of_orderness, self.idle_timeout),
-            replay_watermark: i64::MIN,
-        }
+        Task::new(
+            self.kind,
+            self.emit == EmitMode::Update,
+            self.out_of_orderness,
+            self.idle_timeout,
+        )
     }
 
     /// The task that holds source partition `p`'s windows.
@@ -507,17 +244,13 @@ impl WindowOperator {
     }
 
     fn replaying(&self, rec: &Record) -> bool {
-        self.replay
-            .get(rec.position.partition as usize)
-            .is_some_and(|&until| rec.position.offset < until)
+        self.offsets.replaying(rec.position)
     }
 
     /// Takes back [`note_position`](Self::note_position) for a record the pipeline stops
     /// on: the next start resumes from it.
     fn unnote(&mut self, rec: &Record) {
-        if let Some(n) = self.next_offset.get_mut(rec.position.partition as usize) {
-            *n = Some(rec.position.offset);
-        }
+        self.offsets.unnote(rec.position);
     }
 
     fn invalid(
@@ -566,23 +299,13 @@ impl WindowOperator {
             self.ensure_task(p, now);
         }
         for (p, cp) in partitions {
-            let i = *p as usize;
             // Back after this pipeline had it (a reconnect that redelivers, a rebalance that
             // returns it): what it had processed then is a replay too, so its emitted
             // windows are not emitted again and its records are not taken for late ones.
             // The later of that and the committed checkpoint wins.
-            let remembered = self.forgotten.get_mut(i).and_then(Option::take);
-            let cp = match (*cp, remembered) {
-                (Some(c), Some(r)) if r.processed > c.processed => Some(r),
-                (c, r) => c.or(r),
-            };
-            let Some(cp) = cp else {
+            let Some(cp) = self.offsets.restore(*p, *cp) else {
                 continue;
             };
-            if self.replay.len() <= i {
-                self.replay.resize(i + 1, 0);
-            }
-            self.replay[i] = cp.processed;
             if *p < RETRY_PARTITION_BASE {
                 let ti = self.task_index(*p);
                 let t = self.task(ti);
@@ -603,13 +326,8 @@ impl WindowOperator {
     pub fn revoke(&mut self, partitions: &[u32]) {
         for &p in partitions {
             let i = p as usize;
-            if self.next_offset.get(i).copied().flatten().is_some() {
-                let cp = self.checkpoint(p);
-                if self.forgotten.len() <= i {
-                    self.forgotten.resize(i + 1, None);
-                }
-                self.forgotten[i] = Some(cp);
-            }
+            let cp = self.offsets.seen(p).then(|| self.checkpoint(p));
+            self.offsets.revoke(p, cp);
             if p < RETRY_PARTITION_BASE {
                 let ti = self.task_index(p);
                 if let Some(slot) = self.tasks.get_mut(ti) {
@@ -631,12 +349,6 @@ impl WindowOperator {
                     t.state.revoke(p);
                 }
             }
-            if let Some(n) = self.next_offset.get_mut(i) {
-                *n = None;
-            }
-            if let Some(r) = self.replay.get_mut(i) {
-                *r = 0;
-            }
         }
     }
 
@@ -655,19 +367,13 @@ impl WindowOperator {
     pub fn checkpoint(&self, partition: u32) -> Checkpoint {
         Checkpoint {
             watermark: self.watermark_of(partition),
-            processed: self
-                .next_offset
-                .get(partition as usize)
-                .copied()
-                .flatten()
-                .unwrap_or(0)
-                .max(self.replay.get(partition as usize).copied().unwrap_or(0)),
+            processed: self.offsets.processed(partition),
         }
     }
 
     /// The task a retried record counts in: the one of the partition it first came from.
     fn retry_task(&mut self, rec: &Record, now: Instant) -> usize {
-        let origin = crate::retry::origin_partition(rec).unwrap_or(0);
+        let origin = crate::retry::envelope::origin_partition(rec).unwrap_or(0);
         let i = self.task_index(origin);
         if let Some(Some(_)) = self.tasks.get(i) {
             return i;
@@ -772,7 +478,7 @@ impl WindowOperator {
         };
         // After a restart, a replayed record counts again only where the checkpoint's
         // watermark had not closed its window yet: the rest was delivered before.
-        let closed_at = if replaying { task.replay_watermark } else { wm };
+        let closed_at = replay::closed_at(replaying, task.replay_watermark, wm);
         let added = match &mut task.state {
             State::Fixed(store) => {
                 let mut added = 0u64;
@@ -825,98 +531,10 @@ impl WindowOperator {
     /// produced so far are acknowledged), without windowing it.
     #[inline]
     pub fn note_position(&mut self, rec: &Record, now: Instant) {
-        let p = rec.position.partition as usize;
-        if self.next_offset.len() <= p {
-            self.next_offset.resize(p + 1, None);
-        }
-        self.next_offset[p] = Some(rec.position.offset + 1);
+        self.offsets.note(rec.position);
         if rec.position.partition < RETRY_PARTITION_BASE {
             let i = self.ensure_task(rec.position.partition, now);
             self.task(i).watermarks.touch(rec.position.partition, now);
-        }
-    }
-
-    /// Advances idle time and closes every window its task's watermark has passed; in
-    /// `update` mode first emits the entries this batch changed. `backlog(p)` says whether
-    /// the broker holds records of partition `p` not delivered yet (it is then not idle).
-    pub fn close_ready(&mut self, now: Instant, backlog: &dyn Fn(u32) -> bool, out: &mut Emitted) {
-        self.emit_updates(out);
-        for task in self.tasks.iter_mut().flatten() {
-            let wm = task.watermarks.tick(now, backlog);
-            match &mut task.state {
-                State::Fixed(store) => {
-                    let closed = store.close_until(wm, self.grace);
-                    for (window, pane) in closed {
-                        out.windows_closed += 1;
-                        out.results.reserve(pane.groups.len());
-                        Self::encode_pane(&self.encoder, window, pane, out);
-                    }
-                }
-                State::Sessions(sessions) => {
-                    let closed = sessions.close_until(wm, self.grace);
-                    Self::encode_sessions(&self.encoder, closed, out);
-                }
-            }
-        }
-    }
-
-    /// Closes every open window (the input has ended).
-    pub fn close_all(&mut self, out: &mut Emitted) {
-        self.emit_updates(out);
-        for task in self.tasks.iter_mut().flatten() {
-            match &mut task.state {
-                State::Fixed(store) => {
-                    for (window, pane) in store.drain_all() {
-                        out.windows_closed += 1;
-                        Self::encode_pane(&self.encoder, window, pane, out);
-                    }
-                }
-                State::Sessions(sessions) => {
-                    let closed = sessions.drain_all();
-                    Self::encode_sessions(&self.encoder, closed, out);
-                }
-            }
-        }
-    }
-
-    fn encode_pane(encoder: &ResultEncoder, window: WindowRange, pane: Pane, out: &mut Emitted) {
-        let text = WindowText::new(window);
-        let Pane { groups, extras, .. } = pane;
-        let has_extras = !extras.is_empty(); // a count alone keeps none
-        encoder.batch(|b| {
-            for (key, acc) in groups.into_iter() {
-                let extra = has_extras
-                    .then(|| extras.remove(&key).map(|(_, e)| e))
-                    .flatten();
-                out.results
-                    .push(b.encode(&text, &key, &acc, extra.as_ref(), true));
-            }
-        });
-    }
-
-    fn encode_sessions(encoder: &ResultEncoder, closed: Vec<ClosedSession>, out: &mut Emitted) {
-        out.windows_closed += closed.len() as u64;
-        for (w, key, acc, extra) in closed {
-            let text = WindowText::new(w);
-            out.results
-                .push(encoder.encode_with(&text, &key, &acc, extra.as_deref(), true));
-        }
-    }
-
-    fn emit_updates(&mut self, out: &mut Emitted) {
-        if self.emit != EmitMode::Update {
-            return;
-        }
-        let enc = &self.encoder;
-        let mut push = |w: WindowRange, key: &[u8], acc: &Acc, extra: Option<&Extra>| {
-            out.results
-                .push(enc.encode_with(&WindowText::new(w), key, acc, extra, false));
-        };
-        for task in self.tasks.iter_mut().flatten() {
-            match &mut task.state {
-                State::Fixed(s) => s.drain_updates(&mut push),
-                State::Sessions(s) => s.drain_updates(&mut push),
-            }
         }
     }
 
@@ -929,24 +547,13 @@ impl WindowOperator {
     /// outputs produced so far are acknowledged: not past any record still held by an
     /// open window.
     pub fn safe_positions(&self) -> Vec<Position> {
-        self.next_offset
-            .iter()
-            .enumerate()
-            .filter_map(|(p, next)| {
-                let next = (*next)?;
-                let held = self
-                    .tasks
-                    .iter()
-                    .flatten()
-                    .filter_map(|t| t.state.min_offset(p as u32))
-                    .min()
-                    .unwrap_or(u64::MAX);
-                Some(Position {
-                    partition: p as u32,
-                    offset: next.min(held),
-                })
-            })
-            .collect()
+        self.offsets.safe_positions(|p| {
+            self.tasks
+                .iter()
+                .flatten()
+                .filter_map(|t| t.state.min_offset(p))
+                .min()
+        })
     }
 
     /// The pipeline's watermark: the lowest of its tasks' that saw an event (`i64::MIN`

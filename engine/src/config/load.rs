@@ -1,0 +1,235 @@
+//! Reading a parsed `pipeline.toml` into the model, one section after another: the
+//! `[pipeline]`, `[source]`, `[sink]`, `[dead_letter]`, `[late]`, `[brokers]` and `[demo]`
+//! sections here, the others in the files named after them.
+
+use std::time::Duration;
+
+use super::model::*;
+use super::reader::{Diagnostics, TableReader};
+use super::tree::{Loc, Node, Table, Value};
+
+/// The broker backends Weir knows, in the order the docs list them.
+pub const BROKERS: [&str; 4] = ["memory", "kafka", "amqp", "kinesis"];
+
+/// Reads every section of `root`, in the order their problems are reported.
+pub(super) fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
+    let mut r = TableReader::new("", root, Loc::Nowhere);
+
+    let (name, broker, broker_loc, give_up_after) = pipeline(&mut r, d);
+    let source = source(&mut r, d, &name);
+    let schema = super::schema::schema(&mut r, d);
+    let (time, out_of_orderness, max_future) = super::windowing::event_time(&mut r, d);
+    let window = super::windowing::window(&mut r, d);
+    // Where `group_by` and `compute` are, for the check against the schema below.
+    let (aggregate, agg_locs) = super::schema::aggregate(&mut r, d, &schema);
+    let sink = topic(&mut r, d, "sink");
+    let dead_letter = topic(&mut r, d, "dead_letter");
+    let late = late(&mut r, d);
+    let retry = super::stages::retry(&mut r, d);
+    let enrich = super::stages::enrich(&mut r, d);
+    super::schema::check_fields_against_schema(&schema, enrich.as_ref(), &aggregate, &agg_locs, d);
+    let errors = super::stages::errors(&mut r, d, retry.as_ref(), enrich.as_ref());
+    let brokers = brokers(&mut r, d);
+    let demo = demo(&mut r, d);
+    let serve = super::serve::serve(&mut r, d, source.max_payload_bytes);
+    let observability = super::serve::observability(&mut r, d);
+    r.finish(d);
+
+    PipelineConfig {
+        name,
+        broker,
+        broker_loc,
+        give_up_after,
+        source,
+        schema,
+        time,
+        out_of_orderness,
+        max_future,
+        window,
+        aggregate,
+        sink,
+        dead_letter,
+        late,
+        brokers,
+        demo,
+        serve,
+        observability,
+        retry,
+        enrich,
+        errors,
+    }
+}
+
+/// `[pipeline]`: the name, the broker and how long an unreachable one is retried.
+fn pipeline(r: &mut TableReader<'_>, d: &mut Diagnostics) -> (String, String, Loc, Duration) {
+    let default_give_up = Duration::from_secs(300);
+    match r.table(d, "pipeline") {
+        Some(mut t) => {
+            let name = t.str_or(d, "name", "weir");
+            let give_up = t.duration_or(d, "give_up_after", default_give_up);
+            let broker_node = t.node("broker");
+            let broker = t.str_or(d, "broker", "memory");
+            let loc = broker_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
+            if !BROKERS.contains(&broker.as_str()) {
+                d.push(
+                    &loc,
+                    "pipeline.broker",
+                    format!(
+                        "unknown broker `{broker}` (choose one of {})",
+                        BROKERS.join(", ")
+                    ),
+                );
+            }
+            t.finish(d);
+            (name, broker, loc, give_up)
+        }
+        None => (
+            "weir".into(),
+            "memory".into(),
+            Loc::Nowhere,
+            default_give_up,
+        ),
+    }
+}
+
+/// `[source]`: the input topic; the group defaults to `weir-NAME`.
+fn source(r: &mut TableReader<'_>, d: &mut Diagnostics, name: &str) -> SourceConfig {
+    match r.table(d, "source") {
+        Some(mut t) => {
+            let topic = t.req_str(d, "topic").unwrap_or_default().to_string();
+            let group = t.str_or(d, "group", &format!("weir-{name}"));
+            let batch_size = t.uint_or(d, "batch_size", 1024, 1..=1_000_000) as usize;
+            let max_payload_bytes = t.uint_or(d, "max_payload_bytes", MIB, 16..=64 * MIB) as usize;
+            let commit_interval = t.duration_or(d, "commit_interval", Duration::from_secs(1));
+            t.finish(d);
+            SourceConfig {
+                topic,
+                group,
+                batch_size,
+                max_payload_bytes,
+                commit_interval,
+            }
+        }
+        None => {
+            d.push(
+                &Loc::Nowhere,
+                "source",
+                "missing required table [source] (with `topic`)",
+            );
+            SourceConfig {
+                topic: String::new(),
+                group: String::new(),
+                batch_size: 1024,
+                max_payload_bytes: MIB as usize,
+                commit_interval: Duration::from_secs(1),
+            }
+        }
+    }
+}
+
+/// `[sink]` and `[dead_letter]`: a destination topic.
+fn topic(r: &mut TableReader<'_>, d: &mut Diagnostics, key: &'static str) -> TopicConfig {
+    match r.table(d, key) {
+        Some(mut t) => {
+            let topic = t.req_str(d, "topic").unwrap_or_default().to_string();
+            t.finish(d);
+            TopicConfig { topic }
+        }
+        None => {
+            d.push(
+                &Loc::Nowhere,
+                key,
+                format!("missing required table [{key}] (with `topic`)"),
+            );
+            TopicConfig {
+                topic: String::new(),
+            }
+        }
+    }
+}
+
+/// `[late]`: where events whose window has closed go.
+fn late(r: &mut TableReader<'_>, d: &mut Diagnostics) -> LatePolicy {
+    match r.table(d, "late") {
+        Some(mut t) => {
+            let topic = t.str(d, "topic").map(str::to_string);
+            let drop_node = t.node("drop");
+            let drop = t.bool_or(d, "drop", false);
+            let policy = match (topic, drop) {
+                (Some(_), true) => {
+                    d.push(
+                        &drop_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere),
+                        "late.drop",
+                        "choose either `topic` or `drop = true`",
+                    );
+                    LatePolicy::Drop
+                }
+                (Some(topic), false) => LatePolicy::Output(topic),
+                (None, true) => LatePolicy::Drop,
+                (None, false) => {
+                    d.push(
+                        t.loc(),
+                        "late",
+                        "set `topic` (a late-events topic) or `drop = true`",
+                    );
+                    LatePolicy::DeadLetter
+                }
+            };
+            t.finish(d);
+            policy
+        }
+        None => LatePolicy::DeadLetter,
+    }
+}
+
+/// `[brokers.NAME]`: the raw sections, each read by its backend.
+fn brokers(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Vec<(String, Node)> {
+    let mut brokers = Vec::new();
+    if let Some(mut t) = r.table(d, "brokers") {
+        for (k, loc, node) in &t.table_entries() {
+            if !BROKERS.contains(&k.as_str()) {
+                d.push(
+                    loc,
+                    &format!("brokers.{k}"),
+                    format!(
+                        "unknown broker section (choose among {})",
+                        BROKERS.join(", ")
+                    ),
+                );
+            } else if !matches!(node.value, Value::Table(_)) {
+                d.push(&node.loc, &format!("brokers.{k}"), "expected a table");
+            } else {
+                brokers.push((k.clone(), node.clone()));
+            }
+        }
+    }
+    brokers
+}
+
+/// `[demo]`: the generator of `weir run` on the memory backend.
+fn demo(r: &mut TableReader<'_>, d: &mut Diagnostics) -> DemoConfig {
+    match r.table(d, "demo") {
+        Some(mut t) => {
+            let demo = DemoConfig {
+                events: t.uint_or(d, "events", 20, 1..=1_000_000) as usize,
+                interval: t.duration_or(d, "interval", Duration::from_secs(3)),
+                users: t.uint_or(d, "users", 10, 1..=10_000_000) as usize,
+                invalid_every: t.uint_or(d, "invalid_every", 0, 0..=u64::MAX) as usize,
+            };
+            t.finish(d);
+            demo
+        }
+        None => DemoConfig {
+            events: 20,
+            interval: Duration::from_secs(3),
+            users: 10,
+            invalid_every: 0,
+        },
+    }
+}
+
+impl<'t> TableReader<'t> {
+    fn table_entries(&mut self) -> Vec<(String, Loc, Node)> {
+        self.entries().to_vec()
+    }
+}

@@ -1,0 +1,97 @@
+//! Closing windows: every window a task's watermark has passed (or all of them, at the
+//! end), and in `update` mode the entries a batch changed, encoded as results.
+
+use tokio::time::Instant;
+
+use super::task::State;
+use super::WindowOperator;
+use crate::config::EmitMode;
+use crate::outcome::Emitted;
+use crate::output::{ResultEncoder, WindowText};
+use crate::window::{Acc, ClosedSession, Extra, Pane, WindowRange};
+
+impl WindowOperator {
+    /// Advances idle time and closes every window its task's watermark has passed; in
+    /// `update` mode first emits the entries this batch changed. `backlog(p)` says whether
+    /// the broker holds records of partition `p` not delivered yet (it is then not idle).
+    pub fn close_ready(&mut self, now: Instant, backlog: &dyn Fn(u32) -> bool, out: &mut Emitted) {
+        self.emit_updates(out);
+        for task in self.tasks.iter_mut().flatten() {
+            let wm = task.watermarks.tick(now, backlog);
+            match &mut task.state {
+                State::Fixed(store) => {
+                    let closed = store.close_until(wm, self.grace);
+                    for (window, pane) in closed {
+                        out.windows_closed += 1;
+                        out.results.reserve(pane.groups.len());
+                        Self::encode_pane(&self.encoder, window, pane, out);
+                    }
+                }
+                State::Sessions(sessions) => {
+                    let closed = sessions.close_until(wm, self.grace);
+                    Self::encode_sessions(&self.encoder, closed, out);
+                }
+            }
+        }
+    }
+
+    /// Closes every open window (the input has ended).
+    pub fn close_all(&mut self, out: &mut Emitted) {
+        self.emit_updates(out);
+        for task in self.tasks.iter_mut().flatten() {
+            match &mut task.state {
+                State::Fixed(store) => {
+                    for (window, pane) in store.drain_all() {
+                        out.windows_closed += 1;
+                        Self::encode_pane(&self.encoder, window, pane, out);
+                    }
+                }
+                State::Sessions(sessions) => {
+                    let closed = sessions.drain_all();
+                    Self::encode_sessions(&self.encoder, closed, out);
+                }
+            }
+        }
+    }
+
+    fn encode_pane(encoder: &ResultEncoder, window: WindowRange, pane: Pane, out: &mut Emitted) {
+        let text = WindowText::new(window);
+        let Pane { groups, extras, .. } = pane;
+        let has_extras = !extras.is_empty(); // a count alone keeps none
+        encoder.batch(|b| {
+            for (key, acc) in groups.into_iter() {
+                let extra = has_extras
+                    .then(|| extras.remove(&key).map(|(_, e)| e))
+                    .flatten();
+                out.results
+                    .push(b.encode(&text, &key, &acc, extra.as_ref(), true));
+            }
+        });
+    }
+
+    fn encode_sessions(encoder: &ResultEncoder, closed: Vec<ClosedSession>, out: &mut Emitted) {
+        out.windows_closed += closed.len() as u64;
+        for (w, key, acc, extra) in closed {
+            let text = WindowText::new(w);
+            out.results
+                .push(encoder.encode_with(&text, &key, &acc, extra.as_deref(), true));
+        }
+    }
+
+    fn emit_updates(&mut self, out: &mut Emitted) {
+        if self.emit != EmitMode::Update {
+            return;
+        }
+        let enc = &self.encoder;
+        let mut push = |w: WindowRange, key: &[u8], acc: &Acc, extra: Option<&Extra>| {
+            out.results
+                .push(enc.encode_with(&WindowText::new(w), key, acc, extra, false));
+        };
+        for task in self.tasks.iter_mut().flatten() {
+            match &mut task.state {
+                State::Fixed(s) => s.drain_updates(&mut push),
+                State::Sessions(s) => s.drain_updates(&mut push),
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! A task: window state with an event time of its own (see [`Task`]).
+
+use std::time::Duration;
+
+use crate::window::{SessionStore, Watermarks, WindowKind, WindowStore};
+
+#[derive(Debug)]
+pub(super) enum State {
+    Fixed(WindowStore),
+    Sessions(SessionStore),
+}
+
+impl State {
+    pub(super) fn new(kind: WindowKind, update: bool) -> Self {
+        match kind {
+            WindowKind::Session { gap } => State::Sessions(SessionStore::new(gap, update)),
+            _ if update => State::Fixed(WindowStore::tracking_updates()),
+            _ => State::Fixed(WindowStore::new()),
+        }
+    }
+
+    pub(super) fn revoke(&mut self, partition: u32) {
+        match self {
+            State::Fixed(s) => s.revoke(partition),
+            State::Sessions(s) => s.revoke(partition),
+        }
+    }
+
+    pub(super) fn min_offset(&self, partition: u32) -> Option<u64> {
+        match self {
+            State::Fixed(s) => s.min_offset(partition),
+            State::Sessions(s) => s.min_offset(partition),
+        }
+    }
+
+    pub(super) fn absorb(&mut self, other: State) {
+        match (self, other) {
+            (State::Fixed(a), State::Fixed(b)) => a.absorb(b),
+            (State::Sessions(a), State::Sessions(b)) => a.absorb(b),
+            _ => unreachable!("one job has one window kind"),
+        }
+    }
+
+    pub(super) fn entries(&self) -> usize {
+        match self {
+            State::Fixed(s) => s.entries(),
+            State::Sessions(s) => s.entries(),
+        }
+    }
+
+    pub(super) fn windows(&self) -> usize {
+        match self {
+            State::Fixed(s) => s.windows(),
+            State::Sessions(s) => s.entries(),
+        }
+    }
+}
+
+/// A unit of window state with an event time of its own: one source partition while the
+/// input is keyed by the group key (every (key, window) then lives in one partition, as
+/// in Kafka Streams' stream time per task), or every partition together otherwise.
+#[derive(Debug)]
+pub(super) struct Task {
+    pub(super) state: State,
+    pub(super) watermarks: Watermarks,
+    /// Replayed records (below their partition's `replay` mark) of windows that closed at
+    /// or below this watermark were delivered before: the highest checkpoint watermark
+    /// restored into this task.
+    pub(super) replay_watermark: i64,
+}
+
+impl Task {
+    /// A task with no windows and no partitions yet.
+    pub(super) fn new(
+        kind: WindowKind,
+        update: bool,
+        out_of_orderness: i64,
+        idle: Duration,
+    ) -> Self {
+        Task {
+            state: State::new(kind, update),
+            watermarks: Watermarks::new(out_of_orderness, idle),
+            replay_watermark: i64::MIN,
+        }
+    }
+
+    pub(super) fn absorb(&mut self, other: Task) {
+        self.state.absorb(other.state);
+        self.watermarks.absorb(other.watermarks);
+        self.replay_watermark = self.replay_watermark.max(other.replay_watermark);
+    }
+}

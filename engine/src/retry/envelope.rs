@@ -1,0 +1,200 @@
+//! The retry envelope: a retry record's payload is JSON that carries the original key,
+//! payload, broker timestamp and source position (so it works on brokers without headers,
+//! such as Kinesis), its not-before time and the history of its failures. Read back, the
+//! metadata travels in the [`HEADER_RETRY`] header of the unwrapped record.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::base64::{base64, unbase64};
+use crate::record::{OutRecord, Record};
+
+/// Retry-topic partitions are numbered from here in the merged source.
+pub const RETRY_PARTITION_BASE: u32 = 16_384;
+/// Header on a record read back from the retry topic: its retry metadata (JSON).
+pub(crate) const HEADER_RETRY: &str = "weir.retry";
+
+/// The source partition a retried record first came from, if it is a retry envelope.
+pub(crate) fn origin_partition(rec: &Record) -> Option<u32> {
+    meta(rec).map(|m| m.source.partition)
+}
+
+/// How many times `rec` went through the retry topic before.
+pub(crate) fn attempts(rec: &Record) -> u32 {
+    meta(rec).map_or(0, |m| m.retries)
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SourceRef {
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+    pub(crate) offset: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct AttemptLog {
+    pub(crate) attempt: u32,
+    pub(crate) at: String,
+    pub(crate) stage: String,
+    pub(crate) error: String,
+}
+
+/// What a retried record carries: how often it was retried, where it first came from, and
+/// every failure so far.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Meta {
+    pub(crate) retries: u32,
+    pub(crate) source: SourceRef,
+    pub(crate) history: Vec<AttemptLog>,
+}
+
+impl Meta {
+    pub(crate) fn history_json(&self) -> Option<serde_json::Value> {
+        serde_json::to_value(&self.history).ok()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    #[serde(flatten)]
+    meta: Meta,
+    not_before: i64,
+    key: Option<String>,
+    timestamp: Option<i64>,
+    payload: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    encoding: Option<String>,
+}
+
+/// The retry metadata of a record read back from the retry topic.
+pub(crate) fn meta(rec: &Record) -> Option<Meta> {
+    if rec.headers.is_empty() {
+        return None;
+    }
+    let (_, v) = rec.headers.iter().find(|(n, _)| n == HEADER_RETRY)?;
+    serde_json::from_slice(v).ok()
+}
+
+/// Turns a retry-topic record back into the record that failed (with its metadata in the
+/// [`HEADER_RETRY`] header) and its not-before time. A record that is not an envelope is
+/// passed on as it is, due at once.
+pub(crate) fn unwrap(mut rec: Record) -> (i64, Record) {
+    let Ok(env) = serde_json::from_slice::<Envelope>(&rec.payload) else {
+        return (i64::MIN, rec);
+    };
+    let b64 = env.encoding.as_deref() == Some("base64");
+    let bytes = |s: String| -> Option<Bytes> {
+        if b64 {
+            unbase64(&s).map(Bytes::from)
+        } else {
+            Some(Bytes::from(s))
+        }
+    };
+    let (Some(payload), key) = (bytes(env.payload), env.key.map(bytes)) else {
+        return (i64::MIN, rec);
+    };
+    rec.payload = payload;
+    rec.key = key.flatten().or(rec.key);
+    rec.timestamp = env.timestamp;
+    rec.headers.retain(|(n, _)| n != HEADER_RETRY);
+    rec.headers.push((
+        HEADER_RETRY.into(),
+        Bytes::from(serde_json::to_vec(&env.meta).unwrap_or_default()),
+    ));
+    (env.not_before, rec)
+}
+
+/// The retry record that carries `rec` with `meta` until `not_before` (key and payload as
+/// text, or base64 when either is not UTF-8).
+pub(crate) fn wrap(rec: &Record, meta: Meta, not_before: i64) -> OutRecord {
+    let (key, payload, encoding) = match (
+        rec.key.as_deref().map(std::str::from_utf8).transpose(),
+        std::str::from_utf8(&rec.payload),
+    ) {
+        (Ok(k), Ok(p)) => (k.map(str::to_string), p.to_string(), None),
+        _ => (
+            rec.key.as_deref().map(base64),
+            base64(&rec.payload),
+            Some("base64".to_string()),
+        ),
+    };
+    let env = Envelope {
+        meta,
+        not_before,
+        key,
+        timestamp: rec.timestamp,
+        payload,
+        encoding,
+    };
+    OutRecord {
+        key: rec.key.clone(),
+        payload: Bytes::from(serde_json::to_vec(&env).unwrap_or_default()),
+        headers: rec
+            .headers
+            .iter()
+            .filter(|(n, _)| n != HEADER_RETRY)
+            .cloned()
+            .collect(),
+        timestamp: rec.timestamp,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Position;
+
+    #[test]
+    fn a_binary_record_round_trips_through_the_envelope_with_its_metadata() {
+        let rec = Record {
+            key: Some(Bytes::from_static(b"k\xff")),
+            payload: Bytes::from_static(b"{\"a\":1}"),
+            timestamp: Some(42),
+            position: Position {
+                partition: 2,
+                offset: 7,
+            },
+            ..Default::default()
+        };
+        assert_eq!(attempts(&rec), 0);
+        assert_eq!(origin_partition(&rec), None);
+        let m = Meta {
+            retries: 1,
+            source: SourceRef {
+                topic: "src".into(),
+                partition: 2,
+                offset: 7,
+            },
+            history: Vec::new(),
+        };
+        let out = wrap(&rec, m, 1_100);
+        assert!(out.headers.iter().all(|(n, _)| n != HEADER_RETRY));
+        let (due, back) = unwrap(Record {
+            payload: out.payload.clone(),
+            headers: out.headers.clone(),
+            position: Position {
+                partition: RETRY_PARTITION_BASE,
+                offset: 0,
+            },
+            ..Default::default()
+        });
+        assert_eq!(due, 1_100);
+        assert_eq!(back.payload, rec.payload);
+        assert_eq!(back.key, rec.key);
+        assert_eq!(back.timestamp, Some(42));
+        assert_eq!(attempts(&back), 1);
+        assert_eq!(origin_partition(&back), Some(2));
+        assert_eq!(meta(&back).unwrap().source.topic, "src");
+    }
+
+    #[test]
+    fn a_record_that_is_not_an_envelope_is_due_at_once_and_unchanged() {
+        let rec = Record {
+            payload: Bytes::from_static(b"not json"),
+            ..Default::default()
+        };
+        let (due, back) = unwrap(rec.clone());
+        assert_eq!(due, i64::MIN);
+        assert_eq!(back.payload, rec.payload);
+    }
+}
