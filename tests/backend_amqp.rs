@@ -106,27 +106,24 @@ async fn amqp_session_windows_match_the_oracle() {
 #[test]
 fn a_bad_amqp_key_is_reported_at_its_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("p.toml");
-    let text = std::fs::read_to_string(conformance::pipeline_file())
-        .unwrap()
-        .replace(
-            "prefetch = 10000",
-            "prefetch = 10000\nprefech = 5\nqueue_type_ = \"quorum\"",
-        );
-    std::fs::write(&path, &text).unwrap();
+    let text = conformance::shipped_brokers().replace(
+        "prefetch = 10000",
+        "prefetch = 10000\nprefech = 5\nqueue_type_ = \"quorum\"",
+    );
+    let (path, included) = conformance::pipeline_with_brokers(dir.path(), &text);
     let line = text.lines().position(|l| l.starts_with("prefech")).unwrap() + 1;
     let err =
         weir::Backend::load(&path, &Overrides::default()).expect_err("unknown keys are rejected");
     let msg = err.to_string();
     let want = format!(
         "{}:{line}:1: brokers.amqp.prefech: unknown key (did you mean `prefetch`?)",
-        path.display()
+        included.display()
     );
     assert!(msg.contains(&want), "{msg}");
     assert!(
         msg.contains(&format!(
             "{}:{}:1: brokers.amqp.queue_type_",
-            path.display(),
+            included.display(),
             line + 1
         )),
         "{msg}"

@@ -196,10 +196,10 @@ async fn kafka_two_instances_share_one_group() {
 }
 
 /// A mistake in `[brokers.kafka]` is reported at its file:line:col, and so is a librdkafka
-/// property librdkafka does not know.
+/// property librdkafka does not know, also inside the file a pipeline includes.
 #[test]
 fn kafka_bad_config_is_reported_at_its_location() {
-    let text = std::fs::read_to_string(conformance::pipeline_file()).unwrap();
+    let text = conformance::shipped_brokers();
     let text = text.replace(
         "[brokers.kafka]\n",
         "[brokers.kafka]\nbootstrap_server = \"localhost:9092\"\n",
@@ -209,8 +209,7 @@ fn kafka_bad_config_is_reported_at_its_location() {
         "[brokers.kafka.producer]\n\"linger.msec\" = \"5\"\n",
     );
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(&path, &text).unwrap();
+    let (path, included) = conformance::pipeline_with_brokers(dir.path(), &text);
     let line_of = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
     let overrides = weir_engine::config::Overrides {
         sets: vec![],
@@ -219,7 +218,7 @@ fn kafka_bad_config_is_reported_at_its_location() {
     let err = weir::Backend::load(&path, &overrides)
         .expect_err("bad config must fail")
         .to_string();
-    let file = path.display().to_string();
+    let file = included.display().to_string();
     assert!(
         err.contains(&format!("{file}:{}:1: brokers.kafka.bootstrap_server: unknown key (did you mean `bootstrap_servers`?)", line_of("bootstrap_server "))),
         "{err}"
@@ -255,15 +254,13 @@ async fn kafka_waiting_retries_survive_a_restart() {
 /// (exit 2 from `weir validate`), not a producer that retries "Erroneous state" forever.
 #[test]
 fn kafka_transactional_id_is_a_config_error() {
-    let text = std::fs::read_to_string(conformance::pipeline_file()).unwrap();
-    let text = text.replace(
+    let text = conformance::shipped_brokers().replace(
         "[brokers.kafka.producer]     # librdkafka producer properties, passed through\n",
         "[brokers.kafka.producer]\n\"transactional.id\" = \"weir-1\"\n",
     );
     assert!(text.contains("transactional.id"));
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tx.toml");
-    std::fs::write(&path, &text).unwrap();
+    let (path, included) = conformance::pipeline_with_brokers(dir.path(), &text);
     let line = text
         .lines()
         .position(|l| l.starts_with("\"transactional.id\""))
@@ -278,7 +275,7 @@ fn kafka_transactional_id_is_a_config_error() {
     assert!(
         err.contains(&format!(
             "{}:{line}:1: brokers.kafka.producer.\"transactional.id\": cannot be set here: Weir's producers are idempotent and at-least-once",
-            path.display()
+            included.display()
         )),
         "{err}"
     );

@@ -30,6 +30,21 @@ pub fn pipeline_named(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("pipelines/{name}.toml"))
 }
 
+/// `pipelines/user_activity.toml` copied into `dir` beside `brokers` (the text of the
+/// `brokers.toml` it includes, e.g. the shipped one with a mistake in it). Returns the
+/// pipeline's path and the included file's.
+pub fn pipeline_with_brokers(dir: &Path, brokers: &str) -> (PathBuf, PathBuf) {
+    let (pipeline, included) = (dir.join("user_activity.toml"), dir.join("brokers.toml"));
+    std::fs::copy(pipeline_file(), &pipeline).unwrap();
+    std::fs::write(&included, brokers).unwrap();
+    (pipeline, included)
+}
+
+/// The text of the shipped `pipelines/brokers.toml`.
+pub fn shipped_brokers() -> String {
+    std::fs::read_to_string(pipeline_named("brokers")).unwrap()
+}
+
 /// A backend under test, with topic names of its own so runs never see each other's data.
 pub struct Bed {
     pub config: PipelineConfig,
