@@ -15,19 +15,16 @@ fn url() -> String {
     std::env::var("WEIR_AMQP_URL").unwrap_or_else(|_| weir_amqp::DEFAULT_URL.to_string())
 }
 
+conformance::suite!(amqp_suite: "amqp");
+
 /// The broker-restart test takes RabbitMQ away: it holds this for writing, every other
-/// test that talks to RabbitMQ holds it for reading.
-static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+/// test that talks to RabbitMQ (the conformance suite's too) holds it for reading.
+use conformance::EXCLUSIVE as BROKER;
 
 /// Panics with the way out when RabbitMQ is not there. Also shows the engine's log lines
 /// (`WEIR_LOG=info cargo test ... -- --nocapture`).
 async fn require_rabbitmq() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    conformance::init_logs();
     let url = url();
     if let Err(e) = weir_amqp::ping(&url).await {
         panic!(
@@ -37,96 +34,27 @@ async fn require_rabbitmq() {
     }
 }
 
-#[tokio::test]
-async fn amqp_counts_match_the_oracle() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::counts_match_the_oracle("amqp").await;
-}
-
-#[tokio::test]
-async fn amqp_bad_input_goes_to_dead_letters() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::bad_input_goes_to_dead_letters("amqp").await;
-}
-
-#[tokio::test]
-async fn amqp_restart_loses_nothing() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    let second_run = conformance::restart_loses_nothing("amqp").await;
-    // Redelivered records of windows emitted before the crash were recognised from the
-    // checkpoint stored beside the acks, and skipped.
-    assert!(second_run.replayed > 0, "{second_run:?}");
-}
-
-#[tokio::test]
-async fn amqp_start_before_data_is_exact() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::start_before_data_is_exact("amqp", true).await;
-}
-
-#[tokio::test]
-async fn amqp_start_before_unkeyed_data_is_exact() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::start_before_data_is_exact("amqp", false).await;
-}
-
-#[tokio::test]
-async fn amqp_a_future_event_cannot_stop_the_count() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::a_future_event_cannot_stop_the_count("amqp").await;
-}
-
-#[tokio::test]
-async fn amqp_idle_input_still_closes_the_last_window() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::idle_input_still_closes_the_last_window("amqp").await;
-}
-
-#[tokio::test]
-async fn amqp_hopping_windows_match_the_oracle() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::hopping_windows_match_the_oracle("amqp").await;
-}
-
-#[tokio::test]
-async fn amqp_session_windows_match_the_oracle() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::session_windows_match_the_oracle("amqp").await;
-}
-
 #[test]
 fn a_bad_amqp_key_is_reported_at_its_line_and_column() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("p.toml");
-    let text = std::fs::read_to_string(conformance::pipeline_file())
-        .unwrap()
-        .replace(
-            "prefetch = 10000",
-            "prefetch = 10000\nprefech = 5\nqueue_type_ = \"quorum\"",
-        );
-    std::fs::write(&path, &text).unwrap();
+    let text = conformance::shipped_brokers().replace(
+        "prefetch = 10000",
+        "prefetch = 10000\nprefech = 5\nqueue_type_ = \"quorum\"",
+    );
+    let (path, included) = conformance::pipeline_with_brokers(dir.path(), &text);
     let line = text.lines().position(|l| l.starts_with("prefech")).unwrap() + 1;
     let err =
         weir::Backend::load(&path, &Overrides::default()).expect_err("unknown keys are rejected");
     let msg = err.to_string();
     let want = format!(
         "{}:{line}:1: brokers.amqp.prefech: unknown key (did you mean `prefetch`?)",
-        path.display()
+        included.display()
     );
     assert!(msg.contains(&want), "{msg}");
     assert!(
         msg.contains(&format!(
             "{}:{}:1: brokers.amqp.queue_type_",
-            path.display(),
+            included.display(),
             line + 1
         )),
         "{msg}"
@@ -350,27 +278,6 @@ async fn amqp_retry_queue_requeues_after_the_delay() {
     };
     assert_eq!(header("weir.attempt").as_deref(), Some(&b"1"[..]));
     assert!(header("x-death").is_some(), "{:?}", r.headers);
-}
-
-#[tokio::test]
-async fn amqp_enrichment_retries_until_profiles_arrive() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::enrichment_retries_until_profiles_arrive("amqp").await;
-}
-
-#[tokio::test]
-async fn amqp_fail_stops_and_a_restart_resumes_from_the_failing_record() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("amqp").await;
-}
-
-#[tokio::test]
-async fn amqp_waiting_retries_survive_a_restart() {
-    let _shared = BROKER.read().await;
-    require_rabbitmq().await;
-    conformance::waiting_retries_survive_a_restart("amqp").await;
 }
 
 /// `weir tail`'s reader on RabbitMQ: it sees new records without taking them from the

@@ -1,6 +1,6 @@
 //! The conformance suite on Kafka (the test bed's Tansu, or any Kafka at
-//! WEIR_KAFKA_BOOTSTRAP), plus what only Kafka has: dead-letter headers, restart and
-//! two pipeline instances sharing one consumer group, and `[brokers.kafka]` checking.
+//! WEIR_KAFKA_BOOTSTRAP), plus what only Kafka has: dead-letter headers, two pipeline
+//! instances sharing one consumer group, and `[brokers.kafka]` checking.
 //!
 //! These tests need a running broker and fail (never skip) without one:
 //! `scripts/brokers up kafka`.
@@ -16,76 +16,11 @@ use weir_engine::record::{
 };
 use weir_engine::{OutRecord, StopReason};
 
-/// Panics with instructions unless a Kafka broker answers at the configured address.
+conformance::suite!(kafka_suite: "kafka");
+
+/// Panics with instructions unless the Kafka broker answers.
 fn require_kafka() {
-    // WEIR_LOG=info shows the pipelines' and librdkafka's log lines.
-    if let Ok(filter) = std::env::var("WEIR_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
-            .try_init();
-    }
-    let addr = std::env::var("WEIR_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    let first = addr
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&first)
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|sa| {
-            std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(3)).is_ok()
-        });
-    assert!(
-        reachable,
-        "Kafka at {addr} is not reachable: run scripts/brokers up kafka (or set WEIR_KAFKA_BOOTSTRAP)"
-    );
-}
-
-#[tokio::test]
-async fn kafka_counts_match_the_oracle() {
-    require_kafka();
-    conformance::counts_match_the_oracle("kafka").await;
-}
-
-#[tokio::test]
-async fn kafka_bad_input_goes_to_dead_letters() {
-    require_kafka();
-    conformance::bad_input_goes_to_dead_letters("kafka").await;
-}
-
-#[tokio::test]
-async fn kafka_restart_loses_nothing() {
-    require_kafka();
-    let second_run = conformance::restart_loses_nothing("kafka").await;
-    // The checkpoint came back as commit metadata and recognised replayed records.
-    assert!(second_run.replayed > 0, "{second_run:?}");
-}
-
-#[tokio::test]
-async fn kafka_start_before_data_is_exact() {
-    require_kafka();
-    conformance::start_before_data_is_exact("kafka", true).await;
-}
-
-#[tokio::test]
-async fn kafka_start_before_unkeyed_data_is_exact() {
-    require_kafka();
-    conformance::start_before_data_is_exact("kafka", false).await;
-}
-
-#[tokio::test]
-async fn kafka_a_future_event_cannot_stop_the_count() {
-    require_kafka();
-    conformance::a_future_event_cannot_stop_the_count("kafka").await;
-}
-
-#[tokio::test]
-async fn kafka_idle_input_still_closes_the_last_window() {
-    require_kafka();
-    conformance::idle_input_still_closes_the_last_window("kafka").await;
+    conformance::brokers::require(conformance::brokers::get("kafka"));
 }
 
 /// A dead letter on Kafka keeps the original key and headers and adds the `weir.*`
@@ -196,10 +131,10 @@ async fn kafka_two_instances_share_one_group() {
 }
 
 /// A mistake in `[brokers.kafka]` is reported at its file:line:col, and so is a librdkafka
-/// property librdkafka does not know.
+/// property librdkafka does not know, also inside the file a pipeline includes.
 #[test]
 fn kafka_bad_config_is_reported_at_its_location() {
-    let text = std::fs::read_to_string(conformance::pipeline_file()).unwrap();
+    let text = conformance::shipped_brokers();
     let text = text.replace(
         "[brokers.kafka]\n",
         "[brokers.kafka]\nbootstrap_server = \"localhost:9092\"\n",
@@ -209,8 +144,7 @@ fn kafka_bad_config_is_reported_at_its_location() {
         "[brokers.kafka.producer]\n\"linger.msec\" = \"5\"\n",
     );
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(&path, &text).unwrap();
+    let (path, included) = conformance::pipeline_with_brokers(dir.path(), &text);
     let line_of = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
     let overrides = weir_engine::config::Overrides {
         sets: vec![],
@@ -219,7 +153,7 @@ fn kafka_bad_config_is_reported_at_its_location() {
     let err = weir::Backend::load(&path, &overrides)
         .expect_err("bad config must fail")
         .to_string();
-    let file = path.display().to_string();
+    let file = included.display().to_string();
     assert!(
         err.contains(&format!("{file}:{}:1: brokers.kafka.bootstrap_server: unknown key (did you mean `bootstrap_servers`?)", line_of("bootstrap_server "))),
         "{err}"
@@ -233,37 +167,17 @@ fn kafka_bad_config_is_reported_at_its_location() {
     );
 }
 
-#[tokio::test]
-async fn kafka_enrichment_retries_until_profiles_arrive() {
-    require_kafka();
-    conformance::enrichment_retries_until_profiles_arrive("kafka").await;
-}
-
-#[tokio::test]
-async fn kafka_fail_stops_and_a_restart_resumes_from_the_failing_record() {
-    require_kafka();
-    conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("kafka").await;
-}
-
-#[tokio::test]
-async fn kafka_waiting_retries_survive_a_restart() {
-    require_kafka();
-    conformance::waiting_retries_survive_a_restart("kafka").await;
-}
-
 /// `transactional.id` in `[brokers.kafka.producer]` is a configuration error naming the key
 /// (exit 2 from `weir validate`), not a producer that retries "Erroneous state" forever.
 #[test]
 fn kafka_transactional_id_is_a_config_error() {
-    let text = std::fs::read_to_string(conformance::pipeline_file()).unwrap();
-    let text = text.replace(
+    let text = conformance::shipped_brokers().replace(
         "[brokers.kafka.producer]     # librdkafka producer properties, passed through\n",
         "[brokers.kafka.producer]\n\"transactional.id\" = \"weir-1\"\n",
     );
     assert!(text.contains("transactional.id"));
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tx.toml");
-    std::fs::write(&path, &text).unwrap();
+    let (path, included) = conformance::pipeline_with_brokers(dir.path(), &text);
     let line = text
         .lines()
         .position(|l| l.starts_with("\"transactional.id\""))
@@ -278,7 +192,7 @@ fn kafka_transactional_id_is_a_config_error() {
     assert!(
         err.contains(&format!(
             "{}:{line}:1: brokers.kafka.producer.\"transactional.id\": cannot be set here: Weir's producers are idempotent and at-least-once",
-            path.display()
+            included.display()
         )),
         "{err}"
     );

@@ -17,139 +17,19 @@ use weir::Backend;
 use weir_engine::config::Overrides;
 use weir_engine::{OutRecord, Received};
 
-fn endpoint() -> String {
-    std::env::var("WEIR_KINESIS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4567".into())
-}
+conformance::suite!(kinesis_suite: "kinesis");
 
 /// Panics with instructions unless something answers at the emulator's address.
 fn require_kinesis() {
-    if let Ok(filter) = std::env::var("WEIR_LOG") {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-            .with_test_writer()
-            .try_init();
-    }
-    let ep = endpoint();
-    let hostport = ep
-        .trim_start_matches("http://")
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .to_string();
-    let reachable = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
-        .ok()
-        .and_then(|mut a| a.next())
-        .is_some_and(|sa| {
-            std::net::TcpStream::connect_timeout(&sa, Duration::from_secs(3)).is_ok()
-        });
-    assert!(
-        reachable,
-        "Kinesis emulator at {ep} is not reachable: run scripts/brokers up kinesis (or set WEIR_KINESIS_ENDPOINT)"
-    );
+    conformance::brokers::require(conformance::brokers::get("kinesis"));
 }
 
-/// Deletes the streams and checkpoint folders a finished test `case` of this process made
-/// (kinesalite keeps every stream in memory and caps the shards of all streams together).
-async fn clean_up(case: &str) {
-    let bed = Bed::new("kinesis", "cleanup", &[]);
-    let Backend::Kinesis(kinesis) = &bed.backend else {
-        unreachable!()
-    };
-    let client = kinesis.client().await.expect("client");
-    let mine = |name: &str| {
-        ["conf-in-", "conf-out-", "conf-dlq-", "conf-late-"]
-            .iter()
-            .any(|p| name.starts_with(&format!("{p}{case}-{}-", std::process::id())))
-    };
-    let mut names = Vec::new();
-    let mut start: Option<String> = None;
-    loop {
-        let mut req = client.list_streams().limit(100);
-        if let Some(s) = &start {
-            req = req.exclusive_start_stream_name(s);
-        }
-        let out = req.send().await.expect("ListStreams");
-        names.extend(out.stream_names().iter().cloned());
-        start = out.stream_names().last().cloned();
-        if !out.has_more_streams() {
-            break;
-        }
-    }
-    for name in names.iter().filter(|n| mine(n)) {
-        let _ = client.delete_stream().stream_name(name).send().await;
-    }
-    let prefix = format!("weir-kinesis-checkpoints-{case}-{}-", std::process::id());
-    if let Ok(dir) = std::fs::read_dir(std::env::temp_dir()) {
-        for e in dir.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_counts_match_the_oracle() {
-    require_kinesis();
-    conformance::counts_match_the_oracle("kinesis").await;
-    clean_up("counts").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_start_before_data_is_exact() {
-    require_kinesis();
-    conformance::start_before_data_is_exact("kinesis", true).await;
-    clean_up("early").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_start_before_unkeyed_data_is_exact() {
-    require_kinesis();
-    conformance::start_before_data_is_exact("kinesis", false).await;
-    clean_up("unkeyed").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_a_future_event_cannot_stop_the_count() {
-    require_kinesis();
-    conformance::a_future_event_cannot_stop_the_count("kinesis").await;
-    clean_up("future").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_bad_input_goes_to_dead_letters() {
-    require_kinesis();
-    conformance::bad_input_goes_to_dead_letters("kinesis").await;
-    clean_up("dead").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_restart_loses_nothing() {
-    require_kinesis();
-    let second_run = conformance::restart_loses_nothing("kinesis").await;
-    // The checkpoint came back from the checkpoint file and recognised replayed records.
-    assert!(second_run.replayed > 0, "{second_run:?}");
-    clean_up("restart").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_idle_input_still_closes_the_last_window() {
-    require_kinesis();
-    conformance::idle_input_still_closes_the_last_window("kinesis").await;
-    clean_up("idle").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_hopping_windows_match_the_oracle() {
-    require_kinesis();
-    conformance::hopping_windows_match_the_oracle("kinesis").await;
-    clean_up("hopping").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_session_windows_match_the_oracle() {
-    require_kinesis();
-    conformance::session_windows_match_the_oracle("kinesis").await;
-    clean_up("sessions").await;
+/// Deletes the streams and checkpoint folders of the beds this test made (kinesalite
+/// keeps every stream in memory).
+async fn clean_up(_case: &str) {
+    conformance::brokers::get("kinesis")
+        .clean_up(&conformance::take_bed_ids())
+        .await;
 }
 
 /// A record over Kinesis' 1 MiB limit fails the send clearly (not retryable); records
@@ -405,24 +285,6 @@ fn kinesis_config_problems_are_all_reported() {
     ] {
         assert!(text.contains(want), "{want:?} missing from:\n{text}");
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_enrichment_retries_until_profiles_arrive() {
-    require_kinesis();
-    conformance::enrichment_retries_until_profiles_arrive("kinesis").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_fail_stops_and_a_restart_resumes_from_the_failing_record() {
-    require_kinesis();
-    conformance::fail_stops_and_a_restart_resumes_from_the_failing_record("kinesis").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kinesis_waiting_retries_survive_a_restart() {
-    require_kinesis();
-    conformance::waiting_retries_survive_a_restart("kinesis").await;
 }
 
 /// `weir tail`'s reader: from the latest record it sees only what is put after it started;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use weir::Backend;
-use weir_engine::config::{load_str, Loc, Overrides};
+use weir_engine::config::{load_str, Loc, Overrides, Value};
 
 fn problems(text: &str, sets: &[&str]) -> Vec<String> {
     let overrides = Overrides {
@@ -37,21 +37,175 @@ topic = "out"
 topic = "dlq"
 "#;
 
+/// The shipped pipelines: `pipelines/*.toml` except `brokers.toml`, which they include.
+fn shipped_pipelines() -> Vec<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut out: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("toml"))
+        .filter(|p| !p.ends_with("brokers.toml"))
+        .collect();
+    out.sort();
+    out
+}
+
 #[test]
 fn every_pipeline_file_is_valid() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
-            continue;
-        }
-        n += 1;
-        if let Err(e) = Backend::load(&path, &Overrides::default()) {
+    let pipelines = shipped_pipelines();
+    for path in &pipelines {
+        if let Err(e) = Backend::load(path, &Overrides::default()) {
             panic!("{e}");
         }
     }
-    assert!(n >= 1);
+    assert!(pipelines.len() >= 4);
+}
+
+/// Every shipped pipeline is valid with `--broker NAME` alone for every backend, and has
+/// that backend's `[brokers.NAME]` section (without one, `--broker kinesis` would go to
+/// real AWS and `--broker kafka` would miss the test bed's checkpoint topic).
+#[test]
+fn every_pipeline_has_a_section_for_every_broker() {
+    for path in shipped_pipelines() {
+        for broker in ["memory", "kafka", "amqp", "kinesis"] {
+            let overrides = Overrides {
+                sets: vec![],
+                broker: Some((broker.into(), format!("--broker {broker}"))),
+            };
+            let (config, backend) = Backend::load(&path, &overrides)
+                .unwrap_or_else(|e| panic!("{} --broker {broker}: {e}", path.display()));
+            assert_eq!(backend.name(), broker);
+            assert!(
+                config.brokers.iter().any(|(name, _)| name == broker),
+                "{} has no [brokers.{broker}] section",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Writes `files` (name, text) into a new folder; returns it.
+fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+/// The setting at `path` (`["kafka", "producer", "linger.ms"]`) of a loaded pipeline's
+/// `[brokers.*]` sections.
+fn broker_setting<'a>(config: &'a weir_engine::config::PipelineConfig, path: &[&str]) -> &'a Value {
+    let (name, parts) = path.split_first().unwrap();
+    let mut node = &config.brokers.iter().find(|(n, _)| n == name).unwrap().1;
+    for part in parts {
+        let Value::Table(t) = &node.value else {
+            panic!("{path:?}: not a table")
+        };
+        node = t
+            .get(part)
+            .unwrap_or_else(|| panic!("{path:?}: no `{part}`"));
+    }
+    &node.value
+}
+
+/// `include` takes the `[brokers.*]` tables of another file (relative to the including
+/// one); the including file's own keys win key by key, and `--set` wins over both.
+#[test]
+fn include_merges_broker_sections_under_the_files_own_keys() {
+    let shared = "[brokers.kafka]\nbootstrap_servers = \"shared:1\"\npartitions = 8\n\
+                  session_timeout = \"9s\"\n[brokers.kafka.producer]\n\"linger.ms\" = \"7\"\n\
+                  [brokers.memory]\npartitions = 3\n";
+    let text = format!(
+        "include = [\"shared.toml\"]\n{GOOD}\n[brokers.kafka]\npartitions = 2\n\
+         [brokers.kafka.producer]\n\"acks\" = \"1\"\n"
+    );
+    let dir = folder(&[("shared.toml", shared), ("p.toml", &text)]);
+    let overrides = Overrides {
+        sets: vec!["brokers.kafka.session_timeout=4s".into()],
+        broker: Some(("kafka".into(), "--broker kafka".into())),
+    };
+    let (config, _) = Backend::load(&dir.path().join("p.toml"), &overrides).unwrap();
+    let s = |p: &[&str]| broker_setting(&config, p).clone();
+    let text = |t: &str| Value::Str(t.into());
+    assert_eq!(s(&["kafka", "bootstrap_servers"]), text("shared:1"));
+    assert_eq!(
+        s(&["kafka", "partitions"]),
+        Value::Int(2),
+        "the file's own key wins"
+    );
+    assert_eq!(s(&["kafka", "session_timeout"]), text("4s"), "--set wins");
+    assert_eq!(s(&["kafka", "producer", "linger.ms"]), text("7"));
+    assert_eq!(s(&["kafka", "producer", "acks"]), text("1"));
+    assert_eq!(s(&["memory", "partitions"]), Value::Int(3));
+}
+
+/// Problems inside an included file are reported at that file's `line:col`: anything but
+/// `[brokers.*]` tables (a nested `include` too), syntax errors, and a backend's own checks.
+#[test]
+fn problems_in_an_included_file_name_that_file() {
+    let shared = "include = [\"other.toml\"]\n[window]\nsize = \"1s\"\n\
+                  [brokers.kafka]\nbootstrap_server = \"x:1\"\n";
+    let text = format!("include = \"shared.toml\"\n{GOOD}");
+    let dir = folder(&[("shared.toml", shared), ("p.toml", &text)]);
+    let overrides = Overrides {
+        sets: vec![],
+        broker: Some(("kafka".into(), "--broker kafka".into())),
+    };
+    let p = dir.path().join("p.toml");
+    let err = Backend::load(&p, &overrides).unwrap_err().to_string();
+    let shared = dir.path().join("shared.toml").display().to_string();
+    for want in [
+        format!("  {shared}:1:1: include: an included file cannot include others"),
+        format!("  {shared}:2:2: window: an included file may hold only [brokers.*] tables, not `window`"),
+        format!("  {shared}:5:1: brokers.kafka.bootstrap_server: unknown key (did you mean `bootstrap_servers`?)"),
+    ] {
+        assert!(err.contains(&want), "missing {want:?} in\n{err}");
+    }
+    assert!(
+        err.starts_with(&format!("{}: 3 problems", p.display())),
+        "{err}"
+    );
+
+    let dir = folder(&[
+        ("shared.toml", "[brokers.kafka\nx = 1\n"),
+        ("p.toml", &text),
+    ]);
+    let err = Backend::load(&dir.path().join("p.toml"), &overrides)
+        .unwrap_err()
+        .to_string();
+    let shared = dir.path().join("shared.toml").display().to_string();
+    assert!(
+        err.contains(&format!("  {shared}:1:")) && err.contains("TOML syntax"),
+        "{err}"
+    );
+}
+
+/// An included file that cannot be read is a problem at the `include` line; so is an
+/// `include` that is not a file name.
+#[test]
+fn a_missing_included_file_is_reported_at_the_include_line() {
+    let text = format!("{}\ninclude = [\"nope.toml\", 5]\n{GOOD}", "# a comment");
+    let dir = folder(&[("p.toml", &text)]);
+    let p = dir.path().join("p.toml");
+    let err = Backend::load(&p, &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    let nope = dir.path().join("nope.toml").display().to_string();
+    assert!(
+        err.contains(&format!(
+            "  {}:2:12: include: cannot read `{nope}`: ",
+            p.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "  {}:2:25: include: expected a file name or an array of file names, found an integer",
+            p.display()
+        )),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The pipeline configuration (`pipeline.toml`): its model, and loading it with every
 //! problem reported at its `file:line:col`.
 
+mod include;
 mod load;
 mod model;
 mod reader;
@@ -50,7 +51,8 @@ impl Loaded {
     }
 }
 
-/// Reads a pipeline file's text. `file` names it in messages.
+/// Reads a pipeline file's text. `file` names it in messages; the files its `include`
+/// names are read relative to `file`'s folder.
 pub fn load_str(file: &str, text: &str, overrides: &Overrides) -> Loaded {
     let mut d = Diagnostics::default();
     let lines = tree::LineIndex::new(text);
@@ -61,6 +63,7 @@ pub fn load_str(file: &str, text: &str, overrides: &Overrides) -> Loaded {
         d.push(&loc, "", format!("TOML syntax: {msg}"));
     }
     let mut root = tree::from_de(doc.get_ref(), &lines);
+    include::resolve(&mut root, file, &mut d);
     for arg in &overrides.sets {
         let loc = Loc::Arg(format!("--set {arg}"));
         match arg.split_once('=') {

@@ -43,7 +43,11 @@ impl fmt::Display for ConfigErrors {
                 format!("{}: ", p.key)
             };
             match &p.loc {
-                Loc::File { .. } => writeln!(f, "  {}:{}: {key}{}", self.file, p.loc, p.message)?,
+                Loc::File { file: None, .. } => {
+                    writeln!(f, "  {}:{}: {key}{}", self.file, p.loc, p.message)?
+                }
+                // A file the pipeline includes: the location names it.
+                Loc::File { .. } => writeln!(f, "  {}: {key}{}", p.loc, p.message)?,
                 Loc::Arg(a) => writeln!(f, "  {a}: {key}{}", p.message)?,
                 Loc::Nowhere => writeln!(f, "  {}: {key}{}", self.file, p.message)?,
             }
@@ -85,9 +89,9 @@ impl Diagnostics {
         }
         let mut problems = self.problems;
         problems.sort_by_key(|p| match &p.loc {
-            Loc::File { line, col } => (0, *line, *col),
-            Loc::Arg(_) => (1, 0, 0),
-            Loc::Nowhere => (2, 0, 0),
+            Loc::File { line, col, file } => (0, file.clone(), *line, *col),
+            Loc::Arg(_) => (1, None, 0, 0),
+            Loc::Nowhere => (2, None, 0, 0),
         });
         Err(ConfigErrors {
             file: file.to_string(),

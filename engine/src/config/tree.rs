@@ -2,6 +2,7 @@
 //! reported at its `file:line:col` (or at the `--set` argument that put it there).
 
 use std::fmt;
+use std::sync::Arc;
 
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
@@ -9,12 +10,14 @@ use toml::Spanned;
 /// Where a configuration value came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Loc {
-    /// A position in the pipeline file (1-based line and column).
+    /// A position in a configuration file (1-based line and column).
     File {
         /// Line, from 1.
         line: usize,
         /// Column in characters, from 1.
         col: usize,
+        /// The file, when it is not the pipeline file itself (a file it `include`s).
+        file: Option<Arc<str>>,
     },
     /// A command-line override such as `--set window.grace=5s` or `--broker kafka`.
     Arg(String),
@@ -94,14 +97,28 @@ impl Table {
 pub struct LineIndex<'a> {
     text: &'a str,
     starts: Vec<usize>,
+    file: Option<Arc<str>>,
 }
 
 impl<'a> LineIndex<'a> {
-    /// Indexes `text`.
+    /// Indexes `text` of the pipeline file.
     pub fn new(text: &'a str) -> Self {
         let mut starts = vec![0];
         starts.extend(text.match_indices('\n').map(|(i, _)| i + 1));
-        LineIndex { text, starts }
+        LineIndex {
+            text,
+            starts,
+            file: None,
+        }
+    }
+
+    /// Indexes `text` of another file (one the pipeline file includes), named `file` in
+    /// every location.
+    pub fn of_file(text: &'a str, file: &str) -> Self {
+        LineIndex {
+            file: Some(file.into()),
+            ..LineIndex::new(text)
+        }
     }
 
     /// The location of byte `offset`.
@@ -115,7 +132,11 @@ impl<'a> LineIndex<'a> {
             .map(|s| s.chars().count())
             .unwrap_or(0)
             + 1;
-        Loc::File { line, col }
+        Loc::File {
+            line,
+            col,
+            file: self.file.clone(),
+        }
     }
 }
 
@@ -240,7 +261,16 @@ pub fn set_path(root: &mut Table, path: &str, node: Node) -> Result<(), String> 
 impl fmt::Display for Loc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Loc::File { line, col } => write!(f, "{line}:{col}"),
+            Loc::File {
+                line,
+                col,
+                file: None,
+            } => write!(f, "{line}:{col}"),
+            Loc::File {
+                line,
+                col,
+                file: Some(file),
+            } => write!(f, "{file}:{line}:{col}"),
             Loc::Arg(a) => write!(f, "{a}"),
             Loc::Nowhere => Ok(()),
         }
