@@ -48,7 +48,7 @@ fn setup(
         eprint!("{e}");
         ExitCode::from(2)
     })?;
-    if matches!(backend, Backend::Memory(_)) {
+    if backend.in_process() {
         eprintln!(
             "error: `weir {verb}` needs a broker whose topics outlive this process; the memory \
              backend lives inside one `weir run` (which feeds and prints it itself). Use \

@@ -433,7 +433,7 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         anyhow::bail!("counters do not balance: {s:?}");
     }
     if summary.reason == StopReason::Shutdown && summary.open_windows > 0 {
-        if matches!(backend, Backend::Memory(_)) && a.input.is_none() {
+        if backend.in_process() && a.input.is_none() {
             tracing::info!(
                 open_windows = summary.open_windows,
                 "open windows were not emitted; the memory broker's topics end with this process, so their events are gone"
@@ -498,7 +498,7 @@ async fn start(
     tails_done: &CancellationToken,
     metrics: std::sync::Arc<weir_engine::metrics::Metrics>,
 ) -> anyhow::Result<Parts> {
-    let memory = matches!(backend, Backend::Memory(_));
+    let memory = backend.in_process();
     let io = FileIo {
         input: a.input.clone(),
         output: a.output.clone(),

@@ -51,7 +51,7 @@ fn require_kinesis() {
 /// (kinesalite keeps every stream in memory and caps the shards of all streams together).
 async fn clean_up(case: &str) {
     let bed = Bed::new("kinesis", "cleanup", &[]);
-    let Backend::Kinesis(kinesis) = &bed.backend else {
+    let Some(kinesis) = bed.backend.get::<weir_kinesis::KinesisBroker>() else {
         unreachable!()
     };
     let client = kinesis.client().await.expect("client");
@@ -306,7 +306,7 @@ async fn kinesis_source_reads_a_parent_shard_before_its_children() {
             .collect::<Vec<_>>()
     };
     sink.send(&put("a")).await.expect("send before the split");
-    let Backend::Kinesis(kinesis) = &bed.backend else {
+    let Some(kinesis) = bed.backend.get::<weir_kinesis::KinesisBroker>() else {
         unreachable!()
     };
     let client = kinesis.client().await.unwrap();

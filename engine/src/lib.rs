@@ -5,6 +5,8 @@
 
 pub mod aggregate;
 pub mod backoff;
+pub mod broker;
+pub mod checkpoint_store;
 pub mod config;
 pub mod decode;
 pub mod enrich;

@@ -24,9 +24,12 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use aws_sdk_kinesis::types::StreamStatus;
 use aws_sdk_kinesis::Client;
-use weir_engine::{EngineError, Result};
+use weir_engine::broker::Broker;
+use weir_engine::config::{Diagnostics, TableReader};
+use weir_engine::{EngineError, Result, Sink, Source};
 
 /// The SDK this backend is built on, for callers that need the raw client.
 pub use aws_sdk_kinesis;
@@ -204,6 +207,43 @@ impl KinesisBroker {
             self.endpoint(),
             stream.to_string(),
         ))
+    }
+}
+
+#[async_trait]
+impl Broker for KinesisBroker {
+    const NAME: &'static str = "kinesis";
+    type Config = KinesisConfig;
+
+    fn read_config(r: &mut TableReader<'_>, d: &mut Diagnostics) -> KinesisConfig {
+        KinesisConfig::read(r, d)
+    }
+
+    fn new(config: KinesisConfig) -> Self {
+        KinesisBroker::new(config)
+    }
+
+    async fn source(&self, topic: &str, group: Option<&str>) -> Result<Box<dyn Source>> {
+        Ok(Box::new(KinesisBroker::source(self, topic, group).await?))
+    }
+
+    async fn sink(&self, topic: &str) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(KinesisBroker::sink(self, topic).await?))
+    }
+
+    async fn table_reader(&self, topic: &str) -> Result<Box<dyn Source>> {
+        Ok(Box::new(KinesisBroker::source(self, topic, None).await?))
+    }
+
+    /// Shard iterators at the trim horizon (everything retained) or at the latest record
+    /// (only new ones); checkpoints stay in memory.
+    async fn tail_reader(&self, topic: &str, from_beginning: bool) -> Result<Box<dyn Source>> {
+        let start = if from_beginning {
+            StartPosition::TrimHorizon
+        } else {
+            StartPosition::Latest
+        };
+        Ok(Box::new(self.reader(topic, start).await?))
     }
 }
 

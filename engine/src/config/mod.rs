@@ -16,9 +16,6 @@ pub use crate::retry::RetryConfig;
 use crate::time::TimeFormat;
 use crate::window::WindowKind;
 
-/// The broker backends Weir knows, in the order the docs list them.
-pub const BROKERS: [&str; 4] = ["memory", "kafka", "amqp", "kinesis"];
-
 /// How far ahead of the wall clock an event may be dated unless `[event_time] max_future`
 /// says otherwise. Client clocks (phones, browsers) are often minutes off; a producer that
 /// writes local time in the wrong zone is whole hours off and is caught. An event within
@@ -60,8 +57,9 @@ pub struct PipelineConfig {
     pub dead_letter: TopicConfig,
     /// Where events whose window has closed go.
     pub late: LatePolicy,
-    /// The raw `[brokers.NAME]` sections, read by each backend.
-    pub brokers: Vec<(String, Node)>,
+    /// The raw `[brokers.NAME]` sections (name, where the name is, the table), read by
+    /// each backend.
+    pub brokers: Vec<(String, Loc, Node)>,
     /// The built-in generator that feeds the demo.
     pub demo: DemoConfig,
     /// `weir serve`'s ingest API and live view.
@@ -287,16 +285,7 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
             let broker_node = t.node("broker");
             let broker = t.str_or(d, "broker", "memory");
             let loc = broker_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
-            if !BROKERS.contains(&broker.as_str()) {
-                d.push(
-                    &loc,
-                    "pipeline.broker",
-                    format!(
-                        "unknown broker `{broker}` (choose one of {})",
-                        BROKERS.join(", ")
-                    ),
-                );
-            }
+            // The name is checked against the backends of this build by their registry.
             t.finish(d);
             (name, broker, loc, give_up)
         }
@@ -774,19 +763,12 @@ fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
     let mut brokers = Vec::new();
     if let Some(mut t) = r.table(d, "brokers") {
         for (k, loc, node) in &t.table_entries() {
-            if !BROKERS.contains(&k.as_str()) {
-                d.push(
-                    loc,
-                    &format!("brokers.{k}"),
-                    format!(
-                        "unknown broker section (choose among {})",
-                        BROKERS.join(", ")
-                    ),
-                );
-            } else if !matches!(node.value, Value::Table(_)) {
+            // Section names are checked against the backends of this build by their
+            // registry.
+            if !matches!(node.value, Value::Table(_)) {
                 d.push(&node.loc, &format!("brokers.{k}"), "expected a table");
             } else {
-                brokers.push((k.clone(), node.clone()));
+                brokers.push((k.clone(), loc.clone(), node.clone()));
             }
         }
     }
