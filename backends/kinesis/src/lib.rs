@@ -28,14 +28,13 @@ use async_trait::async_trait;
 use aws_sdk_kinesis::types::StreamStatus;
 use aws_sdk_kinesis::Client;
 use weir_engine::broker::Broker;
+use weir_engine::checkpoint_store::{CheckpointStore, InMemoryStore};
 use weir_engine::config::{Diagnostics, TableReader};
 use weir_engine::{EngineError, Result, Sink, Source};
 
 /// The SDK this backend is built on, for callers that need the raw client.
 pub use aws_sdk_kinesis;
-pub use checkpoint::{
-    CheckpointStore, Checkpoints, FileCheckpointStore, MemoryCheckpointStore, ShardCheckpoint,
-};
+pub use checkpoint::{Checkpoints, FileCheckpointStore, ShardCheckpoint};
 pub use config::{Credentials, KinesisConfig, StartPosition};
 pub use error::KinesisError;
 pub use sink::KinesisSink;
@@ -48,23 +47,15 @@ pub struct KinesisBroker {
     config: Arc<KinesisConfig>,
     client: Arc<tokio::sync::OnceCell<Client>>,
     ready: Arc<Mutex<HashSet<String>>>,
-    store: Arc<dyn CheckpointStore>,
 }
 
 impl KinesisBroker {
     /// A backend with `config`, checkpoints in files under `config.checkpoint_dir`.
     pub fn new(config: KinesisConfig) -> Self {
-        let store = Arc::new(FileCheckpointStore::new(config.checkpoint_dir.clone()));
-        KinesisBroker::with_store(config, store)
-    }
-
-    /// A backend keeping checkpoints in `store`.
-    pub fn with_store(config: KinesisConfig, store: Arc<dyn CheckpointStore>) -> Self {
         KinesisBroker {
             config: Arc::new(config),
             client: Arc::new(tokio::sync::OnceCell::new()),
             ready: Arc::default(),
-            store,
         }
     }
 
@@ -167,11 +158,15 @@ impl KinesisBroker {
     pub async fn source(&self, stream: &str, group: Option<&str>) -> Result<KinesisSource> {
         self.ensure_stream(stream).await?;
         let (store, group): (Arc<dyn CheckpointStore>, String) = match group {
-            Some(g) => (self.store.clone(), g.to_string()),
-            None => (
-                Arc::new(MemoryCheckpointStore::default()),
-                "ungrouped".into(),
+            Some(g) => (
+                Arc::new(FileCheckpointStore::new(
+                    self.config.checkpoint_dir.clone(),
+                    stream,
+                    g,
+                )),
+                g.to_string(),
             ),
+            None => (Arc::new(InMemoryStore::default()), "ungrouped".into()),
         };
         Ok(KinesisSource::new(
             self.client().await?,
@@ -195,7 +190,7 @@ impl KinesisBroker {
             self.endpoint(),
             stream.to_string(),
             "ungrouped".into(),
-            Arc::new(MemoryCheckpointStore::default()),
+            Arc::new(InMemoryStore::default()),
         ))
     }
 

@@ -14,11 +14,12 @@ use aws_sdk_kinesis::Client;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use weir_engine::backoff::Backoff;
 use weir_engine::{Checkpoint, EngineError, Position, Received, Record, Result, Source};
 
-use crate::checkpoint::{CheckpointStore, Checkpoints, ShardCheckpoint};
 use crate::config::{KinesisConfig, StartPosition};
 use crate::error::KinesisError;
+use weir_engine::checkpoint_store::{CheckpointStore, Committed};
 
 /// One record as a reader task saw it, before the source gives it an offset.
 struct Raw {
@@ -52,7 +53,7 @@ struct ShardState {
     /// partly handled aggregate again (its user records get the same offsets).
     pending: VecDeque<(u64, String, bool)>,
     /// What is committed.
-    stored: ShardCheckpoint,
+    stored: Committed,
     /// When a GetRecords that reached the end of the shard was made, if the last one did.
     caught_up: Option<Instant>,
 }
@@ -66,7 +67,8 @@ pub struct KinesisSource {
     group: String,
     store: Arc<dyn CheckpointStore>,
     started: bool,
-    saved: Checkpoints,
+    /// What the store held at the start, by shard id.
+    saved: HashMap<String, Committed>,
     shards: HashMap<String, ShardState>,
     /// Shards known but not read yet: they wait for their parents to end.
     waiting: BTreeMap<String, Shard>,
@@ -117,7 +119,7 @@ impl KinesisSource {
             group,
             store,
             started: false,
-            saved: Checkpoints::default(),
+            saved: HashMap::new(),
             shards: HashMap::new(),
             waiting: BTreeMap::new(),
             ended: HashSet::new(),
@@ -162,7 +164,7 @@ impl KinesisSource {
             .shards
             .values()
             .map(|s| s.partition + 1)
-            .chain(self.saved.shards.values().map(|s| s.partition + 1))
+            .chain(self.saved.values().map(|s| s.partition + 1))
             .max()
             .unwrap_or(0);
         for s in &shards {
@@ -170,12 +172,14 @@ impl KinesisSource {
             if self.shards.contains_key(&id) {
                 continue;
             }
-            let stored = match self.saved.shards.get(&id) {
+            let stored = match self.saved.get(&id) {
                 Some(c) => c.clone(),
                 None => {
                     next_partition += 1;
-                    ShardCheckpoint {
+                    Committed {
                         partition: next_partition - 1,
+                        name: Some(id.clone()),
+                        offset: Some(0),
                         ..Default::default()
                     }
                 }
@@ -184,7 +188,7 @@ impl KinesisSource {
                 id.clone(),
                 ShardState {
                     partition: stored.partition,
-                    next_offset: stored.next_offset,
+                    next_offset: stored.offset.unwrap_or(0),
                     pending: VecDeque::new(),
                     caught_up: None,
                     stored,
@@ -212,7 +216,7 @@ impl KinesisSource {
 
     fn spawn_reader(&mut self, id: &str) {
         let st = &self.shards[id];
-        let start = match &st.stored.sequence_number {
+        let start = match &st.stored.cursor {
             Some(seq) => Start::After(seq.clone()),
             None => match self.config.start_position {
                 StartPosition::TrimHorizon => Start::TrimHorizon,
@@ -220,7 +224,7 @@ impl KinesisSource {
                 StartPosition::AtTimestamp(ms) => Start::At(ms),
             },
         };
-        let cp = st.stored.checkpoint.as_deref().and_then(Checkpoint::decode);
+        let cp = st.stored.checkpoint;
         self.assign_next.push((st.partition, cp));
         self.spawned.insert(id.to_string());
         tracing::info!(stream = %self.stream, shard = id, partition = st.partition, ?start, "starting shard reader");
@@ -366,12 +370,12 @@ impl Reader {
     }
 
     /// Reports `e`; false when the reader must stop.
-    async fn failed(&self, e: KinesisError, backoff: &mut Duration) -> bool {
+    async fn failed(&self, e: KinesisError, backoff: &mut Backoff) -> bool {
         let retryable = e.is_retryable();
         if matches!(e, KinesisError::Throttled { .. }) {
             tracing::debug!(shard = %self.shard, error = %e, "throttled; backing off");
         } else {
-            tracing::warn!(stream = %self.stream, shard = %self.shard, error = %e, retry_in = ?backoff, "shard reader failed");
+            tracing::warn!(stream = %self.stream, shard = %self.shard, error = %e, attempt = backoff.attempts() + 1, "shard reader failed; retrying with backoff");
             if self.tx.send(Msg::Failed(e.into())).await.is_err() {
                 return false;
             }
@@ -379,13 +383,15 @@ impl Reader {
         if !retryable {
             return false;
         }
-        tokio::time::sleep(*backoff).await;
-        *backoff = (*backoff * 2).min(Duration::from_secs(10));
+        if let Some(delay) = backoff.next_delay() {
+            tokio::time::sleep(delay).await;
+        }
         true
     }
 
     async fn run(self, mut start: Start) {
-        let mut backoff = Duration::from_millis(100);
+        let fresh = || Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut backoff = fresh();
         'outer: loop {
             let mut it = match self.iterator(&start).await {
                 Ok(Some(it)) => it,
@@ -419,7 +425,7 @@ impl Reader {
                         return;
                     }
                 };
-                backoff = Duration::from_millis(100);
+                backoff = fresh();
                 let recs = out.records();
                 let n = recs.len();
                 let empty = n == 0;
@@ -485,7 +491,13 @@ impl Source for KinesisSource {
 
     async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {
         if !self.started {
-            self.saved = self.store.load(&self.stream, &self.group).await?;
+            self.saved = self
+                .store
+                .load(None)
+                .await?
+                .into_iter()
+                .filter_map(|c| Some((c.name.clone()?, c)))
+                .collect();
             self.discover().await?;
             self.started = true;
         }
@@ -570,20 +582,14 @@ impl Source for KinesisSource {
                 // a partly committed KPL aggregate, whose user records get the same
                 // offsets again (and are recognised as replays).
                 if ends_record {
-                    st.stored.sequence_number = Some(seq);
-                    st.stored.next_offset = st.stored.next_offset.max(off + 1);
+                    st.stored.cursor = Some(seq);
+                    st.stored.offset = Some(st.stored.offset.unwrap_or(0).max(off + 1));
                 }
             }
-            st.stored.checkpoint = Some(cp.encode());
+            st.stored.checkpoint = Some(*cp);
         }
         // Every known shard is written, committed or not, so its partition index is kept.
-        for (id, st) in &self.shards {
-            st.stored
-                .clone_into(self.saved.shards.entry(id.clone()).or_default());
-        }
-        self.saved.version = 1;
-        self.saved.stream = self.stream.clone();
-        self.saved.group = self.group.clone();
-        self.store.save(&self.saved).await
+        let all: Vec<Committed> = self.shards.values().map(|st| st.stored.clone()).collect();
+        self.store.save(&all).await
     }
 }
