@@ -15,6 +15,9 @@
 mod checkpoints;
 mod config;
 mod error;
+mod message;
+mod poll;
+mod rebalance;
 mod sink;
 mod source;
 
@@ -34,8 +37,9 @@ use weir_engine::{Result, Sink, Source};
 
 pub use config::{KafkaConfig, CONSUMER_DEFAULTS, DEFAULT_BOOTSTRAP, PRODUCER_DEFAULTS};
 pub use error::KafkaError;
+pub use rebalance::RebalanceContext;
 pub use sink::KafkaSink;
-pub use source::{KafkaSource, RebalanceContext};
+pub use source::KafkaSource;
 
 /// Where a group-less reader starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,11 +94,12 @@ impl KafkaBroker {
                 let store = match &self.config.checkpoint_topic {
                     Some(t) => {
                         self.ensure_topic_with(t, 1).await?;
-                        Some(checkpoints::CheckpointStore {
+                        Some(checkpoints::CheckpointTopic {
                             producer: self.producer()?,
                             config: self.config.clone(),
                             topic: t.clone(),
                             group: g.to_string(),
+                            source: topic.to_string(),
                         })
                     }
                     None => None,
