@@ -14,6 +14,7 @@
 //! counted in emitted windows. The sink publishes persistent messages with publisher
 //! confirms and waits for every confirm of a batch.
 
+mod checkpoint;
 mod config;
 mod error;
 mod sink;
