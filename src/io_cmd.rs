@@ -120,7 +120,7 @@ pub fn produce(a: ProduceArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::one_line(&e));
             ExitCode::from(1)
         }
     }
@@ -189,7 +189,7 @@ pub fn tail(a: TailArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::one_line(&e));
             ExitCode::from(1)
         }
     }

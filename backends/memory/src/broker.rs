@@ -202,6 +202,47 @@ mod tests {
         );
     }
 
+    /// A broker of `partitions` whose topic `t` holds ten records of key `k`.
+    async fn ten_records_of_one_key(partitions: u32) -> MemoryBroker {
+        let b = MemoryBroker::new(MemoryConfig {
+            partitions,
+            capacity: 1000,
+        });
+        let batch: Vec<_> = (0..10).map(|i| rec("k", &i.to_string())).collect();
+        b.sink("t").send(&batch).await.unwrap();
+        b
+    }
+
+    #[tokio::test]
+    async fn the_group_table_is_the_checkpoint_store_commits_go_through() {
+        use weir_engine::checkpoint_store::{CheckpointStore, Committed};
+        let b = ten_records_of_one_key(2).await;
+        let mut src = b.source("t", Some("g"));
+        let table = src.table.clone().expect("a group has a table");
+        let fresh = table.load(None).await.unwrap();
+        assert_eq!(fresh.len(), 2, "the group is registered on every partition");
+        assert!(fresh
+            .iter()
+            .all(|c| c.offset == Some(0) && c.checkpoint.is_none()));
+        let part = drain(&mut src).await[0].position.partition;
+        let at = Position {
+            partition: part,
+            offset: 4,
+        };
+        src.commit(&[(at, CP)]).await.unwrap();
+        assert_eq!(
+            table.load(Some(&[part])).await.unwrap(),
+            vec![Committed::at(at, CP)]
+        );
+        assert_eq!(b.committed("t", "g")[part as usize], Some(4));
+        assert_eq!(b.retained("t"), 6, "what every group committed is freed");
+        let mut again = b.source("t", Some("g"));
+        match again.recv(10, Duration::from_millis(10)).await.unwrap() {
+            Received::Assigned(parts) => assert!(parts.contains(&(part, Some(CP)))),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn same_key_same_partition_in_order() {
         let b = MemoryBroker::new(MemoryConfig {
@@ -232,18 +273,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_consumer_resumes_from_the_committed_offset() {
-        let b = MemoryBroker::new(MemoryConfig {
-            partitions: 1,
-            capacity: 1000,
-        });
-        let mut sink = b.sink("t");
-        sink.send(
-            &(0..10)
-                .map(|i| rec("k", &i.to_string()))
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap();
+        let b = ten_records_of_one_key(1).await;
         let mut src = b.source("t", Some("g"));
         assert_eq!(drain(&mut src).await.len(), 10);
         src.commit(&[(
