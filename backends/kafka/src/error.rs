@@ -143,6 +143,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn one_classification_for_every_call() {
+        // Topic settings the cluster refuses are final, an unreachable cluster is not; the
+        // same list decides for receiving, delivering, committing and creating topics.
+        for code in [
+            RDKafkaErrorCode::InvalidReplicationFactor,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            assert!(is_permanent_code(code), "{code:?}");
+            let e = KafkaError::Delivery {
+                topic: "t".into(),
+                source: RdError::MessageProduction(code),
+            };
+            assert!(!e.is_retryable());
+        }
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::CoordinatorNotAvailable,
+        ] {
+            assert!(!is_permanent_code(code), "{code:?}");
+        }
+        let e: EngineError = KafkaError::Commit {
+            topic: "t".into(),
+            source: RdError::ConsumerCommit(RDKafkaErrorCode::RequestTimedOut),
+        }
+        .into();
+        assert!(e.is_retryable());
+        let cause = std::error::Error::source(&e).expect("the Kafka error is kept");
+        assert!(cause.downcast_ref::<KafkaError>().is_some());
+    }
+
+    #[test]
     fn undecodable_records_stop_the_pipeline() {
         for code in [
             RDKafkaErrorCode::BadCompression,

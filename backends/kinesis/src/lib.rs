@@ -17,6 +17,7 @@ mod checkpoint;
 mod config;
 mod error;
 pub mod kpl;
+mod reader;
 mod sink;
 mod source;
 

@@ -8,39 +8,16 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use async_trait::async_trait;
-use aws_sdk_kinesis::primitives::DateTime;
-use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
+use aws_sdk_kinesis::types::Shard;
 use aws_sdk_kinesis::Client;
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use weir_engine::backoff::Backoff;
-use weir_engine::{Checkpoint, EngineError, Position, Received, Record, Result, Source};
+use weir_engine::{Checkpoint, Position, Received, Record, Result, Source};
 
 use crate::config::{KinesisConfig, StartPosition};
 use crate::error::KinesisError;
+use crate::reader::{Msg, Reader, Start};
 use weir_engine::checkpoint_store::{CheckpointStore, Committed};
-
-/// One record as a reader task saw it, before the source gives it an offset.
-struct Raw {
-    data: Bytes,
-    key: Bytes,
-    sequence: String,
-    arrival_ms: Option<i64>,
-}
-
-/// What reader tasks tell the source.
-enum Msg {
-    /// Records of one GetRecords call, in shard order, and, if the reader caught up with
-    /// the shard's end with them, when that call was made.
-    Records(String, Vec<Raw>, Option<Instant>),
-    /// An empty GetRecords, made at that time: the reader was at the shard's end.
-    CaughtUp(String, Instant),
-    /// The shard is closed and was read to its end.
-    Ended(String),
-    /// A call failed; `retryable` says whether the reader keeps going.
-    Failed(EngineError),
-}
 
 /// Per-shard state held by the source.
 struct ShardState {
@@ -324,162 +301,6 @@ impl KinesisSource {
             }
             Msg::Failed(e) => Err(e),
         }
-    }
-}
-
-#[derive(Debug, Clone)]
-enum Start {
-    After(String),
-    TrimHorizon,
-    Latest,
-    At(i64),
-}
-
-struct Reader {
-    client: Client,
-    endpoint: String,
-    stream: String,
-    shard: String,
-    limit: i32,
-    poll: Duration,
-    tx: mpsc::Sender<Msg>,
-}
-
-impl Reader {
-    async fn iterator(&self, start: &Start) -> std::result::Result<Option<String>, KinesisError> {
-        let mut req = self
-            .client
-            .get_shard_iterator()
-            .stream_name(&self.stream)
-            .shard_id(&self.shard);
-        req = match start {
-            Start::After(seq) => req
-                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                .starting_sequence_number(seq),
-            Start::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
-            Start::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
-            Start::At(ms) => req
-                .shard_iterator_type(ShardIteratorType::AtTimestamp)
-                .timestamp(DateTime::from_millis(*ms)),
-        };
-        let out = req
-            .send()
-            .await
-            .map_err(|e| KinesisError::from_sdk("GetShardIterator", &self.endpoint, e))?;
-        Ok(out.shard_iterator().map(str::to_string))
-    }
-
-    /// Reports `e`; false when the reader must stop.
-    async fn failed(&self, e: KinesisError, backoff: &mut Backoff) -> bool {
-        let retryable = e.is_retryable();
-        if matches!(e, KinesisError::Throttled { .. }) {
-            tracing::debug!(shard = %self.shard, error = %e, "throttled; backing off");
-        } else {
-            tracing::warn!(stream = %self.stream, shard = %self.shard, error = %e, attempt = backoff.attempts() + 1, "shard reader failed; retrying with backoff");
-            if self.tx.send(Msg::Failed(e.into())).await.is_err() {
-                return false;
-            }
-        }
-        if !retryable {
-            return false;
-        }
-        if let Some(delay) = backoff.next_delay() {
-            tokio::time::sleep(delay).await;
-        }
-        true
-    }
-
-    async fn run(self, mut start: Start) {
-        let fresh = || Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        let mut backoff = fresh();
-        'outer: loop {
-            let mut it = match self.iterator(&start).await {
-                Ok(Some(it)) => it,
-                Ok(None) => break,
-                Err(e) => {
-                    if self.failed(e, &mut backoff).await {
-                        continue;
-                    }
-                    return;
-                }
-            };
-            loop {
-                let asked = Instant::now();
-                let out = match self
-                    .client
-                    .get_records()
-                    .shard_iterator(&it)
-                    .limit(self.limit)
-                    .send()
-                    .await
-                {
-                    Ok(out) => out,
-                    Err(e) => {
-                        let e = KinesisError::from_sdk("GetRecords", &self.endpoint, e);
-                        if e.code() == Some("ExpiredIteratorException") {
-                            continue 'outer;
-                        }
-                        if self.failed(e, &mut backoff).await {
-                            continue;
-                        }
-                        return;
-                    }
-                };
-                backoff = fresh();
-                let recs = out.records();
-                let n = recs.len();
-                let empty = n == 0;
-                if let Some(last) = recs.last() {
-                    start = Start::After(last.sequence_number().to_string());
-                }
-                // A short read means the reader caught up (kinesalite always answers
-                // MillisBehindLatest 0, so that alone is not trusted); a full one reads on
-                // at once.
-                let caught_up = (n < self.limit as usize
-                    && out.millis_behind_latest().unwrap_or(0) == 0)
-                    .then_some(asked);
-                if empty {
-                    if self
-                        .tx
-                        .send(Msg::CaughtUp(self.shard.clone(), asked))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                } else {
-                    let raws = recs
-                        .iter()
-                        .map(|r| Raw {
-                            data: Bytes::from(r.data().as_ref().to_vec()),
-                            key: Bytes::from(
-                                r.partition_key().unwrap_or_default().as_bytes().to_vec(),
-                            ),
-                            sequence: r.sequence_number().to_string(),
-                            arrival_ms: r
-                                .approximate_arrival_timestamp()
-                                .and_then(|t| t.to_millis().ok()),
-                        })
-                        .collect();
-                    if self
-                        .tx
-                        .send(Msg::Records(self.shard.clone(), raws, caught_up))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                match out.next_shard_iterator() {
-                    Some(next) => it = next.to_string(),
-                    None => break 'outer,
-                }
-                if n < self.limit as usize {
-                    tokio::time::sleep(self.poll).await;
-                }
-            }
-        }
-        let _ = self.tx.send(Msg::Ended(self.shard.clone())).await;
     }
 }
 
