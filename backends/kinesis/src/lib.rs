@@ -65,7 +65,7 @@ impl KinesisBroker {
         &self.config
     }
 
-    /// The endpoint for messages: the override, or "AWS (<region>)".
+    /// The endpoint for messages: the override, or "AWS (`region`)".
     pub fn endpoint(&self) -> String {
         self.config
             .endpoint_url

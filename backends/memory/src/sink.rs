@@ -9,7 +9,7 @@ use weir_engine::{OutRecord, Result, Sink};
 
 use crate::log::{lock, partition_of, Chunk, Meta, Topic, CHUNK_BYTES};
 
-/// Publishes to one topic of a [`MemoryBroker`]. A batch is acknowledged once appended.
+/// Publishes to one topic of a [`MemoryBroker`](crate::MemoryBroker). A batch is acknowledged once appended.
 #[derive(Debug)]
 pub struct MemorySink {
     pub(crate) topic: Arc<Topic>,

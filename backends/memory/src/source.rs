@@ -9,7 +9,7 @@ use weir_engine::{Checkpoint, Position, Received, Record, Result, Source};
 
 use crate::log::{lock, GroupTable, Topic};
 
-/// Reads every partition of one topic of a [`MemoryBroker`], fairly interleaved.
+/// Reads every partition of one topic of a [`MemoryBroker`](crate::MemoryBroker), fairly interleaved.
 #[derive(Debug)]
 pub struct MemorySource {
     pub(crate) topic: Arc<Topic>,
