@@ -145,7 +145,7 @@ async fn run() {
     };
     let (config, backend) =
         Backend::load(&pipeline_file, &overrides).unwrap_or_else(|e| panic!("{e}"));
-    let Backend::Amqp(amqp) = &backend else {
+    let Some(amqp) = backend.get::<weir_amqp::AmqpBroker>() else {
         unreachable!()
     };
     let prefetch = amqp.config().prefetch;

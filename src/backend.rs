@@ -1,100 +1,86 @@
-//! The closed set of broker backends, chosen by `pipeline.broker`.
+//! The backends of this build, one registry line each, and the one chosen by
+//! `pipeline.broker`.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use weir_engine::backoff::Backoff;
+use weir_engine::broker::{Broker, DynBroker, Registration};
 use weir_engine::config::{Diagnostics, PipelineConfig};
 use weir_engine::{EngineError, Sink, Source};
-use weir_memory::{MemoryBroker, MemoryConfig};
 
-#[cfg(feature = "amqp")]
-use weir_amqp::{AmqpBroker, AmqpConfig};
-#[cfg(feature = "kafka")]
-pub use weir_kafka::{KafkaBroker, KafkaConfig, StartAt};
-#[cfg(feature = "kinesis")]
-use weir_kinesis::{KinesisBroker, KinesisConfig};
-
-/// A configured backend, ready to make sources and sinks.
-#[derive(Debug, Clone)]
-pub enum Backend {
-    /// The embedded in-process broker.
-    Memory(MemoryBroker),
-    /// A Kafka cluster (rdkafka).
+/// Every backend compiled into this build, each behind its cargo feature. Adding a backend
+/// is one line here (and its crate and feature).
+const REGISTRY: &[Registration] = &[
+    Registration::of::<weir_memory::MemoryBroker>(),
     #[cfg(feature = "kafka")]
-    Kafka(KafkaBroker),
-    /// RabbitMQ over AMQP 0-9-1 (`[brokers.amqp]`).
+    Registration::of::<weir_kafka::KafkaBroker>(),
     #[cfg(feature = "amqp")]
-    Amqp(AmqpBroker),
-    /// AWS Kinesis Data Streams (or an emulator).
+    Registration::of::<weir_amqp::AmqpBroker>(),
     #[cfg(feature = "kinesis")]
-    Kinesis(KinesisBroker),
-}
-
-/// The backends compiled into this build.
-pub const AVAILABLE: &[&str] = &[
-    "memory",
-    #[cfg(feature = "kafka")]
-    "kafka",
-    #[cfg(feature = "amqp")]
-    "amqp",
-    #[cfg(feature = "kinesis")]
-    "kinesis",
+    Registration::of::<weir_kinesis::KinesisBroker>(),
 ];
 
+/// The names of the backends compiled into this build, in registry order.
+pub fn available() -> Vec<&'static str> {
+    REGISTRY.iter().map(Registration::name).collect()
+}
+
+/// A configured backend, ready to make sources and sinks. Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    broker: Arc<dyn DynBroker>,
+}
+
 impl Backend {
-    /// Reads the chosen backend's `[brokers.NAME]` section, reporting problems to `d`.
+    /// Reads the chosen backend's `[brokers.NAME]` section, reporting problems to `d`:
+    /// an unknown `pipeline.broker` or section name at its `file:line:col`.
     pub fn from_config(c: &PipelineConfig, d: &mut Diagnostics) -> Option<Backend> {
-        let section = |name: &str| {
-            c.brokers
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, node)| node)
-        };
-        // Sections of backends that are not chosen are still checked, so a typo surfaces
-        // before the day someone switches to that broker.
-        let memory = MemoryConfig::from_section(section("memory"), d);
-        #[cfg(feature = "kafka")]
-        let kafka = KafkaConfig::from_section(section("kafka"), d);
-        #[cfg(feature = "amqp")]
-        let amqp = AmqpConfig::from_section(section("amqp"), d);
-        #[cfg(feature = "kinesis")]
-        let kinesis = KinesisConfig::from_section(section("kinesis"), d);
-        match c.broker.as_str() {
-            "memory" => Some(Backend::Memory(MemoryBroker::new(memory))),
-            #[cfg(feature = "kafka")]
-            "kafka" => Some(Backend::Kafka(KafkaBroker::new(kafka))),
-            #[cfg(feature = "amqp")]
-            "amqp" => Some(Backend::Amqp(AmqpBroker::new(amqp))),
-            #[cfg(feature = "kinesis")]
-            "kinesis" => Some(Backend::Kinesis(KinesisBroker::new(kinesis))),
-            other if !weir_engine::config::BROKERS.contains(&other) => None,
-            other => {
+        let names = || available().join(", ");
+        for (name, loc, _) in &c.brokers {
+            if !REGISTRY.iter().any(|r| r.name() == name) {
                 d.push(
-                    &c.broker_loc,
-                    "pipeline.broker",
-                    format!(
-                        "the `{other}` backend is not part of this build; available: {}",
-                        AVAILABLE.join(", ")
-                    ),
+                    loc,
+                    &format!("brokers.{name}"),
+                    format!("unknown broker section (choose among {})", names()),
                 );
-                None
             }
         }
+        // Sections of backends that are not chosen are still checked, so a typo surfaces
+        // before the day someone switches to that broker.
+        let mut chosen = None;
+        for r in REGISTRY {
+            let section = c.brokers.iter().find(|(n, _, _)| n == r.name());
+            let broker = r.load(section.map(|(_, _, node)| node), d);
+            if r.name() == c.broker {
+                chosen = Some(Backend { broker });
+            }
+        }
+        if chosen.is_none() {
+            d.push(
+                &c.broker_loc,
+                "pipeline.broker",
+                format!("unknown broker `{}` (choose one of {})", c.broker, names()),
+            );
+        }
+        chosen
     }
 
     /// The backend's name.
     pub fn name(&self) -> &'static str {
-        match self {
-            Backend::Memory(_) => "memory",
-            #[cfg(feature = "kafka")]
-            Backend::Kafka(_) => "kafka",
-            #[cfg(feature = "amqp")]
-            Backend::Amqp(_) => "amqp",
-            #[cfg(feature = "kinesis")]
-            Backend::Kinesis(_) => "kinesis",
-        }
+        self.broker.name()
+    }
+
+    /// Whether the backend's topics live and die with this process (the embedded broker).
+    pub fn in_process(&self) -> bool {
+        self.broker.in_process()
+    }
+
+    /// The concrete backend when it is a `B`, for callers that need its own API.
+    pub fn get<B: Broker>(&self) -> Option<&B> {
+        self.broker.as_any().downcast_ref::<B>()
     }
 
     /// Reads and checks the configuration at `path` with `overrides`, then builds the chosen
@@ -137,59 +123,18 @@ impl Backend {
         topic: &str,
         group: Option<&str>,
     ) -> weir_engine::Result<Box<dyn Source>> {
-        match self {
-            Backend::Memory(b) => Ok(Box::new(b.source(topic, group))),
-            #[cfg(feature = "kafka")]
-            Backend::Kafka(b) => Ok(Box::new(
-                b.source(topic, group).await.map_err(EngineError::from)?,
-            )),
-            // In AMQP the queue is the group: consumers of a topic share its queue.
-            #[cfg(feature = "amqp")]
-            Backend::Amqp(b) => Ok(Box::new(b.source(topic).await?)),
-            #[cfg(feature = "kinesis")]
-            Backend::Kinesis(b) => Ok(Box::new(b.source(topic, group).await?)),
-        }
+        self.broker.source(topic, group).await
     }
 
     /// A producer to `topic`.
     pub async fn sink(&self, topic: &str) -> weir_engine::Result<Box<dyn Sink>> {
-        match self {
-            Backend::Memory(b) => Ok(Box::new(b.sink(topic))),
-            #[cfg(feature = "kafka")]
-            Backend::Kafka(b) => Ok(Box::new(b.sink(topic).await.map_err(EngineError::from)?)),
-            #[cfg(feature = "amqp")]
-            Backend::Amqp(b) => Ok(Box::new(b.sink(topic).await?)),
-            #[cfg(feature = "kinesis")]
-            Backend::Kinesis(b) => Ok(Box::new(b.sink(topic).await?)),
-        }
+        self.broker.sink(topic).await
     }
 
     /// A reader of every record of `topic`, from the beginning, that commits nothing: what
-    /// an enrichment table is loaded from.
-    ///
-    /// On RabbitMQ a stream queue is read from its first offset. A classic or quorum queue
-    /// is read destructively, so the table's queue is consumed without acknowledging
-    /// anything: a restart gets every record again. That bounds the table to the queue's
-    /// prefetch (`[brokers.amqp] prefetch`, 10,000 by default), and the table queue must
-    /// have one reader.
+    /// an enrichment table is loaded from (see each backend's `Broker::table_reader`).
     pub async fn table_reader(&self, topic: &str) -> weir_engine::Result<Box<dyn Source>> {
-        match self {
-            Backend::Memory(b) => Ok(Box::new(b.source(topic, None))),
-            #[cfg(feature = "kafka")]
-            Backend::Kafka(b) => Ok(Box::new(
-                b.reader(topic, StartAt::Beginning)
-                    .await
-                    .map_err(EngineError::from)?,
-            )),
-            #[cfg(feature = "amqp")]
-            Backend::Amqp(b) if b.config().queue_type == weir_amqp::QueueType::Stream => {
-                Ok(Box::new(b.reader(topic, true).await?))
-            }
-            #[cfg(feature = "amqp")]
-            Backend::Amqp(b) => Ok(Box::new(b.source(topic).await?)),
-            #[cfg(feature = "kinesis")]
-            Backend::Kinesis(b) => Ok(Box::new(b.source(topic, None).await?)),
-        }
+        self.broker.table_reader(topic).await
     }
 
     /// A reader of `topic` outside any consumer group, from the beginning or only new
@@ -200,35 +145,10 @@ impl Backend {
         topic: &str,
         from_beginning: bool,
     ) -> weir_engine::Result<Option<Box<dyn Source>>> {
-        match self {
-            Backend::Memory(_) => {
-                let _ = (topic, from_beginning);
-                Ok(None)
-            }
-            #[cfg(feature = "amqp")]
-            Backend::Amqp(b) => Ok(Some(Box::new(b.reader(topic, from_beginning).await?))),
-            #[cfg(feature = "kafka")]
-            Backend::Kafka(b) => {
-                let start = if from_beginning {
-                    StartAt::Beginning
-                } else {
-                    StartAt::End
-                };
-                Ok(Some(Box::new(
-                    b.reader(topic, start).await.map_err(EngineError::from)?,
-                )))
-            }
-            // Shard iterators at the trim horizon (everything retained) or at the latest
-            // record (only new ones); checkpoints stay in memory.
-            #[cfg(feature = "kinesis")]
-            Backend::Kinesis(b) => {
-                let start = if from_beginning {
-                    weir_kinesis::StartPosition::TrimHorizon
-                } else {
-                    weir_kinesis::StartPosition::Latest
-                };
-                Ok(Some(Box::new(b.reader(topic, start).await?)))
-            }
+        match self.broker.tail_reader(topic, from_beginning).await {
+            Ok(s) => Ok(Some(s)),
+            Err(EngineError::NotSupported { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 }

@@ -48,7 +48,7 @@ fn setup(
         eprint!("{e}");
         ExitCode::from(2)
     })?;
-    if matches!(backend, Backend::Memory(_)) {
+    if backend.in_process() {
         eprintln!(
             "error: `weir {verb}` needs a broker whose topics outlive this process; the memory \
              backend lives inside one `weir run` (which feeds and prints it itself). Use \
@@ -120,7 +120,7 @@ pub fn produce(a: ProduceArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::one_line(&e));
             ExitCode::from(1)
         }
     }
@@ -189,7 +189,7 @@ pub fn tail(a: TailArgs) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", crate::one_line(&e));
             ExitCode::from(1)
         }
     }

@@ -1,6 +1,6 @@
-//! The `weir` package: the CLI binary plus the closed set of broker backends, chosen by
-//! `pipeline.broker`, so that tests and Rust users can build any backend from a
-//! `pipeline.toml`.
+//! The `weir` package: the CLI binary plus the registry of broker backends (one line per
+//! backend, behind its cargo feature), chosen by `pipeline.broker`, so that tests and Rust
+//! users can build any backend from a `pipeline.toml`.
 
 pub mod assemble;
 pub mod backend;

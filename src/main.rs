@@ -19,6 +19,20 @@ use weir::Backend;
 mod io_cmd;
 mod signals;
 
+/// An error and its causes on one line, each cause once: a backend error's message already
+/// shows the text of the cause it keeps (`source()`).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
 #[derive(Parser)]
 #[command(
     name = "weir",
@@ -182,7 +196,7 @@ fn main() -> ExitCode {
         Command::Generate(a) => match generate(a) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", one_line(&e));
                 ExitCode::from(1)
             }
         },
@@ -247,7 +261,7 @@ fn test_cases(a: TestArgs) -> ExitCode {
         let case = match weir::golden::read_case(path) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("{e:#}");
+                eprintln!("{}", one_line(&e));
                 return ExitCode::from(2);
             }
         };
@@ -266,7 +280,12 @@ fn test_cases(a: TestArgs) -> ExitCode {
                 print!("{}", diff.render());
             }
             Err(e) => {
-                eprintln!("error: case {} ({}): {e:#}", case.name(), path.display());
+                eprintln!(
+                    "error: case {} ({}): {}",
+                    case.name(),
+                    path.display(),
+                    one_line(&e)
+                );
                 return ExitCode::from(2);
             }
         }
@@ -318,7 +337,7 @@ where
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::from(1)
         }
     }
@@ -433,7 +452,7 @@ async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyhow::Result<
         anyhow::bail!("counters do not balance: {s:?}");
     }
     if summary.reason == StopReason::Shutdown && summary.open_windows > 0 {
-        if matches!(backend, Backend::Memory(_)) && a.input.is_none() {
+        if backend.in_process() && a.input.is_none() {
             tracing::info!(
                 open_windows = summary.open_windows,
                 "open windows were not emitted; the memory broker's topics end with this process, so their events are gone"
@@ -498,7 +517,7 @@ async fn start(
     tails_done: &CancellationToken,
     metrics: std::sync::Arc<weir_engine::metrics::Metrics>,
 ) -> anyhow::Result<Parts> {
-    let memory = matches!(backend, Backend::Memory(_));
+    let memory = backend.in_process();
     let io = FileIo {
         input: a.input.clone(),
         output: a.output.clone(),

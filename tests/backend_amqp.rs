@@ -245,7 +245,7 @@ async fn amqp_retry_queue_requeues_after_the_delay() {
     let _shared = BROKER.read().await;
     require_rabbitmq().await;
     let bed = conformance::Bed::new("amqp", "retry", &[]);
-    let weir::Backend::Amqp(amqp) = &bed.backend else {
+    let Some(amqp) = bed.backend.get::<weir_amqp::AmqpBroker>() else {
         unreachable!()
     };
     let topic = &bed.config.source.topic;

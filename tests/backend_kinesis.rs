@@ -186,7 +186,7 @@ async fn kinesis_source_reads_a_parent_shard_before_its_children() {
             .collect::<Vec<_>>()
     };
     sink.send(&put("a")).await.expect("send before the split");
-    let Backend::Kinesis(kinesis) = &bed.backend else {
+    let Some(kinesis) = bed.backend.get::<weir_kinesis::KinesisBroker>() else {
         unreachable!()
     };
     let client = kinesis.client().await.unwrap();

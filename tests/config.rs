@@ -312,7 +312,9 @@ fn broker_override_is_named_in_errors() {
         sets: vec![],
         broker: Some(("rabbit".into(), "WEIR_BROKER=rabbit".into())),
     };
-    let loaded = load_str("p.toml", GOOD, &overrides);
+    let mut loaded = load_str("p.toml", GOOD, &overrides);
+    // The broker's name is checked against the registry of this build's backends.
+    assert!(Backend::from_config(&loaded.config, &mut loaded.diagnostics).is_none());
     let err = loaded.finish().unwrap_err();
     assert_eq!(err.problems[0].loc, Loc::Arg("WEIR_BROKER=rabbit".into()));
     assert!(err.problems[0].message.contains("unknown broker `rabbit`"));
@@ -332,6 +334,36 @@ fn memory_section_keys_are_checked() {
             .any(|l| l.starts_with("p.toml:15:1: brokers.memory.retention: unknown key")),
         "{p:#?}"
     );
+}
+
+#[test]
+fn broker_names_are_checked_against_the_registry() {
+    let names = weir::backend::available().join(", ");
+    assert!(names.starts_with("memory"), "{names}");
+    let text = format!("[pipeline]\nbroker = \"nats\"\n{GOOD}\n[brokers.kafkaa]\nacks = 1\n");
+    let p = problems(&text, &[]);
+    assert!(
+        p.iter().any(|l| l.starts_with(&format!(
+            "p.toml:2:10: pipeline.broker: unknown broker `nats` (choose one of {names})"
+        ))),
+        "{p:#?}"
+    );
+    assert!(
+        p.iter().any(|l| l.starts_with("p.toml:15:10:")
+            && l.contains(&format!(
+                "brokers.kafkaa: unknown broker section (choose among {names})"
+            ))),
+        "{p:#?}"
+    );
+    // A known section is read by its backend even when another backend is chosen.
+    let text = format!("{GOOD}\n[brokers.kinesis]\nshards = 0\n");
+    let p = problems(&text, &[]);
+    let want = if names.contains("kinesis") {
+        "brokers.kinesis.shards: 0 is out of range"
+    } else {
+        "brokers.kinesis: unknown broker section"
+    };
+    assert!(p.iter().any(|l| l.contains(want)), "{p:#?}");
 }
 
 #[test]

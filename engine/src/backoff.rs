@@ -126,17 +126,11 @@ where
 }
 
 fn gave_up(what: &str, backoff: &Backoff, e: EngineError) -> EngineError {
-    let tries = format!(
+    e.final_with(format!(
         "{what}: gave up after {} attempts in {}",
         backoff.attempts() + 1,
         human(backoff.elapsed())
-    );
-    match e {
-        EngineError::Backend {
-            backend, message, ..
-        } => EngineError::backend(backend, format!("{tries}: {message}"), false),
-        e => EngineError::Stopped(format!("{tries}: {e}")),
-    }
+    ))
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 pub mod aggregate;
 pub mod backoff;
 pub(crate) mod base64;
+pub mod broker;
+pub mod checkpoint_store;
 pub mod config;
 pub mod decode;
 pub mod enrich;

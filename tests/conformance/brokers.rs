@@ -278,7 +278,7 @@ impl TestBroker for Kinesis {
     #[cfg(feature = "kinesis")]
     async fn clean_up(&self, ids: &[String]) {
         let bed = super::Bed::new("kinesis", "cleanup", &[]);
-        let weir::Backend::Kinesis(kinesis) = &bed.backend else {
+        let Some(kinesis) = bed.backend.get::<weir_kinesis::KinesisBroker>() else {
             unreachable!("a kinesis bed has the Kinesis backend")
         };
         let client = kinesis.client().await.expect("client");

@@ -1,6 +1,6 @@
 //! `[brokers.amqp]` settings.
 
-use weir_engine::config::{Diagnostics, Node, TableReader, Value};
+use weir_engine::config::{Diagnostics, TableReader, Value};
 
 /// The URL used when `[brokers.amqp]` has no `url`: RabbitMQ's defaults on loopback.
 pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -92,18 +92,10 @@ impl Default for AmqpConfig {
 }
 
 impl AmqpConfig {
-    /// Reads a `[brokers.amqp]` section (absent = defaults), reporting every problem to `d`
-    /// at its `file:line:col`.
-    pub fn from_section(section: Option<&Node>, d: &mut Diagnostics) -> Self {
+    /// Reads the keys of a `[brokers.amqp]` section, reporting problems to `d` (the
+    /// engine reports unknown keys afterwards).
+    pub fn read(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Self {
         let mut c = AmqpConfig::default();
-        let Some(Node {
-            value: Value::Table(t),
-            loc,
-        }) = section
-        else {
-            return c;
-        };
-        let mut r = TableReader::new("brokers.amqp", t, loc.clone());
         if let Some(n) = r.node("url") {
             match &n.value {
                 Value::Str(s) if s.starts_with("amqp://") || s.starts_with("amqps://") => {
@@ -139,20 +131,19 @@ impl AmqpConfig {
                 );
             }
         }
-        c.exchange_type = match one_of(&mut r, d, "exchange_type", &["topic", "direct"]).as_deref()
-        {
+        c.exchange_type = match one_of(r, d, "exchange_type", &["topic", "direct"]).as_deref() {
             Some("direct") => ExchangeType::Direct,
             _ => ExchangeType::Topic,
         };
         c.durable = r.bool_or(d, "durable", true);
         c.prefetch = r.uint_or(d, "prefetch", 10_000, 1..=65_535) as u16;
-        c.queue_type =
-            match one_of(&mut r, d, "queue_type", &["classic", "quorum", "stream"]).as_deref() {
-                Some("quorum") => QueueType::Quorum,
-                Some("stream") => QueueType::Stream,
-                _ => QueueType::Classic,
-            };
-        if let Some(s) = one_of(&mut r, d, "stream_offset", &["first", "last", "next"]) {
+        c.queue_type = match one_of(r, d, "queue_type", &["classic", "quorum", "stream"]).as_deref()
+        {
+            Some("quorum") => QueueType::Quorum,
+            Some("stream") => QueueType::Stream,
+            _ => QueueType::Classic,
+        };
+        if let Some(s) = one_of(r, d, "stream_offset", &["first", "last", "next"]) {
             c.stream_offset = s;
         }
         c.single_active_consumer = r.bool_or(d, "single_active_consumer", true);
@@ -184,7 +175,6 @@ impl AmqpConfig {
                 ),
             );
         }
-        r.finish(d);
         c
     }
 }
@@ -222,9 +212,10 @@ mod tests {
             .config
             .brokers
             .iter()
-            .find(|(n, _)| n == "amqp")
-            .map(|(_, n)| n);
-        (AmqpConfig::from_section(section, &mut d), d)
+            .find(|(n, _, _)| n == "amqp")
+            .map(|(_, _, n)| n);
+        let c = weir_engine::broker::read_section::<crate::AmqpBroker>(section, &mut d);
+        (c, d)
     }
 
     #[test]

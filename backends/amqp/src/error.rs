@@ -33,7 +33,7 @@ pub fn is_retryable(e: &lapin::Error) -> bool {
 
 /// An engine error for `what` failing with `e`.
 pub fn amqp_error(what: &str, e: &lapin::Error) -> EngineError {
-    EngineError::backend(BACKEND, format!("{what}: {e}"), is_retryable(e))
+    EngineError::caused_by(BACKEND, what, is_retryable(e), e.clone())
 }
 
 /// The URL without its password, for logs.

@@ -14,6 +14,7 @@
 //! counted in emitted windows. The sink publishes persistent messages with publisher
 //! confirms and waits for every confirm of a batch.
 
+mod checkpoint;
 mod config;
 mod error;
 mod sink;
@@ -22,6 +23,11 @@ mod tail;
 mod topology;
 
 use std::sync::Arc;
+
+use async_trait::async_trait;
+use weir_engine::broker::Broker;
+use weir_engine::config::{Diagnostics, TableReader};
+use weir_engine::{Sink, Source};
 
 pub use config::{AmqpConfig, ExchangeType, QueueType, DEFAULT_URL};
 pub use error::{is_retryable, redact};
@@ -91,5 +97,53 @@ impl AmqpBroker {
     /// A publisher to `topic`, connected and with its topology declared.
     pub async fn sink(&self, topic: &str) -> weir_engine::Result<AmqpSink> {
         AmqpSink::connect(self.config.clone(), topic).await
+    }
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    const NAME: &'static str = "amqp";
+    type Config = AmqpConfig;
+
+    fn read_config(r: &mut TableReader<'_>, d: &mut Diagnostics) -> AmqpConfig {
+        AmqpConfig::read(r, d)
+    }
+
+    fn new(config: AmqpConfig) -> Self {
+        AmqpBroker::new(config)
+    }
+
+    /// In AMQP the queue is the group: consumers of a topic share its queue.
+    async fn source(
+        &self,
+        topic: &str,
+        _group: Option<&str>,
+    ) -> weir_engine::Result<Box<dyn Source>> {
+        Ok(Box::new(AmqpBroker::source(self, topic).await?))
+    }
+
+    async fn sink(&self, topic: &str) -> weir_engine::Result<Box<dyn Sink>> {
+        Ok(Box::new(AmqpBroker::sink(self, topic).await?))
+    }
+
+    /// A stream queue is read from its first offset. A classic or quorum queue is read
+    /// destructively, so the table's queue is consumed without acknowledging anything: a
+    /// restart gets every record again. That bounds the table to the queue's prefetch
+    /// (`[brokers.amqp] prefetch`, 10,000 by default), and the table queue must have one
+    /// reader.
+    async fn table_reader(&self, topic: &str) -> weir_engine::Result<Box<dyn Source>> {
+        if self.config.queue_type == QueueType::Stream {
+            Ok(Box::new(self.reader(topic, true).await?))
+        } else {
+            Ok(Box::new(AmqpBroker::source(self, topic).await?))
+        }
+    }
+
+    async fn tail_reader(
+        &self,
+        topic: &str,
+        from_beginning: bool,
+    ) -> weir_engine::Result<Box<dyn Source>> {
+        Ok(Box::new(self.reader(topic, from_beginning).await?))
     }
 }

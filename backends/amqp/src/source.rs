@@ -10,20 +10,18 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_core::Stream;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{BasicProperties, Channel, Connection, Consumer};
+use lapin::{Channel, Connection, Consumer};
+use weir_engine::checkpoint_store::{CheckpointStore, Committed};
 use weir_engine::{Checkpoint, EngineError, Position, Received, Record, Result, Source};
 
+use crate::checkpoint::CheckpointQueue;
 use crate::config::{AmqpConfig, QueueType};
 use crate::error::{amqp_error, redact, BACKEND};
 use crate::sink::{HEADER_KEY, HEADER_TIMESTAMP};
 use crate::topology;
 
-const CHECKPOINT_PREFIX: &str = "weir-amqp1:";
 pub(crate) const STREAM_OFFSET: &str = "x-stream-offset";
 
 struct Live {
@@ -95,7 +93,7 @@ impl AmqpSource {
         let (ch, exclusive) =
             topology::declare_consumed_topic(&conn, &self.cfg, &self.topic).await?;
         let ckpt_queue = topology::declare_checkpoint_queue(&ch, &self.cfg, &self.topic).await?;
-        let stored = read_checkpoint(&ch, &ckpt_queue).await?;
+        let stored = CheckpointQueue::new(&ch, ckpt_queue).newest().await?;
         ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| amqp_error("setting the prefetch (basic.qos)", &e))?;
@@ -180,7 +178,9 @@ impl AmqpSource {
             .create_channel()
             .await
             .map_err(|e| amqp_error("opening a channel", &e))?;
-        let stored = read_checkpoint(&ch, &topology::checkpoint_queue(&self.topic)).await;
+        let stored = CheckpointQueue::new(&ch, topology::checkpoint_queue(&self.topic))
+            .newest()
+            .await;
         let _ = ch.close(200, "checkpoint read".into()).await;
         let Some((pos, cp)) = stored? else {
             return Ok(None);
@@ -275,38 +275,6 @@ fn value_bytes(v: &AMQPValue) -> Vec<u8> {
         AMQPValue::Double(f) => f.to_string().into_bytes(),
         other => format!("{other:?}").into_bytes(),
     }
-}
-
-/// The newest `(position, checkpoint)` in the checkpoint queue, left in place.
-async fn read_checkpoint(ch: &Channel, queue: &str) -> Result<Option<(u64, Checkpoint)>> {
-    let got = ch
-        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
-        .await
-        .map_err(|e| amqp_error(&format!("reading checkpoint queue `{queue}`"), &e))?;
-    let Some(msg) = got else { return Ok(None) };
-    let parsed = parse_checkpoint(&msg.delivery.data);
-    ch.basic_reject(
-        msg.delivery.delivery_tag,
-        BasicRejectOptions { requeue: true },
-    )
-    .await
-    .map_err(|e| amqp_error(&format!("returning the checkpoint to `{queue}`"), &e))?;
-    if parsed.is_none() {
-        tracing::warn!(queue, "ignoring an unreadable checkpoint message");
-    }
-    Ok(parsed)
-}
-
-fn encode_checkpoint(position: u64, cp: &Checkpoint) -> String {
-    format!("{CHECKPOINT_PREFIX}{position}:{}", cp.encode())
-}
-
-fn parse_checkpoint(data: &[u8]) -> Option<(u64, Checkpoint)> {
-    let s = std::str::from_utf8(data)
-        .ok()?
-        .strip_prefix(CHECKPOINT_PREFIX)?;
-    let (pos, cp) = s.split_once(':')?;
-    Some((pos.parse().ok()?, Checkpoint::decode(cp)?))
 }
 
 #[async_trait]
@@ -418,23 +386,18 @@ impl Source for AmqpSource {
             return Ok(());
         };
         let upto = self.unacked.partition_point(|&(o, _)| o < pos.offset);
-        let ch = live.ch.clone();
-        let result: std::result::Result<(), lapin::Error> = async {
+        let store = CheckpointQueue::new(&live.ch, topology::checkpoint_queue(&self.topic));
+        // The acks and the checkpoint are one AMQP transaction: `save` commits it.
+        let result: Result<()> = async {
             if upto > 0 {
                 let tag = self.unacked[upto - 1].1;
-                ch.basic_ack(tag, BasicAckOptions { multiple: true })
-                    .await?;
+                store
+                    .ch
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await
+                    .map_err(|e| amqp_error("acknowledging deliveries", &e))?;
             }
-            let payload = encode_checkpoint(pos.offset, cp);
-            ch.basic_publish(
-                "".into(),
-                topology::checkpoint_queue(&self.topic).as_str().into(),
-                BasicPublishOptions::default(),
-                payload.as_bytes(),
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await?;
-            ch.tx_commit().await
+            store.save(&[Committed::at(*pos, *cp)]).await
         }
         .await;
         match result {
@@ -448,21 +411,5 @@ impl Source for AmqpSource {
                 Ok(())
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checkpoint_round_trip() {
-        let cp = Checkpoint {
-            watermark: -5,
-            processed: 42,
-        };
-        let s = encode_checkpoint(40, &cp);
-        assert_eq!(parse_checkpoint(s.as_bytes()), Some((40, cp)));
-        assert_eq!(parse_checkpoint(b"weir-amqp1:x:weir1:1:2"), None);
     }
 }

@@ -1,46 +1,233 @@
-//! A checkpoint side-store for brokers that drop commit metadata.
+//! The Kafka source's [`CheckpointStore`]s.
 //!
-//! Apache Kafka keeps the metadata string of an offset commit and returns it with the
-//! committed offset, which is where [`KafkaSource`](crate::KafkaSource) keeps the engine's
-//! [`Checkpoint`]. Some Kafka-compatible brokers (Tansu's memory storage among them)
-//! return an empty string instead. With `checkpoint_topic` set, every commit first
-//! publishes its checkpoints to that one-partition topic (key `group␟topic␟partition`,
-//! value `Checkpoint::encode`), awaiting the acknowledgement, then commits the offsets; on
-//! assignment, partitions whose commit carries no metadata take the latest checkpoint
-//! found there. Writing first is what keeps this safe: a checkpoint newer than its
-//! committed offset only skips records whose results were already acknowledged.
+//! [`CommitMetadata`]: Apache Kafka keeps the metadata string of an offset commit and
+//! returns it with the committed offset, which is where
+//! [`KafkaSource`](crate::KafkaSource) keeps the engine's [`Checkpoint`]: saving is the
+//! offset commit itself.
+//!
+//! [`CheckpointTopic`]: some Kafka-compatible brokers (Tansu's memory storage among them)
+//! return an empty metadata string instead. With `checkpoint_topic` set, every commit
+//! first publishes its checkpoints to that one-partition topic (key
+//! `group␟topic␟partition`, value `Checkpoint::encode`), awaiting the acknowledgement,
+//! then commits the offsets; on assignment, partitions whose commit carries no metadata
+//! take the latest checkpoint found there. The source combines the two with the engine's
+//! [`WithFallback`](weir_engine::checkpoint_store::WithFallback), which writes the
+//! fallback first: a checkpoint newer than its committed offset only skips records whose
+//! results were already acknowledged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use async_trait::async_trait;
+use bytes::Bytes;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
-use weir_engine::{Checkpoint, Position};
-
-use bytes::Bytes;
-use weir_engine::{OutRecord, Sink as _};
+use weir_engine::checkpoint_store::{CheckpointStore, Committed};
+use weir_engine::{Checkpoint, EngineError, OutRecord, Result, Sink as _};
 
 use crate::config::KafkaConfig;
 use crate::error::KafkaError;
+use crate::rebalance::Consumer_;
 use crate::sink::{KafkaSink, SinkProducer};
 
 const SEP: char = '\u{1f}';
 
-/// Where one group's checkpoints of one source topic are kept.
+/// Offsets and checkpoints in the consumer group's offset commits (checkpoints as the
+/// commits' metadata).
+pub(crate) struct CommitMetadata {
+    pub(crate) consumer: Arc<Consumer_>,
+    /// The source topic.
+    pub(crate) topic: String,
+}
+
+impl std::fmt::Debug for CommitMetadata {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommitMetadata")
+            .field("topic", &self.topic)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for CommitMetadata {
+    /// The committed offsets of `partitions` (those assigned now with `None`), with the
+    /// checkpoints their metadata carries.
+    async fn load(&self, partitions: Option<&[u32]>) -> Result<Vec<Committed>> {
+        let tpl = match partitions {
+            Some(ps) => {
+                let mut tpl = TopicPartitionList::with_capacity(ps.len());
+                for &p in ps {
+                    tpl.add_partition(&self.topic, p as i32);
+                }
+                tpl
+            }
+            None => self
+                .consumer
+                .assignment()
+                .map_err(|source| KafkaError::Commit {
+                    topic: self.topic.clone(),
+                    source,
+                })?,
+        };
+        let c = self.consumer.clone();
+        let list =
+            tokio::task::spawn_blocking(move || c.committed_offsets(tpl, Duration::from_secs(10)))
+                .await
+                .map_err(|e| {
+                    EngineError::backend(
+                        "kafka",
+                        format!("checkpoint lookup task failed: {e}"),
+                        true,
+                    )
+                })?
+                .map_err(|source| KafkaError::Commit {
+                    topic: self.topic.clone(),
+                    source,
+                })?;
+        tracing::debug!(topic = %self.topic, committed = ?list, "kafka: committed offsets at assignment");
+        Ok(list
+            .elements_for_topic(&self.topic)
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(Committed {
+                    partition: e.partition() as u32,
+                    offset: Some(o as u64),
+                    checkpoint: Checkpoint::decode(e.metadata()),
+                    ..Committed::default()
+                }),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Commits the offsets, each with its checkpoint as metadata. A commit the group
+    /// refuses because it is rebalancing is dropped (logged): the partitions are about to
+    /// be revoked and their new owner replays from the previous commit, which costs
+    /// replay, not data; retrying it would block the poll that completes the rebalance.
+    async fn save(&self, commits: &[Committed]) -> Result<()> {
+        let mut tpl = TopicPartitionList::with_capacity(commits.len());
+        for c in commits {
+            let Some(offset) = c.offset else { continue };
+            let mut e = tpl.add_partition(&self.topic, c.partition as i32);
+            e.set_offset(Offset::Offset(offset as i64))
+                .map_err(|source| KafkaError::Commit {
+                    topic: self.topic.clone(),
+                    source,
+                })?;
+            if let Some(cp) = c.checkpoint {
+                e.set_metadata(cp.encode());
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        let consumer = self.consumer.clone();
+        let res = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
+            .await
+            .map_err(|e| EngineError::backend("kafka", format!("commit task failed: {e}"), true))?;
+        match res {
+            Ok(()) => {
+                tracing::debug!(topic = %self.topic, ?commits, "kafka: committed");
+                Ok(())
+            }
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::RebalanceInProgress
+                            | RDKafkaErrorCode::IllegalGeneration
+                            | RDKafkaErrorCode::UnknownMemberId
+                            | RDKafkaErrorCode::FencedInstanceId
+                            | RDKafkaErrorCode::StaleMemberEpoch
+                    )
+                ) =>
+            {
+                tracing::warn!(topic = %self.topic, error = %e, "commit refused during a rebalance; the new owner replays from the previous commit");
+                Ok(())
+            }
+            Err(source) => Err(KafkaError::Commit {
+                topic: self.topic.clone(),
+                source,
+            }
+            .into()),
+        }
+    }
+}
+
+/// One group's checkpoints of one source topic in a checkpoint topic.
 #[derive(Clone)]
-pub(crate) struct CheckpointStore {
+pub(crate) struct CheckpointTopic {
     pub(crate) producer: Arc<SinkProducer>,
     pub(crate) config: Arc<KafkaConfig>,
     /// The checkpoint topic.
     pub(crate) topic: String,
     pub(crate) group: String,
+    /// The source topic.
+    pub(crate) source: String,
 }
 
-impl CheckpointStore {
-    fn key(&self, source: &str, partition: u32) -> String {
-        format!("{}{SEP}{source}{SEP}{partition}", self.group)
+impl std::fmt::Debug for CheckpointTopic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointTopic")
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for CheckpointTopic {
+    /// The latest checkpoint of each of `partitions` (every partition found with `None`),
+    /// reading the checkpoint topic from its beginning to its end.
+    async fn load(&self, partitions: Option<&[u32]>) -> Result<Vec<Committed>> {
+        let this = self.clone();
+        let wanted: Option<HashMap<String, u32>> =
+            partitions.map(|ps| ps.iter().map(|&p| (this.key(p), p)).collect());
+        let found = tokio::task::spawn_blocking(move || this.scan(wanted.as_ref()))
+            .await
+            .map_err(|e| self.err(format!("checkpoint reader failed: {e}")))??;
+        Ok(found
+            .into_iter()
+            .map(|(partition, cp)| Committed {
+                partition,
+                checkpoint: Some(cp),
+                ..Committed::default()
+            })
+            .collect())
+    }
+
+    /// Publishes the checkpoints of `commits` and waits for their acknowledgement.
+    async fn save(&self, commits: &[Committed]) -> Result<()> {
+        let records: Vec<OutRecord> = commits
+            .iter()
+            .filter_map(|c| {
+                Some(OutRecord {
+                    key: Some(Bytes::from(self.key(c.partition))),
+                    payload: Bytes::from(c.checkpoint?.encode()),
+                    ..Default::default()
+                })
+            })
+            .collect();
+        KafkaSink::new(self.producer.clone(), &self.topic, usize::MAX)
+            .send(&records)
+            .await
+            .map_err(|e| self.err(format!("checkpoint not acknowledged: {e}")))?;
+        Ok(())
+    }
+}
+
+impl CheckpointTopic {
+    fn key(&self, partition: u32) -> String {
+        format!("{}{SEP}{}{SEP}{partition}", self.group, self.source)
+    }
+
+    /// The partition a key of this group and source names.
+    fn partition_of(&self, key: &str) -> Option<u32> {
+        let prefix = format!("{}{SEP}{}{SEP}", self.group, self.source);
+        key.strip_prefix(&prefix)?.parse().ok()
     }
 
     fn err(&self, message: impl std::fmt::Display) -> KafkaError {
@@ -51,46 +238,10 @@ impl CheckpointStore {
         }
     }
 
-    /// Publishes the checkpoints of `positions` and waits for their acknowledgement.
-    pub(crate) async fn write(
+    fn scan(
         &self,
-        source: &str,
-        positions: &[(Position, Checkpoint)],
-    ) -> Result<(), KafkaError> {
-        let records: Vec<OutRecord> = positions
-            .iter()
-            .map(|(p, cp)| OutRecord {
-                key: Some(Bytes::from(self.key(source, p.partition))),
-                payload: Bytes::from(cp.encode()),
-                ..Default::default()
-            })
-            .collect();
-        KafkaSink::new(self.producer.clone(), &self.topic, usize::MAX)
-            .send(&records)
-            .await
-            .map_err(|e| self.err(format!("checkpoint not acknowledged: {e}")))?;
-        Ok(())
-    }
-
-    /// The latest checkpoint of each of `partitions` of `source`, reading the checkpoint
-    /// topic from its beginning to its end.
-    pub(crate) async fn read(
-        &self,
-        source: &str,
-        partitions: &[i32],
-    ) -> Result<HashMap<i32, Checkpoint>, KafkaError> {
-        let this = self.clone();
-        let source = source.to_string();
-        let wanted: HashMap<String, i32> = partitions
-            .iter()
-            .map(|&p| (this.key(&source, p as u32), p))
-            .collect();
-        tokio::task::spawn_blocking(move || this.scan(&wanted))
-            .await
-            .map_err(|e| self.err(format!("checkpoint reader failed: {e}")))?
-    }
-
-    fn scan(&self, wanted: &HashMap<String, i32>) -> Result<HashMap<i32, Checkpoint>, KafkaError> {
+        wanted: Option<&HashMap<String, u32>>,
+    ) -> Result<HashMap<u32, Checkpoint>, KafkaError> {
         let consumer: BaseConsumer = self
             .config
             .consumer_config("weir-checkpoint-reader")
@@ -135,7 +286,11 @@ impl CheckpointStore {
             match consumer.poll(Duration::from_millis(300)) {
                 Some(Ok(m)) => {
                     let key = m.key().and_then(|k| std::str::from_utf8(k).ok());
-                    if let Some(&p) = key.and_then(|k| wanted.get(k)) {
+                    let p = match wanted {
+                        Some(w) => key.and_then(|k| w.get(k)).copied(),
+                        None => key.and_then(|k| self.partition_of(k)),
+                    };
+                    if let Some(p) = p {
                         tracing::trace!(partition = m.partition(), offset = m.offset(), p, payload = ?m.payload().map(String::from_utf8_lossy), "kafka: checkpoint record");
                         if let Some(cp) = m
                             .payload()

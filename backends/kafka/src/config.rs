@@ -114,17 +114,10 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// Reads a `[brokers.kafka]` section (absent = defaults), reporting problems to `d`.
-    pub fn from_section(section: Option<&Node>, d: &mut Diagnostics) -> Self {
+    /// Reads the keys of a `[brokers.kafka]` section, reporting problems to `d` (the
+    /// engine reports unknown keys afterwards).
+    pub fn read(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Self {
         let mut c = KafkaConfig::default();
-        let Some(Node {
-            value: Value::Table(t),
-            loc,
-        }) = section
-        else {
-            return c;
-        };
-        let mut r = TableReader::new("brokers.kafka", t, loc.clone());
         if let Some(node) = r.node("bootstrap_servers") {
             match &node.value {
                 Value::Str(s) if s.split(',').all(|h| valid_host_port(h.trim())) => {
@@ -185,7 +178,6 @@ impl KafkaConfig {
         if let Some(mut p) = r.table(d, "consumer") {
             merge(&mut c.consumer, passthrough(&mut p, d));
         }
-        r.finish(d);
         c
     }
 

@@ -1,6 +1,7 @@
 //! The Kafka backend's errors and how they map onto the engine's.
 
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use weir_engine::error::Retryable;
 use weir_engine::EngineError;
 
 /// What went wrong talking to Kafka.
@@ -70,10 +71,9 @@ impl KafkaError {
     pub fn is_retryable(&self) -> bool {
         match self {
             KafkaError::Client { .. } | KafkaError::Undecodable { .. } => false,
-            KafkaError::Receive { source, .. } | KafkaError::Commit { source, .. } => {
-                !is_permanent(source)
-            }
-            KafkaError::Delivery { source, .. } => !is_permanent(source),
+            KafkaError::Receive { source, .. }
+            | KafkaError::Commit { source, .. }
+            | KafkaError::Delivery { source, .. } => !is_permanent(source),
             KafkaError::Topic { retryable, .. } => *retryable,
             KafkaError::Canceled(_) => true,
         }
@@ -94,40 +94,84 @@ pub(crate) fn is_undecodable(e: &RdError) -> bool {
     )
 }
 
-/// Errors that retrying will not cure: authorisation, records the broker will never take,
-/// topics that cannot exist. Everything else (timeouts, transport, leadership changes,
-/// broker down) is treated as transient.
-fn is_permanent(e: &RdError) -> bool {
+/// The one classification of librdkafka's error codes: those that retrying will not cure
+/// (authorisation, records the broker will never take, topics that cannot exist, topic
+/// settings the cluster refuses). Everything else (timeouts, transport, leadership
+/// changes, a coordinator or broker down) is transient.
+pub(crate) fn is_permanent_code(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
-        e.rdkafka_error_code(),
-        Some(
-            MessageSizeTooLarge
-                | InvalidMessageSize
-                | InvalidMessage
-                | MessageBatchTooLarge
-                | TopicAuthorizationFailed
-                | GroupAuthorizationFailed
-                | ClusterAuthorizationFailed
-                | InvalidTopic
-                | InvalidConfig
-                | InvalidArgument
-                | UnsupportedVersion
-                | Fatal
-        )
+        code,
+        MessageSizeTooLarge
+            | InvalidMessageSize
+            | InvalidMessage
+            | MessageBatchTooLarge
+            | TopicAuthorizationFailed
+            | GroupAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | InvalidTopic
+            | InvalidConfig
+            | InvalidArgument
+            | InvalidPartitions
+            | InvalidReplicationFactor
+            | InvalidReplicaAssignment
+            | PolicyViolation
+            | InvalidRequest
+            | UnsupportedVersion
+            | Fatal
     )
+}
+
+fn is_permanent(e: &RdError) -> bool {
+    e.rdkafka_error_code().is_some_and(is_permanent_code)
+}
+
+impl Retryable for KafkaError {
+    fn is_retryable(&self) -> bool {
+        KafkaError::is_retryable(self)
+    }
 }
 
 impl From<KafkaError> for EngineError {
     fn from(e: KafkaError) -> Self {
-        let retryable = e.is_retryable();
-        EngineError::backend("kafka", e, retryable)
+        EngineError::from_backend("kafka", e)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_classification_for_every_call() {
+        // Topic settings the cluster refuses are final, an unreachable cluster is not; the
+        // same list decides for receiving, delivering, committing and creating topics.
+        for code in [
+            RDKafkaErrorCode::InvalidReplicationFactor,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            assert!(is_permanent_code(code), "{code:?}");
+            let e = KafkaError::Delivery {
+                topic: "t".into(),
+                source: RdError::MessageProduction(code),
+            };
+            assert!(!e.is_retryable());
+        }
+        for code in [
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::CoordinatorNotAvailable,
+        ] {
+            assert!(!is_permanent_code(code), "{code:?}");
+        }
+        let e: EngineError = KafkaError::Commit {
+            topic: "t".into(),
+            source: RdError::ConsumerCommit(RDKafkaErrorCode::RequestTimedOut),
+        }
+        .into();
+        assert!(e.is_retryable());
+        let cause = std::error::Error::source(&e).expect("the Kafka error is kept");
+        assert!(cause.downcast_ref::<KafkaError>().is_some());
+    }
 
     #[test]
     fn undecodable_records_stop_the_pipeline() {

@@ -15,6 +15,9 @@
 mod checkpoints;
 mod config;
 mod error;
+mod message;
+mod poll;
+mod rebalance;
 mod sink;
 mod source;
 
@@ -22,16 +25,21 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::Offset;
+use weir_engine::broker::Broker;
+use weir_engine::config::{Diagnostics, TableReader};
+use weir_engine::{Result, Sink, Source};
 
 pub use config::{KafkaConfig, CONSUMER_DEFAULTS, DEFAULT_BOOTSTRAP, PRODUCER_DEFAULTS};
 pub use error::KafkaError;
+pub use rebalance::RebalanceContext;
 pub use sink::KafkaSink;
-pub use source::{KafkaSource, RebalanceContext};
+pub use source::KafkaSource;
 
 /// Where a group-less reader starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,11 +94,12 @@ impl KafkaBroker {
                 let store = match &self.config.checkpoint_topic {
                     Some(t) => {
                         self.ensure_topic_with(t, 1).await?;
-                        Some(checkpoints::CheckpointStore {
+                        Some(checkpoints::CheckpointTopic {
                             producer: self.producer()?,
                             config: self.config.clone(),
                             topic: t.clone(),
                             group: g.to_string(),
+                            source: topic.to_string(),
                         })
                     }
                     None => None,
@@ -275,7 +284,7 @@ impl KafkaBroker {
                     Ok(())
                 }
                 Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => Ok(()),
-                Some(Err((_, code))) => Err((code.to_string(), transient(code))),
+                Some(Err((_, code))) => Err((code.to_string(), !error::is_permanent_code(code))),
             },
             Err(e) => Err((e.to_string(), true)),
         };
@@ -294,18 +303,37 @@ impl KafkaBroker {
 /// (and retried) after this long.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn transient(code: RDKafkaErrorCode) -> bool {
-    use RDKafkaErrorCode::*;
-    matches!(
-        code,
-        RequestTimedOut
-            | BrokerTransportFailure
-            | AllBrokersDown
-            | NotController
-            | LeaderNotAvailable
-            | NetworkException
-            | BrokerNotAvailable
-            | OperationTimedOut
-            | CoordinatorNotAvailable
-    )
+#[async_trait]
+impl Broker for KafkaBroker {
+    const NAME: &'static str = "kafka";
+    type Config = KafkaConfig;
+
+    fn read_config(r: &mut TableReader<'_>, d: &mut Diagnostics) -> KafkaConfig {
+        KafkaConfig::read(r, d)
+    }
+
+    fn new(config: KafkaConfig) -> Self {
+        KafkaBroker::new(config)
+    }
+
+    async fn source(&self, topic: &str, group: Option<&str>) -> Result<Box<dyn Source>> {
+        Ok(Box::new(KafkaBroker::source(self, topic, group).await?))
+    }
+
+    async fn sink(&self, topic: &str) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(KafkaBroker::sink(self, topic).await?))
+    }
+
+    async fn table_reader(&self, topic: &str) -> Result<Box<dyn Source>> {
+        Ok(Box::new(self.reader(topic, StartAt::Beginning).await?))
+    }
+
+    async fn tail_reader(&self, topic: &str, from_beginning: bool) -> Result<Box<dyn Source>> {
+        let start = if from_beginning {
+            StartAt::Beginning
+        } else {
+            StartAt::End
+        };
+        Ok(Box::new(self.reader(topic, start).await?))
+    }
 }

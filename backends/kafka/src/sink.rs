@@ -23,11 +23,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedPro
 use weir_engine::{OutRecord, Result, Sink};
 
 use crate::error::KafkaError;
-
-/// On a record read from Kafka: the JSON list of its headers that had no value (null),
-/// which the record's header type cannot hold. A Kafka sink writes those back as null and
-/// drops this header.
-pub const HEADER_NULL_HEADERS: &str = "weir.null_headers";
+use crate::message::HEADER_NULL_HEADERS;
 
 /// The producer every sink of a [`crate::KafkaBroker`] shares.
 pub(crate) type SinkProducer = ThreadedProducer<SinkContext>;
@@ -38,7 +34,7 @@ pub struct SinkContext;
 
 impl ClientContext for SinkContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        crate::source::log_to_tracing(level, fac, log_message);
+        crate::message::log_to_tracing(level, fac, log_message);
     }
 
     fn error(&self, error: RdError, reason: &str) {
@@ -54,7 +50,7 @@ impl ProducerContext for SinkContext {
             let back = OutRecord {
                 key: m.key().map(Bytes::copy_from_slice),
                 payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-                headers: crate::source::headers_of(m),
+                headers: crate::message::headers_of(m),
                 timestamp: m.timestamp().to_millis(),
             };
             sink.failed

@@ -1,13 +1,13 @@
-//! Where a source's shard positions live between runs: a pluggable store, a JSON file per
-//! (stream, group) by default.
+//! Where a source's shard positions live between runs: a JSON file per (stream, group),
+//! the Kinesis backend's [`CheckpointStore`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use weir_engine::{EngineError, Result};
+use weir_engine::checkpoint_store::{CheckpointStore, Committed};
+use weir_engine::{Checkpoint, EngineError, Result};
 
 /// One shard's committed state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,25 +38,25 @@ pub struct Checkpoints {
     pub shards: BTreeMap<String, ShardCheckpoint>,
 }
 
-/// A place to keep checkpoints. Implement it to keep them elsewhere (DynamoDB, a database).
-#[async_trait]
-pub trait CheckpointStore: Send + Sync + std::fmt::Debug {
-    /// The checkpoints of `group` on `stream`; empty when there are none yet.
-    async fn load(&self, stream: &str, group: &str) -> Result<Checkpoints>;
-    /// Replaces the stored checkpoints of `c.group` on `c.stream`, durably.
-    async fn save(&self, c: &Checkpoints) -> Result<()>;
-}
-
-/// A JSON file per (stream, group) in a folder, replaced atomically (temp file + rename).
+/// The checkpoints of one (stream, group): a JSON file in a folder, replaced atomically
+/// (temp file + rename). A shard's entry is its [`Committed`]: the partition index Weir
+/// gave it (its `name` is the shard id), the sequence number reading resumes after (its
+/// `cursor`), the next offset and the engine's checkpoint.
 #[derive(Debug, Clone)]
 pub struct FileCheckpointStore {
     dir: PathBuf,
+    stream: String,
+    group: String,
 }
 
 impl FileCheckpointStore {
-    /// A store in `dir` (created on first save).
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        FileCheckpointStore { dir: dir.into() }
+    /// The store of `group` on `stream` in `dir` (created on first save).
+    pub fn new(dir: impl Into<PathBuf>, stream: &str, group: &str) -> Self {
+        FileCheckpointStore {
+            dir: dir.into(),
+            stream: stream.to_string(),
+            group: group.to_string(),
+        }
     }
 
     /// The file of `group` on `stream`.
@@ -85,10 +85,9 @@ fn io_err(what: &str, path: &std::path::Path, e: impl std::fmt::Display) -> Engi
     )
 }
 
-#[async_trait]
-impl CheckpointStore for FileCheckpointStore {
-    async fn load(&self, stream: &str, group: &str) -> Result<Checkpoints> {
-        let path = self.path(stream, group);
+impl FileCheckpointStore {
+    async fn read(&self) -> Result<Checkpoints> {
+        let path = self.path(&self.stream, &self.group);
         match tokio::fs::read(&path).await {
             Ok(bytes) => {
                 let c: Checkpoints =
@@ -100,19 +99,20 @@ impl CheckpointStore for FileCheckpointStore {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Checkpoints {
                 version: 1,
-                stream: stream.into(),
-                group: group.into(),
+                stream: self.stream.clone(),
+                group: self.group.clone(),
                 shards: BTreeMap::new(),
             }),
             Err(e) => Err(io_err("read", &path, e)),
         }
     }
 
-    async fn save(&self, c: &Checkpoints) -> Result<()> {
+    async fn write(&self, c: &Checkpoints) -> Result<()> {
         let path = self.path(&c.stream, &c.group);
         let json = serde_json::to_vec_pretty(c).map_err(|e| io_err("encode", &path, e))?;
         let dir = self.dir.clone();
         let tmp = path.with_extension("json.tmp");
+        let target = path.clone();
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             use std::io::Write;
             std::fs::create_dir_all(&dir)?;
@@ -120,40 +120,51 @@ impl CheckpointStore for FileCheckpointStore {
             f.write_all(&json)?;
             f.sync_all()?;
             drop(f);
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, &target)
         })
         .await
-        .map_err(|e| io_err("write", &self.path(&c.stream, &c.group), e))?
-        .map_err(|e| io_err("write", &self.path(&c.stream, &c.group), e))
+        .map_err(|e| io_err("write", &path, e))?
+        .map_err(|e| io_err("write", &path, e))
     }
-}
-
-/// Checkpoints kept in memory only (sources without a group; tests).
-#[derive(Debug, Clone, Default)]
-pub struct MemoryCheckpointStore {
-    inner: Arc<Mutex<BTreeMap<(String, String), Checkpoints>>>,
 }
 
 #[async_trait]
-impl CheckpointStore for MemoryCheckpointStore {
-    async fn load(&self, stream: &str, group: &str) -> Result<Checkpoints> {
-        let m = self.inner.lock().unwrap();
-        Ok(m.get(&(stream.to_string(), group.to_string()))
-            .cloned()
-            .unwrap_or_else(|| Checkpoints {
-                version: 1,
-                stream: stream.into(),
-                group: group.into(),
-                shards: BTreeMap::new(),
-            }))
+impl CheckpointStore for FileCheckpointStore {
+    /// Every shard in the file (`partitions` filters by Weir's partition index).
+    async fn load(&self, partitions: Option<&[u32]>) -> Result<Vec<Committed>> {
+        Ok(self
+            .read()
+            .await?
+            .shards
+            .into_iter()
+            .filter(|(_, s)| partitions.is_none_or(|ps| ps.contains(&s.partition)))
+            .map(|(id, s)| Committed {
+                partition: s.partition,
+                name: Some(id),
+                offset: Some(s.next_offset),
+                cursor: s.sequence_number,
+                checkpoint: s.checkpoint.as_deref().and_then(Checkpoint::decode),
+            })
+            .collect())
     }
 
-    async fn save(&self, c: &Checkpoints) -> Result<()> {
-        self.inner
-            .lock()
-            .unwrap()
-            .insert((c.stream.clone(), c.group.clone()), c.clone());
-        Ok(())
+    /// Replaces the file's entries of the shards in `commits` (named by their shard id;
+    /// entries without one are ignored), keeping the others.
+    async fn save(&self, commits: &[Committed]) -> Result<()> {
+        let mut c = self.read().await?;
+        for k in commits {
+            let Some(id) = &k.name else { continue };
+            c.shards.insert(
+                id.clone(),
+                ShardCheckpoint {
+                    partition: k.partition,
+                    sequence_number: k.cursor.clone(),
+                    next_offset: k.offset.unwrap_or(0),
+                    checkpoint: k.checkpoint.map(|cp| cp.encode()),
+                },
+            );
+        }
+        self.write(&c).await
     }
 }
 
@@ -164,21 +175,31 @@ mod tests {
     #[tokio::test]
     async fn file_store_round_trips_and_starts_empty() {
         let dir = std::env::temp_dir().join(format!("weir-kinesis-cp-{}", std::process::id()));
-        let store = FileCheckpointStore::new(&dir);
-        let mut c = store.load("s", "g/1").await.unwrap();
-        assert!(c.shards.is_empty());
-        c.shards.insert(
-            "shardId-000000000001".into(),
-            ShardCheckpoint {
-                partition: 1,
-                sequence_number: Some("4959".into()),
-                next_offset: 12,
-                checkpoint: Some("weir1:5:12".into()),
-            },
-        );
-        store.save(&c).await.unwrap();
+        let store = FileCheckpointStore::new(&dir, "s", "g/1");
+        assert!(store.load(None).await.unwrap().is_empty());
+        let shard = Committed {
+            partition: 1,
+            name: Some("shardId-000000000001".into()),
+            offset: Some(12),
+            cursor: Some("4959".into()),
+            checkpoint: Checkpoint::decode("weir1:5:12"),
+        };
+        assert!(shard.checkpoint.is_some());
+        store.save(std::slice::from_ref(&shard)).await.unwrap();
         assert!(store.path("s", "g/1").ends_with("s-g_1.json"));
-        assert_eq!(store.load("s", "g/1").await.unwrap(), c);
+        assert_eq!(store.load(None).await.unwrap(), vec![shard.clone()]);
+        assert!(store.load(Some(&[0])).await.unwrap().is_empty());
+        // The file keeps its format.
+        let text = std::fs::read_to_string(store.path("s", "g/1")).unwrap();
+        let c: Checkpoints = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            c.shards["shardId-000000000001"].sequence_number.as_deref(),
+            Some("4959")
+        );
+        assert_eq!(
+            c.shards["shardId-000000000001"].checkpoint.as_deref(),
+            Some("weir1:5:12")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use weir_engine::config::{Diagnostics, Node, TableReader, Value};
+use weir_engine::config::{Diagnostics, TableReader, Value};
 
 /// Where a shard without a checkpoint starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,17 +68,11 @@ impl Default for KinesisConfig {
 }
 
 impl KinesisConfig {
-    /// Reads a `[brokers.kinesis]` section (absent = defaults), reporting problems to `d`.
-    pub fn from_section(section: Option<&Node>, d: &mut Diagnostics) -> Self {
+    /// Reads the keys of a `[brokers.kinesis]` section, reporting problems to `d` (the
+    /// engine reports unknown keys afterwards).
+    pub fn read(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Self {
         let mut c = KinesisConfig::default();
-        let Some(Node {
-            value: Value::Table(t),
-            loc,
-        }) = section
-        else {
-            return c;
-        };
-        let mut r = TableReader::new("brokers.kinesis", t, loc.clone());
+        let loc = &r.loc().clone();
         c.region = r.str_or(d, "region", "us-east-1");
         if c.region.is_empty() {
             d.push(loc, "brokers.kinesis.region", "must not be empty");
@@ -168,7 +162,6 @@ impl KinesisConfig {
         c.poll_interval = r.duration_or(d, "poll_interval", Duration::from_millis(250));
         c.records_per_get = r.uint_or(d, "records_per_get", 1_000, 1..=10_000) as u32;
         c.buffer_batches = r.uint_or(d, "buffer_batches", 8, 1..=1024) as usize;
-        r.finish(d);
         c
     }
 }

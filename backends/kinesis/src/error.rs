@@ -1,6 +1,7 @@
 //! Mapping AWS SDK errors onto the engine's error type.
 
 use aws_sdk_kinesis::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use weir_engine::error::Retryable;
 use weir_engine::EngineError;
 
 /// What went wrong in a Kinesis call, before it becomes an [`EngineError`].
@@ -145,9 +146,14 @@ pub fn is_throttle(code: &str) -> bool {
     )
 }
 
+impl Retryable for KinesisError {
+    fn is_retryable(&self) -> bool {
+        KinesisError::is_retryable(self)
+    }
+}
+
 impl From<KinesisError> for EngineError {
     fn from(e: KinesisError) -> Self {
-        let retryable = e.is_retryable();
-        EngineError::backend("kinesis", e, retryable)
+        EngineError::from_backend("kinesis", e)
     }
 }

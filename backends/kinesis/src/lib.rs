@@ -17,6 +17,7 @@ mod checkpoint;
 mod config;
 mod error;
 pub mod kpl;
+mod reader;
 mod sink;
 mod source;
 
@@ -24,15 +25,17 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use aws_sdk_kinesis::types::StreamStatus;
 use aws_sdk_kinesis::Client;
-use weir_engine::{EngineError, Result};
+use weir_engine::broker::Broker;
+use weir_engine::checkpoint_store::{CheckpointStore, InMemoryStore};
+use weir_engine::config::{Diagnostics, TableReader};
+use weir_engine::{EngineError, Result, Sink, Source};
 
 /// The SDK this backend is built on, for callers that need the raw client.
 pub use aws_sdk_kinesis;
-pub use checkpoint::{
-    CheckpointStore, Checkpoints, FileCheckpointStore, MemoryCheckpointStore, ShardCheckpoint,
-};
+pub use checkpoint::{Checkpoints, FileCheckpointStore, ShardCheckpoint};
 pub use config::{Credentials, KinesisConfig, StartPosition};
 pub use error::KinesisError;
 pub use sink::KinesisSink;
@@ -45,23 +48,15 @@ pub struct KinesisBroker {
     config: Arc<KinesisConfig>,
     client: Arc<tokio::sync::OnceCell<Client>>,
     ready: Arc<Mutex<HashSet<String>>>,
-    store: Arc<dyn CheckpointStore>,
 }
 
 impl KinesisBroker {
     /// A backend with `config`, checkpoints in files under `config.checkpoint_dir`.
     pub fn new(config: KinesisConfig) -> Self {
-        let store = Arc::new(FileCheckpointStore::new(config.checkpoint_dir.clone()));
-        KinesisBroker::with_store(config, store)
-    }
-
-    /// A backend keeping checkpoints in `store`.
-    pub fn with_store(config: KinesisConfig, store: Arc<dyn CheckpointStore>) -> Self {
         KinesisBroker {
             config: Arc::new(config),
             client: Arc::new(tokio::sync::OnceCell::new()),
             ready: Arc::default(),
-            store,
         }
     }
 
@@ -70,7 +65,7 @@ impl KinesisBroker {
         &self.config
     }
 
-    /// The endpoint for messages: the override, or "AWS (<region>)".
+    /// The endpoint for messages: the override, or "AWS (`region`)".
     pub fn endpoint(&self) -> String {
         self.config
             .endpoint_url
@@ -164,11 +159,15 @@ impl KinesisBroker {
     pub async fn source(&self, stream: &str, group: Option<&str>) -> Result<KinesisSource> {
         self.ensure_stream(stream).await?;
         let (store, group): (Arc<dyn CheckpointStore>, String) = match group {
-            Some(g) => (self.store.clone(), g.to_string()),
-            None => (
-                Arc::new(MemoryCheckpointStore::default()),
-                "ungrouped".into(),
+            Some(g) => (
+                Arc::new(FileCheckpointStore::new(
+                    self.config.checkpoint_dir.clone(),
+                    stream,
+                    g,
+                )),
+                g.to_string(),
             ),
+            None => (Arc::new(InMemoryStore::default()), "ungrouped".into()),
         };
         Ok(KinesisSource::new(
             self.client().await?,
@@ -192,7 +191,7 @@ impl KinesisBroker {
             self.endpoint(),
             stream.to_string(),
             "ungrouped".into(),
-            Arc::new(MemoryCheckpointStore::default()),
+            Arc::new(InMemoryStore::default()),
         ))
     }
 
@@ -204,6 +203,43 @@ impl KinesisBroker {
             self.endpoint(),
             stream.to_string(),
         ))
+    }
+}
+
+#[async_trait]
+impl Broker for KinesisBroker {
+    const NAME: &'static str = "kinesis";
+    type Config = KinesisConfig;
+
+    fn read_config(r: &mut TableReader<'_>, d: &mut Diagnostics) -> KinesisConfig {
+        KinesisConfig::read(r, d)
+    }
+
+    fn new(config: KinesisConfig) -> Self {
+        KinesisBroker::new(config)
+    }
+
+    async fn source(&self, topic: &str, group: Option<&str>) -> Result<Box<dyn Source>> {
+        Ok(Box::new(KinesisBroker::source(self, topic, group).await?))
+    }
+
+    async fn sink(&self, topic: &str) -> Result<Box<dyn Sink>> {
+        Ok(Box::new(KinesisBroker::sink(self, topic).await?))
+    }
+
+    async fn table_reader(&self, topic: &str) -> Result<Box<dyn Source>> {
+        Ok(Box::new(KinesisBroker::source(self, topic, None).await?))
+    }
+
+    /// Shard iterators at the trim horizon (everything retained) or at the latest record
+    /// (only new ones); checkpoints stay in memory.
+    async fn tail_reader(&self, topic: &str, from_beginning: bool) -> Result<Box<dyn Source>> {
+        let start = if from_beginning {
+            StartPosition::TrimHorizon
+        } else {
+            StartPosition::Latest
+        };
+        Ok(Box::new(self.reader(topic, start).await?))
     }
 }
 

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
+use weir_engine::backoff::Backoff;
 use weir_engine::{EngineError, OutRecord, Result, Sink};
 
 use crate::error::KinesisError;
@@ -38,7 +39,7 @@ impl KinesisSink {
 
     /// Puts `entries` (one request's worth), retrying only the entries that failed.
     async fn put(&self, mut entries: Vec<PutRecordsRequestEntry>) -> Result<()> {
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         for attempt in 1..=MAX_ATTEMPTS {
             let out = match self
                 .client
@@ -52,8 +53,7 @@ impl KinesisSink {
                 Err(e) => {
                     let e = KinesisError::from_sdk("PutRecords", &self.endpoint, e);
                     if matches!(e, KinesisError::Throttled { .. }) && attempt < MAX_ATTEMPTS {
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
+                        pause(&mut backoff).await;
                         continue;
                     }
                     return Err(e.into());
@@ -74,7 +74,7 @@ impl KinesisSink {
                 .find_map(|r| r.error_code())
                 .unwrap_or("unknown")
                 .to_string();
-            tracing::debug!(stream = %self.stream, failed = failed.len(), %code, retry_in = ?delay, "PutRecords partly failed; retrying the failed entries");
+            tracing::debug!(stream = %self.stream, failed = failed.len(), %code, attempt, "PutRecords partly failed; retrying the failed entries");
             entries = failed;
             if attempt == MAX_ATTEMPTS {
                 return Err(EngineError::backend(
@@ -87,10 +87,16 @@ impl KinesisSink {
                     true,
                 ));
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            pause(&mut backoff).await;
         }
         unreachable!("the loop returns on its last attempt")
+    }
+}
+
+/// Waits for the next delay of `backoff` (which has no give-up time).
+async fn pause(backoff: &mut Backoff) {
+    if let Some(delay) = backoff.next_delay() {
+        tokio::time::sleep(delay).await;
     }
 }
 

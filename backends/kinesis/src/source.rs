@@ -8,38 +8,16 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use async_trait::async_trait;
-use aws_sdk_kinesis::primitives::DateTime;
-use aws_sdk_kinesis::types::{Shard, ShardIteratorType};
+use aws_sdk_kinesis::types::Shard;
 use aws_sdk_kinesis::Client;
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use weir_engine::{Checkpoint, EngineError, Position, Received, Record, Result, Source};
+use weir_engine::{Checkpoint, Position, Received, Record, Result, Source};
 
-use crate::checkpoint::{CheckpointStore, Checkpoints, ShardCheckpoint};
 use crate::config::{KinesisConfig, StartPosition};
 use crate::error::KinesisError;
-
-/// One record as a reader task saw it, before the source gives it an offset.
-struct Raw {
-    data: Bytes,
-    key: Bytes,
-    sequence: String,
-    arrival_ms: Option<i64>,
-}
-
-/// What reader tasks tell the source.
-enum Msg {
-    /// Records of one GetRecords call, in shard order, and, if the reader caught up with
-    /// the shard's end with them, when that call was made.
-    Records(String, Vec<Raw>, Option<Instant>),
-    /// An empty GetRecords, made at that time: the reader was at the shard's end.
-    CaughtUp(String, Instant),
-    /// The shard is closed and was read to its end.
-    Ended(String),
-    /// A call failed; `retryable` says whether the reader keeps going.
-    Failed(EngineError),
-}
+use crate::reader::{Msg, Reader, Start};
+use weir_engine::checkpoint_store::{CheckpointStore, Committed};
 
 /// Per-shard state held by the source.
 struct ShardState {
@@ -52,7 +30,7 @@ struct ShardState {
     /// partly handled aggregate again (its user records get the same offsets).
     pending: VecDeque<(u64, String, bool)>,
     /// What is committed.
-    stored: ShardCheckpoint,
+    stored: Committed,
     /// When a GetRecords that reached the end of the shard was made, if the last one did.
     caught_up: Option<Instant>,
 }
@@ -66,7 +44,8 @@ pub struct KinesisSource {
     group: String,
     store: Arc<dyn CheckpointStore>,
     started: bool,
-    saved: Checkpoints,
+    /// What the store held at the start, by shard id.
+    saved: HashMap<String, Committed>,
     shards: HashMap<String, ShardState>,
     /// Shards known but not read yet: they wait for their parents to end.
     waiting: BTreeMap<String, Shard>,
@@ -117,7 +96,7 @@ impl KinesisSource {
             group,
             store,
             started: false,
-            saved: Checkpoints::default(),
+            saved: HashMap::new(),
             shards: HashMap::new(),
             waiting: BTreeMap::new(),
             ended: HashSet::new(),
@@ -162,7 +141,7 @@ impl KinesisSource {
             .shards
             .values()
             .map(|s| s.partition + 1)
-            .chain(self.saved.shards.values().map(|s| s.partition + 1))
+            .chain(self.saved.values().map(|s| s.partition + 1))
             .max()
             .unwrap_or(0);
         for s in &shards {
@@ -170,12 +149,14 @@ impl KinesisSource {
             if self.shards.contains_key(&id) {
                 continue;
             }
-            let stored = match self.saved.shards.get(&id) {
+            let stored = match self.saved.get(&id) {
                 Some(c) => c.clone(),
                 None => {
                     next_partition += 1;
-                    ShardCheckpoint {
+                    Committed {
                         partition: next_partition - 1,
+                        name: Some(id.clone()),
+                        offset: Some(0),
                         ..Default::default()
                     }
                 }
@@ -184,7 +165,7 @@ impl KinesisSource {
                 id.clone(),
                 ShardState {
                     partition: stored.partition,
-                    next_offset: stored.next_offset,
+                    next_offset: stored.offset.unwrap_or(0),
                     pending: VecDeque::new(),
                     caught_up: None,
                     stored,
@@ -212,7 +193,7 @@ impl KinesisSource {
 
     fn spawn_reader(&mut self, id: &str) {
         let st = &self.shards[id];
-        let start = match &st.stored.sequence_number {
+        let start = match &st.stored.cursor {
             Some(seq) => Start::After(seq.clone()),
             None => match self.config.start_position {
                 StartPosition::TrimHorizon => Start::TrimHorizon,
@@ -220,7 +201,7 @@ impl KinesisSource {
                 StartPosition::AtTimestamp(ms) => Start::At(ms),
             },
         };
-        let cp = st.stored.checkpoint.as_deref().and_then(Checkpoint::decode);
+        let cp = st.stored.checkpoint;
         self.assign_next.push((st.partition, cp));
         self.spawned.insert(id.to_string());
         tracing::info!(stream = %self.stream, shard = id, partition = st.partition, ?start, "starting shard reader");
@@ -323,160 +304,6 @@ impl KinesisSource {
     }
 }
 
-#[derive(Debug, Clone)]
-enum Start {
-    After(String),
-    TrimHorizon,
-    Latest,
-    At(i64),
-}
-
-struct Reader {
-    client: Client,
-    endpoint: String,
-    stream: String,
-    shard: String,
-    limit: i32,
-    poll: Duration,
-    tx: mpsc::Sender<Msg>,
-}
-
-impl Reader {
-    async fn iterator(&self, start: &Start) -> std::result::Result<Option<String>, KinesisError> {
-        let mut req = self
-            .client
-            .get_shard_iterator()
-            .stream_name(&self.stream)
-            .shard_id(&self.shard);
-        req = match start {
-            Start::After(seq) => req
-                .shard_iterator_type(ShardIteratorType::AfterSequenceNumber)
-                .starting_sequence_number(seq),
-            Start::TrimHorizon => req.shard_iterator_type(ShardIteratorType::TrimHorizon),
-            Start::Latest => req.shard_iterator_type(ShardIteratorType::Latest),
-            Start::At(ms) => req
-                .shard_iterator_type(ShardIteratorType::AtTimestamp)
-                .timestamp(DateTime::from_millis(*ms)),
-        };
-        let out = req
-            .send()
-            .await
-            .map_err(|e| KinesisError::from_sdk("GetShardIterator", &self.endpoint, e))?;
-        Ok(out.shard_iterator().map(str::to_string))
-    }
-
-    /// Reports `e`; false when the reader must stop.
-    async fn failed(&self, e: KinesisError, backoff: &mut Duration) -> bool {
-        let retryable = e.is_retryable();
-        if matches!(e, KinesisError::Throttled { .. }) {
-            tracing::debug!(shard = %self.shard, error = %e, "throttled; backing off");
-        } else {
-            tracing::warn!(stream = %self.stream, shard = %self.shard, error = %e, retry_in = ?backoff, "shard reader failed");
-            if self.tx.send(Msg::Failed(e.into())).await.is_err() {
-                return false;
-            }
-        }
-        if !retryable {
-            return false;
-        }
-        tokio::time::sleep(*backoff).await;
-        *backoff = (*backoff * 2).min(Duration::from_secs(10));
-        true
-    }
-
-    async fn run(self, mut start: Start) {
-        let mut backoff = Duration::from_millis(100);
-        'outer: loop {
-            let mut it = match self.iterator(&start).await {
-                Ok(Some(it)) => it,
-                Ok(None) => break,
-                Err(e) => {
-                    if self.failed(e, &mut backoff).await {
-                        continue;
-                    }
-                    return;
-                }
-            };
-            loop {
-                let asked = Instant::now();
-                let out = match self
-                    .client
-                    .get_records()
-                    .shard_iterator(&it)
-                    .limit(self.limit)
-                    .send()
-                    .await
-                {
-                    Ok(out) => out,
-                    Err(e) => {
-                        let e = KinesisError::from_sdk("GetRecords", &self.endpoint, e);
-                        if e.code() == Some("ExpiredIteratorException") {
-                            continue 'outer;
-                        }
-                        if self.failed(e, &mut backoff).await {
-                            continue;
-                        }
-                        return;
-                    }
-                };
-                backoff = Duration::from_millis(100);
-                let recs = out.records();
-                let n = recs.len();
-                let empty = n == 0;
-                if let Some(last) = recs.last() {
-                    start = Start::After(last.sequence_number().to_string());
-                }
-                // A short read means the reader caught up (kinesalite always answers
-                // MillisBehindLatest 0, so that alone is not trusted); a full one reads on
-                // at once.
-                let caught_up = (n < self.limit as usize
-                    && out.millis_behind_latest().unwrap_or(0) == 0)
-                    .then_some(asked);
-                if empty {
-                    if self
-                        .tx
-                        .send(Msg::CaughtUp(self.shard.clone(), asked))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                } else {
-                    let raws = recs
-                        .iter()
-                        .map(|r| Raw {
-                            data: Bytes::from(r.data().as_ref().to_vec()),
-                            key: Bytes::from(
-                                r.partition_key().unwrap_or_default().as_bytes().to_vec(),
-                            ),
-                            sequence: r.sequence_number().to_string(),
-                            arrival_ms: r
-                                .approximate_arrival_timestamp()
-                                .and_then(|t| t.to_millis().ok()),
-                        })
-                        .collect();
-                    if self
-                        .tx
-                        .send(Msg::Records(self.shard.clone(), raws, caught_up))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                match out.next_shard_iterator() {
-                    Some(next) => it = next.to_string(),
-                    None => break 'outer,
-                }
-                if n < self.limit as usize {
-                    tokio::time::sleep(self.poll).await;
-                }
-            }
-        }
-        let _ = self.tx.send(Msg::Ended(self.shard.clone())).await;
-    }
-}
-
 #[async_trait]
 impl Source for KinesisSource {
     fn topic(&self) -> &str {
@@ -485,7 +312,13 @@ impl Source for KinesisSource {
 
     async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {
         if !self.started {
-            self.saved = self.store.load(&self.stream, &self.group).await?;
+            self.saved = self
+                .store
+                .load(None)
+                .await?
+                .into_iter()
+                .filter_map(|c| Some((c.name.clone()?, c)))
+                .collect();
             self.discover().await?;
             self.started = true;
         }
@@ -570,20 +403,14 @@ impl Source for KinesisSource {
                 // a partly committed KPL aggregate, whose user records get the same
                 // offsets again (and are recognised as replays).
                 if ends_record {
-                    st.stored.sequence_number = Some(seq);
-                    st.stored.next_offset = st.stored.next_offset.max(off + 1);
+                    st.stored.cursor = Some(seq);
+                    st.stored.offset = Some(st.stored.offset.unwrap_or(0).max(off + 1));
                 }
             }
-            st.stored.checkpoint = Some(cp.encode());
+            st.stored.checkpoint = Some(*cp);
         }
         // Every known shard is written, committed or not, so its partition index is kept.
-        for (id, st) in &self.shards {
-            st.stored
-                .clone_into(self.saved.shards.entry(id.clone()).or_default());
-        }
-        self.saved.version = 1;
-        self.saved.stream = self.stream.clone();
-        self.saved.group = self.group.clone();
-        self.store.save(&self.saved).await
+        let all: Vec<Committed> = self.shards.values().map(|st| st.stored.clone()).collect();
+        self.store.save(&all).await
     }
 }

@@ -1,6 +1,6 @@
 //! `[brokers.memory]` settings.
 
-use weir_engine::config::{Diagnostics, Node, TableReader, Value};
+use weir_engine::config::{Diagnostics, TableReader};
 
 /// Settings of the embedded broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,20 +21,12 @@ impl Default for MemoryConfig {
 }
 
 impl MemoryConfig {
-    /// Reads a `[brokers.memory]` section (absent = defaults), reporting problems to `d`.
-    pub fn from_section(section: Option<&Node>, d: &mut Diagnostics) -> Self {
-        let mut c = MemoryConfig::default();
-        let Some(Node {
-            value: Value::Table(t),
-            loc,
-        }) = section
-        else {
-            return c;
-        };
-        let mut r = TableReader::new("brokers.memory", t, loc.clone());
-        c.partitions = r.uint_or(d, "partitions", 4, 1..=1024) as u32;
-        c.capacity = r.uint_or(d, "capacity", 100_000, 1..=100_000_000) as usize;
-        r.finish(d);
-        c
+    /// Reads the keys of a `[brokers.memory]` section, reporting problems to `d`.
+    pub fn read(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Self {
+        let def = MemoryConfig::default();
+        MemoryConfig {
+            partitions: r.uint_or(d, "partitions", def.partitions.into(), 1..=1024) as u32,
+            capacity: r.uint_or(d, "capacity", def.capacity as u64, 1..=100_000_000) as usize,
+        }
     }
 }

@@ -9,6 +9,11 @@
 
 mod broker;
 mod config;
+mod log;
+mod sink;
+mod source;
 
-pub use broker::{MemoryBroker, MemorySink, MemorySource};
+pub use broker::MemoryBroker;
 pub use config::MemoryConfig;
+pub use sink::MemorySink;
+pub use source::MemorySource;

@@ -12,7 +12,6 @@ mod tree;
 mod windowing;
 
 use load::read_pipeline;
-pub use load::BROKERS;
 pub use model::{
     AggFn, AggregateConfig, DemoConfig, EmitMode, EnrichConfig, ErrorAction, LatePolicy,
     ObservabilityConfig, PipelineConfig, RetryConfig, ServeConfig, SourceConfig, TopicConfig,

@@ -52,8 +52,9 @@ pub struct PipelineConfig {
     pub dead_letter: TopicConfig,
     /// Where events whose window has closed go.
     pub late: LatePolicy,
-    /// The raw `[brokers.NAME]` sections, read by each backend.
-    pub brokers: Vec<(String, Node)>,
+    /// The raw `[brokers.NAME]` sections (name, where the name is, the table), read by
+    /// each backend.
+    pub brokers: Vec<(String, Loc, Node)>,
     /// The built-in generator that feeds the demo.
     pub demo: DemoConfig,
     /// `weir serve`'s ingest API and live view.
