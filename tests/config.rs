@@ -76,7 +76,7 @@ fn every_pipeline_has_a_section_for_every_broker() {
                 .unwrap_or_else(|e| panic!("{} --broker {broker}: {e}", path.display()));
             assert_eq!(backend.name(), broker);
             assert!(
-                config.brokers.iter().any(|(name, _)| name == broker),
+                config.brokers.iter().any(|(name, _, _)| name == broker),
                 "{} has no [brokers.{broker}] section",
                 path.display()
             );
@@ -97,7 +97,7 @@ fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
 /// `[brokers.*]` sections.
 fn broker_setting<'a>(config: &'a weir_engine::config::PipelineConfig, path: &[&str]) -> &'a Value {
     let (name, parts) = path.split_first().unwrap();
-    let mut node = &config.brokers.iter().find(|(n, _)| n == name).unwrap().1;
+    let mut node = &config.brokers.iter().find(|(n, _, _)| n == name).unwrap().2;
     for part in parts {
         let Value::Table(t) = &node.value else {
             panic!("{path:?}: not a table")

@@ -146,7 +146,7 @@ async fn run_case(broker: &str, pipeline: &Path, case: &Case, work: &Path) {
     // Without its own section a backend falls back to its defaults: real AWS for Kinesis,
     // no checkpoint topic on Kafka.
     assert!(
-        plain.brokers.iter().any(|(name, _)| name == broker),
+        plain.brokers.iter().any(|(name, _, _)| name == broker),
         "{what}: the pipeline has no [brokers.{broker}] section"
     );
     let mut sets = vec![
