@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{generate, pipeline, signal, weir, USER_ACTIVITY};
@@ -54,29 +54,20 @@ fn the_demo_prints_results_and_stops_cleanly_on_ctrl_c() {
 /// broker unreachable, `[observability] listen` answers 503 while connecting.
 #[tokio::test]
 async fn run_serves_metrics_and_health() {
-    let mut child = weir()
-        .args(["run", &pipeline(), "--metrics-listen", "127.0.0.1:0"])
-        .args(["--set", "demo.interval=100ms", "--set", "window.size=1s"])
-        .args([
-            "--set",
-            "window.grace=0s",
-            "--set",
-            "source.commit_interval=100ms",
-        ])
-        .env("WEIR_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let base = metrics_url(&mut child);
+    let (mut child, base) = observed(
+        weir()
+            .args(["run", &pipeline(), "--metrics-listen", "127.0.0.1:0"])
+            .args(["--set", "demo.interval=100ms", "--set", "window.size=1s"])
+            .args([
+                "--set",
+                "window.grace=0s",
+                "--set",
+                "source.commit_interval=100ms",
+            ]),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     let text = loop {
-        let text = reqwest::get(format!("{base}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = metrics_text(&base).await;
         let count = value(&text, "weir_commit_duration_seconds_count{");
         if value(&text, "weir_results_out_total{") > 0.0 && count > 0.0 {
             break text;
@@ -106,16 +97,12 @@ async fn run_serves_metrics_and_health() {
 
     // Kafka unreachable: the endpoint comes from the file's [observability] section and
     // says 503 while the pipeline is still connecting.
-    let mut child = weir()
-        .args(["run", &pipeline(), "--broker", "kafka"])
-        .args(["--set", "brokers.kafka.bootstrap_servers=127.0.0.1:9"])
-        .args(["--set", "observability.listen=127.0.0.1:0"])
-        .env("WEIR_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let base = metrics_url(&mut child);
+    let (mut child, base) = observed(
+        weir()
+            .args(["run", &pipeline(), "--broker", "kafka"])
+            .args(["--set", "brokers.kafka.bootstrap_servers=127.0.0.1:9"])
+            .args(["--set", "observability.listen=127.0.0.1:0"]),
+    );
     let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(health.status().as_u16(), 503);
     let body: serde_json::Value = health.json().await.unwrap();
@@ -123,19 +110,36 @@ async fn run_serves_metrics_and_health() {
         body["status"], "starting: connecting to the broker",
         "{body}"
     );
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&base).await;
     assert_eq!(value(&text, "weir_up{"), 0.0);
     signal(child.id(), "-INT");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
+/// `cmd` started with an info log, and the base URL of its metrics endpoint.
+fn observed(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd
+        .env("WEIR_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = metrics_url(&mut child);
+    (child, base)
+}
+
+/// What `{base}/metrics` answers.
+async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// The base URL of the metrics endpoint, from the log line that announces it.
-fn metrics_url(child: &mut std::process::Child) -> String {
+fn metrics_url(child: &mut Child) -> String {
     let err = BufReader::new(child.stderr.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
