@@ -1,21 +1,23 @@
-//! The `weir` binary: exit codes, `generate` determinism, `run --input`, the demo and its
-//! graceful Ctrl-C.
+//! The `weir` binary: exit codes, `generate` determinism, `run --input`, `weir test`, the
+//! README's sessions. Its demo, metrics and terminal output are in `tests/cli_observe.rs`.
+
+#[path = "cli/support.rs"]
+mod support;
 
 mod conformance;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn weir() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_weir"));
-    c.env_remove("WEIR_BROKER").env("WEIR_LOG", "warn");
-    c
-}
+use support::{generate, pipeline, weir, USER_ACTIVITY};
 
-fn pipeline() -> String {
-    conformance::pipeline_file().display().to_string()
+/// The summary line `weir run` logs when it stops.
+fn summary_line(err: &str) -> &str {
+    err.lines()
+        .find(|l| l.contains("pipeline stopped"))
+        .unwrap_or_else(|| panic!("no summary line in {err}"))
 }
 
 #[test]
@@ -69,12 +71,7 @@ fn validate_exits_0_for_a_good_file_and_2_with_every_problem() {
 #[test]
 fn generate_is_deterministic_for_a_seed() {
     let run = |seed: &str| {
-        let o = weir()
-            .args([
-                "generate", "--events", "500", "--users", "7", "--seed", seed,
-            ])
-            .output()
-            .unwrap();
+        let o = generate("500", "7", seed, &[]);
         assert!(o.status.success());
         String::from_utf8(o.stdout).unwrap()
     };
@@ -98,20 +95,7 @@ fn generate_is_deterministic_for_a_seed() {
 fn run_with_input_emits_every_window_and_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let events = dir.path().join("events.jsonl");
-    let gen = weir()
-        .args([
-            "generate",
-            "--events",
-            "5000",
-            "--users",
-            "20",
-            "--seed",
-            "11",
-            "--invalid-every",
-            "50",
-        ])
-        .output()
-        .unwrap();
+    let gen = generate("5000", "20", "11", &["--invalid-every", "50"]);
     std::fs::write(&events, &gen.stdout).unwrap();
     let (out, dead) = (dir.path().join("out.jsonl"), dir.path().join("dead.jsonl"));
     let status = weir()
@@ -185,49 +169,6 @@ fn run_reads_stdin_and_writes_stdout() {
 }
 
 #[test]
-fn the_demo_prints_results_and_stops_cleanly_on_ctrl_c() {
-    let mut child = weir()
-        .args([
-            "run",
-            &pipeline(),
-            "--set",
-            "demo.interval=100ms",
-            "--set",
-            "window.size=1s",
-        ])
-        .args(["--set", "window.grace=0s", "--set", "demo.invalid_every=0"])
-        .env("WEIR_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let start = Instant::now();
-    let first = lines.next().expect("a result line").unwrap();
-    assert!(start.elapsed() < Duration::from_secs(20));
-    let v: serde_json::Value = serde_json::from_str(&first).unwrap();
-    assert!(
-        v["count"].as_u64().unwrap() >= 1 && v["user_id"].is_string(),
-        "{first}"
-    );
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let mut err = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "graceful Ctrl-C exits 0");
-    // The memory broker ends with the process: open windows are not "recomputed on restart".
-    if err.contains("open windows were not emitted") {
-        assert!(err.contains("so their events are gone"), "{err}");
-        assert!(!err.contains("recomputed on restart"), "{err}");
-    }
-    assert!(err.contains("SIGINT: finishing the current batch"), "{err}");
-}
-
-#[test]
 fn a_fail_strategy_stops_the_run_with_exit_1_and_skip_counts_and_drops() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.jsonl");
@@ -264,195 +205,11 @@ fn a_fail_strategy_stops_the_run_with_exit_1_and_skip_counts_and_drops() {
     assert!(out.contains(r#""count":2"#), "{out}");
 }
 
-/// `weir run --metrics-listen`: the same Prometheus text as `weir serve` (counters,
-/// per-partition positions, commit and sink latency histograms) and `/healthz`; with the
-/// broker unreachable, `[observability] listen` answers 503 while connecting.
-#[tokio::test]
-async fn run_serves_metrics_and_health() {
-    let mut child = weir()
-        .args(["run", &pipeline(), "--metrics-listen", "127.0.0.1:0"])
-        .args(["--set", "demo.interval=100ms", "--set", "window.size=1s"])
-        .args([
-            "--set",
-            "window.grace=0s",
-            "--set",
-            "source.commit_interval=100ms",
-        ])
-        .env("WEIR_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let base = metrics_url(&mut child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let text = loop {
-        let text = reqwest::get(format!("{base}/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let count = value(&text, "weir_commit_duration_seconds_count{");
-        if value(&text, "weir_results_out_total{") > 0.0 && count > 0.0 {
-            break text;
-        }
-        assert!(Instant::now() < deadline, "no results or commits:\n{text}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let labels = r#"pipeline="user_activity",backend="memory""#;
-    assert!(value(&text, &format!("weir_events_in_total{{{labels}}}")) > 0.0);
-    assert!(text.contains("# TYPE weir_sink_ack_duration_seconds histogram"));
-    assert!(text.contains(&format!(
-        r#"weir_commit_duration_seconds_bucket{{{labels},le="+Inf"}}"#
-    )));
-    assert!(
-        value(&text, "weir_partition_received_offset{") > 0.0,
-        "per-partition positions:\n{text}"
-    );
-    assert!(text.contains("weir_partition_committed_offset{"), "{text}");
-    // The demo's events carry wall-clock times: each partition's watermark is recent.
-    let lag = value(&text, "weir_partition_watermark_lag_seconds{");
-    assert!((0.0..60.0).contains(&lag), "{lag}\n{text}");
-    assert_eq!(value(&text, "weir_up{"), 1.0);
-    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
-    assert_eq!(health.status().as_u16(), 200);
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-
-    // Kafka unreachable: the endpoint comes from the file's [observability] section and
-    // says 503 while the pipeline is still connecting.
-    let mut child = weir()
-        .args(["run", &pipeline(), "--broker", "kafka"])
-        .args(["--set", "brokers.kafka.bootstrap_servers=127.0.0.1:9"])
-        .args(["--set", "observability.listen=127.0.0.1:0"])
-        .env("WEIR_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let base = metrics_url(&mut child);
-    let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
-    assert_eq!(health.status().as_u16(), 503);
-    let body: serde_json::Value = health.json().await.unwrap();
-    assert_eq!(
-        body["status"], "starting: connecting to the broker",
-        "{body}"
-    );
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(value(&text, "weir_up{"), 0.0);
-    let kill = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    assert_eq!(child.wait().unwrap().code(), Some(0));
-}
-
-/// The base URL of the metrics endpoint, from the log line that announces it.
-fn metrics_url(child: &mut std::process::Child) -> String {
-    let err = BufReader::new(child.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in err.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .expect("a `metrics: http://…` log line");
-        if let Some(rest) = line.split("metrics: ").nth(1) {
-            let url = rest.split_whitespace().next().unwrap();
-            return url.trim_end_matches("/metrics").to_string();
-        }
-    }
-}
-
-/// The value of the first series starting with `prefix`.
-fn value(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
-}
-
-/// A long `--input` run shows a progress line on a terminal (`script` gives it one) and
-/// nothing of it when stderr is a pipe; log lines carry colour codes only on a terminal
-/// and never with `NO_COLOR`.
-#[test]
-fn progress_and_colour_only_on_a_terminal() {
-    let dir = tempfile::tempdir().unwrap();
-    let input = dir.path().join("events.jsonl");
-    let events = weir()
-        .args([
-            "generate", "--events", "400000", "--users", "500", "--seed", "9",
-        ])
-        .output()
-        .unwrap();
-    std::fs::write(&input, events.stdout).unwrap();
-    let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/user_activity.toml");
-    let run = [
-        "run",
-        pipeline,
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        "/dev/null",
-        "--dead-letter",
-        "/dev/null",
-    ];
-
-    let piped = weir().args(run).env("WEIR_LOG", "info").output().unwrap();
-    assert_eq!(piped.status.code(), Some(0));
-    let err = String::from_utf8_lossy(&piped.stderr);
-    assert!(err.contains("pipeline started"), "{err}");
-    assert!(
-        !err.contains('\u{1b}'),
-        "no escape codes into a pipe:\n{err}"
-    );
-    assert!(!err.contains("events ("), "no progress into a pipe:\n{err}");
-
-    let typescript = dir.path().join("typescript");
-    let line = format!("{} {}", env!("CARGO_BIN_EXE_weir"), run.join(" "));
-    for no_color in [false, true] {
-        let mut cmd = Command::new("script");
-        cmd.args(["-qec", &line, typescript.to_str().unwrap()])
-            .env_remove("WEIR_BROKER")
-            .env("WEIR_LOG", "info")
-            .stdout(Stdio::null());
-        if no_color {
-            cmd.env("NO_COLOR", "1");
-        } else {
-            cmd.env_remove("NO_COLOR");
-        }
-        assert!(cmd.status().unwrap().success());
-        let tty = std::fs::read_to_string(&typescript).unwrap();
-        assert!(
-            tty.contains(" events (") && tty.contains("/s), ") && tty.contains(" MiB read, "),
-            "a progress line on the terminal:\n{tty}"
-        );
-        // The log's dimmed timestamp: colour on a terminal unless NO_COLOR.
-        assert_eq!(tty.contains("\u{1b}[2m"), !no_color, "{tty}");
-    }
-}
-
 /// Every duration flag reads durations as the file does (`5s`, `500ms`), and rejects a
 /// bare number the same way.
 #[test]
 fn duration_flags_take_the_file_syntax() {
-    let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/user_activity.toml");
+    let pipeline = USER_ACTIVITY;
     for (args, ok) in [
         (vec!["tail", pipeline, "--idle-exit", "5s"], true),
         (vec!["tail", pipeline, "--idle-exit", "500ms"], true),
@@ -630,10 +387,7 @@ fn run_input_counts_blank_lines_in_the_summary() {
     assert_eq!(counted, 3, "{results:?}");
     let dead = std::fs::read_to_string(dir.path().join("dead.jsonl")).unwrap();
     assert_eq!(dead.lines().count(), 1, "{dead}");
-    let summary = err
-        .lines()
-        .find(|l| l.contains("pipeline stopped"))
-        .unwrap_or_else(|| panic!("no summary line in {err}"));
+    let summary = summary_line(&err);
     assert!(
         summary.contains(
             "events_in=8 = windowed=3 + dead_letters=1 + late=0 + filtered=0 + replayed=0 + \
@@ -772,10 +526,7 @@ fn run_input_with_retries_runs_them_to_their_end() {
         .collect();
     users.sort();
     assert_eq!(users, ["User1", "User2", "User3"]);
-    let summary = err
-        .lines()
-        .find(|l| l.contains("pipeline stopped"))
-        .unwrap_or_else(|| panic!("no summary line in {err}"));
+    let summary = summary_line(&err);
     // Each event in three times (twice back from the retry topic), retried twice, then a
     // dead letter.
     assert!(

@@ -4,34 +4,22 @@
 //! with the broker's name so `scripts/test` can leave a broker out explicitly.
 
 mod conformance;
+#[path = "interop/huge.rs"]
+mod huge;
+#[path = "interop/support.rs"]
+mod support;
 mod thirdparty;
 use thirdparty as interop;
 
 use std::time::Duration;
 
 use conformance::{oracle, results, Bed};
-use weir_engine::generate::dataset;
+use huge::{a_huge_late_event_is_cut_to_fit, huge_event, the_huge_dead_letter_is_cut_to_fit};
+use support::{
+    assert_results, create_source, delete_amqp_queues, keyed, pika_records, run_counting,
+    seed_lines,
+};
 use weir_engine::StopReason;
-
-fn seed_lines(seed: u64, n: usize, users: u64) -> Vec<Vec<u8>> {
-    dataset(seed, n, users, 0)
-        .into_iter()
-        .map(String::into_bytes)
-        .collect()
-}
-
-/// `key\tvalue` lines for [`interop::KAFKA_PRODUCE`], keyed by user like a Java producer.
-fn keyed(lines: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for l in lines {
-        let v: serde_json::Value = serde_json::from_slice(l).unwrap();
-        out.extend_from_slice(v["user_id"].as_str().unwrap_or("").as_bytes());
-        out.push(b'\t');
-        out.extend_from_slice(l);
-        out.push(b'\n');
-    }
-    out
-}
 
 /// A topic compressed with zstd by a Java-like producer (librdkafka 2.16 in
 /// confluent-kafka, `compression.type=zstd`) is read like any other codec: exactly the
@@ -41,78 +29,15 @@ fn keyed(lines: &[Vec<u8>]) -> Vec<u8> {
 async fn kafka_reads_zstd_from_a_java_like_producer() {
     let bed = Bed::new("kafka", "zstd", &[]);
     // Weir creates the topic (4 partitions) as for any run.
-    drop(
-        bed.backend
-            .sink(&bed.config.source.topic)
-            .await
-            .expect("topic"),
-    );
+    create_source(&bed, "topic").await;
     let data = seed_lines(14, 5_000, 20);
     let want = oracle(&data);
-    let sent = interop::run_async(
-        interop::KAFKA_PRODUCE,
-        vec![
-            ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
-            ("TOPIC".into(), bed.config.source.topic.clone()),
-            ("CODEC".into(), "zstd".into()),
-        ],
-        keyed(&data),
-    )
-    .await;
+    let topic = &bed.config.source.topic;
+    let sent = interop::kafka_produce(topic, "zstd", None, keyed(&data)).await;
     assert_eq!(sent.trim(), "5000");
-    let summary = bed.run_until_idle().await.expect("run");
+    let summary = run_counting(&bed, (5_000, 5_000, 0)).await;
     assert_eq!(summary.reason, StopReason::Idle);
-    let s = summary.counters;
-    assert_eq!(
-        (s.events_in, s.windowed, s.dead_letters),
-        (5_000, 5_000, 0),
-        "{s:?}"
-    );
-    let got = results(
-        &bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5))
-            .await,
-    );
-    assert_eq!(got, want);
-}
-
-/// What pika printed, as records: body, `weir.key` header as the key, headers.
-fn pika_records(out: &str, queue: &str) -> Vec<weir_engine::Record> {
-    out.lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["queue"] == queue)
-        .map(|v| {
-            assert_eq!(v["content_type"], "application/json", "{v}");
-            let h = v["headers"].as_object().unwrap();
-            let rec = weir_engine::Record {
-                key: h
-                    .get("weir.key")
-                    .map(|k| bytes::Bytes::from(k.as_str().unwrap().to_string())),
-                payload: bytes::Bytes::from(v["body"].as_str().unwrap().to_string()),
-                headers: h
-                    .iter()
-                    .filter_map(|(k, v)| {
-                        Some((
-                            k.clone().into(),
-                            bytes::Bytes::from(v.as_str()?.to_string()),
-                        ))
-                    })
-                    .collect(),
-                ..Default::default()
-            };
-            rec
-        })
-        .collect()
-}
-
-fn amqp_queues(bed: &Bed) -> String {
-    let c = &bed.config;
-    [
-        c.source.topic.clone(),
-        c.sink.topic.clone(),
-        c.dead_letter.topic.clone(),
-        format!("weir.checkpoint.{}", c.source.topic),
-    ]
-    .join(",")
+    assert_results(&bed, &want).await;
 }
 
 /// A standard consumer declares the queues Weir published to the way pika's docs do,
@@ -127,22 +52,10 @@ async fn amqp_a_standard_consumer_declares_and_reads_the_results_queue() {
     data.push(b"{\"user_id\": \"User1\", not json".to_vec());
     let want = oracle(&data);
     bed.produce(&data).await;
-    let summary = bed.run_until_idle().await.expect("run");
-    let s = summary.counters;
-    assert_eq!(
-        (s.events_in, s.windowed, s.dead_letters),
-        (2_001, 2_000, 1),
-        "{s:?}"
-    );
+    run_counting(&bed, (2_001, 2_000, 1)).await;
     let c = &bed.config;
-    let env = vec![
-        ("URL".to_string(), interop::amqp_url()),
-        (
-            "QUEUES".to_string(),
-            format!("{},{}", c.sink.topic, c.dead_letter.topic),
-        ),
-    ];
-    let out = interop::run_async(interop::PIKA_CONSUME, env, Vec::new()).await;
+    let queues = format!("{},{}", c.sink.topic, c.dead_letter.topic);
+    let out = interop::pika_consume(&queues, None, false).await;
     let got = results(&pika_records(&out, &c.sink.topic));
     assert_eq!(got, want);
     let dead = pika_records(&out, &c.dead_letter.topic);
@@ -153,15 +66,7 @@ async fn amqp_a_standard_consumer_declares_and_reads_the_results_queue() {
         "{env}"
     );
     assert_eq!(env["payload"], "{\"user_id\": \"User1\", not json");
-    interop::run_async(
-        interop::PIKA_DELETE,
-        vec![
-            ("URL".into(), interop::amqp_url()),
-            ("QUEUES".into(), amqp_queues(&bed)),
-        ],
-        Vec::new(),
-    )
-    .await;
+    delete_amqp_queues(&bed).await;
 }
 
 /// Queues a standard client declared first, with arguments Weir does not set, are used as
@@ -172,54 +77,22 @@ async fn amqp_a_standard_consumer_declares_and_reads_the_results_queue() {
 async fn amqp_queues_declared_first_by_another_client_are_used_as_they_are() {
     let bed = Bed::without_queue_expiry("amqp", "pika-first", &[]);
     let c = &bed.config;
-    let url = interop::amqp_url();
-    let declare = |queues: String, args: &str| {
-        vec![
-            ("URL".to_string(), url.clone()),
-            ("QUEUES".to_string(), queues),
-            ("ARGS".to_string(), args.to_string()),
-            ("DECLARE_ONLY".to_string(), "1".to_string()),
-        ]
-    };
-    interop::run_async(
-        interop::PIKA_CONSUME,
-        declare(c.source.topic.clone(), ""),
-        Vec::new(),
-    )
-    .await;
-    interop::run_async(
-        interop::PIKA_CONSUME,
-        declare(c.sink.topic.clone(), r#"{"x-max-length": 100000}"#),
-        Vec::new(),
-    )
-    .await;
-    interop::run_async(
-        interop::PIKA_CONSUME,
-        declare(c.dead_letter.topic.clone(), r#"{"x-message-ttl": 3600000}"#),
-        Vec::new(),
-    )
-    .await;
+    let max_length = r#"{"x-max-length": 100000}"#;
+    for (queue, args) in [
+        (&c.source.topic, ""),
+        (&c.sink.topic, max_length),
+        (&c.dead_letter.topic, r#"{"x-message-ttl": 3600000}"#),
+    ] {
+        interop::pika_consume(queue, Some(args), true).await;
+    }
     let data = seed_lines(16, 2_000, 20);
     let want = oracle(&data);
     bed.produce(&data).await;
     let summary = bed.run_until_idle().await.expect("run");
     assert_eq!(summary.counters.windowed, 2_000, "{:?}", summary.counters);
-    let env = vec![
-        ("URL".to_string(), url.clone()),
-        ("QUEUES".to_string(), c.sink.topic.clone()),
-        (
-            "ARGS".to_string(),
-            r#"{"x-max-length": 100000}"#.to_string(),
-        ),
-    ];
-    let out = interop::run_async(interop::PIKA_CONSUME, env, Vec::new()).await;
+    let out = interop::pika_consume(&c.sink.topic, Some(max_length), false).await;
     assert_eq!(results(&pika_records(&out, &c.sink.topic)), want);
-    interop::run_async(
-        interop::PIKA_DELETE,
-        vec![("URL".into(), url), ("QUEUES".into(), amqp_queues(&bed))],
-        Vec::new(),
-    )
-    .await;
+    delete_amqp_queues(&bed).await;
 }
 
 /// Where using a queue as it is would not be safe — Weir's source needs a durable queue,
@@ -229,22 +102,13 @@ async fn amqp_queues_declared_first_by_another_client_are_used_as_they_are() {
 async fn amqp_an_inequivalent_queue_names_the_argument_and_the_setting() {
     let bed = Bed::without_queue_expiry("amqp", "pika-transient", &[]);
     let topic = bed.config.source.topic.clone();
-    let url = interop::amqp_url();
     const TRANSIENT: &str = r#"
 import os, pika
 conn = pika.BlockingConnection(pika.URLParameters(os.environ["URL"]))
 conn.channel().queue_declare(os.environ["QUEUES"], durable=False)
 conn.close()
 "#;
-    interop::run_async(
-        TRANSIENT,
-        vec![
-            ("URL".into(), url.clone()),
-            ("QUEUES".into(), topic.clone()),
-        ],
-        Vec::new(),
-    )
-    .await;
+    interop::pika_run(TRANSIENT, &topic).await;
     let err = match bed
         .backend
         .source(&topic, Some(&bed.config.source.group))
@@ -262,64 +126,7 @@ conn.close()
         err.contains(&format!("queue `{topic}` already exists with another `durable` than Weir declares: change `brokers.amqp.durable`")),
         "{err}"
     );
-    interop::run_async(
-        interop::PIKA_DELETE,
-        vec![("URL".into(), url), ("QUEUES".into(), amqp_queues(&bed))],
-        Vec::new(),
-    )
-    .await;
-}
-
-/// A valid seed event whose `metadata.user_agent` makes it `size` bytes; with `quotes`,
-/// the padding is escaped quotes (`\"`), which a dead letter's envelope doubles.
-fn huge_event(size: usize, quotes: bool) -> Vec<u8> {
-    let head = r#"{"event_type":"click","user_id":"User1","action":"a","timestamp":"2024-06-27 15:00:01.000","metadata":{"user_agent":""#;
-    let tail = r#""}}"#;
-    let pad = size - head.len() - tail.len();
-    let body = if quotes {
-        "\\\"".repeat(pad / 2) + &"x".repeat(pad % 2)
-    } else {
-        "x".repeat(pad)
-    };
-    let e = format!("{head}{body}{tail}").into_bytes();
-    assert_eq!(e.len(), size);
-    serde_json::from_slice::<serde_json::Value>(&e).expect("the huge event is valid JSON");
-    e
-}
-
-/// Runs the bed's pipeline over its source (one huge event and 100 seed events) and checks
-/// the huge event's dead letter: it arrived, within `limit` bytes, cut, with the original
-/// size and a prefix of the original payload; the run did not fail; the other events
-/// were counted.
-async fn the_huge_dead_letter_is_cut_to_fit(bed: &Bed, event: &[u8], limit: usize) {
-    let summary = bed
-        .run_until_idle()
-        .await
-        .expect("a dead letter never fails the run for its size");
-    let s = summary.counters;
-    assert_eq!(
-        (s.events_in, s.windowed, s.dead_letters),
-        (101, 100, 1),
-        "{s:?}"
-    );
-    let dead = bed
-        .read(&bed.config.dead_letter.topic, 1, Duration::from_secs(5))
-        .await;
-    assert_eq!(dead.len(), 1);
-    let d = &dead[0];
-    assert!(d.payload.len() <= limit, "{} > {limit}", d.payload.len());
-    let env: serde_json::Value = serde_json::from_slice(&d.payload).unwrap();
-    assert!(
-        env["error"].as_str().unwrap().contains("bytes"),
-        "{}",
-        env["error"]
-    );
-    assert_eq!(env["payload_truncated"], true);
-    assert_eq!(env["payload_bytes"], event.len());
-    let kept = env["payload"].as_str().unwrap();
-    assert!(kept.len() > limit / 4, "kept {} bytes", kept.len());
-    assert!(event.starts_with(kept.as_bytes()));
-    assert_eq!(env["source"]["topic"], bed.config.source.topic);
+    delete_amqp_queues(&bed).await;
 }
 
 /// One valid 2 MB event on Kafka (from a producer allowed 3 MB): its dead letter
@@ -329,28 +136,14 @@ async fn the_huge_dead_letter_is_cut_to_fit(bed: &Bed, event: &[u8], limit: usiz
 #[tokio::test]
 async fn kafka_a_2mb_event_becomes_a_dead_letter_cut_to_fit() {
     let bed = Bed::new("kafka", "huge", &[]);
-    drop(
-        bed.backend
-            .sink(&bed.config.source.topic)
-            .await
-            .expect("topic"),
-    );
+    create_source(&bed, "topic").await;
     let event = huge_event(2_000_000, false);
     let mut input = keyed(&seed_lines(17, 100, 5));
     input.extend_from_slice(b"User1\t");
     input.extend_from_slice(&event);
     input.push(b'\n');
-    let sent = interop::run_async(
-        interop::KAFKA_PRODUCE,
-        vec![
-            ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
-            ("TOPIC".into(), bed.config.source.topic.clone()),
-            ("CODEC".into(), "lz4".into()),
-            ("MAX_BYTES".into(), "3000000".into()),
-        ],
-        input,
-    )
-    .await;
+    let topic = &bed.config.source.topic;
+    let sent = interop::kafka_produce(topic, "lz4", Some("3000000"), input).await;
     assert_eq!(sent.trim(), "101");
     the_huge_dead_letter_is_cut_to_fit(&bed, &event, 1_000_000).await;
 }
@@ -387,24 +180,10 @@ async fn kinesis_a_900kb_event_becomes_a_dead_letter_cut_to_fit() {
 #[tokio::test]
 async fn kinesis_kpl_aggregated_records_are_deaggregated() {
     let bed = Bed::new("kinesis", "kpl", &[]);
-    drop(
-        bed.backend
-            .sink(&bed.config.source.topic)
-            .await
-            .expect("stream"),
-    );
+    create_source(&bed, "stream").await;
     let data = seed_lines(18, 3_000, 20);
     let want = oracle(&data);
-    let out = interop::run_async(
-        interop::KPL_PUT,
-        vec![
-            ("ENDPOINT".into(), interop::kinesis_endpoint()),
-            ("STREAM".into(), bed.config.source.topic.clone()),
-            ("PLAIN".into(), "200".into()),
-        ],
-        keyed(&data),
-    )
-    .await;
+    let out = interop::kpl_put(&bed.config.source.topic, Some("200"), keyed(&data)).await;
     let (puts, users) = out.trim().split_once(' ').unwrap();
     let (puts, users): (usize, usize) = (puts.parse().unwrap(), users.parse().unwrap());
     assert_eq!(users, 3_000);
@@ -412,18 +191,8 @@ async fn kinesis_kpl_aggregated_records_are_deaggregated() {
         puts < 400,
         "{puts} Kinesis records: the rest must be aggregates"
     );
-    let summary = bed.run_until_idle().await.expect("run");
-    let s = summary.counters;
-    assert_eq!(
-        (s.events_in, s.windowed, s.dead_letters),
-        (3_000, 3_000, 0),
-        "{s:?}"
-    );
-    let got = results(
-        &bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5))
-            .await,
-    );
-    assert_eq!(got, want);
+    run_counting(&bed, (3_000, 3_000, 0)).await;
+    assert_results(&bed, &want).await;
     let again = bed.run_until_idle().await.expect("second run");
     let s = again.counters;
     assert_eq!((s.windowed, s.dead_letters, s.late), (0, 0, 0), "{s:?}");
@@ -450,15 +219,7 @@ async fn kinesis_a_commit_inside_an_aggregate_resumes_with_the_same_positions() 
         input.extend_from_slice(d);
         input.push(b'\n');
     }
-    let out = interop::run_async(
-        interop::KPL_PUT,
-        vec![
-            ("ENDPOINT".into(), interop::kinesis_endpoint()),
-            ("STREAM".into(), topic.clone()),
-        ],
-        input,
-    )
-    .await;
+    let out = interop::kpl_put(&topic, None, input).await;
     assert_eq!(out.trim(), "1 10");
     async fn read(src: &mut dyn weir_engine::Source, n: usize) -> Vec<Record> {
         let mut got = Vec::new();
@@ -528,32 +289,12 @@ async fn kinesis_a_commit_inside_an_aggregate_resumes_with_the_same_positions() 
 #[tokio::test]
 async fn kafka_a_tombstone_is_told_apart_from_an_empty_value() {
     let bed = Bed::new("kafka", "tombstone", &[]);
-    drop(
-        bed.backend
-            .sink(&bed.config.source.topic)
-            .await
-            .expect("topic"),
-    );
+    create_source(&bed, "topic").await;
     let mut input = keyed(&seed_lines(19, 10, 3));
     input.extend_from_slice(b"User1\t\\N\nUser2\t\n");
-    let sent = interop::run_async(
-        interop::KAFKA_PRODUCE,
-        vec![
-            ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
-            ("TOPIC".into(), bed.config.source.topic.clone()),
-            ("CODEC".into(), "gzip".into()),
-        ],
-        input,
-    )
-    .await;
+    let sent = interop::kafka_produce(&bed.config.source.topic, "gzip", None, input).await;
     assert_eq!(sent.trim(), "12");
-    let summary = bed.run_until_idle().await.expect("run");
-    let s = summary.counters;
-    assert_eq!(
-        (s.events_in, s.windowed, s.dead_letters),
-        (12, 10, 2),
-        "{s:?}"
-    );
+    run_counting(&bed, (12, 10, 2)).await;
     let dead = bed
         .read(&bed.config.dead_letter.topic, 2, Duration::from_secs(5))
         .await;
@@ -590,12 +331,7 @@ async fn kafka_a_tombstone_is_told_apart_from_an_empty_value() {
 #[tokio::test]
 async fn kafka_null_headers_stay_null_on_a_dead_letter() {
     let bed = Bed::new("kafka", "null-headers", &[]);
-    drop(
-        bed.backend
-            .sink(&bed.config.source.topic)
-            .await
-            .expect("topic"),
-    );
+    create_source(&bed, "topic").await;
     const PRODUCE: &str = r#"
 import os
 from confluent_kafka import Producer
@@ -641,94 +377,6 @@ assert p.flush(30) == 0
     assert_eq!(d["key"], "User1");
 }
 
-/// A late event too large for the broker (events up to 3 MB allowed, `[late]` topic set):
-/// its late record is cut to fit, as an envelope naming the window it missed, with the
-/// original size; the run does not fail. One partition/shard so the order is the
-/// production order. On Kafka the events come from a confluent-kafka producer allowed
-/// 3 MB, while Weir's producer keeps librdkafka's 1,000,000.
-async fn a_huge_late_event_is_cut_to_fit(
-    broker: &str,
-    extra: &[&str],
-    size: usize,
-    limit: Option<usize>,
-) {
-    let mut sets = vec![
-        "source.max_payload_bytes=3000000",
-        "brokers.kafka.partitions=1",
-        "brokers.kinesis.shards=1",
-    ];
-    sets.extend_from_slice(extra);
-    let late_topic = format!(
-        "late-{broker}-{}-{}",
-        std::process::id(),
-        weir_engine::time::now_millis() % 1_000_000_000
-    );
-    let late_set = format!("late.topic={late_topic}");
-    sets.push(&late_set);
-    let bed = Bed::new(broker, "huge-late", &sets);
-    assert_eq!(
-        bed.config.late,
-        weir_engine::config::LatePolicy::Output(late_topic.clone())
-    );
-    let mut data = seed_lines(20, 100, 5);
-    // An hour before the others: its window closed long ago.
-    let mut event = huge_event(size, false);
-    let at = event
-        .windows(13)
-        .position(|w| w == b"2024-06-27 15")
-        .unwrap();
-    event[at..at + 13].copy_from_slice(b"2024-06-27 14");
-    data.push(event.clone());
-    if broker == "kafka" {
-        drop(
-            bed.backend
-                .sink(&bed.config.source.topic)
-                .await
-                .expect("topic"),
-        );
-        let sent = interop::run_async(
-            interop::KAFKA_PRODUCE,
-            vec![
-                ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
-                ("TOPIC".into(), bed.config.source.topic.clone()),
-                ("CODEC".into(), "lz4".into()),
-                ("MAX_BYTES".into(), "3000000".into()),
-            ],
-            keyed(&data),
-        )
-        .await;
-        assert_eq!(sent.trim(), "101");
-    } else {
-        bed.produce(&data).await;
-    }
-    let summary = bed
-        .run_until_idle()
-        .await
-        .expect("a late record never fails the run for its size");
-    let s = summary.counters;
-    assert_eq!(
-        (s.events_in, s.windowed, s.late, s.dead_letters),
-        (101, 100, 1, 0),
-        "{s:?}"
-    );
-    let late = bed.read(&late_topic, 1, Duration::from_secs(5)).await;
-    assert_eq!(late.len(), 1);
-    let l = &late[0];
-    let Some(limit) = limit else {
-        // It fits as it is: the original event, unchanged.
-        assert_eq!(&l.payload[..], &event[..]);
-        return;
-    };
-    assert!(l.payload.len() <= limit, "{} > {limit}", l.payload.len());
-    let env: serde_json::Value = serde_json::from_slice(&l.payload).unwrap();
-    assert_eq!(env["payload_truncated"], true, "{}", env["error"]);
-    assert_eq!(env["payload_bytes"], size);
-    assert_eq!(env["late"]["window_start"], "2024-06-27T14:00:00Z");
-    assert_eq!(env["source"]["topic"], bed.config.source.topic);
-    let kept = env["payload"].as_str().unwrap();
-    assert!(kept.len() > limit / 4 && event.starts_with(kept.as_bytes()));
-}
-
 #[tokio::test]
 async fn kafka_a_2mb_late_event_is_cut_to_fit() {
     a_huge_late_event_is_cut_to_fit("kafka", &[], 2_000_000, Some(1_000_000)).await;
@@ -761,19 +409,9 @@ async fn kafka_an_undecodable_batch_is_a_loud_error_never_a_skip() {
     let bed = Bed::new("kafka", "undecodable", &["brokers.kafka.partitions=1"]);
     let topic = bed.config.source.topic.clone();
     drop(bed.backend.sink(&topic).await.expect("topic"));
-    let produce = |lines: Vec<Vec<u8>>| {
-        interop::run_async(
-            interop::KAFKA_PRODUCE,
-            vec![
-                ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
-                ("TOPIC".into(), topic.clone()),
-                ("CODEC".into(), "zstd".into()),
-            ],
-            keyed(&lines),
-        )
-    };
+    let produce = |lines: &[Vec<u8>]| interop::kafka_produce(&topic, "zstd", None, keyed(lines));
     let data = seed_lines(21, 100, 5);
-    assert_eq!(produce(data[..50].to_vec()).await.trim(), "50");
+    assert_eq!(produce(&data[..50]).await.trim(), "50");
     let err = interop::run_async(
         interop::KAFKA_CORRUPT_ZSTD_BATCH,
         vec![
@@ -784,7 +422,7 @@ async fn kafka_an_undecodable_batch_is_a_loud_error_never_a_skip() {
     )
     .await;
     assert_eq!(err.trim(), "0", "the broker stored the batch");
-    assert_eq!(produce(data[50..].to_vec()).await.trim(), "50");
+    assert_eq!(produce(&data[50..]).await.trim(), "50");
     for run in ["first run", "restart"] {
         // Not a stall either (librdkafka's error retried forever).
         let e = tokio::time::timeout(Duration::from_secs(60), bed.run_until_idle())

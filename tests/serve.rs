@@ -1,121 +1,19 @@
-//! `weir serve` on the memory backend, driven over HTTP and WebSocket as a client would:
-//! every status code of the ingest API, the live feed of window results, health, metrics
-//! and the page.
+//! `weir serve` on the memory backend, driven over HTTP as a client would: every status
+//! code of the ingest API, health, metrics and the page, and the limits on connections.
+//! The live feed of window results is in `tests/serve_live.rs`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+#[path = "serve/support.rs"]
+mod support;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
+use support::{event, Server};
 
-/// A `weir serve` process on a free loopback port, killed when dropped.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(sets: &[&str], env: &[(&str, &str)]) -> Server {
-        Server::start_with(sets, env, &[])
-    }
-
-    fn start_with(sets: &[&str], env: &[(&str, &str)], args: &[&str]) -> Server {
-        Server::start_cmd(sets, env, args, Command::new(env!("CARGO_BIN_EXE_weir")))
-    }
-
-    fn start_cmd(sets: &[&str], env: &[(&str, &str)], args: &[&str], mut cmd: Command) -> Server {
-        let pipeline = concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines/user_activity.toml");
-        cmd.args(["serve", pipeline, "--listen", "127.0.0.1:0"])
-            .env_remove("WEIR_BROKER")
-            .env_remove("WEIR_SERVE_TOKEN")
-            .env("WEIR_LOG", "warn")
-            .stdout(Stdio::piped());
-        for s in sets {
-            cmd.args(["--set", s]);
-        }
-        cmd.envs(env.iter().copied()).args(args);
-        let mut child = cmd.spawn().expect("weir serve starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("no URL in {line:?}"))
-            .trim_end_matches('/')
-            .to_string();
-        Server { child, url }
-    }
-
-    fn at(&self, path: &str) -> String {
-        format!("{}{path}", self.url)
-    }
-
-    async fn post(&self, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
-        self.post_with(path, body, None).await
-    }
-
-    async fn post_with(
-        &self,
-        path: &str,
-        body: impl Into<reqwest::Body>,
-        token: Option<&str>,
-    ) -> (u16, Value) {
-        let mut req = reqwest::Client::new().post(self.at(path)).body(body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.send().await.unwrap();
-        let code = resp.status().as_u16();
-        let text = resp.text().await.unwrap();
-        (
-            code,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    /// The value of metric `name` (the first of its series).
-    async fn metric(&self, name: &str) -> f64 {
-        self.series(&format!("{name}{{")).await
-    }
-
-    /// How many ingest requests were refused for `reason`.
-    async fn refused(&self, reason: &str) -> f64 {
-        self.series(&format!(
-            r#"weir_http_requests_refused_total{{pipeline="user_activity",backend="memory",reason="{reason}"}}"#
-        ))
-        .await
-    }
-
-    async fn series(&self, prefix: &str) -> f64 {
-        let text = reqwest::get(self.at("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn event(user: &str, time: &str) -> String {
-    json!({"event_type": "click", "user_id": user, "action": "buy", "timestamp": time,
-           "metadata": {"page": "/search"}})
-    .to_string()
+/// The `content-type` of `resp`.
+fn content_type(resp: &reqwest::Response) -> &str {
+    resp.headers()["content-type"].to_str().unwrap()
 }
 
 #[tokio::test]
@@ -340,114 +238,17 @@ async fn a_stalled_broker_gets_503_not_a_hang_and_a_full_queue_503_at_once() {
     assert_eq!(s.refused("unavailable").await, 2.0);
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// The next message of type `kind` (skipping others), within 10 s.
-async fn next_of(ws: &mut Ws, kind: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {kind} message within 10 s"))
-            .expect("the feed stays open")
-            .unwrap();
-        if let Message::Text(t) = msg {
-            let v: Value = serde_json::from_str(&t).unwrap();
-            if v["type"] == kind {
-                return v;
-            }
-        }
-    }
-}
-
-#[tokio::test]
-async fn ws_streams_window_results_to_every_client() {
-    let s = Server::start(&["brokers.memory.partitions=1"], &[]);
-    let ws_url = s.at("/ws").replace("http://", "ws://");
-    let mut clients = Vec::new();
-    for _ in 0..3 {
-        let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
-        let hello = next_of(&mut ws, "hello").await;
-        assert_eq!(hello["group_by"], json!(["user_id"]));
-        assert_eq!(hello["values"], json!(["count"]));
-        assert_eq!(hello["backend"], "memory");
-        let counters = next_of(&mut ws, "counters").await;
-        assert_eq!(counters["results_out"], 0);
-        clients.push(ws);
-    }
-    let mut events: Vec<String> = (1..=3)
-        .map(|i| event("User1", &format!("2024-06-27T15:00:0{i}Z")))
-        .chain((4..=5).map(|i| event("User2", &format!("2024-06-27T15:00:0{i}Z"))))
-        .collect();
-    // An event 30 s later moves the watermark past the first window's end + grace.
-    events.push(event("User3", "2024-06-27T15:00:30Z"));
-    let (code, body) = s
-        .post("/track/batch", format!("[{}]", events.join(",")))
-        .await;
-    assert_eq!(code, 202, "{body}");
-
-    for ws in &mut clients {
-        let mut got = Vec::new();
-        for _ in 0..2 {
-            let r = next_of(ws, "result").await["result"].clone();
-            got.push((
-                r["user_id"].clone(),
-                r["count"].clone(),
-                r["window_start"].clone(),
-            ));
-        }
-        got.sort_by_key(|g| g.0.to_string());
-        assert_eq!(
-            got,
-            [
-                (json!("User1"), json!(3), json!("2024-06-27T15:00:00Z")),
-                (json!("User2"), json!(2), json!("2024-06-27T15:00:00Z")),
-            ]
-        );
-        // Counters follow within a tick and add up.
-        loop {
-            let c = next_of(ws, "counters").await;
-            if c["results_out"] == 2 {
-                assert_eq!(
-                    (c["events_in"].clone(), c["dead_letters"].clone()),
-                    (json!(6), json!(0))
-                );
-                break;
-            }
-        }
-    }
-    // A client that joins later gets the latest results first.
-    let (mut late, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
-    assert_eq!(
-        next_of(&mut late, "result").await["result"]["window_start"],
-        "2024-06-27T15:00:00Z"
-    );
-
-    assert_eq!(s.metric("weir_events_in_total").await, 6.0);
-    assert_eq!(s.metric("weir_results_out_total").await, 2.0);
-    assert_eq!(s.metric("weir_live_clients").await, 4.0);
-    let lag = s.metric("weir_watermark_lag_seconds").await;
-    assert!(lag > 3600.0, "the watermark is in 2024: {lag}");
-}
-
 #[tokio::test]
 async fn page_health_and_metrics_are_served() {
     let s = Server::start(&[], &[]);
     let page = reqwest::get(s.at("/")).await.unwrap();
     assert_eq!(page.status().as_u16(), 200);
-    assert!(page.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/html"));
+    assert!(content_type(&page).starts_with("text/html"));
     let html = page.text().await.unwrap();
     assert!(html.contains(r#"<script src="/app.js"></script>"#));
     assert!(!html.contains("https://"), "nothing from a CDN");
     let js = reqwest::get(s.at("/app.js")).await.unwrap();
-    assert!(js.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/javascript"));
+    assert!(content_type(&js).starts_with("text/javascript"));
     assert!(js.text().await.unwrap().contains("new WebSocket"));
 
     let health: Value = reqwest::get(s.at("/healthz"))
@@ -461,10 +262,7 @@ async fn page_health_and_metrics_are_served() {
         json!({"status": "ok", "pipeline": "user_activity", "backend": "memory"})
     );
     let metrics = reqwest::get(s.at("/metrics")).await.unwrap();
-    assert!(metrics.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/plain; version=0.0.4"));
+    assert!(content_type(&metrics).starts_with("text/plain; version=0.0.4"));
     let text = metrics.text().await.unwrap();
     for name in [
         "weir_events_in_total",
@@ -494,10 +292,7 @@ async fn page_health_and_metrics_are_served() {
     // Errors axum writes itself are JSON too.
     let wrong_method = reqwest::get(s.at("/track")).await.unwrap();
     assert_eq!(wrong_method.status().as_u16(), 405);
-    assert!(wrong_method.headers()["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("application/json"));
+    assert!(content_type(&wrong_method).starts_with("application/json"));
     assert!(wrong_method.json::<Value>().await.unwrap()["message"].is_string());
 }
 
@@ -535,7 +330,7 @@ async fn idle_connections_do_not_lock_out_a_request_under_a_1024_descriptor_limi
         env!("CARGO_BIN_EXE_weir"),
     ]);
     let s = Server::start_cmd(&[], &[], &[], cmd);
-    let addr = s.url.trim_start_matches("http://").to_string();
+    let addr = s.addr();
     let mut idle = Vec::with_capacity(1100);
     for _ in 0..1100 {
         idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
@@ -558,7 +353,7 @@ async fn idle_connections_do_not_lock_out_a_request_under_a_1024_descriptor_limi
 async fn slow_and_idle_connections_are_closed_after_their_timeouts() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let s = Server::start(&["serve.header_timeout=1s", "serve.idle_timeout=4s"], &[]);
-    let addr = s.url.trim_start_matches("http://").to_string();
+    let addr = s.addr();
     let closed_within = |mut c: tokio::net::TcpStream, limit: Duration| async move {
         let started = Instant::now();
         let mut buf = Vec::new();
@@ -591,69 +386,5 @@ Host: x
     assert!(
         took >= Duration::from_millis(3900),
         "kept alive until idle: {took:?}"
-    );
-}
-
-#[tokio::test]
-async fn demo_feeds_the_live_view_and_ctrl_c_stops_cleanly() {
-    let mut s = Server::start_with(
-        &[
-            "window.size=1s",
-            "window.grace=0s",
-            "demo.interval=100ms",
-            "demo.invalid_every=5",
-        ],
-        &[],
-        &["--demo"],
-    );
-    let (mut ws, _) = tokio_tungstenite::connect_async(s.at("/ws").replace("http://", "ws://"))
-        .await
-        .unwrap();
-    let r = next_of(&mut ws, "result").await["result"].clone();
-    assert!(r["user_id"].as_str().unwrap().starts_with("User"), "{r}");
-    assert!(r["count"].as_u64().unwrap() >= 1, "{r}");
-    // One in five demo events is spoiled: the counters show them as dead letters.
-    loop {
-        let c = next_of(&mut ws, "counters").await;
-        // Every term of the balance is on the page.
-        for k in [
-            "events_in",
-            "windowed",
-            "dead_letters",
-            "late",
-            "filtered",
-            "replayed",
-            "retried",
-            "skipped",
-            "blank_lines",
-            "late_window_misses",
-        ] {
-            assert!(c[k].is_u64(), "{k} missing from {c}");
-        }
-        if c["dead_letters"].as_u64().unwrap() > 0 {
-            break;
-        }
-    }
-
-    let kill = Command::new("kill")
-        .args(["-INT", &s.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "weir serve did not stop on Ctrl-C"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "a graceful stop with balanced counters"
     );
 }

@@ -258,3 +258,60 @@ pos = 10 + tl
 nparts, part, err = struct.unpack(">iih", resp[pos:pos+10])
 print(err)
 "#;
+
+/// [`KAFKA_PRODUCE`] of `input` (`key\tvalue` lines) to `topic` with `codec`, allowed
+/// `max_bytes` if given; returns what it printed.
+pub async fn kafka_produce(
+    topic: &str,
+    codec: &str,
+    max_bytes: Option<&str>,
+    input: Vec<u8>,
+) -> String {
+    let mut env = vec![
+        ("BOOTSTRAP".to_string(), kafka_bootstrap()),
+        ("TOPIC".to_string(), topic.to_string()),
+        ("CODEC".to_string(), codec.to_string()),
+    ];
+    if let Some(max) = max_bytes {
+        env.push(("MAX_BYTES".to_string(), max.to_string()));
+    }
+    run_async(KAFKA_PRODUCE, env, input).await
+}
+
+/// [`KPL_PUT`] of `input` (`key\tvalue` lines) to `stream`, the first `plain` of them
+/// unaggregated if given; returns what it printed.
+pub async fn kpl_put(stream: &str, plain: Option<&str>, input: Vec<u8>) -> String {
+    let mut env = vec![
+        ("ENDPOINT".to_string(), kinesis_endpoint()),
+        ("STREAM".to_string(), stream.to_string()),
+    ];
+    if let Some(plain) = plain {
+        env.push(("PLAIN".to_string(), plain.to_string()));
+    }
+    run_async(KPL_PUT, env, input).await
+}
+
+/// [`PIKA_CONSUME`] of `queues` (comma-separated), declared with `args` (JSON) if given,
+/// only declared with `declare_only`; returns what it printed.
+pub async fn pika_consume(queues: &str, args: Option<&str>, declare_only: bool) -> String {
+    let mut env = vec![
+        ("URL".to_string(), amqp_url()),
+        ("QUEUES".to_string(), queues.to_string()),
+    ];
+    if let Some(args) = args {
+        env.push(("ARGS".to_string(), args.to_string()));
+    }
+    if declare_only {
+        env.push(("DECLARE_ONLY".to_string(), "1".to_string()));
+    }
+    run_async(PIKA_CONSUME, env, Vec::new()).await
+}
+
+/// `script` run with the test bed's RabbitMQ as `URL` and `queues` as `QUEUES`.
+pub async fn pika_run(script: &'static str, queues: &str) -> String {
+    let env = vec![
+        ("URL".to_string(), amqp_url()),
+        ("QUEUES".to_string(), queues.to_string()),
+    ];
+    run_async(script, env, Vec::new()).await
+}

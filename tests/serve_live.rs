@@ -1,0 +1,143 @@
+//! `weir serve`'s live feed over WebSocket, as the page reads it: window results to every
+//! client, counters, and the demo feeding it until Ctrl-C.
+
+#[path = "serve/support.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{event, next_of, Server};
+
+#[tokio::test]
+async fn ws_streams_window_results_to_every_client() {
+    let s = Server::start(&["brokers.memory.partitions=1"], &[]);
+    let ws_url = s.ws_url();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+        let hello = next_of(&mut ws, "hello").await;
+        assert_eq!(hello["group_by"], json!(["user_id"]));
+        assert_eq!(hello["values"], json!(["count"]));
+        assert_eq!(hello["backend"], "memory");
+        let counters = next_of(&mut ws, "counters").await;
+        assert_eq!(counters["results_out"], 0);
+        clients.push(ws);
+    }
+    let mut events: Vec<String> = (1..=3)
+        .map(|i| event("User1", &format!("2024-06-27T15:00:0{i}Z")))
+        .chain((4..=5).map(|i| event("User2", &format!("2024-06-27T15:00:0{i}Z"))))
+        .collect();
+    // An event 30 s later moves the watermark past the first window's end + grace.
+    events.push(event("User3", "2024-06-27T15:00:30Z"));
+    let (code, body) = s
+        .post("/track/batch", format!("[{}]", events.join(",")))
+        .await;
+    assert_eq!(code, 202, "{body}");
+
+    for ws in &mut clients {
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let r = next_of(ws, "result").await["result"].clone();
+            got.push((
+                r["user_id"].clone(),
+                r["count"].clone(),
+                r["window_start"].clone(),
+            ));
+        }
+        got.sort_by_key(|g| g.0.to_string());
+        assert_eq!(
+            got,
+            [
+                (json!("User1"), json!(3), json!("2024-06-27T15:00:00Z")),
+                (json!("User2"), json!(2), json!("2024-06-27T15:00:00Z")),
+            ]
+        );
+        // Counters follow within a tick and add up.
+        loop {
+            let c = next_of(ws, "counters").await;
+            if c["results_out"] == 2 {
+                assert_eq!(
+                    (c["events_in"].clone(), c["dead_letters"].clone()),
+                    (json!(6), json!(0))
+                );
+                break;
+            }
+        }
+    }
+    // A client that joins later gets the latest results first.
+    let (mut late, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    assert_eq!(
+        next_of(&mut late, "result").await["result"]["window_start"],
+        "2024-06-27T15:00:00Z"
+    );
+
+    assert_eq!(s.metric("weir_events_in_total").await, 6.0);
+    assert_eq!(s.metric("weir_results_out_total").await, 2.0);
+    assert_eq!(s.metric("weir_live_clients").await, 4.0);
+    let lag = s.metric("weir_watermark_lag_seconds").await;
+    assert!(lag > 3600.0, "the watermark is in 2024: {lag}");
+}
+
+#[tokio::test]
+async fn demo_feeds_the_live_view_and_ctrl_c_stops_cleanly() {
+    let mut s = Server::start_with(
+        &[
+            "window.size=1s",
+            "window.grace=0s",
+            "demo.interval=100ms",
+            "demo.invalid_every=5",
+        ],
+        &[],
+        &["--demo"],
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.ws_url()).await.unwrap();
+    let r = next_of(&mut ws, "result").await["result"].clone();
+    assert!(r["user_id"].as_str().unwrap().starts_with("User"), "{r}");
+    assert!(r["count"].as_u64().unwrap() >= 1, "{r}");
+    // One in five demo events is spoiled: the counters show them as dead letters.
+    loop {
+        let c = next_of(&mut ws, "counters").await;
+        // Every term of the balance is on the page.
+        for k in [
+            "events_in",
+            "windowed",
+            "dead_letters",
+            "late",
+            "filtered",
+            "replayed",
+            "retried",
+            "skipped",
+            "blank_lines",
+            "late_window_misses",
+        ] {
+            assert!(c[k].is_u64(), "{k} missing from {c}");
+        }
+        if c["dead_letters"].as_u64().unwrap() > 0 {
+            break;
+        }
+    }
+
+    let kill = Command::new("kill")
+        .args(["-INT", &s.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "weir serve did not stop on Ctrl-C"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "a graceful stop with balanced counters"
+    );
+}
