@@ -17,9 +17,9 @@ use weir_memory::{MemoryBroker, MemoryConfig};
 #[path = "support/seed_event.rs"]
 mod seed_event;
 use seed_event::Event;
-#[path = "support/drained.rs"]
-mod drained;
-use drained::Drained;
+#[path = "support/common.rs"]
+mod common;
+use common::Drained;
 
 /// The bare loop: parse every event into a borrowed struct, count per user.
 fn bare(events: &[Bytes]) -> usize {
@@ -37,8 +37,8 @@ fn bare(events: &[Bytes]) -> usize {
 }
 
 fn main() {
-    let n: usize = drained::events(1_000_000);
-    let rounds: usize = drained::env_number("WEIR_BENCH_ROUNDS", 5);
+    let n: usize = common::events(1_000_000);
+    let rounds: usize = common::env_number("WEIR_BENCH_ROUNDS", 5);
     // Event-time density decides how much the windows reduce the data: at 1,000 events per
     // second of event time a 10 s window sees ~10 events per user (results ~10 % of input);
     // at 100/s (the tests' datasets) ~1 per user, so results are ~63 % of the input.
@@ -56,16 +56,7 @@ fn run(n: usize, rate: i64, rounds: usize) {
     eprintln!(
         "generating {n} events over {users} users at {rate} events per second of event time..."
     );
-    let mut g = weir_engine::generate::EventGenerator::new(1, users);
-    let mut t = weir_engine::generate::Timeline::new(
-        1,
-        weir_engine::generate::DEFAULT_START_MS,
-        1000 / rate.max(1),
-        500,
-    );
-    let events: Vec<Bytes> = (0..n)
-        .map(|_| Bytes::from(g.event(t.next_time())))
-        .collect();
+    let events = common::seed_events(1, n, users, rate);
     let bytes: usize = events.iter().map(|e| e.len()).sum();
     let mut bare_best = f64::MAX;
 

@@ -30,15 +30,15 @@ use weir::Backend;
 use weir_engine::config::Overrides;
 use weir_engine::{Job, OutRecord, Pipeline, Received};
 
-#[path = "support/drained.rs"]
-mod drained;
-use drained::Drained;
+#[path = "support/common.rs"]
+mod common;
+use common::Drained;
 
 fn main() {
-    let n: usize = drained::events(1_000_000);
+    let n: usize = common::events(1_000_000);
     let bootstrap =
         std::env::var("WEIR_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into());
-    drained::require_reachable("Kafka", &bootstrap, "scripts/brokers up kafka");
+    common::require_reachable("Kafka", &bootstrap, "scripts/brokers up kafka");
 
     let id = weir_engine::time::now_millis();
     // WEIR_BENCH_SET="source.batch_size=8192;brokers.kafka.producer.linger.ms=0" tries
@@ -80,15 +80,8 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
     println!("  event time: {rate} events per second");
-    let mut g = weir_engine::generate::EventGenerator::new(7, 1_000);
-    let mut t = weir_engine::generate::Timeline::new(
-        7,
-        weir_engine::generate::DEFAULT_START_MS,
-        1000 / rate.max(1),
-        500,
-    );
-    let events: Vec<String> = (0..n).map(|_| g.event(t.next_time())).collect();
-    let bytes: usize = events.iter().map(String::len).sum();
+    let events = common::seed_events(7, n, 1_000, rate);
+    let bytes: usize = events.iter().map(Bytes::len).sum();
     rt.block_on(async {
         let mut sink = backend.sink(&c.source.topic).await.expect("sink");
         let t = Instant::now();
@@ -96,10 +89,10 @@ fn main() {
             let batch: Vec<OutRecord> = chunk
                 .iter()
                 .map(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    let v: serde_json::Value = serde_json::from_slice(l).unwrap();
                     OutRecord {
                         key: v["user_id"].as_str().map(|u| Bytes::from(u.to_string())),
-                        payload: Bytes::from(l.clone()),
+                        payload: l.clone(),
                         ..Default::default()
                     }
                 })

@@ -10,19 +10,18 @@
 
 use std::time::Instant;
 
-use bytes::Bytes;
 use weir::Backend;
 use weir_engine::config::Overrides;
 use weir_engine::{Job, OutRecord, Pipeline};
 use weir_kinesis::aws_sdk_kinesis::types::ShardIteratorType;
 use weir_kinesis::{KinesisBroker, KinesisConfig};
 
-#[path = "support/drained.rs"]
-mod drained;
-use drained::Drained;
+#[path = "support/common.rs"]
+mod common;
+use common::Drained;
 
 fn main() {
-    let n: usize = drained::events(50_000);
+    let n: usize = common::events(50_000);
     let endpoint =
         std::env::var("WEIR_KINESIS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4567".into());
     // Event-time density decides how many results the windows write back: at 100 events per
@@ -63,16 +62,7 @@ fn run(n: usize, rate: i64, endpoint: &str) {
         .enable_all()
         .build()
         .unwrap();
-    let mut g = weir_engine::generate::EventGenerator::new(3, 1_000);
-    let mut t = weir_engine::generate::Timeline::new(
-        3,
-        weir_engine::generate::DEFAULT_START_MS,
-        1000 / rate.max(1),
-        500,
-    );
-    let events: Vec<Bytes> = (0..n)
-        .map(|_| Bytes::from(g.event(t.next_time())))
-        .collect();
+    let events = common::seed_events(3, n, 1_000, rate);
     let bytes: usize = events.iter().map(|e| e.len()).sum();
     rt.block_on(async {
         let mut sink = backend

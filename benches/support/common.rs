@@ -1,5 +1,6 @@
-//! What the throughput benches share: the run's size from the environment, a check that
-//! the broker answers, and a source that ends the run once the topic is drained.
+//! What the throughput benches share: the run's size from the environment, the seed
+//! events, a check that the broker answers, and a source that ends the run once the topic
+//! is drained.
 
 #![allow(dead_code)] // each bench uses its own part of this file
 
@@ -7,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use weir_engine::{Checkpoint, Position, Received, Record, Source};
 
 /// `WEIR_BENCH_EVENTS` (or `default`).
@@ -22,6 +24,21 @@ pub fn env_number(name: &str, default: usize) -> usize {
             .unwrap_or_else(|_| panic!("{name}={s}: expected a whole number")),
         Err(_) => default,
     }
+}
+
+/// `n` seed events over `users` users from generator `seed`, `rate` per second of event
+/// time (in order but for the generator's usual disorder).
+pub fn seed_events(seed: u64, n: usize, users: u64, rate: i64) -> Vec<Bytes> {
+    let mut g = weir_engine::generate::EventGenerator::new(seed, users);
+    let mut t = weir_engine::generate::Timeline::new(
+        seed,
+        weir_engine::generate::DEFAULT_START_MS,
+        1000 / rate.max(1),
+        500,
+    );
+    (0..n)
+        .map(|_| Bytes::from(g.event(t.next_time())))
+        .collect()
 }
 
 /// Panics with instructions unless something accepts TCP connections at the first address
