@@ -23,6 +23,9 @@ const REGISTRY: &[Registration] = &[
     Registration::of::<weir_kinesis::KinesisBroker>(),
 ];
 
+/// The backend of a pipeline that names none: the embedded broker, always built.
+const DEFAULT: &str = <weir_memory::MemoryBroker as Broker>::NAME;
+
 /// The names of the backends compiled into this build, in registry order.
 pub fn available() -> Vec<&'static str> {
     REGISTRY.iter().map(Registration::name).collect()
@@ -50,11 +53,15 @@ impl Backend {
         }
         // Sections of backends that are not chosen are still checked, so a typo surfaces
         // before the day someone switches to that broker.
+        let wanted = match c.broker.as_str() {
+            "" => DEFAULT,
+            name => name,
+        };
         let mut chosen = None;
         for r in REGISTRY {
             let section = c.brokers.iter().find(|(n, _, _)| n == r.name());
             let broker = r.load(section.map(|(_, _, node)| node), d);
-            if r.name() == c.broker {
+            if r.name() == wanted {
                 chosen = Some(Backend { broker });
             }
         }
@@ -91,11 +98,10 @@ impl Backend {
     ) -> Result<(PipelineConfig, Backend), weir_engine::config::ConfigErrors> {
         let mut loaded = weir_engine::config::load_file(path, overrides)?;
         let backend = Backend::from_config(&loaded.config, &mut loaded.diagnostics);
-        let c = loaded.finish()?;
-        Ok((
-            c,
-            backend.expect("a backend exists when the configuration has no problems"),
-        ))
+        let mut c = loaded.finish()?;
+        let backend = backend.expect("a backend exists when the configuration has no problems");
+        c.broker = backend.name().to_string();
+        Ok((c, backend))
     }
 
     /// Runs `connect` (one attempt at opening something on this backend) until it

@@ -208,6 +208,20 @@ fn a_missing_included_file_is_reported_at_the_include_line() {
     );
 }
 
+/// A pipeline that names no broker gets the registry's default, the embedded broker: the
+/// engine leaves the name empty, `Backend::load` fills it in.
+#[test]
+fn a_pipeline_without_a_broker_runs_on_the_embedded_one() {
+    let dir = folder(&[("p.toml", GOOD)]);
+    let (config, backend) =
+        Backend::load(&dir.path().join("p.toml"), &Overrides::default()).expect("valid");
+    assert_eq!(backend.name(), "memory");
+    assert!(backend.in_process());
+    assert_eq!(config.broker, "memory");
+    let engine_only = load_str("p.toml", GOOD, &Overrides::default());
+    assert_eq!(engine_only.config.broker, "", "the engine names no backend");
+}
+
 #[test]
 fn a_minimal_pipeline_is_valid() {
     assert_eq!(problems(GOOD, &[]), Vec::<String>::new());

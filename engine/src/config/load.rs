@@ -65,18 +65,14 @@ fn pipeline(r: &mut TableReader<'_>, d: &mut Diagnostics) -> (String, String, Lo
             let name = t.str_or(d, "name", "weir");
             let give_up = t.duration_or(d, "give_up_after", default_give_up);
             let broker_node = t.node("broker");
-            let broker = t.str_or(d, "broker", "memory");
+            // Absent: empty, and the binary's registry picks its default backend.
+            let broker = t.str_or(d, "broker", "");
             let loc = broker_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
             // The name is checked against the backends of this build by their registry.
             t.finish(d);
             (name, broker, loc, give_up)
         }
-        None => (
-            "weir".into(),
-            "memory".into(),
-            Loc::Nowhere,
-            default_give_up,
-        ),
+        None => ("weir".into(), String::new(), Loc::Nowhere, default_give_up),
     }
 }
 

@@ -24,7 +24,10 @@ pub(crate) const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(3600);
 pub struct PipelineConfig {
     /// A name for logs; also the default consumer group.
     pub name: String,
-    /// The chosen backend, after `--broker` / `WEIR_BROKER` overrides.
+    /// The chosen backend, after `--broker` / `WEIR_BROKER` overrides; empty when neither
+    /// the file nor an override names one (the engine names no backend: the binary's
+    /// registry then chooses its default, the embedded `memory` broker, and
+    /// `weir::Backend::load` fills this in).
     pub broker: String,
     /// Where the `broker` setting came from.
     pub broker_loc: Loc,
