@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use weir_engine::config::{Diagnostics, TableReader, Value};
+use weir_engine::config::{Diagnostics, Node, TableReader, Value};
 
 /// Where a shard without a checkpoint starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,36 @@ pub enum Credentials {
     Chain,
     /// Fixed dummy credentials, for local emulators only (they accept any signature).
     Emulator,
+}
+
+/// Shard leases in a DynamoDB table (the Kinesis Client Library's model), for several
+/// instances of one pipeline sharing a stream's shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// The lease table; `None`: `weir-leases-<stream>-<group>`.
+    pub table: Option<String>,
+    /// DynamoDB endpoint override (an emulator); `None` = AWS, same region and
+    /// credentials as Kinesis.
+    pub endpoint_url: Option<String>,
+    /// How long a lease whose counter does not move stays its owner's (the KCL's
+    /// failover time); owners renew every third of it.
+    pub duration: Duration,
+    /// Create the lease table when it does not exist.
+    pub create_table: bool,
+    /// This instance's name in the table; `None`: host name, process id and start time.
+    pub worker_id: Option<String>,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            table: None,
+            endpoint_url: None,
+            duration: Duration::from_secs(10),
+            create_table: false,
+            worker_id: None,
+        }
+    }
 }
 
 /// Settings of the Kinesis backend.
@@ -48,6 +78,9 @@ pub struct KinesisConfig {
     pub records_per_get: u32,
     /// Batches buffered per source between the shard readers and `recv`.
     pub buffer_batches: usize,
+    /// Shard leases in DynamoDB (`leases = "dynamodb"`); `None`: checkpoint files, one
+    /// instance per (stream, group).
+    pub leases: Option<LeaseConfig>,
 }
 
 impl Default for KinesisConfig {
@@ -63,6 +96,7 @@ impl Default for KinesisConfig {
             poll_interval: Duration::from_millis(250),
             records_per_get: 1_000,
             buffer_batches: 8,
+            leases: None,
         }
     }
 }
@@ -78,21 +112,7 @@ impl KinesisConfig {
             d.push(loc, "brokers.kinesis.region", "must not be empty");
         }
         if let Some(n) = r.node("endpoint_url") {
-            match &n.value {
-                Value::Str(s) if s.starts_with("http://") || s.starts_with("https://") => {
-                    c.endpoint_url = Some(s.clone())
-                }
-                Value::Str(s) => d.push(
-                    &n.loc,
-                    "brokers.kinesis.endpoint_url",
-                    format!("`{s}` is not an http:// or https:// URL"),
-                ),
-                other => d.push(
-                    &n.loc,
-                    "brokers.kinesis.endpoint_url",
-                    format!("expected a string, found {}", other.type_name()),
-                ),
-            }
+            c.endpoint_url = url(n, "brokers.kinesis.endpoint_url", d);
         }
         if let Some(n) = r.node("credentials") {
             match &n.value {
@@ -162,6 +182,114 @@ impl KinesisConfig {
         c.poll_interval = r.duration_or(d, "poll_interval", Duration::from_millis(250));
         c.records_per_get = r.uint_or(d, "records_per_get", 1_000, 1..=10_000) as u32;
         c.buffer_batches = r.uint_or(d, "buffer_batches", 8, 1..=1024) as usize;
+        c.leases = read_leases(r, d);
         c
     }
+}
+
+/// An http:// or https:// URL setting.
+fn url(n: &Node, key: &str, d: &mut Diagnostics) -> Option<String> {
+    match &n.value {
+        Value::Str(s) if s.starts_with("http://") || s.starts_with("https://") => Some(s.clone()),
+        Value::Str(s) => {
+            d.push(
+                &n.loc,
+                key,
+                format!("`{s}` is not an http:// or https:// URL"),
+            );
+            None
+        }
+        other => {
+            d.push(
+                &n.loc,
+                key,
+                format!("expected a string, found {}", other.type_name()),
+            );
+            None
+        }
+    }
+}
+
+/// `leases` and the keys that go with `leases = "dynamodb"`.
+fn read_leases(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Option<LeaseConfig> {
+    let mode = r.node("leases");
+    let dynamodb = match mode.map(|n| (&n.value, &n.loc)) {
+        None => false,
+        Some((Value::Str(s), _)) if s == "files" => false,
+        Some((Value::Str(s), _)) if s == "dynamodb" => true,
+        Some((_, l)) => {
+            d.push(
+                l,
+                "brokers.kinesis.leases",
+                "expected \"files\" (checkpoint files, one instance) or \"dynamodb\" (shard leases in a DynamoDB table, several instances)",
+            );
+            false
+        }
+    };
+    let mut c = LeaseConfig::default();
+    let mut given = Vec::new();
+    if let Some(n) = r.node("lease_table") {
+        given.push(("lease_table", n.loc.clone()));
+        match &n.value {
+            Value::Str(s) if valid_table_name(s) => c.table = Some(s.clone()),
+            Value::Str(s) => d.push(
+                &n.loc,
+                "brokers.kinesis.lease_table",
+                format!("`{s}` is not a DynamoDB table name (3 to 255 of a-z A-Z 0-9 _ - .)"),
+            ),
+            other => d.push(
+                &n.loc,
+                "brokers.kinesis.lease_table",
+                format!("expected a string, found {}", other.type_name()),
+            ),
+        }
+    }
+    if let Some(n) = r.node("dynamodb_endpoint_url") {
+        given.push(("dynamodb_endpoint_url", n.loc.clone()));
+        c.endpoint_url = url(n, "brokers.kinesis.dynamodb_endpoint_url", d);
+    }
+    if let Some(n) = r.node("lease_duration") {
+        given.push(("lease_duration", n.loc.clone()));
+        c.duration = r.duration_or(d, "lease_duration", c.duration);
+        if c.duration < Duration::from_secs(1) || c.duration > Duration::from_secs(3600) {
+            d.push(
+                &n.loc,
+                "brokers.kinesis.lease_duration",
+                "must be between 1s and 1h",
+            );
+        }
+    }
+    if let Some(n) = r.node("create_lease_table") {
+        given.push(("create_lease_table", n.loc.clone()));
+        c.create_table = r.bool_or(d, "create_lease_table", false);
+    }
+    if let Some(n) = r.node("worker_id") {
+        given.push(("worker_id", n.loc.clone()));
+        match &n.value {
+            Value::Str(s) if !s.is_empty() && s.len() <= 256 => c.worker_id = Some(s.clone()),
+            _ => d.push(
+                &n.loc,
+                "brokers.kinesis.worker_id",
+                "expected a non-empty string of at most 256 bytes",
+            ),
+        }
+    }
+    if dynamodb {
+        return Some(c);
+    }
+    for (key, loc) in given {
+        d.push(
+            &loc,
+            &format!("brokers.kinesis.{key}"),
+            "only used with leases = \"dynamodb\"",
+        );
+    }
+    None
+}
+
+/// DynamoDB's rule for table names.
+pub(crate) fn valid_table_name(s: &str) -> bool {
+    (3..=255).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
 }

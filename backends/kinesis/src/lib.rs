@@ -15,8 +15,10 @@
 
 mod checkpoint;
 mod config;
+mod coordinator;
 mod error;
 pub mod kpl;
+mod lease;
 mod reader;
 mod sink;
 mod source;
@@ -33,10 +35,12 @@ use weir_engine::checkpoint_store::{CheckpointStore, InMemoryStore};
 use weir_engine::config::{Diagnostics, TableReader};
 use weir_engine::{EngineError, Result, Sink, Source};
 
+/// The DynamoDB SDK of the lease table, for callers that look into it.
+pub use aws_sdk_dynamodb;
 /// The SDK this backend is built on, for callers that need the raw client.
 pub use aws_sdk_kinesis;
 pub use checkpoint::{Checkpoints, FileCheckpointStore, ShardCheckpoint};
-pub use config::{Credentials, KinesisConfig, StartPosition};
+pub use config::{Credentials, KinesisConfig, LeaseConfig, StartPosition};
 pub use error::KinesisError;
 pub use sink::KinesisSink;
 pub use source::KinesisSource;
@@ -155,9 +159,70 @@ impl KinesisBroker {
         Ok(())
     }
 
+    /// A DynamoDB client for the lease tables, when leases are configured.
+    pub async fn lease_client(&self) -> Result<Option<aws_sdk_dynamodb::Client>> {
+        let Some(lc) = &self.config.leases else {
+            return Ok(None);
+        };
+        let sdk = load_sdk(&self.config, lc.endpoint_url.as_deref()).await?;
+        Ok(Some(aws_sdk_dynamodb::Client::new(&sdk)))
+    }
+
+    /// The lease table of `group` on `stream` (made sure to exist), when leases are
+    /// configured.
+    async fn lease_table(&self, stream: &str, group: &str) -> Result<Option<lease::LeaseTable>> {
+        let (Some(lc), Some(client)) = (&self.config.leases, self.lease_client().await?) else {
+            return Ok(None);
+        };
+        let table = lease::LeaseTable {
+            client,
+            table: lc
+                .table
+                .clone()
+                .unwrap_or_else(|| default_lease_table(stream, group)),
+            endpoint: lc
+                .endpoint_url
+                .clone()
+                .unwrap_or_else(|| format!("DynamoDB ({})", self.config.region)),
+        };
+        table.ensure(lc.create_table).await?;
+        Ok(Some(table))
+    }
+
     /// A reader of `stream`; `group` names its checkpoints (none: kept in memory only).
+    /// With `leases = "dynamodb"` a grouped reader reads the shards it holds leases of.
     pub async fn source(&self, stream: &str, group: Option<&str>) -> Result<KinesisSource> {
         self.ensure_stream(stream).await?;
+        if let (Some(g), Some(table)) = (
+            group,
+            match group {
+                Some(g) => self.lease_table(stream, g).await?,
+                None => None,
+            },
+        ) {
+            let lc = self.config.leases.as_ref().expect("leases configured");
+            let owner = lc.worker_id.clone().unwrap_or_else(default_worker_id);
+            tracing::info!(stream, group = g, table = %table.table, owner, "shard leases in DynamoDB");
+            let leased = source::Leased::new(
+                table,
+                owner,
+                lc.duration,
+                coordinator::Stream {
+                    client: self.client().await?,
+                    name: stream.to_string(),
+                    endpoint: self.endpoint(),
+                },
+            );
+            return Ok(KinesisSource::new(
+                self.client().await?,
+                self.config.clone(),
+                self.endpoint(),
+                stream.to_string(),
+                g.to_string(),
+                Arc::new(InMemoryStore::default()),
+            )
+            .with_leases(leased));
+        }
         let (store, group): (Arc<dyn CheckpointStore>, String) = match group {
             Some(g) => (
                 Arc::new(FileCheckpointStore::new(
@@ -243,12 +308,47 @@ impl Broker for KinesisBroker {
     }
 }
 
+/// `weir-leases-<stream>-<group>`, cut to DynamoDB's rules.
+fn default_lease_table(stream: &str, group: &str) -> String {
+    let name: String = format!("weir-leases-{stream}-{group}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "_-.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(255)
+        .collect();
+    debug_assert!(config::valid_table_name(&name));
+    name
+}
+
+/// This process's name in lease tables: host, process id and start time (ms).
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "weir".into());
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        weir_engine::time::now_millis()
+    )
+}
+
 async fn build_client(c: &KinesisConfig) -> Result<Client> {
+    let sdk = load_sdk(c, c.endpoint_url.as_deref()).await?;
+    Ok(Client::new(&sdk))
+}
+
+/// The SDK settings for `endpoint` (`None`: AWS), with `c`'s region and credentials.
+async fn load_sdk(c: &KinesisConfig, endpoint: Option<&str>) -> Result<aws_config::SdkConfig> {
     use aws_config::{BehaviorVersion, Region};
-    let plain = c
-        .endpoint_url
-        .as_deref()
-        .is_some_and(|u| u.starts_with("http://"));
+    let plain = endpoint.is_some_and(|u| u.starts_with("http://"));
     let http = if plain {
         aws_smithy_http_client::Builder::new().build_http()
     } else {
@@ -257,7 +357,7 @@ async fn build_client(c: &KinesisConfig) -> Result<Client> {
     let mut loader = aws_config::defaults(BehaviorVersion::latest())
         .region(Region::new(c.region.clone()))
         .http_client(http);
-    if let Some(ep) = &c.endpoint_url {
+    if let Some(ep) = endpoint {
         loader = loader.endpoint_url(ep);
     }
     if c.credentials == Credentials::Emulator {
@@ -269,8 +369,7 @@ async fn build_client(c: &KinesisConfig) -> Result<Client> {
             "weir-emulator",
         ));
     }
-    let sdk = loader.load().await;
-    Ok(Client::new(&sdk))
+    Ok(loader.load().await)
 }
 
 #[cfg(feature = "tls")]

@@ -28,15 +28,16 @@ pub(crate) struct Raw {
     pub(crate) arrival_ms: Option<i64>,
 }
 
-/// What reader tasks tell the source.
+/// What reader tasks tell the source. Each names its shard and the reader's generation
+/// (a shard leased again gets a new reader; what the old one sent is dropped).
 pub(crate) enum Msg {
     /// Records of one GetRecords call, in shard order, and, if the reader caught up with
     /// the shard's end with them, when that call was made.
-    Records(String, Vec<Raw>, Option<Instant>),
+    Records(String, u64, Vec<Raw>, Option<Instant>),
     /// An empty GetRecords, made at that time: the reader was at the shard's end.
-    CaughtUp(String, Instant),
+    CaughtUp(String, u64, Instant),
     /// The shard is closed and was read to its end.
-    Ended(String),
+    Ended(String, u64),
     /// A call failed; `retryable` says whether the reader keeps going.
     Failed(EngineError),
 }
@@ -54,6 +55,7 @@ pub(crate) struct Reader {
     pub(crate) endpoint: String,
     pub(crate) stream: String,
     pub(crate) shard: String,
+    pub(crate) generation: u64,
     pub(crate) limit: i32,
     pub(crate) poll: Duration,
     pub(crate) tx: mpsc::Sender<Msg>,
@@ -154,7 +156,7 @@ impl Reader {
                 if empty {
                     if self
                         .tx
-                        .send(Msg::CaughtUp(self.shard.clone(), asked))
+                        .send(Msg::CaughtUp(self.shard.clone(), self.generation, asked))
                         .await
                         .is_err()
                     {
@@ -176,7 +178,12 @@ impl Reader {
                         .collect();
                     if self
                         .tx
-                        .send(Msg::Records(self.shard.clone(), raws, caught_up))
+                        .send(Msg::Records(
+                            self.shard.clone(),
+                            self.generation,
+                            raws,
+                            caught_up,
+                        ))
                         .await
                         .is_err()
                     {
@@ -192,7 +199,10 @@ impl Reader {
                 }
             }
         }
-        let _ = self.tx.send(Msg::Ended(self.shard.clone())).await;
+        let _ = self
+            .tx
+            .send(Msg::Ended(self.shard.clone(), self.generation))
+            .await;
     }
 }
 
@@ -211,6 +221,7 @@ mod tests {
             endpoint: "http://127.0.0.1:1".into(),
             stream: "s".into(),
             shard: "shardId-000000000000".into(),
+            generation: 0,
             limit: 10,
             poll: Duration::from_millis(10),
             tx,

@@ -1,5 +1,8 @@
 //! The Kinesis source: one reader task per shard, a bounded channel to `recv`, offsets
-//! mapped to sequence numbers for checkpoints.
+//! mapped to sequence numbers for checkpoints. Which shards it reads: all of them
+//! (checkpoint files), or those it holds leases of ([`leased`]).
+
+mod leased;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -19,6 +22,8 @@ use crate::error::KinesisError;
 use crate::reader::{Msg, Reader, Start};
 use weir_engine::checkpoint_store::{CheckpointStore, Committed};
 
+pub(crate) use leased::Leased;
+
 /// Per-shard state held by the source.
 struct ShardState {
     partition: u32,
@@ -33,6 +38,35 @@ struct ShardState {
     stored: Committed,
     /// When a GetRecords that reached the end of the shard was made, if the last one did.
     caught_up: Option<Instant>,
+    /// Its reader's generation and stop signal.
+    generation: u64,
+    stop: CancellationToken,
+    /// The token of the lease this source holds it with (lease mode).
+    token: Option<String>,
+    /// Its lease is finished (lease mode): read and committed to the shard's end.
+    finished: bool,
+}
+
+impl ShardState {
+    /// A shard resumed from `stored`, read by reader `generation`.
+    fn new(
+        stored: Committed,
+        generation: u64,
+        stop: CancellationToken,
+        token: Option<String>,
+    ) -> Self {
+        ShardState {
+            partition: stored.partition,
+            next_offset: stored.offset.unwrap_or(0),
+            pending: VecDeque::new(),
+            caught_up: None,
+            stored,
+            generation,
+            stop,
+            token,
+            finished: false,
+        }
+    }
 }
 
 /// A reader of one Kinesis stream for one group. See the crate docs for the design.
@@ -53,7 +87,11 @@ pub struct KinesisSource {
     ended: HashSet<String>,
     /// Shards with a reader (running or finished).
     spawned: HashSet<String>,
-    assign_next: Vec<(u32, Option<Checkpoint>)>,
+    /// Assignments and revocations not returned by `recv` yet, in order.
+    outbox: VecDeque<Received>,
+    generations: u64,
+    /// Shard leases in DynamoDB, when configured; `None`: every shard, checkpoint files.
+    leases: Option<Leased>,
     /// Received records per partition, handed out round-robin so one busy shard cannot
     /// starve the others (the watermark waits for every shard).
     buffers: BTreeMap<u32, VecDeque<Record>>,
@@ -101,7 +139,9 @@ impl KinesisSource {
             waiting: BTreeMap::new(),
             ended: HashSet::new(),
             spawned: HashSet::new(),
-            assign_next: Vec::new(),
+            outbox: VecDeque::new(),
+            generations: 0,
+            leases: None,
             buffers: BTreeMap::new(),
             buffered: 0,
             tx,
@@ -110,32 +150,24 @@ impl KinesisSource {
         }
     }
 
-    async fn list_shards(&self) -> Result<Vec<Shard>> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let req = match &token {
-                Some(t) => self.client.list_shards().next_token(t),
-                None => self.client.list_shards().stream_name(&self.stream),
-            };
-            let page = req
-                .send()
-                .await
-                .map_err(|e| KinesisError::from_sdk("ListShards", &self.endpoint, e))?;
-            out.extend(page.shards().iter().cloned());
-            token = page.next_token().map(str::to_string);
-            if token.is_none() {
-                break;
-            }
+    /// This source with shard leases instead of reading every shard.
+    pub(crate) fn with_leases(mut self, leases: Leased) -> Self {
+        self.leases = Some(leases);
+        self
+    }
+
+    /// Queues `p` (with its checkpoint) for the next `Assigned`.
+    fn announce_assigned(&mut self, p: u32, cp: Option<Checkpoint>) {
+        match self.outbox.back_mut() {
+            Some(Received::Assigned(ps)) => ps.push((p, cp)),
+            _ => self.outbox.push_back(Received::Assigned(vec![(p, cp)])),
         }
-        out.sort_by(|a, b| a.shard_id().cmp(b.shard_id()));
-        Ok(out)
     }
 
     /// Lists shards, gives new ones partition indexes, and starts readers for every shard
     /// whose parents have ended (or are gone).
     async fn discover(&mut self) -> Result<()> {
-        let shards = self.list_shards().await?;
+        let shards = list_shards(&self.client, &self.stream, &self.endpoint).await?;
         let known: HashSet<&str> = shards.iter().map(|s| s.shard_id()).collect();
         let mut next_partition = self
             .shards
@@ -161,16 +193,8 @@ impl KinesisSource {
                     }
                 }
             };
-            self.shards.insert(
-                id.clone(),
-                ShardState {
-                    partition: stored.partition,
-                    next_offset: stored.offset.unwrap_or(0),
-                    pending: VecDeque::new(),
-                    caught_up: None,
-                    stored,
-                },
-            );
+            let st = ShardState::new(stored, 0, self.stop.child_token(), None);
+            self.shards.insert(id.clone(), st);
             self.waiting.insert(id, s.clone());
         }
         let ready: Vec<String> = self
@@ -201,20 +225,25 @@ impl KinesisSource {
                 StartPosition::AtTimestamp(ms) => Start::At(ms),
             },
         };
-        let cp = st.stored.checkpoint;
-        self.assign_next.push((st.partition, cp));
+        let (partition, cp, generation, stop) = (
+            st.partition,
+            st.stored.checkpoint,
+            st.generation,
+            st.stop.clone(),
+        );
+        self.announce_assigned(partition, cp);
         self.spawned.insert(id.to_string());
-        tracing::info!(stream = %self.stream, shard = id, partition = st.partition, ?start, "starting shard reader");
+        tracing::info!(stream = %self.stream, shard = id, partition, ?start, "starting shard reader");
         let reader = Reader {
             client: self.client.clone(),
             endpoint: self.endpoint.clone(),
             stream: self.stream.clone(),
             shard: id.to_string(),
+            generation,
             limit: self.config.records_per_get as i32,
             poll: self.config.poll_interval,
             tx: self.tx.clone(),
         };
-        let stop = self.stop.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
@@ -225,17 +254,23 @@ impl KinesisSource {
 
     fn take_msg(&mut self, msg: Msg) -> Result<bool> {
         match msg {
-            Msg::CaughtUp(shard, at) => {
+            Msg::CaughtUp(shard, generation, at) => {
                 if let Some(st) = self.shards.get_mut(&shard) {
-                    st.caught_up = Some(at);
+                    if st.generation == generation {
+                        st.caught_up = Some(at);
+                    }
                 }
                 Ok(false)
             }
-            Msg::Records(shard, raws, caught_up) => {
-                let st = self
+            Msg::Records(shard, generation, raws, caught_up) => {
+                // Records of a reader stopped since (its lease was lost) are dropped.
+                let Some(st) = self
                     .shards
                     .get_mut(&shard)
-                    .expect("records of a known shard");
+                    .filter(|st| st.generation == generation)
+                else {
+                    return Ok(false);
+                };
                 st.caught_up = caught_up;
                 let buffer = self.buffers.entry(st.partition).or_default();
                 self.buffered += raws.len();
@@ -294,7 +329,14 @@ impl KinesisSource {
                 }
                 Ok(false)
             }
-            Msg::Ended(shard) => {
+            Msg::Ended(shard, generation) => {
+                if self
+                    .shards
+                    .get(&shard)
+                    .is_none_or(|st| st.generation != generation)
+                {
+                    return Ok(false);
+                }
                 tracing::info!(stream = %self.stream, %shard, "shard read to its end");
                 self.ended.insert(shard);
                 Ok(true)
@@ -312,27 +354,33 @@ impl Source for KinesisSource {
 
     async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {
         if !self.started {
-            self.saved = self
-                .store
-                .load(None)
-                .await?
-                .into_iter()
-                .filter_map(|c| Some((c.name.clone()?, c)))
-                .collect();
-            self.discover().await?;
+            if let Some(l) = self.leases.as_mut() {
+                l.start(&self.stop);
+            } else {
+                self.saved = self
+                    .store
+                    .load(None)
+                    .await?
+                    .into_iter()
+                    .filter_map(|c| Some((c.name.clone()?, c)))
+                    .collect();
+                self.discover().await?;
+            }
             self.started = true;
         }
-        if !self.assign_next.is_empty() {
-            return Ok(Received::Assigned(std::mem::take(&mut self.assign_next)));
+        self.lease_events()?;
+        if let Some(r) = self.outbox.pop_front() {
+            return Ok(r);
         }
         let max = max.max(1);
         let mut rediscover = false;
         if self.buffered == 0 {
             let deadline = tokio::time::Instant::now() + wait;
-            while self.buffered == 0 {
-                match tokio::time::timeout_at(deadline, self.rx.recv()).await {
-                    Ok(Some(msg)) => rediscover |= self.take_msg(msg)?,
-                    Ok(None) | Err(_) => break,
+            while self.buffered == 0 && self.outbox.is_empty() {
+                match self.next(deadline).await {
+                    leased::Next::Msg(msg) => rediscover |= self.take_msg(msg)?,
+                    leased::Next::Event(ev) => self.lease_event(ev)?,
+                    leased::Next::Timeout => break,
                 }
             }
         }
@@ -347,11 +395,13 @@ impl Source for KinesisSource {
                 Err(_) => break,
             }
         }
-        if rediscover {
+        if rediscover && self.leases.is_some() {
+            self.finish_ended().await?;
+        } else if rediscover {
             self.discover().await?;
-            if !self.assign_next.is_empty() {
-                return Ok(Received::Assigned(std::mem::take(&mut self.assign_next)));
-            }
+        }
+        if let Some(r) = self.outbox.pop_front() {
+            return Ok(r);
         }
         let mut out = Vec::with_capacity(max.min(self.buffered));
         while out.len() < max && self.buffered > 0 {
@@ -389,6 +439,7 @@ impl Source for KinesisSource {
             .iter()
             .map(|(id, s)| (s.partition, id.clone()))
             .collect();
+        let mut touched = Vec::new();
         for (pos, cp) in positions {
             let Some(id) = by_partition.get(&pos.partition).cloned() else {
                 continue;
@@ -408,9 +459,44 @@ impl Source for KinesisSource {
                 }
             }
             st.stored.checkpoint = Some(*cp);
+            touched.push(id);
+        }
+        if self.leases.is_some() {
+            // Each lease on its own, conditionally: a refused one was lost (revoked).
+            for id in touched {
+                self.store_lease(&id).await?;
+            }
+            return Ok(());
         }
         // Every known shard is written, committed or not, so its partition index is kept.
         let all: Vec<Committed> = self.shards.values().map(|st| st.stored.clone()).collect();
         self.store.save(&all).await
     }
+}
+
+/// A stream's shards, sorted by id.
+pub(crate) async fn list_shards(
+    client: &Client,
+    stream: &str,
+    endpoint: &str,
+) -> Result<Vec<Shard>> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let req = match &token {
+            Some(t) => client.list_shards().next_token(t),
+            None => client.list_shards().stream_name(stream),
+        };
+        let page = req
+            .send()
+            .await
+            .map_err(|e| KinesisError::from_sdk("ListShards", endpoint, e))?;
+        out.extend(page.shards().iter().cloned());
+        token = page.next_token().map(str::to_string);
+        if token.is_none() {
+            break;
+        }
+    }
+    out.sort_by(|a, b| a.shard_id().cmp(b.shard_id()));
+    Ok(out)
 }
