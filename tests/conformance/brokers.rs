@@ -28,6 +28,11 @@ pub trait TestBroker: Sync {
     /// `--set` overrides that give the topics a bed creates a single partition.
     fn one_partition(&self) -> Vec<String>;
 
+    /// `--set` overrides under which the bed's source has 4 partitions that several
+    /// `weir run` processes in one group split between them (the scale-out scenarios);
+    /// `None` if no other process can reach its topics.
+    fn scale_out(&self) -> Option<Vec<String>>;
+
     /// Whether its tests run on a multi-threaded runtime (two workers).
     fn multi_thread(&self) -> bool {
         false
@@ -78,6 +83,26 @@ pub struct Cannot {
     /// What its failure says.
     pub fails_with: &'static str,
 }
+
+/// The scale-out scenarios (`tests/conformance/scale.rs`), both failing for `why` with
+/// `fails_with`.
+const fn cannot_scale_out(why: &'static str, fails_with: &'static str) -> [Cannot; 2] {
+    [
+        Cannot {
+            scenario: "instances_split_the_work",
+            why,
+            fails_with,
+        },
+        Cannot {
+            scenario: "a_killed_instance_is_taken_over",
+            why,
+            fails_with,
+        },
+    ]
+}
+
+/// How the scale-out scenarios fail where every instance reads the same partitions.
+const SPLIT_FAILS: &str = "the instances did not split the 4 partitions";
 
 /// How a bed is made.
 #[derive(Debug, Clone, Copy)]
@@ -130,14 +155,28 @@ impl TestBroker for Memory {
     fn one_partition(&self) -> Vec<String> {
         vec!["brokers.memory.partitions=1".into()]
     }
+    fn scale_out(&self) -> Option<Vec<String>> {
+        None
+    }
     fn cannot(&self) -> &'static [Cannot] {
-        &[Cannot {
-            scenario: "shipped_pipelines_run_with_broker_alone",
-            why: "its topics live inside one `weir run` process, so nothing outside it can \
-                  feed them (`weir produce` refuses it); `weir test` runs the same golden \
-                  cases on it",
-            fails_with: "`weir produce` needs a broker whose topics outlive this process",
-        }]
+        static CANNOT: [Cannot; 3] = {
+            let [split, takeover] = cannot_scale_out(
+                "its topics live inside one `weir run` process: no other instance can read them",
+                "several `weir run` processes cannot share its topics",
+            );
+            [
+                Cannot {
+                    scenario: "shipped_pipelines_run_with_broker_alone",
+                    why: "its topics live inside one `weir run` process, so nothing outside \
+                          it can feed them (`weir produce` refuses it); `weir test` runs the \
+                          same golden cases on it",
+                    fails_with: "`weir produce` needs a broker whose topics outlive this process",
+                },
+                split,
+                takeover,
+            ]
+        };
+        &CANNOT
     }
 }
 
@@ -162,6 +201,10 @@ impl TestBroker for Kafka {
     }
     fn one_partition(&self) -> Vec<String> {
         vec!["brokers.kafka.partitions=1".into()]
+    }
+    /// Created topics get 4 partitions; the consumer group splits them.
+    fn scale_out(&self) -> Option<Vec<String>> {
+        Some(vec!["brokers.kafka.partitions=4".into()])
     }
 }
 
@@ -205,6 +248,18 @@ impl TestBroker for Amqp {
     }
     fn one_partition(&self) -> Vec<String> {
         Vec::new()
+    }
+    /// Nothing yet: a topic is one queue.
+    fn scale_out(&self) -> Option<Vec<String>> {
+        Some(Vec::new())
+    }
+    fn cannot(&self) -> &'static [Cannot] {
+        static CANNOT: [Cannot; 2] = cannot_scale_out(
+            "a topic is one queue with a single active consumer: every instance says it has \
+             partition 0, those standing by read nothing until the active one dies",
+            SPLIT_FAILS,
+        );
+        &CANNOT
     }
     /// The beds' queues and their checkpoint queues go (those made with `queue_expires`
     /// would also expire; the shipped pipelines' runs set no such thing).
@@ -272,6 +327,18 @@ impl TestBroker for Kinesis {
     }
     fn one_partition(&self) -> Vec<String> {
         vec!["brokers.kinesis.shards=1".into()]
+    }
+    /// Streams created with 4 shards.
+    fn scale_out(&self) -> Option<Vec<String>> {
+        Some(vec!["brokers.kinesis.shards=4".into()])
+    }
+    fn cannot(&self) -> &'static [Cannot] {
+        static CANNOT: [Cannot; 2] = cannot_scale_out(
+            "no lease coordination between instances (as the KCL has): every instance reads \
+             every shard",
+            SPLIT_FAILS,
+        );
+        &CANNOT
     }
     /// kinesalite keeps every stream in memory (and caps the shards of all together):
     /// the streams and checkpoint folders of the test's beds go.
