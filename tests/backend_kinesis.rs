@@ -167,7 +167,34 @@ async fn kinesis_source_reads_a_parent_shard_before_its_children() {
     require_kinesis();
     let bed = Bed::new("kinesis", "reshard", &["brokers.kinesis.shards=1"]);
     let topic = bed.config.source.topic.clone();
-    let mut sink = bed.backend.sink(&topic).await.expect("sink");
+    put_split_put(&bed, &topic).await;
+
+    let mut src = bed.backend.source(&topic, Some("g")).await.unwrap();
+    let (assigned, recs) = read_all(&mut *src).await;
+    let parts: Vec<u32> = assigned.iter().map(|(p, _)| *p).collect();
+    assert_eq!(
+        parts,
+        vec![0, 0, 1, 2],
+        "the parent first, then the whole set: the parent and its two children"
+    );
+    assert_eq!(recs.len(), 120);
+    let first_b = recs
+        .iter()
+        .position(|r| r.payload.starts_with(b"b"))
+        .unwrap();
+    assert_eq!(
+        first_b, 60,
+        "every parent record comes before the children's"
+    );
+    assert!(recs[..60].iter().all(|r| r.position.partition == 0));
+    assert!(recs[60..].iter().all(|r| r.position.partition > 0));
+    clean_up("reshard").await;
+}
+
+/// Puts 60 records ("a0".."a59"), splits the stream's one shard in two and waits until
+/// the stream is ACTIVE again, then puts 60 more ("b0".."b59").
+async fn put_split_put(bed: &Bed, topic: &str) {
+    let mut sink = bed.backend.sink(topic).await.expect("sink");
     let put = |tag: &'static str| {
         (0..60)
             .map(|i| OutRecord {
@@ -184,7 +211,7 @@ async fn kinesis_source_reads_a_parent_shard_before_its_children() {
     let client = kinesis.client().await.unwrap();
     client
         .split_shard()
-        .stream_name(&topic)
+        .stream_name(topic)
         .shard_to_split("shardId-000000000000")
         .new_starting_hash_key((1u128 << 127).to_string())
         .send()
@@ -195,7 +222,7 @@ async fn kinesis_source_reads_a_parent_shard_before_its_children() {
     loop {
         let d = client
             .describe_stream_summary()
-            .stream_name(&topic)
+            .stream_name(topic)
             .send()
             .await
             .unwrap();
@@ -209,27 +236,6 @@ async fn kinesis_source_reads_a_parent_shard_before_its_children() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     sink.send(&put("b")).await.expect("send after the split");
-
-    let mut src = bed.backend.source(&topic, Some("g")).await.unwrap();
-    let (assigned, recs) = read_all(&mut *src).await;
-    let parts: Vec<u32> = assigned.iter().map(|(p, _)| *p).collect();
-    assert_eq!(
-        parts,
-        vec![0, 1, 2],
-        "the parent first, then its two children"
-    );
-    assert_eq!(recs.len(), 120);
-    let first_b = recs
-        .iter()
-        .position(|r| r.payload.starts_with(b"b"))
-        .unwrap();
-    assert_eq!(
-        first_b, 60,
-        "every parent record comes before the children's"
-    );
-    assert!(recs[..60].iter().all(|r| r.position.partition == 0));
-    assert!(recs[60..].iter().all(|r| r.position.partition > 0));
-    clean_up("reshard").await;
 }
 
 /// An endpoint nobody listens on is a retryable error that names it.
@@ -363,24 +369,23 @@ fn dynamodb_endpoint() -> String {
     ep
 }
 
-/// A bed whose sources hold shard leases in dynalite (2 s leases, renewed every 667 ms).
-fn lease_bed(case: &str) -> Bed {
+/// A bed whose sources hold shard leases in dynalite (2 s leases, renewed every 667 ms),
+/// with `extra` settings.
+fn lease_bed(case: &str, extra: &[&str]) -> Bed {
     require_kinesis();
     let ep = format!(
         "brokers.kinesis.dynamodb_endpoint_url={}",
         dynamodb_endpoint()
     );
-    Bed::new(
-        "kinesis",
-        case,
-        &[
-            "brokers.kinesis.leases=dynamodb",
-            &ep,
-            "brokers.kinesis.create_lease_table=true",
-            "brokers.kinesis.lease_duration=2s",
-            "brokers.kinesis.poll_interval=100ms",
-        ],
-    )
+    let mut sets = vec![
+        "brokers.kinesis.leases=dynamodb",
+        &ep,
+        "brokers.kinesis.create_lease_table=true",
+        "brokers.kinesis.lease_duration=2s",
+        "brokers.kinesis.poll_interval=100ms",
+    ];
+    sets.extend(extra);
+    Bed::new("kinesis", case, &sets)
 }
 
 /// A client of `bed`'s lease table's DynamoDB.
@@ -422,7 +427,13 @@ impl Member {
             .await
             .unwrap()
         {
-            Received::Assigned(ps) => self.parts.extend(ps),
+            // The whole current set; a partition's checkpoint comes when it is new.
+            Received::Assigned(ps) => {
+                let old = std::mem::take(&mut self.parts);
+                for (p, cp) in ps {
+                    self.parts.insert(p, cp.or(old.get(&p).copied().flatten()));
+                }
+            }
             Received::Revoked(ps) => {
                 for p in &ps {
                     self.parts.remove(p);
@@ -478,7 +489,7 @@ fn numbers<'a>(recs: impl IntoIterator<Item = &'a weir_engine::Record>) -> Vec<u
 /// with the same offsets and nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_leases_split_shards_and_fail_over() {
-    let bed = lease_bed("lease-split");
+    let bed = lease_bed("lease-split", &[]);
     let topic = bed.config.source.topic.clone();
     put_numbers(&bed, &topic, 400).await;
     let mut a = Member::new(bed.backend.source(&topic, Some("g")).await.unwrap());
@@ -612,7 +623,7 @@ async fn kinesis_leases_split_shards_and_fail_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kinesis_lease_commit_by_a_stale_owner_is_refused() {
     use weir_kinesis::aws_sdk_dynamodb::types::AttributeValue;
-    let bed = lease_bed("lease-stale");
+    let bed = lease_bed("lease-stale", &[]);
     let topic = bed.config.source.topic.clone();
     put_numbers(&bed, &topic, 40).await;
     let mut a = Member::new(bed.backend.source(&topic, Some("g")).await.unwrap());
@@ -776,4 +787,70 @@ fn kinesis_lease_config_problems_are_reported_at_their_place() {
         )),
         "{msg}"
     );
+}
+
+/// Resharding under leases: the children's leases are taken only once the parent's lease
+/// is finished, which needs every parent record read *and committed*; then the children
+/// arrive as new partitions and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_leases_take_children_after_the_parent_is_finished() {
+    use weir_kinesis::aws_sdk_dynamodb::types::AttributeValue;
+    let bed = lease_bed("lease-reshard", &["brokers.kinesis.shards=1"]);
+    let topic = bed.config.source.topic.clone();
+    put_split_put(&bed, &topic).await;
+    let mut a = Member::new(bed.backend.source(&topic, Some("g")).await.unwrap());
+    // Two lease durations: the parent is read to its end, nothing else is leased.
+    let t = tokio::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(4) {
+        a.poll().await;
+    }
+    assert_eq!(a.parts.keys().copied().collect::<Vec<_>>(), vec![0]);
+    assert_eq!(a.recs.len(), 60);
+    assert!(a.recs.iter().all(|r| r.payload.starts_with(b"a")));
+    let cp = weir_engine::Checkpoint {
+        watermark: 1,
+        processed: 60,
+    };
+    let end = weir_engine::Position {
+        partition: 0,
+        offset: 60,
+    };
+    a.src.commit(&[(end, cp)]).await.unwrap();
+    let t = tokio::time::Instant::now();
+    while a.parts.len() < 3 || a.recs.len() < 120 {
+        a.poll().await;
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "children not leased after the parent finished: {:?}, {} records",
+            a.parts,
+            a.recs.len()
+        );
+    }
+    assert_eq!(a.parts.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(a.revoked, Vec::<u32>::new());
+    let b: Vec<&[u8]> = a.recs[60..].iter().map(|r| &r.payload[..]).collect();
+    assert!(
+        b.iter().all(|p| p.starts_with(b"b")),
+        "children after the parent"
+    );
+    assert_eq!(b.len(), 60);
+    let parent = dynamodb(&bed)
+        .await
+        .get_item()
+        .table_name(format!("weir-leases-{topic}-g"))
+        .key("leaseKey", AttributeValue::S("shardId-000000000000".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap();
+    let item = parent.item().unwrap();
+    assert_eq!(
+        item.get("checkpoint"),
+        Some(&AttributeValue::S("SHARD_END".into()))
+    );
+    assert_eq!(
+        item.get("weirNextOffset"),
+        Some(&AttributeValue::N("60".into()))
+    );
+    clean_up("lease-reshard").await;
 }

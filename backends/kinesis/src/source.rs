@@ -164,6 +164,28 @@ impl KinesisSource {
         }
     }
 
+    /// The next queued announcement. The engine takes `Assigned` as the whole current
+    /// set: it lists every partition being read now, the newly started ones with their
+    /// checkpoints (a partition revoked since it was queued is left out).
+    fn next_announcement(&mut self) -> Option<Received> {
+        Some(match self.outbox.pop_front()? {
+            Received::Assigned(new) => {
+                let mut all: Vec<(u32, Option<Checkpoint>)> = self
+                    .shards
+                    .iter()
+                    .filter(|(id, _)| self.spawned.contains(*id))
+                    .map(|(_, st)| {
+                        let cp = new.iter().find(|(p, _)| *p == st.partition);
+                        (st.partition, cp.and_then(|(_, cp)| *cp))
+                    })
+                    .collect();
+                all.sort_by_key(|(p, _)| *p);
+                Received::Assigned(all)
+            }
+            other => other,
+        })
+    }
+
     /// Lists shards, gives new ones partition indexes, and starts readers for every shard
     /// whose parents have ended (or are gone).
     async fn discover(&mut self) -> Result<()> {
@@ -369,7 +391,7 @@ impl Source for KinesisSource {
             self.started = true;
         }
         self.lease_events()?;
-        if let Some(r) = self.outbox.pop_front() {
+        if let Some(r) = self.next_announcement() {
             return Ok(r);
         }
         let max = max.max(1);
@@ -400,7 +422,7 @@ impl Source for KinesisSource {
         } else if rediscover {
             self.discover().await?;
         }
-        if let Some(r) = self.outbox.pop_front() {
+        if let Some(r) = self.next_announcement() {
             return Ok(r);
         }
         let mut out = Vec::with_capacity(max.min(self.buffered));
