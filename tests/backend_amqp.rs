@@ -4,6 +4,7 @@
 //! these tests fail, never skip, when it is down.
 #![cfg(feature = "amqp")]
 
+mod amqp;
 mod conformance;
 
 use std::time::Duration;
