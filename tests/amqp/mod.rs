@@ -414,6 +414,39 @@ async fn amqp_two_readers_split_four_partitions_and_one_takes_over() {
     drop(jb.await.expect("b"));
 }
 
+/// `weir tail`'s reader sees the new records of all four queues, each with its partition,
+/// and takes none of them away.
+#[tokio::test]
+async fn amqp_tail_reads_every_partition() {
+    let _shared = BROKER.read().await;
+    crate::require_rabbitmq().await;
+    let bed = Bed::new("amqp", "part-tail", &[PARTS]);
+    let topic = bed.config.sink.topic.clone();
+    let mut tail = bed
+        .backend
+        .reader(&topic, false)
+        .await
+        .unwrap()
+        .expect("a reader");
+    let data = lines(26, 400);
+    bed.produce_to(&topic, &data).await;
+    let mut seen = Vec::new();
+    let t0 = std::time::Instant::now();
+    while seen.len() < data.len() && t0.elapsed() < Duration::from_secs(20) {
+        if let Received::Batch(b) = tail.recv(100, Duration::from_millis(200)).await.unwrap() {
+            seen.extend(b);
+        }
+    }
+    assert_eq!(seen.len(), data.len());
+    let parts: HashSet<u32> = seen.iter().map(|r| r.position.partition).collect();
+    assert_eq!(parts.len(), 4);
+    for r in &seen {
+        assert_eq!(partition_of_line(&r.payload), r.position.partition);
+    }
+    let kept = bed.read(&topic, data.len(), Duration::from_secs(3)).await;
+    assert_eq!(kept.len(), data.len(), "the queues still hold every record");
+}
+
 /// A `weir run` of the bed's pipeline with its log in `log`.
 fn spawn(bed: &Bed, log: &Path) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
