@@ -447,6 +447,45 @@ async fn amqp_tail_reads_every_partition() {
     assert_eq!(kept.len(), data.len(), "the queues still hold every record");
 }
 
+/// On streams an open window does not hold its deliveries unacked: with `prefetch = 4`
+/// and about ten events per window and partition, the pipeline neither stalls (a classic
+/// queue would wait for the idle timeout at every window) nor loses anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_stream_windows_longer_than_prefetch_do_not_stall() {
+    let _shared = BROKER.read().await;
+    crate::require_rabbitmq().await;
+    let bed = Bed::new(
+        "amqp",
+        "part-credit",
+        &[
+            PARTS,
+            "brokers.amqp.queue_type=stream",
+            "brokers.amqp.prefetch=4",
+        ],
+    );
+    let data = lines(27, 3_000);
+    let want = conformance::oracle(&data);
+    bed.produce(&data).await;
+    let t0 = std::time::Instant::now();
+    let summary = bed.run_until_idle().await.expect("run");
+    let took = t0.elapsed();
+    let s = summary.counters;
+    assert_eq!(
+        (s.events_in, s.windowed, s.late),
+        (3_000, 3_000, 0),
+        "{s:?}"
+    );
+    // ~77 windows: stalling at each for the 5 s idle timeout would take minutes.
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    let got = conformance::results(
+        &bed.read(&bed.config.sink.topic, want.len(), Duration::from_secs(5))
+            .await,
+    );
+    assert_eq!(got, want);
+    let c = &bed.config;
+    crate::delete_queues(&[&c.source.topic, &c.sink.topic, &c.dead_letter.topic], 4).await;
+}
+
 /// A `weir run` of the bed's pipeline with its log in `log`.
 fn spawn(bed: &Bed, log: &Path) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));

@@ -41,6 +41,8 @@ pub(crate) struct Part {
     pub(crate) ready: u32,
     /// Deliveries received since the last commit.
     pub(crate) since_commit: usize,
+    /// Streams: unacked deliveries that make the source grant credit (half the prefetch).
+    credit_every: usize,
 }
 
 /// What opening a partition queue gave.
@@ -116,6 +118,7 @@ impl Part {
             standing_by: (!stream).then_some(stored.map(|(p, _)| p)),
             ready: u32::MAX,
             since_commit: 0,
+            credit_every: (cfg.prefetch as usize / 2).max(1),
         };
         Ok(Opened::Consuming(Box::new(part), stored.map(|(_, cp)| cp)))
     }
@@ -170,6 +173,26 @@ impl Part {
             offset,
         };
         rec
+    }
+
+    /// Streams: acks what was received once half the prefetch is unacked. A stream keeps
+    /// its records whatever is acked (an ack only grants the consumer credit for more),
+    /// and a restart starts at the stream offset committed in the checkpoint, so an open
+    /// window need not hold its deliveries unacked: windows are not bounded by `prefetch`.
+    /// The channel is transactional, so the acks are committed at once.
+    pub(crate) async fn grant_credit(&mut self) -> std::result::Result<(), lapin::Error> {
+        if !self.stream || self.unacked.len() < self.credit_every {
+            return Ok(());
+        }
+        let Some(&(_, tag)) = self.unacked.back() else {
+            return Ok(());
+        };
+        self.ch
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await?;
+        self.ch.tx_commit().await?;
+        self.unacked.clear();
+        Ok(())
     }
 
     /// Asks the broker how many messages wait in the queue (after a receive that waited in

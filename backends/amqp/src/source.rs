@@ -478,6 +478,9 @@ impl Source for AmqpSource {
             let part = &mut self.parts[j];
             part.ready = u32::MAX;
             records.extend(deliveries.into_iter().map(|d| part.record(d)));
+            if let Err(e) = part.grant_credit().await {
+                failed.push((j, e.to_string()));
+            }
         }
         let lost = self.lose_failed(failed);
         if took_over.is_empty() {
