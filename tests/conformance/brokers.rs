@@ -28,6 +28,11 @@ pub trait TestBroker: Sync {
     /// `--set` overrides that give the topics a bed creates a single partition.
     fn one_partition(&self) -> Vec<String>;
 
+    /// `--set` overrides under which the bed's source has 4 partitions that several
+    /// `weir run` processes in one group split between them (the scale-out scenarios);
+    /// `None` if no other process can reach its topics.
+    fn scale_out(&self) -> Option<Vec<String>>;
+
     /// Whether its tests run on a multi-threaded runtime (two workers).
     fn multi_thread(&self) -> bool {
         false
@@ -78,6 +83,26 @@ pub struct Cannot {
     /// What its failure says.
     pub fails_with: &'static str,
 }
+
+/// The scale-out scenarios (`tests/conformance/scale.rs`), both failing for `why` with
+/// `fails_with`.
+const fn cannot_scale_out(why: &'static str, fails_with: &'static str) -> [Cannot; 2] {
+    [
+        Cannot {
+            scenario: "instances_split_the_work",
+            why,
+            fails_with,
+        },
+        Cannot {
+            scenario: "a_killed_instance_is_taken_over",
+            why,
+            fails_with,
+        },
+    ]
+}
+
+/// How the scale-out scenarios fail where every instance reads the same partitions.
+const SPLIT_FAILS: &str = "the instances did not split the 4 partitions";
 
 /// How a bed is made.
 #[derive(Debug, Clone, Copy)]
@@ -130,14 +155,28 @@ impl TestBroker for Memory {
     fn one_partition(&self) -> Vec<String> {
         vec!["brokers.memory.partitions=1".into()]
     }
+    fn scale_out(&self) -> Option<Vec<String>> {
+        None
+    }
     fn cannot(&self) -> &'static [Cannot] {
-        &[Cannot {
-            scenario: "shipped_pipelines_run_with_broker_alone",
-            why: "its topics live inside one `weir run` process, so nothing outside it can \
-                  feed them (`weir produce` refuses it); `weir test` runs the same golden \
-                  cases on it",
-            fails_with: "`weir produce` needs a broker whose topics outlive this process",
-        }]
+        static CANNOT: [Cannot; 3] = {
+            let [split, takeover] = cannot_scale_out(
+                "its topics live inside one `weir run` process: no other instance can read them",
+                "several `weir run` processes cannot share its topics",
+            );
+            [
+                Cannot {
+                    scenario: "shipped_pipelines_run_with_broker_alone",
+                    why: "its topics live inside one `weir run` process, so nothing outside \
+                          it can feed them (`weir produce` refuses it); `weir test` runs the \
+                          same golden cases on it",
+                    fails_with: "`weir produce` needs a broker whose topics outlive this process",
+                },
+                split,
+                takeover,
+            ]
+        };
+        &CANNOT
     }
 }
 
@@ -163,10 +202,17 @@ impl TestBroker for Kafka {
     fn one_partition(&self) -> Vec<String> {
         vec!["brokers.kafka.partitions=1".into()]
     }
+    /// Created topics get 4 partitions; the consumer group splits them.
+    fn scale_out(&self) -> Option<Vec<String>> {
+        Some(vec!["brokers.kafka.partitions=4".into()])
+    }
 }
 
 /// RabbitMQ: the machine's, or any at WEIR_AMQP_URL.
 struct Amqp;
+
+/// The queues per topic of RabbitMQ's scale-out beds.
+const SCALE_PARTITIONS: u32 = 4;
 
 #[async_trait]
 impl TestBroker for Amqp {
@@ -206,6 +252,10 @@ impl TestBroker for Amqp {
     fn one_partition(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Every topic split into 4 queues; the instances' heartbeat group splits them.
+    fn scale_out(&self) -> Option<Vec<String>> {
+        Some(vec![format!("brokers.amqp.partitions={SCALE_PARTITIONS}")])
+    }
     /// The beds' queues and their checkpoint queues go (those made with `queue_expires`
     /// would also expire; the shipped pipelines' runs set no such thing).
     #[cfg(feature = "amqp")]
@@ -216,12 +266,20 @@ impl TestBroker for Amqp {
         };
         for id in ids {
             for prefix in super::TOPIC_PREFIXES {
-                let queue = format!("{prefix}{id}");
-                for q in [weir_amqp::checkpoint_queue(&queue), queue] {
-                    // A channel per deletion: an error closes the channel it happened on.
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-                        let _ = ch.close(200, "done".into()).await;
+                let topic = format!("{prefix}{id}");
+                // The topic's queue, or its partition queues in the scale-out scenarios
+                // (deleting a queue that does not exist is no error).
+                let queues = std::iter::once(topic.clone()).chain(
+                    (0..SCALE_PARTITIONS)
+                        .map(|p| weir_amqp::partition_queue(&topic, p, SCALE_PARTITIONS)),
+                );
+                for queue in queues {
+                    for q in [weir_amqp::checkpoint_queue(&queue), queue] {
+                        // A channel per deletion: an error closes the channel it happened on.
+                        if let Ok(ch) = conn.create_channel().await {
+                            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                            let _ = ch.close(200, "done".into()).await;
+                        }
                     }
                 }
             }
@@ -272,6 +330,18 @@ impl TestBroker for Kinesis {
     }
     fn one_partition(&self) -> Vec<String> {
         vec!["brokers.kinesis.shards=1".into()]
+    }
+    /// Streams created with 4 shards.
+    fn scale_out(&self) -> Option<Vec<String>> {
+        Some(vec!["brokers.kinesis.shards=4".into()])
+    }
+    fn cannot(&self) -> &'static [Cannot] {
+        static CANNOT: [Cannot; 2] = cannot_scale_out(
+            "no lease coordination between instances (as the KCL has): every instance reads \
+             every shard",
+            SPLIT_FAILS,
+        );
+        &CANNOT
     }
     /// kinesalite keeps every stream in memory (and caps the shards of all together):
     /// the streams and checkpoint folders of the test's beds go.

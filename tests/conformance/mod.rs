@@ -12,9 +12,11 @@
 #![allow(dead_code)]
 
 pub mod brokers;
+mod instances;
 mod oracles;
 mod pipelines;
 mod retries;
+mod scale;
 mod tumbling;
 mod windows;
 
@@ -36,6 +38,8 @@ pub use oracles::*;
 pub use pipelines::shipped_pipelines_run_with_broker_alone;
 #[allow(unused_imports)]
 pub use retries::*;
+#[allow(unused_imports)]
+pub use scale::*;
 #[allow(unused_imports)]
 pub use tumbling::*;
 #[allow(unused_imports)]
@@ -63,6 +67,8 @@ macro_rules! suite {
                 retried_events_keep_their_event_time,
                 waiting_retries_survive_a_restart,
                 shipped_pipelines_run_with_broker_alone,
+                instances_split_the_work,
+                a_killed_instance_is_taken_over,
             );
         }
     };
