@@ -330,16 +330,7 @@ async fn amqp_tail_reader_takes_nothing_from_the_queue() {
         .map(|i| format!(r#"{{"user_id":"User{i}","n":{i}}}"#).into_bytes())
         .collect();
     bed.produce_to(&topic, &lines).await;
-    let mut seen = Vec::new();
-    let t0 = std::time::Instant::now();
-    while seen.len() < lines.len() && t0.elapsed() < Duration::from_secs(20) {
-        if let weir_engine::Received::Batch(b) =
-            tail.recv(100, Duration::from_millis(200)).await.unwrap()
-        {
-            seen.extend(b.into_iter().map(|r| r.payload.to_vec()));
-        }
-    }
-    assert_eq!(seen, lines);
+    assert_eq!(payloads(&tail_records(&mut tail, lines.len()).await), lines);
     // Every record is still in the queue for its consumers.
     let kept = bed.read(&topic, lines.len(), Duration::from_secs(3)).await;
     assert_eq!(kept.len(), lines.len());
@@ -353,16 +344,27 @@ async fn amqp_tail_reader_takes_nothing_from_the_queue() {
         .await
         .unwrap()
         .expect("a stream reader");
+    let seen = tail_records(&mut from_start, lines.len()).await;
+    assert_eq!(payloads(&seen), lines);
+}
+
+/// What a tail reader shows, until `n` records came (or 20 s passed).
+async fn tail_records(
+    tail: &mut Box<dyn weir_engine::Source>,
+    n: usize,
+) -> Vec<weir_engine::Record> {
     let mut seen = Vec::new();
     let t0 = std::time::Instant::now();
-    while seen.len() < lines.len() && t0.elapsed() < Duration::from_secs(20) {
-        if let weir_engine::Received::Batch(b) = from_start
-            .recv(100, Duration::from_millis(200))
-            .await
-            .unwrap()
+    while seen.len() < n && t0.elapsed() < Duration::from_secs(20) {
+        if let weir_engine::Received::Batch(b) =
+            tail.recv(100, Duration::from_millis(200)).await.unwrap()
         {
-            seen.extend(b.into_iter().map(|r| r.payload.to_vec()));
+            seen.extend(b);
         }
     }
-    assert_eq!(seen, lines);
+    seen
+}
+
+fn payloads(records: &[weir_engine::Record]) -> Vec<Vec<u8>> {
+    records.iter().map(|r| r.payload.to_vec()).collect()
 }

@@ -430,13 +430,7 @@ async fn amqp_tail_reads_every_partition() {
         .expect("a reader");
     let data = lines(26, 400);
     bed.produce_to(&topic, &data).await;
-    let mut seen = Vec::new();
-    let t0 = std::time::Instant::now();
-    while seen.len() < data.len() && t0.elapsed() < Duration::from_secs(20) {
-        if let Received::Batch(b) = tail.recv(100, Duration::from_millis(200)).await.unwrap() {
-            seen.extend(b);
-        }
-    }
+    let seen = crate::tail_records(&mut tail, data.len()).await;
     assert_eq!(seen.len(), data.len());
     let parts: HashSet<u32> = seen.iter().map(|r| r.position.partition).collect();
     assert_eq!(parts.len(), 4);
