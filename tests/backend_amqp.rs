@@ -4,6 +4,7 @@
 //! these tests fail, never skip, when it is down.
 #![cfg(feature = "amqp")]
 
+mod amqp;
 mod conformance;
 
 use std::time::Duration;
@@ -170,14 +171,20 @@ fn rabbitmqctl(args: &[&str]) {
 /// The oracle's counts on quorum queues and on streams, switching only `queue_type`; on a
 /// stream, a crash and restart resumes from the stream offset committed with the
 /// checkpoint.
-async fn counts_on(queue_type: &str) {
+async fn counts_on(queue_type: &str, partitions: u32) {
     let _shared = BROKER.read().await;
     require_rabbitmq().await;
     let qt = format!("brokers.amqp.queue_type={queue_type}");
+    let parts = format!("brokers.amqp.partitions={partitions}");
     let bed = conformance::Bed::new(
         "amqp",
         &format!("qt-{queue_type}"),
-        &[&qt, "source.commit_interval=0s", "source.batch_size=500"],
+        &[
+            &qt,
+            &parts,
+            "source.commit_interval=0s",
+            "source.batch_size=500",
+        ],
     );
     let data: Vec<Vec<u8>> = weir_engine::generate::dataset(11, 6_000, 20, 0)
         .into_iter()
@@ -208,17 +215,25 @@ async fn counts_on(queue_type: &str) {
     assert_eq!(again.counters.events_in, 0, "{:?}", again.counters);
     // Streams do not expire like the other test queues: delete them.
     let c = &bed.config;
-    delete_queues(&[&c.source.topic, &c.sink.topic, &c.dead_letter.topic]).await;
+    delete_queues(
+        &[&c.source.topic, &c.sink.topic, &c.dead_letter.topic],
+        partitions,
+    )
+    .await;
 }
 
-/// Deletes these queues and their checkpoint queues.
-async fn delete_queues(topics: &[&str]) {
+/// Deletes the queues of these topics (split into `partitions`) and their checkpoint
+/// queues.
+async fn delete_queues(topics: &[&str], partitions: u32) {
     let conn = lapin::Connection::connect(&url(), lapin::ConnectionProperties::default())
         .await
         .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
-    for t in topics {
-        for q in [t.to_string(), weir_amqp::checkpoint_queue(t)] {
+    let queues = topics
+        .iter()
+        .flat_map(|t| (0..partitions).map(|p| weir_amqp::partition_queue(t, p, partitions)));
+    for t in queues {
+        for q in [t.to_string(), weir_amqp::checkpoint_queue(&t)] {
             ch.queue_delete(q.as_str().into(), Default::default())
                 .await
                 .expect("queue.delete");
@@ -229,12 +244,18 @@ async fn delete_queues(topics: &[&str]) {
 
 #[tokio::test]
 async fn amqp_quorum_queues_count_like_the_oracle() {
-    counts_on("quorum").await;
+    counts_on("quorum", 1).await;
 }
 
 #[tokio::test]
 async fn amqp_streams_count_like_the_oracle_and_resume_from_the_committed_offset() {
-    counts_on("stream").await;
+    counts_on("stream", 1).await;
+}
+
+/// The same with each topic split into four streams (`partitions = 4`).
+#[tokio::test]
+async fn amqp_partitioned_streams_count_like_the_oracle_and_resume() {
+    counts_on("stream", 4).await;
 }
 
 /// The TTL retry topology helper (the engine's `[retry]` topic does not need it): a record sent to the retry
@@ -309,16 +330,7 @@ async fn amqp_tail_reader_takes_nothing_from_the_queue() {
         .map(|i| format!(r#"{{"user_id":"User{i}","n":{i}}}"#).into_bytes())
         .collect();
     bed.produce_to(&topic, &lines).await;
-    let mut seen = Vec::new();
-    let t0 = std::time::Instant::now();
-    while seen.len() < lines.len() && t0.elapsed() < Duration::from_secs(20) {
-        if let weir_engine::Received::Batch(b) =
-            tail.recv(100, Duration::from_millis(200)).await.unwrap()
-        {
-            seen.extend(b.into_iter().map(|r| r.payload.to_vec()));
-        }
-    }
-    assert_eq!(seen, lines);
+    assert_eq!(payloads(&tail_records(&mut tail, lines.len()).await), lines);
     // Every record is still in the queue for its consumers.
     let kept = bed.read(&topic, lines.len(), Duration::from_secs(3)).await;
     assert_eq!(kept.len(), lines.len());
@@ -332,16 +344,27 @@ async fn amqp_tail_reader_takes_nothing_from_the_queue() {
         .await
         .unwrap()
         .expect("a stream reader");
+    let seen = tail_records(&mut from_start, lines.len()).await;
+    assert_eq!(payloads(&seen), lines);
+}
+
+/// What a tail reader shows, until `n` records came (or 20 s passed).
+async fn tail_records(
+    tail: &mut Box<dyn weir_engine::Source>,
+    n: usize,
+) -> Vec<weir_engine::Record> {
     let mut seen = Vec::new();
     let t0 = std::time::Instant::now();
-    while seen.len() < lines.len() && t0.elapsed() < Duration::from_secs(20) {
-        if let weir_engine::Received::Batch(b) = from_start
-            .recv(100, Duration::from_millis(200))
-            .await
-            .unwrap()
+    while seen.len() < n && t0.elapsed() < Duration::from_secs(20) {
+        if let weir_engine::Received::Batch(b) =
+            tail.recv(100, Duration::from_millis(200)).await.unwrap()
         {
-            seen.extend(b.into_iter().map(|r| r.payload.to_vec()));
+            seen.extend(b);
         }
     }
-    assert_eq!(seen, lines);
+    seen
+}
+
+fn payloads(records: &[weir_engine::Record]) -> Vec<Vec<u8>> {
+    records.iter().map(|r| r.payload.to_vec()).collect()
 }

@@ -190,7 +190,7 @@ pub fn parse_datetime(s: &str) -> Result<i64, String> {
 
 /// Writes epoch milliseconds as RFC 3339 UTC: `2024-06-27T15:00:00Z`, with `.mmm` only
 /// when the milliseconds are not zero.
-pub(crate) fn write_rfc3339(out: &mut String, ms: i64) {
+pub fn write_rfc3339(out: &mut String, ms: i64) {
     let secs = ms.div_euclid(1000);
     let frac = ms.rem_euclid(1000);
     let days = secs.div_euclid(86_400);

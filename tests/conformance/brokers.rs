@@ -101,9 +101,6 @@ const fn cannot_scale_out(why: &'static str, fails_with: &'static str) -> [Canno
     ]
 }
 
-/// How the scale-out scenarios fail where every instance reads the same partitions.
-const SPLIT_FAILS: &str = "the instances did not split the 4 partitions";
-
 /// How a bed is made.
 #[derive(Debug, Clone, Copy)]
 pub struct BedOptions {
@@ -211,6 +208,9 @@ impl TestBroker for Kafka {
 /// RabbitMQ: the machine's, or any at WEIR_AMQP_URL.
 struct Amqp;
 
+/// The queues per topic of RabbitMQ's scale-out beds.
+const SCALE_PARTITIONS: u32 = 4;
+
 #[async_trait]
 impl TestBroker for Amqp {
     fn name(&self) -> &'static str {
@@ -249,17 +249,9 @@ impl TestBroker for Amqp {
     fn one_partition(&self) -> Vec<String> {
         Vec::new()
     }
-    /// Nothing yet: a topic is one queue.
+    /// Every topic split into 4 queues; the instances' heartbeat group splits them.
     fn scale_out(&self) -> Option<Vec<String>> {
-        Some(Vec::new())
-    }
-    fn cannot(&self) -> &'static [Cannot] {
-        static CANNOT: [Cannot; 2] = cannot_scale_out(
-            "a topic is one queue with a single active consumer: every instance says it has \
-             partition 0, those standing by read nothing until the active one dies",
-            SPLIT_FAILS,
-        );
-        &CANNOT
+        Some(vec![format!("brokers.amqp.partitions={SCALE_PARTITIONS}")])
     }
     /// The beds' queues and their checkpoint queues go (those made with `queue_expires`
     /// would also expire; the shipped pipelines' runs set no such thing).
@@ -271,12 +263,20 @@ impl TestBroker for Amqp {
         };
         for id in ids {
             for prefix in super::TOPIC_PREFIXES {
-                let queue = format!("{prefix}{id}");
-                for q in [weir_amqp::checkpoint_queue(&queue), queue] {
-                    // A channel per deletion: an error closes the channel it happened on.
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-                        let _ = ch.close(200, "done".into()).await;
+                let topic = format!("{prefix}{id}");
+                // The topic's queue, or its partition queues in the scale-out scenarios
+                // (deleting a queue that does not exist is no error).
+                let queues = std::iter::once(topic.clone()).chain(
+                    (0..SCALE_PARTITIONS)
+                        .map(|p| weir_amqp::partition_queue(&topic, p, SCALE_PARTITIONS)),
+                );
+                for queue in queues {
+                    for q in [weir_amqp::checkpoint_queue(&queue), queue] {
+                        // A channel per deletion: an error closes the channel it happened on.
+                        if let Ok(ch) = conn.create_channel().await {
+                            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                            let _ = ch.close(200, "done".into()).await;
+                        }
                     }
                 }
             }

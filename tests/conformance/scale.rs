@@ -49,7 +49,9 @@ pub async fn instances_split_the_work(broker: &str) {
         .iter()
         .map(|n| Instance::spawn(&bed, dir.path(), n, "10s"))
         .collect();
+    let t0 = std::time::Instant::now();
     wait_until_split(&mut instances, PARTITIONS, JOIN_LIMIT).await;
+    let split = t0.elapsed();
     for chunk in data.chunks(3_000) {
         produce_chunk(&bed, chunk).await;
     }
@@ -74,6 +76,11 @@ pub async fn instances_split_the_work(broker: &str) {
         total as usize >= data.len(),
         "together the instances read {total} events, fewer than the {} produced: {read:?}",
         data.len()
+    );
+    eprintln!(
+        "{broker}: 3 instances split the partitions after {split:?}, read {:?} events, done after {:?}",
+        read.iter().map(|s| s.events_in).collect::<Vec<_>>(),
+        t0.elapsed()
     );
     outputs_are_exact(&bed, &data, &logs.join("\n")).await;
 }

@@ -69,7 +69,14 @@ pub struct AmqpConfig {
     /// The broker's largest message (RabbitMQ's `max_message_size`, 128 MiB by default):
     /// dead letters and late records larger than this are cut to fit.
     pub max_message_bytes: usize,
+    /// Queues per topic: 1 = queue `T`; N > 1 = queues `T.0`..`T.{N-1}`, records routed by
+    /// the FNV-1a hash of their key (see [`crate::partition_of`]) and split between the
+    /// instances of a pipeline (see the README).
+    pub partitions: u32,
 }
+
+/// The most queues a topic may be split into (`[brokers.amqp] partitions`).
+pub const MAX_PARTITIONS: u32 = 1024;
 
 /// RabbitMQ's default `max_message_size` (3.8 and later): 128 MiB.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
@@ -87,6 +94,7 @@ impl Default for AmqpConfig {
             single_active_consumer: true,
             queue_expires: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            partitions: 1,
         }
     }
 }
@@ -147,6 +155,7 @@ impl AmqpConfig {
             c.stream_offset = s;
         }
         c.single_active_consumer = r.bool_or(d, "single_active_consumer", true);
+        c.partitions = r.uint_or(d, "partitions", 1, 1..=MAX_PARTITIONS as u64) as u32;
         c.max_message_bytes = r.uint_or(
             d,
             "max_message_bytes",
@@ -221,9 +230,11 @@ mod tests {
     #[test]
     fn defaults_and_values() {
         let (c, d) = read(
-            "[brokers.amqp]\nprefetch = 500\nqueue_type = \"quorum\"\nexchange_type = \"direct\"\n",
+            "[brokers.amqp]\nprefetch = 500\nqueue_type = \"quorum\"\nexchange_type = \"direct\"\npartitions = 4\n",
         );
         assert!(d.is_empty(), "{:?}", d.problems());
+        assert_eq!(c.partitions, 4);
+        assert_eq!(AmqpConfig::default().partitions, 1);
         assert_eq!(c.prefetch, 500);
         assert_eq!(c.queue_type, QueueType::Quorum);
         assert_eq!(c.exchange_type, ExchangeType::Direct);

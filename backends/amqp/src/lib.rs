@@ -1,22 +1,26 @@
 //! Weir's RabbitMQ backend (AMQP 0-9-1, lapin on tokio).
 //!
-//! Topology: every pipeline topic `T` is a durable queue named `T`, bound to one exchange
-//! (`[brokers.amqp] exchange`, type `topic` or `direct`) with routing key `T`. Sinks publish
-//! to the exchange with routing key `T`; sources consume queue `T`. Both sides declare the
-//! exchange, the queue and the binding, so records published before any consumer exists are
-//! kept, not dropped as unroutable.
+//! Topology: every pipeline topic `T` is a durable queue named `T` (with `[brokers.amqp]
+//! partitions = N > 1`: N queues `T.0`..`T.{N-1}`), bound to one exchange (`[brokers.amqp]
+//! exchange`, type `topic` or `direct`) with its own name as routing key. Sinks publish to
+//! the exchange (to partition [`partition_of`] the record's key); sources consume the
+//! queues. Both sides declare the exchange, the queues and the bindings, so records
+//! published before any consumer exists are kept, not dropped as unroutable.
 //!
 //! The source acknowledges deliveries only when the runtime commits their position (after
 //! everything derived from them was confirmed by its sink); positions are a counter the
-//! source assigns per delivery (one partition, 0). Each commit acks and records the
-//! position with the engine's checkpoint in a companion queue `weir.checkpoint.T`, in one
-//! AMQP transaction, so a restarted pipeline knows which redelivered records were already
-//! counted in emitted windows. The sink publishes persistent messages with publisher
+//! source assigns per delivery and partition. Each commit acks and records the position
+//! with the engine's checkpoint in a companion queue `weir.checkpoint.<queue>`, in one AMQP
+//! transaction, so a restarted pipeline knows which redelivered records were already
+//! counted in emitted windows. Instances reading a partitioned topic split its queues
+//! between them through a heartbeat group (`members`). The sink publishes persistent messages with publisher
 //! confirms and waits for every confirm of a batch.
 
 mod checkpoint;
 mod config;
 mod error;
+mod members;
+mod part;
 mod sink;
 mod source;
 mod tail;
@@ -31,10 +35,11 @@ use weir_engine::{Sink, Source};
 
 pub use config::{AmqpConfig, ExchangeType, QueueType, DEFAULT_URL};
 pub use error::{is_retryable, redact};
+pub use members::members_exchange;
 pub use sink::AmqpSink;
 pub use source::AmqpSource;
 pub use tail::AmqpTail;
-pub use topology::{checkpoint_queue, retry_queue};
+pub use topology::{checkpoint_queue, partition_of, partition_queue, retry_queue};
 
 /// Connects to `url` and closes again: `Ok` when RabbitMQ answers.
 pub async fn ping(url: &str) -> weir_engine::Result<()> {
@@ -69,9 +74,10 @@ impl AmqpBroker {
     /// A consumer of queue `topic`, connected and with its topology declared.
     ///
     /// In AMQP the queue is the consumer group: every consumer of `topic` shares queue
-    /// `topic` (one active at a time with `single_active_consumer`).
+    /// `topic` (one active at a time with `single_active_consumer`). With `partitions > 1`
+    /// the consumers of `topic` split its queues `topic.0`.. between them (see the README).
     pub async fn source(&self, topic: &str) -> weir_engine::Result<AmqpSource> {
-        AmqpSource::connect(self.config.clone(), topic).await
+        AmqpSource::connect(self.config.clone(), topic, source::Claim::Share).await
     }
 
     /// A publisher to the retry queue of `source_topic` (`<source_topic>.retry`): records
@@ -135,7 +141,9 @@ impl Broker for AmqpBroker {
         if self.config.queue_type == QueueType::Stream {
             Ok(Box::new(self.reader(topic, true).await?))
         } else {
-            Ok(Box::new(AmqpBroker::source(self, topic).await?))
+            let cfg = self.config.clone();
+            let all = source::Claim::All;
+            Ok(Box::new(AmqpSource::connect(cfg, topic, all).await?))
         }
     }
 

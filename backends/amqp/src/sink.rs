@@ -26,7 +26,9 @@ struct Live {
     ch: Channel,
 }
 
-/// Publishes to one topic: exchange `[brokers.amqp] exchange`, routing key = topic.
+/// Publishes to one topic: exchange `[brokers.amqp] exchange`, routing key = topic (with
+/// `partitions = N > 1`: routing key `topic.p`, `p` = [`partition_of`](crate::partition_of)
+/// of the record's key, or of its payload when it has none).
 ///
 /// [`send`](Sink::send) publishes the whole batch, then waits for every confirm: it returns
 /// `Ok` only when RabbitMQ has taken responsibility for every record (persisted them, for
@@ -35,6 +37,9 @@ struct Live {
 pub struct AmqpSink {
     cfg: Arc<AmqpConfig>,
     topic: String,
+    /// The topic's queues, by partition (routing key = queue name): `[topic]` with one
+    /// partition.
+    queues: Vec<String>,
     /// `Some((source topic, delay))` for a retry queue that dead-letters back to it.
     retry: Option<(String, std::time::Duration)>,
     live: Option<Live>,
@@ -60,9 +65,21 @@ impl AmqpSink {
         topic: String,
         retry: Option<(String, std::time::Duration)>,
     ) -> Result<AmqpSink> {
+        if retry.is_some() && cfg.partitions > 1 {
+            return Err(EngineError::backend(
+                BACKEND,
+                "the TTL retry queue dead-letters into one queue, so it needs `brokers.amqp.partitions = 1` (the engine's [retry] topic works with any number)",
+                false,
+            ));
+        }
+        let n = cfg.partitions;
+        let queues = (0..n)
+            .map(|p| topology::partition_queue(&topic, p, n))
+            .collect();
         let mut s = AmqpSink {
             cfg,
             topic,
+            queues,
             retry,
             live: None,
             failures: 0,
@@ -81,7 +98,11 @@ impl AmqpSink {
             .await
             .map_err(|e| amqp_error("enabling publisher confirms", &e))?;
         match &self.retry {
-            None => topology::declare_published_topic(&conn, &ch, &self.cfg, &self.topic).await?,
+            None => {
+                for q in &self.queues {
+                    topology::declare_published_topic(&conn, &ch, &self.cfg, q).await?
+                }
+            }
             Some((source, delay)) => {
                 topology::declare_retry(&ch, &self.cfg, source, *delay).await?
             }
@@ -187,7 +208,7 @@ impl Sink for AmqpSink {
         // once, in order (so frames and confirms keep the batch order), then all are
         // awaited.
         let exchange = self.cfg.exchange.as_str();
-        let topic = self.topic.as_str();
+        let n = self.cfg.partitions;
         // A dead letter or late record never fails for its size: it is cut to fit.
         let fitted: Vec<Option<OutRecord>> = batch
             .iter()
@@ -199,9 +220,16 @@ impl Sink for AmqpSink {
         let mut started = Vec::with_capacity(batch.len());
         for (r, fit) in batch.iter().zip(&fitted) {
             let r = fit.as_ref().unwrap_or(r);
+            let queue = match n {
+                1 => &self.queues[0],
+                _ => {
+                    let by = r.key.as_deref().unwrap_or(&r.payload);
+                    &self.queues[topology::partition_of(by, n) as usize]
+                }
+            };
             let mut f = Box::pin(ch.basic_publish(
                 exchange.into(),
-                topic.into(),
+                queue.as_str().into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..Default::default()
@@ -254,7 +282,9 @@ impl Sink for AmqpSink {
                 BACKEND,
                 format!(
                     "records for `{}` were returned unroutable by exchange `{}` ({why}): is queue `{}` bound to it?",
-                    self.topic, self.cfg.exchange, self.topic
+                    self.topic,
+                    self.cfg.exchange,
+                    self.queues.join("`, `")
                 ),
                 true,
             ));

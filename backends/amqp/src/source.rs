@@ -1,85 +1,128 @@
-//! The RabbitMQ source: one queue, manual acknowledgements, commits as AMQP transactions.
+//! The RabbitMQ source: one queue per partition, manual acknowledgements, commits as AMQP
+//! transactions, and (with `partitions > 1`) the partitions split between the instances of
+//! a pipeline by [`crate::members`].
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_core::Stream;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, Consumer};
-use weir_engine::checkpoint_store::{CheckpointStore, Committed};
-use weir_engine::{Checkpoint, EngineError, Position, Received, Record, Result, Source};
+use lapin::types::AMQPValue;
+use lapin::Connection;
+use tokio::time::Instant;
+use weir_engine::{Checkpoint, Position, Received, Record, Result, Source};
 
-use crate::checkpoint::CheckpointQueue;
 use crate::config::{AmqpConfig, QueueType};
-use crate::error::{amqp_error, redact, BACKEND};
+use crate::error::redact;
+use crate::members::{Membership, SETTLE};
+use crate::part::{Opened, Part};
 use crate::sink::{HEADER_KEY, HEADER_TIMESTAMP};
 use crate::topology;
 
 pub(crate) const STREAM_OFFSET: &str = "x-stream-offset";
 
-struct Live {
-    _conn: Connection,
-    ch: Channel,
-    consumer: Consumer,
+/// How often a member looks at the group's view, at most: the longest a receive waits.
+const LOOK: Duration = Duration::from_millis(250);
+/// How long a member waits before trying again a partition queue another consumer holds
+/// exclusively.
+const BUSY_RETRY: Duration = Duration::from_millis(500);
+
+/// Which partitions a source reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Claim {
+    /// Its share in the group of the topic's readers (every partition when alone).
+    Share,
+    /// Every partition (a table's reader).
+    All,
 }
 
-/// Consumes queue `topic` as partition 0.
+/// Consumes the queues of topic `topic`: queue `topic` as partition 0, or with
+/// `partitions = N > 1` queues `topic.0`..`topic.{N-1}` as partitions 0..N-1.
 ///
-/// * Offsets are a counter this source assigns to deliveries in order (stream queues: the
-///   stream offset). Delivery tags restart with every channel, offsets do not.
-/// * [`commit`](Source::commit) of offset `o` acks (`multiple`) every delivery below `o`
-///   that is still unacked on the current channel and stores `o` with the checkpoint in
-///   queue `weir.checkpoint.<topic>`, both in one AMQP transaction. A new source reads that
-///   back and numbers the redelivered (requeued, in their original order) deliveries from
-///   `o` again, so the engine can tell replayed records from new ones.
+/// * Offsets are a counter per partition this source assigns to deliveries in order
+///   (stream queues: the stream offset). Delivery tags restart with every channel, offsets
+///   do not.
+/// * [`commit`](Source::commit) of offset `o` of partition `p` acks (`multiple`) every
+///   delivery of `p` below `o` still unacked on its channel and stores `o` with the
+///   checkpoint in queue `weir.checkpoint.<queue>`, both in one AMQP transaction. A new
+///   consumer reads that back and numbers the redelivered (requeued, in their original
+///   order) deliveries from `o` again, so the engine can tell replayed records from new ones.
+/// * With several partitions, the instances reading the topic agree on an owner per
+///   partition (see [`crate::members`]); a partition that changes hands is
+///   [`Received::Revoked`] by one (its channel closed: RabbitMQ requeues its unacked
+///   deliveries) and [`Received::Assigned`] with its checkpoint to the other.
 /// * A lost connection discards the unacked deliveries (RabbitMQ requeues them), returns
-///   [`Received::Revoked`]`([0])` so the engine drops the open windows they fed, then
-///   reconnects with backoff, re-declares the topology and returns
-///   [`Received::Assigned`]`([(0, None)])`.
+///   [`Received::Revoked`] so the engine drops the open windows they fed, then reconnects
+///   with backoff, re-declares the topology and returns [`Received::Assigned`] with no
+///   checkpoint for those partitions.
 pub struct AmqpSource {
     cfg: Arc<AmqpConfig>,
     topic: String,
-    live: Option<Live>,
-    next_offset: u64,
-    /// (offset, delivery tag) of deliveries on the current channel not yet acked, in order.
-    unacked: VecDeque<(u64, u64)>,
+    conn: Option<Connection>,
+    /// The partition queues consumed now, in partition order.
+    parts: Vec<Part>,
+    /// The partitions this source should consume.
+    wanted: Vec<u32>,
+    /// The group this source is a member of (`partitions > 1`, [`Claim::Share`]).
+    members: Option<Membership>,
     events: VecDeque<Received>,
     connected_once: bool,
     failures: u32,
-    /// Deliveries received since the last commit.
-    since_commit: usize,
-    /// The committed position read when consuming started, until the first delivery: a
-    /// consumer that stood by (single active consumer) becomes active only when the one
-    /// before it is gone, and must then number from what that one committed last.
-    standing_by: Option<Option<u64>>,
-    /// Ready messages in the queue, as the last passive declare (after a receive that
-    /// waited in vain) reported them; deliveries since then mean "not at the end".
-    ready: u32,
+    /// Partitions whose channel was lost (not handed over): consumed again, they are
+    /// assigned without a checkpoint (see the README, "Connection loss").
+    lost: Vec<u32>,
+    /// When to try again the wanted partitions another consumer holds exclusively.
+    retry_at: Option<Instant>,
+    /// The part a receive polls first (so that no partition starves another).
+    turn: usize,
 }
 
 impl AmqpSource {
-    pub(crate) async fn connect(cfg: Arc<AmqpConfig>, topic: &str) -> Result<AmqpSource> {
+    pub(crate) async fn connect(
+        cfg: Arc<AmqpConfig>,
+        topic: &str,
+        claim: Claim,
+    ) -> Result<AmqpSource> {
+        let members = (claim == Claim::Share && cfg.partitions > 1)
+            .then(|| Membership::join(cfg.clone(), topic));
         let mut s = AmqpSource {
             cfg,
             topic: topic.to_string(),
-            live: None,
-            next_offset: 0,
-            unacked: VecDeque::new(),
+            conn: None,
+            parts: Vec::new(),
+            wanted: Vec::new(),
+            members,
             events: VecDeque::new(),
             connected_once: false,
             failures: 0,
-            since_commit: 0,
-            standing_by: None,
-            ready: u32::MAX,
+            lost: Vec::new(),
+            retry_at: None,
+            turn: 0,
         };
-        s.open().await?;
+        if let Some(m) = &s.members {
+            // Listen for the other members before claiming anything (bounded: without a
+            // broker the first receive reports the problem).
+            let until = Instant::now() + SETTLE * 4;
+            while Instant::now() < until {
+                match m.settled_at() {
+                    Some(t) => {
+                        tokio::time::sleep_until(t).await;
+                        break;
+                    }
+                    None => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+            tracing::info!(
+                topic,
+                member = m.id(),
+                partitions = s.cfg.partitions,
+                "RabbitMQ source joined the group of this topic's readers"
+            );
+        }
+        s.sync().await?;
         Ok(s)
     }
 
@@ -87,141 +130,212 @@ impl AmqpSource {
         self.cfg.queue_type == QueueType::Stream
     }
 
-    /// Connects, declares, reads the committed position and starts consuming.
-    async fn open(&mut self) -> Result<()> {
-        let conn = topology::connect(&self.cfg, &format!("weir source {}", self.topic)).await?;
-        let (ch, exclusive) =
-            topology::declare_consumed_topic(&conn, &self.cfg, &self.topic).await?;
-        let ckpt_queue = topology::declare_checkpoint_queue(&ch, &self.cfg, &self.topic).await?;
-        let stored = CheckpointQueue::new(&ch, ckpt_queue).newest().await?;
-        ch.basic_qos(self.cfg.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| amqp_error("setting the prefetch (basic.qos)", &e))?;
-        ch.tx_select()
-            .await
-            .map_err(|e| amqp_error("selecting transactions (tx.select)", &e))?;
-        let mut args = FieldTable::default();
-        if self.stream() {
-            let from = match stored {
-                Some((pos, _)) => AMQPValue::LongLongInt(pos as i64),
-                None => AMQPValue::LongString(self.cfg.stream_offset.as_str().into()),
-            };
-            args.insert(STREAM_OFFSET.into(), from);
+    /// Connects if need be, then makes the consumed partitions the wanted ones: closes
+    /// those no longer this source's (queues [`Received::Revoked`]) and opens the new ones
+    /// (queues [`Received::Assigned`] with the whole set).
+    async fn sync(&mut self) -> Result<()> {
+        if self.conn.as_ref().is_some_and(|c| !c.status().connected()) {
+            if !self.parts.is_empty() {
+                let ev = self.lose_all(&"the connection closed");
+                self.events.push_back(ev);
+                return Ok(());
+            }
+            self.conn = None;
         }
-        let consumer = ch
-            .basic_consume(
-                self.topic.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    exclusive,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await
-            .map_err(|e| {
-                if exclusive && e.to_string().contains("exclusive") {
-                    // Another instance reads the queue: wait for it, as a standby.
-                    EngineError::backend(
-                        BACKEND,
-                        format!(
-                            "queue `{}` is read by another consumer (exclusively, as the queue has no single active consumer); retrying",
-                            self.topic
-                        ),
-                        true,
-                    )
-                } else {
-                    amqp_error(&format!("consuming queue `{}`", self.topic), &e)
+        if self.conn.is_none() {
+            let name = format!("weir source {}", self.topic);
+            match topology::connect(&self.cfg, &name).await {
+                Ok(c) => self.conn = Some(c),
+                Err(e) => {
+                    self.failures += 1;
+                    tracing::warn!(
+                        topic = %self.topic,
+                        url = %redact(&self.cfg.url),
+                        attempt = self.failures,
+                        error = %e,
+                        "RabbitMQ source cannot reconnect; retrying with backoff"
+                    );
+                    return Err(e);
                 }
-            })?;
-        self.next_offset = stored.map_or(0, |(p, _)| p);
-        self.unacked.clear();
-        self.standing_by = (!self.stream()).then_some(stored.map(|(p, _)| p));
-        // The first assignment hands the engine the stored checkpoint (a fresh pipeline
-        // replays against it); after a reconnect the engine has just dropped the state of
-        // the lost channel and counts what is redelivered as new.
-        let cp = if self.connected_once {
-            None
-        } else {
-            stored.map(|(_, cp)| cp)
-        };
-        self.events.push_back(Received::Assigned(vec![(0, cp)]));
-        if self.connected_once {
-            tracing::info!(
-                topic = %self.topic,
-                url = %redact(&self.cfg.url),
-                attempts = self.failures + 1,
-                "RabbitMQ source reconnected; topology re-declared, consuming again (unacked deliveries are redelivered)"
-            );
-        } else {
-            tracing::debug!(topic = %self.topic, committed = ?stored, "RabbitMQ source consuming");
+            }
         }
-        self.connected_once = true;
-        self.failures = 0;
-        self.live = Some(Live {
-            _conn: conn,
-            ch,
-            consumer,
-        });
-        Ok(())
+        let n = self.cfg.partitions;
+        match &self.members {
+            None => self.wanted = (0..n).collect(),
+            Some(m) => {
+                if let Some(w) = m.owned(n) {
+                    self.wanted = w;
+                }
+            }
+        }
+        let gone: Vec<u32> = self
+            .parts
+            .iter()
+            .map(|p| p.index)
+            .filter(|p| !self.wanted.contains(p))
+            .collect();
+        if !gone.is_empty() {
+            tracing::info!(topic = %self.topic, partitions = ?gone, "RabbitMQ partitions handed over to another instance: their channels close, their unacked deliveries go back to the queues");
+            for part in std::mem::take(&mut self.parts) {
+                if gone.contains(&part.index) {
+                    part.close("handed over").await;
+                } else {
+                    self.parts.push(part);
+                }
+            }
+            self.events.push_back(Received::Revoked(gone));
+        }
+        let due = self.retry_at.is_none_or(|t| Instant::now() >= t);
+        let missing: Vec<u32> = self
+            .wanted
+            .iter()
+            .copied()
+            .filter(|p| !self.parts.iter().any(|x| x.index == *p))
+            .collect();
+        if missing.is_empty() || !due {
+            return Ok(());
+        }
+        self.retry_at = None;
+        let conn = self.conn.as_ref().expect("connected");
+        let mut gained = Vec::new();
+        let mut reconnected = false;
+        let mut failed = None;
+        for p in missing {
+            let queue = topology::partition_queue(&self.topic, p, n);
+            match Part::open(conn, &self.cfg, queue, p).await {
+                Ok(Opened::Consuming(part, cp)) => {
+                    let was_lost = self.lost.contains(&p);
+                    reconnected |= was_lost;
+                    let cp = if was_lost { None } else { cp };
+                    self.lost.retain(|l| *l != p);
+                    let at = self.parts.partition_point(|x| x.index < p);
+                    self.parts.insert(at, *part);
+                    gained.push((p, cp));
+                }
+                Ok(Opened::Busy(e)) if self.members.is_none() => {
+                    failed = Some(e);
+                    break;
+                }
+                Ok(Opened::Busy(_)) => {
+                    tracing::debug!(topic = %self.topic, partition = p, "partition queue still read by another instance; trying again");
+                    self.retry_at = Some(Instant::now() + BUSY_RETRY);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if !gained.is_empty() {
+            if reconnected {
+                tracing::info!(
+                    topic = %self.topic,
+                    url = %redact(&self.cfg.url),
+                    attempts = self.failures + 1,
+                    "RabbitMQ source reconnected; topology re-declared, consuming again (unacked deliveries are redelivered)"
+                );
+            }
+            self.connected_once = true;
+            self.failures = 0;
+            self.events.push_back(self.assignment(&gained));
+        }
+        match failed {
+            Some(e) => {
+                self.failures += 1;
+                Err(e)
+            }
+            None => Ok(()),
+        }
     }
 
-    /// The first delivery arrived: if another consumer committed since this one read the
-    /// checkpoint (it stood by while that one was active), number from that commit and
-    /// hand its checkpoint to the engine before the deliveries.
-    async fn took_over(&mut self, read: Option<u64>) -> Result<Option<Received>> {
-        let Some(live) = &self.live else {
-            return Ok(None);
-        };
-        let ch = live
-            ._conn
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error("opening a channel", &e))?;
-        let stored = CheckpointQueue::new(&ch, topology::checkpoint_queue(&self.topic))
-            .newest()
-            .await;
-        let _ = ch.close(200, "checkpoint read".into()).await;
-        let Some((pos, cp)) = stored? else {
-            return Ok(None);
-        };
-        if Some(pos) == read {
-            return Ok(None);
-        }
-        tracing::info!(topic = %self.topic, from = ?read, to = pos, "RabbitMQ source became the active consumer; resuming from the last commit of the one before");
-        self.next_offset = pos;
-        Ok(Some(Received::Assigned(vec![(0, Some(cp))])))
+    /// The whole set of consumed partitions, with the checkpoints in `cps` (the others'
+    /// are the engine's already).
+    fn assignment(&self, cps: &[(u32, Option<Checkpoint>)]) -> Received {
+        Received::Assigned(
+            self.parts
+                .iter()
+                .map(|p| {
+                    let cp = cps.iter().find(|(i, _)| *i == p.index).and_then(|c| c.1);
+                    (p.index, cp)
+                })
+                .collect(),
+        )
     }
 
-    /// The connection or channel is gone: forget its deliveries and tell the engine.
-    fn lost(&mut self, why: &dyn std::fmt::Display) -> Received {
+    /// The channel of the part at `i` is gone: forget its deliveries and tell the engine.
+    fn lose(&mut self, i: usize, why: &dyn std::fmt::Display) -> Received {
+        if self.conn.as_ref().is_none_or(|c| !c.status().connected()) {
+            return self.lose_all(why);
+        }
+        let part = self.parts.remove(i);
+        tracing::warn!(
+            queue = %part.queue,
+            partition = part.index,
+            unacked = part.unacked.len(),
+            error = %why,
+            "RabbitMQ source lost a channel: its unacked deliveries will be redelivered; open windows fed by them are dropped; consuming again"
+        );
+        self.lost.push(part.index);
+        Received::Revoked(vec![part.index])
+    }
+
+    /// The connection is gone: forget every delivery and tell the engine.
+    fn lose_all(&mut self, why: &dyn std::fmt::Display) -> Received {
+        let unacked: usize = self.parts.iter().map(|p| p.unacked.len()).sum();
         tracing::warn!(
             topic = %self.topic,
-            unacked = self.unacked.len(),
+            unacked,
             error = %why,
             "RabbitMQ source lost its channel: unacked deliveries will be redelivered; open windows fed by them are dropped; reconnecting"
         );
-        self.live = None;
-        self.unacked.clear();
-        Received::Revoked(vec![0])
+        self.conn = None;
+        let gone: Vec<u32> = self.parts.drain(..).map(|p| p.index).collect();
+        self.lost.extend(&gone);
+        Received::Revoked(gone)
     }
 
-    fn record(&mut self, d: Delivery) -> Record {
-        let tag = d.delivery_tag;
-        let (mut rec, stream_offset) = to_record(d);
-        let offset = match stream_offset {
-            Some(o) if self.stream() => o,
-            _ => self.next_offset,
-        };
-        self.next_offset = offset + 1;
-        self.since_commit += 1;
-        self.unacked.push_back((offset, tag));
-        rec.position.offset = offset;
-        rec
+    /// The parts at these indexes failed: lose them (after the batch), highest index first
+    /// so the others stay put.
+    fn lose_failed(&mut self, mut failed: Vec<(usize, String)>) -> Vec<Received> {
+        failed.sort_by_key(|f| std::cmp::Reverse(f.0));
+        failed.dedup_by_key(|f| f.0);
+        let mut lost = Vec::new();
+        for (j, why) in failed {
+            if j >= self.parts.len() {
+                continue;
+            }
+            lost.push(self.lose(j, &why));
+        }
+        lost
+    }
+
+    /// The first ready delivery (or end, or error) of any part, polling from `turn`.
+    fn poll_any(&mut self, cx: &mut Context<'_>) -> Poll<(usize, Option<lapin::Result<Delivery>>)> {
+        let n = self.parts.len();
+        for k in 0..n {
+            let i = (self.turn + k) % n;
+            if let Poll::Ready(d) = self.parts[i].poll_next(cx) {
+                return Poll::Ready((i, d));
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Nothing came within the wait: ask how many messages wait in each queue.
+    async fn check_backlogs(&mut self) -> Option<Received> {
+        if self.stream() {
+            return None;
+        }
+        for i in 0..self.parts.len() {
+            if let Err(e) = self.parts[i].check_backlog().await {
+                return Some(self.lose(i, &e));
+            }
+        }
+        None
     }
 }
 
-/// A delivery as a record of partition 0 (offset 0), and its stream offset if it has one.
+/// A delivery as a record (position 0/0: the caller numbers it), and its stream offset if it has one.
 pub(crate) fn to_record(d: Delivery) -> (Record, Option<u64>) {
     let mut key = None;
     let mut timestamp = d.properties.timestamp().map(|s| s as i64 * 1000);
@@ -287,129 +401,143 @@ impl Source for AmqpSource {
         if let Some(ev) = self.events.pop_front() {
             return Ok(ev);
         }
-        if self.live.is_none() {
-            if let Err(e) = self.open().await {
-                self.failures += 1;
-                tracing::warn!(
-                    topic = %self.topic,
-                    url = %redact(&self.cfg.url),
-                    attempt = self.failures,
-                    error = %e,
-                    "RabbitMQ source cannot reconnect; retrying with backoff"
-                );
-                return Err(e);
-            }
-            return Ok(self.events.pop_front().expect("open queues an assignment"));
+        self.sync().await?;
+        if let Some(ev) = self.events.pop_front() {
+            return Ok(ev);
         }
-        let live = self.live.as_mut().expect("connected");
-        let first = tokio::time::timeout(
-            wait,
-            std::future::poll_fn(|cx| Pin::new(&mut live.consumer).poll_next(cx)),
-        )
-        .await;
-        let first = match first {
-            Err(_) if self.cfg.queue_type == QueueType::Stream => {
-                return Ok(Received::Batch(Vec::new()))
-            }
-            Err(_) => {
-                // Nothing came: ask how many messages wait (a consumer that stands by, or
-                // one out of prefetch credit, sees them here).
-                let passive = lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                self.ready = match live
-                    .ch
-                    .queue_declare(self.topic.as_str().into(), passive, FieldTable::default())
-                    .await
-                {
-                    Ok(q) => q.message_count(),
-                    Err(e) => return Ok(self.lost(&e)),
-                };
-                return Ok(Received::Batch(Vec::new()));
-            }
-            Ok(Some(Ok(d))) => d,
-            Ok(Some(Err(e))) => return Ok(self.lost(&e)),
-            Ok(None) => return Ok(self.lost(&"the broker cancelled the consumer")),
+        let wait = if self.members.is_some() {
+            wait.min(LOOK)
+        } else {
+            wait
         };
-        let mut deliveries = Vec::with_capacity(max.min(self.cfg.prefetch as usize).max(1));
-        deliveries.push(first);
+        if self.parts.is_empty() {
+            // A member that owns nothing (more members than partitions, or its partitions
+            // are still read by the instance before it).
+            tokio::time::sleep(wait).await;
+            return Ok(Received::Batch(Vec::new()));
+        }
+        let first = tokio::time::timeout(wait, std::future::poll_fn(|cx| self.poll_any(cx))).await;
+        let (i, first) = match first {
+            Err(_) => {
+                return Ok(self
+                    .check_backlogs()
+                    .await
+                    .unwrap_or(Received::Batch(Vec::new())))
+            }
+            Ok((i, Some(Ok(d)))) => (i, d),
+            Ok((i, Some(Err(e)))) => return Ok(self.lose(i, &e)),
+            Ok((i, None)) => return Ok(self.lose(i, &"the broker cancelled the consumer")),
+        };
+        // Drain what is already there, every part in turn from the one that delivered.
+        // A part whose channel fails keeps none of its deliveries (they are redelivered);
+        // the others' are all numbered, since a later multiple-ack covers them.
+        let n = self.parts.len();
+        let mut got: Vec<Vec<Delivery>> = (0..n).map(|_| Vec::new()).collect();
+        got[i].push(first);
+        let mut total = 1;
+        let mut failed: Vec<(usize, String)> = Vec::new();
         {
             let mut cx = Context::from_waker(Waker::noop());
-            while deliveries.len() < max {
-                match Pin::new(&mut live.consumer).poll_next(&mut cx) {
-                    Poll::Ready(Some(Ok(d))) => deliveries.push(d),
-                    Poll::Ready(Some(Err(e))) => return Ok(self.lost(&e)),
-                    Poll::Ready(None) => return Ok(self.lost(&"the broker cancelled the consumer")),
-                    Poll::Pending => break,
+            for k in 0..n {
+                let j = (i + k) % n;
+                while total < max {
+                    match self.parts[j].poll_next(&mut cx) {
+                        Poll::Ready(Some(Ok(d))) => {
+                            got[j].push(d);
+                            total += 1;
+                        }
+                        Poll::Ready(Some(Err(e))) => {
+                            failed.push((j, e.to_string()));
+                            break;
+                        }
+                        Poll::Ready(None) => {
+                            failed.push((j, "the broker cancelled the consumer".into()));
+                            break;
+                        }
+                        Poll::Pending => break,
+                    }
                 }
             }
         }
-        let taken_over = match self.standing_by.take() {
-            Some(read) => self.took_over(read).await?,
-            None => None,
-        };
-        self.ready = u32::MAX;
-        let records = deliveries.into_iter().map(|d| self.record(d)).collect();
-        match taken_over {
-            Some(assigned) => {
-                self.events.push_back(Received::Batch(records));
-                Ok(assigned)
+        self.turn = i + 1;
+        let mut took_over = Vec::new();
+        let mut records = Vec::with_capacity(total);
+        for (j, deliveries) in got.into_iter().enumerate() {
+            if deliveries.is_empty() || failed.iter().any(|(f, _)| *f == j) {
+                continue;
             }
-            None => Ok(Received::Batch(records)),
+            let conn = self.conn.as_ref().expect("connected");
+            match self.parts[j].took_over(conn).await {
+                Ok(Some(cp)) => took_over.push((self.parts[j].index, Some(cp))),
+                Ok(None) => {}
+                Err(e) => {
+                    failed.push((j, e.to_string()));
+                    continue;
+                }
+            }
+            let part = &mut self.parts[j];
+            part.ready = u32::MAX;
+            records.extend(deliveries.into_iter().map(|d| part.record(d)));
+            if let Err(e) = part.grant_credit().await {
+                failed.push((j, e.to_string()));
+            }
         }
+        let lost = self.lose_failed(failed);
+        if took_over.is_empty() {
+            self.events.extend(lost);
+            return Ok(Received::Batch(records));
+        }
+        let assigned = self.assignment(&took_over);
+        self.events.push_back(Received::Batch(records));
+        self.events.extend(lost);
+        Ok(assigned)
     }
 
-    /// Messages wait in the queue (as the last empty receive found), or deliveries came
-    /// since that check. A stream's message count is all it retains, read or not: streams
-    /// answer `false` (their partition goes idle on the wall clock alone).
-    fn has_backlog(&self, _partition: u32) -> bool {
-        !self.stream() && self.ready > 0
+    /// Messages wait in the partition's queue (as the last empty receive found), or
+    /// deliveries came since that check. A stream's message count is all it retains, read or
+    /// not: streams answer `false` (their partitions go idle on the wall clock alone).
+    fn has_backlog(&self, partition: u32) -> bool {
+        !self.stream()
+            && self
+                .parts
+                .iter()
+                .any(|p| p.index == partition && p.ready > 0)
     }
 
-    /// Asks for a commit once half the prefetch arrived since the last one: the broker
-    /// stops delivering when `prefetch` deliveries are unacked, and acks only happen at
-    /// commits, so waiting for the commit interval would cap throughput at
+    /// Asks for a commit once half the prefetch arrived on a partition since the last one:
+    /// the broker stops delivering when `prefetch` deliveries are unacked, and acks only
+    /// happen at commits, so waiting for the commit interval would cap throughput at
     /// `prefetch / commit_interval`.
     fn wants_commit(&self) -> bool {
-        self.since_commit >= (self.cfg.prefetch as usize / 2).max(1)
+        let half = (self.cfg.prefetch as usize / 2).max(1);
+        self.parts.iter().any(|p| p.since_commit >= half)
     }
 
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()> {
-        self.since_commit = 0;
-        let Some((pos, cp)) = positions.iter().rev().find(|(p, _)| p.partition == 0) else {
-            return Ok(());
-        };
-        let Some(live) = &self.live else {
-            // The channel these positions were read on is gone; RabbitMQ redelivers them.
-            tracing::warn!(topic = %self.topic, "commit skipped: the channel was lost; its deliveries are redelivered");
-            return Ok(());
-        };
-        let upto = self.unacked.partition_point(|&(o, _)| o < pos.offset);
-        let store = CheckpointQueue::new(&live.ch, topology::checkpoint_queue(&self.topic));
-        // The acks and the checkpoint are one AMQP transaction: `save` commits it.
-        let result: Result<()> = async {
-            if upto > 0 {
-                let tag = self.unacked[upto - 1].1;
-                store
-                    .ch
-                    .basic_ack(tag, BasicAckOptions { multiple: true })
-                    .await
-                    .map_err(|e| amqp_error("acknowledging deliveries", &e))?;
-            }
-            store.save(&[Committed::at(*pos, *cp)]).await
+        for p in &mut self.parts {
+            p.since_commit = 0;
         }
-        .await;
-        match result {
-            Ok(()) => {
-                self.unacked.drain(..upto);
-                Ok(())
-            }
-            Err(e) => {
-                let ev = self.lost(&e);
+        let mut i = self.parts.len();
+        while i > 0 {
+            i -= 1;
+            let index = self.parts[i].index;
+            // The last position given for the partition.
+            let Some((pos, cp)) = positions.iter().rev().find(|(p, _)| p.partition == index) else {
+                continue;
+            };
+            if let Err(e) = self.parts[i].commit(*pos, *cp).await {
+                let ev = self.lose(i, &e);
                 self.events.push_back(ev);
-                Ok(())
+                // A lost connection took every part.
+                i = i.min(self.parts.len());
             }
         }
+        for (pos, _) in positions {
+            if !self.parts.iter().any(|p| p.index == pos.partition) {
+                // Its channel is gone; RabbitMQ redelivers its deliveries.
+                tracing::warn!(topic = %self.topic, partition = pos.partition, "commit skipped: the channel was lost; its deliveries are redelivered");
+            }
+        }
+        Ok(())
     }
 }

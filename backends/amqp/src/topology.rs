@@ -7,6 +7,28 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use crate::config::{AmqpConfig, ExchangeType, QueueType};
 use crate::error::{amqp_error, redact, BACKEND};
 
+/// The queue of partition `p` of topic `topic` split into `n` queues: `topic` itself when
+/// `n` is 1 (one queue per topic, as before partitions existed), else `topic.p`.
+pub fn partition_queue(topic: &str, p: u32, n: u32) -> String {
+    if n <= 1 {
+        topic.to_string()
+    } else {
+        format!("{topic}.{p}")
+    }
+}
+
+/// The partition (0..n) a record with this key goes to: the 64-bit FNV-1a hash of the key's
+/// bytes modulo `n` (the hash the embedded broker uses), so any producer can compute it.
+/// Records without a key are routed by their payload's hash the same way.
+pub fn partition_of(key: &[u8], n: u32) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % n.max(1) as u64) as u32
+}
+
 /// The queue holding the last committed position of queue `queue`.
 pub fn checkpoint_queue(queue: &str) -> String {
     format!("weir.checkpoint.{queue}")
@@ -99,6 +121,40 @@ pub(crate) async fn declare_published_topic(
         }
     }
     bind(ch, cfg, topic).await
+}
+
+/// Declares a server-named, exclusive, auto-delete queue (it goes with the connection)
+/// bound to `exchange` with each of `keys`; returns its name.
+pub(crate) async fn private_queue(
+    ch: &Channel,
+    exchange: &str,
+    keys: &[&str],
+) -> weir_engine::Result<String> {
+    let q = ch
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error("declaring a private queue", &e))?;
+    let name = q.name().to_string();
+    for key in keys {
+        ch.queue_bind(
+            name.as_str().into(),
+            exchange.into(),
+            (*key).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error(&format!("binding a private queue to `{exchange}`"), &e))?;
+    }
+    Ok(name)
 }
 
 /// Whether queue `name` exists: a passive declare on a throwaway channel.
@@ -340,4 +396,25 @@ pub(crate) async fn declare_retry(
     .await
     .map_err(|e| amqp_error(&format!("binding retry queue `{name}`"), &e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_names_and_hash() {
+        assert_eq!(partition_queue("t", 0, 1), "t");
+        assert_eq!(partition_queue("t", 3, 4), "t.3");
+        // FNV-1a 64 test vectors: "" = cbf29ce484222325, "a" = af63dc4c8601ec8c.
+        assert_eq!(
+            partition_of(b"", 1 << 31),
+            (0xcbf2_9ce4_8422_2325u64 % (1 << 31)) as u32
+        );
+        assert_eq!(
+            partition_of(b"a", 1000),
+            (0xaf63_dc4c_8601_ec8cu64 % 1000) as u32
+        );
+        assert_eq!(partition_of(b"anything", 1), 0);
+    }
 }
