@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use weir_engine::backoff::Backoff;
 use weir_engine::broker::{Broker, DynBroker, Registration};
-use weir_engine::config::{Diagnostics, PipelineConfig};
-use weir_engine::{EngineError, Sink, Source};
+use weir_engine::config::{Diagnostics, Guarantee, PipelineConfig};
+use weir_engine::{EngineError, Sink, Source, Transaction};
 
 /// Every backend compiled into this build, each behind its cargo feature. Adding a backend
 /// is one line here (and its crate and feature).
@@ -63,6 +63,19 @@ impl Backend {
             let broker = r.load(section.map(|(_, _, node)| node), d);
             if r.name() == wanted {
                 chosen = Some(Backend { broker });
+            }
+        }
+        if let (Some(b), Guarantee::ExactlyOnce) = (chosen.as_mut(), c.guarantee) {
+            match b.broker.exactly_once() {
+                Some(broker) => b.broker = broker,
+                None => d.push(
+                    &c.guarantee_loc,
+                    "pipeline.guarantee",
+                    format!(
+                        "the {} backend cannot give `exactly_once` (it has no transactions); use `at_least_once`, whose results carry a deterministic id for deduplication",
+                        b.name()
+                    ),
+                ),
             }
         }
         if chosen.is_none() {
@@ -121,6 +134,12 @@ impl Backend {
     {
         let backoff = Backoff::broker().give_up_after(Some(give_up_after));
         weir_engine::backoff::retry(what, backoff, stop, connect).await
+    }
+
+    /// The transaction an exactly-once pipeline on this backend writes in (`None`:
+    /// at-least-once). Each call hands out the same transaction.
+    pub fn transaction(&self) -> Option<Box<dyn Transaction>> {
+        self.broker.transaction()
     }
 
     /// A consumer of `topic` in `group`.
