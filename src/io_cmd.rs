@@ -38,6 +38,11 @@ pub struct TailArgs {
     /// Exit 0 once no new record arrived for this long (e.g. `5s`, `500ms`).
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration_arg)]
     idle_exit: Option<Duration>,
+    /// Show only committed records (Kafka: `isolation.level=read_committed`), as for a
+    /// pipeline with `guarantee = "exactly_once"`, which reads this way without the flag.
+    /// On a backend without transactions this is an error.
+    #[arg(long)]
+    read_committed: bool,
 }
 
 fn setup(
@@ -81,6 +86,7 @@ pub fn produce(a: ProduceArgs) -> ExitCode {
                 backend.sink(&topic)
             })
             .await?;
+        let mut transaction = backend.transaction();
         let stdin = std::io::stdin();
         let mut lines = stdin.lock().split(b'\n');
         let mut sent = 0u64;
@@ -107,6 +113,10 @@ pub fn produce(a: ProduceArgs) -> ExitCode {
                 break;
             }
             sink.send(&batch).await?;
+            if let Some(t) = transaction.as_mut() {
+                // An exactly-once pipeline's backend produces in transactions.
+                t.commit().await?;
+            }
             sent += batch.len() as u64;
         }
         anyhow::Ok(sent)
@@ -138,7 +148,11 @@ fn key_of(line: &[u8], field: &str) -> Option<Bytes> {
 }
 
 /// Prints a topic's records (their payloads, one per line) as they arrive.
-pub fn tail(a: TailArgs) -> ExitCode {
+pub fn tail(mut a: TailArgs) -> ExitCode {
+    if a.read_committed {
+        // Committed records are what an exactly-once pipeline's readers see.
+        a.p.sets.push("pipeline.guarantee=exactly_once".into());
+    }
     let (c, backend, rt) = match setup(&a.p, "tail") {
         Ok(x) => x,
         Err(code) => return code,
