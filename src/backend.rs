@@ -35,6 +35,9 @@ pub fn available() -> Vec<&'static str> {
 #[derive(Debug, Clone)]
 pub struct Backend {
     broker: Arc<dyn DynBroker>,
+    /// The same backend outside any transaction (for an exactly-once pipeline: what
+    /// feeds its source topic must be visible at once, whatever its commits do).
+    feeder: Arc<dyn DynBroker>,
 }
 
 impl Backend {
@@ -62,7 +65,10 @@ impl Backend {
             let section = c.brokers.iter().find(|(n, _, _)| n == r.name());
             let broker = r.load(section.map(|(_, _, node)| node), d);
             if r.name() == wanted {
-                chosen = Some(Backend { broker });
+                chosen = Some(Backend {
+                    feeder: broker.clone(),
+                    broker,
+                });
             }
         }
         if let (Some(b), Guarantee::ExactlyOnce) = (chosen.as_mut(), c.guarantee) {
@@ -151,9 +157,17 @@ impl Backend {
         self.broker.source(topic, group).await
     }
 
-    /// A producer to `topic`.
+    /// A producer to `topic` (in an exactly-once pipeline's transaction: what the
+    /// pipeline itself writes).
     pub async fn sink(&self, topic: &str) -> weir_engine::Result<Box<dyn Sink>> {
         self.broker.sink(topic).await
+    }
+
+    /// A producer to `topic` outside any transaction, each record visible once
+    /// acknowledged: what feeds a pipeline (`weir produce`, the ingest API, the demo
+    /// generator). The same as [`sink`](Self::sink) for an at-least-once pipeline.
+    pub async fn feeder(&self, topic: &str) -> weir_engine::Result<Box<dyn Sink>> {
+        self.feeder.sink(topic).await
     }
 
     /// A reader of every record of `topic`, from the beginning, that commits nothing: what

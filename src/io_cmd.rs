@@ -83,10 +83,9 @@ pub fn produce(a: ProduceArgs) -> ExitCode {
     let result = rt.block_on(async {
         let mut sink =
             weir::assemble::connect(&c, &backend, &format!("opening topic {topic}"), || {
-                backend.sink(&topic)
+                backend.feeder(&topic)
             })
             .await?;
-        let mut transaction = backend.transaction();
         let stdin = std::io::stdin();
         let mut lines = stdin.lock().split(b'\n');
         let mut sent = 0u64;
@@ -113,10 +112,6 @@ pub fn produce(a: ProduceArgs) -> ExitCode {
                 break;
             }
             sink.send(&batch).await?;
-            if let Some(t) = transaction.as_mut() {
-                // An exactly-once pipeline's backend produces in transactions.
-                t.commit().await?;
-            }
             sent += batch.len() as u64;
         }
         anyhow::Ok(sent)

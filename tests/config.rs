@@ -571,3 +571,18 @@ fn guarantee_is_checked_against_the_backend() {
         ["--set pipeline.guarantee=exactly_once: pipeline.guarantee: the memory backend cannot give `exactly_once` (it has no transactions); use `at_least_once`, whose results carry a deterministic id for deduplication"]
     );
 }
+
+/// `exactly_once` with a `[retry]` topic is refused at the guarantee's location (the
+/// retry topic's own consumer group would abort the shared transaction under the other).
+#[test]
+fn exactly_once_with_a_retry_topic_is_refused() {
+    let text = format!(
+        "[pipeline]\nbroker = \"kafka\"\nguarantee = \"exactly_once\"\n{GOOD}\n[retry]\ntopic = \"r\"\n"
+    );
+    let p = problems(&text, &[]);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("p.toml:3:13: pipeline.guarantee: `exactly_once` cannot be combined with a [retry] topic yet"),
+        "{p:?}"
+    );
+}

@@ -413,6 +413,7 @@ impl Pipeline {
                 }
             }
         }
+        let committed_any = !changed.is_empty();
         for (p, cp) in changed {
             let i = p.partition as usize;
             if committed.len() <= i {
@@ -420,7 +421,9 @@ impl Pipeline {
             }
             committed[i] = Some((p.offset, cp));
         }
-        Metrics::add(&self.metrics.commits, 1);
+        if committed_any {
+            Metrics::add(&self.metrics.commits, 1);
+        }
         Ok(())
     }
 }

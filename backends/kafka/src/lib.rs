@@ -8,6 +8,8 @@
 //! - [`KafkaSink`]: a producer (batching, compression, `acks=all`, idempotence as
 //!   configured) whose `send` returns once every record's delivery report arrived.
 //! - [`KafkaConfig`]: the `[brokers.kafka]` section.
+//! - Exactly-once ([`KafkaBroker::exactly_once`]): one transactional producer shared by
+//!   the sinks, offsets and checkpoints sent to its transaction (see `txn.rs`).
 //!
 //! Broker outages are retryable errors (the runtime retries with backoff and logs);
 //! configuration problems are reported when the pipeline file is loaded.

@@ -251,7 +251,13 @@ impl Sink for KafkaSink {
         }
         self.in_open_transaction()?;
         for r in batch {
-            self.enqueue(r).await?;
+            if let Err(e) = self.enqueue(r).await {
+                return match &self.txn {
+                    // Sending the batch again would put its first records in twice.
+                    Some((txn, _)) => Err(self.abandon(txn.clone(), e).await),
+                    None => Err(e.into()),
+                };
+            }
         }
         Ok(())
     }
@@ -297,16 +303,19 @@ impl KafkaSink {
         let Some((source, _)) = failed.into_iter().next() else {
             return Ok(());
         };
-        txn.abort("a delivery failed").await?;
-        Err(weir_engine::EngineError::Stopped(format!(
-            "{}; the transaction was aborted, and a restart replays from the offsets committed before",
-            KafkaError::Transaction {
-                id: txn.id.clone(),
-                what: "a delivery",
-                source,
-                retryable: false,
-            }
-        )))
+        Err(self.abandon(txn, self.delivery_error(source)).await)
+    }
+
+    /// Exactly-once: what follows a record that could not be sent or delivered. The
+    /// transaction can only be aborted; the pipeline stops, and a restart replays from the
+    /// committed offsets.
+    async fn abandon(&self, txn: Arc<Txn>, e: KafkaError) -> weir_engine::EngineError {
+        if let Err(a) = txn.abort("a record was not delivered").await {
+            tracing::error!(error = %a, "kafka: the abort failed too");
+        }
+        weir_engine::EngineError::Stopped(format!(
+            "{e}; the transaction was aborted, and a restart replays from the offsets committed before"
+        ))
     }
 }
 

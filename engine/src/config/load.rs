@@ -30,6 +30,13 @@ pub(super) fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig
     let dead_letter = topic(&mut r, d, "dead_letter");
     let late = late(&mut r, d);
     let retry = super::stages::retry(&mut r, d);
+    if guarantee == Guarantee::ExactlyOnce && retry.is_some() {
+        d.push(
+            &guarantee_loc,
+            "pipeline.guarantee",
+            "`exactly_once` cannot be combined with a [retry] topic yet: the retry topic is read by a consumer group of its own, and a rebalance of either group aborts the transaction that both write in, which would have to rewind the other too",
+        );
+    }
     let enrich = super::stages::enrich(&mut r, d);
     super::schema::check_fields_against_schema(&schema, enrich.as_ref(), &aggregate, &agg_locs, d);
     let errors = super::stages::errors(&mut r, d, retry.as_ref(), enrich.as_ref());
