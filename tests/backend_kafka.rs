@@ -267,6 +267,52 @@ async fn kafka_exactly_once_outputs_become_visible_at_the_commit() {
     );
     let uncommitted = raw.read(sink, want.len(), Duration::from_secs(5)).await;
     assert_eq!(uncommitted.len(), want.len());
+    // `weir tail`: committed records only for an exactly-once pipeline or with
+    // --read-committed, every record written otherwise.
+    let tail = |exactly_once: bool, flag: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_weir"));
+        cmd.arg("tail").arg(conformance::pipeline_file()).args([
+            "--broker",
+            "kafka",
+            "--from-beginning",
+            "--idle-exit",
+            "3s",
+        ]);
+        for set in &bed.sets {
+            let eos = set.starts_with("pipeline.guarantee");
+            if (exactly_once || !eos) && !set.contains("isolation.level") {
+                cmd.arg("--set").arg(set);
+            }
+        }
+        if flag {
+            cmd.arg("--read-committed");
+        }
+        let out = cmd.output().expect("weir tail");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count()
+    };
+    assert_eq!(
+        tail(false, false),
+        want.len(),
+        "at-least-once tail: every record"
+    );
+    assert_eq!(
+        tail(false, true),
+        0,
+        "--read-committed: nothing committed yet"
+    );
+    assert_eq!(
+        tail(true, false),
+        0,
+        "exactly-once pipeline's tail: nothing committed yet"
+    );
 
     stop.cancel();
     let summary = run.await.unwrap().expect("run");
