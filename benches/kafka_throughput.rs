@@ -17,7 +17,11 @@
 //!
 //! `cargo bench --bench kafka_throughput` (WEIR_BENCH_EVENTS changes the count;
 //! WEIR_BENCH_EVENT_RATE the events per second of event time: 100, the default, is the
-//! generator's and gives ~0.63 results per event; 1000 gives ~0.1).
+//! generator's and gives ~0.63 results per event; 1000 gives ~0.1). With
+//! `WEIR_BENCH_SET="pipeline.guarantee=exactly_once"` (b) and (c) run exactly-once (one
+//! Kafka transaction per commit interval; `source.commit_interval=…` sets it; the input
+//! is produced outside it);
+//! `WEIR_BENCH_QUICK=1` stops after (b).
 
 use std::time::{Duration, Instant};
 
@@ -83,7 +87,8 @@ fn main() {
     let events = common::seed_events(7, n, 1_000, rate);
     let bytes: usize = events.iter().map(Bytes::len).sum();
     rt.block_on(async {
-        let mut sink = backend.sink(&c.source.topic).await.expect("sink");
+        // Outside the pipeline's transaction when it is exactly-once.
+        let mut sink = backend.feeder(&c.source.topic).await.expect("sink");
         let t = Instant::now();
         for chunk in events.chunks(10_000) {
             let batch: Vec<OutRecord> = chunk
@@ -128,11 +133,14 @@ fn main() {
             n,
         );
         let first = source.first();
-        let pipeline = Pipeline::new(
-            Job::from_config(&c),
-            Box::new(source),
-            backend.sink(&c.sink.topic).await.expect("sink"),
-            backend.sink(&c.dead_letter.topic).await.expect("dead-letter sink"),
+        let pipeline = transactional(
+            Pipeline::new(
+                Job::from_config(&c),
+                Box::new(source),
+                backend.sink(&c.sink.topic).await.expect("sink"),
+                backend.sink(&c.dead_letter.topic).await.expect("dead-letter sink"),
+            ),
+            &backend,
         );
         let summary = pipeline.run().await.expect("pipeline");
         let s = first.lock().unwrap().expect("records arrived").elapsed().as_secs_f64();
@@ -149,6 +157,9 @@ fn main() {
     });
     cpu.report(n as f64 / weir);
     println!("  Weir / raw: {:.0} %", 100.0 * weir / raw);
+    if std::env::var("WEIR_BENCH_QUICK").is_ok_and(|v| v == "1") {
+        return;
+    }
 
     // (c) Weir with its outputs discarded: the Kafka source and the engine alone (a second
     // fresh group over the same topic), to separate consuming from producing results.
@@ -162,11 +173,14 @@ fn main() {
             n,
         );
         let first = source.first();
-        let pipeline = Pipeline::new(
-            Job::from_config(&c),
-            Box::new(source),
-            Box::new(Null),
-            Box::new(Null),
+        let pipeline = transactional(
+            Pipeline::new(
+                Job::from_config(&c),
+                Box::new(source),
+                Box::new(Null),
+                Box::new(Null),
+            ),
+            &backend,
         );
         let summary = pipeline.run().await.expect("pipeline");
         let s = first
@@ -242,6 +256,14 @@ fn main() {
         rate / per_event.max(f64::MIN_POSITIVE),
         100.0 * rate / per_event.max(f64::MIN_POSITIVE) / raw
     );
+}
+
+/// `pipeline` in the backend's transaction when the pipeline is exactly-once.
+fn transactional(pipeline: Pipeline, backend: &Backend) -> Pipeline {
+    match backend.transaction() {
+        Some(t) => pipeline.transactional(t),
+        None => pipeline,
+    }
 }
 
 /// Produces `n` result-sized keyed records to a fresh topic with a plain `BaseProducer`

@@ -10,7 +10,7 @@ use weir_engine::enrich::{Enricher, Table};
 use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
 use weir_engine::metrics::Metrics;
 use weir_engine::retry::{RetrySink, WithRetries};
-use weir_engine::{Job, Pipeline, Processor, Sink, Source};
+use weir_engine::{Job, Pipeline, Processor, Sink, Source, Transaction};
 
 use crate::observe::Observer;
 use crate::Backend;
@@ -49,6 +49,8 @@ pub struct Parts {
     /// The pipeline's counters (shared with the `--input` file's reader, which counts
     /// blank lines into them).
     pub metrics: Arc<Metrics>,
+    /// The broker transaction of an exactly-once pipeline (`None`: at-least-once).
+    pub transaction: Option<Box<dyn Transaction>>,
     /// Stops the tasks the parts started (the enrichment table's follower): cancel it when
     /// the pipeline has stopped.
     pub background: CancellationToken,
@@ -150,6 +152,8 @@ impl Parts {
             processors.push(Box::new(Enricher::new(e.clone(), table, &job)));
         }
         Ok(Parts {
+            // The backend's sinks write in it (files given instead of topics do not).
+            transaction: backend.transaction(),
             job,
             source,
             sink,
@@ -188,6 +192,9 @@ impl Parts {
         }
         if let Some(retry) = self.retry {
             p = p.retry_output(retry);
+        }
+        if let Some(t) = self.transaction {
+            p = p.transactional(t);
         }
         for proc in self.processors {
             p = p.processor(proc);

@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use weir_engine::backoff::Backoff;
 use weir_engine::broker::{Broker, DynBroker, Registration};
-use weir_engine::config::{Diagnostics, PipelineConfig};
-use weir_engine::{EngineError, Sink, Source};
+use weir_engine::config::{Diagnostics, Guarantee, PipelineConfig};
+use weir_engine::{EngineError, Sink, Source, Transaction};
 
 /// Every backend compiled into this build, each behind its cargo feature. Adding a backend
 /// is one line here (and its crate and feature).
@@ -35,6 +35,9 @@ pub fn available() -> Vec<&'static str> {
 #[derive(Debug, Clone)]
 pub struct Backend {
     broker: Arc<dyn DynBroker>,
+    /// The same backend outside any transaction (for an exactly-once pipeline: what
+    /// feeds its source topic must be visible at once, whatever its commits do).
+    feeder: Arc<dyn DynBroker>,
 }
 
 impl Backend {
@@ -62,7 +65,23 @@ impl Backend {
             let section = c.brokers.iter().find(|(n, _, _)| n == r.name());
             let broker = r.load(section.map(|(_, _, node)| node), d);
             if r.name() == wanted {
-                chosen = Some(Backend { broker });
+                chosen = Some(Backend {
+                    feeder: broker.clone(),
+                    broker,
+                });
+            }
+        }
+        if let (Some(b), Guarantee::ExactlyOnce) = (chosen.as_mut(), c.guarantee) {
+            match b.broker.exactly_once() {
+                Some(broker) => b.broker = broker,
+                None => d.push(
+                    &c.guarantee_loc,
+                    "pipeline.guarantee",
+                    format!(
+                        "the {} backend cannot give `exactly_once` (it has no transactions); use `at_least_once`, whose results carry a deterministic id for deduplication",
+                        b.name()
+                    ),
+                ),
             }
         }
         if chosen.is_none() {
@@ -123,6 +142,12 @@ impl Backend {
         weir_engine::backoff::retry(what, backoff, stop, connect).await
     }
 
+    /// The transaction an exactly-once pipeline on this backend writes in (`None`:
+    /// at-least-once). Each call hands out the same transaction.
+    pub fn transaction(&self) -> Option<Box<dyn Transaction>> {
+        self.broker.transaction()
+    }
+
     /// A consumer of `topic` in `group`.
     pub async fn source(
         &self,
@@ -132,9 +157,17 @@ impl Backend {
         self.broker.source(topic, group).await
     }
 
-    /// A producer to `topic`.
+    /// A producer to `topic` (in an exactly-once pipeline's transaction: what the
+    /// pipeline itself writes).
     pub async fn sink(&self, topic: &str) -> weir_engine::Result<Box<dyn Sink>> {
         self.broker.sink(topic).await
+    }
+
+    /// A producer to `topic` outside any transaction, each record visible once
+    /// acknowledged: what feeds a pipeline (`weir produce`, the ingest API, the demo
+    /// generator). The same as [`sink`](Self::sink) for an at-least-once pipeline.
+    pub async fn feeder(&self, topic: &str) -> weir_engine::Result<Box<dyn Sink>> {
+        self.feeder.sink(topic).await
     }
 
     /// A reader of every record of `topic`, from the beginning, that commits nothing: what

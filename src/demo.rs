@@ -27,7 +27,7 @@ pub async fn start(
     if let Some(e) = &c.enrich {
         let table =
             crate::assemble::connect(c, backend, &format!("opening topic {}", e.table), || {
-                backend.sink(&e.table)
+                backend.feeder(&e.table)
             })
             .await?;
         tasks.spawn(profiles(
@@ -41,7 +41,7 @@ pub async fn start(
         c,
         backend,
         &format!("opening topic {}", c.source.topic),
-        || backend.sink(&c.source.topic),
+        || backend.feeder(&c.source.topic),
     )
     .await?;
     tasks.spawn(events(sink, c.demo.clone(), stop));

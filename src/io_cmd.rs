@@ -38,6 +38,11 @@ pub struct TailArgs {
     /// Exit 0 once no new record arrived for this long (e.g. `5s`, `500ms`).
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration_arg)]
     idle_exit: Option<Duration>,
+    /// Show only committed records (Kafka: `isolation.level=read_committed`), as for a
+    /// pipeline with `guarantee = "exactly_once"`, which reads this way without the flag.
+    /// On a backend without transactions this is an error.
+    #[arg(long)]
+    read_committed: bool,
 }
 
 fn setup(
@@ -78,7 +83,7 @@ pub fn produce(a: ProduceArgs) -> ExitCode {
     let result = rt.block_on(async {
         let mut sink =
             weir::assemble::connect(&c, &backend, &format!("opening topic {topic}"), || {
-                backend.sink(&topic)
+                backend.feeder(&topic)
             })
             .await?;
         let stdin = std::io::stdin();
@@ -138,7 +143,11 @@ fn key_of(line: &[u8], field: &str) -> Option<Bytes> {
 }
 
 /// Prints a topic's records (their payloads, one per line) as they arrive.
-pub fn tail(a: TailArgs) -> ExitCode {
+pub fn tail(mut a: TailArgs) -> ExitCode {
+    if a.read_committed {
+        // Committed records are what an exactly-once pipeline's readers see.
+        a.p.sets.push("pipeline.guarantee=exactly_once".into());
+    }
     let (c, backend, rt) = match setup(&a.p, "tail") {
         Ok(x) => x,
         Err(code) => return code,

@@ -168,7 +168,8 @@ fn kafka_bad_config_is_reported_at_its_location() {
 }
 
 /// `transactional.id` in `[brokers.kafka.producer]` is a configuration error naming the key
-/// (exit 2 from `weir validate`), not a producer that retries "Erroneous state" forever.
+/// and what to set instead (exit 2 from `weir validate`), not a producer that retries
+/// "Erroneous state" forever.
 #[test]
 fn kafka_transactional_id_is_a_config_error() {
     let text = conformance::shipped_brokers().replace(
@@ -191,9 +192,134 @@ fn kafka_transactional_id_is_a_config_error() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
         err.contains(&format!(
-            "{}:{line}:1: brokers.kafka.producer.\"transactional.id\": cannot be set here: Weir's producers are idempotent and at-least-once",
+            "{}:{line}:1: brokers.kafka.producer.\"transactional.id\": cannot be set here: Weir chooses the transactional id itself, one per instance, when `[pipeline] guarantee = \"exactly_once\"`",
             included.display()
         )),
         "{err}"
     );
+}
+
+/// Exactly-once: a pipeline's results and dead letters are written as it goes but stay
+/// invisible to read_committed readers until its commit (here only the last one: the
+/// commit interval is an hour), then every window and every dead letter is there once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_exactly_once_outputs_become_visible_at_the_commit() {
+    require_kafka();
+    let bed = Bed::new(
+        "kafka",
+        "eos-visible",
+        &[
+            "pipeline.guarantee=exactly_once",
+            "source.commit_interval=1h",
+            "brokers.kafka.consumer.isolation.level=read_committed",
+        ],
+    );
+    let data: Vec<Vec<u8>> = weir_engine::generate::dataset(41, 6_000, 40, 29)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    let want = oracle(&data);
+    let invalid = data
+        .iter()
+        .filter(|l| oracle(std::slice::from_ref(*l)).is_empty())
+        .count();
+    assert!(invalid > 0 && want.len() > 100);
+    bed.produce(&data).await;
+    let mut input = bed.backend.transaction().expect("an exactly-once backend");
+    input.commit().await.expect("input committed");
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pipeline = bed
+        .pipeline()
+        .await
+        .transactional(bed.backend.transaction().unwrap())
+        .shutdown_on(stop.clone());
+    let metrics = pipeline.metrics();
+    let run = tokio::spawn(pipeline.run());
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let c = metrics.snapshot();
+        if c.results_out as usize >= want.len() && c.dead_letters as usize >= invalid {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "outputs not produced: {c:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (sink, dlq) = (&bed.config.sink.topic, &bed.config.dead_letter.topic);
+    let early = bed.read(sink, 1, Duration::from_secs(3)).await;
+    assert!(
+        early.is_empty(),
+        "{} results visible to read_committed before the commit",
+        early.len()
+    );
+    assert!(bed.read(dlq, 1, Duration::from_secs(2)).await.is_empty());
+    // They were written: a reader of uncommitted records sees them.
+    let raw = Bed::new(
+        "kafka",
+        "eos-visible-raw",
+        &[
+            &format!("sink.topic={sink}"),
+            "brokers.kafka.consumer.isolation.level=read_uncommitted",
+        ],
+    );
+    let uncommitted = raw.read(sink, want.len(), Duration::from_secs(5)).await;
+    assert_eq!(uncommitted.len(), want.len());
+    // `weir tail`: committed records only for an exactly-once pipeline or with
+    // --read-committed, every record written otherwise.
+    let tail = |exactly_once: bool, flag: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_weir"));
+        cmd.arg("tail").arg(conformance::pipeline_file()).args([
+            "--broker",
+            "kafka",
+            "--from-beginning",
+            "--idle-exit",
+            "3s",
+        ]);
+        for set in &bed.sets {
+            let eos = set.starts_with("pipeline.guarantee");
+            if (exactly_once || !eos) && !set.contains("isolation.level") {
+                cmd.arg("--set").arg(set);
+            }
+        }
+        if flag {
+            cmd.arg("--read-committed");
+        }
+        let out = cmd.output().expect("weir tail");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count()
+    };
+    assert_eq!(
+        tail(false, false),
+        want.len(),
+        "at-least-once tail: every record"
+    );
+    assert_eq!(
+        tail(false, true),
+        0,
+        "--read-committed: nothing committed yet"
+    );
+    assert_eq!(
+        tail(true, false),
+        0,
+        "exactly-once pipeline's tail: nothing committed yet"
+    );
+
+    stop.cancel();
+    let summary = run.await.unwrap().expect("run");
+    assert_eq!(summary.reason, StopReason::Shutdown);
+    let records = bed.read(sink, want.len(), Duration::from_secs(5)).await;
+    assert_eq!(results(&records), want);
+    assert_eq!(records.len(), want.len(), "each window once");
+    let dead = bed.read(dlq, invalid, Duration::from_secs(5)).await;
+    assert_eq!(dead.len(), invalid, "each invalid event dead-lettered once");
 }

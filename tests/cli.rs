@@ -534,3 +534,22 @@ fn run_input_with_retries_runs_them_to_their_end() {
         "{summary}"
     );
 }
+
+/// `weir tail --read-committed` asks for what an exactly-once pipeline's readers see: on
+/// a backend without transactions it is refused (exit 2) with the reason, before
+/// connecting to anything.
+#[test]
+fn tail_read_committed_needs_a_backend_with_transactions() {
+    for broker in ["amqp", "kinesis"] {
+        let out = weir()
+            .args(["tail", &pipeline(), "--broker", broker, "--read-committed"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!("--set pipeline.guarantee=exactly_once: pipeline.guarantee: the {broker} backend cannot give `exactly_once`")),
+            "{err}"
+        );
+    }
+}

@@ -535,3 +535,54 @@ fn group_by_and_aggregates_are_checked_against_the_schema() {
     );
     assert_eq!(enriched, Vec::<String>::new());
 }
+
+/// `[pipeline] guarantee`: `at_least_once` (the default) everywhere, `exactly_once` only
+/// on a backend with transactions; any other value, or `exactly_once` elsewhere, is
+/// reported at its `file:line:col`.
+#[test]
+fn guarantee_is_checked_against_the_backend() {
+    let with = |broker: &str, guarantee: &str| {
+        format!("[pipeline]\nbroker = \"{broker}\"\nguarantee = \"{guarantee}\"\n{GOOD}")
+    };
+    assert_eq!(problems(GOOD, &[]), Vec::<String>::new());
+    for broker in ["memory", "kafka", "amqp", "kinesis"] {
+        assert_eq!(
+            problems(&with(broker, "at_least_once"), &[]),
+            Vec::<String>::new()
+        );
+    }
+    assert_eq!(
+        problems(&with("kafka", "exactly_once"), &[]),
+        Vec::<String>::new()
+    );
+    for broker in ["memory", "amqp", "kinesis"] {
+        assert_eq!(
+            problems(&with(broker, "exactly_once"), &[]),
+            [format!("p.toml:3:13: pipeline.guarantee: the {broker} backend cannot give `exactly_once` (it has no transactions); use `at_least_once`, whose results carry a deterministic id for deduplication")],
+            "{broker}"
+        );
+    }
+    assert_eq!(
+        problems(&with("kafka", "exactly-once"), &[]),
+        ["p.toml:3:13: pipeline.guarantee: unknown guarantee `exactly-once` (choose at_least_once or exactly_once)"]
+    );
+    assert_eq!(
+        problems(GOOD, &["pipeline.guarantee=exactly_once"]),
+        ["--set pipeline.guarantee=exactly_once: pipeline.guarantee: the memory backend cannot give `exactly_once` (it has no transactions); use `at_least_once`, whose results carry a deterministic id for deduplication"]
+    );
+}
+
+/// `exactly_once` with a `[retry]` topic is refused at the guarantee's location (the
+/// retry topic's own consumer group would abort the shared transaction under the other).
+#[test]
+fn exactly_once_with_a_retry_topic_is_refused() {
+    let text = format!(
+        "[pipeline]\nbroker = \"kafka\"\nguarantee = \"exactly_once\"\n{GOOD}\n[retry]\ntopic = \"r\"\n"
+    );
+    let p = problems(&text, &[]);
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert!(
+        p[0].starts_with("p.toml:3:13: pipeline.guarantee: `exactly_once` cannot be combined with a [retry] topic yet"),
+        "{p:?}"
+    );
+}

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 
 use crate::config::{Diagnostics, Node, TableReader, Value};
 use crate::error::{EngineError, Result};
-use crate::{Sink, Source};
+use crate::{Sink, Source, Transaction};
 
 /// A broker backend, typed by its settings.
 #[async_trait]
@@ -40,6 +40,20 @@ pub trait Broker: fmt::Debug + Send + Sync + Sized + 'static {
     /// outside the process can feed or read them.
     fn in_process(&self) -> bool {
         false
+    }
+
+    /// This backend in exactly-once mode (`[pipeline] guarantee = "exactly_once"`): its
+    /// sinks produce in one transaction, which its group sources commit their positions
+    /// and checkpoints into, and which [`transaction`](Broker::transaction) commits.
+    /// `None` (the default): the backend cannot, and the configuration is refused.
+    fn exactly_once(&self) -> Option<Self> {
+        None
+    }
+
+    /// The transaction of a backend made by [`exactly_once`](Broker::exactly_once);
+    /// `None` otherwise.
+    fn transaction(&self) -> Option<Box<dyn Transaction>> {
+        None
     }
 
     /// A consumer of `topic` in `group` (committing), or, without a group, a reader of
@@ -89,6 +103,10 @@ pub trait DynBroker: fmt::Debug + Send + Sync {
     fn in_process(&self) -> bool;
     /// The concrete backend, for callers that need its own API.
     fn as_any(&self) -> &dyn Any;
+    /// See [`Broker::exactly_once`].
+    fn exactly_once(&self) -> Option<Arc<dyn DynBroker>>;
+    /// See [`Broker::transaction`].
+    fn transaction(&self) -> Option<Box<dyn Transaction>>;
     /// See [`Broker::source`].
     async fn source(&self, topic: &str, group: Option<&str>) -> Result<Box<dyn Source>>;
     /// See [`Broker::sink`].
@@ -109,6 +127,12 @@ impl<B: Broker> DynBroker for B {
     }
     fn as_any(&self) -> &dyn Any {
         self
+    }
+    fn exactly_once(&self) -> Option<Arc<dyn DynBroker>> {
+        Broker::exactly_once(self).map(|b| Arc::new(b) as Arc<dyn DynBroker>)
+    }
+    fn transaction(&self) -> Option<Box<dyn Transaction>> {
+        Broker::transaction(self)
     }
     async fn source(&self, topic: &str, group: Option<&str>) -> Result<Box<dyn Source>> {
         Broker::source(self, topic, group).await

@@ -35,5 +35,5 @@ pub use operator::Job;
 pub use processor::{Processor, Rejected};
 pub use record::{Checkpoint, OutRecord, Position, Record};
 pub use runtime::{Pipeline, StopReason, Summary};
-pub use sink::Sink;
+pub use sink::{Sink, Transaction};
 pub use source::{Received, Source};

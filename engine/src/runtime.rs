@@ -13,7 +13,7 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::operator::{Emitted, Job, Outcome, WindowOperator};
 use crate::processor::{Processor, Rejected};
 use crate::record::{Checkpoint, OutRecord, Position};
-use crate::sink::Sink;
+use crate::sink::{Sink, Transaction};
 use crate::source::{Received, Source};
 
 /// How long `recv` waits before the loop checks idleness and the commit timer.
@@ -28,6 +28,8 @@ pub struct Pipeline {
     dead_letter: Box<dyn Sink>,
     late: Option<Box<dyn Sink>>,
     retry: Option<Box<dyn Sink>>,
+    /// Exactly-once: the broker transaction the sinks write in, committed at each commit.
+    transaction: Option<Box<dyn Transaction>>,
     on_error: Option<crate::error_policy::ErrorCallback>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -74,6 +76,7 @@ impl Pipeline {
             dead_letter,
             late: None,
             retry: None,
+            transaction: None,
             on_error: None,
             metrics: Arc::new(Metrics::default()),
             shutdown: CancellationToken::new(),
@@ -105,6 +108,17 @@ impl Pipeline {
     /// source should read the retry topic too: see [`crate::retry::WithRetries`].
     pub fn retry_output(mut self, sink: Box<dyn Sink>) -> Self {
         self.retry = Some(sink);
+        self
+    }
+
+    /// Makes the pipeline exactly-once: the sinks write in `transaction` (they must be the
+    /// same backend's, made in its exactly-once mode), and every commit is a barrier: the
+    /// loop takes no input while the outputs of everything processed so far are flushed,
+    /// the source adds the positions and checkpoints of that same point to the
+    /// transaction, and the transaction is committed. On a revocation the backend aborts
+    /// it and the revoked partitions' state is dropped without being remembered.
+    pub fn transactional(mut self, transaction: Box<dyn Transaction>) -> Self {
+        self.transaction = Some(transaction);
         self
     }
 
@@ -218,7 +232,7 @@ impl Pipeline {
                     tracing::info!(partitions = ?parts, "partitions revoked; their open windows are left to the new owner");
                     // A rebalance is under way: wait for the next assignment before idling out.
                     last_record = Instant::now();
-                    op.revoke(&parts);
+                    op.revoke(&parts, self.transaction.is_some());
                     for &p in &parts {
                         if let Some(c) = committed.get_mut(p as usize) {
                             *c = None;
@@ -363,29 +377,43 @@ impl Pipeline {
         positions: Vec<(Position, Checkpoint)>,
         committed: &mut Vec<Option<(u64, Checkpoint)>>,
     ) -> Result<()> {
+        // Exactly-once commits every position: the transaction holds the outputs of all
+        // that was processed, and the checkpoints must travel with them.
+        let exactly_once = self.transaction.is_some();
         let changed: Vec<(Position, Checkpoint)> = positions
             .into_iter()
             .filter(|(p, cp)| {
-                committed.get(p.partition as usize).copied().flatten() != Some((p.offset, *cp))
+                exactly_once
+                    || committed.get(p.partition as usize).copied().flatten()
+                        != Some((p.offset, *cp))
             })
             .collect();
-        if changed.is_empty() {
+        if changed.is_empty() && !exactly_once {
             return Ok(());
         }
         // Every output derived from the positions below was submitted; wait for its acks.
         self.flush().await?;
-        let mut backoff = retry_backoff();
-        loop {
-            match self.source.commit(&changed).await {
-                Ok(()) => break,
-                Err(e) if e.is_retryable() && !self.shutdown.is_cancelled() => {
-                    let delay = next_delay(&mut backoff);
-                    tracing::warn!(error = %e, retry_in = ?delay, "commit failed; retrying");
-                    tokio::time::sleep(delay).await;
+        // The positions, then (exactly-once) the transaction that holds them.
+        for transaction in [false, true] {
+            let mut backoff = retry_backoff();
+            loop {
+                let res = match (transaction, self.transaction.as_mut()) {
+                    (false, _) if !changed.is_empty() => self.source.commit(&changed).await,
+                    (true, Some(t)) => t.commit().await,
+                    _ => Ok(()),
+                };
+                match res {
+                    Ok(()) => break,
+                    Err(e) if e.is_retryable() && !self.shutdown.is_cancelled() => {
+                        let delay = next_delay(&mut backoff);
+                        tracing::warn!(error = %e, retry_in = ?delay, transaction, "commit failed; retrying");
+                        tokio::time::sleep(delay).await;
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
             }
         }
+        let committed_any = !changed.is_empty();
         for (p, cp) in changed {
             let i = p.partition as usize;
             if committed.len() <= i {
@@ -393,7 +421,9 @@ impl Pipeline {
             }
             committed[i] = Some((p.offset, cp));
         }
-        Metrics::add(&self.metrics.commits, 1);
+        if committed_any {
+            Metrics::add(&self.metrics.commits, 1);
+        }
         Ok(())
     }
 }

@@ -36,3 +36,18 @@ pub trait Sink: Send {
         Ok(())
     }
 }
+
+/// The broker transaction an exactly-once pipeline writes in: every sink of the pipeline
+/// produces into it and the source adds its positions and checkpoints to it
+/// (`Source::commit`); [`commit`](Transaction::commit) makes all of it visible at once.
+/// Made by the backend (`Broker::transaction`), which aborts it itself
+/// when partitions are revoked (their outputs are recomputed from the committed
+/// positions by their next owner).
+#[async_trait]
+pub trait Transaction: Send {
+    /// Commits what the sinks produced and the source committed since the last call (a
+    /// new transaction begins with the next output). A retryable error may be retried; any
+    /// other means the transaction was aborted: the pipeline must stop, and a restart
+    /// replays from the positions committed before.
+    async fn commit(&mut self) -> Result<()>;
+}

@@ -240,7 +240,7 @@ async fn connect(
         c,
         backend,
         &format!("opening topic {}", c.source.topic),
-        || backend.sink(&c.source.topic),
+        || backend.feeder(&c.source.topic),
     )
     .await?;
     let ingest = Ingest::start(c, ingest_sink, stop.clone());

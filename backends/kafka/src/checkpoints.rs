@@ -32,6 +32,7 @@ use crate::config::KafkaConfig;
 use crate::error::KafkaError;
 use crate::rebalance::Consumer_;
 use crate::sink::{KafkaSink, SinkProducer};
+use crate::txn::Txn;
 
 const SEP: char = '\u{1f}';
 
@@ -41,6 +42,8 @@ pub(crate) struct CommitMetadata {
     pub(crate) consumer: Arc<Consumer_>,
     /// The source topic.
     pub(crate) topic: String,
+    /// Exactly-once: the offsets go into this transaction instead of a plain commit.
+    pub(crate) txn: Option<Arc<Txn>>,
 }
 
 impl std::fmt::Debug for CommitMetadata {
@@ -124,6 +127,9 @@ impl CheckpointStore for CommitMetadata {
         if tpl.count() == 0 {
             return Ok(());
         }
+        if let Some(txn) = &self.txn {
+            return self.save_in(txn, tpl).await;
+        }
         let consumer = self.consumer.clone();
         let res = tokio::task::spawn_blocking(move || consumer.commit(&tpl, CommitMode::Sync))
             .await
@@ -133,18 +139,7 @@ impl CheckpointStore for CommitMetadata {
                 tracing::debug!(topic = %self.topic, ?commits, "kafka: committed");
                 Ok(())
             }
-            Err(e)
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(
-                        RDKafkaErrorCode::RebalanceInProgress
-                            | RDKafkaErrorCode::IllegalGeneration
-                            | RDKafkaErrorCode::UnknownMemberId
-                            | RDKafkaErrorCode::FencedInstanceId
-                            | RDKafkaErrorCode::StaleMemberEpoch
-                    )
-                ) =>
-            {
+            Err(e) if rebalancing(&e) => {
                 tracing::warn!(topic = %self.topic, error = %e, "commit refused during a rebalance; the new owner replays from the previous commit");
                 Ok(())
             }
@@ -157,10 +152,57 @@ impl CheckpointStore for CommitMetadata {
     }
 }
 
+impl CommitMetadata {
+    /// Exactly-once: adds the offsets (checkpoints as metadata) to the transaction with the
+    /// group's metadata, which the coordinator checks against the group's generation (a
+    /// zombie is refused). Refused because the group is rebalancing: the transaction is
+    /// aborted (its partitions are being revoked; the new owner recomputes their outputs).
+    async fn save_in(&self, txn: &Txn, tpl: TopicPartitionList) -> Result<()> {
+        let Some(group) = self.consumer.group_metadata() else {
+            return Err(EngineError::backend(
+                "kafka",
+                format!("the consumer of `{}` has no group metadata yet", self.topic),
+                true,
+            ));
+        };
+        match txn.send_offsets(tpl, group).await {
+            Ok(()) => Ok(()),
+            Err(KafkaError::Transaction { ref source, .. }) if rebalancing(source) => {
+                txn.abort("the group is rebalancing").await?;
+                Ok(())
+            }
+            Err(e) if e.is_retryable() => Err(e.into()),
+            Err(e) => {
+                txn.abort("its offsets were refused").await?;
+                Err(EngineError::Stopped(format!(
+                    "{e}; the transaction was aborted, and a restart replays from the offsets committed before"
+                )))
+            }
+        }
+    }
+}
+
+/// Whether a commit was refused because this member's generation is over: a rebalance
+/// revokes its partitions.
+fn rebalancing(e: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::FencedInstanceId
+                | RDKafkaErrorCode::StaleMemberEpoch
+        )
+    )
+}
+
 /// One group's checkpoints of one source topic in a checkpoint topic.
 #[derive(Clone)]
 pub(crate) struct CheckpointTopic {
     pub(crate) producer: Arc<SinkProducer>,
+    /// Exactly-once: checkpoints are written in this transaction (`producer` is its).
+    pub(crate) txn: Option<Arc<Txn>>,
     pub(crate) config: Arc<KafkaConfig>,
     /// The checkpoint topic.
     pub(crate) topic: String,
@@ -212,6 +254,7 @@ impl CheckpointStore for CheckpointTopic {
             })
             .collect();
         KafkaSink::new(self.producer.clone(), &self.topic, usize::MAX)
+            .in_transaction(self.txn.clone())
             .send(&records)
             .await
             .map_err(|e| self.err(format!("checkpoint not acknowledged: {e}")))?;
@@ -242,14 +285,17 @@ impl CheckpointTopic {
         &self,
         wanted: Option<&HashMap<String, u32>>,
     ) -> Result<HashMap<u32, Checkpoint>, KafkaError> {
-        let consumer: BaseConsumer = self
-            .config
-            .consumer_config("weir-checkpoint-reader")
-            .create()
-            .map_err(|source| KafkaError::Client {
-                what: "consumer",
-                source,
-            })?;
+        let mut cc = self.config.consumer_config("weir-checkpoint-reader");
+        if self.txn.is_some() {
+            // Only committed checkpoints; the end of what is committed (the last stable
+            // offset, below an open transaction) ends a partition's scan.
+            cc.set("isolation.level", "read_committed")
+                .set("enable.partition.eof", "true");
+        }
+        let consumer: BaseConsumer = cc.create().map_err(|source| KafkaError::Client {
+            what: "consumer",
+            source,
+        })?;
         let md = consumer
             .fetch_metadata(Some(&self.topic), Duration::from_secs(10))
             .map_err(|e| self.err(format!("cannot read the checkpoint topic's metadata: {e}")))?;
@@ -306,6 +352,9 @@ impl CheckpointTopic {
                     {
                         ends.remove(&m.partition());
                     }
+                }
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    ends.remove(&p);
                 }
                 Some(Err(e)) => {
                     return Err(self.err(format!("cannot read the checkpoint topic: {e}")))

@@ -60,7 +60,7 @@ pub const CONSUMER_DEFAULTS: [(&str, &str); 4] = [
 const OWNED: [(&str, &str); 4] = [
     (
         "transactional.id",
-        "Weir's producers are idempotent and at-least-once; transactions (exactly-once) are not supported yet, and a transactional producer that never begins a transaction fails every send — remove the key",
+        "Weir chooses the transactional id itself, one per instance, when `[pipeline] guarantee = \"exactly_once\"` — set that instead and remove the key",
     ),
     ("bootstrap.servers", "use `bootstrap_servers` in [brokers.kafka]"),
     ("group.id", "the consumer group is `source.group`"),

@@ -61,6 +61,20 @@ pub enum KafkaError {
         /// Whether trying again may help (broker unreachable).
         retryable: bool,
     },
+    /// A transaction call of an exactly-once pipeline failed. Retryable when librdkafka
+    /// says the same call may be repeated; otherwise the transaction was aborted and the
+    /// pipeline stops (a restart replays from the offsets committed before).
+    #[error("Kafka transaction `{id}`: {what} failed: {source}")]
+    Transaction {
+        /// The producer's `transactional.id`.
+        id: String,
+        /// The call (`init`, `send offsets`, `commit`, `abort`, a delivery).
+        what: &'static str,
+        /// librdkafka's reason.
+        source: RdError,
+        /// Whether repeating the call may succeed.
+        retryable: bool,
+    },
     /// A delivery future was dropped by librdkafka (the producer is shutting down).
     #[error("the producer of `{0}` was shut down before acknowledging")]
     Canceled(String),
@@ -74,7 +88,9 @@ impl KafkaError {
             KafkaError::Receive { source, .. }
             | KafkaError::Commit { source, .. }
             | KafkaError::Delivery { source, .. } => !is_permanent(source),
-            KafkaError::Topic { retryable, .. } => *retryable,
+            KafkaError::Topic { retryable, .. } | KafkaError::Transaction { retryable, .. } => {
+                *retryable
+            }
             KafkaError::Canceled(_) => true,
         }
     }

@@ -8,6 +8,8 @@
 //! - [`KafkaSink`]: a producer (batching, compression, `acks=all`, idempotence as
 //!   configured) whose `send` returns once every record's delivery report arrived.
 //! - [`KafkaConfig`]: the `[brokers.kafka]` section.
+//! - Exactly-once ([`KafkaBroker::exactly_once`]): one transactional producer shared by
+//!   the sinks, offsets and checkpoints sent to its transaction (see `txn.rs`).
 //!
 //! Broker outages are retryable errors (the runtime retries with backoff and logs);
 //! configuration problems are reported when the pipeline file is loaded.
@@ -20,6 +22,7 @@ mod poll;
 mod rebalance;
 mod sink;
 mod source;
+mod txn;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -56,6 +59,9 @@ pub struct KafkaBroker {
     config: Arc<KafkaConfig>,
     producer: Arc<OnceLock<Arc<sink::SinkProducer>>>,
     ensured: Arc<Mutex<HashSet<String>>>,
+    /// Exactly-once mode: the transactional producer every sink, the checkpoint topic
+    /// and every group source of this broker share (made on first use), and its id.
+    txn: Option<(txn::TxnCell, Arc<str>)>,
 }
 
 impl std::fmt::Debug for KafkaBroker {
@@ -73,7 +79,56 @@ impl KafkaBroker {
             config: Arc::new(config),
             producer: Arc::default(),
             ensured: Arc::default(),
+            txn: None,
         }
+    }
+
+    /// This broker in exactly-once mode: its sinks produce in one transaction of a
+    /// transactional producer with an id of its own, its group sources add their offsets
+    /// and checkpoints to it, and [`Broker::transaction`] commits it (see `txn.rs`).
+    pub fn exactly_once(&self) -> Self {
+        let id = format!(
+            "weir-{}-{}-{}",
+            std::process::id(),
+            weir_engine::time::now_millis(),
+            TXN_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        KafkaBroker {
+            config: self.config.clone(),
+            producer: Arc::default(),
+            ensured: self.ensured.clone(),
+            txn: Some((Arc::default(), id.into())),
+        }
+    }
+
+    /// The transactional producer (exactly-once mode), registered with the coordinator.
+    async fn txn(&self) -> Result<Option<Arc<txn::Txn>>, KafkaError> {
+        let Some((cell, id)) = &self.txn else {
+            return Ok(None);
+        };
+        let t = cell
+            .get_or_try_init(|| async {
+                let mut cc = self.config.producer_config();
+                cc.set("transactional.id", &**id);
+                let prop = |name: &str| self.config.producer.iter().find(|(k, _)| k == name);
+                if prop("transaction.timeout.ms").is_none() {
+                    // librdkafka wants message.timeout.ms <= transaction.timeout.ms.
+                    let messages = prop("message.timeout.ms").and_then(|(_, v)| v.parse().ok());
+                    let ms = messages.unwrap_or(0u64).max(MIN_TXN_TIMEOUT_MS);
+                    cc.set("transaction.timeout.ms", ms.to_string());
+                }
+                let p: sink::SinkProducer =
+                    cc.create_with_context(sink::SinkContext)
+                        .map_err(|source| KafkaError::Client {
+                            what: "producer",
+                            source,
+                        })?;
+                txn::Txn::init(Arc::new(p), id.to_string())
+                    .await
+                    .map(Arc::new)
+            })
+            .await?;
+        Ok(Some(t.clone()))
     }
 
     /// The settings.
@@ -95,7 +150,8 @@ impl KafkaBroker {
                     Some(t) => {
                         self.ensure_topic_with(t, 1).await?;
                         Some(checkpoints::CheckpointTopic {
-                            producer: self.producer()?,
+                            producer: self.producer().await?,
+                            txn: self.txn().await?,
                             config: self.config.clone(),
                             topic: t.clone(),
                             group: g.to_string(),
@@ -115,7 +171,7 @@ impl KafkaBroker {
                         what: "consumer",
                         source,
                     })?;
-                KafkaSource::subscribed(consumer, topic, store)
+                KafkaSource::subscribed(consumer, topic, store, self.txn().await?)
             }
             None => self.reader(topic, StartAt::Beginning).await,
         }
@@ -123,11 +179,36 @@ impl KafkaBroker {
 
     /// A group-less reader of every partition of `topic`, from `start`; commits nothing.
     pub async fn reader(&self, topic: &str, start: StartAt) -> Result<KafkaSource, KafkaError> {
+        self.reader_with(topic, start, None).await
+    }
+
+    /// [`reader`](Self::reader) reading committed records only (`Some(true)`: what
+    /// open transactions wrote is held back until they commit, aborted records are
+    /// skipped), or every record (`Some(false)`), unless `isolation.level` is set in
+    /// `[brokers.kafka.consumer]`; `None`: librdkafka's default (committed only).
+    async fn reader_with(
+        &self,
+        topic: &str,
+        start: StartAt,
+        committed_only: Option<bool>,
+    ) -> Result<KafkaSource, KafkaError> {
         self.ensure_topic(topic).await?;
         let partitions = self.partitions(topic).await?;
-        let consumer = self
+        let mut cc = self.config.consumer_config("weir-reader");
+        let chosen = self
             .config
-            .consumer_config("weir-reader")
+            .consumer
+            .iter()
+            .any(|(k, _)| k == "isolation.level");
+        if let (Some(committed), false) = (committed_only, chosen) {
+            let level = if committed {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            };
+            cc.set("isolation.level", level);
+        }
+        let consumer = cc
             .create_with_context(RebalanceContext::default())
             .map_err(|source| KafkaError::Client {
                 what: "consumer",
@@ -144,15 +225,19 @@ impl KafkaBroker {
     pub async fn sink(&self, topic: &str) -> Result<KafkaSink, KafkaError> {
         self.ensure_topic(topic).await?;
         Ok(KafkaSink::new(
-            self.producer()?,
+            self.producer().await?,
             topic,
             self.config.max_record_bytes(),
-        ))
+        )
+        .in_transaction(self.txn().await?))
     }
 
     /// The producer every sink and the checkpoint store of this broker share (one client,
-    /// one idempotent producer id).
-    fn producer(&self) -> Result<Arc<sink::SinkProducer>, KafkaError> {
+    /// one idempotent producer id; in exactly-once mode the transactional one).
+    async fn producer(&self) -> Result<Arc<sink::SinkProducer>, KafkaError> {
+        if let Some(t) = self.txn().await? {
+            return Ok(t.producer.clone());
+        }
         if let Some(p) = self.producer.get() {
             return Ok(p.clone());
         }
@@ -299,6 +384,17 @@ impl KafkaBroker {
     }
 }
 
+/// The shortest transaction timeout of exactly-once producers unless
+/// `[brokers.kafka.producer]` sets `transaction.timeout.ms`: how long the broker keeps the
+/// open transaction of a crashed instance (and holds read_committed consumers back at it)
+/// before aborting it. It is the larger of this (Kafka Streams' 10 s; librdkafka's default
+/// is 60 s) and `message.timeout.ms` (30 s by default), which librdkafka requires. Keep
+/// `commit_interval` well below it.
+const MIN_TXN_TIMEOUT_MS: u64 = 10_000;
+
+/// Numbers the exactly-once brokers of this process (part of their transactional ids).
+static TXN_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// How long one metadata request waits for a broker: an unreachable cluster is reported
 /// (and retried) after this long.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
@@ -314,6 +410,15 @@ impl Broker for KafkaBroker {
 
     fn new(config: KafkaConfig) -> Self {
         KafkaBroker::new(config)
+    }
+
+    fn exactly_once(&self) -> Option<Self> {
+        Some(KafkaBroker::exactly_once(self))
+    }
+
+    fn transaction(&self) -> Option<Box<dyn weir_engine::Transaction>> {
+        let (cell, _) = self.txn.as_ref()?;
+        Some(Box::new(txn::KafkaTransaction(cell.clone())))
     }
 
     async fn source(&self, topic: &str, group: Option<&str>) -> Result<Box<dyn Source>> {
@@ -334,6 +439,11 @@ impl Broker for KafkaBroker {
         } else {
             StartAt::End
         };
-        Ok(Box::new(self.reader(topic, start).await?))
+        // An exactly-once pipeline's outputs are shown once committed; an at-least-once
+        // pipeline's as soon as they are written.
+        let committed = self.txn.is_some();
+        Ok(Box::new(
+            self.reader_with(topic, start, Some(committed)).await?,
+        ))
     }
 }

@@ -24,6 +24,7 @@ use weir_engine::{OutRecord, Result, Sink};
 
 use crate::error::KafkaError;
 use crate::message::HEADER_NULL_HEADERS;
+use crate::txn::Txn;
 
 /// The producer every sink of a [`crate::KafkaBroker`] shares.
 pub(crate) type SinkProducer = ThreadedProducer<SinkContext>;
@@ -83,6 +84,9 @@ pub struct KafkaSink {
     /// Dead letters and late records larger than this are cut to fit (see
     /// [`KafkaConfig::max_record_bytes`](crate::KafkaConfig::max_record_bytes)).
     max_record_bytes: usize,
+    /// Exactly-once: the transaction its records are produced in, and the number of its
+    /// aborts when this sink last looked (records submitted before an abort are gone).
+    txn: Option<(Arc<Txn>, u64)>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -101,6 +105,41 @@ impl KafkaSink {
             outstanding: Arc::default(),
             again: Vec::new(),
             max_record_bytes,
+            txn: None,
+        }
+    }
+
+    /// This sink producing in `txn` (exactly-once mode; `producer` must be its).
+    pub(crate) fn in_transaction(mut self, txn: Option<Arc<Txn>>) -> Self {
+        self.txn = txn.map(|t| {
+            let epoch = t.epoch();
+            (t, epoch)
+        });
+        self
+    }
+
+    /// Exactly-once: forgets what an abort since the last call threw away (records whose
+    /// reports are still due count into a fresh tally). Whether there was one.
+    fn forget_aborted(&mut self) -> bool {
+        let Some((txn, seen)) = &mut self.txn else {
+            return false;
+        };
+        if txn.epoch() == *seen {
+            return false;
+        }
+        *seen = txn.epoch();
+        self.outstanding = Arc::default();
+        self.again.clear();
+        true
+    }
+
+    /// Exactly-once: [`forget_aborted`](Self::forget_aborted), then begins a transaction
+    /// unless one is open.
+    fn in_open_transaction(&mut self) -> Result<(), KafkaError> {
+        self.forget_aborted();
+        match &self.txn {
+            Some((txn, _)) => txn.begin(),
+            None => Ok(()),
         }
     }
 
@@ -167,6 +206,17 @@ impl KafkaSink {
         }
     }
 
+    /// The records whose delivery failed since the last call, with their errors.
+    fn take_failed(&self) -> Vec<(RdError, OutRecord)> {
+        std::mem::take(
+            &mut *self
+                .outstanding
+                .failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
     /// Waits until every record handed to librdkafka has its delivery report.
     async fn settle(&self) {
         loop {
@@ -196,13 +246,26 @@ impl Sink for KafkaSink {
     }
 
     async fn submit(&mut self, batch: &[OutRecord]) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.in_open_transaction()?;
         for r in batch {
-            self.enqueue(r).await?;
+            if let Err(e) = self.enqueue(r).await {
+                return match &self.txn {
+                    // Sending the batch again would put its first records in twice.
+                    Some((txn, _)) => Err(self.abandon(txn.clone(), e).await),
+                    None => Err(e.into()),
+                };
+            }
         }
         Ok(())
     }
 
     async fn flush(&mut self) -> Result<()> {
+        if let Some((txn, _)) = &self.txn {
+            return self.flush_in(txn.clone()).await;
+        }
         for (i, r) in self.again.iter().enumerate() {
             if let Err(e) = self.enqueue(r).await {
                 self.again.drain(..i);
@@ -211,13 +274,7 @@ impl Sink for KafkaSink {
         }
         self.again.clear();
         self.settle().await;
-        let failed = std::mem::take(
-            &mut *self
-                .outstanding
-                .failed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+        let failed = self.take_failed();
         let mut first = None;
         for (e, r) in failed {
             first.get_or_insert(e);
@@ -227,6 +284,38 @@ impl Sink for KafkaSink {
             None => Ok(()),
             Some(e) => Err(self.delivery_error(e).into()),
         }
+    }
+}
+
+impl KafkaSink {
+    /// Exactly-once `flush`: a failed delivery makes the transaction abortable only, so it
+    /// is aborted and the pipeline stops (a restart replays from the committed offsets);
+    /// records an abort threw away meanwhile are forgotten.
+    async fn flush_in(&mut self, txn: Arc<Txn>) -> Result<()> {
+        if self.forget_aborted() {
+            return Ok(());
+        }
+        self.settle().await;
+        let failed = self.take_failed();
+        if self.forget_aborted() {
+            return Ok(());
+        }
+        let Some((source, _)) = failed.into_iter().next() else {
+            return Ok(());
+        };
+        Err(self.abandon(txn, self.delivery_error(source)).await)
+    }
+
+    /// Exactly-once: what follows a record that could not be sent or delivered. The
+    /// transaction can only be aborted; the pipeline stops, and a restart replays from the
+    /// committed offsets.
+    async fn abandon(&self, txn: Arc<Txn>, e: KafkaError) -> weir_engine::EngineError {
+        if let Err(a) = txn.abort("a record was not delivered").await {
+            tracing::error!(error = %a, "kafka: the abort failed too");
+        }
+        weir_engine::EngineError::Stopped(format!(
+            "{e}; the transaction was aborted, and a restart replays from the offsets committed before"
+        ))
     }
 }
 

@@ -42,6 +42,7 @@ use crate::checkpoints::{CheckpointTopic, CommitMetadata};
 use crate::error::KafkaError;
 use crate::poll::{poll_loop, Item, Spares, QUEUE};
 use crate::rebalance::{Consumer_, Event};
+use crate::txn::Txn;
 
 /// Where a group member commits.
 type Store = WithFallback<CommitMetadata, CheckpointTopic>;
@@ -73,6 +74,9 @@ pub struct KafkaSource {
     delivered: Vec<i64>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Exactly-once: the broker's transaction, which commits take the offsets into and a
+    /// revocation aborts.
+    txn: Option<Arc<Txn>>,
 }
 
 /// How long the first `recv` of a group member waits for its partitions.
@@ -93,6 +97,7 @@ impl KafkaSource {
         consumer: Consumer_,
         topic: &str,
         checkpoint_topic: Option<CheckpointTopic>,
+        txn: Option<Arc<Txn>>,
     ) -> Result<Self, KafkaError> {
         consumer
             .subscribe(&[topic])
@@ -100,7 +105,7 @@ impl KafkaSource {
                 what: "consumer",
                 source,
             })?;
-        Ok(KafkaSource::start(
+        let mut source = KafkaSource::start(
             consumer,
             topic,
             true,
@@ -108,7 +113,12 @@ impl KafkaSource {
             Vec::new(),
             false,
             checkpoint_topic,
-        ))
+        );
+        if let Some(store) = &mut source.store {
+            store.primary.txn = txn.clone();
+        }
+        source.txn = txn;
+        Ok(source)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -126,6 +136,7 @@ impl KafkaSource {
             primary: CommitMetadata {
                 consumer: consumer.clone(),
                 topic: topic.to_string(),
+                txn: None,
             },
             fallback: checkpoint_topic,
         });
@@ -158,6 +169,7 @@ impl KafkaSource {
             delivered: Vec::new(),
             stop,
             thread,
+            txn: None,
         }
     }
 
@@ -240,12 +252,24 @@ impl KafkaSource {
         wanted.iter().map(|&p| (p, None)).collect()
     }
 
+    /// Exactly-once: aborts the open transaction. A failed abort leaves nothing visible
+    /// either (the coordinator aborts it when it times out, or when this producer is
+    /// fenced).
+    async fn abort(&self, why: &str) {
+        if let Some(txn) = &self.txn {
+            if let Err(e) = txn.abort(why).await {
+                tracing::error!(topic = %self.topic, error = %e, "kafka: aborting the transaction failed");
+            }
+        }
+    }
+
     /// Turns rebalance events into `pending` entries.
     async fn handle_events(&mut self, events: Vec<Event>) {
         for e in events {
             match e {
                 Event::Revoke(parts) => {
                     self.set_owned(&parts, false);
+                    self.abort("partitions revoked").await;
                     tracing::debug!(topic = %self.topic, ?parts, "partitions revoked");
                     self.pending
                         .push_back(Received::Revoked(parts.iter().map(|&p| p as u32).collect()));
@@ -385,6 +409,13 @@ impl Source for KafkaSource {
         for (p, cp) in positions {
             if !self.owns(p.partition) || !ctx.is_assigned(p.partition) {
                 tracing::debug!(topic = %self.topic, partition = p.partition, "not committing a partition this source no longer owns");
+                if self.txn.is_some() {
+                    // Its outputs are in the transaction: none of it may be committed
+                    // (the revocation that follows drops the partitions' state).
+                    self.abort("a partition was revoked before the commit")
+                        .await;
+                    return Ok(());
+                }
                 continue;
             }
             owned.push(Committed::at(*p, *cp));

@@ -12,7 +12,14 @@ use super::tree::{Loc, Node, Table, Value};
 pub(super) fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig {
     let mut r = TableReader::new("", root, Loc::Nowhere);
 
-    let (name, broker, broker_loc, give_up_after) = pipeline(&mut r, d);
+    let Head {
+        name,
+        broker,
+        broker_loc,
+        give_up_after,
+        guarantee,
+        guarantee_loc,
+    } = pipeline(&mut r, d);
     let source = source(&mut r, d, &name);
     let schema = super::schema::schema(&mut r, d);
     let (time, out_of_orderness, max_future) = super::windowing::event_time(&mut r, d);
@@ -23,6 +30,13 @@ pub(super) fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig
     let dead_letter = topic(&mut r, d, "dead_letter");
     let late = late(&mut r, d);
     let retry = super::stages::retry(&mut r, d);
+    if guarantee == Guarantee::ExactlyOnce && retry.is_some() {
+        d.push(
+            &guarantee_loc,
+            "pipeline.guarantee",
+            "`exactly_once` cannot be combined with a [retry] topic yet: the retry topic is read by a consumer group of its own, and a rebalance of either group aborts the transaction that both write in, which would have to rewind the other too",
+        );
+    }
     let enrich = super::stages::enrich(&mut r, d);
     super::schema::check_fields_against_schema(&schema, enrich.as_ref(), &aggregate, &agg_locs, d);
     let errors = super::stages::errors(&mut r, d, retry.as_ref(), enrich.as_ref());
@@ -37,6 +51,8 @@ pub(super) fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig
         broker,
         broker_loc,
         give_up_after,
+        guarantee,
+        guarantee_loc,
         source,
         schema,
         time,
@@ -57,22 +73,65 @@ pub(super) fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig
     }
 }
 
-/// `[pipeline]`: the name, the broker and how long an unreachable one is retried.
-fn pipeline(r: &mut TableReader<'_>, d: &mut Diagnostics) -> (String, String, Loc, Duration) {
+/// What `[pipeline]` says.
+struct Head {
+    name: String,
+    broker: String,
+    broker_loc: Loc,
+    give_up_after: Duration,
+    guarantee: Guarantee,
+    guarantee_loc: Loc,
+}
+
+/// `[pipeline]`: the name, the broker, how long an unreachable one is retried and the
+/// delivery guarantee.
+fn pipeline(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Head {
     let default_give_up = Duration::from_secs(300);
     match r.table(d, "pipeline") {
         Some(mut t) => {
             let name = t.str_or(d, "name", "weir");
-            let give_up = t.duration_or(d, "give_up_after", default_give_up);
+            let give_up_after = t.duration_or(d, "give_up_after", default_give_up);
             let broker_node = t.node("broker");
             // Absent: empty, and the binary's registry picks its default backend.
             let broker = t.str_or(d, "broker", "");
-            let loc = broker_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
+            let broker_loc = broker_node.map(|n| n.loc.clone()).unwrap_or(Loc::Nowhere);
             // The name is checked against the backends of this build by their registry.
+            let guarantee_loc = t
+                .node("guarantee")
+                .map(|n| n.loc.clone())
+                .unwrap_or(Loc::Nowhere);
+            let guarantee = match t.str(d, "guarantee") {
+                None | Some("at_least_once") => Guarantee::AtLeastOnce,
+                Some("exactly_once") => Guarantee::ExactlyOnce,
+                Some(other) => {
+                    d.push(
+                        &guarantee_loc,
+                        "pipeline.guarantee",
+                        format!(
+                            "unknown guarantee `{other}` (choose at_least_once or exactly_once)"
+                        ),
+                    );
+                    Guarantee::AtLeastOnce
+                }
+            };
             t.finish(d);
-            (name, broker, loc, give_up)
+            Head {
+                name,
+                broker,
+                broker_loc,
+                give_up_after,
+                guarantee,
+                guarantee_loc,
+            }
         }
-        None => ("weir".into(), String::new(), Loc::Nowhere, default_give_up),
+        None => Head {
+            name: "weir".into(),
+            broker: String::new(),
+            broker_loc: Loc::Nowhere,
+            give_up_after: default_give_up,
+            guarantee: Guarantee::AtLeastOnce,
+            guarantee_loc: Loc::Nowhere,
+        },
     }
 }
 

@@ -13,7 +13,7 @@ mod windowing;
 
 use load::read_pipeline;
 pub use model::{
-    AggFn, AggregateConfig, DemoConfig, EmitMode, EnrichConfig, ErrorAction, LatePolicy,
+    AggFn, AggregateConfig, DemoConfig, EmitMode, EnrichConfig, ErrorAction, Guarantee, LatePolicy,
     ObservabilityConfig, PipelineConfig, RetryConfig, ServeConfig, SourceConfig, TopicConfig,
     WindowConfig,
 };

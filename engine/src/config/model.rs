@@ -19,6 +19,19 @@ pub(crate) const MIB: u64 = 1 << 20;
 /// the limit bounds.
 pub(crate) const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(3600);
 
+/// `[pipeline] guarantee`: what the outputs promise through crashes and rebalances.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Guarantee {
+    /// Every output at least once; after a crash a window may be emitted again with the
+    /// same count and id (consumers drop duplicates by `weir.id`).
+    #[default]
+    AtLeastOnce,
+    /// Each output visible once to a consumer that reads committed records only: the
+    /// outputs of a commit interval, the source positions and the window checkpoint are
+    /// committed in one broker transaction (backends that have them: Kafka).
+    ExactlyOnce,
+}
+
 /// A whole pipeline, validated.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -34,6 +47,10 @@ pub struct PipelineConfig {
     /// `[pipeline] give_up_after`: how long an unreachable broker is retried (with a log
     /// line per attempt) before the command fails with exit 1; zero fails at once.
     pub give_up_after: Duration,
+    /// `[pipeline] guarantee`: what a consumer of the outputs may rely on.
+    pub guarantee: Guarantee,
+    /// Where the `guarantee` setting is (the backend's registry checks it can keep it).
+    pub guarantee_loc: Loc,
     /// The input topic and how it is read.
     pub source: SourceConfig,
     /// What events must look like.

@@ -322,11 +322,13 @@ impl WindowOperator {
     }
 
     /// Forgets revoked partitions: their open window state is dropped uncommitted and they
-    /// no longer hold the watermark.
-    pub fn revoke(&mut self, partitions: &[u32]) {
+    /// no longer hold the watermark. Unless `aborted` (the outputs since the last commit
+    /// were thrown away with a transaction), what would have been committed now is
+    /// remembered for the partition's return.
+    pub fn revoke(&mut self, partitions: &[u32], aborted: bool) {
         for &p in partitions {
             let i = p as usize;
-            let cp = self.offsets.seen(p).then(|| self.checkpoint(p));
+            let cp = (self.offsets.seen(p) && !aborted).then(|| self.checkpoint(p));
             self.offsets.revoke(p, cp);
             if p < RETRY_PARTITION_BASE {
                 let ti = self.task_index(p);
