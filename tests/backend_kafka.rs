@@ -167,6 +167,43 @@ fn kafka_bad_config_is_reported_at_its_location() {
     );
 }
 
+/// Incremental (cooperative) rebalancing is refused at its line: the engine takes every
+/// assignment as the whole set, so an incremental one would leave kept partitions out of
+/// the watermark.
+#[test]
+fn kafka_cooperative_rebalancing_is_a_config_error() {
+    for (key, value) in [
+        ("partition.assignment.strategy", "cooperative-sticky"),
+        ("group.protocol", "consumer"),
+    ] {
+        let text = conformance::shipped_brokers().replace(
+            "[brokers.kafka.consumer]     # librdkafka consumer properties, passed through\n",
+            &format!("[brokers.kafka.consumer]\n\"{key}\" = \"{value}\"\n"),
+        );
+        assert!(text.contains(value));
+        let dir = tempfile::tempdir().unwrap();
+        let (path, included) = conformance::pipeline_with_brokers(dir.path(), &text);
+        let line = text
+            .lines()
+            .position(|l| l.starts_with(&format!("\"{key}\"")))
+            .unwrap()
+            + 1;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["validate", path.to_str().unwrap(), "--broker", "kafka"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{}:{line}:1: brokers.kafka.consumer.\"{key}\": `{value}` is not supported: Weir's rebalances are eager",
+                included.display()
+            )),
+            "{err}"
+        );
+    }
+}
+
 /// `transactional.id` in `[brokers.kafka.producer]` is a configuration error naming the key
 /// and what to set instead (exit 2 from `weir validate`), not a producer that retries
 /// "Erroneous state" forever.

@@ -260,6 +260,14 @@ fn passthrough(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Vec<(String, Str
                     return None;
                 }
             }
+            if let Some(why) = incremental_rebalancing(&name, &value) {
+                d.push(
+                    &loc,
+                    &key_path,
+                    format!("`{value}` is not supported: {why}"),
+                );
+                return None;
+            }
             let mut probe = ClientConfig::new();
             probe.set(&name, &value);
             if let Err(e) = probe.create_native_config() {
@@ -273,6 +281,18 @@ fn passthrough(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Vec<(String, Str
             Some((name, value))
         })
         .collect()
+}
+
+/// Why a property would make rebalances incremental, which Weir does not support yet: the
+/// engine takes each assignment as the whole set of partitions the instance reads, so an
+/// incremental one would leave the partitions it keeps out of the watermark.
+fn incremental_rebalancing(name: &str, value: &str) -> Option<&'static str> {
+    let eager = "Weir's rebalances are eager (each assignment is the whole set of partitions an instance reads; see \"Running several instances\" in the README)";
+    match name {
+        "partition.assignment.strategy" if value.contains("cooperative") => Some(eager),
+        "group.protocol" if value.trim() == "consumer" => Some(eager),
+        _ => None,
+    }
 }
 
 fn describe(e: &rdkafka::error::KafkaError) -> String {
