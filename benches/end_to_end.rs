@@ -1,9 +1,11 @@
 //! End-to-end throughput: 1,000,000 generated seed events over 1,000 users through the
 //! memory backend (source topic -> decode + validate -> 10 s tumbling count -> sink topic),
 //! on one core, beside a bare loop that only parses the same events with serde_json and
-//! counts them in a HashMap.
+//! counts them in a HashMap. Also prints the emit latency of Weir's last round (see
+//! `Metrics::emit_latency`).
 //!
-//! `cargo bench --bench end_to_end` (set WEIR_BENCH_EVENTS to change the count).
+//! `cargo bench --bench end_to_end` (set WEIR_BENCH_EVENTS to change the count,
+//! WEIR_BENCH_PIPELINE to read another pipeline file).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -61,8 +63,14 @@ fn run(n: usize, rate: i64, rounds: usize) {
     let mut bare_best = f64::MAX;
 
     // The pipeline as `pipelines/user_activity.toml` describes it, on the memory backend.
+    // WEIR_BENCH_PIPELINE=FILE reads another copy (a build without the AMQP and Kinesis
+    // features refuses the shipped brokers.toml's sections of those brokers).
+    let file = std::env::var_os("WEIR_BENCH_PIPELINE").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/user_activity.toml"),
+        std::path::PathBuf::from,
+    );
     let (config, _) = Backend::load(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/user_activity.toml"),
+        &file,
         &Overrides {
             // WEIR_BENCH_SET="source.batch_size=4096" tries other settings.
             sets: std::env::var("WEIR_BENCH_SET")
@@ -78,6 +86,7 @@ fn run(n: usize, rate: i64, rounds: usize) {
         .unwrap();
     let mut weir_best = f64::MAX;
     let mut results = 0;
+    let mut emit = weir_engine::metrics::HistogramSnapshot::default();
     // Bare and Weir rounds alternate so both see the same machine; best of each is kept.
     for _ in 0..rounds {
         let t = Instant::now();
@@ -119,6 +128,10 @@ fn run(n: usize, rate: i64, rounds: usize) {
                 summary.counters
             );
             results = summary.counters.results_out;
+            let c = summary.counters;
+            // One emit-latency observation per window closed.
+            assert_eq!(c.emit_latency.count(), c.windows_closed, "{c:?}");
+            emit = c.emit_latency;
         });
     }
     let (bare_rate, weir_rate) = (n as f64 / bare_best, n as f64 / weir_best);
@@ -135,4 +148,10 @@ fn run(n: usize, rate: i64, rounds: usize) {
         weir_rate, weir_best
     );
     println!("  weir / bare: {:.0} %", 100.0 * weir_rate / bare_rate);
+    println!(
+        "  emit latency (window closed -> results acknowledged), last round: {} windows, p50 {:.3} ms, p99 {:.3} ms",
+        emit.count(),
+        emit.quantile_ms(0.5),
+        emit.quantile_ms(0.99)
+    );
 }

@@ -69,7 +69,8 @@ async fn run_serves_metrics_and_health() {
     let text = loop {
         let text = metrics_text(&base).await;
         let count = value(&text, "weir_commit_duration_seconds_count{");
-        if value(&text, "weir_results_out_total{") > 0.0 && count > 0.0 {
+        let emitted = value(&text, "weir_emit_latency_seconds_count{");
+        if value(&text, "weir_results_out_total{") > 0.0 && count > 0.0 && emitted > 0.0 {
             break text;
         }
         assert!(Instant::now() < deadline, "no results or commits:\n{text}");
@@ -81,6 +82,26 @@ async fn run_serves_metrics_and_health() {
     assert!(text.contains(&format!(
         r#"weir_commit_duration_seconds_bucket{{{labels},le="+Inf"}}"#
     )));
+    // Emit latency: one observation per closed window, observed once its results were
+    // acknowledged (so never more than the windows closed so far), in every bucket form.
+    assert!(text.contains("# TYPE weir_emit_latency_seconds histogram"));
+    let emitted = value(&text, "weir_emit_latency_seconds_count{");
+    assert_eq!(
+        value(
+            &text,
+            &format!(r#"weir_emit_latency_seconds_bucket{{{labels},le="+Inf"}}"#)
+        ),
+        emitted
+    );
+    assert!(value(&text, r#"weir_emit_latency_seconds_bucket{"#) <= emitted);
+    assert!(
+        emitted <= value(&text, "weir_windows_closed_total{"),
+        "{text}"
+    );
+    assert!(
+        value(&text, "weir_emit_latency_seconds_sum{") > 0.0,
+        "{text}"
+    );
     assert!(
         value(&text, "weir_partition_received_offset{") > 0.0,
         "per-partition positions:\n{text}"
@@ -114,6 +135,65 @@ async fn run_serves_metrics_and_health() {
     assert_eq!(value(&text, "weir_up{"), 0.0);
     signal(child.id(), "-INT");
     assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// The emit latency of a `weir run --input`: the summary line reports one observation per
+/// window closed, and that is the number of distinct windows in the output (one input
+/// partition: each window closes once).
+#[test]
+fn run_reports_the_emit_latency_of_every_window_it_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("events.jsonl");
+    let output = dir.path().join("out.jsonl");
+    std::fs::write(&input, generate("20000", "50", "7", &[]).stdout).unwrap();
+    let out = weir()
+        .args(["run", USER_ACTIVITY, "--input", input.to_str().unwrap()])
+        .args([
+            "--output",
+            output.to_str().unwrap(),
+            "--dead-letter",
+            "/dev/null",
+        ])
+        .env("WEIR_LOG", "info")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let windows: std::collections::BTreeSet<String> = std::fs::read_to_string(&output)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["window_start"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(windows.len() > 10, "{windows:?}");
+    let summary = err
+        .lines()
+        .find(|l| l.contains("pipeline stopped"))
+        .unwrap_or_else(|| panic!("no summary line in {err}"));
+    let field = |name: &str| -> u64 {
+        let rest = summary
+            .split(name)
+            .nth(1)
+            .unwrap_or_else(|| panic!("no {name} in {summary}"));
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap()
+    };
+    assert_eq!(field("windows_closed="), windows.len() as u64, "{summary}");
+    assert_eq!(
+        field("emit_latency windows="),
+        windows.len() as u64,
+        "{summary}"
+    );
+    let p99 = summary
+        .split("p99=")
+        .nth(1)
+        .and_then(|r| r.split("ms").next());
+    let p99: f64 = p99
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{summary}"));
+    assert!(p99 > 0.0 && p99 <= 10_000.0, "{summary}");
 }
 
 /// `cmd` started with an info log, and the base URL of its metrics endpoint.

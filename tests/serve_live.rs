@@ -54,14 +54,19 @@ async fn ws_streams_window_results_to_every_client() {
                 (json!("User2"), json!(2), json!("2024-06-27T15:00:00Z")),
             ]
         );
-        // Counters follow within a tick and add up.
+        // Counters follow within a tick and add up; the one window closed has its emit
+        // latency (it is recorded just after `results_out`, once the sink acknowledged).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let c = next_of(ws, "counters").await;
-            if c["results_out"] == 2 {
+            assert!(std::time::Instant::now() < deadline, "{c}");
+            if c["results_out"] == 2 && c["emit_latency"]["windows"] == 1 {
                 assert_eq!(
                     (c["events_in"].clone(), c["dead_letters"].clone()),
                     (json!(6), json!(0))
                 );
+                let p99 = c["emit_latency"]["p99_ms"].as_f64().unwrap();
+                assert!(p99 > 0.0 && p99 <= 10_000.0, "{c}");
                 break;
             }
         }

@@ -6,8 +6,12 @@
 //! (the summary line of `weir run`, `/metrics`, the live page), so each shows every term
 //! of the balance `events_in = windowed + dead_letters + late + filtered + replayed +
 //! retried + skipped + blank_lines`.
+//!
+//! [`Histogram`] is the lock-free latency histogram they share; the engine keeps one
+//! itself, [`Metrics::emit_latency`].
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 /// Live counters of a running pipeline, shared with whoever reports them.
 #[derive(Debug)]
@@ -45,6 +49,12 @@ pub struct Metrics {
     pub open_entries: AtomicU64,
     /// The pipeline watermark, epoch ms (`i64::MIN` before the first event).
     pub watermark: AtomicI64,
+    /// Emit latency: from the moment the operator closes windows (the watermark, or
+    /// idleness, passed their end + grace; or the input ended) until the result sink has
+    /// acknowledged their results. One observation per closed window, all the windows of
+    /// one closing step sharing its one measurement; its count equals `windows_closed`
+    /// once their results are acknowledged.
+    pub emit_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -65,6 +75,7 @@ impl Default for Metrics {
             commits: AtomicU64::new(0),
             open_entries: AtomicU64::new(0),
             watermark: AtomicI64::new(i64::MIN),
+            emit_latency: Histogram::default(),
         }
     }
 }
@@ -102,6 +113,8 @@ pub struct Snapshot {
     pub open_entries: u64,
     /// See [`Metrics::watermark`].
     pub watermark: i64,
+    /// See [`Metrics::emit_latency`].
+    pub emit_latency: HistogramSnapshot,
 }
 
 impl Snapshot {
@@ -169,6 +182,16 @@ impl Snapshot {
         } else {
             " (NOT balanced)"
         });
+        let e = &self.emit_latency;
+        if e.count() > 0 {
+            let _ = write!(
+                s,
+                "; emit_latency windows={} p50={:.2}ms p99={:.2}ms",
+                e.count(),
+                e.quantile_ms(0.5),
+                e.quantile_ms(0.99)
+            );
+        }
         s
     }
 }
@@ -229,6 +252,7 @@ impl Metrics {
             commits: g(&self.commits),
             open_entries: g(&self.open_entries),
             watermark: self.watermark.load(Ordering::Relaxed),
+            emit_latency: self.emit_latency.snapshot(),
         }
     }
 
@@ -240,9 +264,164 @@ impl Metrics {
     }
 }
 
+/// Upper bounds of the [`Histogram`] buckets, in microseconds: 0.1 ms to 10 s, then `+Inf`.
+pub const BUCKET_BOUNDS_MICROS: [u64; 16] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// The number of [`Histogram`] buckets: one per bound and `+Inf`.
+const BUCKETS: usize = BUCKET_BOUNDS_MICROS.len() + 1;
+
+/// A histogram of durations with the buckets of [`BUCKET_BOUNDS_MICROS`], in the shape of
+/// a Prometheus histogram. Lock-free: an observation is two relaxed atomic adds.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last is `+Inf`.
+    buckets: [AtomicU64; BUCKETS],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        self.observe_n(d, 1);
+    }
+
+    /// Records `n` observations of the same duration.
+    pub fn observe_n(&self, d: Duration, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = BUCKET_BOUNDS_MICROS.partition_point(|&le| le < micros);
+        self.buckets[i].fetch_add(n, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(micros.saturating_mul(n), Ordering::Relaxed);
+    }
+
+    /// How many observations.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    /// A copy of the buckets.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            sum_micros: self.sum_micros.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A [`Histogram`] at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HistogramSnapshot {
+    /// Observations per bucket (not cumulative); the last is `+Inf`.
+    pub buckets: [u64; BUCKETS],
+    /// The sum of all observations, in microseconds.
+    pub sum_micros: u64,
+}
+
+impl HistogramSnapshot {
+    /// How many observations.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// The cumulative buckets as Prometheus shows them: `(le in seconds, count)`, the
+    /// last with `le = +Inf`.
+    pub fn cumulative(&self) -> impl Iterator<Item = (String, u64)> + '_ {
+        let mut total = 0;
+        self.buckets.iter().enumerate().map(move |(i, n)| {
+            total += n;
+            let le = BUCKET_BOUNDS_MICROS
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |&us| (us as f64 / 1e6).to_string());
+            (le, total)
+        })
+    }
+
+    /// The `q` quantile (0 ≤ q ≤ 1) in milliseconds, interpolated linearly inside its
+    /// bucket as Prometheus' `histogram_quantile` does; a quantile in `+Inf` is shown as
+    /// the highest bound (10 s). 0 without observations.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        let count = self.count();
+        if count == 0 {
+            return 0.0;
+        }
+        let rank = q.clamp(0.0, 1.0) * count as f64;
+        let mut below = 0u64;
+        for (i, &n) in self.buckets.iter().enumerate() {
+            let Some(&hi) = BUCKET_BOUNDS_MICROS.get(i) else {
+                break;
+            };
+            if n > 0 && (below + n) as f64 >= rank {
+                let lo = if i == 0 {
+                    0
+                } else {
+                    BUCKET_BOUNDS_MICROS[i - 1]
+                };
+                let within = (rank - below as f64).max(0.0) / n as f64;
+                return (lo as f64 + (hi - lo) as f64 * within) / 1000.0;
+            }
+            below += n;
+        }
+        BUCKET_BOUNDS_MICROS[BUCKETS - 2] as f64 / 1000.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_histogram_puts_each_observation_in_the_first_bucket_at_or_above_it() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(100)); // on a bound: that bucket
+        h.observe(Duration::from_micros(101));
+        h.observe_n(Duration::from_millis(3), 2); // above 2.5 ms: the 5 ms bucket
+        h.observe(Duration::from_secs(20)); // above 10 s: +Inf only
+        let s = h.snapshot();
+        assert_eq!(
+            s.buckets,
+            [1, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+        );
+        assert_eq!((s.count(), h.count()), (5, 5));
+        assert_eq!(s.sum_micros, 100 + 101 + 6_000 + 20_000_000);
+        let cum: Vec<(String, u64)> = s.cumulative().collect();
+        assert_eq!(cum[0], ("0.0001".to_string(), 1));
+        assert_eq!(cum[5], ("0.005".to_string(), 4));
+        assert_eq!(cum[15], ("10".to_string(), 4));
+        assert_eq!(cum[16], ("+Inf".to_string(), 5));
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_their_bucket() {
+        let h = Histogram::default();
+        assert_eq!(h.snapshot().quantile_ms(0.99), 0.0);
+        // 98 observations in (1, 2.5] ms, 2 in (25, 50] ms.
+        h.observe_n(Duration::from_millis(2), 98);
+        h.observe_n(Duration::from_millis(30), 2);
+        let s = h.snapshot();
+        // p50: rank 50 of the 98 in (1, 2.5]: 1 + 1.5 * 50/98.
+        assert!((s.quantile_ms(0.5) - (1.0 + 1.5 * 50.0 / 98.0)).abs() < 1e-9);
+        // p99: rank 99, the first of the 2 in (25, 50]: 25 + 25 * 1/2.
+        assert!((s.quantile_ms(0.99) - 37.5).abs() < 1e-9);
+        assert!((s.quantile_ms(1.0) - 50.0).abs() < 1e-9);
+        let line = Snapshot {
+            emit_latency: s,
+            ..Default::default()
+        }
+        .summary_line();
+        assert!(
+            line.ends_with("(balanced); emit_latency windows=100 p50=1.77ms p99=37.50ms"),
+            "{line}"
+        );
+        // Beyond the last bound: shown as 10 s.
+        h.observe_n(Duration::from_secs(60), 1_000);
+        assert_eq!(h.snapshot().quantile_ms(0.99), 10_000.0);
+    }
 
     #[test]
     fn the_summary_shows_every_term_of_the_balance() {

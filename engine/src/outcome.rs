@@ -1,6 +1,8 @@
 //! What happened to a record ([`Outcome`]) and what a batch produced ([`Emitted`]): the
 //! vocabulary the operator, the error policy and the runtime share.
 
+use tokio::time::Instant;
+
 use crate::record::OutRecord;
 
 /// What happened to one record.
@@ -36,4 +38,7 @@ pub struct Emitted {
     pub retry: Vec<OutRecord>,
     /// Windows closed in this step.
     pub windows_closed: u64,
+    /// When the operator decided to close them (set with the first window closed): where
+    /// [`Metrics::emit_latency`](crate::metrics::Metrics::emit_latency) starts.
+    pub closed_at: Option<Instant>,
 }

@@ -349,6 +349,12 @@ impl Pipeline {
             send_with_retry(&mut *self.sink, &out.results, &self.shutdown).await?;
             Metrics::add(&m.results_out, n);
         }
+        if let (Some(t), 1..) = (out.closed_at, out.windows_closed) {
+            // Closed windows' results are waited for now, not at the next commit: their
+            // emit latency ends with this acknowledgement (see `Metrics::emit_latency`).
+            flush_with_retry(&mut *self.sink, &self.shutdown).await?;
+            m.emit_latency.observe_n(t.elapsed(), out.windows_closed);
+        }
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! What `weir run --metrics-listen` and `weir serve` expose about a running pipeline: the
-//! one Prometheus rendering of its counters (plus per-partition positions and commit and
-//! sink latency histograms), and its health (`/healthz`: 200 while running and making
+//! one Prometheus rendering of its counters (plus per-partition positions and commit,
+//! sink and emit latency histograms), and its health (`/healthz`: 200 while running and making
 //! progress, 503 while starting, stuck on a broker, or stopped).
 //!
 //! The source and sinks are wrapped ([`ObservedSource`], [`ObservedSink`]) so nothing of
@@ -18,45 +18,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use weir_engine::metrics::Metrics;
+use weir_engine::metrics::{Histogram, Metrics};
 use weir_engine::time::human;
 use weir_engine::Record;
 
 mod wrap;
 pub use wrap::{ObservedSink, ObservedSource};
-
-/// Upper bounds (seconds) of the latency histograms' buckets.
-const BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// A Prometheus histogram of durations.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    /// Records one observation.
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (b, le) in self.buckets.iter().zip(BUCKETS) {
-            if secs <= le {
-                b.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// How many observations.
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
-    }
-}
 
 /// One source partition's positions.
 #[derive(Debug, Default, Clone, Copy)]
@@ -373,30 +340,29 @@ impl Observer {
             (
                 "weir_commit_duration_seconds",
                 "Time to commit source positions.",
-                &self.commit_latency,
+                self.commit_latency.snapshot(),
             ),
             (
                 "weir_sink_ack_duration_seconds",
                 "Time until a sink's broker acknowledged a send or flush.",
-                &self.sink_latency,
+                self.sink_latency.snapshot(),
+            ),
+            (
+                "weir_emit_latency_seconds",
+                "From the operator closing windows (watermark or idleness past end + grace, or end of input) to the sink acknowledging their results; one observation per window.",
+                s.emit_latency,
             ),
         ] {
             let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} histogram\n");
-            for (b, le) in h.buckets.iter().zip(BUCKETS) {
-                let _ = writeln!(
-                    out,
-                    r#"{name}_bucket{{{labels},le="{le}"}} {}"#,
-                    b.load(Ordering::Relaxed)
-                );
+            for (le, n) in h.cumulative() {
+                let _ = writeln!(out, r#"{name}_bucket{{{labels},le="{le}"}} {n}"#);
             }
-            let count = h.count();
-            let _ = writeln!(out, r#"{name}_bucket{{{labels},le="+Inf"}} {count}"#);
             let _ = writeln!(
                 out,
                 "{name}_sum{{{labels}}} {:.6}",
-                h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+                h.sum_micros as f64 / 1e6
             );
-            let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+            let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count());
         }
         extra(&mut out, &labels);
         out
@@ -454,21 +420,6 @@ pub fn health_response(o: &Observer) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_histogram_counts_each_observation_in_every_bucket_at_or_above_it() {
-        let h = Histogram::default();
-        h.observe(Duration::from_millis(3));
-        h.observe(Duration::from_secs(20));
-        let counts: Vec<u64> = h
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        // 3 ms is above 2.5 ms: buckets from 5 ms up hold it; 20 s is in none but +Inf.
-        assert_eq!(counts, [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
-        assert_eq!(h.count(), 2);
-    }
 
     #[test]
     fn health_follows_the_phase_and_a_failing_broker() {

@@ -94,6 +94,15 @@ impl App {
             "watermark".into(),
             (s.watermark != i64::MIN).then_some(s.watermark).into(),
         );
+        let e = &s.emit_latency;
+        m.insert(
+            "emit_latency".into(),
+            serde_json::json!({
+                "windows": e.count(),
+                "p50_ms": e.quantile_ms(0.5),
+                "p99_ms": e.quantile_ms(0.99),
+            }),
+        );
         m.insert(
             "accepted".into(),
             self.ingest

@@ -23,12 +23,16 @@ impl WindowOperator {
                     let closed = store.close_until(wm, self.grace);
                     for (window, pane) in closed {
                         out.windows_closed += 1;
+                        out.closed_at.get_or_insert(now);
                         out.results.reserve(pane.groups.len());
                         Self::encode_pane(&self.encoder, window, pane, out);
                     }
                 }
                 State::Sessions(sessions) => {
                     let closed = sessions.close_until(wm, self.grace);
+                    if !closed.is_empty() {
+                        out.closed_at.get_or_insert(now);
+                    }
                     Self::encode_sessions(&self.encoder, closed, out);
                 }
             }
@@ -37,6 +41,7 @@ impl WindowOperator {
 
     /// Closes every open window (the input has ended).
     pub fn close_all(&mut self, out: &mut Emitted) {
+        out.closed_at.get_or_insert_with(Instant::now);
         self.emit_updates(out);
         for task in self.tasks.iter_mut().flatten() {
             match &mut task.state {

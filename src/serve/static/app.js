@@ -165,6 +165,8 @@ function onCounters(c) {
     if (k in c) $(`c-${k}`).textContent = c[k].toLocaleString("en");
   }
   $("c-watermark").textContent = c.watermark == null ? "–" : new Date(c.watermark).toISOString().replace("T", " ").replace(".000Z", "");
+  const e = c.emit_latency;
+  $("c-emit_latency").textContent = !e || e.windows === 0 ? "–" : `${e.p50_ms.toFixed(1)} / ${e.p99_ms.toFixed(1)} ms`;
 }
 
 function connect() {
