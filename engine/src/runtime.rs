@@ -32,6 +32,9 @@ pub struct Pipeline {
     transaction: Option<Box<dyn Transaction>>,
     on_error: Option<crate::error_policy::ErrorCallback>,
     metrics: Arc<Metrics>,
+    /// Closing steps whose results the sink has not acknowledged yet: the sink's
+    /// `submitted` count right after their results, when they closed, how many windows.
+    emitting: std::collections::VecDeque<(u64, Instant, u64)>,
     shutdown: CancellationToken,
     exit_when_idle: Option<Duration>,
 }
@@ -79,6 +82,7 @@ impl Pipeline {
             transaction: None,
             on_error: None,
             metrics: Arc::new(Metrics::default()),
+            emitting: std::collections::VecDeque::new(),
             shutdown: CancellationToken::new(),
             exit_when_idle: None,
         }
@@ -191,6 +195,7 @@ impl Pipeline {
                 _ = self.shutdown.cancelled() => None,
                 r = recv_with_retry(&mut *self.source, self.job.batch_size, wait, &self.shutdown) => r?,
             };
+            self.observe_emits(false);
             let Some(received) = received else {
                 reason = StopReason::Shutdown;
                 break;
@@ -350,12 +355,26 @@ impl Pipeline {
             Metrics::add(&m.results_out, n);
         }
         if let (Some(t), 1..) = (out.closed_at, out.windows_closed) {
-            // Closed windows' results are waited for now, not at the next commit: their
-            // emit latency ends with this acknowledgement (see `Metrics::emit_latency`).
-            flush_with_retry(&mut *self.sink, &self.shutdown).await?;
-            m.emit_latency.observe_n(t.elapsed(), out.windows_closed);
+            let (_, submitted) = self.sink.acknowledged();
+            self.emitting.push_back((submitted, t, out.windows_closed));
         }
+        self.observe_emits(false);
         Ok(())
+    }
+
+    /// Records the emit latency of the closing steps whose results the sink has
+    /// acknowledged by now (all of them after a flush), without waiting for any.
+    fn observe_emits(&mut self, flushed: bool) {
+        let (acked, _) = self.sink.acknowledged();
+        while let Some(&(target, closed_at, windows)) = self.emitting.front() {
+            if !flushed && target > acked {
+                break;
+            }
+            self.metrics
+                .emit_latency
+                .observe_n(closed_at.elapsed(), windows);
+            self.emitting.pop_front();
+        }
     }
 
     /// Waits until every sink acknowledged everything submitted to it (see [`Sink::submit`]).
@@ -367,7 +386,9 @@ impl Pipeline {
         if let Some(late) = self.late.as_mut() {
             flush_with_retry(&mut **late, &self.shutdown).await?;
         }
-        flush_with_retry(&mut *self.sink, &self.shutdown).await
+        flush_with_retry(&mut *self.sink, &self.shutdown).await?;
+        self.observe_emits(true);
+        Ok(())
     }
 
     async fn commit(

@@ -35,6 +35,16 @@ pub trait Sink: Send {
     async fn flush(&mut self) -> Result<()> {
         Ok(())
     }
+
+    /// How far acknowledgements have come, without waiting: `(acknowledged, submitted)`,
+    /// counts of records since the sink was made (a record whose delivery failed counts as
+    /// acknowledged here; `flush` reports the failure). The runtime times a closing step's
+    /// emit latency by the moment `acknowledged` reaches what `submitted` was right after
+    /// its results were submitted, so the pipeline never stops to wait for them. Default
+    /// `(0, 0)`: a sink whose `submit` returns only once its records are acknowledged.
+    fn acknowledged(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 /// The broker transaction an exactly-once pipeline writes in: every sink of the pipeline

@@ -166,4 +166,8 @@ impl Sink for ObservedSink {
         self.note(&r, Some(t));
         r
     }
+
+    fn acknowledged(&self) -> (u64, u64) {
+        self.inner.acknowledged()
+    }
 }

@@ -9,7 +9,7 @@
 //! librdkafka's message, so nothing has to be kept per record while it is in flight, and
 //! the next `flush` sends it again.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,6 +59,7 @@ impl ProducerContext for SinkContext {
                 .unwrap_or_else(|e| e.into_inner())
                 .push((e.clone(), back));
         }
+        sink.reported.fetch_add(1, Ordering::Release);
         if sink.count.fetch_sub(1, Ordering::AcqRel) == 1 {
             sink.done.notify_waiters();
         }
@@ -69,6 +70,9 @@ impl ProducerContext for SinkContext {
 #[derive(Default)]
 pub struct Outstanding {
     count: AtomicUsize,
+    /// Records handed to librdkafka, and delivery reports received (`Sink::acknowledged`).
+    submitted: AtomicU64,
+    reported: AtomicU64,
     failed: Mutex<Vec<(RdError, OutRecord)>>,
     done: tokio::sync::Notify,
 }
@@ -191,7 +195,10 @@ impl KafkaSink {
         self.outstanding.count.fetch_add(1, Ordering::AcqRel);
         loop {
             match self.producer.send(rec) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.outstanding.submitted.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
                 Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // librdkafka's local queue (queue.buffering.max.*) is full: this is
                     // what bounds the records in flight. Wait for deliveries to drain it.
@@ -260,6 +267,14 @@ impl Sink for KafkaSink {
             }
         }
         Ok(())
+    }
+
+    fn acknowledged(&self) -> (u64, u64) {
+        let o = &self.outstanding;
+        (
+            o.reported.load(Ordering::Acquire),
+            o.submitted.load(Ordering::Relaxed),
+        )
     }
 
     async fn flush(&mut self) -> Result<()> {
@@ -344,7 +359,11 @@ mod tests {
             .unwrap();
         let mut sink = KafkaSink::new(Arc::new(producer), "nowhere", 1_000_000);
         sink.submit(&[rec("a"), rec("b"), rec("c")]).await.unwrap();
+        // Handed over, no report yet (they time out after 300 ms).
+        assert_eq!(sink.acknowledged(), (0, 3));
         let e = sink.flush().await.unwrap_err();
+        // A failed delivery is a report too: the emit latency ends, `flush` tells the error.
+        assert_eq!(sink.acknowledged(), (3, 3));
         assert!(e.is_retryable(), "{e}");
         let mut again: Vec<_> = sink.again.iter().map(|r| r.payload.clone()).collect();
         again.sort();

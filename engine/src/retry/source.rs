@@ -111,6 +111,10 @@ impl Sink for RetrySink {
     async fn flush(&mut self) -> Result<()> {
         self.inner.flush().await
     }
+
+    fn acknowledged(&self) -> (u64, u64) {
+        self.inner.acknowledged()
+    }
 }
 
 impl WithRetries {
