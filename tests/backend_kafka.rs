@@ -167,6 +167,36 @@ fn kafka_bad_config_is_reported_at_its_location() {
     );
 }
 
+/// Adds `key = value` to the shipped brokers file's `[brokers.kafka.TABLE]` (`producer` or
+/// `consumer`), runs `weir validate --broker kafka` on a pipeline including it and checks
+/// that it exits 2 with `message` at that line of that file.
+fn refused_at_its_line(table: &str, key: &str, value: &str, message: &str) {
+    let header = format!("[brokers.kafka.{table}]");
+    let text = conformance::shipped_brokers().replace(
+        &format!("{header}     # librdkafka {table} properties, passed through\n"),
+        &format!("{header}\n\"{key}\" = \"{value}\"\n"),
+    );
+    assert!(text.contains(value));
+    let dir = tempfile::tempdir().unwrap();
+    let (path, included) = conformance::pipeline_with_brokers(dir.path(), &text);
+    let line = text
+        .lines()
+        .position(|l| l.starts_with(&format!("\"{key}\"")))
+        .unwrap()
+        + 1;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["validate", path.to_str().unwrap(), "--broker", "kafka"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let want = format!(
+        "{}:{line}:1: brokers.kafka.{table}.\"{key}\": {message}",
+        included.display()
+    );
+    assert!(err.contains(&want), "{err}\nwanted: {want}");
+}
+
 /// Incremental (cooperative) rebalancing is refused at its line: the engine takes every
 /// assignment as the whole set, so an incremental one would leave kept partitions out of
 /// the watermark.
@@ -176,30 +206,11 @@ fn kafka_cooperative_rebalancing_is_a_config_error() {
         ("partition.assignment.strategy", "cooperative-sticky"),
         ("group.protocol", "consumer"),
     ] {
-        let text = conformance::shipped_brokers().replace(
-            "[brokers.kafka.consumer]     # librdkafka consumer properties, passed through\n",
-            &format!("[brokers.kafka.consumer]\n\"{key}\" = \"{value}\"\n"),
-        );
-        assert!(text.contains(value));
-        let dir = tempfile::tempdir().unwrap();
-        let (path, included) = conformance::pipeline_with_brokers(dir.path(), &text);
-        let line = text
-            .lines()
-            .position(|l| l.starts_with(&format!("\"{key}\"")))
-            .unwrap()
-            + 1;
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-            .args(["validate", path.to_str().unwrap(), "--broker", "kafka"])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
-        assert!(
-            err.contains(&format!(
-                "{}:{line}:1: brokers.kafka.consumer.\"{key}\": `{value}` is not supported: Weir's rebalances are eager",
-                included.display()
-            )),
-            "{err}"
+        refused_at_its_line(
+            "consumer",
+            key,
+            value,
+            &format!("`{value}` is not supported: Weir's rebalances are eager"),
         );
     }
 }
@@ -209,30 +220,11 @@ fn kafka_cooperative_rebalancing_is_a_config_error() {
 /// "Erroneous state" forever.
 #[test]
 fn kafka_transactional_id_is_a_config_error() {
-    let text = conformance::shipped_brokers().replace(
-        "[brokers.kafka.producer]     # librdkafka producer properties, passed through\n",
-        "[brokers.kafka.producer]\n\"transactional.id\" = \"weir-1\"\n",
-    );
-    assert!(text.contains("transactional.id"));
-    let dir = tempfile::tempdir().unwrap();
-    let (path, included) = conformance::pipeline_with_brokers(dir.path(), &text);
-    let line = text
-        .lines()
-        .position(|l| l.starts_with("\"transactional.id\""))
-        .unwrap()
-        + 1;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["validate", path.to_str().unwrap(), "--broker", "kafka"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains(&format!(
-            "{}:{line}:1: brokers.kafka.producer.\"transactional.id\": cannot be set here: Weir chooses the transactional id itself, one per instance, when `[pipeline] guarantee = \"exactly_once\"`",
-            included.display()
-        )),
-        "{err}"
+    refused_at_its_line(
+        "producer",
+        "transactional.id",
+        "weir-1",
+        "cannot be set here: Weir chooses the transactional id itself, one per instance, when `[pipeline] guarantee = \"exactly_once\"`",
     );
 }
 

@@ -229,22 +229,7 @@ async fn survives_kill_9_with(
     let dead = bed
         .read_all(&bed.config.dead_letter.topic, Duration::from_secs(6))
         .await;
-    let mut dead_payloads = HashSet::new();
-    for d in &dead {
-        let v: serde_json::Value = serde_json::from_slice(&d.payload).expect("envelope");
-        let reason = v["error"].as_str().unwrap_or_default();
-        assert!(
-            !reason.starts_with("late event"),
-            "a valid event was late: {v}"
-        );
-        dead_payloads.insert(
-            v["payload"]
-                .as_str()
-                .unwrap_or_default()
-                .as_bytes()
-                .to_vec(),
-        );
-    }
+    let dead_payloads = conformance::dead_letter_payloads(&dead);
     assert_eq!(
         dead_payloads.len(),
         invalid.len(),

@@ -133,3 +133,23 @@ pub fn windows_of(records: &[Record], keys: &[&str], distinct: &str) -> Windows 
     }
     w
 }
+
+/// The original payloads of dead letters (their envelopes' `payload`), checking that none
+/// of them is a valid event dead-lettered as late.
+pub fn dead_letter_payloads(dead: &[Record]) -> std::collections::HashSet<Vec<u8>> {
+    dead.iter()
+        .map(|d| {
+            let v: serde_json::Value = serde_json::from_slice(&d.payload).expect("envelope");
+            let reason = v["error"].as_str().unwrap_or_default();
+            assert!(
+                !reason.starts_with("late event"),
+                "a valid event was late: {v}"
+            );
+            v["payload"]
+                .as_str()
+                .unwrap_or_default()
+                .as_bytes()
+                .to_vec()
+        })
+        .collect()
+}

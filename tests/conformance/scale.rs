@@ -165,22 +165,13 @@ async fn outputs_are_exact(bed: &Bed, data: &[Vec<u8>], logs: &str) {
         extra.iter().take(3).collect::<Vec<_>>(),
     );
     assert_eq!(got, want, "counts\n{logs}");
-    let invalid: HashSet<String> = data
+    let invalid: HashSet<Vec<u8>> = data
         .iter()
         .filter(|l| oracle(std::slice::from_ref(*l)).is_empty())
-        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .map(|l| l.to_vec())
         .collect();
     assert!(!invalid.is_empty());
-    let mut dead_payloads = HashSet::new();
-    for d in &dead {
-        let v: serde_json::Value = serde_json::from_slice(&d.payload).expect("envelope");
-        let reason = v["error"].as_str().unwrap_or_default();
-        assert!(
-            !reason.starts_with("late event"),
-            "a valid event was late: {v}"
-        );
-        dead_payloads.insert(v["payload"].as_str().unwrap_or_default().to_string());
-    }
+    let dead_payloads = super::dead_letter_payloads(&dead);
     assert_eq!(
         dead_payloads, invalid,
         "every invalid event dead-lettered, and only those"
