@@ -61,13 +61,13 @@ impl WindowOperator {
 
     fn encode_pane(encoder: &ResultEncoder, window: WindowRange, pane: Pane, out: &mut Emitted) {
         let text = WindowText::new(window);
-        let Pane { groups, extras, .. } = pane;
+        let Pane {
+            groups, mut extras, ..
+        } = pane;
         let has_extras = !extras.is_empty(); // a count alone keeps none
         encoder.batch(|b| {
             for (key, acc) in groups.into_iter() {
-                let extra = has_extras
-                    .then(|| extras.remove(&key).map(|(_, e)| e))
-                    .flatten();
+                let extra = has_extras.then(|| extras.remove(&key)).flatten();
                 out.results
                     .push(b.encode(&text, &key, &acc, extra.as_ref(), true));
             }

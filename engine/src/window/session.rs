@@ -1,9 +1,8 @@
 //! Session windows: per key, events less than `gap` apart share a window that ends `gap`
 //! after its last event; an event that bridges two sessions merges them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use dashmap::DashMap;
 use smallvec::SmallVec;
 
 use super::store::{Acc, Extra};
@@ -37,7 +36,7 @@ pub struct Session {
 #[derive(Debug)]
 pub struct SessionStore {
     gap: i64,
-    sessions: DashMap<GroupKey, SmallVec<[Session; 1]>, Hasher>,
+    sessions: HashMap<GroupKey, SmallVec<[Session; 1]>, Hasher>,
     /// end -> keys with a session indexed at that end (entries may be stale; checked).
     index: BTreeMap<i64, Vec<GroupKey>>,
     entries: usize,
@@ -50,7 +49,7 @@ impl SessionStore {
     pub fn new(gap: i64, track_dirty: bool) -> Self {
         SessionStore {
             gap,
-            sessions: DashMap::with_hasher(Hasher::default()),
+            sessions: HashMap::with_hasher(Hasher::default()),
             index: BTreeMap::new(),
             entries: 0,
             track_dirty,
@@ -61,13 +60,7 @@ impl SessionStore {
     /// Adds an event at `t` for `key`, merging every session it touches.
     pub fn add(&mut self, key: &[u8], t: i64, pos: Position, aggs: &Aggregates, inputs: &Inputs) {
         let (lo, hi) = (t, t.saturating_add(self.gap));
-        let mut list = match self.sessions.get_mut(key) {
-            Some(l) => l,
-            None => {
-                self.sessions.insert(key.into(), SmallVec::new());
-                self.sessions.get_mut(key).expect("just inserted")
-            }
-        };
+        let list = self.sessions.entry(GroupKey::from_slice(key)).or_default();
         // Sessions overlapping [t, t + gap) merge with the event.
         let mut merged: Option<Session> = None;
         let mut i = 0;
@@ -138,7 +131,7 @@ impl SessionStore {
             }
             let keys = entry.remove();
             for key in keys {
-                let Some(mut list) = self.sessions.get_mut(&key) else {
+                let Some(list) = self.sessions.get_mut(&key) else {
                     continue;
                 };
                 let mut i = 0;
@@ -164,9 +157,7 @@ impl SessionStore {
                         i += 1;
                     }
                 }
-                let empty = list.is_empty();
-                drop(list);
-                if empty {
+                if list.is_empty() {
                     self.sessions.remove(&key);
                 }
                 for end in reindex {
@@ -204,7 +195,7 @@ impl SessionStore {
     /// Calls `f` with every session changed since the last call, and marks it clean.
     pub fn drain_updates(&mut self, mut f: impl FnMut(WindowRange, &[u8], &Acc, Option<&Extra>)) {
         for key in std::mem::take(&mut self.dirty) {
-            if let Some(mut list) = self.sessions.get_mut(&key) {
+            if let Some(list) = self.sessions.get_mut(&key) {
                 for s in list.iter_mut().filter(|s| s.acc.is_dirty()) {
                     s.acc.set_dirty(false);
                     f(
@@ -224,14 +215,10 @@ impl SessionStore {
     /// The lowest offset of `partition` held by an open session.
     pub fn min_offset(&self, partition: u32) -> Option<u64> {
         self.sessions
-            .iter()
-            .flat_map(|e| {
-                e.value()
-                    .iter()
-                    .filter(|s| s.acc.partition() == partition)
-                    .map(|s| s.min_offset)
-                    .collect::<Vec<_>>()
-            })
+            .values()
+            .flatten()
+            .filter(|s| s.acc.partition() == partition)
+            .map(|s| s.min_offset)
             .min()
     }
 
@@ -253,7 +240,7 @@ impl SessionStore {
         for (key, list) in other.sessions {
             self.entries += list.len();
             match self.sessions.get_mut(&key) {
-                Some(mut mine) => {
+                Some(mine) => {
                     mine.extend(list);
                     mine.sort_by_key(|s| s.start);
                 }

@@ -1,8 +1,7 @@
 //! The window state store: one pane per open window, one accumulator per key in a pane.
 
-use std::collections::BTreeMap;
-
-use dashmap::DashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 
 use super::{GroupKey, WindowRange};
 use crate::aggregate::{Aggregates, Inputs};
@@ -78,28 +77,23 @@ type Hasher = foldhash::fast::RandomState;
 #[derive(Debug)]
 pub struct Pane {
     /// Accumulators by encoded group key.
-    pub groups: DashMap<GroupKey, Acc, Hasher>,
+    pub groups: HashMap<GroupKey, Acc, Hasher>,
     /// Lowest contributing offset by partition index (`u64::MAX` = none).
     pub min_offsets: Vec<u64>,
     /// Keys changed since the last `update` emission (only tracked in update mode).
     pub dirty: Vec<GroupKey>,
     /// Other aggregates' state by key (empty when only `count` is computed).
-    pub extras: DashMap<GroupKey, Extra, Hasher>,
+    pub extras: HashMap<GroupKey, Extra, Hasher>,
 }
 
 impl Pane {
     fn new(capacity: usize) -> Self {
         Pane {
-            // One operator owns a store; two shards (DashMap's minimum) keep small panes
-            // from being split into many half-empty tables.
-            groups: DashMap::with_capacity_and_hasher_and_shard_amount(
-                capacity,
-                Hasher::default(),
-                2,
-            ),
+            // One task owns a store (`&mut` access only): a plain table, no locks.
+            groups: HashMap::with_capacity_and_hasher(capacity, Hasher::default()),
             min_offsets: Vec::new(),
             dirty: Vec::new(),
-            extras: DashMap::with_hasher_and_shard_amount(Hasher::default(), 2),
+            extras: HashMap::with_hasher(Hasher::default()),
         }
     }
 }
@@ -152,7 +146,7 @@ impl WindowStore {
         *m = (*m).min(pos.offset);
         if aggs.has_state() {
             match pane.extras.get_mut(key) {
-                Some(mut e) => aggs.apply(&mut e.0, inputs),
+                Some(e) => aggs.apply(&mut e.0, inputs),
                 None => {
                     let mut e = Extra(aggs.init());
                     aggs.apply(&mut e.0, inputs);
@@ -163,7 +157,7 @@ impl WindowStore {
         // One lookup whether the key is new or not (a short key is copied inline, with no
         // allocation, to make the entry's key).
         match pane.groups.entry(GroupKey::from_slice(key)) {
-            dashmap::Entry::Occupied(mut e) => {
+            Entry::Occupied(mut e) => {
                 let acc = e.get_mut();
                 acc.add(1);
                 if self.track_dirty && !acc.is_dirty() {
@@ -171,7 +165,7 @@ impl WindowStore {
                     pane.dirty.push(key.into());
                 }
             }
-            dashmap::Entry::Vacant(e) => {
+            Entry::Vacant(e) => {
                 let mut acc = Acc::new(pos.partition, self.track_dirty);
                 acc.add(1);
                 e.insert(acc);
@@ -192,10 +186,10 @@ impl WindowStore {
     pub fn drain_updates(&mut self, mut f: impl FnMut(WindowRange, &[u8], &Acc, Option<&Extra>)) {
         for (&(end, start), pane) in &mut self.panes {
             for key in pane.dirty.drain(..) {
-                if let Some(mut acc) = pane.groups.get_mut(&key) {
+                if let Some(acc) = pane.groups.get_mut(&key) {
                     acc.set_dirty(false);
                     let extra = pane.extras.get(&key);
-                    f(WindowRange { start, end }, &key, &acc, extra.as_deref());
+                    f(WindowRange { start, end }, &key, acc, extra);
                 }
             }
         }
@@ -266,7 +260,7 @@ impl WindowStore {
             }
             for (key, extra) in pane.extras {
                 match mine.extras.get_mut(&key) {
-                    Some(mut e) => Aggregates::merge(&mut e.0, extra.0),
+                    Some(e) => Aggregates::merge(&mut e.0, extra.0),
                     None => {
                         mine.extras.insert(key, extra);
                     }
@@ -274,7 +268,7 @@ impl WindowStore {
             }
             for (key, acc) in pane.groups {
                 match mine.groups.get_mut(&key) {
-                    Some(mut a) => {
+                    Some(a) => {
                         a.add(acc.count());
                         if acc.is_dirty() {
                             a.set_dirty(true);
