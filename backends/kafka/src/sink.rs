@@ -9,7 +9,7 @@
 //! librdkafka's message, so nothing has to be kept per record while it is in flight, and
 //! the next `flush` sends it again.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -59,22 +59,34 @@ impl ProducerContext for SinkContext {
                 .unwrap_or_else(|e| e.into_inner())
                 .push((e.clone(), back));
         }
-        sink.reported.fetch_add(1, Ordering::Release);
-        if sink.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // One read-modify-write per report; a `flush` waiting for the last one is woken.
+        let reported = sink.reported.fetch_add(1, Ordering::SeqCst) + 1;
+        if reported >= sink.awaited.load(Ordering::SeqCst) {
             sink.done.notify_waiters();
         }
     }
 }
 
-/// One sink's records in flight.
-#[derive(Default)]
+/// One sink's delivery reports. What it submitted is counted by the sink itself (on the
+/// pipeline's thread), so a record costs the reporting thread one atomic add.
 pub struct Outstanding {
-    count: AtomicUsize,
-    /// Records handed to librdkafka, and delivery reports received (`Sink::acknowledged`).
-    submitted: AtomicU64,
+    /// Delivery reports received (`Sink::acknowledged`).
     reported: AtomicU64,
+    /// The report count a `flush` waits for (`u64::MAX`: none waits).
+    awaited: AtomicU64,
     failed: Mutex<Vec<(RdError, OutRecord)>>,
     done: tokio::sync::Notify,
+}
+
+impl Default for Outstanding {
+    fn default() -> Self {
+        Outstanding {
+            reported: AtomicU64::new(0),
+            awaited: AtomicU64::new(u64::MAX),
+            failed: Mutex::default(),
+            done: tokio::sync::Notify::new(),
+        }
+    }
 }
 
 /// Publishes to one Kafka topic. One producer (and its connections and batches) is shared
@@ -83,6 +95,8 @@ pub struct KafkaSink {
     producer: Arc<SinkProducer>,
     topic: String,
     outstanding: Arc<Outstanding>,
+    /// Records handed to librdkafka since `outstanding` was made.
+    submitted: u64,
     /// Records whose delivery failed, sent again by the next `flush`.
     again: Vec<OutRecord>,
     /// Dead letters and late records larger than this are cut to fit (see
@@ -107,6 +121,7 @@ impl KafkaSink {
             producer,
             topic: topic.to_string(),
             outstanding: Arc::default(),
+            submitted: 0,
             again: Vec::new(),
             max_record_bytes,
             txn: None,
@@ -133,6 +148,7 @@ impl KafkaSink {
         }
         *seen = txn.epoch();
         self.outstanding = Arc::default();
+        self.submitted = 0;
         self.again.clear();
         true
     }
@@ -155,7 +171,7 @@ impl KafkaSink {
     }
 
     /// Hands one record to librdkafka; its report is counted in `outstanding`.
-    async fn enqueue(&self, r: &OutRecord) -> Result<(), KafkaError> {
+    async fn enqueue(&mut self, r: &OutRecord) -> Result<(), KafkaError> {
         // A dead letter or late record never fails for its size: it is cut to fit.
         let fitted = weir_engine::output::fit_to(r, self.max_record_bytes);
         if fitted.is_some() {
@@ -192,11 +208,10 @@ impl KafkaSink {
             }
             rec = rec.headers(h);
         }
-        self.outstanding.count.fetch_add(1, Ordering::AcqRel);
         loop {
             match self.producer.send(rec) {
                 Ok(()) => {
-                    self.outstanding.submitted.fetch_add(1, Ordering::Relaxed);
+                    self.submitted += 1;
                     return Ok(());
                 }
                 Err((RdError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -205,10 +220,7 @@ impl KafkaSink {
                     rec = back;
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
-                Err((e, _)) => {
-                    self.outstanding.count.fetch_sub(1, Ordering::AcqRel);
-                    return Err(self.delivery_error(e));
-                }
+                Err((e, _)) => return Err(self.delivery_error(e)),
             }
         }
     }
@@ -226,11 +238,16 @@ impl KafkaSink {
 
     /// Waits until every record handed to librdkafka has its delivery report.
     async fn settle(&self) {
+        let o = &self.outstanding;
         loop {
-            let done = self.outstanding.done.notified();
+            let done = o.done.notified();
             tokio::pin!(done);
             done.as_mut().enable();
-            if self.outstanding.count.load(Ordering::Acquire) == 0 {
+            // Sequentially consistent with the reporting thread's add and load: either it
+            // sees this count and wakes us, or we see its report here.
+            o.awaited.store(self.submitted, Ordering::SeqCst);
+            if o.reported.load(Ordering::SeqCst) >= self.submitted {
+                o.awaited.store(u64::MAX, Ordering::SeqCst);
                 return;
             }
             done.await;
@@ -271,23 +288,21 @@ impl Sink for KafkaSink {
 
     fn acknowledged(&self) -> (u64, u64) {
         let o = &self.outstanding;
-        (
-            o.reported.load(Ordering::Acquire),
-            o.submitted.load(Ordering::Relaxed),
-        )
+        (o.reported.load(Ordering::Acquire), self.submitted)
     }
 
     async fn flush(&mut self) -> Result<()> {
         if let Some((txn, _)) = &self.txn {
             return self.flush_in(txn.clone()).await;
         }
-        for (i, r) in self.again.iter().enumerate() {
+        let mut again = std::mem::take(&mut self.again);
+        for (i, r) in again.iter().enumerate() {
             if let Err(e) = self.enqueue(r).await {
-                self.again.drain(..i);
+                again.drain(..i);
+                self.again = again;
                 return Err(e.into());
             }
         }
-        self.again.clear();
         self.settle().await;
         let failed = self.take_failed();
         let mut first = None;
@@ -373,7 +388,10 @@ mod tests {
         // The retry re-sends them (and they fail again, still kept).
         assert!(sink.flush().await.is_err());
         assert_eq!(sink.again.len(), 3);
-        assert_eq!(sink.outstanding.count.load(Ordering::Acquire), 0);
+        assert_eq!(
+            sink.outstanding.reported.load(Ordering::Acquire),
+            sink.submitted
+        );
         // `send` leaves nothing behind: its caller sends the batch again itself.
         assert!(sink.send(&[rec("d")]).await.is_err());
         assert!(sink.again.is_empty());
