@@ -63,8 +63,7 @@ fn run(n: usize, rate: i64, rounds: usize) {
     let mut bare_best = f64::MAX;
 
     // The pipeline as `pipelines/user_activity.toml` describes it, on the memory backend.
-    // WEIR_BENCH_PIPELINE=FILE reads another copy (a build without the AMQP and Kinesis
-    // features refuses the shipped brokers.toml's sections of those brokers).
+    // WEIR_BENCH_PIPELINE=FILE reads another copy.
     let file = std::env::var_os("WEIR_BENCH_PIPELINE").map_or_else(
         || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/user_activity.toml"),
         std::path::PathBuf::from,

@@ -23,6 +23,11 @@ const REGISTRY: &[Registration] = &[
     Registration::of::<weir_kinesis::KinesisBroker>(),
 ];
 
+/// Every backend Weir has, compiled into this build or not: a section of one left out of
+/// this build (by its cargo feature) is accepted unread, so one `brokers.toml` serves every
+/// build; choosing such a backend is refused.
+const KNOWN: &[&str] = &["memory", "kafka", "amqp", "kinesis"];
+
 /// The backend of a pipeline that names none: the embedded broker, always built.
 const DEFAULT: &str = <weir_memory::MemoryBroker as Broker>::NAME;
 
@@ -46,7 +51,7 @@ impl Backend {
     pub fn from_config(c: &PipelineConfig, d: &mut Diagnostics) -> Option<Backend> {
         let names = || available().join(", ");
         for (name, loc, _) in &c.brokers {
-            if !REGISTRY.iter().any(|r| r.name() == name) {
+            if !KNOWN.contains(&name.as_str()) {
                 d.push(
                     loc,
                     &format!("brokers.{name}"),
@@ -85,11 +90,15 @@ impl Backend {
             }
         }
         if chosen.is_none() {
-            d.push(
-                &c.broker_loc,
-                "pipeline.broker",
-                format!("unknown broker `{}` (choose one of {})", c.broker, names()),
-            );
+            let problem = if KNOWN.contains(&wanted) {
+                format!(
+                    "the `{wanted}` backend is not in this build (built without the cargo feature `{wanted}`); this build has {}",
+                    names()
+                )
+            } else {
+                format!("unknown broker `{}` (choose one of {})", c.broker, names())
+            };
+            d.push(&c.broker_loc, "pipeline.broker", problem);
         }
         chosen
     }
