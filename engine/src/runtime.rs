@@ -19,6 +19,10 @@ use crate::source::{Received, Source};
 /// How long `recv` waits before the loop checks idleness and the commit timer.
 const TICK: Duration = Duration::from_millis(200);
 
+/// How long `recv` waits while results are in flight, before the loop looks at the sink's
+/// acknowledgements again (the emit latency's resolution on an idle input).
+const EMIT_POLL: Duration = Duration::from_millis(1);
+
 /// A pipeline ready to run: a source, processors, the windowed job, and two sinks.
 pub struct Pipeline {
     job: Job,
@@ -189,7 +193,14 @@ impl Pipeline {
                     d.saturating_duration_since(now)
                         .clamp(Duration::from_millis(1), TICK)
                 })
-                .unwrap_or(TICK);
+                .unwrap_or(TICK)
+                // Results in flight: come back soon to note when they are acknowledged, so
+                // an idle input does not hold the emit latency's reading until a commit.
+                .min(if self.emitting.is_empty() {
+                    TICK
+                } else {
+                    EMIT_POLL
+                });
             let received = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => None,

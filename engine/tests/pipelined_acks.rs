@@ -139,3 +139,125 @@ async fn commits_wait_for_every_submitted_output() {
         "everything acknowledged at the end"
     );
 }
+
+/// Acknowledges each submitted batch `delay` after it was submitted, as a broker's delivery
+/// reports do, without being asked.
+struct Delayed {
+    delay: Duration,
+    submitted: Vec<(tokio::time::Instant, u64)>,
+}
+
+#[async_trait]
+impl Sink for Delayed {
+    fn name(&self) -> &str {
+        "delayed"
+    }
+    async fn send(&mut self, batch: &[OutRecord]) -> Result<()> {
+        self.submit(batch).await?;
+        self.flush().await
+    }
+    async fn submit(&mut self, batch: &[OutRecord]) -> Result<()> {
+        self.submitted
+            .push((tokio::time::Instant::now(), batch.len() as u64));
+        Ok(())
+    }
+    fn acknowledged(&self) -> (u64, u64) {
+        let due = |at: &tokio::time::Instant| at.elapsed() >= self.delay;
+        let acked = self.submitted.iter().filter(|(at, _)| due(at));
+        (
+            acked.map(|(_, n)| n).sum(),
+            self.submitted.iter().map(|(_, n)| n).sum(),
+        )
+    }
+    async fn flush(&mut self) -> Result<()> {
+        if let Some((at, _)) = self.submitted.last() {
+            tokio::time::sleep_until(*at + self.delay).await;
+        }
+        Ok(())
+    }
+}
+
+/// Scripted batches, then empty batches (each after the wait the runtime asked for) for
+/// `idle`, then the end.
+struct ThenIdle {
+    batches: Vec<Vec<Record>>,
+    idle_until: Option<tokio::time::Instant>,
+    idle: Duration,
+}
+
+#[async_trait]
+impl Source for ThenIdle {
+    fn topic(&self) -> &str {
+        "in"
+    }
+    async fn recv(&mut self, _max: usize, wait: Duration) -> Result<Received> {
+        if let Some(b) = self.batches.pop() {
+            return Ok(Received::Batch(b));
+        }
+        let until = *self
+            .idle_until
+            .get_or_insert_with(|| tokio::time::Instant::now() + self.idle);
+        if tokio::time::Instant::now() >= until {
+            return Ok(Received::End);
+        }
+        tokio::time::sleep(wait.min(until - tokio::time::Instant::now())).await;
+        Ok(Received::Batch(Vec::new()))
+    }
+    async fn commit(&mut self, _: &[(Position, Checkpoint)]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The emit latency ends when the sink acknowledges a window's results, also when no input
+/// follows: the runtime looks at the acknowledgements again within milliseconds while
+/// results are in flight, not only after the next batch or commit (here the input is idle
+/// for 3 s and no commit is due for a minute).
+#[tokio::test(start_paused = true)]
+async fn emit_latency_is_read_when_the_sink_acknowledges_on_an_idle_input() {
+    let t0 = 1_700_000_000_000u64;
+    let event = |t: u64, offset: u64| Record {
+        payload: Bytes::from(format!(r#"{{"user": "u{}", "t": {t}}}"#, offset % 5)),
+        position: Position {
+            partition: 0,
+            offset,
+        },
+        ..Default::default()
+    };
+    // Five users in one 1 s window, then one event that closes it.
+    let first: Vec<Record> = (0..5).map(|i| event(t0 + i, i)).collect();
+    let mut batches = vec![first, vec![event(t0 + 1_500, 5)]];
+    batches.reverse();
+    let mut job = Job::tumbling_count("user", "t", Duration::from_secs(1));
+    job.commit_interval = Duration::from_secs(60);
+    let delay = Duration::from_millis(20);
+    let summary = Pipeline::new(
+        job,
+        Box::new(ThenIdle {
+            batches,
+            idle_until: None,
+            idle: Duration::from_secs(3),
+        }),
+        Box::new(Delayed {
+            delay,
+            submitted: Vec::new(),
+        }),
+        Box::new(Delayed {
+            delay,
+            submitted: Vec::new(),
+        }),
+    )
+    .run()
+    .await
+    .unwrap();
+    let c = summary.counters;
+    assert_eq!((c.results_out, c.windows_closed), (6, 2), "{c:?}");
+    let e = c.emit_latency;
+    assert_eq!(e.count(), 2, "{e:?}");
+    // The first window: 20 ms of acknowledgement and at most a few ms of looking; the
+    // second closes at the end of input, and the final flush waits its 20 ms.
+    let total = Duration::from_micros(e.sum_micros);
+    assert!(
+        total >= 2 * delay && total < 2 * delay + Duration::from_millis(10),
+        "emit latency of two windows: {total:?} in all"
+    );
+}
