@@ -116,9 +116,26 @@ pub const HEADER_SOURCE_OFFSET: &str = "weir.source.offset";
 /// opposed to an empty one: `true`.
 pub const HEADER_NULL_VALUE: &str = "weir.null_value";
 
+/// The 64-bit FNV-1a hash of `bytes`: stable across runs, versions and languages, so the
+/// partition a key goes to (`fnv1a(key) % partitions`) is the same for the memory broker,
+/// RabbitMQ's partition queues, Kinesis' explicit hash keys and any third-party producer.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fnv1a_gives_the_published_test_vectors() {
+        // From the FNV reference (Fowler, Noll, Vo): "", "a", "foobar".
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a(b"foobar"), 0x8594_4171_f739_67e8);
+    }
 
     #[test]
     fn a_checkpoint_shows_its_watermark_as_a_time_in_logs() {

@@ -21,12 +21,7 @@ pub fn partition_queue(topic: &str, p: u32, n: u32) -> String {
 /// bytes modulo `n` (the hash the embedded broker uses), so any producer can compute it.
 /// Records without a key are routed by their payload's hash the same way.
 pub fn partition_of(key: &[u8], n: u32) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % n.max(1) as u64) as u32
+    (weir_engine::record::fnv1a(key) % u64::from(n.max(1))) as u32
 }
 
 /// The queue holding the last committed position of queue `queue`.

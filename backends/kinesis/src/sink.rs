@@ -7,6 +7,7 @@ use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use aws_sdk_kinesis::Client;
 use weir_engine::backoff::Backoff;
+use weir_engine::record::fnv1a;
 use weir_engine::{EngineError, OutRecord, Result, Sink};
 
 use crate::error::KinesisError;
@@ -112,12 +113,6 @@ pub fn partition_key(r: &OutRecord) -> String {
         return format!("h{:016x}", fnv1a(k));
     }
     format!("h{:016x}", fnv1a(&r.payload))
-}
-
-fn fnv1a(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf29ce484222325u64, |h, &x| {
-        (h ^ x as u64).wrapping_mul(0x100000001b3)
-    })
 }
 
 #[async_trait]

@@ -206,12 +206,7 @@ pub(crate) fn lock(m: &Mutex<PartLog>) -> MutexGuard<'_, PartLog> {
 
 /// FNV-1a: stable across runs and versions, so a key always lands in the same partition.
 pub(crate) fn partition_of(key: &[u8], n: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % n as u64) as usize
+    (weir_engine::record::fnv1a(key) % n as u64) as usize
 }
 
 /// One consumer group's commits on one topic, kept in the topic's partitions: the memory
