@@ -122,7 +122,7 @@ fn main() {
         &format!("bench-raw-{id}"),
         "(a)",
     );
-    cpu.report(n as f64 / raw);
+    cpu.report(n as f64 / raw, n, "event");
 
     // (b) Weir: Kafka -> decode -> window -> Kafka.
     let mut weir_results = 0;
@@ -155,7 +155,7 @@ fn main() {
         );
         rate
     });
-    cpu.report(n as f64 / weir);
+    cpu.report(n as f64 / weir, n, "event");
     println!("  Weir / raw: {:.0} %", 100.0 * weir / raw);
     if std::env::var("WEIR_BENCH_QUICK").is_ok_and(|v| v == "1") {
         return;
@@ -196,7 +196,7 @@ fn main() {
         );
         rate
     });
-    cpu.report(n as f64 / no_output);
+    cpu.report(n as f64 / no_output, n, "event");
     println!(
         "  Weir without producing results / raw: {:.0} %",
         100.0 * no_output / raw
@@ -248,6 +248,7 @@ fn main() {
     // (g) The broker's produce rate for records shaped like Weir's results, with the
     // pipeline's producer settings: what (b) can reach is at most this divided by the
     // results per event.
+    let cpu = Cpu::start();
     let rate = raw_produce(&bootstrap, &format!("bench-rawprod-{id}"), n);
     let per_event = weir_results as f64 / n as f64;
     println!(
@@ -256,6 +257,7 @@ fn main() {
         rate / per_event.max(f64::MIN_POSITIVE),
         100.0 * rate / per_event.max(f64::MIN_POSITIVE) / raw
     );
+    cpu.report(n as f64 / rate, n, "record");
 }
 
 /// `pipeline` in the backend's transaction when the pipeline is exactly-once.
@@ -399,13 +401,18 @@ impl Cpu {
     /// Prints the cores this step kept busy on average over its `timed` seconds (the CPU is
     /// counted from `start`, so the little spent setting up before the first record counts
     /// too).
-    fn report(&self, timed: f64) {
+    /// Also prints the CPU per `what` (of `n`), of this process and in all.
+    fn report(&self, timed: f64, n: usize, what: &str) {
         let (me, broker) = Self::now(self.broker);
         let (me, broker) = (me - self.at.0, broker - self.at.1);
+        let per = |s: f64| s * 1e6 / n.max(1) as f64;
         println!(
-            "      CPU: {me:.2} s this process + {broker:.2} s broker in {timed:.2} s timed ({:.2} s in all) = {:.2} cores busy",
+            "      CPU: {me:.2} s this process + {broker:.2} s broker in {timed:.2} s timed ({:.2} s in all) = {:.2} cores busy; \
+             {:.2} µs per {what} ({:.2} µs of this process)",
             self.wall.elapsed().as_secs_f64(),
-            (me + broker) / timed
+            (me + broker) / timed,
+            per(me + broker),
+            per(me)
         );
     }
 }
