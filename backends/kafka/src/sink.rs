@@ -396,4 +396,32 @@ mod tests {
         assert!(sink.send(&[rec("d")]).await.is_err());
         assert!(sink.again.is_empty());
     }
+
+    /// `flush` returns only once the last record submitted has its report: here the first
+    /// two time out (librdkafka scans for timeouts about once a second) before the third
+    /// is even submitted.
+    #[tokio::test]
+    async fn flush_waits_for_the_last_delivery_report() {
+        let producer: SinkProducer = ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("message.timeout.ms", "300")
+            .create_with_context(SinkContext)
+            .unwrap();
+        let mut sink = KafkaSink::new(Arc::new(producer), "nowhere", 1_000_000);
+        sink.submit(&[rec("a"), rec("b")]).await.unwrap();
+        let t = std::time::Instant::now();
+        while sink.acknowledged().0 < 2 {
+            assert!(t.elapsed() < Duration::from_secs(10), "no reports");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sink.submit(&[rec("c")]).await.unwrap();
+        assert_eq!(sink.acknowledged(), (2, 3));
+        assert!(sink.flush().await.is_err());
+        assert_eq!(sink.acknowledged(), (3, 3));
+        assert_eq!(
+            sink.again.len(),
+            3,
+            "every failed record is kept to send again"
+        );
+    }
 }
