@@ -363,16 +363,21 @@ mod tests {
         }
     }
 
-    /// With no broker, deliveries time out: `flush` reports a retryable error and keeps
-    /// the failed records, and the next `flush` sends exactly those again.
-    #[tokio::test]
-    async fn failed_deliveries_are_kept_and_sent_again() {
+    /// A sink whose producer has no broker: every record times out after 300 ms.
+    fn unreachable() -> KafkaSink {
         let producer: SinkProducer = ClientConfig::new()
             .set("bootstrap.servers", "127.0.0.1:1")
             .set("message.timeout.ms", "300")
             .create_with_context(SinkContext)
             .unwrap();
-        let mut sink = KafkaSink::new(Arc::new(producer), "nowhere", 1_000_000);
+        KafkaSink::new(Arc::new(producer), "nowhere", 1_000_000)
+    }
+
+    /// With no broker, deliveries time out: `flush` reports a retryable error and keeps
+    /// the failed records, and the next `flush` sends exactly those again.
+    #[tokio::test]
+    async fn failed_deliveries_are_kept_and_sent_again() {
+        let mut sink = unreachable();
         sink.submit(&[rec("a"), rec("b"), rec("c")]).await.unwrap();
         // Handed over, no report yet (they time out after 300 ms).
         assert_eq!(sink.acknowledged(), (0, 3));
@@ -402,12 +407,7 @@ mod tests {
     /// is even submitted.
     #[tokio::test]
     async fn flush_waits_for_the_last_delivery_report() {
-        let producer: SinkProducer = ClientConfig::new()
-            .set("bootstrap.servers", "127.0.0.1:1")
-            .set("message.timeout.ms", "300")
-            .create_with_context(SinkContext)
-            .unwrap();
-        let mut sink = KafkaSink::new(Arc::new(producer), "nowhere", 1_000_000);
+        let mut sink = unreachable();
         sink.submit(&[rec("a"), rec("b")]).await.unwrap();
         let t = std::time::Instant::now();
         while sink.acknowledged().0 < 2 {
