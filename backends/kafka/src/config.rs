@@ -204,15 +204,44 @@ impl KafkaConfig {
         cc
     }
 
+    /// The consumer property `name`, if set.
+    fn consumer_prop(&self, name: &str) -> Option<&str> {
+        self.consumer
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.trim())
+    }
+
+    /// Whether the group uses Kafka 4's consumer protocol (KIP-848,
+    /// `"group.protocol" = "consumer"`): the broker assigns partitions and owns the session
+    /// timeout.
+    pub fn consumer_protocol(&self) -> bool {
+        self.consumer_prop("group.protocol") == Some("consumer")
+    }
+
+    /// Whether rebalances are incremental: each assignment adds partitions and each
+    /// revocation takes some away, instead of all being revoked and assigned anew (the
+    /// consumer protocol, or a cooperative assignor of the classic one).
+    pub fn incremental_rebalances(&self) -> bool {
+        self.consumer_protocol()
+            || self
+                .consumer_prop("partition.assignment.strategy")
+                .is_some_and(|v| v.contains("cooperative"))
+    }
+
     /// The librdkafka configuration of a consumer in `group`.
     pub fn consumer_config(&self, group: &str) -> ClientConfig {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &self.bootstrap_servers)
-            .set("group.id", group)
-            .set(
+            .set("group.id", group);
+        if !self.consumer_protocol() {
+            // Under the consumer protocol the session timeout is the broker's
+            // (`group.consumer.session.timeout.ms`); librdkafka refuses it here.
+            cc.set(
                 "session.timeout.ms",
                 self.session_timeout.as_millis().to_string(),
             );
+        }
         for (k, v) in &self.consumer {
             cc.set(k, v);
         }
@@ -260,14 +289,6 @@ fn passthrough(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Vec<(String, Str
                     return None;
                 }
             }
-            if let Some(why) = incremental_rebalancing(&name, &value) {
-                d.push(
-                    &loc,
-                    &key_path,
-                    format!("`{value}` is not supported: {why}"),
-                );
-                return None;
-            }
             let mut probe = ClientConfig::new();
             probe.set(&name, &value);
             if let Err(e) = probe.create_native_config() {
@@ -281,18 +302,6 @@ fn passthrough(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Vec<(String, Str
             Some((name, value))
         })
         .collect()
-}
-
-/// Why a property would make rebalances incremental, which Weir does not support yet: the
-/// engine takes each assignment as the whole set of partitions the instance reads, so an
-/// incremental one would leave the partitions it keeps out of the watermark.
-fn incremental_rebalancing(name: &str, value: &str) -> Option<&'static str> {
-    let eager = "Weir's rebalances are eager (each assignment is the whole set of partitions an instance reads; see \"Running several instances\" in the README)";
-    match name {
-        "partition.assignment.strategy" if value.contains("cooperative") => Some(eager),
-        "group.protocol" if value.trim() == "consumer" => Some(eager),
-        _ => None,
-    }
 }
 
 fn describe(e: &rdkafka::error::KafkaError) -> String {

@@ -78,13 +78,19 @@ pub enum KafkaError {
     /// A delivery future was dropped by librdkafka (the producer is shutting down).
     #[error("the producer of `{0}` was shut down before acknowledging")]
     Canceled(String),
+    /// A combination of settings Weir cannot run (found when the source starts, where the
+    /// configuration check could not see it). Not retryable.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl KafkaError {
     /// Whether retrying the same call may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            KafkaError::Client { .. } | KafkaError::Undecodable { .. } => false,
+            KafkaError::Client { .. }
+            | KafkaError::Undecodable { .. }
+            | KafkaError::Unsupported(_) => false,
             KafkaError::Receive { source, .. }
             | KafkaError::Commit { source, .. }
             | KafkaError::Delivery { source, .. } => !is_permanent(source),

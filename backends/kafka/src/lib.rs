@@ -23,6 +23,7 @@ mod rebalance;
 mod sink;
 mod source;
 mod txn;
+mod txn_id;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -60,8 +61,8 @@ pub struct KafkaBroker {
     producer: Arc<OnceLock<Arc<sink::SinkProducer>>>,
     ensured: Arc<Mutex<HashSet<String>>>,
     /// Exactly-once mode: the transactional producer every sink, the checkpoint topic
-    /// and every group source of this broker share (made on first use), and its id.
-    txn: Option<(txn::TxnCell, Arc<str>)>,
+    /// and every group source of this broker share (made on first use).
+    txn: Option<txn::TxnCell>,
 }
 
 impl std::fmt::Debug for KafkaBroker {
@@ -87,29 +88,25 @@ impl KafkaBroker {
     /// transactional producer with an id of its own, its group sources add their offsets
     /// and checkpoints to it, and [`Broker::transaction`] commits it (see `txn.rs`).
     pub fn exactly_once(&self) -> Self {
-        let id = format!(
-            "weir-{}-{}-{}",
-            std::process::id(),
-            weir_engine::time::now_millis(),
-            TXN_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
         KafkaBroker {
             config: self.config.clone(),
             producer: Arc::default(),
             ensured: self.ensured.clone(),
-            txn: Some((Arc::default(), id.into())),
+            txn: Some(Arc::default()),
         }
     }
 
     /// The transactional producer (exactly-once mode), registered with the coordinator.
     async fn txn(&self) -> Result<Option<Arc<txn::Txn>>, KafkaError> {
-        let Some((cell, id)) = &self.txn else {
+        let Some(cell) = &self.txn else {
             return Ok(None);
         };
         let t = cell
             .get_or_try_init(|| async {
+                // An id that comes back when this instance restarts (see `txn_id.rs`).
+                let id = txn_id::claim(&self.config.bootstrap_servers);
                 let mut cc = self.config.producer_config();
-                cc.set("transactional.id", &**id);
+                cc.set("transactional.id", &id.id);
                 let prop = |name: &str| self.config.producer.iter().find(|(k, _)| k == name);
                 if prop("transaction.timeout.ms").is_none() {
                     // librdkafka wants message.timeout.ms <= transaction.timeout.ms.
@@ -123,9 +120,7 @@ impl KafkaBroker {
                             what: "producer",
                             source,
                         })?;
-                txn::Txn::init(Arc::new(p), id.to_string())
-                    .await
-                    .map(Arc::new)
+                txn::Txn::init(Arc::new(p), id).await.map(Arc::new)
             })
             .await?;
         Ok(Some(t.clone()))
@@ -160,6 +155,14 @@ impl KafkaBroker {
                     }
                     None => None,
                 };
+                if self.txn.is_some() && self.config.incremental_rebalances() {
+                    // A revocation aborts the one transaction, which also holds the outputs
+                    // of the partitions an incremental rebalance leaves here; those would
+                    // have to be rewound too.
+                    return Err(KafkaError::Unsupported(
+                        "`guarantee = \"exactly_once\"` needs eager rebalances: remove `group.protocol = \"consumer\"` (or the cooperative `partition.assignment.strategy`) from [brokers.kafka.consumer], or use `at_least_once`".into(),
+                    ));
+                }
                 // End-of-partition events (from fetch responses' high watermark) tell the
                 // source which partitions still have a backlog (`Source::has_backlog`).
                 let consumer = self
@@ -392,9 +395,6 @@ impl KafkaBroker {
 /// `commit_interval` well below it.
 const MIN_TXN_TIMEOUT_MS: u64 = 10_000;
 
-/// Numbers the exactly-once brokers of this process (part of their transactional ids).
-static TXN_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// How long one metadata request waits for a broker: an unreachable cluster is reported
 /// (and retried) after this long.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
@@ -417,7 +417,7 @@ impl Broker for KafkaBroker {
     }
 
     fn transaction(&self) -> Option<Box<dyn weir_engine::Transaction>> {
-        let (cell, _) = self.txn.as_ref()?;
+        let cell = self.txn.as_ref()?;
         Some(Box::new(txn::KafkaTransaction(cell.clone())))
     }
 

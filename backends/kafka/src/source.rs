@@ -284,8 +284,17 @@ impl KafkaSource {
                         }
                         self.delivered[i] = -1;
                     }
-                    let cps = self.checkpoints(&parts).await;
-                    self.pending.push_back(Received::Assigned(cps));
+                    // The engine takes an assignment as the whole set this source reads:
+                    // an incremental one (KIP-848, cooperative assignors) adds `parts` to
+                    // those it keeps, which come without a checkpoint (nothing to restore).
+                    let mut all = self.checkpoints(&parts).await;
+                    for (p, _) in self.owned.iter().enumerate().filter(|(_, o)| **o) {
+                        if !parts.contains(&(p as i32)) {
+                            all.push((p as u32, None));
+                        }
+                    }
+                    all.sort_unstable_by_key(|(p, _)| *p);
+                    self.pending.push_back(Received::Assigned(all));
                 }
             }
         }

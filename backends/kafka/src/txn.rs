@@ -10,9 +10,9 @@
 //! the partitions recomputes their outputs from the committed offsets); records the
 //! abort purged are forgotten by their sinks, which compare [`Txn::epoch`].
 //!
-//! The `transactional.id` is unique per broker instance (`weir-<group>-<pid>-<time>`):
-//! a crashed instance's open transaction is aborted by the broker after
-//! `transaction.timeout.ms`, during which read_committed consumers wait at it.
+//! The `transactional.id` comes back when an instance restarts on the same machine
+//! (`txn_id.rs`): the restart's `init_transactions` aborts what the killed instance left
+//! open, so read_committed consumers do not wait for `transaction.timeout.ms`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +27,7 @@ use weir_engine::{EngineError, Result, Transaction};
 
 use crate::error::KafkaError;
 use crate::sink::SinkProducer;
+use crate::txn_id::TxnId;
 
 /// How long one blocking transaction call (init, send offsets, commit, abort) may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -35,6 +36,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub(crate) struct Txn {
     pub(crate) producer: Arc<SinkProducer>,
     pub(crate) id: String,
+    /// Holds the id's slot for as long as the producer lives.
+    _slot: TxnId,
     /// Whether a transaction is open.
     open: Mutex<bool>,
     /// Bumped by every abort: records submitted before it are gone.
@@ -44,13 +47,15 @@ pub(crate) struct Txn {
 impl Txn {
     /// Registers `producer` (configured with `transactional.id = id`) with the transaction
     /// coordinator, aborting what an earlier producer with this id left open.
-    pub(crate) async fn init(producer: Arc<SinkProducer>, id: String) -> Result<Self, KafkaError> {
+    pub(crate) async fn init(producer: Arc<SinkProducer>, slot: TxnId) -> Result<Self, KafkaError> {
+        let id = slot.id.clone();
         let p = producer.clone();
         blocking(&id, "init", move || p.init_transactions(CALL_TIMEOUT)).await?;
         tracing::info!(transactional_id = %id, "kafka: exactly-once producer ready");
         Ok(Txn {
             producer,
             id,
+            _slot: slot,
             open: Mutex::new(false),
             epoch: AtomicU64::new(0),
         })
