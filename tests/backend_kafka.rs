@@ -197,20 +197,48 @@ fn refused_at_its_line(table: &str, key: &str, value: &str, message: &str) {
     assert!(err.contains(&want), "{err}\nwanted: {want}");
 }
 
-/// Incremental (cooperative) rebalancing is refused at its line: the engine takes every
-/// assignment as the whole set, so an incremental one would leave kept partitions out of
-/// the watermark.
-#[test]
-fn kafka_cooperative_rebalancing_is_a_config_error() {
-    for (key, value) in [
-        ("partition.assignment.strategy", "cooperative-sticky"),
-        ("group.protocol", "consumer"),
+/// Kafka 4's consumer group protocol (KIP-848, `group.protocol = "consumer"`): the broker
+/// assigns partitions incrementally. Three instances split the work, exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_consumer_protocol_instances_split_the_work() {
+    require_kafka();
+    conformance::instances_split_the_work_with("kafka", &[KIP_848]).await;
+}
+
+/// KIP-848: one of two instances killed mid-input; the survivor is given its partitions
+/// as an increment beside those it keeps, and finishes them exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_consumer_protocol_a_killed_instance_is_taken_over() {
+    require_kafka();
+    conformance::a_killed_instance_is_taken_over_with("kafka", &[KIP_848]).await;
+}
+
+/// Kafka 4's consumer group protocol for `--set`.
+const KIP_848: &str = "brokers.kafka.consumer.group.protocol=consumer";
+
+/// Exactly-once needs eager rebalances (a revocation aborts the one transaction, which
+/// also holds the outputs of the partitions an incremental rebalance keeps): the run
+/// stops at start saying what to change.
+#[tokio::test]
+async fn kafka_exactly_once_with_incremental_rebalances_is_refused_at_start() {
+    require_kafka();
+    for set in [
+        KIP_848,
+        "brokers.kafka.consumer.partition.assignment.strategy=cooperative-sticky",
     ] {
-        refused_at_its_line(
-            "consumer",
-            key,
-            value,
-            &format!("`{value}` is not supported: Weir's rebalances are eager"),
+        let bed = Bed::new(
+            "kafka",
+            "eos-incremental",
+            &[set, "pipeline.guarantee=exactly_once"],
+        );
+        let source = bed
+            .backend
+            .source(&bed.config.source.topic, Some(&bed.config.source.group))
+            .await;
+        let text = source.err().expect("refused").to_string();
+        assert!(
+            text.contains("needs eager rebalances") && text.contains("group.protocol"),
+            "{set}: {text}"
         );
     }
 }
@@ -351,4 +379,68 @@ async fn kafka_exactly_once_outputs_become_visible_at_the_commit() {
     assert_eq!(records.len(), want.len(), "each window once");
     let dead = bed.read(dlq, invalid, Duration::from_secs(5)).await;
     assert_eq!(dead.len(), invalid, "each invalid event dead-lettered once");
+}
+
+/// The checkpoint topic (`brokers.kafka.checkpoint_topic`) is the fallback for brokers that
+/// keep committed offsets but drop their metadata (Tansu's memory storage does). Apache
+/// Kafka keeps it, so this test drops it itself: between the crash and the restart, a
+/// plain consumer of the group commits the same offsets with empty metadata. The restart
+/// must still find each partition's checkpoint (in the topic) and emit every window once,
+/// with its exact count.
+#[tokio::test]
+async fn kafka_checkpoint_topic_restores_what_commit_metadata_lost() {
+    require_kafka();
+    let topic_of_checkpoints = format!("ckpt-{}", std::process::id());
+    let set = format!("brokers.kafka.checkpoint_topic={topic_of_checkpoints}");
+    conformance::restart_loses_nothing_after("kafka", &[&set], &strip_commit_metadata).await;
+}
+
+/// Commits the group's committed offsets again with empty metadata, and checks they now
+/// carry none.
+fn strip_commit_metadata(bed: &Bed) {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _};
+    use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+    let bootstrap =
+        std::env::var("WEIR_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", &bed.config.source.group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let topic = &bed.config.source.topic;
+    let mut all = TopicPartitionList::new();
+    for p in 0..4 {
+        all.add_partition(topic, p);
+    }
+    let t = Duration::from_secs(10);
+    let committed = consumer
+        .committed_offsets(all.clone(), t)
+        .expect("committed");
+    let mut stripped = TopicPartitionList::new();
+    let mut with_metadata = 0;
+    for e in committed.elements() {
+        if let Offset::Offset(o) = e.offset() {
+            with_metadata += usize::from(!e.metadata().is_empty());
+            stripped
+                .add_partition_offset(topic, e.partition(), Offset::Offset(o))
+                .unwrap();
+        }
+    }
+    assert!(
+        with_metadata > 0,
+        "the first run committed checkpoints in the metadata: {committed:?}"
+    );
+    // The crashed run's member may still be leaving the group: retry a while.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Err(e) = consumer.commit(&stripped, CommitMode::Sync) {
+        assert!(std::time::Instant::now() < deadline, "commit: {e}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let now = consumer.committed_offsets(all, t).expect("committed");
+    assert!(
+        now.elements().iter().all(|e| e.metadata().is_empty()),
+        "metadata stripped: {now:?}"
+    );
 }

@@ -6,7 +6,8 @@
 //!
 //! One test per broker that outlives a process (the memory broker dies with it), and on
 //! Kafka an exactly-once variant whose reader reads committed records only and finds every
-//! window and every dead letter exactly once. They need the brokers of `scripts/brokers
+//! window and every dead letter exactly once, and one that a restart does not leave its
+//! readers waiting for the killed instance's transaction to time out. They need the brokers of `scripts/brokers
 //! up` and fail, never skip, without them. `WEIR_CRASH_SEED=N` replays one schedule of
 //! kills.
 
@@ -42,14 +43,28 @@ fn spawn(bed: &Bed, log: &Path) -> Child {
     spawn_idle(bed, log, "10s")
 }
 
+/// A `weir run` of the bed's pipeline with `extra` settings.
+fn spawn_with(bed: &Bed, log: &Path, extra: &[&str]) -> Child {
+    spawn_idle_with(bed, log, "10s", extra)
+}
+
 /// A `weir run` that exits after `idle` without records.
 fn spawn_idle(bed: &Bed, log: &Path, idle: &str) -> Child {
+    spawn_idle_with(bed, log, idle, &[])
+}
+
+fn spawn_idle_with(bed: &Bed, log: &Path, idle: &str, extra: &[&str]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
     cmd.arg("run")
         .arg(conformance::pipeline_file())
         .arg("--broker")
         .arg(&bed.config.broker);
-    for s in &bed.sets {
+    for s in bed
+        .sets
+        .iter()
+        .map(String::as_str)
+        .chain(extra.iter().copied())
+    {
         cmd.arg("--set").arg(s);
     }
     let err = std::fs::OpenOptions::new()
@@ -112,7 +127,15 @@ enum Guarantee {
 /// instance started beside some of them when `takeover`, and one of the two killed while
 /// the other joins or takes over), then one run until idle.
 async fn survives_kill_9(broker: &str, events: usize, rounds: usize, takeover: bool) {
-    survives_kill_9_with(broker, events, rounds, takeover, Guarantee::AtLeastOnce).await
+    survives_kill_9_with(
+        broker,
+        events,
+        rounds,
+        takeover,
+        Guarantee::AtLeastOnce,
+        &[],
+    )
+    .await
 }
 
 async fn survives_kill_9_with(
@@ -121,6 +144,7 @@ async fn survives_kill_9_with(
     rounds: usize,
     takeover: bool,
     guarantee: Guarantee,
+    extra: &[&str],
 ) {
     let seed = std::env::var("WEIR_CRASH_SEED")
         .ok()
@@ -130,21 +154,21 @@ async fn survives_kill_9_with(
     let mut rng = Rng(seed);
     let exactly_once = guarantee == Guarantee::ExactlyOnce;
     let bed = if exactly_once {
-        let bed = Bed::new(
-            broker,
-            "crash-eos",
-            &[
-                "source.commit_interval=300ms",
-                "pipeline.guarantee=exactly_once",
-                // The pipeline, the checkpoint scan and this test's readers (also
-                // librdkafka's default, said here because the test depends on it).
-                "brokers.kafka.consumer.isolation.level=read_committed",
-            ],
-        );
+        let mut sets = vec![
+            "source.commit_interval=300ms",
+            "pipeline.guarantee=exactly_once",
+            // The pipeline, the checkpoint scan and this test's readers (also
+            // librdkafka's default, said here because the test depends on it).
+            "brokers.kafka.consumer.isolation.level=read_committed",
+        ];
+        sets.extend_from_slice(extra);
+        let bed = Bed::new(broker, "crash-eos", &sets);
         broker_keeps_transactions_apart(&bed).await;
         bed
     } else {
-        Bed::new(broker, "crash", &["source.commit_interval=300ms"])
+        let mut sets = vec!["source.commit_interval=300ms"];
+        sets.extend_from_slice(extra);
+        Bed::new(broker, "crash", &sets)
     };
     let data: Vec<Vec<u8>> = dataset(seed, events, 500, 97)
         .into_iter()
@@ -166,11 +190,8 @@ async fn survives_kill_9_with(
     let chunk = data.len().div_ceil(rounds);
     let mut kills = 0;
     for (round, part) in data.chunks(chunk).enumerate() {
-        bed.produce(part).await;
-        if let Some(mut t) = bed.backend.transaction() {
-            // An exactly-once bed's producer writes in transactions too.
-            t.commit().await.expect("input committed");
-        }
+        // An exactly-once bed's producer writes in transactions too.
+        produce_committed(&bed, part).await;
         let mut procs = vec![spawn(&bed, &log)];
         // Early rounds die while joining; later ones mid-stream.
         let life = rng.ms(300, 4_000);
@@ -263,19 +284,151 @@ async fn kafka_survives_kill_9_mid_stream_during_joins_and_takeovers() {
     survives_kill_9("kafka", 100_000, 12, true).await;
 }
 
+/// The same kills with Kafka 4's consumer group protocol (KIP-848): the broker assigns
+/// partitions incrementally, a joining instance takes some from a running one without
+/// revoking the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_consumer_protocol_survives_kill_9_mid_stream_during_joins_and_takeovers() {
+    survives_kill_9_with(
+        "kafka",
+        60_000,
+        10,
+        true,
+        Guarantee::AtLeastOnce,
+        &[KIP_848],
+    )
+    .await;
+}
+
+/// Kafka 4's consumer group protocol (KIP-848) for `--set`.
+const KIP_848: &str = "brokers.kafka.consumer.group.protocol=consumer";
+
 /// Exactly-once on Kafka: the same kills (two instances in some rounds, one of them killed
 /// while the other joins or takes over), and a read_committed reader of the sink and
 /// dead-letter topics finds every window once with its exact count and every invalid event
-/// dead-lettered once.
-///
-/// Ignored by default: the test bed's Tansu fails the broker check first (it shows
-/// aborted records to read_committed readers and never aborts a killed producer's
-/// transaction). Run it against a Kafka that isolates transactions (docker/compose.yml):
-/// `cargo test --test crash -- --ignored kafka_exactly_once`.
+/// dead-lettered once. The broker must isolate transactions (Apache Kafka does; Tansu, the
+/// optional `WEIR_KAFKA_IMPL=tansu` test bed, does not, and fails the broker check first).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs a Kafka broker that isolates transactions; the test bed's Tansu does not (see README, Guarantees)"]
 async fn kafka_exactly_once_survives_kill_9_mid_stream_during_joins_and_takeovers() {
-    survives_kill_9_with("kafka", 60_000, 10, true, Guarantee::ExactlyOnce).await;
+    survives_kill_9_with("kafka", 60_000, 10, true, Guarantee::ExactlyOnce, &[]).await;
+}
+
+/// Exactly-once: a killed instance's open transaction does not hold read_committed readers
+/// back until it times out. The first instance runs with a commit interval of an hour, so
+/// its results stay in one open transaction; once they are in the sink topic (its high
+/// watermark moved, read uncommitted) it is killed and restarted with the bed's 300 ms.
+/// The restart takes its transactional id back, and its `init_transactions` aborts the
+/// dead transaction at once. The transaction timeout is 60 s, so waiting for it cannot
+/// pass for the fence: every window must be readable well before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_exactly_once_a_restart_fences_the_killed_transaction_at_once() {
+    let bed = Bed::new(
+        "kafka",
+        "fence",
+        &[
+            "source.commit_interval=300ms",
+            "pipeline.guarantee=exactly_once",
+            "brokers.kafka.consumer.isolation.level=read_committed",
+            "brokers.kafka.producer.transaction.timeout.ms=60000",
+        ],
+    );
+    let data: Vec<Vec<u8>> = dataset(29, 20_000, 300, 0)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    let want = oracle(&data);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("weir.log");
+    let mut first = spawn_with(&bed, &log, &["source.commit_interval=1h"]);
+    produce_committed(&bed, &data).await;
+    let sink = bed.config.sink.topic.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        let bootstrap =
+            std::env::var("WEIR_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into());
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .expect("consumer");
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let high: i64 = (0..4)
+                .map(|p| {
+                    c.fetch_watermarks(&sink, p, Duration::from_secs(5))
+                        .map_or(0, |(_, h)| h)
+                })
+                .sum();
+            if high > 1_000 || std::time::Instant::now() > deadline {
+                return high;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        written > 1_000,
+        "the first instance wrote {written} results\n{}",
+        tail(&log)
+    );
+    first.kill().expect("kill");
+    let killed = std::time::Instant::now();
+    let _ = first.wait();
+    let mut second = spawn(&bed, &log);
+    let mut reader = bed
+        .backend
+        .source(&bed.config.sink.topic, None)
+        .await
+        .expect("reader");
+    let mut records = Vec::new();
+    let mut first_new = None;
+    loop {
+        read_some(&mut *reader, &mut records).await;
+        if first_new.is_none() && !records.is_empty() {
+            first_new = Some(killed.elapsed());
+        }
+        let got = results(&records);
+        if want.keys().all(|k| got.contains_key(k)) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(45),
+            "{} of {} windows readable 45 s after the kill: the dead transaction holds read_committed readers back\n{}",
+            got.len(),
+            want.len(),
+            tail(&log)
+        );
+    }
+    let took = killed.elapsed();
+    eprintln!(
+        "kafka exactly-once: {written} uncommitted results when killed; the first committed result readable {first_new:?} after the kill, every window after {took:?}"
+    );
+    assert_eq!(results(&records), want);
+    assert_eq!(records.len(), want.len(), "each window exactly once");
+    let _ = second.kill();
+    let _ = second.wait();
+}
+
+/// Produces `data` through the bed, committing the transaction of an exactly-once bed.
+async fn produce_committed(bed: &Bed, data: &[Vec<u8>]) {
+    bed.produce(data).await;
+    if let Some(mut t) = bed.backend.transaction() {
+        t.commit().await.expect("input committed");
+    }
+}
+
+/// Reads what `reader` has within about a second into `into`.
+async fn read_some(reader: &mut dyn weir_engine::Source, into: &mut Vec<weir_engine::Record>) {
+    for _ in 0..5 {
+        if let weir_engine::Received::Batch(b) = reader
+            .recv(5_000, Duration::from_millis(200))
+            .await
+            .expect("read")
+        {
+            into.extend(b);
+        }
+    }
 }
 
 /// Fails, naming the broker, unless it keeps transactions apart as exactly-once needs:

@@ -22,12 +22,13 @@ const PARTITIONS: u32 = 4;
 const JOIN_LIMIT: Duration = Duration::from_secs(40);
 
 /// A bed whose source has [`PARTITIONS`] partitions that instances in one group split.
-fn scale_bed(broker: &str, case: &str) -> Bed {
+fn scale_bed(broker: &str, case: &str, more: &[&str]) -> Bed {
     let Some(sets) = brokers::get(broker).scale_out() else {
         panic!("{broker}: several `weir run` processes cannot share its topics");
     };
     let mut extra = vec!["source.commit_interval=300ms".to_string()];
     extra.extend(sets);
+    extra.extend(more.iter().map(|s| s.to_string()));
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     Bed::new(broker, case, &extra)
 }
@@ -42,7 +43,12 @@ async fn produce_chunk(bed: &Bed, chunk: &[Vec<u8>]) {
 /// Three instances join, then the data arrives: each reads a share, none all of it, and
 /// the union of their results is exact.
 pub async fn instances_split_the_work(broker: &str) {
-    let bed = scale_bed(broker, "split");
+    instances_split_the_work_with(broker, &[]).await
+}
+
+/// [`instances_split_the_work`] with `extra` settings.
+pub async fn instances_split_the_work_with(broker: &str, extra: &[&str]) {
+    let bed = scale_bed(broker, "split", extra);
     let data = lines(21, 30_000, 500, 97);
     let dir = tempfile::tempdir().unwrap();
     let mut instances: Vec<Instance> = ["a", "b", "c"]
@@ -90,7 +96,12 @@ pub async fn instances_split_the_work(broker: &str) {
 /// assigned the dead one's partitions (after the broker noticed the death: Kafka's
 /// session timeout) and finishes them: every window exact.
 pub async fn a_killed_instance_is_taken_over(broker: &str) {
-    let bed = scale_bed(broker, "takeover");
+    a_killed_instance_is_taken_over_with(broker, &[]).await
+}
+
+/// [`a_killed_instance_is_taken_over`] with `extra` settings.
+pub async fn a_killed_instance_is_taken_over_with(broker: &str, extra: &[&str]) {
+    let bed = scale_bed(broker, "takeover", extra);
     let data = lines(23, 40_000, 500, 97);
     let dir = tempfile::tempdir().unwrap();
     // Idle long enough for the broker to notice the death and reassign (a Kafka session
