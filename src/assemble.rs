@@ -85,6 +85,7 @@ impl Parts {
             (None, Some(path)) => Box::new(
                 JsonLinesSource::open(path)
                     .await?
+                    .max_line_bytes(c.source.max_payload_bytes)
                     .counting_into(metrics.clone()),
             ),
             (None, None) => {

@@ -398,7 +398,7 @@ impl WindowOperator {
     ) -> Outcome {
         self.note_position(rec, now);
         let replaying = self.replaying(rec);
-        let ev = match self.decoder.decode(&rec.payload) {
+        let ev = match self.decoder.decode_record(rec) {
             Ok(ev) => ev,
             Err(reason) => return self.invalid(rec, &reason, replaying, now_ms, out),
         };
