@@ -153,6 +153,16 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// The files `a` names instead of topics.
+pub(crate) fn file_io(a: &RunArgs) -> FileIo {
+    FileIo {
+        input: a.input.clone(),
+        output: a.output.clone(),
+        dead_letter: a.dead_letter.clone(),
+        late: a.late.clone(),
+    }
+}
+
 /// Opens the pipeline's parts and starts what feeds and prints the memory broker.
 async fn start(
     a: &RunArgs,
@@ -164,13 +174,7 @@ async fn start(
     metrics: std::sync::Arc<weir_engine::metrics::Metrics>,
 ) -> anyhow::Result<Parts> {
     let memory = backend.in_process();
-    let io = FileIo {
-        input: a.input.clone(),
-        output: a.output.clone(),
-        dead_letter: a.dead_letter.clone(),
-        late: a.late.clone(),
-    };
-    let parts = Parts::open(c, backend, &io, metrics).await?;
+    let parts = Parts::open(c, backend, &file_io(a), metrics).await?;
 
     // The embedded broker lives and dies with this process: feed it with the demo
     // generator when there is no --input, and print what lands in its topics.
