@@ -98,3 +98,40 @@ fn kinesis_start_position_problems_point_at_their_own_line() {
         vec!["p.toml:15:18: brokers.kinesis.start_timestamp: required when start_position = \"at_timestamp\"".to_string()],
     );
 }
+
+/// The issue's typo: `advance = "1ms"` for `"1m"` would put every event in 86.4 million
+/// windows. Refused at the line of `advance`, with the bound.
+#[test]
+fn a_hopping_window_with_too_many_windows_per_event_is_refused_at_its_line() {
+    let text = GOOD.replace(
+        "size = \"10s\"",
+        "type = \"hopping\"\nsize = \"1d\"\nadvance = \"1ms\"",
+    );
+    let p = problems(&text, &[]);
+    assert_eq!(
+        p,
+        vec![
+            "p.toml:7:11: window.advance: puts every event in 86400000 windows (size 1d / advance 1ms); \
+             at most 10000 are allowed per event: a larger advance (\"1m\" rather than \"1ms\"?) or a smaller size"
+                .to_string()
+        ]
+    );
+    // At the bound it is accepted (a day every 10 s: 8,640 windows per event).
+    assert_eq!(
+        problems(&text, &["window.advance=10s"]),
+        Vec::<String>::new()
+    );
+    let c = load_str("p.toml", GOOD, &Overrides::default())
+        .finish()
+        .unwrap();
+    assert_eq!(
+        c.window.max_open_entries,
+        weir_engine::window::DEFAULT_MAX_OPEN_ENTRIES
+    );
+    let p = problems(GOOD, &["window.max_open_entries=0"]);
+    assert!(
+        p.iter()
+            .any(|l| l.contains("window.max_open_entries: 0 is out of range")),
+        "{p:#?}"
+    );
+}

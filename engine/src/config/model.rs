@@ -115,6 +115,9 @@ pub struct WindowConfig {
     pub idle_timeout: Duration,
     /// When results are emitted.
     pub emit: EmitMode,
+    /// The most open (window, key) entries, over all partitions: an event that would open
+    /// more is refused as a validation failure (a dead letter by default).
+    pub max_open_entries: usize,
 }
 
 /// When window results are emitted.
