@@ -31,8 +31,13 @@ pub(crate) async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyh
             .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
         let local = listener.local_addr()?;
         tracing::info!("metrics: http://{local}/metrics and http://{local}/healthz");
-        let server = axum::serve(listener, weir::observe::router(observer.clone()))
-            .with_graceful_shutdown(tails_done.clone().cancelled_owned());
+        // The same front as `weir serve`'s, with its limits (`[serve]`).
+        let server = weir::http::serve(
+            listener,
+            weir::observe::router(observer.clone()),
+            weir::http::Limits::from(&c.serve),
+            tails_done.clone(),
+        );
         tasks.spawn(async move {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "the metrics server stopped");

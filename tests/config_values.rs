@@ -135,3 +135,38 @@ fn a_hopping_window_with_too_many_windows_per_event_is_refused_at_its_line() {
         "{p:#?}"
     );
 }
+
+/// `[serve] body_timeout` and `min_body_rate`: defaults, overrides and their checks.
+#[test]
+fn serve_body_limits_have_defaults_and_are_checked() {
+    let c = load_str("p.toml", GOOD, &Overrides::default())
+        .finish()
+        .unwrap();
+    assert_eq!(
+        (c.serve.body_timeout, c.serve.min_body_rate),
+        (Duration::from_secs(10), 1024)
+    );
+    let c = load_str(
+        "p.toml",
+        GOOD,
+        &Overrides {
+            sets: vec![
+                "serve.body_timeout=2s".into(),
+                "serve.min_body_rate=10".into(),
+            ],
+            broker: None,
+        },
+    )
+    .finish()
+    .unwrap();
+    assert_eq!(
+        (c.serve.body_timeout, c.serve.min_body_rate),
+        (Duration::from_secs(2), 10)
+    );
+    let p = problems(GOOD, &["serve.min_body_rate=0"]);
+    assert!(
+        p.iter()
+            .any(|l| l.contains("serve.min_body_rate: 0 is out of range")),
+        "{p:#?}"
+    );
+}
