@@ -51,6 +51,14 @@ fn exits_within(child: &mut Child, limit: Duration) -> Option<std::process::Exit
     }
 }
 
+/// A folder with `events.jsonl`: `weir generate` of `events` events of `users` users.
+fn events_file(events: &str, users: &str, seed: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.jsonl");
+    std::fs::write(&path, generate(events, users, seed, &[]).stdout).unwrap();
+    (dir, path)
+}
+
 /// Everything on a child's stderr (after it exited).
 fn stderr_of(child: &mut Child) -> String {
     let mut s = String::new();
@@ -76,9 +84,7 @@ const DENSE_HOPPING: [&str; 8] = [
 /// the reason, and its counters balance (exit 0).
 #[test]
 fn window_state_stays_within_max_open_entries() {
-    let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("events.jsonl");
-    std::fs::write(&events, generate("3000", "1000", "5", &[]).stdout).unwrap();
+    let (dir, events) = events_file("3000", "1000", "5");
     let dead = dir.path().join("dead.jsonl");
     let out = capped()
         .args(["run", &pipeline(), "--input", events.to_str().unwrap()])
@@ -272,9 +278,7 @@ fn an_output_naming_the_input_is_refused() {
 /// FIFO this test stops reading.
 #[test]
 fn an_input_truncated_while_read_fails_the_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let events = dir.path().join("events.jsonl");
-    std::fs::write(&events, generate("100000", "2000", "9", &[]).stdout).unwrap();
+    let (dir, events) = events_file("100000", "2000", "9");
     let fifo = dir.path().join("results");
     assert!(Command::new("mkfifo")
         .arg(&fifo)

@@ -319,10 +319,7 @@ async fn run_metrics_answer_past_1100_idle_connections_under_a_1024_descriptor_l
         .args(["run", &pipeline(), "--metrics-listen", "127.0.0.1:0"]);
     let (mut child, base) = observed(&mut capped);
     let addr = base.trim_start_matches("http://").to_string();
-    let mut idle = Vec::with_capacity(1100);
-    for _ in 0..1100 {
-        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
-    }
+    let idle = fds::hold_connections(&addr, 1100).await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

@@ -7,8 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{problems, GOOD};
-use weir_engine::config::{load_str, Overrides};
+use support::{assert_has, good_with, problems, GOOD};
 
 /// The README says a bare `0` is a duration, on the command line as in the file.
 #[test]
@@ -16,16 +15,7 @@ fn a_bare_zero_is_a_duration_in_the_file_and_on_the_command_line() {
     assert_eq!(problems(GOOD, &["window.grace=0"]), Vec::<String>::new());
     let text = GOOD.replace("size = \"10s\"", "size = \"10s\"\ngrace = 0");
     assert_eq!(problems(&text, &[]), Vec::<String>::new());
-    let c = load_str(
-        "p.toml",
-        GOOD,
-        &Overrides {
-            sets: vec!["window.grace=5s".into(), "window.grace=0".into()],
-            broker: None,
-        },
-    )
-    .finish()
-    .unwrap();
+    let c = good_with(&["window.grace=5s", "window.grace=0"]);
     assert_eq!(c.window.grace, Duration::ZERO);
     // Any other bare number still needs its unit, and the message says so.
     let p = problems(GOOD, &["window.grace=5"]);
@@ -63,11 +53,7 @@ fn a_number_too_large_for_an_integer_is_named_so() {
     // Other values that are not TOML stay strings.
     assert_eq!(problems(GOOD, &["source.topic=in-2"]), Vec::<String>::new());
     let p = problems(GOOD, &["brokers.memory.partitions=12ab"]);
-    assert!(
-        p.iter()
-            .any(|l| l.contains("expected an integer, found a string")),
-        "{p:#?}"
-    );
+    assert_has(&p, "expected an integer, found a string");
 }
 
 /// Each Kinesis problem is reported at its own line, not at the section's header.
@@ -121,52 +107,28 @@ fn a_hopping_window_with_too_many_windows_per_event_is_refused_at_its_line() {
         problems(&text, &["window.advance=10s"]),
         Vec::<String>::new()
     );
-    let c = load_str("p.toml", GOOD, &Overrides::default())
-        .finish()
-        .unwrap();
+    let c = good_with(&[]);
     assert_eq!(
         c.window.max_open_entries,
         weir_engine::window::DEFAULT_MAX_OPEN_ENTRIES
     );
     let p = problems(GOOD, &["window.max_open_entries=0"]);
-    assert!(
-        p.iter()
-            .any(|l| l.contains("window.max_open_entries: 0 is out of range")),
-        "{p:#?}"
-    );
+    assert_has(&p, "window.max_open_entries: 0 is out of range");
 }
 
 /// `[serve] body_timeout` and `min_body_rate`: defaults, overrides and their checks.
 #[test]
 fn serve_body_limits_have_defaults_and_are_checked() {
-    let c = load_str("p.toml", GOOD, &Overrides::default())
-        .finish()
-        .unwrap();
+    let c = good_with(&[]);
     assert_eq!(
         (c.serve.body_timeout, c.serve.min_body_rate),
         (Duration::from_secs(10), 1024)
     );
-    let c = load_str(
-        "p.toml",
-        GOOD,
-        &Overrides {
-            sets: vec![
-                "serve.body_timeout=2s".into(),
-                "serve.min_body_rate=10".into(),
-            ],
-            broker: None,
-        },
-    )
-    .finish()
-    .unwrap();
+    let c = good_with(&["serve.body_timeout=2s", "serve.min_body_rate=10"]);
     assert_eq!(
         (c.serve.body_timeout, c.serve.min_body_rate),
         (Duration::from_secs(2), 10)
     );
     let p = problems(GOOD, &["serve.min_body_rate=0"]);
-    assert!(
-        p.iter()
-            .any(|l| l.contains("serve.min_body_rate: 0 is out of range")),
-        "{p:#?}"
-    );
+    assert_has(&p, "serve.min_body_rate: 0 is out of range");
 }

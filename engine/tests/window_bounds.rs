@@ -41,7 +41,7 @@ fn events_that_would_open_entries_past_the_bound_are_dead_letters() {
     let mut op = WindowOperator::new(&hopping(25), "t");
     let now = Instant::now();
     let mut out = Emitted::default();
-    let mut ingest = |op: &mut WindowOperator, o, k, t, out: &mut Emitted| {
+    let ingest = |op: &mut WindowOperator, o, k, t, out: &mut Emitted| {
         op.ingest(&rec(o, k, t), now, now_ms(), out)
     };
     assert_eq!(ingest(&mut op, 0, "a", 1_000, &mut out), Outcome::Windowed);

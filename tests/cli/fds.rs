@@ -19,3 +19,12 @@ pub fn allow_files(n: u64) {
         lim.maximum
     );
 }
+
+/// `n` connections to `addr` that send nothing, held until dropped.
+pub async fn hold_connections(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    held
+}

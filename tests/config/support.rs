@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use weir::Backend;
-use weir_engine::config::{load_str, Overrides};
+use weir_engine::config::{load_str, Overrides, PipelineConfig};
 
 /// Every problem `weir validate` would list for `text` (as `p.toml`) with `--set sets`,
 /// one line each.
@@ -39,3 +39,17 @@ topic = "out"
 [dead_letter]
 topic = "dlq"
 "#;
+
+/// [`GOOD`] with `--set sets`, loaded without problems.
+pub fn good_with(sets: &[&str]) -> PipelineConfig {
+    let overrides = Overrides {
+        sets: sets.iter().map(|s| s.to_string()).collect(),
+        broker: None,
+    };
+    load_str("p.toml", GOOD, &overrides).finish().unwrap()
+}
+
+/// That one of the problems `p` contains `want`.
+pub fn assert_has(p: &[String], want: &str) {
+    assert!(p.iter().any(|l| l.contains(want)), "no {want:?} in {p:#?}");
+}

@@ -118,12 +118,13 @@ pub(super) fn window(r: &mut TableReader<'_>, d: &mut Diagnostics) -> WindowConf
                     let size = ms(d, &mut t, "size", Duration::from_secs(10));
                     let advance_node = t.node("advance");
                     let advance = ms(d, &mut t, "advance", Duration::from_secs(5));
+                    let advance_loc = advance_node
+                        .map(|n| n.loc.clone())
+                        .unwrap_or_else(|| t.loc().clone());
                     let per_event = WindowKind::Hopping { size, advance }.windows_per_event();
                     if per_event > MAX_WINDOWS_PER_EVENT {
                         d.push(
-                            &advance_node
-                                .map(|n| n.loc.clone())
-                                .unwrap_or_else(|| t.loc().clone()),
+                            &advance_loc,
                             "window.advance",
                             format!(
                                 "puts every event in {per_event} windows (size {} / advance {}); at most {MAX_WINDOWS_PER_EVENT} \
@@ -135,9 +136,7 @@ pub(super) fn window(r: &mut TableReader<'_>, d: &mut Diagnostics) -> WindowConf
                     }
                     if advance > size {
                         d.push(
-                            &advance_node
-                                .map(|n| n.loc.clone())
-                                .unwrap_or_else(|| t.loc().clone()),
+                            &advance_loc,
                             "window.advance",
                             "must not be larger than `size` (events would fall between windows)",
                         );
