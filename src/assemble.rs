@@ -28,6 +28,54 @@ pub struct FileIo {
     pub late: Option<String>,
 }
 
+impl FileIo {
+    /// Refuses files that would destroy each other: an output (`--output`,
+    /// `--dead-letter`, `--late`) that is the input file, or two outputs that are one
+    /// file (compared by device and inode, so other names of a file count too; `-` is
+    /// standard input or output, as redirected). Standard streams that are not regular
+    /// files (a terminal, a pipe) may be shared.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let outputs = [
+            ("--output", &self.output),
+            ("--dead-letter", &self.dead_letter),
+            ("--late", &self.late),
+        ];
+        let mut seen: Vec<(&str, &str, (u64, u64))> = Vec::new();
+        if let Some(id) = self.input.as_deref().and_then(|p| file_id(p, "/dev/stdin")) {
+            seen.push(("--input", self.input.as_deref().unwrap_or_default(), id));
+        }
+        for (flag, path) in outputs {
+            let Some(path) = path.as_deref() else {
+                continue;
+            };
+            let Some(id) = file_id(path, "/dev/stdout") else {
+                continue;
+            };
+            if let Some((other, other_path, _)) = seen.iter().find(|(_, _, i)| *i == id) {
+                anyhow::bail!(
+                    "{flag} {path} is the same file as {other} {other_path}: writing it would \
+                     destroy what {}; name another file",
+                    if *other == "--input" {
+                        "is being read"
+                    } else {
+                        "the other writes"
+                    }
+                );
+            }
+            seen.push((flag, path, id));
+        }
+        Ok(())
+    }
+}
+
+/// Device and inode of the regular file `path` names (`-`: `stdio`, the standard stream
+/// as redirected), if it exists and is one.
+fn file_id(path: &str, stdio: &str) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(if path == "-" { stdio } else { path }).ok()?;
+    m.is_file().then(|| (m.dev(), m.ino()))
+}
+
 /// The opened parts of a pipeline. Callers may wrap any of them (e.g. tee the results to a
 /// live view) before [`into_pipeline`](Parts::into_pipeline).
 pub struct Parts {
@@ -80,11 +128,14 @@ impl Parts {
         input: Option<Box<dyn Source>>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Parts> {
+        // Before anything is opened: creating an output truncates it.
+        io.check()?;
         let mut source: Box<dyn Source> = match (input, &io.input) {
             (Some(input), _) => input,
             (None, Some(path)) => Box::new(
                 JsonLinesSource::open(path)
                     .await?
+                    .max_line_bytes(c.source.max_payload_bytes)
                     .counting_into(metrics.clone()),
             ),
             (None, None) => {

@@ -6,6 +6,7 @@ pub mod assemble;
 pub mod backend;
 pub mod demo;
 pub mod golden;
+pub mod http;
 pub mod observe;
 pub mod serve;
 

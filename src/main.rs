@@ -202,6 +202,11 @@ fn main() -> ExitCode {
             pipeline_main(&p, true, |c, backend| serve(a, c, backend))
         }
         Command::Run(a) => {
+            // Before anything is opened (creating an output truncates it): a usage error.
+            if let Err(e) = run_cmd::file_io(&a).check() {
+                eprintln!("error: {}", one_line(&e));
+                return ExitCode::from(2);
+            }
             let p = a.p.clone();
             pipeline_main(&p, false, |c, backend| run_cmd::run(a, c, backend))
         }

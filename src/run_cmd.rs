@@ -31,8 +31,13 @@ pub(crate) async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyh
             .with_context(|| format!("cannot listen on {addr} for /metrics"))?;
         let local = listener.local_addr()?;
         tracing::info!("metrics: http://{local}/metrics and http://{local}/healthz");
-        let server = axum::serve(listener, weir::observe::router(observer.clone()))
-            .with_graceful_shutdown(tails_done.clone().cancelled_owned());
+        // The same front as `weir serve`'s, with its limits (`[serve]`).
+        let server = weir::http::serve(
+            listener,
+            weir::observe::router(observer.clone()),
+            weir::http::Limits::from(&c.serve),
+            tails_done.clone(),
+        );
         tasks.spawn(async move {
             if let Err(e) = server.await {
                 tracing::error!(error = %e, "the metrics server stopped");
@@ -153,6 +158,16 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// The files `a` names instead of topics.
+pub(crate) fn file_io(a: &RunArgs) -> FileIo {
+    FileIo {
+        input: a.input.clone(),
+        output: a.output.clone(),
+        dead_letter: a.dead_letter.clone(),
+        late: a.late.clone(),
+    }
+}
+
 /// Opens the pipeline's parts and starts what feeds and prints the memory broker.
 async fn start(
     a: &RunArgs,
@@ -164,13 +179,7 @@ async fn start(
     metrics: std::sync::Arc<weir_engine::metrics::Metrics>,
 ) -> anyhow::Result<Parts> {
     let memory = backend.in_process();
-    let io = FileIo {
-        input: a.input.clone(),
-        output: a.output.clone(),
-        dead_letter: a.dead_letter.clone(),
-        late: a.late.clone(),
-    };
-    let parts = Parts::open(c, backend, &io, metrics).await?;
+    let parts = Parts::open(c, backend, &file_io(a), metrics).await?;
 
     // The embedded broker lives and dies with this process: feed it with the demo
     // generator when there is no --input, and print what lands in its topics.

@@ -1,6 +1,8 @@
 //! The `weir` binary seen from outside while it runs: the demo and its graceful Ctrl-C,
 //! `/metrics` and `/healthz` of `weir run`, progress and colour only on a terminal.
 
+#[path = "cli/fds.rs"]
+mod fds;
 #[path = "cli/support.rs"]
 mod support;
 
@@ -302,4 +304,29 @@ fn progress_and_colour_only_on_a_terminal() {
         // The log's dimmed timestamp: colour on a terminal unless NO_COLOR.
         assert_eq!(tty.contains("\u{1b}[2m"), !no_color, "{tty}");
     }
+}
+
+/// `weir run --metrics-listen` has the limits of `weir serve` (one HTTP front): under a
+/// 1,024 descriptor limit, 1,100 connections that never send a byte do not keep
+/// `/healthz` from answering (past `max_connections` the longest-idle ones are closed).
+#[tokio::test]
+async fn run_metrics_answer_past_1100_idle_connections_under_a_1024_descriptor_limit() {
+    fds::allow_files(4096);
+    let mut capped = Command::new("prlimit");
+    capped
+        .args(["--nofile=1024", "--", env!("CARGO_BIN_EXE_weir")])
+        .env_remove("WEIR_BROKER")
+        .args(["run", &pipeline(), "--metrics-listen", "127.0.0.1:0"]);
+    let (mut child, base) = observed(&mut capped);
+    let addr = base.trim_start_matches("http://").to_string();
+    let idle = fds::hold_connections(&addr, 1100).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let health = client.get(format!("{base}/healthz")).send().await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(health.unwrap().status().as_u16(), 200);
+    drop(idle);
 }

@@ -3,39 +3,12 @@
 
 use std::path::Path;
 
+#[path = "config/support.rs"]
+mod support;
+
+use support::{problems, GOOD};
 use weir::Backend;
 use weir_engine::config::{load_str, Loc, Overrides, Value};
-
-fn problems(text: &str, sets: &[&str]) -> Vec<String> {
-    let overrides = Overrides {
-        sets: sets.iter().map(|s| s.to_string()).collect(),
-        broker: None,
-    };
-    let mut loaded = load_str("p.toml", text, &overrides);
-    let _ = Backend::from_config(&loaded.config, &mut loaded.diagnostics);
-    match loaded.finish() {
-        Ok(_) => Vec::new(),
-        Err(e) => e
-            .to_string()
-            .lines()
-            .skip(1)
-            .map(|l| l.trim().to_string())
-            .collect(),
-    }
-}
-
-const GOOD: &str = r#"
-[source]
-topic = "in"
-[window]
-size = "10s"
-[aggregate]
-group_by = "user_id"
-[sink]
-topic = "out"
-[dead_letter]
-topic = "dlq"
-"#;
 
 /// The shipped pipelines: `pipelines/*.toml` except `brokers.toml`, which they include.
 fn shipped_pipelines() -> Vec<std::path::PathBuf> {

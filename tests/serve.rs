@@ -2,6 +2,8 @@
 //! code of the ingest API, health, metrics and the page, and the limits on connections.
 //! The live feed of window results is in `tests/serve_live.rs`.
 
+#[path = "cli/fds.rs"]
+mod fds;
 #[path = "serve/support.rs"]
 mod support;
 
@@ -296,32 +298,13 @@ async fn page_health_and_metrics_are_served() {
     assert!(wrong_method.json::<Value>().await.unwrap()["message"].is_string());
 }
 
-/// Raises this process's open-file limit so it can hold many sockets.
-fn allow_files(n: u64) {
-    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
-    let lim = getrlimit(Resource::Nofile);
-    let want = Rlimit {
-        current: Some(n.min(lim.maximum.unwrap_or(u64::MAX))),
-        maximum: lim.maximum,
-    };
-    if lim.current.is_some_and(|c| c < n) {
-        setrlimit(Resource::Nofile, want).unwrap();
-    }
-    let now = getrlimit(Resource::Nofile).current;
-    assert!(
-        now.is_none_or(|c| c >= n),
-        "this test needs {n} open files; the hard limit is {:?}",
-        lim.maximum
-    );
-}
-
 /// The issue's lock-out: 1,100 connections that never send a byte, against a server
 /// limited to 1,024 file descriptors. With the default `[serve]` limits the server keeps
 /// accepting (closing the longest-idle connections past `max_connections`), so a real
 /// request still gets its answer.
 #[tokio::test]
 async fn idle_connections_do_not_lock_out_a_request_under_a_1024_descriptor_limit() {
-    allow_files(4096);
+    fds::allow_files(4096);
     // The server under `ulimit -n 1024`, as the issue found it.
     let mut cmd = Command::new("sh");
     cmd.args([
@@ -331,20 +314,21 @@ async fn idle_connections_do_not_lock_out_a_request_under_a_1024_descriptor_limi
     ]);
     let s = Server::start_cmd(&[], &[], &[], cmd);
     let addr = s.addr();
-    let mut idle = Vec::with_capacity(1100);
-    for _ in 0..1100 {
-        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
-    }
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let idle = fds::hold_connections(&addr, 1100).await;
+    answers_within(&s, Duration::from_secs(10)).await;
+    drop(idle);
+}
+
+/// `/healthz` answers 200 and `POST /track` 202, both within `limit`.
+async fn answers_within(s: &Server, limit: Duration) {
+    let client = reqwest::Client::builder().timeout(limit).build().unwrap();
+    let started = Instant::now();
     let health = client.get(s.at("/healthz")).send().await.unwrap();
     assert_eq!(health.status().as_u16(), 200);
     let ev = event("User1", "2024-06-27T15:43:43Z");
     let tracked = client.post(s.at("/track")).body(ev).send().await.unwrap();
     assert_eq!(tracked.status().as_u16(), 202);
-    drop(idle);
+    assert!(started.elapsed() < limit, "{:?}", started.elapsed());
 }
 
 /// A client that sends half its headers is closed after `header_timeout`; one that sends
@@ -387,4 +371,101 @@ Host: x
         took >= Duration::from_millis(3900),
         "kept alive until idle: {took:?}"
     );
+}
+
+/// The issue's other lock-out: 700 connections that send complete `POST /track` headers
+/// and then one byte of the body, or none. They count against `max_connections` (512 by
+/// default) and are closed to make room, so `/healthz` and `POST /track` answer at once,
+/// well before the body timeout (10 s by default) would close them.
+#[tokio::test]
+async fn stalled_request_bodies_do_not_lock_out_the_server() {
+    use tokio::io::AsyncWriteExt as _;
+    fds::allow_files(4096);
+    let s = Server::start(&[], &[]);
+    let addr = s.addr();
+    let head = b"POST /track HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    let mut stalled = Vec::with_capacity(700);
+    for i in 0..700 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(head).await.unwrap();
+        if i % 2 == 0 {
+            c.write_all(b"{").await.unwrap();
+        }
+        stalled.push(c);
+    }
+    answers_within(&s, Duration::from_secs(5)).await;
+    drop(stalled);
+}
+
+/// A body that stops gets 408 after `body_timeout`; one that trickles slower than
+/// `min_body_rate` too, a little later; a body sent in pieces at a good rate is served.
+#[tokio::test]
+async fn a_stalled_or_trickling_body_gets_408_after_the_body_timeout() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let s = Server::start(&["serve.body_timeout=1s", "serve.min_body_rate=100"], &[]);
+    let addr = s.addr();
+    let ev = event("User1", "2024-06-27T15:43:43Z");
+    let head = format!(
+        "POST /track HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        ev.len()
+    );
+    let answer = |mut c: tokio::net::TcpStream| async move {
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut buf)).await;
+        assert!(read.is_ok(), "still open after 10 s");
+        (started.elapsed(), String::from_utf8_lossy(&buf).to_string())
+    };
+
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    stalled.write_all(&ev.as_bytes()[..1]).await.unwrap();
+    let (took, text) = answer(stalled).await;
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("request body not received in time"), "{text}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+
+    // 10 bytes/s against a minimum of 100: at most 1 s + 10 bytes / 100 bytes/s, plus a tick.
+    let mut trickle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let body = ev.clone().into_bytes();
+    let (tx, done) = tokio::sync::oneshot::channel();
+    let (mut rd, mut wr) = trickle.into_split();
+    tokio::spawn(async move {
+        for b in body {
+            if wr.write_all(&[b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = tx.send(wr);
+    });
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut buf))
+        .await
+        .expect("closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(done);
+
+    // Two pieces 300 ms apart: in time.
+    let mut pieces = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    pieces.write_all(head.as_bytes()).await.unwrap();
+    let (a, b) = ev.as_bytes().split_at(ev.len() / 2);
+    pieces.write_all(a).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pieces.write_all(b).await.unwrap();
+    let mut first = vec![0u8; 12];
+    pieces.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 202");
 }

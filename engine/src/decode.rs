@@ -299,6 +299,21 @@ impl Decoder {
         self.check(payload).map_err(|problems| problems.join("; "))
     }
 
+    /// [`decode`](Self::decode) of a record's payload; a payload its source cut short for
+    /// its size ([`Record::cut_from`](crate::Record::cut_from)) is oversized whatever its
+    /// first bytes are.
+    #[inline]
+    pub fn decode_record<'a>(&self, rec: &'a crate::Record) -> Result<Decoded<'a>, String> {
+        match rec.cut_from() {
+            Some(n) => Err(format!(
+                "payload is {n} bytes, over the limit of {} bytes (only its first {} bytes were kept)",
+                self.max_payload,
+                rec.payload.len()
+            )),
+            None => self.decode(&rec.payload),
+        }
+    }
+
     /// Like [`decode`](Self::decode), but on failure returns every problem separately (for
     /// an ingest API that lists them): one entry for a payload that is not a JSON object,
     /// one per schema field otherwise.

@@ -115,6 +115,29 @@ pub const HEADER_SOURCE_OFFSET: &str = "weir.source.offset";
 /// Header a source puts on a record that had no value at all (a Kafka tombstone), as
 /// opposed to an empty one: `true`.
 pub const HEADER_NULL_VALUE: &str = "weir.null_value";
+/// Header on a record whose payload was cut for its size (by a source reading a line past
+/// `max_payload_bytes`, or to fit a dead letter to the broker): `true`.
+pub const HEADER_TRUNCATED: &str = "weir.truncated";
+/// Header on a cut record: the original payload's size in bytes.
+pub const HEADER_PAYLOAD_BYTES: &str = "weir.payload_bytes";
+
+impl Record {
+    /// The size of the payload a source cut short (see [`HEADER_TRUNCATED`]), if it was;
+    /// such a record holds only the payload's first bytes and is dead-lettered as
+    /// oversized.
+    #[inline]
+    pub fn cut_from(&self) -> Option<u64> {
+        if self.headers.is_empty() {
+            return None;
+        }
+        let header = |name: &str| self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+        header(HEADER_TRUNCATED).filter(|v| v.as_ref() == b"true")?;
+        std::str::from_utf8(header(HEADER_PAYLOAD_BYTES)?)
+            .ok()?
+            .parse()
+            .ok()
+    }
+}
 
 /// The 64-bit FNV-1a hash of `bytes`: stable across runs, versions and languages, so the
 /// partition a key goes to (`fnv1a(key) % partitions`) is the same for the memory broker,

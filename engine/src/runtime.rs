@@ -162,17 +162,9 @@ impl Pipeline {
     /// Runs until the source ends or shutdown is requested.
     pub async fn run(mut self) -> Result<Summary> {
         let topic = self.source.topic().to_string();
-        if let (crate::config::LatePolicy::Output(t), None) = (&self.job.late, &self.late) {
-            return Err(EngineError::Stopped(format!(
-                "late events go to `{t}` but the pipeline has no late output"
-            )));
-        }
-        if let (Some(r), None) = (&self.job.retry, &self.retry) {
-            return Err(EngineError::Stopped(format!(
-                "retries go to `{}` but the pipeline has no retry output",
-                r.topic
-            )));
-        }
+        self.job
+            .check(self.late.is_some(), self.retry.is_some())
+            .map_err(EngineError::Stopped)?;
         let mut op = WindowOperator::new(&self.job, &topic);
         if let Some(cb) = self.on_error.take() {
             op.set_error_callback(cb);

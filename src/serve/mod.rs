@@ -7,7 +7,6 @@
 //!                                                                          └─▶ Hub ─▶ /ws clients
 //! ```
 
-mod http;
 mod ingest;
 mod live;
 mod prom;
@@ -143,10 +142,10 @@ pub async fn serve(
         stop: stop.clone(),
         config: c,
     });
-    let server = tokio::spawn(http::serve(
+    let server = tokio::spawn(crate::http::serve(
         listener,
         routes::router(app.clone()),
-        http::Limits::from(&app.config.serve),
+        crate::http::Limits::from(&app.config.serve),
         stop.clone(),
     ));
 

@@ -143,6 +143,9 @@ impl AmqpConfig {
             Some("direct") => ExchangeType::Direct,
             _ => ExchangeType::Topic,
         };
+        let durable_loc = r
+            .node("durable")
+            .map_or_else(|| r.loc().clone(), |n| n.loc.clone());
         c.durable = r.bool_or(d, "durable", true);
         c.prefetch = r.uint_or(d, "prefetch", 10_000, 1..=65_535) as u16;
         c.queue_type = match one_of(r, d, "queue_type", &["classic", "quorum", "stream"]).as_deref()
@@ -176,7 +179,7 @@ impl AmqpConfig {
         }
         if !c.durable && c.queue_type != QueueType::Classic {
             d.push(
-                r.loc(),
+                &durable_loc,
                 "brokers.amqp.durable",
                 format!(
                     "{} queues are always durable; remove `durable = false`",

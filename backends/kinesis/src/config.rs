@@ -107,9 +107,12 @@ impl KinesisConfig {
     pub fn read(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Self {
         let mut c = KinesisConfig::default();
         let loc = &r.loc().clone();
+        let region_loc = r
+            .node("region")
+            .map_or_else(|| loc.clone(), |n| n.loc.clone());
         c.region = r.str_or(d, "region", "us-east-1");
         if c.region.is_empty() {
-            d.push(loc, "brokers.kinesis.region", "must not be empty");
+            d.push(&region_loc, "brokers.kinesis.region", "must not be empty");
         }
         if let Some(n) = r.node("endpoint_url") {
             c.endpoint_url = url(n, "brokers.kinesis.endpoint_url", d);
@@ -127,6 +130,9 @@ impl KinesisConfig {
         }
         c.create_streams = r.bool_or(d, "create_streams", false);
         c.shards = r.uint_or(d, "shards", 1, 1..=1024) as u32;
+        let pos_loc = r
+            .node("start_position")
+            .map_or_else(|| loc.clone(), |n| n.loc.clone());
         let pos = r.str_or(d, "start_position", "trim_horizon");
         let ts_node = r.node("start_timestamp");
         c.start_position = match pos.to_ascii_lowercase().as_str() {
@@ -151,7 +157,7 @@ impl KinesisConfig {
                 }
                 None => {
                     d.push(
-                        loc,
+                        &pos_loc,
                         "brokers.kinesis.start_timestamp",
                         "required when start_position = \"at_timestamp\"",
                     );
@@ -160,7 +166,7 @@ impl KinesisConfig {
             },
             other => {
                 d.push(
-                    loc,
+                    &pos_loc,
                     "brokers.kinesis.start_position",
                     format!("`{other}` is not one of trim_horizon, latest, at_timestamp"),
                 );

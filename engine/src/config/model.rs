@@ -115,6 +115,9 @@ pub struct WindowConfig {
     pub idle_timeout: Duration,
     /// When results are emitted.
     pub emit: EmitMode,
+    /// The most open (window, key) entries, over all partitions: an event that would open
+    /// more is refused as a validation failure (a dead letter by default).
+    pub max_open_entries: usize,
 }
 
 /// When window results are emitted.
@@ -167,7 +170,8 @@ pub struct DemoConfig {
     pub invalid_every: usize,
 }
 
-/// `[serve]`: the HTTP ingest API and live view of `weir serve`.
+/// `[serve]`: the HTTP ingest API and live view of `weir serve`; its limits apply to
+/// `weir run`'s metrics endpoint too.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     /// Address to listen on (`--listen` overrides it); loopback by default.
@@ -185,9 +189,15 @@ pub struct ServeConfig {
     pub token_env: String,
     /// How long a client may take to send a request's headers (slow clients are closed).
     pub header_timeout: Duration,
+    /// How long a client may take to send a request's body, beyond one second per
+    /// `min_body_rate` bytes received (late bodies get 408 and their connection closes).
+    pub body_timeout: Duration,
+    /// Bytes per second a request body must keep up after `body_timeout`.
+    pub min_body_rate: u64,
     /// How long a connection may stay open without a request in progress.
     pub idle_timeout: Duration,
-    /// Most open connections; past it the longest-idle connection is closed to make room.
+    /// Most open connections; past it the connection idle (or stalled in its request
+    /// body) the longest is closed to make room.
     pub max_connections: usize,
 }
 

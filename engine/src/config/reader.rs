@@ -148,11 +148,15 @@ impl<'t> TableReader<'t> {
     }
 
     fn wrong(&self, d: &mut Diagnostics, key: &str, n: &Node, want: &str) {
-        d.push(
-            &n.loc,
-            &self.key_path(key),
-            format!("expected {want}, found {}", n.value.type_name()),
-        );
+        let msg = match &n.value {
+            Value::BigInt(text) => format!(
+                "{text} is a number too large for an integer (integers go from {} to {}); expected {want}",
+                i64::MIN,
+                i64::MAX
+            ),
+            v => format!("expected {want}, found {}", v.type_name()),
+        };
+        d.push(&n.loc, &self.key_path(key), msg);
     }
 
     /// A string setting.
@@ -235,7 +239,7 @@ impl<'t> TableReader<'t> {
         }
     }
 
-    /// A duration setting (`"2s"`, `"500ms"`) with a default.
+    /// A duration setting (`"2s"`, `"500ms"`, or a bare `0`) with a default.
     pub fn duration_or(
         &mut self,
         d: &mut Diagnostics,
@@ -253,6 +257,26 @@ impl<'t> TableReader<'t> {
                 d.push(&n.loc, &self.key_path(key), e);
                 default
             }),
+            // Zero needs no unit, in the file as on the command line (`--set x=0`).
+            Some(Node {
+                value: Value::Int(0),
+                ..
+            }) => Duration::ZERO,
+            Some(
+                n @ Node {
+                    value: Value::Int(i),
+                    ..
+                },
+            ) => {
+                d.push(
+                    &n.loc,
+                    &self.key_path(key),
+                    format!(
+                        "expected a duration string such as \"2s\", found an integer (add a unit: \"{i}s\", \"{i}ms\"; only 0 goes without one)"
+                    ),
+                );
+                default
+            }
             Some(n) => {
                 self.wrong(d, key, n, "a duration string such as \"2s\"");
                 default

@@ -46,7 +46,8 @@ pub(super) fn observability(r: &mut TableReader<'_>, d: &mut Diagnostics) -> Obs
     c
 }
 
-/// `[serve]`: the limits of `weir serve`'s HTTP server.
+/// `[serve]`: `weir serve`'s settings, and the limits of every HTTP front (`weir serve`
+/// and `weir run`'s metrics endpoint).
 pub(super) fn serve(
     r: &mut TableReader<'_>,
     d: &mut Diagnostics,
@@ -60,6 +61,8 @@ pub(super) fn serve(
         publish_timeout: Duration::from_secs(5),
         token_env: "WEIR_SERVE_TOKEN".into(),
         header_timeout: Duration::from_secs(10),
+        body_timeout: Duration::from_secs(10),
+        min_body_rate: 1024,
         idle_timeout: Duration::from_secs(60),
         max_connections: 512,
     };
@@ -84,6 +87,8 @@ pub(super) fn serve(
         publish_timeout: t.duration_or(d, "publish_timeout", def.publish_timeout),
         token_env: t.str_or(d, "token_env", &def.token_env),
         header_timeout: t.duration_or(d, "header_timeout", def.header_timeout),
+        body_timeout: t.duration_or(d, "body_timeout", def.body_timeout),
+        min_body_rate: t.uint_or(d, "min_body_rate", def.min_body_rate, 1..=1 << 40),
         idle_timeout: t.duration_or(d, "idle_timeout", def.idle_timeout),
         max_connections: u(&mut t, d, "max_connections", def.max_connections, 1_000_000).max(1),
     };

@@ -47,6 +47,9 @@ pub enum Value {
     Bool(bool),
     /// A date-time, kept as its text.
     Datetime(String),
+    /// A whole number too large for an integer (64 bits), kept as its text so that the
+    /// message can say so rather than call it a string.
+    BigInt(String),
     /// An array.
     Array(Vec<Node>),
     /// A table.
@@ -62,6 +65,7 @@ impl Value {
             Value::Float(_) => "a float",
             Value::Bool(_) => "a boolean",
             Value::Datetime(_) => "a date-time",
+            Value::BigInt(_) => "a number too large for an integer",
             Value::Array(_) => "an array",
             Value::Table(_) => "a table",
         }
@@ -163,7 +167,7 @@ fn node_from_de(v: &Spanned<DeValue<'_>>, lines: &LineIndex<'_>) -> Node {
             let text: String = i.as_str().chars().filter(|c| *c != '_').collect();
             match i64::from_str_radix(text.trim_start_matches('+'), i.radix()) {
                 Ok(n) => Value::Int(n),
-                Err(_) => Value::Str(text),
+                Err(_) => Value::BigInt(text),
             }
         }
         DeValue::Float(f) => Value::Float(

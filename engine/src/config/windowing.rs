@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use crate::decode::TimeSource;
 use crate::time::TimeFormat;
-use crate::window::WindowKind;
+use crate::window::{WindowKind, DEFAULT_MAX_OPEN_ENTRIES, MAX_WINDOWS_PER_EVENT};
 
 use super::model::{EmitMode, WindowConfig, DEFAULT_MAX_FUTURE};
 use super::reader::{Diagnostics, TableReader};
@@ -118,11 +118,25 @@ pub(super) fn window(r: &mut TableReader<'_>, d: &mut Diagnostics) -> WindowConf
                     let size = ms(d, &mut t, "size", Duration::from_secs(10));
                     let advance_node = t.node("advance");
                     let advance = ms(d, &mut t, "advance", Duration::from_secs(5));
+                    let advance_loc = advance_node
+                        .map(|n| n.loc.clone())
+                        .unwrap_or_else(|| t.loc().clone());
+                    let per_event = WindowKind::Hopping { size, advance }.windows_per_event();
+                    if per_event > MAX_WINDOWS_PER_EVENT {
+                        d.push(
+                            &advance_loc,
+                            "window.advance",
+                            format!(
+                                "puts every event in {per_event} windows (size {} / advance {}); at most {MAX_WINDOWS_PER_EVENT} \
+                                 are allowed per event: a larger advance (\"1m\" rather than \"1ms\"?) or a smaller size",
+                                crate::time::human(Duration::from_millis(size as u64)),
+                                crate::time::human(Duration::from_millis(advance as u64)),
+                            ),
+                        );
+                    }
                     if advance > size {
                         d.push(
-                            &advance_node
-                                .map(|n| n.loc.clone())
-                                .unwrap_or_else(|| t.loc().clone()),
+                            &advance_loc,
                             "window.advance",
                             "must not be larger than `size` (events would fall between windows)",
                         );
@@ -187,6 +201,12 @@ pub(super) fn window(r: &mut TableReader<'_>, d: &mut Diagnostics) -> WindowConf
             if idle_timeout.is_zero() {
                 d.push(t.loc(), "window.idle_timeout", "must be more than 0");
             }
+            let max_open_entries = t.uint_or(
+                d,
+                "max_open_entries",
+                DEFAULT_MAX_OPEN_ENTRIES as u64,
+                1..=1_000_000_000,
+            ) as usize;
             let emit_node = t.node("emit");
             let emit = match t.str_or(d, "emit", "final").as_str() {
                 "final" => EmitMode::Final,
@@ -206,6 +226,7 @@ pub(super) fn window(r: &mut TableReader<'_>, d: &mut Diagnostics) -> WindowConf
                 grace,
                 idle_timeout: idle_timeout.max(Duration::from_millis(1)),
                 emit,
+                max_open_entries,
             }
         }
         None => {
@@ -219,6 +240,7 @@ pub(super) fn window(r: &mut TableReader<'_>, d: &mut Diagnostics) -> WindowConf
                 grace: Duration::ZERO,
                 idle_timeout: Duration::from_secs(5),
                 emit: EmitMode::Final,
+                max_open_entries: DEFAULT_MAX_OPEN_ENTRIES,
             }
         }
     }

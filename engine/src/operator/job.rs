@@ -62,6 +62,30 @@ impl Job {
         }
     }
 
+    /// Why this job cannot run with the outputs given (`late`: a late output,
+    /// `retry`: a retry output), or a window definition past the engine's bounds.
+    pub fn check(&self, late: bool, retry: bool) -> Result<(), String> {
+        if let (LatePolicy::Output(t), false) = (&self.late, late) {
+            return Err(format!(
+                "late events go to `{t}` but the pipeline has no late output"
+            ));
+        }
+        if let (Some(r), false) = (&self.retry, retry) {
+            return Err(format!(
+                "retries go to `{}` but the pipeline has no retry output",
+                r.topic
+            ));
+        }
+        let per_event = self.window.kind.windows_per_event();
+        if per_event > crate::window::MAX_WINDOWS_PER_EVENT {
+            return Err(format!(
+                "the window puts every event in {per_event} windows; at most {} are allowed",
+                crate::window::MAX_WINDOWS_PER_EVENT
+            ));
+        }
+        Ok(())
+    }
+
     /// A tumbling count per `key` over the event-time field `time_field`, in windows of
     /// `size`, with no schema beyond those two fields, no grace and a 5 s idle timeout.
     pub fn tumbling_count(key: &str, time_field: &str, size: Duration) -> Self {
@@ -80,6 +104,7 @@ impl Job {
                 grace: Duration::ZERO,
                 idle_timeout: Duration::from_secs(5),
                 emit: EmitMode::Final,
+                max_open_entries: crate::window::DEFAULT_MAX_OPEN_ENTRIES,
             },
             group_by: vec![key.into()],
             compute: vec![AggFn::Count],
@@ -139,6 +164,12 @@ impl Job {
     /// The same job with a limit on how far ahead of the wall clock events may be dated.
     pub fn with_max_future(mut self, max_future: Option<Duration>) -> Self {
         self.max_future = max_future;
+        self
+    }
+
+    /// The same job with a bound on open (window, key) entries.
+    pub fn with_max_open_entries(mut self, n: usize) -> Self {
+        self.window.max_open_entries = n;
         self
     }
 

@@ -4,6 +4,7 @@
 
 mod close;
 mod job;
+mod partitions;
 mod task;
 
 use std::time::Duration;
@@ -56,6 +57,13 @@ pub struct WindowOperator {
     ready: Vec<bool>,
     /// How far each partition was read, and what of it is a replay.
     offsets: Offsets,
+    /// The bound on open (window, key) entries (`window.max_open_entries`).
+    max_open: usize,
+    /// Open entries, counted up as events open them; at least the true number (closing
+    /// windows does not count it down: it is counted again when it nears `max_open`).
+    open: usize,
+    /// The most entries one event may open.
+    per_event: usize,
 }
 
 impl WindowOperator {
@@ -95,6 +103,9 @@ impl WindowOperator {
             shared: false,
             ready: Vec::new(),
             offsets: Offsets::default(),
+            max_open: job.window.max_open_entries,
+            open: 0,
+            per_event: job.window.kind.windows_per_event().min(usize::MAX as u64) as usize,
         }
     }
 
@@ -270,90 +281,6 @@ impl WindowOperator {
         o
     }
 
-    /// Declares the source partitions assigned to this pipeline (the whole current set),
-    /// with the checkpoints committed for them. Each partition's task starts from its
-    /// checkpoint's watermark; records below the checkpoint's `processed` offset are a
-    /// replay: those whose window that watermark had closed are skipped (their results
-    /// were delivered), the others are counted again.
-    pub fn assign(&mut self, partitions: &[(u32, Option<Checkpoint>)], now: Instant) {
-        // Retry-topic partitions never hold or move the watermark; an assignment of only
-        // retry partitions (the retry topic's consumer) leaves the source's as they are.
-        let ids: Vec<u32> = partitions
-            .iter()
-            .map(|(p, _)| *p)
-            .filter(|p| *p < RETRY_PARTITION_BASE)
-            .collect();
-        if !ids.is_empty() || partitions.is_empty() {
-            // Partitions no longer listed stop holding their task's watermark.
-            for (p, r) in self.ready.iter_mut().enumerate() {
-                if *r && !ids.contains(&(p as u32)) {
-                    *r = false;
-                    let i = if self.shared { 0 } else { p };
-                    if let Some(Some(t)) = self.tasks.get_mut(i) {
-                        t.watermarks.revoke(&[p as u32]);
-                    }
-                }
-            }
-        }
-        for &p in &ids {
-            self.ensure_task(p, now);
-        }
-        for (p, cp) in partitions {
-            // Back after this pipeline had it (a reconnect that redelivers, a rebalance that
-            // returns it): what it had processed then is a replay too, so its emitted
-            // windows are not emitted again and its records are not taken for late ones.
-            // The later of that and the committed checkpoint wins.
-            let Some(cp) = self.offsets.restore(*p, *cp) else {
-                continue;
-            };
-            if *p < RETRY_PARTITION_BASE {
-                let ti = self.task_index(*p);
-                let t = self.task(ti);
-                t.watermarks.restore(cp.watermark);
-                t.replay_watermark = t.replay_watermark.max(cp.watermark);
-                tracing::info!(
-                    partition = p,
-                    watermark = %crate::time::format_rfc3339(cp.watermark),
-                    replay_until = cp.processed,
-                    "restored checkpoint; replaying uncommitted input"
-                );
-            }
-        }
-    }
-
-    /// Forgets revoked partitions: their open window state is dropped uncommitted and they
-    /// no longer hold the watermark. Unless `aborted` (the outputs since the last commit
-    /// were thrown away with a transaction), what would have been committed now is
-    /// remembered for the partition's return.
-    pub fn revoke(&mut self, partitions: &[u32], aborted: bool) {
-        for &p in partitions {
-            let i = p as usize;
-            let cp = (self.offsets.seen(p) && !aborted).then(|| self.checkpoint(p));
-            self.offsets.revoke(p, cp);
-            if p < RETRY_PARTITION_BASE {
-                let ti = self.task_index(p);
-                if let Some(slot) = self.tasks.get_mut(ti) {
-                    if let Some(t) = slot.as_mut() {
-                        t.state.revoke(p);
-                        t.watermarks.revoke(&[p]);
-                        // A task whose partitions are all gone and that holds nothing
-                        // (retried records stay counted where they are) goes with them.
-                        if t.state.entries() == 0 && t.watermarks.assigned().next().is_none() {
-                            *slot = None;
-                        }
-                    }
-                }
-                if let Some(r) = self.ready.get_mut(i) {
-                    *r = false;
-                }
-            } else {
-                for t in self.tasks.iter_mut().flatten() {
-                    t.state.revoke(p);
-                }
-            }
-        }
-    }
-
     /// The watermark of the task that holds `partition` (for retry partitions, the
     /// lowest of all tasks).
     fn watermark_of(&self, partition: u32) -> i64 {
@@ -398,7 +325,7 @@ impl WindowOperator {
     ) -> Outcome {
         self.note_position(rec, now);
         let replaying = self.replaying(rec);
-        let ev = match self.decoder.decode(&rec.payload) {
+        let ev = match self.decoder.decode_record(rec) {
             Ok(ev) => ev,
             Err(reason) => return self.invalid(rec, &reason, replaying, now_ms, out),
         };
@@ -462,6 +389,20 @@ impl WindowOperator {
         } else {
             self.ensure_task(rec.position.partition, now)
         };
+        // A retried event keeps its own event time and never moves the watermark; a
+        // future-dated one (within `max_future`) moves it no further than the wall clock.
+        let watermarks = &mut self.tasks[ti].as_mut().expect("the task exists").watermarks;
+        let wm = if retried {
+            watermarks.current()
+        } else {
+            watermarks.observe(rec.position.partition, t.min(now_ms))
+        };
+        // Time moved on (so that windows close and make room) even if the event is refused.
+        if self.open.saturating_add(self.per_event) > self.max_open {
+            if let Some(reason) = self.state_full(ti, t) {
+                return self.invalid(rec, &reason, replaying, now_ms, out);
+            }
+        }
         let Emitted {
             dead,
             late: late_out,
@@ -470,14 +411,7 @@ impl WindowOperator {
         let (kind, grace) = (self.kind, self.grace);
         let (aggs, inputs) = (&self.aggs, &self.inputs);
         let task = self.tasks[ti].as_mut().expect("the task exists");
-        // A retried event keeps its own event time and never moves the watermark; a
-        // future-dated one (within `max_future`) moves it no further than the wall clock.
-        let wm = if retried {
-            task.watermarks.current()
-        } else {
-            task.watermarks
-                .observe(rec.position.partition, t.min(now_ms))
-        };
+        let before = task.state.entries();
         // After a restart, a replayed record counts again only where the checkpoint's
         // watermark had not closed its window yet: the rest was delivered before.
         let closed_at = replay::closed_at(replaying, task.replay_watermark, wm);
@@ -506,6 +440,7 @@ impl WindowOperator {
             }
             State::Sessions(_) => false,
         };
+        self.open += task.state.entries().saturating_sub(before);
         if added {
             return Outcome::Windowed;
         }
@@ -586,6 +521,22 @@ impl WindowOperator {
             .flatten()
             .filter_map(|t| t.watermarks.next_idle_deadline())
             .min()
+    }
+
+    /// Counts the open entries again (windows closed since), and says why the event of
+    /// the current group key at `t` is refused if it would take them past `max_open`.
+    #[cold]
+    fn state_full(&mut self, task: usize, t: i64) -> Option<String> {
+        self.open = self.open_entries();
+        let state = &self.tasks[task].as_ref()?.state;
+        let opens = state.would_open(self.kind, &self.key_buf, t);
+        (self.open + opens > self.max_open).then(|| {
+            format!(
+                "window state is full: {} open (window, key) entries, and this event would open {opens} more \
+                 (window.max_open_entries = {})",
+                self.open, self.max_open
+            )
+        })
     }
 
     /// Open (window, key) entries.

@@ -48,6 +48,19 @@ impl State {
         }
     }
 
+    /// How many entries an event of `key` at `t` would open (at most `kind`'s windows
+    /// per event; closed windows it would miss count too, so this is an upper bound).
+    pub(super) fn would_open(&self, kind: WindowKind, key: &[u8], t: i64) -> usize {
+        match self {
+            State::Fixed(s) => {
+                let mut n = 0;
+                kind.for_each(t, |w| n += usize::from(!s.contains(w, key)));
+                n
+            }
+            State::Sessions(s) => usize::from(!s.joins(key, t)),
+        }
+    }
+
     pub(super) fn windows(&self) -> usize {
         match self {
             State::Fixed(s) => s.windows(),

@@ -5,8 +5,8 @@ use bytes::Bytes;
 
 use crate::base64::base64;
 use crate::record::{
-    OutRecord, Record, HEADER_ERROR, HEADER_NULL_VALUE, HEADER_SOURCE_OFFSET,
-    HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC,
+    OutRecord, Record, HEADER_ERROR, HEADER_NULL_VALUE, HEADER_PAYLOAD_BYTES, HEADER_SOURCE_OFFSET,
+    HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC, HEADER_TRUNCATED,
 };
 
 /// Builds the dead letter for `record` from `topic`: a JSON envelope
@@ -68,6 +68,11 @@ pub(crate) fn dead_letter_from(
     if let Some(a) = attempts {
         env.insert("attempts".into(), a);
     }
+    // A payload its source cut short (a line past the size limit): its first bytes follow.
+    if let Some(n) = record.cut_from() {
+        env.insert("payload_truncated".into(), true.into());
+        env.insert("payload_bytes".into(), n.into());
+    }
     match std::str::from_utf8(&record.payload) {
         Ok(_) if null_value && record.payload.is_empty() => {
             env.insert("payload".into(), serde_json::Value::Null);
@@ -97,11 +102,6 @@ pub(crate) fn dead_letter_from(
         timestamp: record.timestamp,
     }
 }
-
-/// Header on a dead letter or late record whose payload was cut to fit the broker: `true`.
-pub(crate) const HEADER_TRUNCATED: &str = "weir.truncated";
-/// Header on a cut record: the original payload's size in bytes.
-pub(crate) const HEADER_PAYLOAD_BYTES: &str = "weir.payload_bytes";
 
 /// A record's size as brokers limit it: payload, key and headers (names and values).
 pub fn record_size(r: &OutRecord) -> usize {
@@ -180,7 +180,11 @@ pub fn fit_to(r: &OutRecord, max_bytes: usize) -> Option<OutRecord> {
         Some(serde_json::Value::String(p)) => p,
         _ => String::new(),
     };
-    let original_bytes = if base64_payload {
+    // A payload cut before (by its source) keeps the size it was cut from.
+    let cut_before = env.get("payload_bytes").and_then(|v| v.as_u64());
+    let original_bytes = if let Some(n) = cut_before {
+        n as usize
+    } else if base64_payload {
         let pad = original.bytes().rev().take_while(|b| *b == b'=').count();
         original.len() / 4 * 3 - pad
     } else {

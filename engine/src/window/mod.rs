@@ -15,6 +15,14 @@ pub use watermark::Watermarks;
 /// their own; longer ones spill to the heap.
 pub(crate) type GroupKey = smallvec::SmallVec<[u8; 16]>;
 
+/// The most windows one event may belong to (hopping windows: `size / advance`). A
+/// definition past it (a typo such as `advance = "1ms"` for `"1m"`) is refused: its
+/// events would each cost that many state entries and as much time.
+pub const MAX_WINDOWS_PER_EVENT: u64 = 10_000;
+
+/// The default bound on open (window, key) entries (`window.max_open_entries`).
+pub const DEFAULT_MAX_OPEN_ENTRIES: usize = 10_000_000;
+
 /// A half-open window `[start, end)` in epoch milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WindowRange {
@@ -91,6 +99,18 @@ impl WindowKind {
                 }
             }
             _ => f(self.assign(t)),
+        }
+    }
+
+    /// How many windows an event belongs to (hopping: `size / advance` rounded up; one
+    /// for tumbling windows and sessions).
+    pub fn windows_per_event(&self) -> u64 {
+        match *self {
+            WindowKind::Hopping { size, advance } if advance > 0 => {
+                (size.max(1) as u64).div_ceil(advance as u64)
+            }
+            WindowKind::Hopping { .. } => u64::MAX,
+            _ => 1,
         }
     }
 

@@ -259,6 +259,14 @@ impl SessionStore {
     pub fn entries(&self) -> usize {
         self.entries
     }
+
+    /// Whether an event of `key` at `t` joins an open session (rather than opening one).
+    pub fn joins(&self, key: &[u8], t: i64) -> bool {
+        let (lo, hi) = (t, t.saturating_add(self.gap));
+        self.sessions
+            .get(key)
+            .is_some_and(|list| list.iter().any(|s| s.start < hi && lo < s.end))
+    }
 }
 
 #[cfg(test)]

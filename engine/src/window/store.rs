@@ -291,6 +291,13 @@ impl WindowStore {
         self.entries
     }
 
+    /// Whether `window` has an entry for `key`.
+    pub fn contains(&self, window: WindowRange, key: &[u8]) -> bool {
+        self.panes
+            .get(&(window.end, window.start))
+            .is_some_and(|p| p.groups.contains_key(key))
+    }
+
     /// Open windows.
     pub fn windows(&self) -> usize {
         self.panes.len()

@@ -1,20 +1,27 @@
-//! The HTTP/1 server loop of `weir serve`, with the limits that keep stalled clients from
-//! locking everyone out: a client must send its request headers within `header_timeout`,
-//! a connection without a request in progress is closed after `idle_timeout`, and at
-//! `max_connections` the longest-idle connection is closed to make room for a new one
-//! (when every connection is busy, new ones wait in the listen queue).
+//! The HTTP/1 front of `weir serve` and of `weir run --metrics-listen`, with the limits
+//! that keep stalled clients from locking everyone out (`[serve]`): a client must send its
+//! request headers within `header_timeout`, and its body within `body_timeout` plus one
+//! second per `min_body_rate` bytes received (a body that stops, or trickles slower, gets
+//! 408 and the connection is closed); a connection without a request in progress is closed
+//! after `idle_timeout`; and at `max_connections` the connection that has been idle, or
+//! stalled in its request body, the longest is closed to make room for a new one (when
+//! every connection is busy, new ones wait in the listen queue).
 //!
 //! Upgraded connections (`/ws`) leave this loop once upgraded and are not counted.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::IntoResponse as _;
 use axum::Router;
-use hyper::body::Incoming;
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -27,6 +34,10 @@ use tower::ServiceExt as _;
 pub struct Limits {
     /// Time allowed to send a request's headers.
     pub header_timeout: Duration,
+    /// Time allowed to send a request's body, beyond what `min_body_rate` grants.
+    pub body_timeout: Duration,
+    /// Each this many bytes of a body received grant one more second for the rest.
+    pub min_body_rate: u64,
     /// Time a connection may stay open with no request in progress.
     pub idle_timeout: Duration,
     /// Most connections open at once.
@@ -37,6 +48,8 @@ impl From<&weir_engine::config::ServeConfig> for Limits {
     fn from(c: &weir_engine::config::ServeConfig) -> Self {
         Limits {
             header_timeout: c.header_timeout,
+            body_timeout: c.body_timeout,
+            min_body_rate: c.min_body_rate,
             idle_timeout: c.idle_timeout,
             max_connections: c.max_connections,
         }
@@ -47,6 +60,8 @@ impl From<&weir_engine::config::ServeConfig> for Limits {
 struct Conn {
     /// Requests in progress.
     busy: AtomicUsize,
+    /// Requests whose body is still being received.
+    receiving: AtomicUsize,
     /// When it last started or finished a request (ms since the server started).
     last_active: AtomicU64,
     /// When the first byte of the next request's head arrived (ms since the server
@@ -68,12 +83,13 @@ impl Conns {
         self.started.elapsed().as_millis() as u64
     }
 
-    /// Closes the connection that has been idle longest; false when none is idle.
+    /// Closes the connection that has been idle, or waiting for a request body, longest;
+    /// false when every connection is busy otherwise.
     fn evict_idle(&self) -> bool {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let oldest = open
             .values()
-            .filter(|c| c.busy.load(Ordering::Relaxed) == 0 && !c.close.is_cancelled())
+            .filter(|c| c.evictable() && !c.close.is_cancelled())
             .min_by_key(|c| c.last_active.load(Ordering::Relaxed));
         match oldest {
             Some(c) => {
@@ -82,6 +98,13 @@ impl Conns {
             }
             None => false,
         }
+    }
+}
+
+impl Conn {
+    /// Idle, or waiting for a request body: closing it loses no work of the server's.
+    fn evictable(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) == 0 || self.receiving.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -113,7 +136,7 @@ pub async fn serve(
                         tracing::warn!(
                             max_connections = limits.max_connections,
                             evicted = evictions,
-                            "serve: connection limit reached; closing the longest-idle connections"
+                            "http: connection limit reached; closing the connections idle, or stalled in a request body, longest"
                         );
                     }
                 }
@@ -133,7 +156,7 @@ pub async fn serve(
                 Err(e) => {
                     // Out of file descriptors (EMFILE) or a connection reset before it was
                     // accepted: make room and go on.
-                    tracing::warn!(error = %e, "serve: accept failed");
+                    tracing::warn!(error = %e, "http: accept failed");
                     conns.evict_idle();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
@@ -145,6 +168,7 @@ pub async fn serve(
         let id = next_id;
         let conn = Arc::new(Conn {
             busy: AtomicUsize::new(0),
+            receiving: AtomicUsize::new(0),
             last_active: AtomicU64::new(conns.now()),
             head_started: AtomicU64::new(0),
             head: tokio::sync::Notify::new(),
@@ -190,13 +214,20 @@ async fn serve_connection(
                 conn.busy.fetch_add(1, Ordering::Relaxed);
                 conn.last_active.store(conns.now(), Ordering::Relaxed);
                 conn.head_started.store(0, Ordering::Relaxed);
-                let res = router.oneshot(req.map(Body::new)).await;
+                let timed_out = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let body = TimedBody::new(&conn, &conns, limits, timed_out.clone());
+                let res = router.oneshot(req.map(|b| Body::new(body.wrap(b)))).await;
                 conn.last_active.store(conns.now(), Ordering::Relaxed);
                 conn.head_started.store(0, Ordering::Relaxed);
                 conn.busy.fetch_sub(1, Ordering::Relaxed);
-                Ok::<_, Infallible>(match res {
+                let res = match res {
                     Ok(r) => r,
                     Err(never) => match never {},
+                };
+                Ok::<_, Infallible>(if timed_out.load(Ordering::Relaxed) {
+                    body_timed_out(limits)
+                } else {
+                    res
                 })
             }
         })
@@ -231,16 +262,16 @@ async fn serve_connection(
         tokio::select! {
             r = http.as_mut() => {
                 if let Err(e) = r {
-                    tracing::debug!(error = %e, "serve: connection ended with an error");
+                    tracing::debug!(error = %e, "http: connection ended with an error");
                 }
                 return;
             }
             _ = conn.close.cancelled(), if !graceful => {
-                // Shutdown or eviction: an idle connection closes at once, a busy one after
-                // its response.
+                // Shutdown or eviction: an idle connection, or one still sending a request
+                // body, closes at once; a busy one after its response.
                 graceful = true;
                 http.as_mut().graceful_shutdown();
-                if conn.busy.load(Ordering::Relaxed) == 0 {
+                if conn.evictable() {
                     return;
                 }
             }
@@ -250,12 +281,152 @@ async fn serve_connection(
                     && conn.last_active.load(Ordering::Relaxed) == last;
                 if still_idle {
                     if conn.head_started.load(Ordering::Relaxed) > 0 {
-                        tracing::debug!("serve: closing a connection that did not send its request headers in time");
+                        tracing::debug!("http: closing a connection that did not send its request headers in time");
                     }
                     return;
                 }
             }
         }
+    }
+}
+
+/// 408 for a request whose body did not arrive in time; the connection closes after it.
+fn body_timed_out(limits: Limits) -> axum::response::Response {
+    let message = format!(
+        "request body not received in time (serve.body_timeout = {}, then at least {} bytes/s)",
+        weir_engine::time::human(limits.body_timeout),
+        limits.min_body_rate
+    );
+    (
+        StatusCode::REQUEST_TIMEOUT,
+        [(header::CONNECTION, HeaderValue::from_static("close"))],
+        axum::Json(serde_json::json!({ "message": message })),
+    )
+        .into_response()
+}
+
+/// What a request's body needs to keep its time limit (see [`Limits::body_timeout`]).
+struct TimedBody {
+    conn: Arc<Conn>,
+    conns: Arc<Conns>,
+    limits: Limits,
+    timed_out: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TimedBody {
+    fn new(
+        conn: &Arc<Conn>,
+        conns: &Arc<Conns>,
+        limits: Limits,
+        timed_out: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        TimedBody {
+            conn: conn.clone(),
+            conns: conns.clone(),
+            limits,
+            timed_out,
+        }
+    }
+
+    /// `inner` with the time limit; the connection counts as receiving until it ends.
+    fn wrap(self, inner: Incoming) -> Timed {
+        use hyper::body::Body as _;
+        let receiving = !inner.is_end_stream();
+        if receiving {
+            self.conn.receiving.fetch_add(1, Ordering::Relaxed);
+        }
+        let started = Instant::now();
+        Timed {
+            inner,
+            deadline: Box::pin(tokio::time::sleep_until(started + self.limits.body_timeout)),
+            started,
+            received: 0,
+            receiving,
+            with: self,
+        }
+    }
+}
+
+/// A request body that fails once it is late: after `body_timeout` plus one second per
+/// `min_body_rate` bytes received.
+struct Timed {
+    inner: Incoming,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    started: Instant,
+    received: u64,
+    receiving: bool,
+    with: TimedBody,
+}
+
+impl Timed {
+    /// The body ended (or failed, or was dropped): the connection is no longer waiting.
+    fn done(&mut self) {
+        if std::mem::take(&mut self.receiving) {
+            self.with.conn.receiving.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        self.done();
+    }
+}
+
+impl http_body::Body for Timed {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                    let with = &this.with;
+                    with.conn
+                        .last_active
+                        .store(with.conns.now(), Ordering::Relaxed);
+                    let rate = with.limits.min_body_rate.max(1);
+                    let granted = Duration::from_millis(this.received.saturating_mul(1000) / rate);
+                    let at = this.started + with.limits.body_timeout + granted;
+                    this.deadline.as_mut().reset(at);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.done();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.done();
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    this.done();
+                    this.with.timed_out.store(true, Ordering::Relaxed);
+                    tracing::debug!(
+                        received = this.received,
+                        "http: closing a connection whose request body did not arrive in time"
+                    );
+                    Poll::Ready(Some(Err("request body not received in time".into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 
@@ -16,6 +15,9 @@ use crate::record::{Checkpoint, OutRecord, Position, Record};
 use crate::sink::Sink;
 use crate::source::{Received, Source};
 
+mod reader;
+use reader::{LineReader, Shrink};
+
 /// How much the reader thread reads at a time: the lines of one read share its buffer.
 const CHUNK: usize = 256 << 10;
 /// The most records the reader thread hands over at once.
@@ -23,6 +25,11 @@ const BATCH: usize = 1024;
 /// Batches waiting between the reader thread and the pipeline (memory stays flat however
 /// large the file: at most this many chunks are held, plus the one being split).
 const QUEUED: usize = 4;
+/// The longest line kept whole unless [`JsonLinesSource::max_line_bytes`] says otherwise
+/// (the default `max_payload_bytes`).
+const MAX_LINE: usize = 1 << 20;
+/// How much of a line past the limit is kept for its dead letter.
+const CUT_KEEP: usize = 1024;
 
 /// Reads JSON lines from a file or standard input. Whitespace-only lines are skipped (but
 /// keep their line numbers) and counted in [`Metrics::blank_lines`] (and `events_in`) of the
@@ -33,11 +40,20 @@ const QUEUED: usize = 4;
 /// them into lines (each record's payload is a slice of its chunk, not a copy) and hands
 /// them over in batches through a bounded channel: one hand-over per batch rather than a
 /// hop through tokio's blocking pool per read.
+///
+/// Memory stays bounded whatever the input: a line longer than
+/// [`max_line_bytes`](Self::max_line_bytes) is not buffered; its first 1 KiB comes as a
+/// record marked cut ([`Record::cut_from`]: its length), which the pipeline dead-letters as
+/// oversized, and reading goes on at the next newline. A regular file that shrinks while
+/// it is read (truncated under the reader) ends the source with an error.
 pub struct JsonLinesSource {
     name: String,
     metrics: Option<Arc<Metrics>>,
     /// The input, until the first receive starts the reader thread with it.
     input: Option<Box<dyn Read + Send>>,
+    /// The regular file being read, to notice it shrink.
+    file: Option<std::fs::File>,
+    max_line: usize,
     lines: Option<mpsc::Receiver<std::io::Result<Vec<Record>>>>,
     /// Records of a batch larger than the last receive's `max`.
     pending: Vec<Record>,
@@ -56,7 +72,20 @@ impl JsonLinesSource {
         }
         let f = std::fs::File::open(path)
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot open {path}: {e}")))?;
-        Ok(Self::from_reader(path.to_string(), Box::new(f)))
+        let watched = match f.metadata()?.is_file() {
+            true => Some(f.try_clone()?),
+            false => None,
+        };
+        let mut s = Self::from_reader(path.to_string(), Box::new(f));
+        s.file = watched;
+        Ok(s)
+    }
+
+    /// Cuts lines longer than `n` bytes (besides their line ending) instead of buffering
+    /// them: the pipeline's `max_payload_bytes`, so no line can take more memory than that.
+    pub fn max_line_bytes(mut self, n: usize) -> Self {
+        self.max_line = n;
+        self
     }
 
     /// Reads from any byte stream, naming it `name`.
@@ -65,6 +94,8 @@ impl JsonLinesSource {
             name,
             metrics: None,
             input: Some(r),
+            file: None,
+            max_line: MAX_LINE,
             lines: None,
             pending: Vec::new(),
             assigned: false,
@@ -84,10 +115,17 @@ impl JsonLinesSource {
         if self.lines.is_none() {
             let input = self.input.take().expect("the input is read once");
             let (tx, rx) = mpsc::channel(QUEUED);
-            let metrics = self.metrics.clone();
+            let reader = LineReader {
+                metrics: self.metrics.clone(),
+                max_line: self.max_line,
+                shrink: self.file.take().map(|f| Shrink {
+                    name: self.name.clone(),
+                    file: f,
+                }),
+            };
             std::thread::Builder::new()
                 .name("weir-input".into())
-                .spawn(move || read_lines(input, &tx, metrics.as_deref()))?;
+                .spawn(move || reader.run(input, &tx))?;
             self.lines = Some(rx);
         }
         Ok(self.lines.as_mut().expect("started"))
@@ -99,91 +137,6 @@ impl JsonLinesSource {
             self.pending = batch.split_off(max);
         }
         Received::Batch(batch)
-    }
-}
-
-/// The reader thread: cuts `input` into lines, numbered from 0, and sends them in batches
-/// until the input ends, a read fails (the error is sent) or the source is dropped.
-fn read_lines(
-    mut input: Box<dyn Read + Send>,
-    tx: &mpsc::Sender<std::io::Result<Vec<Record>>>,
-    metrics: Option<&Metrics>,
-) {
-    let mut offset = 0u64;
-    // The start of a line that the previous chunk ended in the middle of.
-    let mut carry: Vec<u8> = Vec::new();
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut push = |line: Bytes, batch: &mut Vec<Record>| {
-        let o = offset;
-        offset += 1;
-        let mut l = line;
-        while matches!(l.last(), Some(b'\n' | b'\r')) {
-            l.truncate(l.len() - 1);
-        }
-        if l.iter().all(|b| b.is_ascii_whitespace()) {
-            if let Some(m) = metrics {
-                Metrics::add(&m.events_in, 1);
-                Metrics::add(&m.blank_lines, 1);
-            }
-            return;
-        }
-        batch.push(Record {
-            payload: l,
-            position: Position {
-                partition: 0,
-                offset: o,
-            },
-            ..Default::default()
-        });
-    };
-    loop {
-        let mut buf = BytesMut::zeroed(CHUNK);
-        let n = loop {
-            match input.read(&mut buf) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        };
-        if n == 0 {
-            if !carry.is_empty() {
-                push(Bytes::from(std::mem::take(&mut carry)), &mut batch);
-            }
-            if !batch.is_empty() {
-                let _ = tx.blocking_send(Ok(batch));
-            }
-            return;
-        }
-        buf.truncate(n);
-        let chunk = buf.freeze();
-        let mut from = 0;
-        for nl in memchr::memchr_iter(b'\n', &chunk) {
-            let line = if carry.is_empty() {
-                chunk.slice(from..nl)
-            } else {
-                carry.extend_from_slice(&chunk[from..nl]);
-                Bytes::from(std::mem::take(&mut carry))
-            };
-            from = nl + 1;
-            push(line, &mut batch);
-            if batch.len() == BATCH {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-                if tx.blocking_send(Ok(full)).is_err() {
-                    return;
-                }
-            }
-        }
-        carry.extend_from_slice(&chunk[from..]);
-        // Hand over what this read completed: a pipe's reader sees each line as it comes.
-        if !batch.is_empty() {
-            let part = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
-            if tx.blocking_send(Ok(part)).is_err() {
-                return;
-            }
-        }
     }
 }
 
@@ -383,6 +336,95 @@ mod tests {
             let mut s = JsonLinesSource::from_reader("t".into(), Box::new(input));
             assert!(drain(&mut s).await == want, "reads of {step} bytes");
         }
+    }
+
+    /// A line past the limit is not buffered: it comes as its first bytes, marked cut from
+    /// its length, and the lines after it come whole, whatever the reads were.
+    #[tokio::test]
+    async fn a_line_past_the_limit_is_cut_and_reading_goes_on() {
+        let long = "x".repeat(3 * CHUNK + 5);
+        let data = format!(
+            "{{\"a\":1}}\n{long}\n{{\"a\":2}}\n{}\r\n{}\n{}",
+            "y".repeat(100),
+            "w".repeat(65),
+            "z".repeat(2000)
+        );
+        for step in [7, 4096, CHUNK] {
+            let input = Trickle {
+                data: data.clone().into_bytes(),
+                at: 0,
+                step,
+            };
+            let mut s =
+                JsonLinesSource::from_reader("t".into(), Box::new(input)).max_line_bytes(64);
+            assert!(matches!(
+                s.recv(10, Duration::from_secs(1)).await.unwrap(),
+                Received::Assigned(_)
+            ));
+            let mut got = Vec::new();
+            while let Received::Batch(b) = s.recv(10, Duration::from_secs(5)).await.unwrap() {
+                got.extend(b);
+            }
+            let seen: Vec<(u64, usize, Option<u64>)> = got
+                .iter()
+                .map(|r| (r.position.offset, r.payload.len(), r.cut_from()))
+                .collect();
+            assert_eq!(
+                seen,
+                vec![
+                    (0, 7, None),
+                    (1, CUT_KEEP, Some(3 * CHUNK as u64 + 5)),
+                    (2, 7, None),
+                    // 100 bytes and a `\r`, which is not counted.
+                    (3, 100, Some(100)),
+                    // 65 bytes: one past the limit is the decoder's to refuse, with its size.
+                    (4, 65, None),
+                    (5, CUT_KEEP, Some(2000)),
+                ],
+                "reads of {step} bytes"
+            );
+            assert!(got[1].payload.iter().all(|b| *b == b'x'));
+            assert_eq!(&got[2].payload[..], b"{\"a\":2}");
+        }
+    }
+
+    /// A regular file truncated under the reader ends the source with an error that says so.
+    #[tokio::test]
+    async fn a_file_truncated_while_read_is_an_error() {
+        use std::io::Write as _;
+        let path = std::env::temp_dir().join(format!("weir-jsonl-shrink-{}", std::process::id()));
+        let mut f = std::fs::File::create(&path).unwrap();
+        let line = format!("{{\"pad\":\"{}\"}}\n", "p".repeat(200));
+        for _ in 0..50_000 {
+            f.write_all(line.as_bytes()).unwrap();
+        }
+        drop(f);
+        let mut s = JsonLinesSource::open(path.to_str().unwrap()).await.unwrap();
+        s.recv(10, Duration::from_secs(1)).await.unwrap();
+        assert!(matches!(
+            s.recv(10, Duration::from_secs(5)).await.unwrap(),
+            Received::Batch(b) if !b.is_empty()
+        ));
+        // The reader holds a few chunks at most: most of the 10 MB is still to read.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1000)
+            .unwrap();
+        let err = loop {
+            match s.recv(1024, Duration::from_secs(5)).await {
+                Ok(Received::Batch(_)) => continue,
+                Ok(other) => panic!("ended without an error: {other:?}"),
+                Err(e) => break e.to_string(),
+            }
+        };
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            err.contains("was truncated while being read: it is now 1000 bytes long")
+                && err.contains(&format!("of {}", 50_000 * line.len())),
+            "{err}"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,93 @@
+//! Partitions coming and going: assignments (with their checkpoints) and revocations.
+
+use tokio::time::Instant;
+
+use super::WindowOperator;
+use crate::record::Checkpoint;
+use crate::retry::envelope::RETRY_PARTITION_BASE;
+
+impl WindowOperator {
+    /// Declares the source partitions assigned to this pipeline (the whole current set),
+    /// with the checkpoints committed for them. Each partition's task starts from its
+    /// checkpoint's watermark; records below the checkpoint's `processed` offset are a
+    /// replay: those whose window that watermark had closed are skipped (their results
+    /// were delivered), the others are counted again.
+    pub fn assign(&mut self, partitions: &[(u32, Option<Checkpoint>)], now: Instant) {
+        // Retry-topic partitions never hold or move the watermark; an assignment of only
+        // retry partitions (the retry topic's consumer) leaves the source's as they are.
+        let ids: Vec<u32> = partitions
+            .iter()
+            .map(|(p, _)| *p)
+            .filter(|p| *p < RETRY_PARTITION_BASE)
+            .collect();
+        if !ids.is_empty() || partitions.is_empty() {
+            // Partitions no longer listed stop holding their task's watermark.
+            for (p, r) in self.ready.iter_mut().enumerate() {
+                if *r && !ids.contains(&(p as u32)) {
+                    *r = false;
+                    let i = if self.shared { 0 } else { p };
+                    if let Some(Some(t)) = self.tasks.get_mut(i) {
+                        t.watermarks.revoke(&[p as u32]);
+                    }
+                }
+            }
+        }
+        for &p in &ids {
+            self.ensure_task(p, now);
+        }
+        for (p, cp) in partitions {
+            // Back after this pipeline had it (a reconnect that redelivers, a rebalance that
+            // returns it): what it had processed then is a replay too, so its emitted
+            // windows are not emitted again and its records are not taken for late ones.
+            // The later of that and the committed checkpoint wins.
+            let Some(cp) = self.offsets.restore(*p, *cp) else {
+                continue;
+            };
+            if *p < RETRY_PARTITION_BASE {
+                let ti = self.task_index(*p);
+                let t = self.task(ti);
+                t.watermarks.restore(cp.watermark);
+                t.replay_watermark = t.replay_watermark.max(cp.watermark);
+                tracing::info!(
+                    partition = p,
+                    watermark = %crate::time::format_rfc3339(cp.watermark),
+                    replay_until = cp.processed,
+                    "restored checkpoint; replaying uncommitted input"
+                );
+            }
+        }
+    }
+
+    /// Forgets revoked partitions: their open window state is dropped uncommitted and they
+    /// no longer hold the watermark. Unless `aborted` (the outputs since the last commit
+    /// were thrown away with a transaction), what would have been committed now is
+    /// remembered for the partition's return.
+    pub fn revoke(&mut self, partitions: &[u32], aborted: bool) {
+        for &p in partitions {
+            let i = p as usize;
+            let cp = (self.offsets.seen(p) && !aborted).then(|| self.checkpoint(p));
+            self.offsets.revoke(p, cp);
+            if p < RETRY_PARTITION_BASE {
+                let ti = self.task_index(p);
+                if let Some(slot) = self.tasks.get_mut(ti) {
+                    if let Some(t) = slot.as_mut() {
+                        t.state.revoke(p);
+                        t.watermarks.revoke(&[p]);
+                        // A task whose partitions are all gone and that holds nothing
+                        // (retried records stay counted where they are) goes with them.
+                        if t.state.entries() == 0 && t.watermarks.assigned().next().is_none() {
+                            *slot = None;
+                        }
+                    }
+                }
+                if let Some(r) = self.ready.get_mut(i) {
+                    *r = false;
+                }
+            } else {
+                for t in self.tasks.iter_mut().flatten() {
+                    t.state.revoke(p);
+                }
+            }
+        }
+    }
+}
