@@ -403,19 +403,26 @@ async fn kinesis_a_1mb_late_event_arrives_whole() {
 /// A record batch librdkafka cannot decode (zstd header, garbage inside; written with a raw
 /// ProduceRequest between good records) stops the run with an error naming the topic,
 /// instead of being skipped (librdkafka moves past such a batch) with exit 0; and since
-/// nothing past it was committed, a restart stops at it again.
+/// nothing past it was committed, a restart stops at it again. Apache Kafka validates the
+/// batches it is given and refuses this one, so it is written to a broker of the test's
+/// own that stores batches as given (Tansu): the broker a corrupted log would stand for.
 #[tokio::test]
 async fn kafka_an_undecodable_batch_is_a_loud_error_never_a_skip() {
-    let bed = Bed::new("kafka", "undecodable", &["brokers.kafka.partitions=1"]);
+    let tansu = support::PrivateTansu::start();
+    let bootstrap = format!("127.0.0.1:{}", tansu.port);
+    let at = format!("brokers.kafka.bootstrap_servers={bootstrap}");
+    let bed = Bed::new("kafka", "undecodable", &["brokers.kafka.partitions=1", &at]);
     let topic = bed.config.source.topic.clone();
     drop(bed.backend.sink(&topic).await.expect("topic"));
-    let produce = |lines: &[Vec<u8>]| interop::kafka_produce(&topic, "zstd", None, keyed(lines));
+    let produce = |lines: &[Vec<u8>]| {
+        interop::kafka_produce_to(&bootstrap, &topic, "zstd", None, keyed(lines))
+    };
     let data = seed_lines(21, 100, 5);
     assert_eq!(produce(&data[..50]).await.trim(), "50");
     let err = interop::run_async(
         interop::KAFKA_CORRUPT_ZSTD_BATCH,
         vec![
-            ("BOOTSTRAP".into(), interop::kafka_bootstrap()),
+            ("BOOTSTRAP".into(), bootstrap.clone()),
             ("TOPIC".into(), topic.clone()),
         ],
         Vec::new(),

