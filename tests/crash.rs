@@ -12,6 +12,8 @@
 //! kills.
 
 mod conformance;
+#[path = "crash/retries.rs"]
+mod retries;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -54,9 +56,15 @@ fn spawn_idle(bed: &Bed, log: &Path, idle: &str) -> Child {
 }
 
 fn spawn_idle_with(bed: &Bed, log: &Path, idle: &str, extra: &[&str]) -> Child {
+    spawn_file(&conformance::pipeline_file(), bed, log, idle, extra)
+}
+
+/// A `weir run` of the pipeline `file` with the bed's settings and `extra`, exiting after
+/// `idle` without records.
+fn spawn_file(file: &Path, bed: &Bed, log: &Path, idle: &str, extra: &[&str]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
     cmd.arg("run")
-        .arg(conformance::pipeline_file())
+        .arg(file)
         .arg("--broker")
         .arg(&bed.config.broker);
     for s in bed

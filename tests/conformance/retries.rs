@@ -38,12 +38,13 @@ async fn wait_for(
 }
 
 /// The country of `UserN` in the enrichment tests.
-fn country_of(user: &str) -> &'static str {
+pub fn country_of(user: &str) -> &'static str {
     let n: usize = user.trim_start_matches("User").parse().unwrap_or(0);
     ["NL", "DE", "FR", "JP", "BR"][n % 5]
 }
 
-fn profile(user: usize) -> Vec<u8> {
+/// The profile of `UserN` (its country by [`country_of`]), as the table topic holds it.
+pub fn profile(user: usize) -> Vec<u8> {
     format!(
         r#"{{"user_id": "User{user}", "country": "{}", "plan": "free"}}"#,
         country_of(&format!("User{user}"))
