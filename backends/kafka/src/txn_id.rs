@@ -14,7 +14,8 @@
 //! does not matter: offsets are fenced by the consumer group's generation
 //! (`send_offsets_to_transaction` with the group metadata), so the id only has to be
 //! unique among live producers. An instance restarted on another machine gets a new id;
-//! the old transaction then ends with its timeout (10 s by default, see `lib.rs`).
+//! the old transaction then ends with its timeout (the larger of 10 s and
+//! `message.timeout.ms`: 30 s with the shipped settings, see `lib.rs`).
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::PathBuf;
