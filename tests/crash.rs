@@ -115,6 +115,24 @@ fn signal(child: &Child, sig: &str) {
     assert!(ok.success());
 }
 
+/// Waits for killed members' sessions to end (they hold their partitions until then), then
+/// marks the start of the final run in `log` (`tail` shows what follows it).
+async fn final_run_begins(log: &Path) {
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"=== final run\n"))
+        .unwrap();
+}
+
+/// Copies `log` to `WEIR_CRASH_LOG` if that is set.
+fn keep_log(log: &Path) {
+    if let Ok(keep) = std::env::var("WEIR_CRASH_LOG") {
+        let _ = std::fs::copy(log, keep);
+    }
+}
+
 fn tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let text = text.rsplit("=== final run").next().unwrap_or_default();
@@ -221,22 +239,14 @@ async fn survives_kill_9_with(
         }
     }
     assert!(kills >= rounds, "only {kills} kills landed");
-    // Killed members hold their partitions until their session times out.
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&log)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"=== final run\n"))
-        .unwrap();
+    final_run_begins(&log).await;
     let mut last = spawn(&bed, &log);
     let waited = tokio::time::timeout(
         Duration::from_secs(200),
         wait_ok(&mut last, &log, Duration::from_secs(180)),
     )
     .await;
-    if let Ok(keep) = std::env::var("WEIR_CRASH_LOG") {
-        let _ = std::fs::copy(&log, keep);
-    }
+    keep_log(&log);
     waited.expect("the final run ended");
 
     let records = bed

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::conformance::{
     country_of, event_ms, lines, oracle, pipeline_named, profile, unique_id, Bed,
 };
-use super::{produce_committed, spawn_file, tail, wait_ok, Rng};
+use super::{final_run_begins, keep_log, produce_committed, spawn_file, tail, wait_ok, Rng};
 
 /// Writes `lines` to `topic` through the bed.
 async fn produce_to_committed(bed: &Bed, topic: &str, lines: &[Vec<u8>]) {
@@ -98,18 +98,10 @@ async fn kafka_retries_in_flight_survive_kill_9() {
         let _ = p.wait();
     }
     assert!(kills >= rounds, "only {kills} kills landed");
-    // Killed members hold their partitions until their session times out.
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&log)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, b"=== final run\n"))
-        .unwrap();
+    final_run_begins(&log).await;
     let mut last = spawn_file(&file, &bed, &log, "10s", &[]);
     wait_ok(&mut last, &log, Duration::from_secs(240)).await;
-    if let Ok(keep) = std::env::var("WEIR_CRASH_LOG") {
-        let _ = std::fs::copy(&log, keep);
-    }
+    keep_log(&log);
     let summary = tail(&log);
     let final_line = summary
         .lines()
