@@ -1,5 +1,5 @@
 //! The conformance suite on RabbitMQ, plus what only RabbitMQ has: a broker restart in the
-//! middle of a run, and `[brokers.amqp]` checking. Needs a running RabbitMQ
+//! middle of a run (on a node of the test's own), and `[brokers.amqp]` checking. Needs a running RabbitMQ
 //! (`scripts/brokers up amqp`; URL from WEIR_AMQP_URL, default loopback guest/guest):
 //! these tests fail, never skip, when it is down.
 #![cfg(feature = "amqp")]
@@ -17,10 +17,6 @@ fn url() -> String {
 }
 
 conformance::suite!(amqp_suite: "amqp");
-
-/// The broker-restart test takes RabbitMQ away: it holds this for writing, every other
-/// test that talks to RabbitMQ (the conformance suite's too) holds it for reading.
-use conformance::EXCLUSIVE as BROKER;
 
 /// Panics with the way out when RabbitMQ is not there. Also shows the engine's log lines
 /// (`WEIR_LOG=info cargo test ... -- --nocapture`).
@@ -63,17 +59,23 @@ fn a_bad_amqp_key_is_reported_at_its_line_and_column() {
     assert!(msg.contains("2 problems"), "{msg}");
 }
 
-/// RabbitMQ is stopped (`rabbitmqctl stop_app`) and started again while a pipeline runs:
-/// source and sinks reconnect, nothing is lost, and the distinct results are exactly the
-/// oracle's.
+/// RabbitMQ is stopped and started again while a pipeline runs: a node of this test's own
+/// (stopping the machine's node would break every other test and checkout using it),
+/// stopped with SIGTERM mid-stream and started again on the same state. Source and sinks
+/// reconnect, nothing is lost, and the distinct results are exactly the oracle's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_broker_restart_mid_stream_loses_nothing() {
-    let _alone = BROKER.write().await;
-    require_rabbitmq().await;
+    conformance::init_logs();
+    let mut rabbit = PrivateRabbit::start();
+    let url = format!("brokers.amqp.url={}", rabbit.url());
     let bed = conformance::Bed::new(
         "amqp",
         "rabbit-restart",
-        &["source.batch_size=200", "source.commit_interval=100ms"],
+        &[
+            &url,
+            "source.batch_size=200",
+            "source.commit_interval=100ms",
+        ],
     );
     let data: Vec<Vec<u8>> = weir_engine::generate::dataset(5, 30_000, 40, 0)
         .into_iter()
@@ -94,10 +96,14 @@ async fn amqp_broker_restart_mid_stream_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = metrics.snapshot();
-    let started_again = StartAppOnDrop;
-    rabbitmqctl(&["stop_app"]);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    drop(started_again);
+    let _rabbit = tokio::task::spawn_blocking(move || {
+        rabbit.stop();
+        std::thread::sleep(Duration::from_secs(1));
+        rabbit.start_again();
+        rabbit
+    })
+    .await
+    .unwrap();
     let summary = tokio::time::timeout(Duration::from_secs(240), run)
         .await
         .expect("the pipeline finished after the broker came back")
@@ -124,55 +130,152 @@ async fn amqp_broker_restart_mid_stream_loses_nothing() {
     assert_eq!(got, want);
 }
 
-/// Starts the RabbitMQ application again when dropped, also when the test panics: the
-/// machine's broker is never left stopped.
-struct StartAppOnDrop;
+/// A peer that accepts the TCP connection and then answers nothing (a node still booting,
+/// or one gone without a reset): connecting fails after `BROKER_TIMEOUT` (30 s) with a
+/// retryable error saying so, instead of waiting forever. Paused time: no real 30 s.
+#[tokio::test(start_paused = true)]
+async fn amqp_a_silent_peer_is_an_error_not_a_hang() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = std::thread::spawn(move || {
+        let (socket, _) = silent.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(5));
+        drop(socket);
+    });
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let t0 = tokio::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(120), weir_amqp::ping(&url))
+        .await
+        .expect("connecting to a silent peer gives up on its own")
+        .expect_err("a silent peer is not a broker");
+    assert!(err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(30),
+        "{:?}",
+        t0.elapsed()
+    );
+    held.join().unwrap();
+}
 
-impl Drop for StartAppOnDrop {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // Best effort; a second panic would abort.
-            for args in [["start_app"], ["await_startup"]] {
-                let _ = std::process::Command::new("rabbitmqctl")
-                    .args(args)
-                    .env("PATH", sbin_path())
-                    .status();
+/// A RabbitMQ node of one test's own (`scripts/brokers amqp-serve` in the foreground, on a
+/// free loopback port), its state in a temporary directory: [`stop`](Self::stop) and
+/// [`start_again`](Self::start_again) restart it with its durable queues; dropped, it stops.
+struct PrivateRabbit {
+    child: Option<std::process::Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRabbit {
+    fn start() -> PrivateRabbit {
+        // AMQP on the port, Erlang distribution on the next one: both must be free.
+        let port = loop {
+            let p = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+                break p;
             }
-        } else {
-            rabbitmqctl(&["start_app"]);
-            rabbitmqctl(&["await_startup"]);
+        };
+        let mut r = PrivateRabbit {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.start_again();
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    fn log(&self) -> std::path::PathBuf {
+        self.dir.path().join("rabbitmq.log")
+    }
+
+    /// Starts the node on its state and waits until it answers AMQP.
+    fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the private RabbitMQ runs already");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log())
+            .unwrap();
+        let mut child =
+            std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/brokers"))
+                .arg("amqp-serve")
+                .arg(self.dir.path().join("node"))
+                .arg(self.port.to_string())
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("scripts/brokers amqp-serve");
+        // RabbitMQ opens its AMQP listener last, once it has booted.
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+                panic!("the private RabbitMQ exited ({status}) before it answered:\n{log}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the private RabbitMQ did not answer on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.child = Some(child);
+    }
+
+    /// Stops the node (SIGTERM: RabbitMQ's own orderly stop) and waits until it is gone.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = rustix::process::Pid::from_child(&child);
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The node is the script's child: it is gone once its pid file's process is.
+        let pid_file = self.dir.path().join("node/pid");
+        if let Some(pid) = std::fs::read_to_string(pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            while rustix::process::test_kill_process(pid).is_ok() {
+                if std::time::Instant::now() > deadline {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 }
 
-/// PATH plus the sbin folders `rabbitmqctl` lives in.
-fn sbin_path() -> String {
-    format!(
-        "{}:/usr/local/sbin:/usr/sbin:/sbin",
-        std::env::var("PATH").unwrap_or_default()
-    )
-}
-
-/// Runs `rabbitmqctl ARGS` (it lives in /usr/sbin) and asserts it succeeded.
-fn rabbitmqctl(args: &[&str]) {
-    let out = std::process::Command::new("rabbitmqctl")
-        .args(args)
-        .env("PATH", sbin_path())
-        .output()
-        .expect("rabbitmqctl runs");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+impl Drop for PrivateRabbit {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// The oracle's counts on quorum queues and on streams, switching only `queue_type`; on a
 /// stream, a crash and restart resumes from the stream offset committed with the
 /// checkpoint.
 async fn counts_on(queue_type: &str, partitions: u32) {
-    let _shared = BROKER.read().await;
     require_rabbitmq().await;
     let qt = format!("brokers.amqp.queue_type={queue_type}");
     let parts = format!("brokers.amqp.partitions={partitions}");
@@ -263,7 +366,6 @@ async fn amqp_partitioned_streams_count_like_the_oracle_and_resume() {
 /// counter) and RabbitMQ's `x-death` count.
 #[tokio::test]
 async fn amqp_retry_queue_requeues_after_the_delay() {
-    let _shared = BROKER.read().await;
     require_rabbitmq().await;
     let bed = conformance::Bed::new("amqp", "retry", &[]);
     let Some(amqp) = bed.backend.get::<weir_amqp::AmqpBroker>() else {
@@ -305,7 +407,6 @@ async fn amqp_retry_queue_requeues_after_the_delay() {
 /// topic's queue; from the beginning it reads stream queues and refuses classic ones.
 #[tokio::test]
 async fn amqp_tail_reader_takes_nothing_from_the_queue() {
-    let _shared = BROKER.read().await;
     require_rabbitmq().await;
     let bed = conformance::Bed::new("amqp", "tail", &[]);
     let topic = bed.config.sink.topic.clone();

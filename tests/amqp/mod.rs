@@ -13,7 +13,6 @@ use weir_engine::config::Overrides;
 use weir_engine::{Checkpoint, Position, Received, Record, Source};
 
 use crate::conformance::{self, Bed};
-use crate::BROKER;
 
 const PARTS: &str = "brokers.amqp.partitions=4";
 
@@ -70,7 +69,6 @@ async fn drain(ch: &lapin::Channel, queue: &str) -> Vec<(Option<Vec<u8>>, Vec<u8
 /// read back from the queues themselves with a plain AMQP client.
 #[tokio::test]
 async fn amqp_partitions_route_each_key_to_the_queue_of_its_fnv1a_hash() {
-    let _shared = BROKER.read().await;
     crate::require_rabbitmq().await;
     let bed = Bed::new("amqp", "part-route", &[PARTS]);
     let topic = bed.config.source.topic.clone();
@@ -161,7 +159,6 @@ fn by_partition(records: &[Record]) -> BTreeMap<u32, Vec<&Record>> {
 /// and the uncommitted records of each partition again, numbered as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_partitions_have_their_own_positions_and_checkpoints() {
-    let _shared = BROKER.read().await;
     crate::require_rabbitmq().await;
     let bed = Bed::new("amqp", "part-pos", &[PARTS]);
     let topic = bed.config.source.topic.clone();
@@ -322,7 +319,6 @@ fn payloads(s: &Mutex<Seen>) -> HashSet<Vec<u8>> {
 /// reads what comes to them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_two_readers_split_four_partitions_and_one_takes_over() {
-    let _shared = BROKER.read().await;
     crate::require_rabbitmq().await;
     let bed = Bed::new("amqp", "part-split", &[PARTS]);
     let topic = bed.config.source.topic.clone();
@@ -418,7 +414,6 @@ async fn amqp_two_readers_split_four_partitions_and_one_takes_over() {
 /// and takes none of them away.
 #[tokio::test]
 async fn amqp_tail_reads_every_partition() {
-    let _shared = BROKER.read().await;
     crate::require_rabbitmq().await;
     let bed = Bed::new("amqp", "part-tail", &[PARTS]);
     let topic = bed.config.sink.topic.clone();
@@ -446,7 +441,6 @@ async fn amqp_tail_reads_every_partition() {
 /// queue would wait for the idle timeout at every window) nor loses anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_stream_windows_longer_than_prefetch_do_not_stall() {
-    let _shared = BROKER.read().await;
     crate::require_rabbitmq().await;
     let bed = Bed::new(
         "amqp",
@@ -501,7 +495,6 @@ fn spawn(bed: &Bed, log: &Path) -> Child {
 /// the survivor takes its partitions over and every window is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_two_instances_one_killed_mid_stream_the_other_finishes_exactly() {
-    let _shared = BROKER.read().await;
     crate::require_rabbitmq().await;
     let bed = Bed::new(
         "amqp",

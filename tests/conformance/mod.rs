@@ -86,10 +86,6 @@ macro_rules! suite {
 #[allow(unused_imports)]
 pub(crate) use suite;
 
-/// A test that takes the broker away (e.g. restarts RabbitMQ) holds this for writing;
-/// every conformance test holds it for reading.
-pub static EXCLUSIVE: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
-
 /// A scenario's future, made by the [`suite!`] test from the backend's name.
 pub type ScenarioFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>;
 
@@ -110,7 +106,6 @@ pub fn run(broker: &str, name: &str, scenario: impl FnOnce(&'static str) -> Scen
     let rt = rt.enable_all().build().expect("runtime");
     let cannot = b.cannot().iter().find(|c| c.scenario == name);
     rt.block_on(async {
-        let _shared = EXCLUSIVE.read().await;
         let outcome = CatchUnwind(scenario(b.name())).await;
         b.clean_up(&take_bed_ids()).await;
         match (outcome, cannot) {

@@ -121,7 +121,7 @@ impl AmqpSink {
         if self.live.take().is_some() {
             tracing::warn!(topic = %self.topic, "RabbitMQ sink's channel was closed; reconnecting");
         }
-        match self.open().await {
+        match topology::bounded("opening a sink's channel", self.open()).await {
             Ok(live) => {
                 if self.failures > 0 {
                     tracing::info!(

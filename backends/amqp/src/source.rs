@@ -20,7 +20,7 @@ use crate::error::redact;
 use crate::members::{Membership, SETTLE};
 use crate::part::{Opened, Part};
 use crate::sink::{HEADER_KEY, HEADER_TIMESTAMP};
-use crate::topology;
+use crate::topology::{self, BROKER_TIMEOUT};
 
 pub(crate) const STREAM_OFFSET: &str = "x-stream-offset";
 
@@ -202,7 +202,21 @@ impl AmqpSource {
         let mut failed = None;
         for p in missing {
             let queue = topology::partition_queue(&self.topic, p, n);
-            match Part::open(conn, &self.cfg, queue, p).await {
+            let opened =
+                tokio::time::timeout(BROKER_TIMEOUT, Part::open(conn, &self.cfg, queue, p)).await;
+            let Ok(opened) = opened else {
+                // The connection answers nothing: drop it (and what it delivered).
+                let e = topology::no_answer(&format!("opening partition {p}"));
+                if self.parts.is_empty() {
+                    self.conn = None;
+                } else {
+                    let ev = self.lose_all(&e);
+                    self.events.push_back(ev);
+                }
+                failed = Some(e);
+                break;
+            };
+            match opened {
                 Ok(Opened::Consuming(part, cp)) => {
                     let was_lost = self.lost.contains(&p);
                     reconnected |= was_lost;
@@ -327,8 +341,11 @@ impl AmqpSource {
             return None;
         }
         for i in 0..self.parts.len() {
-            if let Err(e) = self.parts[i].check_backlog().await {
-                return Some(self.lose(i, &e));
+            let checked = tokio::time::timeout(BROKER_TIMEOUT, self.parts[i].check_backlog());
+            match checked.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Some(self.lose(i, &e)),
+                Err(_) => return Some(self.lose_all(&topology::no_answer("a queue's backlog"))),
             }
         }
         None
@@ -467,7 +484,8 @@ impl Source for AmqpSource {
                 continue;
             }
             let conn = self.conn.as_ref().expect("connected");
-            match self.parts[j].took_over(conn).await {
+            let took = topology::bounded("a checkpoint read", self.parts[j].took_over(conn));
+            match took.await {
                 Ok(Some(cp)) => took_over.push((self.parts[j].index, Some(cp))),
                 Ok(None) => {}
                 Err(e) => {
@@ -525,7 +543,8 @@ impl Source for AmqpSource {
             let Some((pos, cp)) = positions.iter().rev().find(|(p, _)| p.partition == index) else {
                 continue;
             };
-            if let Err(e) = self.parts[i].commit(*pos, *cp).await {
+            let committed = topology::bounded("a commit", self.parts[i].commit(*pos, *cp));
+            if let Err(e) = committed.await {
                 let ev = self.lose(i, &e);
                 self.events.push_back(ev);
                 // A lost connection took every part.

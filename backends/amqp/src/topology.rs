@@ -1,5 +1,8 @@
 //! Connections and topology declarations shared by sources and sinks.
 
+use std::future::Future;
+use std::time::Duration;
+
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -29,17 +32,53 @@ pub fn checkpoint_queue(queue: &str) -> String {
     format!("weir.checkpoint.{queue}")
 }
 
-/// Opens a connection named `name` (shown in RabbitMQ's management UI).
+/// How long connecting, or opening a partition queue (channel, declarations, checkpoint
+/// read, consume), may take before the connection counts as lost. A node that accepts TCP
+/// connections while it boots, or a connection whose peer vanished without a reset, answers
+/// nothing: without a bound the pipeline would wait for it forever.
+pub(crate) const BROKER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `fut`, or a retryable error saying RabbitMQ did not answer `what` within
+/// [`BROKER_TIMEOUT`].
+pub(crate) async fn bounded<T>(
+    what: &str,
+    fut: impl Future<Output = weir_engine::Result<T>>,
+) -> weir_engine::Result<T> {
+    tokio::time::timeout(BROKER_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| Err(no_answer(what)))
+}
+
+/// The error of an operation RabbitMQ did not answer within [`BROKER_TIMEOUT`].
+pub(crate) fn no_answer(what: &str) -> weir_engine::EngineError {
+    weir_engine::EngineError::backend(
+        BACKEND,
+        format!(
+            "RabbitMQ did not answer {what} within {} s; dropping the connection",
+            BROKER_TIMEOUT.as_secs()
+        ),
+        true,
+    )
+}
+
+/// Opens a connection named `name` (shown in RabbitMQ's management UI), within
+/// [`BROKER_TIMEOUT`].
 pub(crate) async fn connect(cfg: &AmqpConfig, name: &str) -> weir_engine::Result<Connection> {
     let props =
         ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
-    Connection::connect(&cfg.url, props).await.map_err(|e| {
-        weir_engine::EngineError::backend(
+    let connected = tokio::time::timeout(BROKER_TIMEOUT, Connection::connect(&cfg.url, props));
+    match connected.await {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(weir_engine::EngineError::backend(
             BACKEND,
             format!("RabbitMQ at {} is not reachable: {e}", redact(&cfg.url)),
             crate::error::is_retryable(&e),
-        )
-    })
+        )),
+        Err(_) => Err(no_answer(&format!(
+            "a new connection at {}",
+            redact(&cfg.url)
+        ))),
+    }
 }
 
 /// Declares the exchange, queue `topic` and the binding `topic` → queue `topic`, for a
