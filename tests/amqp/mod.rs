@@ -14,6 +14,8 @@ use weir_engine::{Checkpoint, Position, Received, Record, Source};
 
 use crate::conformance::{self, Bed};
 
+mod frozen;
+
 const PARTS: &str = "brokers.amqp.partitions=4";
 
 /// FNV-1a (64 bit) written again from its definition: what a third-party producer

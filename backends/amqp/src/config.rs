@@ -73,7 +73,15 @@ pub struct AmqpConfig {
     /// the FNV-1a hash of their key (see [`crate::partition_of`]) and split between the
     /// instances of a pipeline (see the README).
     pub partitions: u32,
+    /// The AMQP heartbeat asked for on every connection (a `heartbeat=` in `url` wins).
+    /// RabbitMQ closes a connection it hears nothing from for about twice this, so a
+    /// frozen instance (SIGSTOP, a stalled VM) loses its queues to the others that fast
+    /// instead of after RabbitMQ's default 60 s.
+    pub heartbeat: std::time::Duration,
 }
+
+/// The default [`AmqpConfig::heartbeat`].
+pub const DEFAULT_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The most queues a topic may be split into (`[brokers.amqp] partitions`).
 pub const MAX_PARTITIONS: u32 = 1024;
@@ -95,6 +103,7 @@ impl Default for AmqpConfig {
             queue_expires: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             partitions: 1,
+            heartbeat: DEFAULT_HEARTBEAT,
         }
     }
 }
@@ -177,6 +186,18 @@ impl AmqpConfig {
                 c.queue_expires = Some(e);
             }
         }
+        if let Some(loc) = r.node("heartbeat").map(|n| n.loc.clone()) {
+            let h = r.duration_or(d, "heartbeat", DEFAULT_HEARTBEAT);
+            if h < std::time::Duration::from_secs(1) || h > std::time::Duration::from_secs(600) {
+                d.push(
+                    &loc,
+                    "brokers.amqp.heartbeat",
+                    "must be between 1s and 600s (whole seconds)",
+                );
+            } else {
+                c.heartbeat = h;
+            }
+        }
         if !c.durable && c.queue_type != QueueType::Classic {
             d.push(
                 &durable_loc,
@@ -242,6 +263,32 @@ mod tests {
         assert_eq!(c.queue_type, QueueType::Quorum);
         assert_eq!(c.exchange_type, ExchangeType::Direct);
         assert_eq!(c.url, DEFAULT_URL);
+        assert_eq!(c.heartbeat, DEFAULT_HEARTBEAT);
+        let (c, d) = read("[brokers.amqp]\nheartbeat = \"2s\"\n");
+        assert!(d.is_empty(), "{:?}", d.problems());
+        assert_eq!(c.heartbeat, std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_heartbeat_out_of_range_is_reported_at_its_line_and_column() {
+        for bad in ["0s", "500ms", "11m"] {
+            let (c, d) = read(&format!("[brokers.amqp]\nheartbeat = \"{bad}\"\n"));
+            assert_eq!(d.problems().len(), 1, "{bad}: {:?}", d.problems());
+            let p = &d.problems()[0];
+            assert_eq!(p.key, "brokers.amqp.heartbeat");
+            assert!(
+                matches!(
+                    p.loc,
+                    weir_engine::config::Loc::File {
+                        line: 2,
+                        col: 13,
+                        ..
+                    }
+                ),
+                "{p:?}"
+            );
+            assert_eq!(c.heartbeat, DEFAULT_HEARTBEAT);
+        }
     }
 
     #[test]

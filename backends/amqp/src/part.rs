@@ -138,6 +138,7 @@ impl Part {
         let Some(read) = self.standing_by.take() else {
             return Ok(None);
         };
+        tracing::info!(queue = %self.queue, partition = self.index, "RabbitMQ source is the active consumer of the partition queue");
         let ch = conn
             .create_channel()
             .await

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
 use crate::config::{AmqpConfig, ExchangeType, QueueType};
@@ -66,7 +67,17 @@ pub(crate) fn no_answer(what: &str) -> weir_engine::EngineError {
 pub(crate) async fn connect(cfg: &AmqpConfig, name: &str) -> weir_engine::Result<Connection> {
     let props =
         ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
-    let connected = tokio::time::timeout(BROKER_TIMEOUT, Connection::connect(&cfg.url, props));
+    let mut uri: AMQPUri = cfg.url.parse().map_err(|e| {
+        weir_engine::EngineError::backend(
+            BACKEND,
+            format!("not a valid AMQP URL {}: {e}", redact(&cfg.url)),
+            false,
+        )
+    })?;
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(cfg.heartbeat.as_secs().clamp(1, 600) as u16);
+    }
+    let connected = tokio::time::timeout(BROKER_TIMEOUT, Connection::connect_uri(uri, props));
     match connected.await {
         Ok(Ok(c)) => Ok(c),
         Ok(Err(e)) => Err(weir_engine::EngineError::backend(
