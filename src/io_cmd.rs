@@ -73,6 +73,11 @@ fn setup(
 
 /// Reads JSON lines on stdin and publishes them, keyed by the pipeline's (first)
 /// `group_by` field, waiting for every acknowledgement; prints how many were sent.
+///
+/// SIGINT or SIGTERM stops it cleanly: the batch in flight is waited for (a second signal
+/// exits at once), then it prints what was sent — every record of it acknowledged — and
+/// the stdin line to resume from, and exits with 128 + the signal's number. Lines are read
+/// on a thread of their own, so a signal is seen while stdin waits for more.
 pub fn produce(a: ProduceArgs) -> ExitCode {
     let (c, backend, rt) = match setup(&a.p, "produce") {
         Ok(x) => x,
@@ -81,54 +86,131 @@ pub fn produce(a: ProduceArgs) -> ExitCode {
     let topic = a.topic.clone().unwrap_or_else(|| c.source.topic.clone());
     let key_field = c.aggregate.group_by.first().cloned();
     let result = rt.block_on(async {
-        let mut sink =
-            weir::assemble::connect(&c, &backend, &format!("opening topic {topic}"), || {
-                backend.feeder(&topic)
-            })
-            .await?;
-        let stdin = std::io::stdin();
-        let mut lines = stdin.lock().split(b'\n');
-        let mut sent = 0u64;
+        let (stop, by) = crate::signals::stop_token_and_signal()?;
+        let stopped = || Some(by.get().copied().unwrap_or(("a signal", 130)));
+        let mut done = Produced {
+            sent: 0,
+            next_line: 1,
+            stopped: None,
+        };
+        let what = format!("opening topic {topic}");
+        let opening = weir::assemble::connect(&c, &backend, &what, || backend.feeder(&topic));
+        let mut sink = tokio::select! {
+            s = opening => s?,
+            _ = stop.cancelled() => {
+                done.stopped = stopped();
+                return Ok(done);
+            }
+        };
+        let mut lines = read_lines(key_field);
+        let mut batch = Vec::with_capacity(PRODUCE_BATCH);
         loop {
-            let mut batch = Vec::with_capacity(1000);
-            for line in lines.by_ref() {
-                let mut line = line?;
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                if line.iter().all(u8::is_ascii_whitespace) {
-                    continue;
-                }
-                batch.push(OutRecord {
-                    key: key_field.as_deref().and_then(|f| key_of(&line, f)),
-                    payload: Bytes::from(line),
-                    ..Default::default()
-                });
-                if batch.len() == 1000 {
+            let first = tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    done.stopped = stopped();
                     break;
                 }
-            }
-            if batch.is_empty() {
-                break;
+                l = lines.recv() => l,
+            };
+            let Some(first) = first else { break };
+            let mut next_line = first?.push_to(&mut batch);
+            while batch.len() < PRODUCE_BATCH {
+                match lines.try_recv() {
+                    Ok(l) => next_line = l?.push_to(&mut batch),
+                    Err(_) => break,
+                }
             }
             sink.send(&batch).await?;
-            sent += batch.len() as u64;
+            done.sent += batch.len() as u64;
+            done.next_line = next_line;
+            batch.clear();
         }
-        anyhow::Ok(sent)
+        anyhow::Ok(done)
     });
     match result {
-        Ok(n) => {
-            println!(
-                "sent {n} record{} to {topic} (all acknowledged)",
-                if n == 1 { "" } else { "s" }
-            );
-            ExitCode::SUCCESS
+        Ok(done) => {
+            let n = done.sent;
+            let s = if n == 1 { "" } else { "s" };
+            println!("sent {n} record{s} to {topic} (all acknowledged)");
+            match done.stopped {
+                None => ExitCode::SUCCESS,
+                Some((name, code)) => {
+                    println!(
+                        "stopped by {name} before the end of stdin: lines from {} on were not sent",
+                        done.next_line
+                    );
+                    ExitCode::from(code)
+                }
+            }
         }
         Err(e) => {
             eprintln!("error: {}", crate::one_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// Records `weir produce` sends at once.
+const PRODUCE_BATCH: usize = 1000;
+
+/// What `weir produce` did.
+struct Produced {
+    /// Records sent, every one acknowledged.
+    sent: u64,
+    /// The first stdin line (from 1) not sent.
+    next_line: u64,
+    /// The signal that stopped it before the end of stdin.
+    stopped: Option<(&'static str, u8)>,
+}
+
+/// A non-blank stdin line as a record, and its line number (from 1).
+struct Line {
+    record: OutRecord,
+    number: u64,
+}
+
+impl Line {
+    /// Adds the record to `batch`; returns the number of the line after it.
+    fn push_to(self, batch: &mut Vec<OutRecord>) -> u64 {
+        batch.push(self.record);
+        self.number + 1
+    }
+}
+
+/// Reads stdin on a thread of its own: its non-blank lines as records keyed by
+/// `key_field`, a few batches ahead at most. The thread ends at the end of stdin, at a read
+/// error (sent as the last item) or when the receiver is dropped.
+fn read_lines(key_field: Option<String>) -> tokio::sync::mpsc::Receiver<std::io::Result<Line>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(PRODUCE_BATCH * 4);
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        for (i, line) in stdin.lock().split(b'\n').enumerate() {
+            let item = line.map(|mut line| {
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                line
+            });
+            let item = match item {
+                Ok(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                Ok(line) => Ok(Line {
+                    record: OutRecord {
+                        key: key_field.as_deref().and_then(|f| key_of(&line, f)),
+                        payload: Bytes::from(line),
+                        ..Default::default()
+                    },
+                    number: i as u64 + 1,
+                }),
+                Err(e) => Err(e),
+            };
+            let failed = item.is_err();
+            if tx.blocking_send(item).is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// The key of an event: its `field`, unquoted when it is a string, as JSON text otherwise.

@@ -1,6 +1,8 @@
 //! SIGINT (Ctrl-C) and SIGTERM (what orchestrators send): the first one stops gracefully,
 //! a second one exits at once.
 
+use std::sync::{Arc, OnceLock};
+
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
@@ -31,11 +33,22 @@ impl Stops {
 /// 128 + the signal's number, committing nothing more. The handlers are in place when
 /// this returns.
 pub fn stop_token() -> std::io::Result<CancellationToken> {
+    stop_token_and_signal().map(|(token, _)| token)
+}
+
+/// The first stop signal's name and 128 + its number, once it came.
+pub type FirstSignal = Arc<OnceLock<(&'static str, u8)>>;
+
+/// [`stop_token`], and which signal cancelled it.
+pub fn stop_token_and_signal() -> std::io::Result<(CancellationToken, FirstSignal)> {
     let mut stops = Stops::register()?;
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
+    let first = FirstSignal::default();
+    let by = first.clone();
     tokio::spawn(async move {
-        let (name, _) = stops.next().await;
+        let (name, code) = stops.next().await;
+        let _ = by.set((name, code));
         tracing::info!(
             "{name}: finishing the current batch, committing and stopping (send it again to stop at once)"
         );
@@ -44,7 +57,7 @@ pub fn stop_token() -> std::io::Result<CancellationToken> {
         tracing::warn!("{name} again: exiting at once; nothing more is committed");
         std::process::exit(code.into());
     });
-    Ok(token)
+    Ok((token, first))
 }
 
 /// Resolves on the first SIGINT or SIGTERM (for commands that just stop).

@@ -1,6 +1,8 @@
 //! The `weir` binary: exit codes, `generate` determinism, `run --input`, `weir test`, the
 //! README's sessions. Its demo, metrics and terminal output are in `tests/cli_observe.rs`.
 
+#[path = "cli/produce.rs"]
+mod produce;
 #[path = "cli/support.rs"]
 mod support;
 
