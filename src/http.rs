@@ -7,12 +7,14 @@
 //! stalled in its request body, the longest is closed to make room for a new one (when
 //! every connection is busy, new ones wait in the listen queue).
 //!
-//! Upgraded connections (`/ws`) leave this loop once upgraded and are not counted.
+//! An upgraded connection (`/ws`) keeps its place under `max_connections` while it lasts
+//! (its handler takes the request's [`Slot`]); at the limit it is closed to make room only
+//! when no idle or stalled connection is left, the oldest upgraded one first.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future as _;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -24,7 +26,7 @@ use bytes::Bytes;
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -71,6 +73,8 @@ struct Conn {
     head: tokio::sync::Notify,
     /// Cancelled to close it.
     close: CancellationToken,
+    /// Upgraded (`/ws`): closed to make room only after every idle connection.
+    upgraded: AtomicBool,
 }
 
 struct Conns {
@@ -90,7 +94,12 @@ impl Conns {
         let oldest = open
             .values()
             .filter(|c| c.evictable() && !c.close.is_cancelled())
-            .min_by_key(|c| c.last_active.load(Ordering::Relaxed));
+            .min_by_key(|c| {
+                (
+                    c.upgraded.load(Ordering::Relaxed),
+                    c.last_active.load(Ordering::Relaxed),
+                )
+            });
         match oldest {
             Some(c) => {
                 c.close.cancel();
@@ -98,6 +107,82 @@ impl Conns {
             }
             None => false,
         }
+    }
+}
+
+/// A connection's place under `max_connections`, in every request's extensions. A
+/// handler that upgrades the connection takes it with [`Slot::keep`], so that the upgraded
+/// connection still counts; otherwise it is given back when the connection closes.
+#[derive(Clone)]
+pub struct Slot(Arc<SlotInner>);
+
+struct SlotInner {
+    id: u64,
+    conn: Arc<Conn>,
+    conns: Arc<Conns>,
+    permit: Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl Slot {
+    /// The slot, for an upgraded connection to hold while it lasts; `None` if taken.
+    pub fn keep(&self) -> Option<Kept> {
+        let permit = self
+            .0
+            .permit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        self.0.conn.upgraded.store(true, Ordering::Relaxed);
+        self.0
+            .conn
+            .last_active
+            .store(self.0.conns.now(), Ordering::Relaxed);
+        Some(Kept {
+            slot: self.clone(),
+            _permit: permit,
+        })
+    }
+
+    /// Frees the slot of a connection that ended, unless an upgraded one keeps it.
+    fn release(&self) {
+        let kept = self
+            .0
+            .permit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if kept.is_some() {
+            self.0.conns.forget(self.0.id);
+        }
+    }
+}
+
+/// An upgraded connection's slot: given back when dropped.
+pub struct Kept {
+    slot: Slot,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Kept {
+    /// Resolves when the server closes the connection: to make room for others at
+    /// `max_connections`, or at shutdown.
+    pub async fn closed(&self) {
+        self.slot.0.conn.close.cancelled().await
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.slot.0.conns.forget(self.slot.0.id);
+    }
+}
+
+impl Conns {
+    fn forget(&self, id: u64) {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
     }
 }
 
@@ -125,8 +210,24 @@ pub async fn serve(
     let mut next_id = 0u64;
     let mut evictions = 0u64;
     loop {
-        // A slot first, so a connection beyond the limit waits in the listen queue rather
-        // than taking a file descriptor.
+        let (stream, _peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors (EMFILE) or a connection reset before it was
+                    // accepted: make room and go on.
+                    tracing::warn!(error = %e, "http: accept failed");
+                    conns.evict_idle();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // A connection beyond the limit makes room by closing another, and waits (the
+        // ones after it wait in the listen queue, taking no file descriptor) when every
+        // connection is busy. Room is made only for a connection that came: a `/ws`
+        // client at the limit stays until someone needs its place.
         let permit = match slots.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -149,20 +250,6 @@ pub async fn serve(
                 }
             }
         };
-        let (stream, _peer) = tokio::select! {
-            _ = stop.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of file descriptors (EMFILE) or a connection reset before it was
-                    // accepted: make room and go on.
-                    tracing::warn!(error = %e, "http: accept failed");
-                    conns.evict_idle();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
         let _ = stream.set_nodelay(true);
         next_id += 1;
         let id = next_id;
@@ -173,6 +260,7 @@ pub async fn serve(
             head_started: AtomicU64::new(0),
             head: tokio::sync::Notify::new(),
             close: stop.child_token(),
+            upgraded: AtomicBool::new(false),
         });
         conns
             .open
@@ -181,14 +269,15 @@ pub async fn serve(
             .insert(id, conn.clone());
         let router = router.clone();
         let conns = conns.clone();
+        let slot = Slot(Arc::new(SlotInner {
+            id,
+            conn: conn.clone(),
+            conns: conns.clone(),
+            permit: Mutex::new(Some(permit)),
+        }));
         tasks.spawn(async move {
-            serve_connection(stream, router, &conn, &conns, limits).await;
-            conns
-                .open
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            drop(permit);
+            serve_connection(stream, router, &conn, &conns, limits, &slot).await;
+            slot.release();
         });
     }
     tasks.close();
@@ -202,14 +291,17 @@ async fn serve_connection(
     conn: &Arc<Conn>,
     conns: &Arc<Conns>,
     limits: Limits,
+    slot: &Slot,
 ) {
     let service = {
         let conn = conn.clone();
         let conns = conns.clone();
-        hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let slot = slot.clone();
+        hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             let router = router.clone();
             let conn = conn.clone();
             let conns = conns.clone();
+            req.extensions_mut().insert(slot.clone());
             async move {
                 conn.busy.fetch_add(1, Ordering::Relaxed);
                 conn.last_active.store(conns.now(), Ordering::Relaxed);

@@ -146,3 +146,59 @@ async fn demo_feeds_the_live_view_and_ctrl_c_stops_cleanly() {
         "a graceful stop with balanced counters"
     );
 }
+
+/// Live-view clients count against `serve.max_connections`: with the limit reached by
+/// `/ws` clients, a new connection closes the oldest client to make room (idle HTTP
+/// connections would go first), so requests are still answered and the open connections
+/// never exceed the limit.
+#[tokio::test]
+async fn ws_clients_count_against_max_connections_and_make_room() {
+    use futures_util::StreamExt as _;
+    let s = Server::start(
+        &["serve.max_connections=3", "brokers.memory.partitions=1"],
+        &[],
+    );
+    let ws_url = s.ws_url();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+        next_of(&mut ws, "hello").await;
+        clients.push(ws);
+        // Distinct ages: the oldest is the one to go.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let health = client.get(s.at("/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    drop(client);
+    // The oldest client was closed for it; the two others still stream.
+    let mut oldest = clients.remove(0);
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match oldest.next().await {
+                None | Some(Err(_)) => break,
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(_))) => break,
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the oldest /ws client was not closed");
+    // Another client replaces it (closing the now oldest idle one, if any), and the feed
+    // still reaches the two that stayed.
+    let (mut fresh, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    next_of(&mut fresh, "hello").await;
+    let events: Vec<String> = vec![
+        event("User1", "2024-06-27T15:00:01Z"),
+        event("User3", "2024-06-27T15:00:30Z"),
+    ];
+    let (code, body) = s
+        .post("/track/batch", format!("[{}]", events.join(",")))
+        .await;
+    assert_eq!(code, 202, "{body}");
+    let r = next_of(&mut fresh, "result").await;
+    assert_eq!(r["result"]["user_id"], "User1", "{r}");
+}

@@ -191,13 +191,30 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     crate::observe::metrics_response(super::prom::render(&app))
 }
 
-async fn ws(State(app): State<Arc<App>>, upgrade: WebSocketUpgrade) -> Response {
-    upgrade.on_upgrade(move |socket| stream(app, socket))
+/// The live feed. The upgraded connection keeps its place under `serve.max_connections`
+/// while it lasts.
+async fn ws(
+    State(app): State<Arc<App>>,
+    slot: Option<axum::Extension<crate::http::Slot>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let kept = slot.and_then(|s| s.keep());
+    upgrade.on_upgrade(move |socket| stream(app, socket, kept))
+}
+
+/// Resolves when the server closes this upgraded connection to make room (never without a
+/// slot).
+async fn evicted(kept: &Option<crate::http::Kept>) {
+    match kept {
+        Some(k) => k.closed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Sends the hello, the latest results and then every message of the hub until the client
-/// leaves or the server stops. A client too slow to keep up skips what it missed.
-async fn stream(app: Arc<App>, mut socket: WebSocket) {
+/// leaves, the server stops or it needs the connection for others. A client too slow to
+/// keep up skips what it missed.
+async fn stream(app: Arc<App>, mut socket: WebSocket, kept: Option<crate::http::Kept>) {
     let (recent, mut rx) = app.hub.subscribe();
     let hello = app.hello();
     let counters = app.counters();
@@ -209,6 +226,10 @@ async fn stream(app: Arc<App>, mut socket: WebSocket) {
     loop {
         let msg = tokio::select! {
             _ = app.stop.cancelled() => break,
+            _ = evicted(&kept) => {
+                tracing::debug!("a live-view client closed to make room (serve.max_connections)");
+                break;
+            }
             m = rx.recv() => match m {
                 Ok(m) => m,
                 Err(RecvError::Lagged(n)) => {
