@@ -14,6 +14,8 @@
 mod conformance;
 #[path = "crash/retries.rs"]
 mod retries;
+#[path = "crash/schedules.rs"]
+mod schedules;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -62,7 +64,20 @@ fn spawn_idle_with(bed: &Bed, log: &Path, idle: &str, extra: &[&str]) -> Child {
 /// A `weir run` of the pipeline `file` with the bed's settings and `extra`, exiting after
 /// `idle` without records.
 fn spawn_file(file: &Path, bed: &Bed, log: &Path, idle: &str, extra: &[&str]) -> Child {
+    spawn_env(file, bed, log, idle, extra, &[])
+}
+
+/// [`spawn_file`] with environment variables `env` (e.g. a crash point).
+fn spawn_env(
+    file: &Path,
+    bed: &Bed,
+    log: &Path,
+    idle: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
+    cmd.envs(env.iter().copied());
     cmd.arg("run")
         .arg(file)
         .arg("--broker")
@@ -201,16 +216,10 @@ async fn survives_kill_9_with(
         .map(String::into_bytes)
         .collect();
     let want = oracle(&data);
-    let invalid_lines = data
+    assert!(want.len() > 1_000);
+    assert!(data
         .iter()
-        .filter(|l| oracle(std::slice::from_ref(*l)).is_empty())
-        .count();
-    let invalid: HashSet<Vec<u8>> = data
-        .iter()
-        .filter(|l| oracle(std::slice::from_ref(*l)).is_empty())
-        .cloned()
-        .collect();
-    assert!(!invalid.is_empty() && want.len() > 1_000);
+        .any(|l| oracle(std::slice::from_ref(l)).is_empty()));
     let dir = tempfile::tempdir().unwrap();
     let log: PathBuf = dir.path().join("weir.log");
     let chunk = data.len().div_ceil(rounds);
@@ -249,6 +258,32 @@ async fn survives_kill_9_with(
     keep_log(&log);
     waited.expect("the final run ended");
 
+    check_outputs(&bed, &data, kills, &log, guarantee).await;
+}
+
+/// Reads the bed's sink and dead-letter topics back and checks them against the oracle's
+/// count of `data` after `kills` kills: every window present, each copy with its exact
+/// count, every invalid event dead-lettered and only those (exactly once each, and every
+/// window exactly once, under exactly-once).
+async fn check_outputs(
+    bed: &Bed,
+    data: &[Vec<u8>],
+    kills: usize,
+    log: &Path,
+    guarantee: Guarantee,
+) {
+    let broker = &bed.config.broker;
+    let exactly_once = guarantee == Guarantee::ExactlyOnce;
+    let want = oracle(data);
+    let invalid: HashSet<Vec<u8>> = data
+        .iter()
+        .filter(|l| oracle(std::slice::from_ref(*l)).is_empty())
+        .cloned()
+        .collect();
+    let invalid_lines = data
+        .iter()
+        .filter(|l| oracle(std::slice::from_ref(*l)).is_empty())
+        .count();
     let records = bed
         .read_all(&bed.config.sink.topic, Duration::from_secs(6))
         .await;
@@ -261,7 +296,7 @@ async fn survives_kill_9_with(
         missing.len(),
         want.len(),
         missing.iter().take(3).collect::<Vec<_>>(),
-        tail(&log)
+        tail(log)
     );
     assert_eq!(got, want, "after {kills} kills");
 

@@ -7,6 +7,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+mod crash_point;
+
 use crate::backoff::Backoff;
 use crate::error::{EngineError, Result};
 use crate::metrics::{Metrics, Snapshot};
@@ -453,6 +455,11 @@ impl Pipeline {
         }
         if committed_any {
             Metrics::add(&self.metrics.commits, 1);
+            crash_point::committed(
+                self.metrics
+                    .commits
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            );
         }
         Ok(())
     }

@@ -1,0 +1,195 @@
+//! Kill schedules beyond random kills: instances killed during joins and takeovers on
+//! RabbitMQ with partition queues and on Kinesis with DynamoDB shard leases; a crash at the
+//! narrowest point, right after a commit (the `WEIR_CRASH_AFTER_COMMITS` crash point); and
+//! a producer that pauses longer than `idle_timeout` between kills, so that windows closed
+//! by idleness are among what a restart must not count again or lose.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use weir_engine::generate::{EventGenerator, Timeline, DEFAULT_START_MS};
+
+use super::conformance::{self, Bed};
+use super::{
+    check_outputs, final_run_begins, keep_log, produce_committed, spawn, spawn_env, spawn_idle,
+    survives_kill_9_with, wait_ok, Guarantee, Rng,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_partitions_survive_kill_9_mid_stream_during_joins_and_takeovers() {
+    survives_kill_9_with(
+        "amqp",
+        40_000,
+        10,
+        true,
+        Guarantee::AtLeastOnce,
+        &["brokers.amqp.partitions=4"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_leases_survive_kill_9_mid_stream_during_joins_and_takeovers() {
+    let leases = conformance::brokers::get("kinesis")
+        .scale_out()
+        .expect("Kinesis scales out with DynamoDB leases");
+    let leases: Vec<&str> = leases.iter().map(String::as_str).collect();
+    survives_kill_9_with("kinesis", 40_000, 10, true, Guarantee::AtLeastOnce, &leases).await;
+}
+
+/// The seed's events in `rounds` chunks, each an hour of event time after the one before:
+/// windows never span two chunks, so a window closed by idleness between chunks is
+/// complete.
+fn chunks_an_hour_apart(seed: u64, rounds: usize, per_round: usize) -> Vec<Vec<Vec<u8>>> {
+    (0..rounds)
+        .map(|r| {
+            let mut g = EventGenerator::new(seed + r as u64, 300).with_invalid_every(97);
+            let start = DEFAULT_START_MS + r as i64 * 3_600_000;
+            let mut t = Timeline::new(seed + r as u64, start, 10, 500);
+            (0..per_round)
+                .map(|_| g.event(t.next_time()).into_bytes())
+                .collect()
+        })
+        .collect()
+}
+
+/// Each round's process aborts right after its `k`-th commit (k = 1 or 2): the
+/// commit covered results that must already be acknowledged by the broker.
+async fn survives_crashes_right_after_commits(broker: &str) {
+    let seed = std::env::var("WEIR_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| weir_engine::time::now_millis() as u64 | 1);
+    eprintln!("{broker}: crash schedule seed {seed} (WEIR_CRASH_SEED={seed} replays it)");
+    let mut rng = Rng(seed);
+    let mut sets = vec!["source.commit_interval=200ms"];
+    if broker == "kafka" {
+        // The producer holds records 200 ms before sending them (5 ms by default): a sink
+        // that did not wait for their acknowledgements would lose them at the crash point.
+        sets.push("brokers.kafka.producer.linger.ms=200");
+    }
+    let bed = Bed::new(broker, "crash-commit", &sets);
+    let rounds = 8;
+    let data: Vec<Vec<u8>> = chunks_an_hour_apart(seed, rounds, 4_000)
+        .into_iter()
+        .flatten()
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let log: PathBuf = dir.path().join("weir.log");
+    let mut aborted = 0;
+    for part in data.chunks(data.len() / rounds) {
+        produce_committed(&bed, part).await;
+        let k = (1 + rng.next() % 2).to_string();
+        let env = [("WEIR_CRASH_AFTER_COMMITS", k.as_str())];
+        let mut p = spawn_env(&conformance::pipeline_file(), &bed, &log, "10s", &[], &env);
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = p.try_wait().expect("wait") {
+                break Some(s);
+            }
+            if t0.elapsed() > Duration::from_secs(15) {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        match status {
+            // SIGABRT: the crash point fired.
+            Some(s) if s.code().is_none() => aborted += 1,
+            Some(s) => panic!("exited {s} before its crash point"),
+            None => {
+                p.kill().expect("kill");
+                let _ = p.wait();
+            }
+        }
+    }
+    assert!(
+        aborted * 2 >= rounds,
+        "only {aborted} of {rounds} runs reached their crash point"
+    );
+    final_run_begins(&log).await;
+    let mut last = spawn(&bed, &log);
+    let waited = tokio::time::timeout(
+        Duration::from_secs(200),
+        wait_ok(&mut last, &log, Duration::from_secs(180)),
+    )
+    .await;
+    keep_log(&log);
+    waited.expect("the final run ended");
+    check_outputs(&bed, &data, aborted, &log, Guarantee::AtLeastOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_survives_crashes_right_after_commits() {
+    survives_crashes_right_after_commits("kafka").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_survives_crashes_right_after_commits() {
+    survives_crashes_right_after_commits("amqp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_survives_crashes_right_after_commits() {
+    survives_crashes_right_after_commits("kinesis").await;
+}
+
+/// Each round's data comes, then nothing for longer than `idle_timeout` (2 s): the
+/// process closes the round's last windows by idleness, emits and commits them, and is
+/// killed at a random moment of that pause or of the next round.
+async fn survives_kills_across_idle_pauses(broker: &str) {
+    let seed = std::env::var("WEIR_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| weir_engine::time::now_millis() as u64 | 1);
+    eprintln!("{broker}: idle-pause schedule seed {seed} (WEIR_CRASH_SEED={seed} replays it)");
+    let mut rng = Rng(seed);
+    let bed = Bed::new(
+        broker,
+        "crash-idle",
+        &["source.commit_interval=300ms", "window.idle_timeout=2s"],
+    );
+    let rounds = 6;
+    let chunks = chunks_an_hour_apart(seed, rounds, 3_000);
+    let dir = tempfile::tempdir().unwrap();
+    let log: PathBuf = dir.path().join("weir.log");
+    let mut p = spawn_idle(&bed, &log, "60s");
+    let mut kills = 0;
+    for part in &chunks {
+        produce_committed(&bed, part).await;
+        // Past idle_timeout: the round's windows close by idleness in this process.
+        tokio::time::sleep(rng.ms(2_500, 6_000)).await;
+        p.kill().expect("kill");
+        let _ = p.wait();
+        kills += 1;
+        p = spawn_idle(&bed, &log, "60s");
+        tokio::time::sleep(rng.ms(0, 1_500)).await;
+    }
+    p.kill().expect("kill");
+    let _ = p.wait();
+    final_run_begins(&log).await;
+    let mut last = spawn(&bed, &log);
+    let waited = tokio::time::timeout(
+        Duration::from_secs(200),
+        wait_ok(&mut last, &log, Duration::from_secs(180)),
+    )
+    .await;
+    keep_log(&log);
+    waited.expect("the final run ended");
+    let data: Vec<Vec<u8>> = chunks.into_iter().flatten().collect();
+    check_outputs(&bed, &data, kills, &log, Guarantee::AtLeastOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_survives_kills_across_idle_pauses() {
+    survives_kills_across_idle_pauses("kafka").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_survives_kills_across_idle_pauses() {
+    survives_kills_across_idle_pauses("amqp").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_survives_kills_across_idle_pauses() {
+    survives_kills_across_idle_pauses("kinesis").await;
+}
