@@ -444,3 +444,68 @@ fn strip_commit_metadata(bed: &Bed) {
         "metadata stripped: {now:?}"
     );
 }
+
+/// Partitions added to a live topic move keys to other partitions: a key's windows open
+/// across the change would be counted in pieces. The pipeline that committed checkpoints
+/// under 2 partitions stops at once with an error saying so when the topic has 4, and
+/// emits nothing; a topic whose count did not change runs as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_partitions_added_to_the_topic_stop_the_pipeline_with_a_clear_error() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::ClientConfig;
+
+    conformance::init_logs();
+    let bed = Bed::new("kafka", "grown", &["brokers.kafka.partitions=2"]);
+    let data: Vec<Vec<u8>> = weir_engine::generate::dataset(43, 4_000, 50, 0)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    let (first, second) = data.split_at(2_000);
+    bed.produce(first).await;
+    let summary = bed.run_until_idle().await.expect("first run");
+    assert_eq!(summary.counters.events_in, 2_000);
+    // The same count again: runs on.
+    bed.produce(&second[..10]).await;
+    bed.run_until_idle()
+        .await
+        .expect("a run on the same partitions");
+    let sink = bed.config.sink.topic.clone();
+    let emitted = bed
+        .read(&sink, usize::MAX, Duration::from_secs(3))
+        .await
+        .len();
+    assert!(emitted > 0);
+
+    let bootstrap =
+        std::env::var("WEIR_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:19092".into());
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("admin client");
+    let grown = admin
+        .create_partitions(
+            &[NewPartitions::new(&bed.config.source.topic, 4)],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create partitions");
+    assert!(grown.iter().all(Result::is_ok), "{grown:?}");
+    bed.produce(&second[10..]).await;
+    let err = bed
+        .run_until_idle()
+        .await
+        .expect_err("a run after the topic grew stops");
+    let msg = err.to_string();
+    assert!(!err.is_retryable(), "{msg}");
+    assert!(
+        msg.contains("has 4 partitions") && msg.contains("when it had 2"),
+        "{msg}"
+    );
+    // Nothing emitted by the run that stopped.
+    let after = bed
+        .read(&sink, usize::MAX, Duration::from_secs(3))
+        .await
+        .len();
+    assert_eq!(after, emitted);
+}

@@ -16,6 +16,7 @@
 //! results were already acknowledged.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,34 @@ pub(crate) struct CommitMetadata {
     pub(crate) topic: String,
     /// Exactly-once: the offsets go into this transaction instead of a plain commit.
     pub(crate) txn: Option<Arc<Txn>>,
+    /// The topic's partition count, read at each assignment and written into every
+    /// commit's metadata (0: not read yet).
+    pub(crate) partitions: Arc<AtomicU32>,
+}
+
+/// What follows the checkpoint in a commit's metadata: the topic's partition count then.
+const PARTITIONS: &str = ";partitions=";
+
+/// A commit's metadata: the checkpoint and the partition count it was written under
+/// (`None` for commits written before Weir recorded it).
+fn parse_metadata(m: &str) -> (Option<Checkpoint>, Option<u32>) {
+    match m.split_once(PARTITIONS) {
+        Some((cp, n)) => (Checkpoint::decode(cp), n.parse().ok()),
+        None => (Checkpoint::decode(m), None),
+    }
+}
+
+/// The error for checkpoints committed when `topic` had `then` partitions, read now that
+/// it has `now`: producers' keys moved to other partitions, so a key's windows open across
+/// the change would be counted in pieces, each piece as if it were the whole.
+fn partition_count_changed(topic: &str, partition: i32, then: u32, now: u32) -> EngineError {
+    EngineError::backend(
+        "kafka",
+        format!(
+            "topic `{topic}` has {now} partitions, but this group's checkpoints were committed when it had {then} (partition {partition}'s): records of one key now arrive on another partition than before, so windows open across the change would be counted in pieces. Weir stops rather than emit partial counts. To go on, start the pipeline under a new `source.group` reading from records produced after the change (the windows open at the change are then not counted), or turn the partition count back"
+        ),
+        false,
+    )
 }
 
 impl std::fmt::Debug for CommitMetadata {
@@ -76,34 +105,56 @@ impl CheckpointStore for CommitMetadata {
                 })?,
         };
         let c = self.consumer.clone();
-        let list =
-            tokio::task::spawn_blocking(move || c.committed_offsets(tpl, Duration::from_secs(10)))
-                .await
-                .map_err(|e| {
-                    EngineError::backend(
-                        "kafka",
-                        format!("checkpoint lookup task failed: {e}"),
-                        true,
-                    )
-                })?
-                .map_err(|source| KafkaError::Commit {
-                    topic: self.topic.clone(),
-                    source,
-                })?;
-        tracing::debug!(topic = %self.topic, committed = ?list, "kafka: committed offsets at assignment");
-        Ok(list
-            .elements_for_topic(&self.topic)
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some(Committed {
-                    partition: e.partition() as u32,
-                    offset: Some(o as u64),
-                    checkpoint: Checkpoint::decode(e.metadata()),
-                    ..Committed::default()
-                }),
-                _ => None,
-            })
-            .collect())
+        let topic = self.topic.clone();
+        let looked_up = tokio::task::spawn_blocking(move || {
+            let count = c
+                .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                .ok()
+                .and_then(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == topic)
+                        .map(|t| t.partitions().len() as u32)
+                });
+            c.committed_offsets(tpl, Duration::from_secs(10))
+                .map(|list| (list, count))
+        });
+        let (list, count) = looked_up
+            .await
+            .map_err(|e| {
+                EngineError::backend("kafka", format!("checkpoint lookup task failed: {e}"), true)
+            })?
+            .map_err(|source| KafkaError::Commit {
+                topic: self.topic.clone(),
+                source,
+            })?;
+        tracing::debug!(topic = %self.topic, committed = ?list, partitions = ?count, "kafka: committed offsets at assignment");
+        let now = count.unwrap_or(0);
+        if now > 0 {
+            self.partitions.store(now, Ordering::Relaxed);
+        }
+        let mut out = Vec::new();
+        for e in list.elements_for_topic(&self.topic) {
+            let Offset::Offset(o) = e.offset() else {
+                continue;
+            };
+            let (checkpoint, then) = parse_metadata(e.metadata());
+            if let Some(then) = then.filter(|t| now > 0 && *t != now) {
+                return Err(partition_count_changed(
+                    &self.topic,
+                    e.partition(),
+                    then,
+                    now,
+                ));
+            }
+            out.push(Committed {
+                partition: e.partition() as u32,
+                offset: Some(o as u64),
+                checkpoint,
+                ..Committed::default()
+            });
+        }
+        Ok(out)
     }
 
     /// Commits the offsets, each with its checkpoint as metadata. A commit the group
@@ -121,7 +172,12 @@ impl CheckpointStore for CommitMetadata {
                     source,
                 })?;
             if let Some(cp) = c.checkpoint {
-                e.set_metadata(cp.encode());
+                let n = self.partitions.load(Ordering::Relaxed);
+                if n > 0 {
+                    e.set_metadata(format!("{}{PARTITIONS}{n}", cp.encode()));
+                } else {
+                    e.set_metadata(cp.encode());
+                }
             }
         }
         if tpl.count() == 0 {
@@ -369,5 +425,25 @@ impl CheckpointTopic {
             }
         }
         Err(self.err("timed out reading the checkpoint topic"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_carries_the_partition_count_and_reads_the_older_form() {
+        let cp = Checkpoint {
+            watermark: 5,
+            processed: 12,
+        };
+        let m = format!("{}{PARTITIONS}4", cp.encode());
+        assert_eq!(parse_metadata(&m), (Some(cp), Some(4)));
+        assert_eq!(parse_metadata(&cp.encode()), (Some(cp), None));
+        assert_eq!(parse_metadata(""), (None, None));
+        let e = partition_count_changed("t", 1, 2, 4);
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("has 4 partitions"), "{e}");
     }
 }

@@ -137,6 +137,7 @@ impl KafkaSource {
                 consumer: consumer.clone(),
                 topic: topic.to_string(),
                 txn: None,
+                partitions: Arc::default(),
             },
             fallback: checkpoint_topic,
         });
@@ -222,24 +223,27 @@ impl KafkaSource {
     /// The checkpoints committed with the offsets of newly assigned partitions. A failed
     /// lookup is retried a few times, then logged and yields no checkpoints: records are
     /// then counted again from the committed offsets (still at-least-once, but results of
-    /// windows that closed before the restart may be re-emitted with partial counts).
-    async fn checkpoints(&self, parts: &[i32]) -> Vec<(u32, Option<Checkpoint>)> {
+    /// windows that closed before the restart may be re-emitted with partial counts). A
+    /// lookup that cannot succeed (the topic's partition count changed under the
+    /// checkpoints) is the error.
+    async fn checkpoints(&self, parts: &[i32]) -> Result<Vec<(u32, Option<Checkpoint>)>> {
         let wanted: Vec<u32> = parts.iter().map(|&p| p as u32).collect();
         let Some(store) = &self.store else {
-            return wanted.iter().map(|&p| (p, None)).collect();
+            return Ok(wanted.iter().map(|&p| (p, None)).collect());
         };
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         for attempt in 1..=5 {
             match store.load(Some(&wanted)).await {
                 Ok(found) => {
-                    return wanted
+                    return Ok(wanted
                         .iter()
                         .map(|&p| {
                             let c = found.iter().find(|c| c.partition == p);
                             (p, c.and_then(|c| c.checkpoint))
                         })
-                        .collect()
+                        .collect())
                 }
+                Err(e) if !e.is_retryable() => return Err(e),
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, error = %e, attempt, "cannot read committed checkpoints; retrying")
                 }
@@ -249,7 +253,7 @@ impl KafkaSource {
             }
         }
         tracing::warn!(topic = %self.topic, "no checkpoints: replayed records are counted again");
-        wanted.iter().map(|&p| (p, None)).collect()
+        Ok(wanted.iter().map(|&p| (p, None)).collect())
     }
 
     /// Exactly-once: aborts the open transaction. A failed abort leaves nothing visible
@@ -264,7 +268,7 @@ impl KafkaSource {
     }
 
     /// Turns rebalance events into `pending` entries.
-    async fn handle_events(&mut self, events: Vec<Event>) {
+    async fn handle_events(&mut self, events: Vec<Event>) -> Result<()> {
         for e in events {
             match e {
                 Event::Revoke(parts) => {
@@ -287,7 +291,7 @@ impl KafkaSource {
                     // The engine takes an assignment as the whole set this source reads:
                     // an incremental one (KIP-848, cooperative assignors) adds `parts` to
                     // those it keeps, which come without a checkpoint (nothing to restore).
-                    let mut all = self.checkpoints(&parts).await;
+                    let mut all = self.checkpoints(&parts).await?;
                     for (p, _) in self.owned.iter().enumerate().filter(|(_, o)| **o) {
                         if !parts.contains(&(p as i32)) {
                             all.push((p as u32, None));
@@ -298,6 +302,7 @@ impl KafkaSource {
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -364,7 +369,7 @@ impl Source for KafkaSource {
                 Ok(Received::Batch(batch))
             }
             Item::Events(events) => {
-                self.handle_events(events).await;
+                self.handle_events(events).await?;
                 Ok(self
                     .pending
                     .pop_front()
