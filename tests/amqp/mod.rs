@@ -15,6 +15,7 @@ use weir_engine::{Checkpoint, Position, Received, Record, Source};
 use crate::conformance::{self, Bed};
 
 mod frozen;
+mod layout;
 
 const PARTS: &str = "brokers.amqp.partitions=4";
 

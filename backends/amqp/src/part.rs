@@ -25,6 +25,9 @@ pub(crate) struct Part {
     /// The partition number (the queue's index in the topic).
     pub(crate) index: u32,
     pub(crate) queue: String,
+    /// The topic and its `partitions` setting (written with every checkpoint).
+    topic: String,
+    partitions: u32,
     pub(crate) ch: Channel,
     consumer: Consumer,
     stream: bool,
@@ -65,7 +68,14 @@ impl Part {
     ) -> Result<Opened> {
         let (ch, exclusive) = topology::declare_consumed_topic(conn, cfg, &queue).await?;
         let ckpt_queue = topology::declare_checkpoint_queue(&ch, cfg, &queue).await?;
-        let stored = CheckpointQueue::new(&ch, ckpt_queue).newest().await?;
+        let topic = topology::topic_of(&queue, index, cfg.partitions);
+        let stored = CheckpointQueue::new(&ch, ckpt_queue, topic, cfg.partitions)
+            .newest()
+            .await?;
+        if index == 0 && stored.is_none() {
+            // Nothing committed under this layout yet: was the topic read under the other?
+            topology::check_layout(conn, topic, cfg.partitions).await?;
+        }
         ch.basic_qos(cfg.prefetch, BasicQosOptions::default())
             .await
             .map_err(|e| amqp_error("setting the prefetch (basic.qos)", &e))?;
@@ -109,6 +119,8 @@ impl Part {
         tracing::debug!(queue, partition = index, committed = ?stored, "RabbitMQ source consuming");
         let part = Part {
             index,
+            topic: topic.to_string(),
+            partitions: cfg.partitions,
             queue,
             ch,
             consumer,
@@ -143,7 +155,8 @@ impl Part {
             .create_channel()
             .await
             .map_err(|e| amqp_error("opening a channel", &e))?;
-        let stored = CheckpointQueue::new(&ch, topology::checkpoint_queue(&self.queue))
+        let ckpt = topology::checkpoint_queue(&self.queue);
+        let stored = CheckpointQueue::new(&ch, ckpt, &self.topic, self.partitions)
             .newest()
             .await;
         let _ = ch.close(200, "checkpoint read".into()).await;
@@ -215,7 +228,8 @@ impl Part {
     /// checkpoint queue, in one AMQP transaction.
     pub(crate) async fn commit(&mut self, pos: Position, cp: Checkpoint) -> Result<()> {
         let upto = self.unacked.partition_point(|&(o, _)| o < pos.offset);
-        let store = CheckpointQueue::new(&self.ch, topology::checkpoint_queue(&self.queue));
+        let ckpt = topology::checkpoint_queue(&self.queue);
+        let store = CheckpointQueue::new(&self.ch, ckpt, &self.topic, self.partitions);
         if upto > 0 {
             let tag = self.unacked[upto - 1].1;
             store

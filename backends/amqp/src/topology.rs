@@ -28,6 +28,56 @@ pub fn partition_of(key: &[u8], n: u32) -> u32 {
     (weir_engine::record::fnv1a(key) % u64::from(n.max(1))) as u32
 }
 
+/// The topic whose partition `p` of `n` is queue `queue` (see [`partition_queue`]).
+pub(crate) fn topic_of(queue: &str, p: u32, n: u32) -> &str {
+    if n <= 1 {
+        queue
+    } else {
+        queue.strip_suffix(&format!(".{p}")).unwrap_or(queue)
+    }
+}
+
+/// Fails when `topic` was read under the other layout: one queue `T` (`partitions = 1`)
+/// while it is read with `n > 1` queues now, or queues `T.0`.. while it is read as one
+/// queue: the checkpoint queue of the other layout's first queue holds a commit.
+pub(crate) async fn check_layout(
+    conn: &Connection,
+    topic: &str,
+    n: u32,
+) -> weir_engine::Result<()> {
+    let (other, then) = if n <= 1 {
+        (
+            checkpoint_queue(&partition_queue(topic, 0, 2)),
+            "more than 1",
+        )
+    } else {
+        (checkpoint_queue(topic), "1")
+    };
+    // A passive declare of a missing queue closes its channel: a channel of its own.
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error("opening a channel", &e))?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let found = ch
+        .queue_declare(other.as_str().into(), passive, FieldTable::default())
+        .await;
+    let _ = ch.close(200, "layout checked".into()).await;
+    match found {
+        Ok(q) if q.message_count() > 0 => Err(weir_engine::EngineError::backend(
+            BACKEND,
+            format!(
+                "topic `{topic}` is read with brokers.amqp.partitions = {n}, but it was read with partitions = {then} before (checkpoint queue `{other}` holds a commit): records left in the queues of the old layout would never be read. Drain the topic with the old setting (`weir run --exit-when-idle`), then delete its `weir.checkpoint.{topic}*` queues; or use a new topic"
+            ),
+            false,
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The queue holding the last committed position of queue `queue`.
 pub fn checkpoint_queue(queue: &str) -> String {
     format!("weir.checkpoint.{queue}")
