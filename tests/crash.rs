@@ -187,11 +187,7 @@ async fn survives_kill_9_with(
     guarantee: Guarantee,
     extra: &[&str],
 ) {
-    let seed = std::env::var("WEIR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| weir_engine::time::now_millis() as u64 | 1);
-    eprintln!("{broker}: kill schedule seed {seed} (WEIR_CRASH_SEED={seed} replays it)");
+    let seed = schedule_seed(broker);
     let mut rng = Rng(seed);
     let exactly_once = guarantee == Guarantee::ExactlyOnce;
     let bed = if exactly_once {
@@ -248,17 +244,32 @@ async fn survives_kill_9_with(
         }
     }
     assert!(kills >= rounds, "only {kills} kills landed");
-    final_run_begins(&log).await;
-    let mut last = spawn(&bed, &log);
+    final_run(&bed, &log).await;
+    check_outputs(&bed, &data, kills, &log, guarantee).await;
+}
+
+/// The run after the kills: one process of the bed until idle, which must end well.
+async fn final_run(bed: &Bed, log: &Path) {
+    final_run_begins(log).await;
+    let mut last = spawn(bed, log);
     let waited = tokio::time::timeout(
         Duration::from_secs(200),
-        wait_ok(&mut last, &log, Duration::from_secs(180)),
+        wait_ok(&mut last, log, Duration::from_secs(180)),
     )
     .await;
-    keep_log(&log);
+    keep_log(log);
     waited.expect("the final run ended");
+}
 
-    check_outputs(&bed, &data, kills, &log, guarantee).await;
+/// The kill schedule's seed: `WEIR_CRASH_SEED`, or the clock's; printed so that a failing
+/// schedule can be replayed.
+fn schedule_seed(what: &str) -> u64 {
+    let seed = std::env::var("WEIR_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| weir_engine::time::now_millis() as u64 | 1);
+    eprintln!("{what}: kill schedule seed {seed} (WEIR_CRASH_SEED={seed} replays it)");
+    seed
 }
 
 /// Reads the bed's sink and dead-letter topics back and checks them against the oracle's

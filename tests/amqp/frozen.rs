@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{lines, spawn, until, PARTS};
-use crate::conformance::{self, Bed};
+use super::{lines, two_instance_bed, two_instances, until};
+use crate::conformance;
 
 fn signal(child: &std::process::Child, sig: rustix::process::Signal) {
     rustix::process::kill_process(rustix::process::Pid::from_child(child), sig).expect("signal");
@@ -21,27 +21,13 @@ fn signal(child: &std::process::Child, sig: rustix::process::Signal) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_a_frozen_instance_loses_its_partitions_within_seconds() {
     crate::require_rabbitmq().await;
-    let bed = Bed::new(
-        "amqp",
-        "part-freeze",
-        &[
-            PARTS,
-            "source.commit_interval=300ms",
-            "window.idle_timeout=2s",
-        ],
-    );
+    let bed = two_instance_bed("part-freeze");
     let data = lines(26, 30_000);
     let want = conformance::oracle(&data);
     let dir = tempfile::tempdir().unwrap();
     let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    let mut a = spawn(&bed, &log_a);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut b = spawn(&bed, &log_b);
-    until("both hold partitions", Duration::from_secs(20), || {
-        read(&log_b).contains("partitions assigned") && read(&log_a).contains("partitions revoked")
-    })
-    .await;
+    let (mut a, mut b) = two_instances(&bed, &log_a, &log_b).await;
     // A partition queue's single active consumer: the first delivery to a consumer that
     // stood by is logged (a consumer that RabbitMQ has not made active receives nothing).
     let active = |log: &str, p: u32| {

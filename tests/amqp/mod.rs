@@ -494,32 +494,45 @@ fn spawn(bed: &Bed, log: &Path) -> Child {
         .expect("weir run")
 }
 
-/// Two `weir run`s share four partitions; one is killed (SIGKILL) while the data arrives:
-/// the survivor takes its partitions over and every window is exact.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn amqp_two_instances_one_killed_mid_stream_the_other_finishes_exactly() {
-    crate::require_rabbitmq().await;
-    let bed = Bed::new(
+/// A bed of four partitions for two `weir run`s, committing often, closing idle windows
+/// after 2 s.
+fn two_instance_bed(case: &str) -> Bed {
+    Bed::new(
         "amqp",
-        "part-kill",
+        case,
         &[
             PARTS,
             "source.commit_interval=300ms",
             "window.idle_timeout=2s",
         ],
-    );
+    )
+}
+
+/// Starts `a`, then `b` 3 s later, and waits until they split the partitions.
+async fn two_instances(bed: &Bed, log_a: &Path, log_b: &Path) -> (Child, Child) {
+    let a = spawn(bed, log_a);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b = spawn(bed, log_b);
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    until("both hold partitions", Duration::from_secs(20), || {
+        read(log_b).contains("partitions assigned") && read(log_a).contains("partitions revoked")
+    })
+    .await;
+    (a, b)
+}
+
+/// Two `weir run`s share four partitions; one is killed (SIGKILL) while the data arrives:
+/// the survivor takes its partitions over and every window is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_two_instances_one_killed_mid_stream_the_other_finishes_exactly() {
+    crate::require_rabbitmq().await;
+    let bed = two_instance_bed("part-kill");
     let data = lines(25, 30_000);
     let want = conformance::oracle(&data);
     let dir = tempfile::tempdir().unwrap();
     let (log_a, log_b) = (dir.path().join("a.log"), dir.path().join("b.log"));
-    let mut a = spawn(&bed, &log_a);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut b = spawn(&bed, &log_b);
+    let (mut a, mut b) = two_instances(&bed, &log_a, &log_b).await;
     let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    until("both hold partitions", Duration::from_secs(20), || {
-        read(&log_b).contains("partitions assigned") && read(&log_a).contains("partitions revoked")
-    })
-    .await;
     // a dies while the data arrives and both are reading it.
     let produced = std::sync::atomic::AtomicUsize::new(0);
     let killer = async {

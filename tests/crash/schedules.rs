@@ -11,8 +11,8 @@ use weir_engine::generate::{EventGenerator, Timeline, DEFAULT_START_MS};
 
 use super::conformance::{self, Bed};
 use super::{
-    check_outputs, final_run_begins, keep_log, produce_committed, spawn, spawn_env, spawn_idle,
-    survives_kill_9_with, wait_ok, Guarantee, Rng,
+    check_outputs, final_run, produce_committed, schedule_seed, spawn_env, spawn_idle,
+    survives_kill_9_with, Guarantee, Rng,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,11 +56,7 @@ fn chunks_an_hour_apart(seed: u64, rounds: usize, per_round: usize) -> Vec<Vec<V
 /// Each round's process aborts right after its `k`-th commit (k = 1 or 2): the
 /// commit covered results that must already be acknowledged by the broker.
 async fn survives_crashes_right_after_commits(broker: &str) {
-    let seed = std::env::var("WEIR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| weir_engine::time::now_millis() as u64 | 1);
-    eprintln!("{broker}: crash schedule seed {seed} (WEIR_CRASH_SEED={seed} replays it)");
+    let seed = schedule_seed(&format!("{broker} (crash schedule)"));
     let mut rng = Rng(seed);
     let mut sets = vec!["source.commit_interval=200ms"];
     if broker == "kafka" {
@@ -106,15 +102,7 @@ async fn survives_crashes_right_after_commits(broker: &str) {
         aborted * 2 >= rounds,
         "only {aborted} of {rounds} runs reached their crash point"
     );
-    final_run_begins(&log).await;
-    let mut last = spawn(&bed, &log);
-    let waited = tokio::time::timeout(
-        Duration::from_secs(200),
-        wait_ok(&mut last, &log, Duration::from_secs(180)),
-    )
-    .await;
-    keep_log(&log);
-    waited.expect("the final run ended");
+    final_run(&bed, &log).await;
     check_outputs(&bed, &data, aborted, &log, Guarantee::AtLeastOnce).await;
 }
 
@@ -137,11 +125,7 @@ async fn kinesis_survives_crashes_right_after_commits() {
 /// process closes the round's last windows by idleness, emits and commits them, and is
 /// killed at a random moment of that pause or of the next round.
 async fn survives_kills_across_idle_pauses(broker: &str) {
-    let seed = std::env::var("WEIR_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| weir_engine::time::now_millis() as u64 | 1);
-    eprintln!("{broker}: idle-pause schedule seed {seed} (WEIR_CRASH_SEED={seed} replays it)");
+    let seed = schedule_seed(&format!("{broker} (idle-pause schedule)"));
     let mut rng = Rng(seed);
     let bed = Bed::new(
         broker,
@@ -166,15 +150,7 @@ async fn survives_kills_across_idle_pauses(broker: &str) {
     }
     p.kill().expect("kill");
     let _ = p.wait();
-    final_run_begins(&log).await;
-    let mut last = spawn(&bed, &log);
-    let waited = tokio::time::timeout(
-        Duration::from_secs(200),
-        wait_ok(&mut last, &log, Duration::from_secs(180)),
-    )
-    .await;
-    keep_log(&log);
-    waited.expect("the final run ended");
+    final_run(&bed, &log).await;
     let data: Vec<Vec<u8>> = chunks.into_iter().flatten().collect();
     check_outputs(&bed, &data, kills, &log, Guarantee::AtLeastOnce).await;
 }
