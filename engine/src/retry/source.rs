@@ -1,5 +1,5 @@
 //! The retry source: [`WithRetries`] reads the source topic and the retry topic as one
-//! source. Retry partitions appear as partition [`RETRY_PARTITION_BASE`]` + n`, their
+//! source. Retry partitions appear as the merged source's [`Input::Retry`] partitions, their
 //! records are held until due, and they never move the watermark (a retried event keeps
 //! its own event time). [`RetrySink`] counts what goes to the retry topic, so that a
 //! finite run waits for every retry to come back.
@@ -13,8 +13,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::envelope::{unwrap, RETRY_PARTITION_BASE};
+use super::envelope::unwrap;
 use crate::error::{EngineError, Result};
+use crate::origin::{Input, RETRY_PARTITION_BASE};
 use crate::record::{Checkpoint, OutRecord, Position, Record};
 use crate::sink::Sink;
 use crate::source::{Received, Source};
@@ -167,7 +168,7 @@ impl WithRetries {
                 self.retry_drained = b.is_empty();
                 self.read_back += b.len() as u64;
                 for mut r in b {
-                    r.position.partition += RETRY_PARTITION_BASE;
+                    r.position.partition = Input::Retry.partition(r.position.partition);
                     let (due, rec) = unwrap(r);
                     self.seq += 1;
                     self.held.push(Reverse(Held {
@@ -185,11 +186,11 @@ impl WithRetries {
             Received::Assigned(parts) => Ok(Some(Received::Assigned(
                 parts
                     .into_iter()
-                    .map(|(p, cp)| (p + RETRY_PARTITION_BASE, cp))
+                    .map(|(p, cp)| (Input::Retry.partition(p), cp))
                     .collect(),
             ))),
             Received::Revoked(parts) => {
-                let shifted: Vec<u32> = parts.iter().map(|p| p + RETRY_PARTITION_BASE).collect();
+                let shifted: Vec<u32> = parts.iter().map(|p| Input::Retry.partition(*p)).collect();
                 let held = std::mem::take(&mut self.held);
                 self.held = held
                     .into_iter()
@@ -212,7 +213,7 @@ impl Source for WithRetries {
     }
 
     fn has_backlog(&self, partition: u32) -> bool {
-        partition < RETRY_PARTITION_BASE && self.main.has_backlog(partition)
+        Input::is_source(partition) && self.main.has_backlog(partition)
     }
 
     async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {
@@ -265,7 +266,7 @@ impl Source for WithRetries {
                 Ok(Received::Batch(out))
             }
             Received::Assigned(parts)
-                if parts.iter().any(|(p, _)| *p >= RETRY_PARTITION_BASE) =>
+                if parts.iter().any(|(p, _)| !Input::is_source(*p)) =>
             {
                 Err(EngineError::Stopped(format!(
                     "with a retry topic, source partition indexes must be below {RETRY_PARTITION_BASE}"
@@ -289,7 +290,7 @@ impl Source for WithRetries {
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()> {
         let (retry, main): (Vec<_>, Vec<_>) = positions
             .iter()
-            .partition(|(p, _)| p.partition >= RETRY_PARTITION_BASE);
+            .partition(|(p, _)| !Input::is_source(p.partition));
         if !main.is_empty() {
             self.main.commit(&main).await?;
         }
@@ -302,7 +303,7 @@ impl Source for WithRetries {
                     .map_or(p.offset, |h| h.min(p.offset));
                 (
                     Position {
-                        partition: p.partition - RETRY_PARTITION_BASE,
+                        partition: Input::of(p.partition).1,
                         offset,
                     },
                     cp,
