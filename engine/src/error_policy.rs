@@ -40,6 +40,8 @@ pub(crate) struct ErrorHandler {
     callback: Option<std::sync::Mutex<ErrorCallback>>,
     retry: Option<RetryConfig>,
     topic: String,
+    /// The id of this run, written into its retry records.
+    run: u64,
     /// The message to stop with, once a stage failed with [`ErrorAction::Fail`].
     pub(crate) failure: Option<String>,
     /// Whether the default validate action is a plain dead letter with no callback: the
@@ -62,12 +64,14 @@ impl ErrorHandler {
         strategies: Vec<(String, ErrorAction)>,
         retry: Option<RetryConfig>,
         topic: &str,
+        run: u64,
     ) -> Self {
         let mut h = ErrorHandler {
             strategies,
             callback: None,
             retry,
             topic: topic.to_string(),
+            run,
             failure: None,
             plain_validate: false,
         };
@@ -142,7 +146,16 @@ impl ErrorHandler {
             }
             ErrorAction::Retry => match &self.retry {
                 Some(cfg) => {
-                    match retry_or_give_up(cfg, &self.topic, rec, origin, stage, reason, now_ms) {
+                    match retry_or_give_up(
+                        cfg,
+                        &self.topic,
+                        self.run,
+                        rec,
+                        origin,
+                        stage,
+                        reason,
+                        now_ms,
+                    ) {
                         Ok(r) => {
                             out.retry.push(r);
                             Outcome::Retried
@@ -171,16 +184,18 @@ impl ErrorHandler {
 
 /// For a record (from `origin`) that failed at `stage` with `reason`: its retry record,
 /// or, once it used up `max_attempts`, its dead letter with the history of its attempts.
+#[allow(clippy::too_many_arguments)]
 fn retry_or_give_up(
     cfg: &RetryConfig,
     topic: &str,
+    run: u64,
     rec: &Record,
     origin: &Origin,
     stage: &str,
     reason: &str,
     now_ms: i64,
 ) -> std::result::Result<OutRecord, OutRecord> {
-    let mut meta = origin.retry_meta(topic);
+    let mut meta = origin.retry_meta(topic, run);
     let attempt = meta.retries + 1;
     meta.history.push(AttemptLog {
         attempt,
@@ -257,17 +272,18 @@ mod tests {
             (due, back, origin)
         };
         let origin = Origin::of(&rec);
-        let out = retry_or_give_up(&c, "src", &rec, &origin, "enrich", "not yet", 1_000).unwrap();
+        let out =
+            retry_or_give_up(&c, "src", 1, &rec, &origin, "enrich", "not yet", 1_000).unwrap();
         // The envelope's own tests check what it carries (retry::envelope).
         let (due, back, origin) = read_back(out);
         assert_eq!(due, 1_100);
         assert_eq!(origin.attempts(), 1);
         let out2 =
-            retry_or_give_up(&c, "src", &back, &origin, "enrich", "still not", 2_000).unwrap();
+            retry_or_give_up(&c, "src", 1, &back, &origin, "enrich", "still not", 2_000).unwrap();
         let (due2, back2, origin2) = read_back(out2);
         assert_eq!(due2, 2_200);
         let dead =
-            retry_or_give_up(&c, "src", &back2, &origin2, "enrich", "never", 3_000).unwrap_err();
+            retry_or_give_up(&c, "src", 1, &back2, &origin2, "enrich", "never", 3_000).unwrap_err();
         let v: serde_json::Value = serde_json::from_slice(&dead.payload).unwrap();
         assert_eq!(v["error"], "gave up after 3 attempts: never");
         assert_eq!(v["source"]["topic"], "src");

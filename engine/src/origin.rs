@@ -83,6 +83,8 @@ pub struct Retried {
     pub attempts: u32,
     /// Its not-before time (epoch milliseconds): when it was due back.
     pub due: i64,
+    /// The id of the run that wrote this retry record (0: not known).
+    pub run: u64,
     /// Every failure so far, oldest first.
     pub(crate) history: Vec<AttemptLog>,
 }
@@ -104,6 +106,7 @@ impl Origin {
                     offset: m.source.offset,
                     attempts: m.retries,
                     due: m.not_before,
+                    run: m.run,
                     history: m.history,
                 })),
                 None => Origin::Retry(Box::new(Retried {
@@ -112,6 +115,7 @@ impl Origin {
                     offset,
                     attempts: 0,
                     due: i64::MIN,
+                    run: 0,
                     history: Vec::new(),
                 })),
             },
@@ -184,8 +188,8 @@ impl Origin {
     }
 
     /// The retry metadata of the record's next trip through the retry topic, with its
-    /// failures so far (`topic` is the pipeline's source topic).
-    pub(crate) fn retry_meta(&self, topic: &str) -> Meta {
+    /// failures so far (`topic` is the pipeline's source topic), written by run `run`.
+    pub(crate) fn retry_meta(&self, topic: &str, run: u64) -> Meta {
         match self {
             Origin::Source { partition, offset } => Meta {
                 retries: 0,
@@ -195,6 +199,7 @@ impl Origin {
                     offset: *offset,
                 },
                 not_before: i64::MIN,
+                run,
                 history: Vec::new(),
             },
             Origin::Retry(r) => Meta {
@@ -209,6 +214,7 @@ impl Origin {
                     offset: r.offset,
                 },
                 not_before: r.due,
+                run,
                 history: r.history.clone(),
             },
         }
@@ -250,7 +256,7 @@ mod tests {
         );
         assert!(o.moves_time());
         assert_eq!(o.reported("src"), ("src", 2, 7));
-        let mut meta = o.retry_meta("src");
+        let mut meta = o.retry_meta("src", 5);
         meta.retries = 1;
         let out = envelope::wrap(&rec, meta, 1_100);
         let (_, back) = envelope::unwrap(Record {
@@ -270,6 +276,6 @@ mod tests {
         let Origin::Retry(retried) = &r else {
             unreachable!()
         };
-        assert_eq!(retried.due, 1_100);
+        assert_eq!((retried.due, retried.run), (1_100, 5));
     }
 }

@@ -1,7 +1,8 @@
 //! One record through the operator, concern by concern: its [`Origin`] is decoded once;
-//! its position is noted (replay and commits); the event is validated (event time, group
-//! key, aggregate inputs); it is routed to its task (whose watermark its time may move);
-//! it is counted into its open windows, or else it is late.
+//! its position is noted (replay and commits), and a copy of an event left behind by a
+//! crash is dropped (see [`Copies`](crate::replay::Copies)); the event is validated (event
+//! time, group key, aggregate inputs); it is routed to its task (whose watermark its time
+//! may move); it is counted into its open windows, or else it is late.
 
 use std::time::Duration;
 
@@ -30,6 +31,9 @@ impl WindowOperator {
         let rec = &r.record;
         let origin = Origin::of(rec);
         self.note_position(rec, &origin, now);
+        if self.copies.superseded(&origin, &self.offsets) {
+            return Outcome::Replayed;
+        }
         let replaying = self.replaying(rec);
         let reason = format!("rejected by {stage}: {}", r.reason);
         let o = self.errors.handle(
@@ -45,6 +49,7 @@ impl WindowOperator {
         if o == Outcome::Failed {
             self.unnote(rec);
         }
+        self.ended(&origin, o);
         o
     }
 
@@ -60,29 +65,48 @@ impl WindowOperator {
     ) -> Outcome {
         let origin = Origin::of(rec);
         self.note_position(rec, &origin, now);
+        if self.copies.superseded(&origin, &self.offsets) {
+            return Outcome::Replayed;
+        }
+        let o = self.window(rec, &origin, now, now_ms, out);
+        self.ended(&origin, o);
+        o
+    }
+
+    /// Validates the event, routes it to its task and counts it into its windows (or
+    /// hands it to the late policy).
+    #[inline]
+    fn window(
+        &mut self,
+        rec: &Record,
+        origin: &Origin,
+        now: Instant,
+        now_ms: i64,
+        out: &mut Emitted,
+    ) -> Outcome {
         let replaying = self.replaying(rec);
         let ev = match self.decoder.decode_record(rec) {
             Ok(ev) => ev,
-            Err(reason) => return self.invalid(rec, &origin, &reason, replaying, now_ms, out),
+            Err(reason) => return self.invalid(rec, origin, &reason, replaying, now_ms, out),
         };
         let t = match self.event_time(rec, &ev, now_ms) {
             Ok(t) => t,
-            Err(reason) => return self.invalid(rec, &origin, &reason, replaying, now_ms, out),
+            Err(reason) => return self.invalid(rec, origin, &reason, replaying, now_ms, out),
         };
         if let Err(reason) = self.group_key(&ev.values) {
-            return self.invalid(rec, &origin, &reason, replaying, now_ms, out);
+            return self.invalid(rec, origin, &reason, replaying, now_ms, out);
         }
         if let Err(reason) = self.aggs.read(&ev.values, &mut self.inputs) {
-            return self.invalid(rec, &origin, &reason, replaying, now_ms, out);
+            return self.invalid(rec, origin, &reason, replaying, now_ms, out);
         }
         if !self.shared && !self.keyed_by_group(rec, &ev.values) {
             self.share(rec, now);
         }
-        let (ti, wm) = self.route(&origin, t, now, now_ms);
+        let (ti, wm) = self.route(origin, t, now, now_ms);
         // Time moved on (so that windows close and make room) even if the event is refused.
         if self.open.saturating_add(self.per_event) > self.max_open {
             if let Some(reason) = self.state_full(ti, t) {
-                return self.invalid(rec, &origin, &reason, replaying, now_ms, out);
+                return self.invalid(rec, origin, &reason, replaying, now_ms, out);
             }
         }
         if self.count(ti, t, rec.position, replaying, wm) {
@@ -91,7 +115,7 @@ impl WindowOperator {
         if replaying {
             return Outcome::Replayed;
         }
-        self.late(rec, &origin, t, wm, out)
+        self.late(rec, origin, t, wm, out)
     }
 
     // --- positions: what is committable, what is a replay ---
@@ -112,6 +136,18 @@ impl WindowOperator {
     /// delivered before a restart).
     fn replaying(&self, rec: &Record) -> bool {
         self.offsets.replaying(rec.position)
+    }
+
+    /// The record from `origin` reached outcome `o`: if that is an end, a replayed event's
+    /// later copies are dropped (see [`Copies`](crate::replay::Copies)).
+    #[inline]
+    fn ended(&mut self, origin: &Origin, o: Outcome) {
+        if matches!(
+            o,
+            Outcome::Windowed | Outcome::Late | Outcome::Dead | Outcome::Skipped
+        ) {
+            self.copies.decided(origin, &self.offsets);
+        }
     }
 
     /// Takes back [`note_position`](Self::note_position) for a record the pipeline stops
@@ -316,5 +352,108 @@ impl WindowOperator {
             LatePolicy::Drop => {}
         }
         Outcome::Late
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::origin::Input;
+    use crate::record::Checkpoint;
+    use crate::retry::envelope::{unwrap, wrap};
+    use crate::Job;
+
+    fn source(offset: u64) -> Record {
+        Record {
+            key: Some(Bytes::from_static(b"a")),
+            payload: Bytes::from(format!(r#"{{"k":"a","t":{}}}"#, 1_000 + offset)),
+            position: Position {
+                partition: 0,
+                offset,
+            },
+            ..Default::default()
+        }
+    }
+
+    /// The retry record that run `run` wrote for the source record at `offset`, read back
+    /// at offset `at` of the retry topic's partition 0.
+    fn retried(offset: u64, run: u64, at: u64) -> Record {
+        let rec = source(offset);
+        let meta = Origin::of(&rec).retry_meta("t", run);
+        let out = wrap(&rec, meta, 0);
+        unwrap(Record {
+            key: out.key,
+            payload: out.payload,
+            position: Position {
+                partition: Input::Retry.partition(0),
+                offset: at,
+            },
+            ..Default::default()
+        })
+        .1
+    }
+
+    /// An operator restarted from a checkpoint that marks source offsets below `processed`
+    /// as processed (the retry partition from its start).
+    fn restarted(processed: u64) -> WindowOperator {
+        let job = Job::tumbling_count("k", "t", Duration::from_secs(10));
+        let mut op = WindowOperator::new(&job, "t");
+        let cp = |processed| {
+            Some(Checkpoint {
+                watermark: i64::MIN,
+                processed,
+            })
+        };
+        let now = Instant::now();
+        op.assign(&[(Input::Retry.partition(0), cp(0))], now);
+        op.assign(&[(0, cp(processed))], now);
+        op
+    }
+
+    fn counted(op: &mut WindowOperator) -> String {
+        let mut out = Emitted::default();
+        op.close_all(&mut out);
+        out.results
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn an_earlier_runs_retry_of_a_source_record_read_again_after_the_checkpoint_is_dropped() {
+        let mut op = restarted(5);
+        let (now, mut out) = (Instant::now(), Emitted::default());
+        // Offset 7 went to the retry topic in the killed run, after its last checkpoint:
+        // read again, it is decided anew (its profile has come), and the old retry record
+        // is a copy.
+        assert_eq!(op.ingest(&source(7), now, 0, &mut out), Outcome::Windowed);
+        let old = retried(7, op.copies.run() ^ 1, 0);
+        assert_eq!(op.ingest(&old, now, 0, &mut out), Outcome::Replayed);
+        // This run's own retry records are not copies.
+        let own = retried(8, op.copies.run(), 1);
+        assert_eq!(op.ingest(&own, now, 0, &mut out), Outcome::Windowed);
+        assert!(counted(&mut op).contains(r#""count":2"#));
+    }
+
+    #[test]
+    fn the_first_copy_of_a_replayed_event_to_reach_an_end_counts_and_the_others_are_dropped() {
+        let mut op = restarted(10);
+        let (now, mut out) = (Instant::now(), Emitted::default());
+        let earlier = op.copies.run() ^ 1;
+        // The replayed source record first: its retry record is a copy.
+        assert_eq!(op.ingest(&source(4), now, 0, &mut out), Outcome::Windowed);
+        let copy = retried(4, earlier, 0);
+        assert_eq!(op.ingest(&copy, now, 0, &mut out), Outcome::Replayed);
+        // The retry record first: the replayed source record is the copy.
+        assert_eq!(
+            op.ingest(&retried(5, earlier, 1), now, 0, &mut out),
+            Outcome::Windowed
+        );
+        assert_eq!(op.ingest(&source(5), now, 0, &mut out), Outcome::Replayed);
+        assert!(counted(&mut op).contains(r#""count":2"#));
     }
 }

@@ -19,7 +19,7 @@ use crate::error_policy::{ErrorCallback, ErrorHandler};
 use crate::origin::Input;
 use crate::output::ResultEncoder;
 use crate::record::{Checkpoint, Position, Record};
-use crate::replay::Offsets;
+use crate::replay::{Copies, Offsets};
 use crate::window::WindowKind;
 
 pub use crate::outcome::{Emitted, Outcome};
@@ -58,6 +58,9 @@ pub struct WindowOperator {
     ready: Vec<bool>,
     /// How far each partition was read, and what of it is a replay.
     offsets: Offsets,
+    /// Copies of events a crash left behind (the source record read again beside its
+    /// retry records): which one counts.
+    copies: Copies,
     /// The bound on open (window, key) entries (`window.max_open_entries`).
     max_open: usize,
     /// Open entries, counted up as events open them; at least the true number (closing
@@ -82,6 +85,7 @@ impl WindowOperator {
                 .map(|f| (f.clone(), f.field().map_or(0, |p| decoder.want(p))))
                 .collect(),
         );
+        let copies = Copies::new(crate::replay::run_id());
         WindowOperator {
             decoder,
             key_slots,
@@ -99,11 +103,12 @@ impl WindowOperator {
             out_of_orderness: job.out_of_orderness.as_millis() as i64,
             idle_timeout: job.window.idle_timeout,
             max_future: job.max_future.map(|d| d.as_millis() as i64),
-            errors: ErrorHandler::new(job.errors.clone(), job.retry.clone(), topic),
+            errors: ErrorHandler::new(job.errors.clone(), job.retry.clone(), topic, copies.run()),
             tasks: Vec::new(),
             shared: false,
             ready: Vec::new(),
             offsets: Offsets::default(),
+            copies,
             max_open: job.window.max_open_entries,
             open: 0,
             per_event: job.window.kind.windows_per_event().min(usize::MAX as u64) as usize,

@@ -67,6 +67,7 @@ impl WindowOperator {
             let i = p as usize;
             let cp = (self.offsets.seen(p) && !aborted).then(|| self.checkpoint(p));
             self.offsets.revoke(p, cp);
+            self.copies.revoke(p);
             if Input::is_source(p) {
                 let ti = self.task_index(p);
                 if let Some(slot) = self.tasks.get_mut(ti) {

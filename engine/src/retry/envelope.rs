@@ -30,12 +30,15 @@ pub(crate) struct AttemptLog {
 }
 
 /// What a retried record carries: how often it was retried, where it first came from, its
-/// not-before time and every failure so far.
+/// not-before time, every failure so far, and the id of the run that wrote it (0 in
+/// records from before run ids; see [`Copies`](crate::replay::Copies)).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Meta {
     pub(crate) retries: u32,
     pub(crate) source: SourceRef,
     pub(crate) not_before: i64,
+    #[serde(default)]
+    pub(crate) run: u64,
     pub(crate) history: Vec<AttemptLog>,
 }
 
@@ -150,6 +153,7 @@ mod tests {
                 offset: 7,
             },
             not_before: i64::MIN,
+            run: 1,
             history: Vec::new(),
         };
         let out = wrap(&rec, m, 1_100);
