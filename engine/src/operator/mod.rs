@@ -68,6 +68,9 @@ pub struct WindowOperator {
     open: usize,
     /// The most entries one event may open.
     per_event: usize,
+    /// How many partitions the source topic has, if the source knows: a shared task holds
+    /// its watermark while fewer are assigned here.
+    expected: Option<u32>,
 }
 
 impl WindowOperator {
@@ -112,6 +115,7 @@ impl WindowOperator {
             max_open: job.window.max_open_entries,
             open: 0,
             per_event: job.window.kind.windows_per_event().min(usize::MAX as u64) as usize,
+            expected: None,
         }
     }
 
@@ -218,6 +222,52 @@ impl WindowOperator {
         // right after a quiet start).
         merged.watermarks.rearm(now);
         self.tasks = vec![Some(merged)];
+        self.hold_shared();
+    }
+
+    /// Says how many partitions the source topic has, if the source knows (see
+    /// [`Source::partition_count`](crate::source::Source::partition_count)).
+    pub fn expect_partitions(&mut self, count: Option<u32>) {
+        self.expected = count;
+        self.hold_shared();
+    }
+
+    /// Whether the shared task holds its watermark because some of the source topic's
+    /// partitions are not assigned here.
+    pub fn holding(&self) -> bool {
+        self.shared
+            && self
+                .tasks
+                .first()
+                .and_then(Option::as_ref)
+                .is_some_and(|t| t.watermarks.is_held())
+    }
+
+    /// A shared task holds its watermark while some partitions of the source topic are not
+    /// assigned here: windows closed without their records would be emitted with part of
+    /// their count (a restart that joins while the killed instance still holds them).
+    fn hold_shared(&mut self) {
+        if !self.shared {
+            return;
+        }
+        let assigned = self.partitions().count() as u32;
+        let hold = self.expected.is_some_and(|n| assigned < n);
+        let Some(task) = self.tasks.first_mut().and_then(Option::as_mut) else {
+            return;
+        };
+        if task.watermarks.is_held() != hold {
+            if hold {
+                tracing::warn!(
+                    assigned,
+                    partitions = self.expected.unwrap_or(0),
+                    "holding windows open: the input is not keyed by the group key, and some partitions are not assigned here \
+                     (a killed instance's until its session ends, or another instance's: a single instance must read them all)"
+                );
+            } else {
+                tracing::info!(assigned, "every partition assigned: windows close again");
+            }
+            task.watermarks.hold(hold);
+        }
     }
 
     /// Whether `rec`'s broker key is one of its group-by values: records keyed that way

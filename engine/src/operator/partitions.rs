@@ -56,6 +56,7 @@ impl WindowOperator {
                 );
             }
         }
+        self.hold_shared();
     }
 
     /// Forgets revoked partitions: their open window state is dropped uncommitted and they
@@ -90,5 +91,6 @@ impl WindowOperator {
                 }
             }
         }
+        self.hold_shared();
     }
 }

@@ -239,6 +239,10 @@ impl Source for WithRetries {
         self.main.recycle(batch);
     }
 
+    fn partition_count(&self) -> Option<u32> {
+        self.main.partition_count()
+    }
+
     fn has_backlog(&self, partition: u32) -> bool {
         Input::is_source(partition) && self.main.has_backlog(partition)
     }
