@@ -2,9 +2,10 @@
 //! (`dead_letter`, `retry`, `skip`, `fail`) chosen per stage in `[errors]`, and the Rust
 //! API's error callback that may choose differently for each record.
 
+use crate::origin::Origin;
 use crate::output::{dead_letter, dead_letter_from};
 use crate::record::{OutRecord, Record};
-use crate::retry::envelope::{meta, wrap, AttemptLog, Meta, SourceRef};
+use crate::retry::envelope::{wrap, AttemptLog};
 
 pub use crate::config::ErrorAction;
 use crate::config::RetryConfig;
@@ -39,6 +40,8 @@ pub(crate) struct ErrorHandler {
     callback: Option<std::sync::Mutex<ErrorCallback>>,
     retry: Option<RetryConfig>,
     topic: String,
+    /// The id of this run, written into its retry records.
+    run: u64,
     /// The message to stop with, once a stage failed with [`ErrorAction::Fail`].
     pub(crate) failure: Option<String>,
     /// Whether the default validate action is a plain dead letter with no callback: the
@@ -61,12 +64,14 @@ impl ErrorHandler {
         strategies: Vec<(String, ErrorAction)>,
         retry: Option<RetryConfig>,
         topic: &str,
+        run: u64,
     ) -> Self {
         let mut h = ErrorHandler {
             strategies,
             callback: None,
             retry,
             topic: topic.to_string(),
+            run,
             failure: None,
             plain_validate: false,
         };
@@ -91,14 +96,15 @@ impl ErrorHandler {
             .map_or(ErrorAction::DeadLetter, |(_, a)| *a)
     }
 
-    /// Handles a record that `stage` failed on: a dead letter, a retry record, nothing
-    /// (skipped) or a failure. `replaying` records had their outcome delivered before a
-    /// restart, so nothing is produced for them.
+    /// Handles a record (from `origin`) that `stage` failed on: a dead letter, a retry
+    /// record, nothing (skipped) or a failure. `replaying` records had their outcome
+    /// delivered before a restart, so nothing is produced for them.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn handle(
         &mut self,
         stage: &str,
         rec: &Record,
+        origin: &Origin,
         reason: &str,
         recoverable: bool,
         replaying: bool,
@@ -106,11 +112,11 @@ impl ErrorHandler {
         out: &mut Emitted,
     ) -> Outcome {
         if self.plain_validate && stage == STAGE_VALIDATE && !replaying {
-            out.dead.push(dead_letter(&self.topic, rec, reason));
+            out.dead.push(dead_letter(&self.topic, origin, rec, reason));
             return Outcome::Dead;
         }
         let configured = self.configured(stage);
-        let attempts = crate::retry::envelope::attempts(rec);
+        let attempts = origin.attempts();
         let action = match self.callback.as_mut() {
             Some(cb) => (cb.get_mut().unwrap_or_else(|p| p.into_inner()))(&ErrorEvent {
                 stage,
@@ -127,7 +133,7 @@ impl ErrorHandler {
         }
         match action {
             ErrorAction::DeadLetter => {
-                out.dead.push(dead_letter(&self.topic, rec, reason));
+                out.dead.push(dead_letter(&self.topic, origin, rec, reason));
                 Outcome::Dead
             }
             ErrorAction::Skip => Outcome::Skipped,
@@ -139,19 +145,31 @@ impl ErrorHandler {
                 Outcome::Failed
             }
             ErrorAction::Retry => match &self.retry {
-                Some(cfg) => match retry_or_give_up(cfg, &self.topic, rec, stage, reason, now_ms) {
-                    Ok(r) => {
-                        out.retry.push(r);
-                        Outcome::Retried
+                Some(cfg) => {
+                    match retry_or_give_up(
+                        cfg,
+                        &self.topic,
+                        self.run,
+                        rec,
+                        origin,
+                        stage,
+                        reason,
+                        now_ms,
+                    ) {
+                        Ok(r) => {
+                            out.retry.push(r);
+                            Outcome::Retried
+                        }
+                        Err(dead) => {
+                            out.dead.push(dead);
+                            Outcome::Dead
+                        }
                     }
-                    Err(dead) => {
-                        out.dead.push(dead);
-                        Outcome::Dead
-                    }
-                },
+                }
                 None => {
                     out.dead.push(dead_letter(
                         &self.topic,
+                        origin,
                         rec,
                         &format!(
                             "{reason} (retry was chosen, but the pipeline has no [retry] topic)"
@@ -164,25 +182,20 @@ impl ErrorHandler {
     }
 }
 
-/// For a record that failed at `stage` with `reason`: its retry record, or, once it used up
-/// `max_attempts`, its dead letter with the history of its attempts.
+/// For a record (from `origin`) that failed at `stage` with `reason`: its retry record,
+/// or, once it used up `max_attempts`, its dead letter with the history of its attempts.
+#[allow(clippy::too_many_arguments)]
 fn retry_or_give_up(
     cfg: &RetryConfig,
     topic: &str,
+    run: u64,
     rec: &Record,
+    origin: &Origin,
     stage: &str,
     reason: &str,
     now_ms: i64,
 ) -> std::result::Result<OutRecord, OutRecord> {
-    let mut meta = meta(rec).unwrap_or_else(|| Meta {
-        retries: 0,
-        source: SourceRef {
-            topic: topic.to_string(),
-            partition: rec.position.partition,
-            offset: rec.position.offset,
-        },
-        history: Vec::new(),
-    });
+    let mut meta = origin.retry_meta(topic, run);
     let attempt = meta.retries + 1;
     meta.history.push(AttemptLog {
         attempt,
@@ -213,7 +226,7 @@ mod tests {
 
     use super::*;
     use crate::record::Position;
-    use crate::retry::envelope::{attempts, unwrap};
+    use crate::retry::envelope::unwrap;
 
     fn cfg() -> RetryConfig {
         RetryConfig {
@@ -246,21 +259,31 @@ mod tests {
             },
             ..Default::default()
         };
-        let out = retry_or_give_up(&c, "src", &rec, "enrich", "not yet", 1_000).unwrap();
+        let read_back = |out: OutRecord| {
+            let (due, back) = unwrap(Record {
+                payload: out.payload,
+                position: crate::record::Position {
+                    partition: crate::origin::Input::Retry.partition(0),
+                    offset: 0,
+                },
+                ..Default::default()
+            });
+            let origin = Origin::of(&back);
+            (due, back, origin)
+        };
+        let origin = Origin::of(&rec);
+        let out =
+            retry_or_give_up(&c, "src", 1, &rec, &origin, "enrich", "not yet", 1_000).unwrap();
         // The envelope's own tests check what it carries (retry::envelope).
-        let (due, back) = unwrap(Record {
-            payload: out.payload,
-            ..Default::default()
-        });
+        let (due, back, origin) = read_back(out);
         assert_eq!(due, 1_100);
-        assert_eq!(attempts(&back), 1);
-        let out2 = retry_or_give_up(&c, "src", &back, "enrich", "still not", 2_000).unwrap();
-        let (due2, back2) = unwrap(Record {
-            payload: out2.payload,
-            ..Default::default()
-        });
+        assert_eq!(origin.attempts(), 1);
+        let out2 =
+            retry_or_give_up(&c, "src", 1, &back, &origin, "enrich", "still not", 2_000).unwrap();
+        let (due2, back2, origin2) = read_back(out2);
         assert_eq!(due2, 2_200);
-        let dead = retry_or_give_up(&c, "src", &back2, "enrich", "never", 3_000).unwrap_err();
+        let dead =
+            retry_or_give_up(&c, "src", 1, &back2, &origin2, "enrich", "never", 3_000).unwrap_err();
         let v: serde_json::Value = serde_json::from_slice(&dead.payload).unwrap();
         assert_eq!(v["error"], "gave up after 3 attempts: never");
         assert_eq!(v["source"]["topic"], "src");

@@ -17,6 +17,7 @@ pub mod generate;
 pub mod jsonl;
 pub mod metrics;
 pub mod operator;
+pub mod origin;
 pub(crate) mod outcome;
 pub mod output;
 pub(crate) mod processor;

@@ -11,6 +11,9 @@
 //! without a newer checkpoint (a reconnect that redelivers) uses the checkpoint this
 //! pipeline would have committed when it lost it.
 
+use std::collections::HashSet;
+
+use crate::origin::Origin;
 use crate::record::{Checkpoint, Position};
 
 /// Per source partition (retry partitions included): the next offset after the last
@@ -21,8 +24,8 @@ pub(crate) struct Offsets {
     /// Next offset after the last record seen, by partition.
     next: Vec<Option<u64>>,
     /// After a restart, by partition: the offset below which records were processed
-    /// before the checkpoint (a replay).
-    replay: Vec<u64>,
+    /// before the checkpoint (a replay); `None` without a checkpoint.
+    replay: Vec<Option<u64>>,
     /// By partition: the checkpoint this pipeline would have committed when the partition
     /// was revoked, used if it comes back without a later one.
     forgotten: Vec<Option<Checkpoint>>,
@@ -50,9 +53,15 @@ impl Offsets {
     /// Whether the record at `pos` was processed before the restored checkpoint.
     #[inline]
     pub(crate) fn replaying(&self, pos: Position) -> bool {
-        self.replay
-            .get(pos.partition as usize)
-            .is_some_and(|&until| pos.offset < until)
+        self.restored(pos.partition)
+            .is_some_and(|until| pos.offset < until)
+    }
+
+    /// The `processed` mark of the checkpoint `partition` was (last) assigned with, if
+    /// any: records below it had their outcome delivered before.
+    #[inline]
+    pub(crate) fn restored(&self, partition: u32) -> Option<u64> {
+        self.replay.get(partition as usize).copied().flatten()
     }
 
     /// Whether a record of `partition` was received since it was (last) assigned.
@@ -72,7 +81,7 @@ impl Offsets {
             .copied()
             .flatten()
             .unwrap_or(0)
-            .max(self.replay.get(p).copied().unwrap_or(0))
+            .max(self.restored(partition).unwrap_or(0))
     }
 
     /// `partition` is assigned with its `committed` checkpoint: the later of it and the one
@@ -90,9 +99,9 @@ impl Offsets {
             (c, r) => c.or(r),
         }?;
         if self.replay.len() <= i {
-            self.replay.resize(i + 1, 0);
+            self.replay.resize(i + 1, None);
         }
-        self.replay[i] = cp.processed;
+        self.replay[i] = Some(cp.processed);
         Some(cp)
     }
 
@@ -110,7 +119,7 @@ impl Offsets {
             *n = None;
         }
         if let Some(r) = self.replay.get_mut(i) {
-            *r = 0;
+            *r = None;
         }
     }
 
@@ -131,6 +140,96 @@ impl Offsets {
             })
             .collect()
     }
+}
+
+/// Copies of one event after a restart. An event that a stage could not handle yet lives
+/// on as retry records, one after another, each naming its source record (its
+/// [`Origin::Retry`]); a kill -9 can leave such a chain behind while the source record is
+/// read again, so the same event could be counted twice. Two rules keep one of them:
+///
+/// - **Read again after the checkpoint: decided anew.** A source record at or past the
+///   `processed` mark its partition was assigned with is processed as new, so the retry
+///   records that an earlier run (another `run` id) wrote for it are dropped.
+/// - **Replayed: the first copy decides.** For a source record below that mark, the
+///   earlier run's decision was delivered, but a replay cannot tell whether it was "count"
+///   or "retry": whichever copy (the replayed source record, or one of its retry records)
+///   reaches an end first (counted, late, dead-lettered, skipped) is remembered, and later
+///   copies are dropped. Only those events are remembered, so the set is bounded by what
+///   was uncommitted at the restart; a revoked partition's go with it.
+///
+/// Both need the source partition's checkpoint: a retry record whose source partition this
+/// pipeline was not assigned (another instance's) is handled as it comes.
+#[derive(Debug)]
+pub(crate) struct Copies {
+    /// This run's id, written into its retry records.
+    run: u64,
+    /// Source positions of replayed events that reached an end in this run.
+    decided: HashSet<Position>,
+}
+
+impl Copies {
+    /// Copies of events for a run with id `run` (not 0: retry records from before run ids
+    /// carry 0).
+    pub(crate) fn new(run: u64) -> Self {
+        Copies {
+            run: run.max(1),
+            decided: HashSet::new(),
+        }
+    }
+
+    /// This run's id.
+    pub(crate) fn run(&self) -> u64 {
+        self.run
+    }
+
+    /// Whether the record from `origin` is a copy of an event this run decides otherwise:
+    /// it is dropped, with no output.
+    #[inline]
+    pub(crate) fn superseded(&self, origin: &Origin, offsets: &Offsets) -> bool {
+        let source = origin.source_position();
+        let Some(mark) = offsets.restored(source.partition) else {
+            return false;
+        };
+        if source.offset >= mark {
+            return matches!(origin, Origin::Retry(r) if r.run != self.run);
+        }
+        !self.decided.is_empty() && self.decided.contains(&source)
+    }
+
+    /// The record from `origin` reached an end (counted, late, dead-lettered, skipped).
+    #[inline]
+    pub(crate) fn decided(&mut self, origin: &Origin, offsets: &Offsets) {
+        let source = origin.source_position();
+        if offsets
+            .restored(source.partition)
+            .is_some_and(|mark| source.offset < mark)
+        {
+            self.decided.insert(source);
+        }
+    }
+
+    /// Forgets the events of a revoked source partition.
+    pub(crate) fn revoke(&mut self, partition: u32) {
+        if !self.decided.is_empty() {
+            self.decided.retain(|p| p.partition != partition);
+        }
+    }
+
+    /// How many events are remembered.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.decided.len()
+    }
+}
+
+/// A fresh id for this run (process and operator): what tells its retry records from an
+/// earlier run's.
+pub(crate) fn run_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(crate::time::now_millis());
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 /// The watermark up to which a record's windows count as closed: for a replayed record the
@@ -227,6 +326,77 @@ mod tests {
         o.revoke(0, Some(cp(500, 8)));
         assert_eq!(o.restore(0, Some(cp(900, 20))), Some(cp(900, 20)));
         assert!(o.replaying(pos(0, 19)));
+    }
+
+    fn retried(partition: u32, offset: u64, run: u64) -> Origin {
+        Origin::Retry(Box::new(crate::origin::Retried {
+            topic: "src".into(),
+            partition,
+            offset,
+            attempts: 1,
+            due: 0,
+            run,
+            history: Vec::new(),
+        }))
+    }
+
+    #[test]
+    fn an_earlier_runs_retry_of_a_record_read_again_after_the_checkpoint_is_dropped() {
+        let mut o = Offsets::default();
+        let copies = Copies::new(7);
+        // Before the source partition's checkpoint is known: as it comes.
+        assert!(!copies.superseded(&retried(0, 12, 3), &o));
+        o.restore(0, Some(cp(1_000, 10)));
+        assert!(
+            copies.superseded(&retried(0, 12, 3), &o),
+            "read again: decided anew"
+        );
+        assert!(
+            copies.superseded(&retried(0, 10, 0), &o),
+            "no run id: an earlier run"
+        );
+        assert!(
+            !copies.superseded(&retried(0, 12, 7), &o),
+            "this run's own retry"
+        );
+        assert!(
+            !copies.superseded(&retried(0, 9, 3), &o),
+            "replayed: first copy decides"
+        );
+        assert!(
+            !copies.superseded(&retried(1, 12, 3), &o),
+            "another partition's"
+        );
+    }
+
+    #[test]
+    fn the_first_copy_of_a_replayed_event_to_reach_an_end_wins() {
+        let mut o = Offsets::default();
+        o.restore(0, Some(cp(1_000, 10)));
+        let mut copies = Copies::new(7);
+        let source = Origin::Source {
+            partition: 0,
+            offset: 4,
+        };
+        // The replayed source record is counted: its retry records are copies.
+        assert!(!copies.superseded(&source, &o));
+        copies.decided(&source, &o);
+        assert!(copies.superseded(&retried(0, 4, 3), &o));
+        assert!(copies.superseded(&retried(0, 4, 7), &o));
+        // A retry record counted first: the replayed source record is the copy.
+        copies.decided(&retried(0, 5, 3), &o);
+        assert!(copies.superseded(
+            &Origin::Source {
+                partition: 0,
+                offset: 5
+            },
+            &o
+        ));
+        // Records past the mark are not remembered; a revoked partition's are forgotten.
+        copies.decided(&retried(0, 11, 7), &o);
+        assert_eq!(copies.len(), 2);
+        copies.revoke(0);
+        assert_eq!(copies.len(), 0);
     }
 
     #[test]

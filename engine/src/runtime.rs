@@ -215,7 +215,9 @@ impl Pipeline {
                             .exit_when_idle
                             .is_some_and(|d| last_record.elapsed() >= d)
                         // Records the broker holds for us are not the end of the input.
-                        && !op.partitions().any(|p| self.source.has_backlog(p)) =>
+                        && !op.partitions().any(|p| self.source.has_backlog(p))
+                        // Nor are partitions still held by another (or a killed) member.
+                        && !op.holding() =>
                 {
                     reason = StopReason::Idle;
                     true
@@ -235,6 +237,7 @@ impl Pipeline {
                     // Idleness counts from the moment there is something to read: joining a
                     // consumer group can take longer than a short idle exit.
                     last_record = Instant::now();
+                    op.expect_partitions(self.source.partition_count());
                     op.assign(&parts, Instant::now());
                     false
                 }

@@ -63,6 +63,16 @@ pub trait Source: Send {
         false
     }
 
+    /// How many partitions the source's topic has, if the source knows (a consumer-group
+    /// member does). While some of them are not assigned to this pipeline, a task shared
+    /// by every partition (input not keyed by the group key) holds its watermark: another
+    /// member reads the others, or a killed one whose session has not ended yet holds
+    /// them, and windows closed without their records would be emitted with part of
+    /// their count. Default: `None` (not known; nothing is held).
+    fn partition_count(&self) -> Option<u32> {
+        None
+    }
+
     /// Whether the source holds records it will deliver later (retries waiting for their
     /// time): a run that stops when input goes idle waits for them. Default: never.
     fn pending(&self) -> bool {

@@ -46,8 +46,8 @@ const FLOORS: &[(u32, &str, &[&str])] = &[
     ),
     (
         3,
-        "encoding: results, late records and dead letters, the retry envelope, the error policy",
-        &["output", "retry::envelope", "error_policy"],
+        "encoding: record origins, the retry envelope, results, late records and dead letters, the error policy",
+        &["origin", "retry::envelope", "output", "error_policy"],
     ),
     (
         4,

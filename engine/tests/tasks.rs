@@ -187,3 +187,36 @@ fn unkeyed_data_after_a_quiet_start_waits_for_every_partition() {
         "partition 0's first record is not late"
     );
 }
+
+#[test]
+fn a_shared_task_holds_its_windows_while_partitions_of_the_topic_are_not_assigned_here() {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    // A restart that joined while the killed member still holds partition 1.
+    op.expect_partitions(Some(2));
+    op.assign(&[(0, None)], now);
+    let mut out = Emitted::default();
+    op.ingest(&rec(0, 0, None, 1_000), now, now_ms(), &mut out);
+    assert!(op.is_shared() && op.holding());
+    op.ingest(&rec(0, 1, None, 60_000), now, now_ms(), &mut out);
+    op.close_ready(now, &|_| false, &mut out);
+    assert!(
+        out.results.is_empty(),
+        "no window closes on partition 0 alone"
+    );
+    // Partition 1 comes: its events count in the windows still open, which then close.
+    op.assign(&[(0, None), (1, None)], now);
+    assert!(!op.holding());
+    let o = op.ingest(&rec(1, 0, None, 1_500), now, now_ms(), &mut out);
+    assert_eq!(o, Outcome::Windowed);
+    op.ingest(&rec(1, 1, None, 60_000), now, now_ms(), &mut out);
+    op.close_ready(now, &|_| false, &mut out);
+    let first: Vec<String> = out
+        .results
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .filter(|r| r.contains("1970-01-01T00:00:00"))
+        .collect();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].contains(r#""count":2"#), "{first:?}");
+}

@@ -106,6 +106,10 @@ impl Source for ObservedSource {
         self.inner.pending()
     }
 
+    fn partition_count(&self) -> Option<u32> {
+        self.inner.partition_count()
+    }
+
     fn has_backlog(&self, partition: u32) -> bool {
         self.inner.has_backlog(partition)
     }

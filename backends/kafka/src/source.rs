@@ -77,6 +77,8 @@ pub struct KafkaSource {
     /// Exactly-once: the broker's transaction, which commits take the offsets into and a
     /// revocation aborts.
     txn: Option<Arc<Txn>>,
+    /// How many partitions the topic had at the last assignment (group mode).
+    partition_count: Option<u32>,
 }
 
 /// How long the first `recv` of a group member waits for its partitions.
@@ -171,6 +173,7 @@ impl KafkaSource {
             stop,
             thread,
             txn: None,
+            partition_count: None,
         }
     }
 
@@ -267,6 +270,28 @@ impl KafkaSource {
         }
     }
 
+    /// The topic's partition count from the broker's metadata (`None` if it does not
+    /// answer in time: the last one known stays).
+    async fn fetch_partition_count(&self) -> Option<u32> {
+        let (consumer, topic) = (self.consumer.clone(), self.topic.clone());
+        let got = tokio::task::spawn_blocking(move || {
+            let md = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .ok()?;
+            md.topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map(|t| t.partitions().len() as u32)
+        })
+        .await
+        .ok()
+        .flatten();
+        if got.is_none() {
+            tracing::warn!(topic = %self.topic, "kafka: cannot read the topic's partition count at an assignment");
+        }
+        got
+    }
+
     /// Turns rebalance events into `pending` entries.
     async fn handle_events(&mut self, events: Vec<Event>) -> Result<()> {
         for e in events {
@@ -280,6 +305,9 @@ impl KafkaSource {
                 }
                 Event::Assign(parts) => {
                     self.joined = true;
+                    if let Some(n) = self.fetch_partition_count().await {
+                        self.partition_count = Some(n);
+                    }
                     self.set_owned(&parts, true);
                     for &p in &parts {
                         let i = p as usize;
@@ -395,6 +423,10 @@ impl Source for KafkaSource {
     /// its end since the last record (end-of-partition events compare the position with
     /// the high watermark of fetch responses; Tansu's ListOffsets under-reports that high
     /// watermark, its fetch responses do not). A partition not fetched yet is backlogged.
+    fn partition_count(&self) -> Option<u32> {
+        self.partition_count.filter(|_| self.group)
+    }
+
     fn has_backlog(&self, partition: u32) -> bool {
         if !self.group {
             return false;

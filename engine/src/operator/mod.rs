@@ -3,6 +3,7 @@
 //! broker-agnostic; the [`runtime`](crate::runtime) drives it.
 
 mod close;
+mod ingest;
 mod job;
 mod partitions;
 mod task;
@@ -12,18 +13,18 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::aggregate::{Aggregates, Inputs};
-use crate::config::{EmitMode, LatePolicy, STAGE_VALIDATE};
+use crate::config::{EmitMode, LatePolicy};
 use crate::decode::{Decoder, TimeSource, Val};
 use crate::error_policy::{ErrorCallback, ErrorHandler};
-use crate::output::{dead_letter, late_record, ResultEncoder, KEY_SEP};
+use crate::origin::Input;
+use crate::output::ResultEncoder;
 use crate::record::{Checkpoint, Position, Record};
-use crate::replay::{self, Offsets};
-use crate::retry::envelope::RETRY_PARTITION_BASE;
+use crate::replay::{Copies, Offsets};
 use crate::window::WindowKind;
 
 pub use crate::outcome::{Emitted, Outcome};
 pub use job::Job;
-use task::{State, Task};
+use task::Task;
 
 /// The windowed aggregation over decoded records.
 #[derive(Debug)]
@@ -57,6 +58,9 @@ pub struct WindowOperator {
     ready: Vec<bool>,
     /// How far each partition was read, and what of it is a replay.
     offsets: Offsets,
+    /// Copies of events a crash left behind (the source record read again beside its
+    /// retry records): which one counts.
+    copies: Copies,
     /// The bound on open (window, key) entries (`window.max_open_entries`).
     max_open: usize,
     /// Open entries, counted up as events open them; at least the true number (closing
@@ -64,6 +68,9 @@ pub struct WindowOperator {
     open: usize,
     /// The most entries one event may open.
     per_event: usize,
+    /// How many partitions the source topic has, if the source knows: a shared task holds
+    /// its watermark while fewer are assigned here.
+    expected: Option<u32>,
 }
 
 impl WindowOperator {
@@ -81,6 +88,7 @@ impl WindowOperator {
                 .map(|f| (f.clone(), f.field().map_or(0, |p| decoder.want(p))))
                 .collect(),
         );
+        let copies = Copies::new(crate::replay::run_id());
         WindowOperator {
             decoder,
             key_slots,
@@ -98,14 +106,16 @@ impl WindowOperator {
             out_of_orderness: job.out_of_orderness.as_millis() as i64,
             idle_timeout: job.window.idle_timeout,
             max_future: job.max_future.map(|d| d.as_millis() as i64),
-            errors: ErrorHandler::new(job.errors.clone(), job.retry.clone(), topic),
+            errors: ErrorHandler::new(job.errors.clone(), job.retry.clone(), topic, copies.run()),
             tasks: Vec::new(),
             shared: false,
             ready: Vec::new(),
             offsets: Offsets::default(),
+            copies,
             max_open: job.window.max_open_entries,
             open: 0,
             per_event: job.window.kind.windows_per_event().min(usize::MAX as u64) as usize,
+            expected: None,
         }
     }
 
@@ -212,6 +222,52 @@ impl WindowOperator {
         // right after a quiet start).
         merged.watermarks.rearm(now);
         self.tasks = vec![Some(merged)];
+        self.hold_shared();
+    }
+
+    /// Says how many partitions the source topic has, if the source knows (see
+    /// [`Source::partition_count`](crate::source::Source::partition_count)).
+    pub fn expect_partitions(&mut self, count: Option<u32>) {
+        self.expected = count;
+        self.hold_shared();
+    }
+
+    /// Whether the shared task holds its watermark because some of the source topic's
+    /// partitions are not assigned here.
+    pub fn holding(&self) -> bool {
+        self.shared
+            && self
+                .tasks
+                .first()
+                .and_then(Option::as_ref)
+                .is_some_and(|t| t.watermarks.is_held())
+    }
+
+    /// A shared task holds its watermark while some partitions of the source topic are not
+    /// assigned here: windows closed without their records would be emitted with part of
+    /// their count (a restart that joins while the killed instance still holds them).
+    fn hold_shared(&mut self) {
+        if !self.shared {
+            return;
+        }
+        let assigned = self.partitions().count() as u32;
+        let hold = self.expected.is_some_and(|n| assigned < n);
+        let Some(task) = self.tasks.first_mut().and_then(Option::as_mut) else {
+            return;
+        };
+        if task.watermarks.is_held() != hold {
+            if hold {
+                tracing::warn!(
+                    assigned,
+                    partitions = self.expected.unwrap_or(0),
+                    "holding windows open: the input is not keyed by the group key, and some partitions are not assigned here \
+                     (a killed instance's until its session ends, or another instance's: a single instance must read them all)"
+                );
+            } else {
+                tracing::info!(assigned, "every partition assigned: windows close again");
+            }
+            task.watermarks.hold(hold);
+        }
     }
 
     /// Whether `rec`'s broker key is one of its group-by values: records keyed that way
@@ -232,59 +288,10 @@ impl WindowOperator {
         })
     }
 
-    /// Handles a record that `stage` (a processor) failed on, by that stage's strategy.
-    pub fn reject(
-        &mut self,
-        stage: &str,
-        r: &crate::processor::Rejected,
-        now: Instant,
-        now_ms: i64,
-        out: &mut Emitted,
-    ) -> Outcome {
-        let rec = &r.record;
-        self.note_position(rec, now);
-        let replaying = self.replaying(rec);
-        let reason = format!("rejected by {stage}: {}", r.reason);
-        let o = self
-            .errors
-            .handle(stage, rec, &reason, r.recoverable, replaying, now_ms, out);
-        if o == Outcome::Failed {
-            self.unnote(rec);
-        }
-        o
-    }
-
-    fn replaying(&self, rec: &Record) -> bool {
-        self.offsets.replaying(rec.position)
-    }
-
-    /// Takes back [`note_position`](Self::note_position) for a record the pipeline stops
-    /// on: the next start resumes from it.
-    fn unnote(&mut self, rec: &Record) {
-        self.offsets.unnote(rec.position);
-    }
-
-    fn invalid(
-        &mut self,
-        rec: &Record,
-        reason: &str,
-        replaying: bool,
-        now_ms: i64,
-        out: &mut Emitted,
-    ) -> Outcome {
-        let o = self
-            .errors
-            .handle(STAGE_VALIDATE, rec, reason, false, replaying, now_ms, out);
-        if o == Outcome::Failed {
-            self.unnote(rec);
-        }
-        o
-    }
-
-    /// The watermark of the task that holds `partition` (for retry partitions, the
-    /// lowest of all tasks).
+    /// The watermark of the task that holds `partition` of the merged source (for another
+    /// input's partitions, the lowest of all tasks).
     fn watermark_of(&self, partition: u32) -> i64 {
-        if partition < RETRY_PARTITION_BASE {
+        if Input::is_source(partition) {
             if let Some(Some(t)) = self.tasks.get(self.task_index(partition)) {
                 return t.watermarks.current();
             }
@@ -297,181 +304,6 @@ impl WindowOperator {
         Checkpoint {
             watermark: self.watermark_of(partition),
             processed: self.offsets.processed(partition),
-        }
-    }
-
-    /// The task a retried record counts in: the one of the partition it first came from.
-    fn retry_task(&mut self, rec: &Record, now: Instant) -> usize {
-        let origin = crate::retry::envelope::origin_partition(rec).unwrap_or(0);
-        let i = self.task_index(origin);
-        if let Some(Some(_)) = self.tasks.get(i) {
-            return i;
-        }
-        if let Some(i) = self.tasks.iter().position(Option::is_some) {
-            return i;
-        }
-        self.ensure_task(origin, now)
-    }
-
-    /// Handles one record; dead letters and late events go to `out`. `now_ms` is the wall
-    /// clock used for processing-time windows and the `max_future` limit.
-    #[inline]
-    pub fn ingest(
-        &mut self,
-        rec: &Record,
-        now: Instant,
-        now_ms: i64,
-        out: &mut Emitted,
-    ) -> Outcome {
-        self.note_position(rec, now);
-        let replaying = self.replaying(rec);
-        let ev = match self.decoder.decode_record(rec) {
-            Ok(ev) => ev,
-            Err(reason) => return self.invalid(rec, &reason, replaying, now_ms, out),
-        };
-        let t = match (&self.time, ev.time) {
-            (TimeSource::Field { .. }, Some(t)) => t,
-            (TimeSource::Broker, _) => match rec.timestamp {
-                Some(t) => t,
-                None => {
-                    return self.invalid(
-                        rec,
-                        "record has no broker timestamp",
-                        replaying,
-                        now_ms,
-                        out,
-                    )
-                }
-            },
-            _ => now_ms,
-        };
-        if let Some(limit) = self.max_future {
-            if t > now_ms.saturating_add(limit) {
-                let reason = format!(
-                    "event time {} is more than {} ahead of the wall clock ({}; event_time.max_future)",
-                    crate::time::format_rfc3339(t),
-                    crate::time::format_duration(Duration::from_millis(limit as u64)),
-                    crate::time::format_rfc3339(now_ms),
-                );
-                return self.invalid(rec, &reason, replaying, now_ms, out);
-            }
-        }
-        self.key_buf.clear();
-        for (i, (slot, name)) in self.key_slots.iter().enumerate() {
-            if i > 0 {
-                self.key_buf.push(KEY_SEP);
-            }
-            let v = &ev.values[*slot];
-            match v {
-                Val::Str(_) | Val::Int(_) | Val::Float(_) | Val::Bool(_) => {
-                    v.write_json(&mut self.key_buf)
-                }
-                Val::Missing | Val::Null => {
-                    let reason = format!("missing group-by field `{name}`");
-                    return self.invalid(rec, &reason, replaying, now_ms, out);
-                }
-                Val::Object | Val::Array => {
-                    let reason =
-                        format!("group-by field `{name}` must be a string, number or boolean");
-                    return self.invalid(rec, &reason, replaying, now_ms, out);
-                }
-            }
-        }
-        if let Err(reason) = self.aggs.read(&ev.values, &mut self.inputs) {
-            return self.invalid(rec, &reason, replaying, now_ms, out);
-        }
-        if !self.shared && !self.keyed_by_group(rec, &ev.values) {
-            self.share(rec, now);
-        }
-        let retried = rec.position.partition >= RETRY_PARTITION_BASE;
-        let ti = if retried {
-            self.retry_task(rec, now)
-        } else {
-            self.ensure_task(rec.position.partition, now)
-        };
-        // A retried event keeps its own event time and never moves the watermark; a
-        // future-dated one (within `max_future`) moves it no further than the wall clock.
-        let watermarks = &mut self.tasks[ti].as_mut().expect("the task exists").watermarks;
-        let wm = if retried {
-            watermarks.current()
-        } else {
-            watermarks.observe(rec.position.partition, t.min(now_ms))
-        };
-        // Time moved on (so that windows close and make room) even if the event is refused.
-        if self.open.saturating_add(self.per_event) > self.max_open {
-            if let Some(reason) = self.state_full(ti, t) {
-                return self.invalid(rec, &reason, replaying, now_ms, out);
-            }
-        }
-        let Emitted {
-            dead,
-            late: late_out,
-            ..
-        } = out;
-        let (kind, grace) = (self.kind, self.grace);
-        let (aggs, inputs) = (&self.aggs, &self.inputs);
-        let task = self.tasks[ti].as_mut().expect("the task exists");
-        let before = task.state.entries();
-        // After a restart, a replayed record counts again only where the checkpoint's
-        // watermark had not closed its window yet: the rest was delivered before.
-        let closed_at = replay::closed_at(replaying, task.replay_watermark, wm);
-        let added = match &mut task.state {
-            State::Fixed(store) => {
-                let mut added = 0u64;
-                let mut missed = 0u64;
-                kind.for_each(t, |w| {
-                    if w.end.saturating_add(grace) <= closed_at {
-                        missed += 1;
-                    } else {
-                        added += 1;
-                        store.add(w, &self.key_buf, rec.position, aggs, inputs);
-                    }
-                });
-                if added > 0 && !replaying {
-                    self.window_misses += missed;
-                }
-                added > 0
-            }
-            // A session event is late once the watermark passed it by more than grace:
-            // that also guarantees it can never touch a session already emitted.
-            State::Sessions(sessions) if t.saturating_add(grace) >= closed_at => {
-                sessions.add(&self.key_buf, t, rec.position, aggs, inputs);
-                true
-            }
-            State::Sessions(_) => false,
-        };
-        self.open += task.state.entries().saturating_sub(before);
-        if added {
-            return Outcome::Windowed;
-        }
-        if replaying {
-            return Outcome::Replayed;
-        }
-        let window = self.kind.assign(t);
-        match &self.late {
-            LatePolicy::DeadLetter => {
-                let reason = format!(
-                    "late event: window {}..{} closed at watermark {}",
-                    crate::time::format_rfc3339(window.start),
-                    crate::time::format_rfc3339(window.end),
-                    crate::time::format_rfc3339(wm)
-                );
-                dead.push(dead_letter(&self.topic, rec, &reason));
-            }
-            LatePolicy::Output(_) => late_out.push(late_record(&self.topic, rec, window, wm)),
-            LatePolicy::Drop => {}
-        }
-        Outcome::Late
-    }
-
-    /// Records that `rec` was received (its position becomes committable once the outputs
-    /// produced so far are acknowledged), without windowing it.
-    #[inline]
-    pub fn note_position(&mut self, rec: &Record, now: Instant) {
-        self.offsets.note(rec.position);
-        if rec.position.partition < RETRY_PARTITION_BASE {
-            let i = self.ensure_task(rec.position.partition, now);
-            self.task(i).watermarks.touch(rec.position.partition, now);
         }
     }
 
@@ -521,22 +353,6 @@ impl WindowOperator {
             .flatten()
             .filter_map(|t| t.watermarks.next_idle_deadline())
             .min()
-    }
-
-    /// Counts the open entries again (windows closed since), and says why the event of
-    /// the current group key at `t` is refused if it would take them past `max_open`.
-    #[cold]
-    fn state_full(&mut self, task: usize, t: i64) -> Option<String> {
-        self.open = self.open_entries();
-        let state = &self.tasks[task].as_ref()?.state;
-        let opens = state.would_open(self.kind, &self.key_buf, t);
-        (self.open + opens > self.max_open).then(|| {
-            format!(
-                "window state is full: {} open (window, key) entries, and this event would open {opens} more \
-                 (window.max_open_entries = {})",
-                self.open, self.max_open
-            )
-        })
     }
 
     /// Open (window, key) entries.

@@ -3,8 +3,8 @@
 use tokio::time::Instant;
 
 use super::WindowOperator;
+use crate::origin::Input;
 use crate::record::Checkpoint;
-use crate::retry::envelope::RETRY_PARTITION_BASE;
 
 impl WindowOperator {
     /// Declares the source partitions assigned to this pipeline (the whole current set),
@@ -13,12 +13,12 @@ impl WindowOperator {
     /// replay: those whose window that watermark had closed are skipped (their results
     /// were delivered), the others are counted again.
     pub fn assign(&mut self, partitions: &[(u32, Option<Checkpoint>)], now: Instant) {
-        // Retry-topic partitions never hold or move the watermark; an assignment of only
-        // retry partitions (the retry topic's consumer) leaves the source's as they are.
+        // Only the source topic's partitions hold or move a watermark; an assignment of
+        // only another input's (the retry topic's consumer) leaves the source's as they are.
         let ids: Vec<u32> = partitions
             .iter()
             .map(|(p, _)| *p)
-            .filter(|p| *p < RETRY_PARTITION_BASE)
+            .filter(|p| Input::is_source(*p))
             .collect();
         if !ids.is_empty() || partitions.is_empty() {
             // Partitions no longer listed stop holding their task's watermark.
@@ -43,7 +43,7 @@ impl WindowOperator {
             let Some(cp) = self.offsets.restore(*p, *cp) else {
                 continue;
             };
-            if *p < RETRY_PARTITION_BASE {
+            if Input::is_source(*p) {
                 let ti = self.task_index(*p);
                 let t = self.task(ti);
                 t.watermarks.restore(cp.watermark);
@@ -56,6 +56,7 @@ impl WindowOperator {
                 );
             }
         }
+        self.hold_shared();
     }
 
     /// Forgets revoked partitions: their open window state is dropped uncommitted and they
@@ -67,7 +68,8 @@ impl WindowOperator {
             let i = p as usize;
             let cp = (self.offsets.seen(p) && !aborted).then(|| self.checkpoint(p));
             self.offsets.revoke(p, cp);
-            if p < RETRY_PARTITION_BASE {
+            self.copies.revoke(p);
+            if Input::is_source(p) {
                 let ti = self.task_index(p);
                 if let Some(slot) = self.tasks.get_mut(ti) {
                     if let Some(t) = slot.as_mut() {
@@ -89,5 +91,6 @@ impl WindowOperator {
                 }
             }
         }
+        self.hold_shared();
     }
 }

@@ -4,35 +4,27 @@
 use bytes::Bytes;
 
 use crate::base64::base64;
+use crate::origin::Origin;
 use crate::record::{
     OutRecord, Record, HEADER_ERROR, HEADER_NULL_VALUE, HEADER_PAYLOAD_BYTES, HEADER_SOURCE_OFFSET,
     HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC, HEADER_TRUNCATED,
 };
 
-/// Builds the dead letter for `record` from `topic`: a JSON envelope
-/// `{"error", "source": {topic, partition, offset}, "payload"}` (payload as text, or base64
-/// with `"payload_encoding": "base64"` when it is not UTF-8), keeping the original key and
-/// headers and adding `weir.error` / `weir.source.*` headers.
-pub fn dead_letter(topic: &str, record: &Record, reason: &str) -> OutRecord {
-    // A record back from the retry topic is reported where it first came from, with the
-    // history of its attempts.
-    if let Some(meta) = crate::retry::envelope::meta(record) {
-        return dead_letter_from(
-            &meta.source.topic,
-            meta.source.partition,
-            meta.source.offset,
-            record,
-            reason,
-            meta.history_json(),
-        );
-    }
+/// Builds the dead letter for `record` from `origin` (`topic` is the pipeline's source
+/// topic): a JSON envelope `{"error", "source": {topic, partition, offset}, "payload"}`
+/// (payload as text, or base64 with `"payload_encoding": "base64"` when it is not UTF-8),
+/// keeping the original key and headers and adding `weir.error` / `weir.source.*` headers.
+/// A record back from the retry topic is reported where it first came from, with the
+/// history of its attempts.
+pub fn dead_letter(topic: &str, origin: &Origin, record: &Record, reason: &str) -> OutRecord {
+    let (topic, partition, offset) = origin.reported(topic);
     dead_letter_from(
         topic,
-        record.position.partition,
-        record.position.offset,
+        partition,
+        offset,
         record,
         reason,
-        None,
+        origin.history_json(),
     )
 }
 
@@ -280,7 +272,13 @@ mod tests {
             headers: vec![("trace".into(), Bytes::from_static(b"t-1"))],
             ..Default::default()
         };
-        dead_letter("events", &rec, "payload of 3000000 bytes exceeds the limit")
+        let origin = Origin::of(&rec);
+        dead_letter(
+            "events",
+            &origin,
+            &rec,
+            "payload of 3000000 bytes exceeds the limit",
+        )
     }
 
     #[test]
@@ -333,6 +331,7 @@ mod tests {
         };
         let late = late_record(
             "events",
+            &Origin::of(&rec),
             &rec,
             WindowRange {
                 start: 0,
@@ -361,7 +360,12 @@ mod tests {
             payload: Bytes::from_static(b"\xff\x00"),
             ..Default::default()
         };
-        let dl = dead_letter("events", &rec, "payload is not valid UTF-8");
+        let dl = dead_letter(
+            "events",
+            &Origin::of(&rec),
+            &rec,
+            "payload is not valid UTF-8",
+        );
         let v: serde_json::Value = serde_json::from_slice(&dl.payload).unwrap();
         assert_eq!(v["payload"], "/wA=");
         assert_eq!(v["payload_encoding"], "base64");

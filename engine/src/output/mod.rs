@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use bytes::{Bytes, BytesMut};
 
 use crate::aggregate::{write_u64, write_value, AggFn};
+use crate::origin::Origin;
 use crate::record::{OutRecord, Record, HEADER_ID};
 use crate::time::write_rfc3339;
 use crate::window::{Acc, Extra, WindowRange};
@@ -205,18 +206,16 @@ impl EncodeBatch<'_> {
 }
 
 /// A late event for the late output: the original record unchanged, plus headers naming
-/// the window it missed, the watermark, and where it came from.
+/// the window it missed, the watermark, and where it came from (`origin`; `topic` is the
+/// pipeline's source topic).
 pub(crate) fn late_record(
     topic: &str,
+    origin: &Origin,
     record: &Record,
     window: WindowRange,
     watermark: i64,
 ) -> OutRecord {
-    let meta = crate::retry::envelope::meta(record);
-    let (topic, partition, offset) = match &meta {
-        Some(m) => (m.source.topic.as_str(), m.source.partition, m.source.offset),
-        None => (topic, record.position.partition, record.position.offset),
-    };
+    let (topic, partition, offset) = origin.reported(topic);
     let mut headers = without_retry_header(record);
     let t = |ms| Bytes::from(crate::time::format_rfc3339(ms));
     headers.push(("weir.late.window_start".into(), t(window.start)));

@@ -1,7 +1,9 @@
 //! The retry envelope: a retry record's payload is JSON that carries the original key,
 //! payload, broker timestamp and source position (so it works on brokers without headers,
 //! such as Kinesis), its not-before time and the history of its failures. Read back, the
-//! metadata travels in the [`HEADER_RETRY`] header of the unwrapped record.
+//! metadata travels in the [`HEADER_RETRY`] header of the unwrapped record, which
+//! [`Origin::of`](crate::origin::Origin::of) decodes once when the record enters the
+//! operator.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -9,20 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::base64::{base64, unbase64};
 use crate::record::{OutRecord, Record};
 
-/// Retry-topic partitions are numbered from here in the merged source.
-pub const RETRY_PARTITION_BASE: u32 = 16_384;
 /// Header on a record read back from the retry topic: its retry metadata (JSON).
 pub(crate) const HEADER_RETRY: &str = "weir.retry";
-
-/// The source partition a retried record first came from, if it is a retry envelope.
-pub(crate) fn origin_partition(rec: &Record) -> Option<u32> {
-    meta(rec).map(|m| m.source.partition)
-}
-
-/// How many times `rec` went through the retry topic before.
-pub(crate) fn attempts(rec: &Record) -> u32 {
-    meta(rec).map_or(0, |m| m.retries)
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SourceRef {
@@ -31,7 +21,7 @@ pub(crate) struct SourceRef {
     pub(crate) offset: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct AttemptLog {
     pub(crate) attempt: u32,
     pub(crate) at: String,
@@ -39,26 +29,23 @@ pub(crate) struct AttemptLog {
     pub(crate) error: String,
 }
 
-/// What a retried record carries: how often it was retried, where it first came from, and
-/// every failure so far.
+/// What a retried record carries: how often it was retried, where it first came from, its
+/// not-before time, every failure so far, and the id of the run that wrote it (0 in
+/// records from before run ids; see [`Copies`](crate::replay::Copies)).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Meta {
     pub(crate) retries: u32,
     pub(crate) source: SourceRef,
+    pub(crate) not_before: i64,
+    #[serde(default)]
+    pub(crate) run: u64,
     pub(crate) history: Vec<AttemptLog>,
-}
-
-impl Meta {
-    pub(crate) fn history_json(&self) -> Option<serde_json::Value> {
-        serde_json::to_value(&self.history).ok()
-    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {
     #[serde(flatten)]
     meta: Meta,
-    not_before: i64,
     key: Option<String>,
     timestamp: Option<i64>,
     payload: String,
@@ -101,12 +88,13 @@ pub(crate) fn unwrap(mut rec: Record) -> (i64, Record) {
         HEADER_RETRY.into(),
         Bytes::from(serde_json::to_vec(&env.meta).unwrap_or_default()),
     ));
-    (env.not_before, rec)
+    (env.meta.not_before, rec)
 }
 
 /// The retry record that carries `rec` with `meta` until `not_before` (key and payload as
 /// text, or base64 when either is not UTF-8).
-pub(crate) fn wrap(rec: &Record, meta: Meta, not_before: i64) -> OutRecord {
+pub(crate) fn wrap(rec: &Record, mut meta: Meta, not_before: i64) -> OutRecord {
+    meta.not_before = not_before;
     let (key, payload, encoding) = match (
         rec.key.as_deref().map(std::str::from_utf8).transpose(),
         std::str::from_utf8(&rec.payload),
@@ -120,7 +108,6 @@ pub(crate) fn wrap(rec: &Record, meta: Meta, not_before: i64) -> OutRecord {
     };
     let env = Envelope {
         meta,
-        not_before,
         key,
         timestamp: rec.timestamp,
         payload,
@@ -142,6 +129,7 @@ pub(crate) fn wrap(rec: &Record, meta: Meta, not_before: i64) -> OutRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::origin::{Input, Origin};
     use crate::record::Position;
 
     #[test]
@@ -156,8 +144,7 @@ mod tests {
             },
             ..Default::default()
         };
-        assert_eq!(attempts(&rec), 0);
-        assert_eq!(origin_partition(&rec), None);
+        assert!(meta(&rec).is_none());
         let m = Meta {
             retries: 1,
             source: SourceRef {
@@ -165,6 +152,8 @@ mod tests {
                 partition: 2,
                 offset: 7,
             },
+            not_before: i64::MIN,
+            run: 1,
             history: Vec::new(),
         };
         let out = wrap(&rec, m, 1_100);
@@ -173,7 +162,7 @@ mod tests {
             payload: out.payload.clone(),
             headers: out.headers.clone(),
             position: Position {
-                partition: RETRY_PARTITION_BASE,
+                partition: Input::Retry.partition(0),
                 offset: 0,
             },
             ..Default::default()
@@ -182,9 +171,10 @@ mod tests {
         assert_eq!(back.payload, rec.payload);
         assert_eq!(back.key, rec.key);
         assert_eq!(back.timestamp, Some(42));
-        assert_eq!(attempts(&back), 1);
-        assert_eq!(origin_partition(&back), Some(2));
-        assert_eq!(meta(&back).unwrap().source.topic, "src");
+        let origin = Origin::of(&back);
+        assert_eq!(origin.attempts(), 1);
+        assert_eq!(origin.source_partition(), 2);
+        assert_eq!(origin.reported("other"), ("src", 2, 7));
     }
 
     #[test]

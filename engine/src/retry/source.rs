@@ -1,11 +1,10 @@
 //! The retry source: [`WithRetries`] reads the source topic and the retry topic as one
-//! source. Retry partitions appear as partition [`RETRY_PARTITION_BASE`]` + n`, their
+//! source. Retry partitions appear as the merged source's [`Input::Retry`] partitions, their
 //! records are held until due, and they never move the watermark (a retried event keeps
 //! its own event time). [`RetrySink`] counts what goes to the retry topic, so that a
 //! finite run waits for every retry to come back.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use super::envelope::{unwrap, RETRY_PARTITION_BASE};
+use super::envelope::unwrap;
 use crate::error::{EngineError, Result};
+use crate::origin::{Input, RETRY_PARTITION_BASE};
 use crate::record::{Checkpoint, OutRecord, Position, Record};
 use crate::sink::Sink;
 use crate::source::{Received, Source};
@@ -25,26 +25,68 @@ const RETRY_POLL: Duration = Duration::from_millis(100);
 /// further while this many wait.
 const MAX_HELD: usize = 100_000;
 
+/// Retry records read back and waiting for their not-before time, by retry partition,
+/// each partition's in offset order. A partition's records are released in offset order
+/// (a record waits behind an earlier one not yet due, at most the retry backoff's `max`),
+/// so every record of a retry partition below the operator's position was processed, and
+/// the `processed` mark of its checkpoint never covers a record that is still held (after
+/// a restart such a record would be taken for a replay and its outcome dropped).
+#[derive(Default)]
 struct Held {
-    due: i64,
-    seq: u64,
-    rec: Record,
+    by_partition: BTreeMap<u32, VecDeque<(i64, Record)>>,
+    len: usize,
 }
 
-impl PartialEq for Held {
-    fn eq(&self, o: &Self) -> bool {
-        (self.due, self.seq) == (o.due, o.seq)
+impl Held {
+    fn push(&mut self, due: i64, rec: Record) {
+        let q = self.by_partition.entry(rec.position.partition).or_default();
+        let offset = rec.position.offset;
+        // Records of a partition arrive in offset order; insert in order all the same.
+        let at = q.partition_point(|(_, r)| r.position.offset < offset);
+        q.insert(at, (due, rec));
+        self.len += 1;
     }
-}
-impl Eq for Held {}
-impl PartialOrd for Held {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
+
+    /// The partition whose first record is due soonest, and when.
+    fn next_due(&self) -> Option<(u32, i64)> {
+        self.by_partition
+            .iter()
+            .filter_map(|(p, q)| q.front().map(|(due, _)| (*p, *due)))
+            .min_by_key(|(_, due)| *due)
     }
-}
-impl Ord for Held {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        (self.due, self.seq).cmp(&(o.due, o.seq))
+
+    /// Moves records due at `now_ms` to `out`, up to `max` in all.
+    fn release(&mut self, now_ms: i64, max: usize, out: &mut Vec<Record>) {
+        while out.len() < max {
+            let Some((p, _)) = self.next_due().filter(|(_, due)| *due <= now_ms) else {
+                return;
+            };
+            if let Some((_, rec)) = self.by_partition.get_mut(&p).and_then(VecDeque::pop_front) {
+                self.len -= 1;
+                out.push(rec);
+            }
+        }
+    }
+
+    /// The lowest offset held of `partition`.
+    fn min_offset(&self, partition: u32) -> Option<u64> {
+        self.by_partition
+            .get(&partition)
+            .and_then(|q| q.front())
+            .map(|(_, r)| r.position.offset)
+    }
+
+    /// Drops the records of revoked partitions (their new owner reads them again).
+    fn revoke(&mut self, partitions: &[u32]) {
+        for p in partitions {
+            if let Some(q) = self.by_partition.remove(p) {
+                self.len -= q.len();
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -52,11 +94,14 @@ impl Ord for Held {
 pub struct WithRetries {
     main: Box<dyn Source>,
     retry: Box<dyn Source>,
-    held: BinaryHeap<Reverse<Held>>,
-    seq: u64,
+    held: Held,
     ctrl: VecDeque<Received>,
     next_poll: Instant,
     main_ended: bool,
+    /// Whether the source topic has been assigned (or delivered): retry records wait for
+    /// it, so that the operator knows the checkpoints of the partitions they came from
+    /// before it sees them (see [`Copies`](crate::replay::Copies)).
+    main_ready: bool,
     retry_drained: bool,
     /// Retry records the pipeline submitted to the retry topic (see [`RetrySink`]).
     sent: Option<Arc<AtomicU64>>,
@@ -123,11 +168,11 @@ impl WithRetries {
         WithRetries {
             main,
             retry,
-            held: BinaryHeap::new(),
-            seq: 0,
+            held: Held::default(),
             ctrl: VecDeque::new(),
             next_poll: Instant::now(),
             main_ended: false,
+            main_ready: false,
             retry_drained: false,
             sent: None,
             read_back: 0,
@@ -149,17 +194,9 @@ impl WithRetries {
         })
     }
 
-    fn min_held_offset(&self, partition: u32) -> Option<u64> {
-        self.held
-            .iter()
-            .filter(|h| h.0.rec.position.partition == partition)
-            .map(|h| h.0.rec.position.offset)
-            .min()
-    }
-
     async fn poll_retry(&mut self, max: usize) -> Result<Option<Received>> {
         self.next_poll = Instant::now() + RETRY_POLL;
-        if self.held.len() >= MAX_HELD {
+        if self.held.len >= MAX_HELD {
             return Ok(None);
         }
         match self.retry.recv(max, Duration::ZERO).await? {
@@ -167,14 +204,9 @@ impl WithRetries {
                 self.retry_drained = b.is_empty();
                 self.read_back += b.len() as u64;
                 for mut r in b {
-                    r.position.partition += RETRY_PARTITION_BASE;
+                    r.position.partition = Input::Retry.partition(r.position.partition);
                     let (due, rec) = unwrap(r);
-                    self.seq += 1;
-                    self.held.push(Reverse(Held {
-                        due,
-                        seq: self.seq,
-                        rec,
-                    }));
+                    self.held.push(due, rec);
                 }
                 Ok(None)
             }
@@ -185,16 +217,12 @@ impl WithRetries {
             Received::Assigned(parts) => Ok(Some(Received::Assigned(
                 parts
                     .into_iter()
-                    .map(|(p, cp)| (p + RETRY_PARTITION_BASE, cp))
+                    .map(|(p, cp)| (Input::Retry.partition(p), cp))
                     .collect(),
             ))),
             Received::Revoked(parts) => {
-                let shifted: Vec<u32> = parts.iter().map(|p| p + RETRY_PARTITION_BASE).collect();
-                let held = std::mem::take(&mut self.held);
-                self.held = held
-                    .into_iter()
-                    .filter(|h| !shifted.contains(&h.0.rec.position.partition))
-                    .collect();
+                let shifted: Vec<u32> = parts.iter().map(|p| Input::Retry.partition(*p)).collect();
+                self.held.revoke(&shifted);
                 Ok(Some(Received::Revoked(shifted)))
             }
         }
@@ -211,8 +239,12 @@ impl Source for WithRetries {
         self.main.recycle(batch);
     }
 
+    fn partition_count(&self) -> Option<u32> {
+        self.main.partition_count()
+    }
+
     fn has_backlog(&self, partition: u32) -> bool {
-        partition < RETRY_PARTITION_BASE && self.main.has_backlog(partition)
+        Input::is_source(partition) && self.main.has_backlog(partition)
     }
 
     async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {
@@ -226,10 +258,8 @@ impl Source for WithRetries {
         }
         let now_ms = crate::time::now_millis();
         let mut out = Vec::new();
-        while out.len() < max && self.held.peek().is_some_and(|h| h.0.due <= now_ms) {
-            if let Some(Reverse(h)) = self.held.pop() {
-                out.push(h.rec);
-            }
+        if self.main_ready {
+            self.held.release(now_ms, max, &mut out);
         }
         if self.main_ended {
             if out.is_empty() && self.held.is_empty() && self.retry_drained {
@@ -251,12 +281,19 @@ impl Source for WithRetries {
             let until_poll = self.next_poll.saturating_duration_since(Instant::now());
             let until_due = self
                 .held
-                .peek()
-                .map(|h| Duration::from_millis((h.0.due - now_ms).max(0) as u64))
+                .next_due()
+                .filter(|_| self.main_ready)
+                .map(|(_, due)| Duration::from_millis((due - now_ms).max(0) as u64))
                 .unwrap_or(wait);
             wait.min(until_poll).min(until_due)
         };
-        match self.main.recv(max - out.len(), main_wait).await? {
+        let received = self.main.recv(max - out.len(), main_wait).await?;
+        self.main_ready |= match &received {
+            Received::Batch(b) => !b.is_empty(),
+            Received::Assigned(_) | Received::End => true,
+            Received::Revoked(_) => false,
+        };
+        match received {
             Received::Batch(b) => {
                 if out.is_empty() {
                     return Ok(Received::Batch(b));
@@ -265,7 +302,7 @@ impl Source for WithRetries {
                 Ok(Received::Batch(out))
             }
             Received::Assigned(parts)
-                if parts.iter().any(|(p, _)| *p >= RETRY_PARTITION_BASE) =>
+                if parts.iter().any(|(p, _)| !Input::is_source(*p)) =>
             {
                 Err(EngineError::Stopped(format!(
                     "with a retry topic, source partition indexes must be below {RETRY_PARTITION_BASE}"
@@ -289,7 +326,7 @@ impl Source for WithRetries {
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()> {
         let (retry, main): (Vec<_>, Vec<_>) = positions
             .iter()
-            .partition(|(p, _)| p.partition >= RETRY_PARTITION_BASE);
+            .partition(|(p, _)| !Input::is_source(p.partition));
         if !main.is_empty() {
             self.main.commit(&main).await?;
         }
@@ -298,11 +335,12 @@ impl Source for WithRetries {
             .map(|(p, cp)| {
                 // Not past a record still held for later.
                 let offset = self
-                    .min_held_offset(p.partition)
+                    .held
+                    .min_offset(p.partition)
                     .map_or(p.offset, |h| h.min(p.offset));
                 (
                     Position {
-                        partition: p.partition - RETRY_PARTITION_BASE,
+                        partition: Input::of(p.partition).1,
                         offset,
                     },
                     cp,
@@ -321,5 +359,43 @@ impl Source for WithRetries {
 
     fn pending(&self) -> bool {
         !self.held.is_empty() || self.main.pending() || self.retry.pending()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(partition: u32, offset: u64) -> Record {
+        Record {
+            position: Position { partition, offset },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn held_records_of_a_partition_are_released_in_offset_order() {
+        let mut held = Held::default();
+        held.push(200, rec(1, 0));
+        held.push(100, rec(1, 1));
+        held.push(150, rec(2, 0));
+        let mut out = Vec::new();
+        // Offset 1 is due, but waits behind offset 0: a checkpoint must not mark it
+        // processed while offset 0 is held.
+        held.release(160, 10, &mut out);
+        let got: Vec<Position> = out.iter().map(|r| r.position).collect();
+        assert_eq!(
+            got,
+            vec![Position {
+                partition: 2,
+                offset: 0
+            }]
+        );
+        assert_eq!(held.min_offset(1), Some(0));
+        out.clear();
+        held.release(200, 10, &mut out);
+        let got: Vec<u64> = out.iter().map(|r| r.position.offset).collect();
+        assert_eq!(got, vec![0, 1]);
+        assert!(held.is_empty());
     }
 }

@@ -38,6 +38,9 @@ pub struct Watermarks {
     idle_timeout: Duration,
     global: i64,
     last_input: Option<Instant>,
+    /// Whether the watermark is held where it is (some partitions of a shared task are
+    /// not assigned here yet).
+    held: bool,
 }
 
 impl Watermarks {
@@ -49,6 +52,7 @@ impl Watermarks {
             idle_timeout,
             global: i64::MIN,
             last_input: None,
+            held: false,
         }
     }
 
@@ -174,7 +178,21 @@ impl Watermarks {
         self.global
     }
 
+    /// Holds the watermark where it is (`true`) or lets it follow the partitions again.
+    pub fn hold(&mut self, held: bool) {
+        self.held = held;
+        self.recompute();
+    }
+
+    /// Whether the watermark is held (see [`hold`](Self::hold)).
+    pub fn is_held(&self) -> bool {
+        self.held
+    }
+
     fn recompute(&mut self) {
+        if self.held {
+            return;
+        }
         let mut min = i64::MAX;
         for p in &self.parts {
             if !p.idle {
@@ -200,7 +218,7 @@ impl Watermarks {
             }
         }
         self.recompute();
-        if self.parts.iter().all(|p| p.idle) {
+        if !self.held && self.parts.iter().all(|p| p.idle) {
             if let Some(last) = self.last_input {
                 let since = now.duration_since(last);
                 if since >= self.idle_timeout {
