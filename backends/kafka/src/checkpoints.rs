@@ -45,8 +45,8 @@ pub(crate) struct CommitMetadata {
     pub(crate) topic: String,
     /// Exactly-once: the offsets go into this transaction instead of a plain commit.
     pub(crate) txn: Option<Arc<Txn>>,
-    /// The topic's partition count, read at each assignment and written into every
-    /// commit's metadata (0: not read yet).
+    /// The topic's partition count, which the source reads at each assignment before it
+    /// loads checkpoints (0: not read yet): written into every commit's metadata.
     pub(crate) partitions: Arc<AtomicU32>,
 }
 
@@ -105,34 +105,22 @@ impl CheckpointStore for CommitMetadata {
                 })?,
         };
         let c = self.consumer.clone();
-        let topic = self.topic.clone();
-        let looked_up = tokio::task::spawn_blocking(move || {
-            let count = c
-                .fetch_metadata(Some(&topic), Duration::from_secs(10))
-                .ok()
-                .and_then(|m| {
-                    m.topics()
-                        .iter()
-                        .find(|t| t.name() == topic)
-                        .map(|t| t.partitions().len() as u32)
-                });
-            c.committed_offsets(tpl, Duration::from_secs(10))
-                .map(|list| (list, count))
-        });
-        let (list, count) = looked_up
-            .await
-            .map_err(|e| {
-                EngineError::backend("kafka", format!("checkpoint lookup task failed: {e}"), true)
-            })?
-            .map_err(|source| KafkaError::Commit {
-                topic: self.topic.clone(),
-                source,
-            })?;
-        tracing::debug!(topic = %self.topic, committed = ?list, partitions = ?count, "kafka: committed offsets at assignment");
-        let now = count.unwrap_or(0);
-        if now > 0 {
-            self.partitions.store(now, Ordering::Relaxed);
-        }
+        let list =
+            tokio::task::spawn_blocking(move || c.committed_offsets(tpl, Duration::from_secs(10)))
+                .await
+                .map_err(|e| {
+                    EngineError::backend(
+                        "kafka",
+                        format!("checkpoint lookup task failed: {e}"),
+                        true,
+                    )
+                })?
+                .map_err(|source| KafkaError::Commit {
+                    topic: self.topic.clone(),
+                    source,
+                })?;
+        let now = self.partitions.load(Ordering::Relaxed);
+        tracing::debug!(topic = %self.topic, committed = ?list, partitions = now, "kafka: committed offsets at assignment");
         let mut out = Vec::new();
         for e in list.elements_for_topic(&self.topic) {
             let Offset::Offset(o) = e.offset() else {

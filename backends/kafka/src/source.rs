@@ -25,7 +25,7 @@
 //! directly at the beginning or the end, without a group; nothing is committed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -77,8 +77,10 @@ pub struct KafkaSource {
     /// Exactly-once: the broker's transaction, which commits take the offsets into and a
     /// revocation aborts.
     txn: Option<Arc<Txn>>,
-    /// How many partitions the topic had at the last assignment (group mode).
-    partition_count: Option<u32>,
+    /// How many partitions the topic had at the last assignment (group mode; 0: not read
+    /// yet). The commit store shares it: it writes it into every commit's metadata and
+    /// checks the restored checkpoints against it.
+    partition_count: Arc<AtomicU32>,
 }
 
 /// How long the first `recv` of a group member waits for its partitions.
@@ -134,12 +136,13 @@ impl KafkaSource {
         checkpoint_topic: Option<CheckpointTopic>,
     ) -> Self {
         let consumer = Arc::new(consumer);
+        let partition_count = Arc::<AtomicU32>::default();
         let store = group.then(|| WithFallback {
             primary: CommitMetadata {
                 consumer: consumer.clone(),
                 topic: topic.to_string(),
                 txn: None,
-                partitions: Arc::default(),
+                partitions: partition_count.clone(),
             },
             fallback: checkpoint_topic,
         });
@@ -173,7 +176,7 @@ impl KafkaSource {
             stop,
             thread,
             txn: None,
-            partition_count: None,
+            partition_count,
         }
     }
 
@@ -306,7 +309,7 @@ impl KafkaSource {
                 Event::Assign(parts) => {
                     self.joined = true;
                     if let Some(n) = self.fetch_partition_count().await {
-                        self.partition_count = Some(n);
+                        self.partition_count.store(n, Ordering::Relaxed);
                     }
                     self.set_owned(&parts, true);
                     for &p in &parts {
@@ -424,7 +427,8 @@ impl Source for KafkaSource {
     /// the high watermark of fetch responses; Tansu's ListOffsets under-reports that high
     /// watermark, its fetch responses do not). A partition not fetched yet is backlogged.
     fn partition_count(&self) -> Option<u32> {
-        self.partition_count.filter(|_| self.group)
+        let n = self.partition_count.load(Ordering::Relaxed);
+        (n > 0 && self.group).then_some(n)
     }
 
     fn has_backlog(&self, partition: u32) -> bool {
