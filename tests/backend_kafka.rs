@@ -213,6 +213,15 @@ async fn kafka_consumer_protocol_a_killed_instance_is_taken_over() {
     conformance::a_killed_instance_is_taken_over_with("kafka", &[KIP_848]).await;
 }
 
+/// KIP-848: a second instance joins one that reads unkeyed input; the first loses
+/// partitions as an increment (a revocation of some while it keeps others) and stops with
+/// an error; the second gets them all and finishes, exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_consumer_protocol_unkeyed_input_meets_a_second_instance() {
+    require_kafka();
+    conformance::unkeyed_input_meets_a_second_instance_with("kafka", &[KIP_848]).await;
+}
+
 /// Kafka 4's consumer group protocol for `--set`.
 const KIP_848: &str = "brokers.kafka.consumer.group.protocol=consumer";
 

@@ -302,6 +302,13 @@ impl Pipeline {
                     false
                 }
             };
+            if let Some(why) = op.conflict(Instant::now()) {
+                // Nothing more closes or commits: what was emitted so far had all of the
+                // topic's partitions; the rest is recounted from the committed positions.
+                tracing::error!("{why}");
+                self.flush().await?;
+                return Err(EngineError::Stopped(why));
+            }
             if ended {
                 op.close_all(&mut out);
             } else {

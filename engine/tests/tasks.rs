@@ -220,3 +220,111 @@ fn a_shared_task_holds_its_windows_while_partitions_of_the_topic_are_not_assigne
     assert_eq!(first.len(), 1, "{first:?}");
     assert!(first[0].contains(r#""count":2"#), "{first:?}");
 }
+
+#[test]
+fn unkeyed_input_whose_partitions_another_instance_takes_stops_the_pipeline() {
+    let now = Instant::now();
+    let mut out = Emitted::default();
+    // Incremental: partition 1 alone is revoked while partition 0 stays.
+    let mut op = WindowOperator::new(&job(), "t");
+    op.assign(&[(0, None), (1, None)], now);
+    op.ingest(&rec(0, 0, None, 1_000), now, now_ms(), &mut out);
+    op.ingest(&rec(1, 0, None, 1_000), now, now_ms(), &mut out);
+    assert!(op.is_shared() && op.conflict(now).is_none());
+    op.revoke(&[1], false);
+    let why = op
+        .conflict(now)
+        .expect("a partial revocation of a shared task stops it");
+    assert!(
+        why.contains("not keyed by the group key") && why.contains("[1]"),
+        "{why}"
+    );
+    // Eager: everything is revoked, then a smaller share comes back.
+    let mut op = WindowOperator::new(&job(), "t");
+    op.assign(&[(0, None), (1, None)], now);
+    op.ingest(&rec(0, 0, None, 1_000), now, now_ms(), &mut out);
+    op.revoke(&[0, 1], false);
+    assert!(op.conflict(now).is_none(), "all revoked: nothing is split");
+    op.assign(&[(0, None)], now);
+    let why = op
+        .conflict(now)
+        .expect("a smaller share after an eager rebalance");
+    assert!(why.contains("[1]"), "{why}");
+}
+
+#[test]
+fn a_reconnect_or_keyed_input_losing_partitions_goes_on() {
+    let now = Instant::now();
+    let mut out = Emitted::default();
+    // A reconnect: every partition revoked, then all of them assigned again.
+    let mut op = WindowOperator::new(&job(), "t");
+    op.assign(&[(0, None), (1, None)], now);
+    op.ingest(&rec(0, 0, None, 1_000), now, now_ms(), &mut out);
+    op.revoke(&[0, 1], false);
+    op.assign(&[(0, None), (1, None)], now);
+    assert!(op.conflict(now).is_none());
+    // Keyed input: each partition's windows are its own, another instance may take it.
+    let mut op = WindowOperator::new(&job(), "t");
+    op.assign(&[(0, None), (1, None)], now);
+    op.ingest(&rec(0, 0, Some("a"), 1_000), now, now_ms(), &mut out);
+    op.ingest(&rec(1, 0, Some("b"), 1_000), now, now_ms(), &mut out);
+    op.revoke(&[1], false);
+    op.assign(&[(0, None)], now);
+    assert!(!op.is_shared() && op.conflict(now).is_none());
+}
+
+#[test]
+fn a_shared_task_short_of_partitions_for_longer_than_any_takeover_stops_the_pipeline() {
+    use weir_engine::operator::UNKEYED_HOLD_LIMIT;
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    // Two instances that started together, before the data: each has half.
+    op.expect_partitions(Some(2));
+    op.assign(&[(0, None)], now);
+    let mut out = Emitted::default();
+    op.ingest(&rec(0, 0, None, 1_000), now, now_ms(), &mut out);
+    assert!(op.holding());
+    let later = Instant::now() + UNKEYED_HOLD_LIMIT - Duration::from_secs(1);
+    assert!(
+        op.conflict(later).is_none(),
+        "a dead member's partitions may still come"
+    );
+    let why = op
+        .conflict(later + Duration::from_secs(2))
+        .expect("another instance reads partition 1");
+    assert!(why.contains("only partitions [0] of the 2"), "{why}");
+    // Had partition 1 come in time, the run would have gone on.
+    let mut op = WindowOperator::new(&job(), "t");
+    op.expect_partitions(Some(2));
+    op.assign(&[(0, None)], now);
+    op.ingest(&rec(0, 0, None, 1_000), now, now_ms(), &mut out);
+    op.assign(&[(0, None), (1, None)], now);
+    assert!(op.conflict(later + Duration::from_secs(2)).is_none());
+}
+
+#[test]
+fn windows_recounted_under_an_older_checkpoint_are_dropped_when_a_later_one_comes() {
+    // A shared task taken over partition by partition: partition 1's last commit is older
+    // (its lease was taken while the old owner went on), partition 0's says the window
+    // [10 s, 20 s) was delivered whole.
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    let cp = |watermark, processed| {
+        Some(Checkpoint {
+            watermark,
+            processed,
+        })
+    };
+    op.expect_partitions(Some(2));
+    op.assign(&[(1, cp(5_000, 10))], now);
+    let mut out = Emitted::default();
+    let o = op.ingest(&rec(1, 0, None, 12_000), now, now_ms(), &mut out);
+    assert_eq!(o, Outcome::Windowed, "a replay into a window open at 5 s");
+    op.assign(&[(0, cp(30_000, 5)), (1, None)], now);
+    op.close_all(&mut out);
+    assert!(
+        out.results.is_empty(),
+        "the window was delivered before with every partition's count: {:?}",
+        out.results
+    );
+}

@@ -84,9 +84,9 @@ pub struct Cannot {
     pub fails_with: &'static str,
 }
 
-/// The scale-out scenarios (`tests/conformance/scale.rs`), both failing for `why` with
+/// The scale-out scenarios (`tests/conformance/scale.rs`), all failing for `why` with
 /// `fails_with`.
-const fn cannot_scale_out(why: &'static str, fails_with: &'static str) -> [Cannot; 2] {
+const fn cannot_scale_out(why: &'static str, fails_with: &'static str) -> [Cannot; 3] {
     [
         Cannot {
             scenario: "instances_split_the_work",
@@ -95,6 +95,11 @@ const fn cannot_scale_out(why: &'static str, fails_with: &'static str) -> [Canno
         },
         Cannot {
             scenario: "a_killed_instance_is_taken_over",
+            why,
+            fails_with,
+        },
+        Cannot {
+            scenario: "unkeyed_input_meets_a_second_instance",
             why,
             fails_with,
         },
@@ -156,8 +161,8 @@ impl TestBroker for Memory {
         None
     }
     fn cannot(&self) -> &'static [Cannot] {
-        static CANNOT: [Cannot; 3] = {
-            let [split, takeover] = cannot_scale_out(
+        static CANNOT: [Cannot; 4] = {
+            let [split, takeover, unkeyed] = cannot_scale_out(
                 "its topics live inside one `weir run` process: no other instance can read them",
                 "several `weir run` processes cannot share its topics",
             );
@@ -171,6 +176,7 @@ impl TestBroker for Memory {
                 },
                 split,
                 takeover,
+                unkeyed,
             ]
         };
         &CANNOT

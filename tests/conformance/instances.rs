@@ -106,13 +106,12 @@ impl Instance {
         let _ = self.child.wait();
     }
 
-    /// Waits up to `limit` for it to exit with success; what its `pipeline stopped` line
-    /// says (which must balance).
-    pub async fn finish(&mut self, limit: Duration) -> Stopped {
+    /// Waits up to `limit` for it to exit, however it ends.
+    pub async fn exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + limit;
-        let status = loop {
+        loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
+                return s;
             }
             if Instant::now() > deadline {
                 self.kill();
@@ -123,7 +122,13 @@ impl Instance {
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        }
+    }
+
+    /// Waits up to `limit` for it to exit with success; what its `pipeline stopped` line
+    /// says (which must balance).
+    pub async fn finish(&mut self, limit: Duration) -> Stopped {
+        let status = self.exit(limit).await;
         assert!(status.success(), "weir run: {status}\n{}", self.tail());
         let log = self.log();
         let line = log

@@ -69,6 +69,7 @@ macro_rules! suite {
                 shipped_pipelines_run_with_broker_alone,
                 instances_split_the_work,
                 a_killed_instance_is_taken_over,
+                unkeyed_input_meets_a_second_instance,
             );
         }
     };

@@ -155,6 +155,66 @@ pub async fn a_killed_instance_is_taken_over_with(broker: &str, extra: &[&str]) 
     outputs_are_exact(&bed, &data, &tails).await;
 }
 
+/// Input that is not keyed by the group (no key: the default of most producers) meets a
+/// second instance. One instance reads it alone, then another joins: the one that loses
+/// partitions must stop at once with an error that says why (nothing it emitted is
+/// partial: it had every partition until then), and the newcomer, which holds its windows
+/// while partitions of the topic are read elsewhere, must get them all and finish: the
+/// union exact, no window twice with different counts.
+pub async fn unkeyed_input_meets_a_second_instance(broker: &str) {
+    unkeyed_input_meets_a_second_instance_with(broker, &[]).await
+}
+
+/// [`unkeyed_input_meets_a_second_instance`] with `extra` settings.
+pub async fn unkeyed_input_meets_a_second_instance_with(broker: &str, extra: &[&str]) {
+    let bed = scale_bed(broker, "unkeyed", extra);
+    let data = lines(29, 24_000, 500, 97);
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Instance::spawn(&bed, dir.path(), "a", "15s");
+    wait_until_split(std::slice::from_mut(&mut a), PARTITIONS, JOIN_LIMIT).await;
+    let (first, rest) = data.split_at(data.len() / 2);
+    for chunk in first.chunks(3_000) {
+        bed.produce_unkeyed(chunk).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let t0 = std::time::Instant::now();
+    while a.events_in().await == 0 {
+        assert!(
+            t0.elapsed() < JOIN_LIMIT,
+            "instance a read nothing\n{}",
+            a.tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut b = Instance::spawn(&bed, dir.path(), "b", "15s");
+    let status = a.exit(Duration::from_secs(90)).await;
+    let log = a.log();
+    assert!(
+        !status.success()
+            && log.contains("not keyed by the group key")
+            && log.contains("Running several instances"),
+        "instance a, which lost partitions of unkeyed input to b, must stop with an error that says so: {status}\n{}",
+        a.tail()
+    );
+    for chunk in rest.chunks(3_000) {
+        bed.produce_unkeyed(chunk).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let s = b.finish(Duration::from_secs(150)).await;
+    let tails = format!("{}\n{}", a.tail(), b.tail());
+    assert!(
+        b.owned() == (0..PARTITIONS).collect(),
+        "b ends with every partition\n{tails}"
+    );
+    assert!(s.events_in > 0 && s.late == 0, "{s:?}\n{tails}");
+    eprintln!(
+        "{broker}: a stopped ({status}) when b joined; b read {} events and finished after {:?}",
+        s.events_in,
+        t0.elapsed()
+    );
+    outputs_are_exact(&bed, &data, &tails).await;
+}
+
 /// The sink holds exactly the oracle's windows (copies only with the same count) and the
 /// dead-letter topic exactly the invalid events, none late.
 async fn outputs_are_exact(bed: &Bed, data: &[Vec<u8>], logs: &str) {

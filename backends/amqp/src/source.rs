@@ -522,6 +522,13 @@ impl Source for AmqpSource {
                 .any(|p| p.index == partition && p.ready > 0)
     }
 
+    /// The topic's partitions, when this source shares them with the group's other
+    /// members (an engine reading input that is not keyed by the group holds its windows
+    /// while some are read elsewhere).
+    fn partition_count(&self) -> Option<u32> {
+        self.members.is_some().then_some(self.cfg.partitions)
+    }
+
     /// Asks for a commit once half the prefetch arrived on a partition since the last one:
     /// the broker stops delivering when `prefetch` deliveries are unacked, and acks only
     /// happen at commits, so waiting for the commit interval would cap throughput at

@@ -10,6 +10,7 @@
 //! - Available: not finished (`SHARD_END`), and every parent lease finished or gone.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +52,9 @@ pub(crate) struct Worker {
     pub(crate) held: Held,
     pub(crate) events: mpsc::UnboundedSender<LeaseEvent>,
     pub(crate) stream: Stream,
+    /// How many leases can be read now (not finished, parents finished): the stream's
+    /// partitions, as the source reports them.
+    pub(crate) available: Arc<AtomicU32>,
     /// What each lease's counter and owner were when this worker first saw them so.
     seen: HashMap<String, (u64, Option<String>, Instant)>,
     /// When each held lease was last renewed (or taken).
@@ -66,6 +70,7 @@ impl Worker {
         held: Held,
         events: mpsc::UnboundedSender<LeaseEvent>,
         stream: Stream,
+        available: Arc<AtomicU32>,
     ) -> Self {
         Worker {
             table,
@@ -74,6 +79,7 @@ impl Worker {
             held,
             events,
             stream,
+            available,
             seen: HashMap::new(),
             renewed: HashMap::new(),
             takes: 0,
@@ -216,6 +222,8 @@ impl Worker {
             .values()
             .filter(|l| !l.finished() && l.parents.iter().all(|p| finished(p)))
             .collect();
+        self.available
+            .store(available.len() as u32, std::sync::atomic::Ordering::Relaxed);
         // Expired: unowned, ours from an earlier holding, or not renewed for a duration.
         let expired = |l: &Lease| match &l.owner {
             None => true,

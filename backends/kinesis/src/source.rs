@@ -440,6 +440,13 @@ impl Source for KinesisSource {
 
     /// Records of `partition` wait in this source's buffers or channel, or its shard's
     /// reader has not reached the shard's end yet.
+    /// With shard leases, the shards that can be read now (the others' too): an engine
+    /// reading input that is not keyed by the group holds its windows while some are read
+    /// elsewhere.
+    fn partition_count(&self) -> Option<u32> {
+        self.leases.as_ref().and_then(Leased::partition_count)
+    }
+
     fn has_backlog(&self, partition: u32) -> bool {
         if !self.rx.is_empty() || self.buffers.get(&partition).is_some_and(|b| !b.is_empty()) {
             return true;

@@ -71,7 +71,27 @@ pub struct WindowOperator {
     /// How many partitions the source topic has, if the source knows: a shared task holds
     /// its watermark while fewer are assigned here.
     expected: Option<u32>,
+    /// The source partitions of the last assignment that listed any (kept through a
+    /// revocation of all of them): what an eager rebalance's next assignment is compared
+    /// with.
+    had: Vec<u32>,
+    /// Since when a shared task has held its watermark for want of partitions.
+    held_since: Option<Instant>,
+    /// Why this operator cannot go on exactly (unkeyed input whose partitions another
+    /// instance reads): the runtime stops with it.
+    conflict: Option<String>,
 }
+
+/// How long a shared task may hold its watermark for want of partitions before the
+/// pipeline stops: longer than any broker takes to hand a dead member's partitions over
+/// (Kafka's consumer-protocol session timeout is 45 s by default), so that only partitions
+/// another live instance reads end the run.
+pub const UNKEYED_HOLD_LIMIT: Duration = Duration::from_secs(120);
+
+/// What to do about unkeyed input read by several instances, in the errors that say so.
+const UNKEYED_ADVICE: &str =
+    "Key the source records by a group-by field (as `weir produce` and Weir's \
+     sinks do), or run a single instance for this input (README, \"Running several instances\").";
 
 impl WindowOperator {
     /// An operator for `job`, reading records of `topic` (named in dead letters).
@@ -116,6 +136,9 @@ impl WindowOperator {
             open: 0,
             per_event: job.window.kind.windows_per_event().min(usize::MAX as u64) as usize,
             expected: None,
+            had: Vec::new(),
+            held_since: None,
+            conflict: None,
         }
     }
 
@@ -255,6 +278,11 @@ impl WindowOperator {
         let Some(task) = self.tasks.first_mut().and_then(Option::as_mut) else {
             return;
         };
+        if !hold {
+            self.held_since = None;
+        } else if self.held_since.is_none() {
+            self.held_since = Some(Instant::now());
+        }
         if task.watermarks.is_held() != hold {
             if hold {
                 tracing::warn!(
@@ -267,6 +295,46 @@ impl WindowOperator {
                 tracing::info!(assigned, "every partition assigned: windows close again");
             }
             task.watermarks.hold(hold);
+        }
+    }
+
+    /// Why the pipeline cannot go on exactly, if it cannot: the input is not keyed by the
+    /// group key and another instance reads some of its partitions. Known at once when
+    /// partitions this one read were revoked while others stay (see
+    /// [`assign`](Self::assign), [`revoke`](Self::revoke)), or once the shared task has
+    /// held its watermark for want of partitions for [`UNKEYED_HOLD_LIMIT`] (instances
+    /// that started together).
+    pub fn conflict(&mut self, now: Instant) -> Option<String> {
+        if self.conflict.is_none() {
+            if let Some(since) = self.held_since {
+                if now.saturating_duration_since(since) >= UNKEYED_HOLD_LIMIT {
+                    let assigned: Vec<u32> = self.partitions().collect();
+                    self.conflict = Some(format!(
+                        "the input is not keyed by the group key, and for {} this instance was assigned only \
+                         partitions {assigned:?} of the {} the topic has: another instance reads the others, \
+                         and windows counted in pieces would be wrong. {}",
+                        crate::time::format_duration(UNKEYED_HOLD_LIMIT),
+                        self.expected.unwrap_or(0),
+                        UNKEYED_ADVICE
+                    ));
+                }
+            }
+        }
+        self.conflict.clone()
+    }
+
+    /// Notes that `revoked` source partitions went elsewhere while `kept` stay here, with
+    /// a shared task: its windows hold records of both, and can be completed nowhere.
+    #[cold]
+    fn split_up(&mut self, revoked: &[u32], kept: &[u32]) {
+        if self.conflict.is_none() {
+            let why = format!(
+                "the input is not keyed by the group key, and partitions {revoked:?} were taken from this instance \
+                 while it keeps {kept:?} (another instance of the group joined, or their connection was lost): \
+                 windows that records of both fed cannot be completed here. Stopping without committing: \
+                 restarted, a single instance recounts them from the committed positions. {UNKEYED_ADVICE}"
+            );
+            self.conflict = Some(why);
         }
     }
 

@@ -20,6 +20,22 @@ impl WindowOperator {
             .map(|(p, _)| *p)
             .filter(|p| Input::is_source(*p))
             .collect();
+        // An eager rebalance revokes every partition and then assigns this instance's new
+        // share: fewer than it read before means another instance took some.
+        if self.shared && !ids.is_empty() {
+            let taken: Vec<u32> = self
+                .had
+                .iter()
+                .copied()
+                .filter(|p| !ids.contains(p))
+                .collect();
+            if !taken.is_empty() {
+                self.split_up(&taken, &ids);
+            }
+        }
+        if !ids.is_empty() {
+            self.had = ids.clone();
+        }
         if !ids.is_empty() || partitions.is_empty() {
             // Partitions no longer listed stop holding their task's watermark.
             for (p, r) in self.ready.iter_mut().enumerate() {
@@ -45,9 +61,23 @@ impl WindowOperator {
             };
             if Input::is_source(*p) {
                 let ti = self.task_index(*p);
+                let grace = self.grace;
                 let t = self.task(ti);
                 t.watermarks.restore(cp.watermark);
-                t.replay_watermark = t.replay_watermark.max(cp.watermark);
+                if cp.watermark > t.replay_watermark {
+                    t.replay_watermark = cp.watermark;
+                    // Counted while the task's cutoff was lower (a shared task whose
+                    // partitions come one by one, the first with an older checkpoint):
+                    // these windows were delivered whole before, and must not be again.
+                    let forgot = t.state.forget_until(cp.watermark, grace);
+                    if forgot > 0 {
+                        tracing::info!(
+                            partition = p,
+                            windows = forgot,
+                            "dropped recounted windows that the checkpoint says were delivered"
+                        );
+                    }
+                }
                 tracing::info!(
                     partition = p,
                     watermark = %crate::time::format_rfc3339(cp.watermark),
@@ -64,6 +94,17 @@ impl WindowOperator {
     /// were thrown away with a transaction), what would have been committed now is
     /// remembered for the partition's return.
     pub fn revoke(&mut self, partitions: &[u32], aborted: bool) {
+        if self.shared {
+            let revoked: Vec<u32> = partitions
+                .iter()
+                .copied()
+                .filter(|p| Input::is_source(*p))
+                .collect();
+            let kept: Vec<u32> = self.partitions().filter(|p| !revoked.contains(p)).collect();
+            if !revoked.is_empty() && !kept.is_empty() {
+                self.split_up(&revoked, &kept);
+            }
+        }
         for &p in partitions {
             let i = p as usize;
             let cp = (self.offsets.seen(p) && !aborted).then(|| self.checkpoint(p));

@@ -61,6 +61,16 @@ impl State {
         }
     }
 
+    /// Drops, without emitting, every window that a watermark of `wm` closes: a checkpoint
+    /// says their results were delivered, so what this task holds of them is a recount.
+    /// How many windows (sessions) went.
+    pub(super) fn forget_until(&mut self, wm: i64, grace: i64) -> usize {
+        match self {
+            State::Fixed(s) => s.close_until(wm, grace).len(),
+            State::Sessions(s) => s.close_until(wm, grace).len(),
+        }
+    }
+
     pub(super) fn windows(&self) -> usize {
         match self {
             State::Fixed(s) => s.windows(),

@@ -5,6 +5,9 @@
 //! means the lease was lost. A shard read and committed to its end gets its lease
 //! finished (`SHARD_END`), which lets any worker lease its children.
 
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +25,9 @@ pub(crate) struct Leased {
     held: Held,
     events: mpsc::UnboundedReceiver<LeaseEvent>,
     worker: Option<Worker>,
+    /// How many leases can be read now (see [`Worker::available`]); 0 before the worker's
+    /// first look at the table.
+    available: Arc<AtomicU32>,
 }
 
 impl Leased {
@@ -33,6 +39,7 @@ impl Leased {
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let held = Held::default();
+        let available = Arc::<AtomicU32>::default();
         let worker = Worker::new(
             table.clone(),
             owner.clone(),
@@ -40,6 +47,7 @@ impl Leased {
             held.clone(),
             tx,
             stream,
+            available.clone(),
         );
         Leased {
             table,
@@ -47,7 +55,13 @@ impl Leased {
             held,
             events: rx,
             worker: Some(worker),
+            available,
         }
+    }
+
+    /// How many of the stream's shards can be read now, once the worker has looked.
+    pub(crate) fn partition_count(&self) -> Option<u32> {
+        Some(self.available.load(Ordering::Relaxed)).filter(|&n| n > 0)
     }
 
     /// Starts the lease worker (once); it stops with `stop`.
