@@ -232,15 +232,26 @@ pub(crate) fn run_id() -> u64 {
     h.finish()
 }
 
-/// The watermark up to which a record's windows count as closed: for a replayed record the
-/// highest checkpoint watermark restored into its task (windows closed there were
-/// delivered before the restart), otherwise the task's current watermark.
+/// The watermark up to which a record's windows count as closed: for a new record the
+/// task's current watermark; for a replayed one the highest checkpoint watermark restored
+/// into its task (windows closed there were delivered before the restart) and, when the
+/// replay comes in the first run's order (`same_order`: a source record in a task of one
+/// partition), the current watermark too: a window this run closed had closed at the same
+/// record in the first run, where this one was late (and its late outcome delivered), so it
+/// must not reopen the window. Records of a shared task or the retry topic interleave
+/// differently in every run: for them a window closed since the restart may still have
+/// been open when the first run counted them.
 #[inline]
-pub(crate) fn closed_at(replaying: bool, replay_watermark: i64, watermark: i64) -> i64 {
-    if replaying {
-        replay_watermark
-    } else {
-        watermark
+pub(crate) fn closed_at(
+    replaying: bool,
+    same_order: bool,
+    replay_watermark: i64,
+    watermark: i64,
+) -> i64 {
+    match (replaying, same_order) {
+        (false, _) => watermark,
+        (true, true) => replay_watermark.max(watermark),
+        (true, false) => replay_watermark,
     }
 }
 
@@ -401,7 +412,9 @@ mod tests {
 
     #[test]
     fn replayed_records_are_judged_by_the_checkpoints_watermark() {
-        assert_eq!(closed_at(true, 1_000, 5_000), 1_000);
-        assert_eq!(closed_at(false, 1_000, 5_000), 5_000);
+        assert_eq!(closed_at(true, false, 1_000, 5_000), 1_000);
+        assert_eq!(closed_at(true, true, 1_000, 5_000), 5_000);
+        assert_eq!(closed_at(true, true, 6_000, 5_000), 6_000);
+        assert_eq!(closed_at(false, false, 1_000, 5_000), 5_000);
     }
 }

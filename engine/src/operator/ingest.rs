@@ -109,7 +109,8 @@ impl WindowOperator {
                 return self.invalid(rec, origin, &reason, replaying, now_ms, out);
             }
         }
-        if self.count(ti, t, rec.position, replaying, wm) {
+        let same_order = !self.shared && origin.moves_time();
+        if self.count(ti, t, rec.position, (replaying, same_order), wm) {
             return Outcome::Windowed;
         }
         if replaying {
@@ -269,14 +270,16 @@ impl WindowOperator {
     /// Counts the event (group key in `key_buf`, inputs read) at `t` into every window of
     /// task `ti` still open at watermark `wm`; whether one was. After a restart, a replayed
     /// record counts again only where the checkpoint's watermark had not closed its window
-    /// yet: the rest was delivered before.
+    /// yet: the rest was delivered before (see [`replay::closed_at`] for `replay`: whether
+    /// the record is a replay, and whether it comes in the first run's order).
     #[inline]
-    fn count(&mut self, ti: usize, t: i64, pos: Position, replaying: bool, wm: i64) -> bool {
+    fn count(&mut self, ti: usize, t: i64, pos: Position, replay: (bool, bool), wm: i64) -> bool {
+        let (replaying, same_order) = replay;
         let (kind, grace) = (self.kind, self.grace);
         let (aggs, inputs, key) = (&self.aggs, &self.inputs, &self.key_buf);
         let task = self.tasks[ti].as_mut().expect("the task exists");
         let before = task.state.entries();
-        let closed_at = replay::closed_at(replaying, task.replay_watermark, wm);
+        let closed_at = replay::closed_at(replaying, same_order, task.replay_watermark, wm);
         let added = match &mut task.state {
             State::Fixed(store) => {
                 let mut added = 0u64;
