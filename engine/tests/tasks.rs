@@ -358,3 +358,26 @@ fn a_replayed_record_cannot_reopen_a_window_this_run_closed() {
         .collect();
     assert_eq!(first.len(), 1, "the window is emitted once: {first:?}");
 }
+
+#[test]
+fn windows_emitted_at_an_idle_exit_are_late_for_the_next_run() {
+    // A bounded run ends idle: its open window is emitted whole as it stands, and the
+    // checkpoint committed after says so.
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    op.assign(&[(0, None)], now);
+    let mut out = Emitted::default();
+    op.ingest(&rec(0, 0, Some("a"), 5_000), now, now_ms(), &mut out);
+    op.close_all(&mut out);
+    assert_eq!(out.results.len(), 1);
+    let cp = op.checkpoint(0);
+    assert!(cp.watermark >= 11_000, "{cp:?}");
+    // The next run gets a straggler of that window: late, not a second result for it.
+    let mut next = WindowOperator::new(&job(), "t");
+    next.assign(&[(0, Some(cp))], now);
+    let mut out = Emitted::default();
+    let o = next.ingest(&rec(0, 1, Some("a"), 6_000), now, now_ms(), &mut out);
+    assert_eq!(o, Outcome::Late);
+    let o = next.ingest(&rec(0, 2, Some("a"), 12_000), now, now_ms(), &mut out);
+    assert_eq!(o, Outcome::Windowed, "the next window is open");
+}

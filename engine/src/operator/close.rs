@@ -39,22 +39,32 @@ impl WindowOperator {
         }
     }
 
-    /// Closes every open window (the input has ended).
+    /// Closes every open window (the input has ended, or an idle exit treats it so). Each
+    /// task's watermark then moves past every window it emitted, so that the checkpoint
+    /// committed next says they were delivered: a later run counts a straggler of one of
+    /// them as late instead of emitting the window a second time with part of its count.
     pub fn close_all(&mut self, out: &mut Emitted) {
         out.closed_at.get_or_insert_with(Instant::now);
         self.emit_updates(out);
+        let grace = self.grace;
         for task in self.tasks.iter_mut().flatten() {
+            let mut last_end = i64::MIN;
             match &mut task.state {
                 State::Fixed(store) => {
                     for (window, pane) in store.drain_all() {
                         out.windows_closed += 1;
+                        last_end = last_end.max(window.end);
                         Self::encode_pane(&self.encoder, window, pane, out);
                     }
                 }
                 State::Sessions(sessions) => {
                     let closed = sessions.drain_all();
+                    last_end = closed.iter().map(|(w, ..)| w.end).fold(last_end, i64::max);
                     Self::encode_sessions(&self.encoder, closed, out);
                 }
+            }
+            if last_end != i64::MIN {
+                task.watermarks.restore(last_end.saturating_add(grace));
             }
         }
     }
