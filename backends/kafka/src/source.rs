@@ -34,7 +34,7 @@ use async_trait::async_trait;
 use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::mpsc;
-use weir_engine::backoff::Backoff;
+use weir_engine::backoff::{retry, Backoff};
 use weir_engine::checkpoint_store::{CheckpointStore, Committed, WithFallback};
 use weir_engine::{Checkpoint, Position, Received, Record, Result, Source};
 
@@ -46,6 +46,10 @@ use crate::txn::Txn;
 
 /// Where a group member commits.
 type Store = WithFallback<CommitMetadata, CheckpointTopic>;
+
+/// How long a failing lookup of the checkpoints of newly assigned partitions is retried
+/// before the run stops (see `KafkaSource::checkpoints`).
+const CHECKPOINT_LOOKUP_LIMIT: Duration = Duration::from_secs(60);
 
 /// Reads one Kafka topic. See the module documentation.
 pub struct KafkaSource {
@@ -227,39 +231,34 @@ impl KafkaSource {
     }
 
     /// The checkpoints committed with the offsets of newly assigned partitions. A failed
-    /// lookup is retried a few times, then logged and yields no checkpoints: records are
-    /// then counted again from the committed offsets (still at-least-once, but results of
-    /// windows that closed before the restart may be re-emitted with partial counts). A
-    /// lookup that cannot succeed (the topic's partition count changed under the
-    /// checkpoints) is the error.
+    /// lookup is retried with backoff for [`CHECKPOINT_LOOKUP_LIMIT`]; then the run stops
+    /// with the error (exit 1): without its checkpoint a partition's replayed records would
+    /// be counted again, and windows that closed before the restart re-emitted with part of
+    /// their count. A lookup that cannot succeed (the topic's partition count changed under
+    /// the checkpoints) is the error at once.
     async fn checkpoints(&self, parts: &[i32]) -> Result<Vec<(u32, Option<Checkpoint>)>> {
         let wanted: Vec<u32> = parts.iter().map(|&p| p as u32).collect();
         let Some(store) = &self.store else {
             return Ok(wanted.iter().map(|&p| (p, None)).collect());
         };
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        for attempt in 1..=5 {
-            match store.load(Some(&wanted)).await {
-                Ok(found) => {
-                    return Ok(wanted
-                        .iter()
-                        .map(|&p| {
-                            let c = found.iter().find(|c| c.partition == p);
-                            (p, c.and_then(|c| c.checkpoint))
-                        })
-                        .collect())
-                }
-                Err(e) if !e.is_retryable() => return Err(e),
-                Err(e) => {
-                    tracing::warn!(topic = %self.topic, error = %e, attempt, "cannot read committed checkpoints; retrying")
-                }
-            }
-            if let Some(delay) = backoff.next_delay() {
-                tokio::time::sleep(delay).await;
-            }
-        }
-        tracing::warn!(topic = %self.topic, "no checkpoints: replayed records are counted again");
-        Ok(wanted.iter().map(|&p| (p, None)).collect())
+        let what = format!(
+            "kafka: reading the checkpoints committed for partitions {wanted:?} of `{}` \
+             (without them replayed records would be counted again)",
+            self.topic
+        );
+        let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10))
+            .give_up_after(Some(CHECKPOINT_LOOKUP_LIMIT));
+        let never = tokio_util::sync::CancellationToken::new();
+        let found = retry(&what, backoff, &never, || store.load(Some(&wanted)))
+            .await?
+            .unwrap_or_default();
+        Ok(wanted
+            .iter()
+            .map(|&p| {
+                let c = found.iter().find(|c| c.partition == p);
+                (p, c.and_then(|c| c.checkpoint))
+            })
+            .collect())
     }
 
     /// Exactly-once: aborts the open transaction. A failed abort leaves nothing visible
