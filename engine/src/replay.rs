@@ -29,6 +29,9 @@ pub(crate) struct Offsets {
     /// By partition: the checkpoint this pipeline would have committed when the partition
     /// was revoked, used if it comes back without a later one.
     forgotten: Vec<Option<Checkpoint>>,
+    /// By partition of another input than the source topic's: the offset below which its
+    /// records stay counted in the windows through a revocation (see [`Offsets::keep`]).
+    kept: Vec<Option<u64>>,
 }
 
 impl Offsets {
@@ -121,6 +124,29 @@ impl Offsets {
         if let Some(r) = self.replay.get_mut(i) {
             *r = None;
         }
+    }
+
+    /// `partition` (of the retry topic) is revoked while the windows keep what its records
+    /// added: they are shared with the source's partitions, which stay. Read again after
+    /// it comes back, its records below the mark are already counted.
+    pub(crate) fn keep(&mut self, partition: u32) {
+        let i = partition as usize;
+        let mark = self.processed(partition);
+        if self.kept.len() <= i {
+            self.kept.resize(i + 1, None);
+        }
+        self.kept[i] = Some(self.kept[i].unwrap_or(0).max(mark));
+    }
+
+    /// Whether the record at `pos` is already counted in the windows (see
+    /// [`keep`](Self::keep)).
+    #[inline]
+    pub(crate) fn kept(&self, pos: Position) -> bool {
+        self.kept
+            .get(pos.partition as usize)
+            .copied()
+            .flatten()
+            .is_some_and(|k| pos.offset < k)
     }
 
     /// For each partition seen, the position up to which everything is handled once the

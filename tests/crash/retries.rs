@@ -26,23 +26,21 @@ async fn produce_to_committed(bed: &Bed, topic: &str, lines: &[Vec<u8>]) {
 /// die. Windows close as the data comes; a retried event whose window closed while it
 /// waited is a late dead letter, and counts for its window here.
 ///
-/// Ignored: it still fails sometimes. Before the fixes of issue 29 it failed 6 runs of 6
-/// on 2026-12-04 (9, 25, 10, 9, 25 and 5 of 105 windows with another count, e.g. ("NL",
-/// 1719500440000) 212 → 446, ("DE", …) 172 → 81, up to 25 windows emitted twice with
-/// different counts); since then it passed 5 runs of 8. Fixed: a source record read again
-/// after a restart was counted beside the retry records an earlier run wrote for it
-/// (`replay::Copies`), held retry records released out of offset order let a checkpoint
-/// mark a held one processed (`retry::source`), and a restart that got half of the
-/// partitions (the killed member still held the others) closed windows shared by all
-/// partitions on that half alone, so the next run emitted them again with the other half
-/// (2 failing runs: 28 and 16 windows emitted twice, e.g. ("NL", 1719500420000) 45 then
-/// 30; a shared task now holds its watermark while partitions are missing). Still failing
-/// (1 run of the last 3): 3 windows 31–38 events too high, ("NL", 1719500490000) 191 →
-/// 222; suspected from the kept log: the retry topic's group rebalanced within the run,
-/// revoking retry partitions whose records were already counted in the shared windows,
-/// which read them again.
+/// It failed 6 runs of 6 on 2026-12-04 before the fixes of issue 29 (9, 25, 10, 9, 25 and
+/// 5 of 105 windows with another count, e.g. ("NL", 1719500440000) 212 → 446, up to 25
+/// windows emitted twice with different counts), then 3 of 8. Fixed: a source record read
+/// again after a restart was counted beside the retry records an earlier run wrote for it
+/// (`replay::Copies`); held retry records released out of offset order let a checkpoint
+/// mark a held one processed (`retry::source`); a restart that got half of the partitions
+/// (the killed member still held the others) closed windows shared by all partitions on
+/// that half alone (a shared task now holds its watermark while partitions are missing);
+/// and the retry topic's group rebalancing within a run (the killed member's session
+/// ending) revoked retry partitions whose records were counted in entries the source
+/// partitions share, which dropped them only where the entry was first made by a retry
+/// record and counted them again when read back (3 windows 31–38 events too high; the
+/// windows now keep them, and records read back below the mark are skipped). Since the last
+/// fix: 10 runs of 10 passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails 1 run of 3: a retry partition revoked and read again within a run may be counted twice (see its doc)"]
 async fn kafka_retries_in_flight_survive_kill_9() {
     let seed = std::env::var("WEIR_CRASH_SEED")
         .ok()

@@ -31,7 +31,7 @@ impl WindowOperator {
         let rec = &r.record;
         let origin = Origin::of(rec);
         self.note_position(rec, &origin, now);
-        if self.copies.superseded(&origin, &self.offsets) {
+        if self.offsets.kept(rec.position) || self.copies.superseded(&origin, &self.offsets) {
             return Outcome::Replayed;
         }
         let replaying = self.replaying(rec);
@@ -65,7 +65,7 @@ impl WindowOperator {
     ) -> Outcome {
         let origin = Origin::of(rec);
         self.note_position(rec, &origin, now);
-        if self.copies.superseded(&origin, &self.offsets) {
+        if self.offsets.kept(rec.position) || self.copies.superseded(&origin, &self.offsets) {
             return Outcome::Replayed;
         }
         let o = self.window(rec, &origin, now, now_ms, out);
@@ -440,6 +440,33 @@ mod tests {
         let own = retried(8, op.copies.run(), 1);
         assert_eq!(op.ingest(&own, now, 0, &mut out), Outcome::Windowed);
         assert!(counted(&mut op).contains(r#""count":2"#));
+    }
+
+    #[test]
+    fn a_retry_partition_revoked_and_read_again_is_not_counted_twice() {
+        let mut op = restarted(0);
+        let (now, mut out) = (Instant::now(), Emitted::default());
+        let own = op.copies.run();
+        // A source record, then a retried one of the same (key, window): one entry.
+        assert_eq!(op.ingest(&source(1), now, 0, &mut out), Outcome::Windowed);
+        assert_eq!(
+            op.ingest(&retried(2, own, 0), now, 0, &mut out),
+            Outcome::Windowed
+        );
+        // The retry topic's group rebalances: its partition goes and comes back, and the
+        // record is read again from the committed position.
+        let r = Input::Retry.partition(0);
+        op.revoke(&[r], false);
+        op.assign(&[(r, None)], now);
+        assert_eq!(
+            op.ingest(&retried(2, own, 0), now, 0, &mut out),
+            Outcome::Replayed
+        );
+        assert_eq!(
+            op.ingest(&retried(3, own, 1), now, 0, &mut out),
+            Outcome::Windowed
+        );
+        assert!(counted(&mut op).contains(r#""count":3"#));
     }
 
     #[test]

@@ -107,6 +107,14 @@ impl WindowOperator {
         }
         for &p in partitions {
             let i = p as usize;
+            // A retry partition's records count in the tasks of the source partitions they
+            // came from, in entries those share: a revocation of it alone cannot take them
+            // out again. The windows keep them, and records read again below the mark are
+            // skipped when it comes back (a rebalance of the retry topic's own group, such
+            // as the end of a killed member's session). Aborted outputs take them along.
+            if !Input::is_source(p) && !aborted {
+                self.offsets.keep(p);
+            }
             let cp = (self.offsets.seen(p) && !aborted).then(|| self.checkpoint(p));
             self.offsets.revoke(p, cp);
             self.copies.revoke(p);
@@ -126,7 +134,7 @@ impl WindowOperator {
                 if let Some(r) = self.ready.get_mut(i) {
                     *r = false;
                 }
-            } else {
+            } else if aborted {
                 for t in self.tasks.iter_mut().flatten() {
                     t.state.revoke(p);
                 }
