@@ -220,3 +220,48 @@ fn a_shared_task_holds_its_windows_while_partitions_of_the_topic_are_not_assigne
     assert_eq!(first.len(), 1, "{first:?}");
     assert!(first[0].contains(r#""count":2"#), "{first:?}");
 }
+
+#[test]
+fn a_window_closed_by_several_partition_tasks_counts_once() {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    op.assign(&[(0, None), (1, None), (2, None)], now);
+    let mut out = Emitted::default();
+    // Three keyed partitions (three tasks), each with keys in the windows [0, 10 s) and
+    // [10 s, 20 s).
+    for p in 0..3u32 {
+        let key = ["a", "b", "c"][p as usize];
+        for (i, t) in [1_000, 2_000, 10_500].iter().enumerate() {
+            op.ingest(&rec(p, i as u64, Some(key), *t), now, now_ms(), &mut out);
+        }
+    }
+    assert!(!op.is_shared());
+    assert_eq!(op.open_entries(), 6);
+    assert_eq!(
+        op.open_windows(),
+        2,
+        "two distinct windows, open in three tasks"
+    );
+    // Partition 0's time passes the first window: its key there closes.
+    op.ingest(&rec(0, 3, Some("a"), 18_000), now, now_ms(), &mut out);
+    op.close_ready(now, &|_| false, &mut out);
+    assert_eq!((out.results.len(), out.windows_closed), (1, 1));
+    assert_eq!(
+        op.open_windows(),
+        2,
+        "[0, 10 s) in two tasks, [10 s, 20 s) in three"
+    );
+    // Partitions 1 and 2 pass it later, in one step: their keys of it close, no new window.
+    op.ingest(&rec(1, 3, Some("b"), 15_000), now, now_ms(), &mut out);
+    op.ingest(&rec(2, 3, Some("c"), 15_000), now, now_ms(), &mut out);
+    op.close_ready(now, &|_| false, &mut out);
+    assert_eq!(
+        (out.results.len(), out.windows_closed),
+        (3, 1),
+        "[0, 10 s) closed in three tasks is one window"
+    );
+    // The end closes the rest: [10 s, 20 s), three keys in three tasks.
+    op.close_all(&mut out);
+    assert_eq!((out.results.len(), out.windows_closed), (6, 2));
+    assert_eq!(op.open_windows(), 0);
+}

@@ -71,6 +71,8 @@ pub struct WindowOperator {
     /// How many partitions the source topic has, if the source knows: a shared task holds
     /// its watermark while fewer are assigned here.
     expected: Option<u32>,
+    /// Window intervals closed lately: one closed by several tasks counts once.
+    closed: close::ClosedWindows,
 }
 
 impl WindowOperator {
@@ -116,6 +118,7 @@ impl WindowOperator {
             open: 0,
             per_event: job.window.kind.windows_per_event().min(usize::MAX as u64) as usize,
             expected: None,
+            closed: close::ClosedWindows::default(),
         }
     }
 
@@ -360,9 +363,17 @@ impl WindowOperator {
         self.tasks.iter().flatten().map(|t| t.state.entries()).sum()
     }
 
-    /// Open windows (sessions count one each; a window open in several tasks counts
-    /// once per task).
+    /// Open windows: distinct intervals `[start, end)` open in any task (a window open in
+    /// several partitions' tasks counts once); sessions count one each (a key's session).
     pub fn open_windows(&self) -> usize {
-        self.tasks.iter().flatten().map(|t| t.state.windows()).sum()
+        let mut ranges = std::collections::BTreeSet::new();
+        let mut sessions = 0;
+        for t in self.tasks.iter().flatten() {
+            match &t.state {
+                task::State::Fixed(s) => ranges.extend(s.ranges()),
+                task::State::Sessions(s) => sessions += s.entries(),
+            }
+        }
+        ranges.len() + sessions
     }
 }
