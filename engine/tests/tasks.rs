@@ -265,3 +265,59 @@ fn a_window_closed_by_several_partition_tasks_counts_once() {
     assert_eq!((out.results.len(), out.windows_closed), (6, 2));
     assert_eq!(op.open_windows(), 0);
 }
+
+/// Keys `a` in partition 0 and `b` in partition 1; partition 2 continues `parents` (a
+/// shard split or merged) with more of the same windows.
+fn resharded(parents: &[u32], continued: bool) -> Vec<String> {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    op.assign(&[(0, None), (1, None)], now);
+    let mut out = Emitted::default();
+    op.ingest(&rec(0, 0, Some("a"), 1_000), now, now_ms(), &mut out);
+    op.ingest(&rec(0, 1, Some("a"), 2_000), now, now_ms(), &mut out);
+    op.ingest(&rec(1, 0, Some("b"), 3_000), now, now_ms(), &mut out);
+    if continued {
+        op.continues(2, parents);
+    }
+    op.assign(&[(0, None), (1, None), (2, None)], now);
+    for (i, k) in ["a", "b", "a"].iter().enumerate() {
+        op.ingest(&rec(2, i as u64, Some(k), 4_000), now, now_ms(), &mut out);
+    }
+    // The child reads on: its time passes the first window, which closes with every
+    // record of it once the parents' time does too (or they are idle).
+    op.ingest(&rec(2, 3, Some("a"), 30_000), now, now_ms(), &mut out);
+    op.close_ready(now + Duration::from_secs(120), &|_| false, &mut out);
+    op.close_all(&mut out);
+    let mut results: Vec<String> = out
+        .results
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .filter(|r| !r.contains(r#""window_start":"1970-01-01T00:00:30"#))
+        .collect();
+    results.sort();
+    results
+}
+
+#[test]
+fn a_split_or_merged_partition_counts_in_its_parents_task() {
+    let count = |rs: &[String], k: &str| -> Vec<String> {
+        rs.iter()
+            .filter(|r| r.contains(&format!(r#""k":"{k}""#)) && r.contains("T00:00:00"))
+            .cloned()
+            .collect()
+    };
+    // A split of partition 0: a's window [0, 10 s) is one result of 4 events.
+    let split = resharded(&[0], true);
+    let a = count(&split, "a");
+    assert_eq!(a.len(), 1, "{split:?}");
+    assert!(a[0].contains(r#""count":4"#), "{a:?}");
+    // A merge of partitions 0 and 1: a's and b's windows each one result, with every event.
+    let merged = resharded(&[0, 1], true);
+    let (a, b) = (count(&merged, "a"), count(&merged, "b"));
+    assert_eq!((a.len(), b.len()), (1, 1), "{merged:?}");
+    assert!(a[0].contains(r#""count":4"#), "{a:?}");
+    assert!(b[0].contains(r#""count":2"#), "{b:?}");
+    // Without it (as before), the child's task counts its part apart: two partial counts.
+    let apart = resharded(&[0, 1], false);
+    assert_eq!(count(&apart, "a").len(), 2, "{apart:?}");
+}

@@ -54,6 +54,10 @@ pub struct WindowOperator {
     /// Whether the input proved not to be keyed by the group key: then a (key, window)
     /// may span partitions, and all of them share one task.
     shared: bool,
+    /// By source partition, the task it counts in while not `shared`: its own index, or
+    /// the task of the partitions it continues (see [`WindowOperator::continues`]).
+    /// Partitions beyond its end count in their own.
+    task_of: Vec<u32>,
     /// By source partition: whether its task exists and holds it (the hot path's check).
     ready: Vec<bool>,
     /// How far each partition was read, and what of it is a replay.
@@ -111,6 +115,7 @@ impl WindowOperator {
             errors: ErrorHandler::new(job.errors.clone(), job.retry.clone(), topic, copies.run()),
             tasks: Vec::new(),
             shared: false,
+            task_of: Vec::new(),
             ready: Vec::new(),
             offsets: Offsets::default(),
             copies,
@@ -158,7 +163,7 @@ impl WindowOperator {
         if self.shared {
             0
         } else {
-            p as usize
+            self.task_of.get(p as usize).copied().unwrap_or(p) as usize
         }
     }
 
