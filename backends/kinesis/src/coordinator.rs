@@ -8,6 +8,10 @@
 //! - Live workers are the distinct owners of unexpired leases, plus this one; each aims
 //!   at ceil(available leases / live workers).
 //! - Available: not finished (`SHARD_END`), and every parent lease finished or gone.
+//! - Shard families (resharding) stay on one worker: a child whose unfinished parents
+//!   this worker holds, read to their end, is taken at once; for a merge of two workers'
+//!   shards the holder of the first parent takes the other parent; a shard with an
+//!   unfinished child is never stolen to even the load (`Worker::gather`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -37,6 +41,16 @@ pub(crate) enum LeaseEvent {
 /// removes what it loses; the source removes what it finished or found lost.
 pub(crate) type Held = Arc<Mutex<HashMap<String, String>>>;
 
+/// Shard ids: those the source read to their end (the source adds them, and removes
+/// them when it stops reading them), or those whose children the source does not read
+/// yet (the worker keeps it; their windows wait for the children).
+pub(crate) type Shards = Arc<Mutex<HashSet<String>>>;
+
+/// A copy of a shared set.
+pub(crate) fn read_set(s: &Shards) -> HashSet<String> {
+    s.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Where the stream's shards are listed.
 pub(crate) struct Stream {
     pub(crate) client: aws_sdk_kinesis::Client,
@@ -49,6 +63,10 @@ pub(crate) struct Worker {
     pub(crate) owner: String,
     pub(crate) duration: Duration,
     pub(crate) held: Held,
+    /// Held shards read to their end (the source's).
+    pub(crate) ended: Shards,
+    /// Held shards with children not held here (this worker's).
+    pub(crate) awaiting: Shards,
     pub(crate) events: mpsc::UnboundedSender<LeaseEvent>,
     pub(crate) stream: Stream,
     /// What each lease's counter and owner were when this worker first saw them so.
@@ -64,6 +82,7 @@ impl Worker {
         owner: String,
         duration: Duration,
         held: Held,
+        (ended, awaiting): (Shards, Shards),
         events: mpsc::UnboundedSender<LeaseEvent>,
         stream: Stream,
     ) -> Self {
@@ -72,6 +91,8 @@ impl Worker {
             owner,
             duration,
             held,
+            ended,
+            awaiting,
             events,
             stream,
             seen: HashMap::new(),
@@ -199,6 +220,7 @@ impl Worker {
         if snap.claims.len() > shards_before || snap.leases.is_empty() {
             snap = self.table.scan().await?;
         }
+        self.gather(&snap).await?;
         let now = Instant::now();
         let held = self.held();
         for l in snap.leases.values() {
@@ -227,10 +249,13 @@ impl Worker {
                 .get(&l.shard)
                 .is_some_and(|(_, _, since)| now.duration_since(*since) >= self.duration),
         };
+        // A shard with an unfinished child belongs to a family read by one worker (the
+        // child counts in its parents' task): it is never stolen to even the load.
+        let children = children_of(&snap);
         let mut load: BTreeMap<String, Vec<&Lease>> = BTreeMap::new();
         for l in &available {
             if let (Some(o), false) = (&l.owner, expired(l)) {
-                if *o != self.owner {
+                if *o != self.owner && !children.contains_key(l.shard.as_str()) {
                     load.entry(o.clone()).or_default().push(l);
                 }
             }
@@ -293,4 +318,83 @@ impl Worker {
         }
         Ok(())
     }
+
+    /// Keeps a shard family on one worker. A child whose unfinished parents are all held
+    /// here and read to their end is taken at once (from whoever has it), so that it is
+    /// counted in their task; for a merge whose other parent another worker holds, the
+    /// holder of the first parent (in shard order) takes that one too, and the other
+    /// worker drops it and its open windows (they are recomputed here from its lease's
+    /// checkpoint).
+    async fn gather(&mut self, snap: &Snapshot) -> Result<()> {
+        let children = children_of(snap);
+        let held = self.held();
+        // Whose children this worker does not read yet: their windows stay open (the
+        // source reports them backlogged) until it does.
+        let awaiting: HashSet<String> = held
+            .keys()
+            .filter(|p| {
+                children
+                    .get(p.as_str())
+                    .is_some_and(|cs| cs.iter().any(|c| !held.contains_key(&c.shard)))
+            })
+            .cloned()
+            .collect();
+        *self.awaiting.lock().unwrap_or_else(|e| e.into_inner()) = awaiting;
+        let ended = read_set(&self.ended);
+        let finished = |id: &str| snap.leases.get(id).is_none_or(Lease::finished);
+        let mut wanted: Vec<Lease> = Vec::new();
+        for (parent, kids) in &children {
+            if !held.contains_key(*parent) {
+                continue;
+            }
+            for c in kids {
+                if held.contains_key(&c.shard) || wanted.iter().any(|w| w.shard == c.shard) {
+                    continue;
+                }
+                let mut open: Vec<&String> = c.parents.iter().filter(|p| !finished(p)).collect();
+                open.sort();
+                if open
+                    .iter()
+                    .all(|p| held.contains_key(*p) && ended.contains(*p))
+                {
+                    wanted.push((*c).clone());
+                } else if open.first().is_some_and(|p| p.as_str() == *parent) {
+                    for other in open.iter().filter(|p| !held.contains_key(**p)) {
+                        if let Some(l) = snap.leases.get(*other) {
+                            if !wanted.iter().any(|w| w.shard == l.shard) {
+                                wanted.push(l.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for l in wanted {
+            self.takes += 1;
+            let token = format!("{}#{}", self.owner, self.takes);
+            if let Some(got) = self.table.take(&l, &self.owner, &token).await? {
+                tracing::info!(shard = %got.shard, partition = got.partition, owner = %self.owner, previous = ?l.owner, "took lease to keep a shard family together (resharding)");
+                self.held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(got.shard.clone(), token);
+                self.renewed.insert(got.shard.clone(), Instant::now());
+                if self.events.send(LeaseEvent::Gained(got)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The unfinished leases of each shard's children, by parent shard id.
+fn children_of(snap: &Snapshot) -> HashMap<&str, Vec<&Lease>> {
+    let mut m: HashMap<&str, Vec<&Lease>> = HashMap::new();
+    for l in snap.leases.values().filter(|l| !l.finished()) {
+        for p in &l.parents {
+            m.entry(p.as_str()).or_default().push(l);
+        }
+    }
+    m
 }

@@ -364,6 +364,7 @@ impl KinesisSource {
                     return Ok(false);
                 }
                 tracing::info!(stream = %self.stream, %shard, "shard read to its end");
+                self.note_ended(&shard);
                 self.ended.insert(shard);
                 Ok(true)
             }
@@ -455,18 +456,20 @@ impl Source for KinesisSource {
             .iter()
             .find(|(_, st)| st.partition == partition)
             .is_some_and(|(id, st)| {
-                !self.ended.contains(id) && st.caught_up.is_none_or(|at| at.elapsed() > fresh)
+                // Under leases, a shard whose children are not read here yet waits for
+                // them: its keys' windows go on in them.
+                self.awaits_children(id)
+                    || (!self.ended.contains(id)
+                        && st.caught_up.is_none_or(|at| at.elapsed() > fresh))
             })
     }
 
     /// The partitions of the shards `partition`'s shard continues that this source reads
-    /// (with checkpoint files every shard is read, parents before their children): the
-    /// operator counts a shard's records in its parents' task, so a (key, window) that
-    /// spans a split or a merge is counted in one place.
+    /// (with checkpoint files every shard is read, parents before their children; under
+    /// leases the worker gathers a family on one instance): the operator counts a shard's
+    /// records in its parents' task, so a (key, window) that spans a split or a merge is
+    /// counted in one place.
     fn continues(&self, partition: u32) -> Vec<u32> {
-        if self.leases.is_some() {
-            return Vec::new();
-        }
         let Some(st) = self.shards.values().find(|st| st.partition == partition) else {
             return Vec::new();
         };
