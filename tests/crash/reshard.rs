@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use weir_engine::generate::dataset;
-use weir_kinesis::aws_sdk_kinesis::types::StreamStatus;
 
 use super::conformance::{oracle, Bed};
 use super::{check_outputs, schedule_seed, spawn, wait_ok, Guarantee, Rng};
@@ -62,23 +61,7 @@ async fn reshard(bed: &Bed, change: Change) {
                 .expect("MergeShards");
         }
     }
-    let start = tokio::time::Instant::now();
-    loop {
-        let d = client
-            .describe_stream_summary()
-            .stream_name(topic)
-            .send()
-            .await
-            .expect("DescribeStreamSummary");
-        if d.stream_description_summary().unwrap().stream_status() == &StreamStatus::Active {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{change:?} never finished"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    super::conformance::brokers::kinesis_wait_active(&client, topic).await;
     let after = client
         .list_shards()
         .stream_name(topic)

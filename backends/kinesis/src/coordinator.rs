@@ -301,11 +301,17 @@ impl Worker {
                 }
             }
         }
-        for l in to_take.into_iter().take(want) {
+        to_take.truncate(want);
+        self.take_all(to_take, "took lease").await
+    }
+
+    /// Takes `leases` as seen (each only if nobody changed it since), telling the source.
+    async fn take_all(&mut self, leases: Vec<Lease>, why: &'static str) -> Result<()> {
+        for l in leases {
             self.takes += 1;
             let token = format!("{}#{}", self.owner, self.takes);
             if let Some(got) = self.table.take(&l, &self.owner, &token).await? {
-                tracing::info!(shard = %got.shard, partition = got.partition, owner = %self.owner, previous = ?l.owner, "took lease");
+                tracing::info!(shard = %got.shard, partition = got.partition, owner = %self.owner, previous = ?l.owner, "{why}");
                 self.held
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -369,22 +375,11 @@ impl Worker {
                 }
             }
         }
-        for l in wanted {
-            self.takes += 1;
-            let token = format!("{}#{}", self.owner, self.takes);
-            if let Some(got) = self.table.take(&l, &self.owner, &token).await? {
-                tracing::info!(shard = %got.shard, partition = got.partition, owner = %self.owner, previous = ?l.owner, "took lease to keep a shard family together (resharding)");
-                self.held
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(got.shard.clone(), token);
-                self.renewed.insert(got.shard.clone(), Instant::now());
-                if self.events.send(LeaseEvent::Gained(got)).is_err() {
-                    return Ok(());
-                }
-            }
-        }
-        Ok(())
+        self.take_all(
+            wanted,
+            "took lease to keep a shard family together (resharding)",
+        )
+        .await
     }
 }
 
