@@ -321,3 +321,34 @@ fn a_split_or_merged_partition_counts_in_its_parents_task() {
     let apart = resharded(&[0, 1], false);
     assert_eq!(count(&apart, "a").len(), 2, "{apart:?}");
 }
+
+/// After a restart a parent and its child can be assigned together (the parent's reader
+/// reached its end at once): the child still counts in the parent's task, restored from
+/// their checkpoints.
+#[test]
+fn a_child_assigned_with_its_parent_counts_in_the_parents_task() {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    let cp = Some(Checkpoint {
+        watermark: 500,
+        processed: 0,
+    });
+    op.continues(2, &[0]);
+    op.assign(&[(0, cp), (2, cp)], now);
+    let mut out = Emitted::default();
+    op.ingest(&rec(0, 0, Some("a"), 1_000), now, now_ms(), &mut out);
+    op.ingest(&rec(2, 0, Some("a"), 2_000), now, now_ms(), &mut out);
+    // The child reads far ahead: one task, so the parent's time holds the window open.
+    op.ingest(&rec(2, 1, Some("a"), 60_000), now, now_ms(), &mut out);
+    op.close_ready(now, &|_| false, &mut out);
+    assert!(out.results.is_empty(), "the parent holds the family's time");
+    op.close_all(&mut out);
+    let first: Vec<String> = out
+        .results
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .filter(|r| r.contains("T00:00:00"))
+        .collect();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].contains(r#""count":2"#), "{first:?}");
+}
