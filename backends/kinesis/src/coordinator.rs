@@ -74,6 +74,8 @@ pub(crate) struct Worker {
     /// When each held lease was last renewed (or taken).
     renewed: HashMap<String, Instant>,
     takes: u64,
+    /// The unfinished children of each shard, as the last scan found them.
+    family: HashMap<String, Vec<String>>,
 }
 
 impl Worker {
@@ -98,6 +100,7 @@ impl Worker {
             seen: HashMap::new(),
             renewed: HashMap::new(),
             takes: 0,
+            family: HashMap::new(),
         }
     }
 
@@ -305,6 +308,23 @@ impl Worker {
         self.take_all(to_take, "took lease").await
     }
 
+    /// Tells the source which held shards have children not held here: their windows
+    /// stay open (it reports them backlogged) until it reads them. Called after every
+    /// scan and every take, so a parent just taken waits at once.
+    fn publish_awaiting(&self) {
+        let held = self.held();
+        let awaiting: HashSet<String> = held
+            .keys()
+            .filter(|p| {
+                self.family
+                    .get(p.as_str())
+                    .is_some_and(|cs| cs.iter().any(|c| !held.contains_key(c)))
+            })
+            .cloned()
+            .collect();
+        *self.awaiting.lock().unwrap_or_else(|e| e.into_inner()) = awaiting;
+    }
+
     /// Takes `leases` as seen (each only if nobody changed it since), telling the source.
     async fn take_all(&mut self, leases: Vec<Lease>, why: &'static str) -> Result<()> {
         for l in leases {
@@ -317,6 +337,7 @@ impl Worker {
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(got.shard.clone(), token);
                 self.renewed.insert(got.shard.clone(), Instant::now());
+                self.publish_awaiting();
                 if self.events.send(LeaseEvent::Gained(got)).is_err() {
                     return Ok(());
                 }
@@ -334,18 +355,11 @@ impl Worker {
     async fn gather(&mut self, snap: &Snapshot) -> Result<()> {
         let children = children_of(snap);
         let held = self.held();
-        // Whose children this worker does not read yet: their windows stay open (the
-        // source reports them backlogged) until it does.
-        let awaiting: HashSet<String> = held
-            .keys()
-            .filter(|p| {
-                children
-                    .get(p.as_str())
-                    .is_some_and(|cs| cs.iter().any(|c| !held.contains_key(&c.shard)))
-            })
-            .cloned()
+        self.family = children
+            .iter()
+            .map(|(p, cs)| (p.to_string(), cs.iter().map(|c| c.shard.clone()).collect()))
             .collect();
-        *self.awaiting.lock().unwrap_or_else(|e| e.into_inner()) = awaiting;
+        self.publish_awaiting();
         let ended = read_set(&self.ended);
         let finished = |id: &str| snap.leases.get(id).is_none_or(Lease::finished);
         let mut wanted: Vec<Lease> = Vec::new();
