@@ -229,3 +229,11 @@ async fn kinesis_leases_split_survives_kill_9_during_the_handover() {
 async fn kinesis_leases_merge_survives_kill_9_during_the_handover() {
     survives_resharding_with(Change::Merge, 2, Leases::DynamoDb(1)).await;
 }
+
+/// The merge of two instances' shards with one of the instances killed twice around
+/// the handover (whichever of the two it is: the one that gathers the family or the one
+/// that gives its parent up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_leases_merge_of_two_instances_shards_survives_kill_9() {
+    survives_resharding_with(Change::Merge, 2, Leases::DynamoDb(2)).await;
+}
