@@ -218,24 +218,7 @@ async fn put_split_put(bed: &Bed, topic: &str) {
         .send()
         .await
         .expect("SplitShard");
-    let active = weir_kinesis::aws_sdk_kinesis::types::StreamStatus::Active;
-    let start = tokio::time::Instant::now();
-    loop {
-        let d = client
-            .describe_stream_summary()
-            .stream_name(topic)
-            .send()
-            .await
-            .unwrap();
-        if d.stream_description_summary().unwrap().stream_status() == &active {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "split never finished"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    conformance::brokers::kinesis_wait_active(&client, topic).await;
     sink.send(&put("b")).await.expect("send after the split");
 }
 

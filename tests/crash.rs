@@ -12,6 +12,8 @@
 //! kills.
 
 mod conformance;
+#[path = "crash/reshard.rs"]
+mod reshard;
 #[path = "crash/retries.rs"]
 mod retries;
 #[path = "crash/schedules.rs"]
@@ -282,7 +284,7 @@ async fn check_outputs(
     kills: usize,
     log: &Path,
     guarantee: Guarantee,
-) {
+) -> usize {
     let broker = &bed.config.broker;
     let exactly_once = guarantee == Guarantee::ExactlyOnce;
     let want = oracle(data);
@@ -341,6 +343,7 @@ async fn check_outputs(
         dead.len(),
         invalid.len()
     );
+    records.len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,7 +41,8 @@ pub struct Metrics {
     pub blank_lines: AtomicU64,
     /// Window results acknowledged by the sink.
     pub results_out: AtomicU64,
-    /// Windows closed.
+    /// Distinct windows closed: an interval `[start, end)` counts once however many
+    /// partition tasks close their keys of it (a session window: one key's session).
     pub windows_closed: AtomicU64,
     /// Successful commits of source positions.
     pub commits: AtomicU64,
@@ -148,7 +149,7 @@ impl Snapshot {
             Term::new("blank_lines", Outcome, self.blank_lines, "Whitespace-only input lines, skipped."),
             Term::new("late_window_misses", Other, self.late_window_misses, "(event, window) pairs not counted because that window had closed while another window of the event was open."),
             Term::new("results_out", Other, self.results_out, "Window results acknowledged by the sink."),
-            Term::new("windows_closed", Other, self.windows_closed, "Windows closed."),
+            Term::new("windows_closed", Other, self.windows_closed, "Distinct windows [start, end) closed, each once however many partitions emit results for it (sessions: one per key's session)."),
             Term::new("commits", Other, self.commits, "Commits of source positions."),
         ]
     }

@@ -36,7 +36,8 @@ pub struct Emitted {
     pub late: Vec<OutRecord>,
     /// Records for the retry topic.
     pub retry: Vec<OutRecord>,
-    /// Windows closed in this step.
+    /// Windows closed in this step (an interval another task closed first is not counted
+    /// again: see [`Metrics::windows_closed`](crate::metrics::Metrics::windows_closed)).
     pub windows_closed: u64,
     /// When the operator decided to close them (set with the first window closed): where
     /// [`Metrics::emit_latency`](crate::metrics::Metrics::emit_latency) starts.

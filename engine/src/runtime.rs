@@ -238,6 +238,9 @@ impl Pipeline {
                     // consumer group can take longer than a short idle exit.
                     last_record = Instant::now();
                     op.expect_partitions(self.source.partition_count());
+                    for (p, _) in &parts {
+                        op.continues(*p, &self.source.continues(*p));
+                    }
                     op.assign(&parts, Instant::now());
                     false
                 }

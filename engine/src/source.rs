@@ -73,6 +73,15 @@ pub trait Source: Send {
         None
     }
 
+    /// The partitions whose records `partition` continues, read by this source since it
+    /// started: a Kinesis shard's parents after a split or a merge, whose keys now go to
+    /// it. The operator counts them in one task (one event time), so a (key, window) that
+    /// spans the change is counted in one place; asked at every assignment. Default: none.
+    fn continues(&self, partition: u32) -> Vec<u32> {
+        let _ = partition;
+        Vec::new()
+    }
+
     /// Whether the source holds records it will deliver later (retries waiting for their
     /// time): a run that stops when input goes idle waits for them. Default: never.
     fn pending(&self) -> bool {

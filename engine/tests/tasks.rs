@@ -222,6 +222,138 @@ fn a_shared_task_holds_its_windows_while_partitions_of_the_topic_are_not_assigne
 }
 
 #[test]
+fn a_window_closed_by_several_partition_tasks_counts_once() {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    op.assign(&[(0, None), (1, None), (2, None)], now);
+    let mut out = Emitted::default();
+    // Three keyed partitions (three tasks), each with keys in the windows [0, 10 s) and
+    // [10 s, 20 s).
+    for p in 0..3u32 {
+        let key = ["a", "b", "c"][p as usize];
+        for (i, t) in [1_000, 2_000, 10_500].iter().enumerate() {
+            op.ingest(&rec(p, i as u64, Some(key), *t), now, now_ms(), &mut out);
+        }
+    }
+    assert!(!op.is_shared());
+    assert_eq!(op.open_entries(), 6);
+    assert_eq!(
+        op.open_windows(),
+        2,
+        "two distinct windows, open in three tasks"
+    );
+    // Partition 0's time passes the first window: its key there closes.
+    op.ingest(&rec(0, 3, Some("a"), 18_000), now, now_ms(), &mut out);
+    op.close_ready(now, &|_| false, &mut out);
+    assert_eq!((out.results.len(), out.windows_closed), (1, 1));
+    assert_eq!(
+        op.open_windows(),
+        2,
+        "[0, 10 s) in two tasks, [10 s, 20 s) in three"
+    );
+    // Partitions 1 and 2 pass it later, in one step: their keys of it close, no new window.
+    op.ingest(&rec(1, 3, Some("b"), 15_000), now, now_ms(), &mut out);
+    op.ingest(&rec(2, 3, Some("c"), 15_000), now, now_ms(), &mut out);
+    op.close_ready(now, &|_| false, &mut out);
+    assert_eq!(
+        (out.results.len(), out.windows_closed),
+        (3, 1),
+        "[0, 10 s) closed in three tasks is one window"
+    );
+    // The end closes the rest: [10 s, 20 s), three keys in three tasks.
+    op.close_all(&mut out);
+    assert_eq!((out.results.len(), out.windows_closed), (6, 2));
+    assert_eq!(op.open_windows(), 0);
+}
+
+/// Keys `a` in partition 0 and `b` in partition 1; partition 2 continues `parents` (a
+/// shard split or merged) with more of the same windows.
+fn resharded(parents: &[u32], continued: bool) -> Vec<String> {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    op.assign(&[(0, None), (1, None)], now);
+    let mut out = Emitted::default();
+    op.ingest(&rec(0, 0, Some("a"), 1_000), now, now_ms(), &mut out);
+    op.ingest(&rec(0, 1, Some("a"), 2_000), now, now_ms(), &mut out);
+    op.ingest(&rec(1, 0, Some("b"), 3_000), now, now_ms(), &mut out);
+    if continued {
+        op.continues(2, parents);
+    }
+    op.assign(&[(0, None), (1, None), (2, None)], now);
+    for (i, k) in ["a", "b", "a"].iter().enumerate() {
+        op.ingest(&rec(2, i as u64, Some(k), 4_000), now, now_ms(), &mut out);
+    }
+    // The child reads on: its time passes the first window, which closes with every
+    // record of it once the parents' time does too (or they are idle).
+    op.ingest(&rec(2, 3, Some("a"), 30_000), now, now_ms(), &mut out);
+    op.close_ready(now + Duration::from_secs(120), &|_| false, &mut out);
+    op.close_all(&mut out);
+    let mut results: Vec<String> = out
+        .results
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .filter(|r| !r.contains(r#""window_start":"1970-01-01T00:00:30"#))
+        .collect();
+    results.sort();
+    results
+}
+
+#[test]
+fn a_split_or_merged_partition_counts_in_its_parents_task() {
+    let count = |rs: &[String], k: &str| -> Vec<String> {
+        rs.iter()
+            .filter(|r| r.contains(&format!(r#""k":"{k}""#)) && r.contains("T00:00:00"))
+            .cloned()
+            .collect()
+    };
+    // A split of partition 0: a's window [0, 10 s) is one result of 4 events.
+    let split = resharded(&[0], true);
+    let a = count(&split, "a");
+    assert_eq!(a.len(), 1, "{split:?}");
+    assert!(a[0].contains(r#""count":4"#), "{a:?}");
+    // A merge of partitions 0 and 1: a's and b's windows each one result, with every event.
+    let merged = resharded(&[0, 1], true);
+    let (a, b) = (count(&merged, "a"), count(&merged, "b"));
+    assert_eq!((a.len(), b.len()), (1, 1), "{merged:?}");
+    assert!(a[0].contains(r#""count":4"#), "{a:?}");
+    assert!(b[0].contains(r#""count":2"#), "{b:?}");
+    // Without it (as before), the child's task counts its part apart: two partial counts.
+    let apart = resharded(&[0, 1], false);
+    assert_eq!(count(&apart, "a").len(), 2, "{apart:?}");
+}
+
+/// After a restart a parent and its child can be assigned together (the parent's reader
+/// reached its end at once): the child still counts in the parent's task, restored from
+/// their checkpoints.
+#[test]
+fn a_child_assigned_with_its_parent_counts_in_the_parents_task() {
+    let mut op = WindowOperator::new(&job(), "t");
+    let now = Instant::now();
+    let cp = Some(Checkpoint {
+        watermark: 500,
+        processed: 0,
+    });
+    op.continues(2, &[0]);
+    op.assign(&[(0, cp), (2, cp)], now);
+    let mut out = Emitted::default();
+    op.ingest(&rec(0, 0, Some("a"), 1_000), now, now_ms(), &mut out);
+    op.ingest(&rec(2, 0, Some("a"), 2_000), now, now_ms(), &mut out);
+    // The child reads far ahead: one task, so the parent's time holds the window open.
+    op.ingest(&rec(2, 1, Some("a"), 60_000), now, now_ms(), &mut out);
+    op.close_ready(now, &|_| false, &mut out);
+    assert!(out.results.is_empty(), "the parent holds the family's time");
+    op.close_all(&mut out);
+    let first: Vec<String> = out
+        .results
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .filter(|r| r.contains("T00:00:00"))
+        .collect();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(first[0].contains(r#""count":2"#), "{first:?}");
+}
+
+#[test]
 fn unkeyed_input_whose_partitions_another_instance_takes_stops_the_pipeline() {
     let now = Instant::now();
     let mut out = Emitted::default();

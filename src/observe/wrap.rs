@@ -114,6 +114,10 @@ impl Source for ObservedSource {
         self.inner.has_backlog(partition)
     }
 
+    fn continues(&self, partition: u32) -> Vec<u32> {
+        self.inner.continues(partition)
+    }
+
     fn recycle(&mut self, batch: Vec<Record>) {
         self.inner.recycle(batch)
     }

@@ -124,6 +124,31 @@ pub fn get(name: &str) -> &'static dyn TestBroker {
         .unwrap_or_else(|| panic!("no test bed for backend `{name}`"))
 }
 
+/// Waits up to 30 s until Kinesis stream `stream` is ACTIVE again (after a split or a
+/// merge).
+#[cfg(feature = "kinesis")]
+#[allow(dead_code)] // not every test binary reshards
+pub async fn kinesis_wait_active(client: &weir_kinesis::aws_sdk_kinesis::Client, stream: &str) {
+    let active = weir_kinesis::aws_sdk_kinesis::types::StreamStatus::Active;
+    let start = tokio::time::Instant::now();
+    loop {
+        let d = client
+            .describe_stream_summary()
+            .stream_name(stream)
+            .send()
+            .await
+            .expect("DescribeStreamSummary");
+        if d.stream_description_summary().unwrap().stream_status() == &active {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{stream} is not ACTIVE 30 s after resharding"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Panics with the way out unless the broker answers at its address.
 pub fn require(b: &dyn TestBroker) {
     let Some(a) = b.address() else { return };

@@ -8,6 +8,10 @@
 //! - Live workers are the distinct owners of unexpired leases, plus this one; each aims
 //!   at ceil(available leases / live workers).
 //! - Available: not finished (`SHARD_END`), and every parent lease finished or gone.
+//! - Shard families (resharding) stay on one worker: a child whose unfinished parents
+//!   this worker holds, read to their end, is taken at once; for a merge of two workers'
+//!   shards the holder of the first parent takes the other parent; a shard with an
+//!   unfinished child is never stolen to even the load (`Worker::gather`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::AtomicU32;
@@ -38,6 +42,16 @@ pub(crate) enum LeaseEvent {
 /// removes what it loses; the source removes what it finished or found lost.
 pub(crate) type Held = Arc<Mutex<HashMap<String, String>>>;
 
+/// Shard ids: those the source read to their end (the source adds them, and removes
+/// them when it stops reading them), or those whose children the source does not read
+/// yet (the worker keeps it; their windows wait for the children).
+pub(crate) type Shards = Arc<Mutex<HashSet<String>>>;
+
+/// A copy of a shared set.
+pub(crate) fn read_set(s: &Shards) -> HashSet<String> {
+    s.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// Where the stream's shards are listed.
 pub(crate) struct Stream {
     pub(crate) client: aws_sdk_kinesis::Client,
@@ -50,6 +64,10 @@ pub(crate) struct Worker {
     pub(crate) owner: String,
     pub(crate) duration: Duration,
     pub(crate) held: Held,
+    /// Held shards read to their end (the source's).
+    pub(crate) ended: Shards,
+    /// Held shards with children not held here (this worker's).
+    pub(crate) awaiting: Shards,
     pub(crate) events: mpsc::UnboundedSender<LeaseEvent>,
     pub(crate) stream: Stream,
     /// How many leases can be read now (not finished, parents finished): the stream's
@@ -60,6 +78,8 @@ pub(crate) struct Worker {
     /// When each held lease was last renewed (or taken).
     renewed: HashMap<String, Instant>,
     takes: u64,
+    /// The unfinished children of each shard, as the last scan found them.
+    family: HashMap<String, Vec<String>>,
 }
 
 impl Worker {
@@ -68,21 +88,24 @@ impl Worker {
         owner: String,
         duration: Duration,
         held: Held,
+        (ended, awaiting, available): (Shards, Shards, Arc<AtomicU32>),
         events: mpsc::UnboundedSender<LeaseEvent>,
         stream: Stream,
-        available: Arc<AtomicU32>,
     ) -> Self {
         Worker {
             table,
             owner,
             duration,
             held,
+            ended,
+            awaiting,
             events,
             stream,
             available,
             seen: HashMap::new(),
             renewed: HashMap::new(),
             takes: 0,
+            family: HashMap::new(),
         }
     }
 
@@ -205,6 +228,7 @@ impl Worker {
         if snap.claims.len() > shards_before || snap.leases.is_empty() {
             snap = self.table.scan().await?;
         }
+        self.gather(&snap).await?;
         let now = Instant::now();
         let held = self.held();
         for l in snap.leases.values() {
@@ -235,10 +259,13 @@ impl Worker {
                 .get(&l.shard)
                 .is_some_and(|(_, _, since)| now.duration_since(*since) >= self.duration),
         };
+        // A shard with an unfinished child belongs to a family read by one worker (the
+        // child counts in its parents' task): it is never stolen to even the load.
+        let children = children_of(&snap);
         let mut load: BTreeMap<String, Vec<&Lease>> = BTreeMap::new();
         for l in &available {
             if let (Some(o), false) = (&l.owner, expired(l)) {
-                if *o != self.owner {
+                if *o != self.owner && !children.contains_key(l.shard.as_str()) {
                     load.entry(o.clone()).or_default().push(l);
                 }
             }
@@ -284,16 +311,40 @@ impl Worker {
                 }
             }
         }
-        for l in to_take.into_iter().take(want) {
+        to_take.truncate(want);
+        self.take_all(to_take, "took lease").await
+    }
+
+    /// Tells the source which held shards have children not held here: their windows
+    /// stay open (it reports them backlogged) until it reads them. Called after every
+    /// scan and every take, so a parent just taken waits at once.
+    fn publish_awaiting(&self) {
+        let held = self.held();
+        let awaiting: HashSet<String> = held
+            .keys()
+            .filter(|p| {
+                self.family
+                    .get(p.as_str())
+                    .is_some_and(|cs| cs.iter().any(|c| !held.contains_key(c)))
+            })
+            .cloned()
+            .collect();
+        *self.awaiting.lock().unwrap_or_else(|e| e.into_inner()) = awaiting;
+    }
+
+    /// Takes `leases` as seen (each only if nobody changed it since), telling the source.
+    async fn take_all(&mut self, leases: Vec<Lease>, why: &'static str) -> Result<()> {
+        for l in leases {
             self.takes += 1;
             let token = format!("{}#{}", self.owner, self.takes);
             if let Some(got) = self.table.take(&l, &self.owner, &token).await? {
-                tracing::info!(shard = %got.shard, partition = got.partition, owner = %self.owner, previous = ?l.owner, "took lease");
+                tracing::info!(shard = %got.shard, partition = got.partition, owner = %self.owner, previous = ?l.owner, "{why}");
                 self.held
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .insert(got.shard.clone(), token);
                 self.renewed.insert(got.shard.clone(), Instant::now());
+                self.publish_awaiting();
                 if self.events.send(LeaseEvent::Gained(got)).is_err() {
                     return Ok(());
                 }
@@ -301,4 +352,65 @@ impl Worker {
         }
         Ok(())
     }
+
+    /// Keeps a shard family on one worker. A child whose unfinished parents are all held
+    /// here and read to their end is taken at once (from whoever has it), so that it is
+    /// counted in their task; for a merge whose other parent another worker holds, the
+    /// holder of the first parent (in shard order) takes that one too, and the other
+    /// worker drops it and its open windows (they are recomputed here from its lease's
+    /// checkpoint).
+    async fn gather(&mut self, snap: &Snapshot) -> Result<()> {
+        let children = children_of(snap);
+        let held = self.held();
+        self.family = children
+            .iter()
+            .map(|(p, cs)| (p.to_string(), cs.iter().map(|c| c.shard.clone()).collect()))
+            .collect();
+        self.publish_awaiting();
+        let ended = read_set(&self.ended);
+        let finished = |id: &str| snap.leases.get(id).is_none_or(Lease::finished);
+        let mut wanted: Vec<Lease> = Vec::new();
+        for (parent, kids) in &children {
+            if !held.contains_key(*parent) {
+                continue;
+            }
+            for c in kids {
+                if held.contains_key(&c.shard) || wanted.iter().any(|w| w.shard == c.shard) {
+                    continue;
+                }
+                let mut open: Vec<&String> = c.parents.iter().filter(|p| !finished(p)).collect();
+                open.sort();
+                if open
+                    .iter()
+                    .all(|p| held.contains_key(*p) && ended.contains(*p))
+                {
+                    wanted.push((*c).clone());
+                } else if open.first().is_some_and(|p| p.as_str() == *parent) {
+                    for other in open.iter().filter(|p| !held.contains_key(**p)) {
+                        if let Some(l) = snap.leases.get(*other) {
+                            if !wanted.iter().any(|w| w.shard == l.shard) {
+                                wanted.push(l.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.take_all(
+            wanted,
+            "took lease to keep a shard family together (resharding)",
+        )
+        .await
+    }
+}
+
+/// The unfinished leases of each shard's children, by parent shard id.
+fn children_of(snap: &Snapshot) -> HashMap<&str, Vec<&Lease>> {
+    let mut m: HashMap<&str, Vec<&Lease>> = HashMap::new();
+    for l in snap.leases.values().filter(|l| !l.finished()) {
+        for p in &l.parents {
+            m.entry(p.as_str()).or_default().push(l);
+        }
+    }
+    m
 }

@@ -45,6 +45,8 @@ struct ShardState {
     token: Option<String>,
     /// Its lease is finished (lease mode): read and committed to the shard's end.
     finished: bool,
+    /// The shards it continues (its parent, or the two it merges), as listed.
+    parents: Vec<String>,
 }
 
 impl ShardState {
@@ -65,6 +67,7 @@ impl ShardState {
             stop,
             token,
             finished: false,
+            parents: Vec::new(),
         }
     }
 }
@@ -215,7 +218,8 @@ impl KinesisSource {
                     }
                 }
             };
-            let st = ShardState::new(stored, 0, self.stop.child_token(), None);
+            let mut st = ShardState::new(stored, 0, self.stop.child_token(), None);
+            st.parents = parents_of(s);
             self.shards.insert(id.clone(), st);
             self.waiting.insert(id, s.clone());
         }
@@ -360,6 +364,7 @@ impl KinesisSource {
                     return Ok(false);
                 }
                 tracing::info!(stream = %self.stream, %shard, "shard read to its end");
+                self.note_ended(&shard);
                 self.ended.insert(shard);
                 Ok(true)
             }
@@ -458,8 +463,28 @@ impl Source for KinesisSource {
             .iter()
             .find(|(_, st)| st.partition == partition)
             .is_some_and(|(id, st)| {
-                !self.ended.contains(id) && st.caught_up.is_none_or(|at| at.elapsed() > fresh)
+                // Under leases, a shard whose children are not read here yet waits for
+                // them: its keys' windows go on in them.
+                self.awaits_children(id)
+                    || (!self.ended.contains(id)
+                        && st.caught_up.is_none_or(|at| at.elapsed() > fresh))
             })
+    }
+
+    /// The partitions of the shards `partition`'s shard continues that this source reads
+    /// (with checkpoint files every shard is read, parents before their children; under
+    /// leases the worker gathers a family on one instance): the operator counts a shard's
+    /// records in its parents' task, so a (key, window) that spans a split or a merge is
+    /// counted in one place.
+    fn continues(&self, partition: u32) -> Vec<u32> {
+        let Some(st) = self.shards.values().find(|st| st.partition == partition) else {
+            return Vec::new();
+        };
+        st.parents
+            .iter()
+            .filter(|id| self.spawned.contains(*id))
+            .filter_map(|id| self.shards.get(id).map(|p| p.partition))
+            .collect()
     }
 
     async fn commit(&mut self, positions: &[(Position, Checkpoint)]) -> Result<()> {
@@ -501,6 +526,15 @@ impl Source for KinesisSource {
         let all: Vec<Committed> = self.shards.values().map(|st| st.stored.clone()).collect();
         self.store.save(&all).await
     }
+}
+
+/// The shards `s` continues: its parent, and the other parent of a merge.
+pub(crate) fn parents_of(s: &Shard) -> Vec<String> {
+    [s.parent_shard_id(), s.adjacent_parent_shard_id()]
+        .into_iter()
+        .flatten()
+        .map(str::to_string)
+        .collect()
 }
 
 /// A stream's shards, sorted by id.

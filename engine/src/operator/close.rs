@@ -1,6 +1,8 @@
 //! Closing windows: every window a task's watermark has passed (or all of them, at the
 //! end), and in `update` mode the entries a batch changed, encoded as results.
 
+use std::collections::BTreeSet;
+
 use tokio::time::Instant;
 
 use super::task::State;
@@ -22,7 +24,7 @@ impl WindowOperator {
                 State::Fixed(store) => {
                     let closed = store.close_until(wm, self.grace);
                     for (window, pane) in closed {
-                        out.windows_closed += 1;
+                        out.windows_closed += u64::from(self.closed.first(window));
                         out.closed_at.get_or_insert(now);
                         out.results.reserve(pane.groups.len());
                         Self::encode_pane(&self.encoder, window, pane, out);
@@ -37,6 +39,15 @@ impl WindowOperator {
                 }
             }
         }
+        // A window every task's time has passed is closed wherever it was open.
+        let lowest = self
+            .tasks
+            .iter()
+            .flatten()
+            .map(|t| t.watermarks.current())
+            .min();
+        self.closed
+            .forget_below(lowest.map_or(i64::MAX, |w| w.saturating_sub(self.grace)));
     }
 
     /// Closes every open window (the input has ended, or an idle exit treats it so). Each
@@ -52,7 +63,7 @@ impl WindowOperator {
             match &mut task.state {
                 State::Fixed(store) => {
                     for (window, pane) in store.drain_all() {
-                        out.windows_closed += 1;
+                        out.windows_closed += u64::from(self.closed.first(window));
                         last_end = last_end.max(window.end);
                         Self::encode_pane(&self.encoder, window, pane, out);
                     }
@@ -107,6 +118,38 @@ impl WindowOperator {
                 State::Fixed(s) => s.drain_updates(&mut push),
                 State::Sessions(s) => s.drain_updates(&mut push),
             }
+        }
+    }
+}
+
+/// Window intervals `[start, end)` closed lately, so that an interval closed by several
+/// tasks (one per partition while the input is keyed by the group key) counts once in
+/// `windows_closed`: each task emits its own keys of it when its own time passes it.
+#[derive(Debug, Default)]
+pub(super) struct ClosedWindows {
+    /// By (end, start).
+    recent: BTreeSet<(i64, i64)>,
+}
+
+impl ClosedWindows {
+    /// The most intervals remembered: a task lagging further behind than this many
+    /// windows counts its closing again.
+    const MAX: usize = 4096;
+
+    /// Notes that `w` closed in some task; whether it is the first to close it.
+    pub(super) fn first(&mut self, w: WindowRange) -> bool {
+        let first = self.recent.insert((w.end, w.start));
+        if self.recent.len() > Self::MAX {
+            self.recent.pop_first();
+        }
+        first
+    }
+
+    /// Forgets intervals ending at or before `end`: every task's time has passed them, so
+    /// none holds them open any more.
+    pub(super) fn forget_below(&mut self, end: i64) {
+        while self.recent.first().is_some_and(|&(e, _)| e <= end) {
+            self.recent.pop_first();
         }
     }
 }

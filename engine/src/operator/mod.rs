@@ -54,6 +54,10 @@ pub struct WindowOperator {
     /// Whether the input proved not to be keyed by the group key: then a (key, window)
     /// may span partitions, and all of them share one task.
     shared: bool,
+    /// By source partition, the task it counts in while not `shared`: its own index, or
+    /// the task of the partitions it continues (see [`WindowOperator::continues`]).
+    /// Partitions beyond its end count in their own.
+    task_of: Vec<u32>,
     /// By source partition: whether its task exists and holds it (the hot path's check).
     ready: Vec<bool>,
     /// How far each partition was read, and what of it is a replay.
@@ -80,6 +84,8 @@ pub struct WindowOperator {
     /// Why this operator cannot go on exactly (unkeyed input whose partitions another
     /// instance reads): the runtime stops with it.
     conflict: Option<String>,
+    /// Window intervals closed lately: one closed by several tasks counts once.
+    closed: close::ClosedWindows,
 }
 
 /// How long a shared task may hold its watermark for want of partitions before the
@@ -129,6 +135,7 @@ impl WindowOperator {
             errors: ErrorHandler::new(job.errors.clone(), job.retry.clone(), topic, copies.run()),
             tasks: Vec::new(),
             shared: false,
+            task_of: Vec::new(),
             ready: Vec::new(),
             offsets: Offsets::default(),
             copies,
@@ -139,6 +146,7 @@ impl WindowOperator {
             had: Vec::new(),
             held_since: None,
             conflict: None,
+            closed: close::ClosedWindows::default(),
         }
     }
 
@@ -178,7 +186,7 @@ impl WindowOperator {
         if self.shared {
             0
         } else {
-            p as usize
+            self.task_of.get(p as usize).copied().unwrap_or(p) as usize
         }
     }
 
@@ -428,9 +436,17 @@ impl WindowOperator {
         self.tasks.iter().flatten().map(|t| t.state.entries()).sum()
     }
 
-    /// Open windows (sessions count one each; a window open in several tasks counts
-    /// once per task).
+    /// Open windows: distinct intervals `[start, end)` open in any task (a window open in
+    /// several partitions' tasks counts once); sessions count one each (a key's session).
     pub fn open_windows(&self) -> usize {
-        self.tasks.iter().flatten().map(|t| t.state.windows()).sum()
+        let mut ranges = std::collections::BTreeSet::new();
+        let mut sessions = 0;
+        for t in self.tasks.iter().flatten() {
+            match &t.state {
+                task::State::Fixed(s) => ranges.extend(s.ranges()),
+                task::State::Sessions(s) => sessions += s.entries(),
+            }
+        }
+        ranges.len() + sessions
     }
 }

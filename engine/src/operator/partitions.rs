@@ -38,13 +38,12 @@ impl WindowOperator {
         }
         if !ids.is_empty() || partitions.is_empty() {
             // Partitions no longer listed stop holding their task's watermark.
-            for (p, r) in self.ready.iter_mut().enumerate() {
-                if *r && !ids.contains(&(p as u32)) {
-                    *r = false;
-                    let i = if self.shared { 0 } else { p };
-                    if let Some(Some(t)) = self.tasks.get_mut(i) {
-                        t.watermarks.revoke(&[p as u32]);
-                    }
+            let gone: Vec<u32> = self.partitions().filter(|p| !ids.contains(p)).collect();
+            for p in gone {
+                self.ready[p as usize] = false;
+                let i = self.task_index(p);
+                if let Some(Some(t)) = self.tasks.get_mut(i) {
+                    t.watermarks.revoke(&[p]);
                 }
             }
         }
@@ -134,6 +133,10 @@ impl WindowOperator {
                 if let Some(r) = self.ready.get_mut(i) {
                     *r = false;
                 }
+                // Back later, it counts in its own task unless told otherwise again.
+                if let Some(t) = self.task_of.get_mut(i) {
+                    *t = p;
+                }
             } else if aborted {
                 for t in self.tasks.iter_mut().flatten() {
                     t.state.revoke(p);
@@ -141,5 +144,65 @@ impl WindowOperator {
             }
         }
         self.hold_shared();
+    }
+
+    /// Declares that source partition `partition` continues `parents` (a Kinesis shard
+    /// split or merged: their keys go to it now), before it is assigned: it counts in
+    /// their task, so a (key, window) that spans the change is counted once, with every
+    /// record of it, and closes on their common event time. Parents in different tasks (a
+    /// merge) are merged into one first, as unkeyed input merges every task; the merged
+    /// watermark is the lower one. Nothing changes once every partition shares one task.
+    pub fn continues(&mut self, partition: u32, parents: &[u32]) {
+        if self.shared || !Input::is_source(partition) {
+            return;
+        }
+        let mut family: Vec<usize> = parents
+            .iter()
+            .filter(|&&p| Input::is_source(p))
+            .map(|&p| self.task_index(p))
+            .collect();
+        if family.is_empty() {
+            return;
+        }
+        let own = self.task_index(partition);
+        if matches!(self.tasks.get(own), Some(Some(_))) {
+            family.push(own);
+        }
+        family.sort_unstable();
+        family.dedup();
+        let into = family[0];
+        // Every partition named in the map (a task's index is its first partition's).
+        let last = family
+            .iter()
+            .copied()
+            .max()
+            .unwrap_or(0)
+            .max(partition as usize);
+        if self.task_of.len() <= last {
+            self.task_of.extend(self.task_of.len() as u32..=last as u32);
+        }
+        if self.tasks.len() <= into {
+            self.tasks.resize_with(into + 1, || None);
+        }
+        for &i in &family[1..] {
+            if let Some(t) = self.tasks.get_mut(i).and_then(Option::take) {
+                match self.tasks[into].as_mut() {
+                    Some(mine) => {
+                        tracing::info!(
+                            partition,
+                            task = into,
+                            merged = i,
+                            "a partition continues partitions of two tasks (merged shards): their tasks merge into one"
+                        );
+                        mine.absorb(t);
+                    }
+                    None => self.tasks[into] = Some(t),
+                }
+            }
+            for slot in self.task_of.iter_mut().filter(|t| **t as usize == i) {
+                *slot = into as u32;
+            }
+        }
+        self.task_of[partition as usize] = into as u32;
     }
 }

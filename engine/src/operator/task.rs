@@ -70,13 +70,6 @@ impl State {
             State::Sessions(s) => s.close_until(wm, grace).len(),
         }
     }
-
-    pub(super) fn windows(&self) -> usize {
-        match self {
-            State::Fixed(s) => s.windows(),
-            State::Sessions(s) => s.entries(),
-        }
-    }
 }
 
 /// A unit of window state with an event time of its own: one source partition while the

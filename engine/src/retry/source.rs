@@ -247,6 +247,14 @@ impl Source for WithRetries {
         Input::is_source(partition) && self.main.has_backlog(partition)
     }
 
+    fn continues(&self, partition: u32) -> Vec<u32> {
+        if Input::is_source(partition) {
+            self.main.continues(partition)
+        } else {
+            Vec::new()
+        }
+    }
+
     async fn recv(&mut self, max: usize, wait: Duration) -> Result<Received> {
         if let Some(c) = self.ctrl.pop_front() {
             return Ok(c);

@@ -302,6 +302,13 @@ impl WindowStore {
     pub fn windows(&self) -> usize {
         self.panes.len()
     }
+
+    /// The open windows' intervals, by end.
+    pub fn ranges(&self) -> impl Iterator<Item = WindowRange> + '_ {
+        self.panes
+            .keys()
+            .map(|&(end, start)| WindowRange { start, end })
+    }
 }
 
 #[cfg(test)]

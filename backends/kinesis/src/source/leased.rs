@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use weir_engine::{Received, Result};
 
 use super::{KinesisSource, ShardState};
-use crate::coordinator::{Held, LeaseEvent, Stream, Worker};
+use crate::coordinator::{read_set, Held, LeaseEvent, Shards, Stream, Worker};
 use crate::lease::{Lease, LeaseTable};
 use crate::reader::Msg;
 
@@ -23,6 +23,10 @@ pub(crate) struct Leased {
     table: LeaseTable,
     owner: String,
     held: Held,
+    /// Held shards read to their end (the worker gathers their children here).
+    ended: Shards,
+    /// Held shards whose children are not read here yet.
+    awaiting: Shards,
     events: mpsc::UnboundedReceiver<LeaseEvent>,
     worker: Option<Worker>,
     /// How many leases can be read now (see [`Worker::available`]); 0 before the worker's
@@ -40,19 +44,22 @@ impl Leased {
         let (tx, rx) = mpsc::unbounded_channel();
         let held = Held::default();
         let available = Arc::<AtomicU32>::default();
+        let (ended, awaiting) = (Shards::default(), Shards::default());
         let worker = Worker::new(
             table.clone(),
             owner.clone(),
             duration,
             held.clone(),
+            (ended.clone(), awaiting.clone(), available.clone()),
             tx,
             stream,
-            available.clone(),
         );
         Leased {
             table,
             owner,
             held,
+            ended,
+            awaiting,
             events: rx,
             worker: Some(worker),
             available,
@@ -98,7 +105,7 @@ impl KinesisSource {
                     .get(&shard)
                     .is_some_and(|st| st.token.as_deref() == Some(token.as_str()));
                 if ours {
-                    self.revoke(&shard);
+                    self.revoke_family(&shard);
                 }
             }
             LeaseEvent::Failed(e) => return Err(e),
@@ -134,17 +141,98 @@ impl KinesisSource {
         if self.shards.contains_key(&id) {
             self.revoke(&id);
         }
-        let stored = lease.committed();
+        self.restart(&id, lease.committed(), token, lease.parents.clone());
+    }
+
+    /// Starts reading shard `id` from `stored` under the lease held with `token`.
+    fn restart(
+        &mut self,
+        id: &str,
+        stored: weir_engine::checkpoint_store::Committed,
+        token: String,
+        parents: Vec<String>,
+    ) {
         self.generations += 1;
-        self.ended.remove(&id);
-        let st = ShardState::new(
+        self.ended.remove(id);
+        let mut st = ShardState::new(
             stored,
             self.generations,
             self.stop.child_token(),
             Some(token),
         );
-        self.shards.insert(id.clone(), st);
-        self.spawn_reader(&id);
+        st.parents = parents;
+        self.shards.insert(id.to_string(), st);
+        self.spawn_reader(id);
+    }
+
+    /// A lease of a shard family read here (shards and the children they split or merged
+    /// into, counted in one task) was lost: the whole family is revoked, since the task's
+    /// windows mix their records, and the shards still held start again from their last
+    /// commit (the engine recomputes their windows from there; the lost one's new owner
+    /// does the same from its checkpoint).
+    fn revoke_family(&mut self, id: &str) {
+        let mut family = vec![id.to_string()];
+        let mut i = 0;
+        while i < family.len() {
+            let cur = family[i].clone();
+            for (other, st) in &self.shards {
+                let related = st.parents.contains(&cur)
+                    || self
+                        .shards
+                        .get(&cur)
+                        .is_some_and(|c| c.parents.contains(other));
+                if related && !family.contains(other) {
+                    family.push(other.clone());
+                }
+            }
+            i += 1;
+        }
+        let mut again = Vec::new();
+        for shard in &family[1..] {
+            if let Some(st) = self.shards.get(shard) {
+                if !st.finished {
+                    if let Some(t) = &st.token {
+                        again.push((
+                            shard.clone(),
+                            st.stored.clone(),
+                            t.clone(),
+                            st.parents.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+        if family.len() > 1 {
+            tracing::warn!(stream = %self.stream, lost = id, family = ?family, "a lease of a shard family was lost: the family's partitions are revoked, the ones still held read again from their last commit");
+        }
+        for shard in &family {
+            self.revoke(shard);
+        }
+        for (shard, stored, token, parents) in again {
+            let still = self.leases.as_ref().is_some_and(|l| {
+                l.held.lock().unwrap_or_else(|e| e.into_inner()).get(&shard) == Some(&token)
+            });
+            if still {
+                self.restart(&shard, stored, token, parents);
+            }
+        }
+    }
+
+    /// Notes that held shard `id` was read to its end (its children may be gathered here).
+    pub(super) fn note_ended(&self, id: &str) {
+        if let Some(l) = &self.leases {
+            l.ended
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.to_string());
+        }
+    }
+
+    /// Whether held shard `id` has children not read here yet (its windows wait for them).
+    pub(super) fn awaits_children(&self, id: &str) -> bool {
+        self.leases
+            .as_ref()
+            .is_some_and(|l| read_set(&l.awaiting).contains(id))
     }
 
     /// Stops reading shard `id` and queues its partition for `Revoked`.
@@ -158,6 +246,9 @@ impl KinesisSource {
         }
         self.ended.remove(id);
         self.spawned.remove(id);
+        if let Some(l) = &self.leases {
+            l.ended.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+        }
         if let (Some(l), Some(t)) = (&self.leases, &st.token) {
             let mut held = l.held.lock().unwrap_or_else(|e| e.into_inner());
             if held.get(id) == Some(t) {
@@ -188,7 +279,7 @@ impl KinesisSource {
             .await?;
         if !kept {
             tracing::warn!(stream = %self.stream, shard = id, "commit refused: the shard's lease is another worker's now");
-            self.revoke(id);
+            self.revoke_family(id);
         } else if finish {
             l.held.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
             if let Some(st) = self.shards.get_mut(id) {
