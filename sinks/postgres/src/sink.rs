@@ -93,6 +93,26 @@ impl PostgresSink {
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect();
         self.layout.check(&table, &found)?;
+        // The upsert's ON CONFLICT needs a unique index on exactly the key columns (the
+        // server finds out only when it plans the first upsert).
+        let indexes = within(
+            timeout,
+            "reading the table's unique indexes",
+            client.query(
+                "SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_index i \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+                 WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indpred IS NULL \
+                 AND i.indexprs IS NULL GROUP BY i.indexrelid",
+                &[&crate::table::table_ident(&table)],
+            ),
+        )
+        .await?
+        .map_err(|e| PostgresError::db(format!("reading the indexes of {table}"), e))?;
+        let mut keys = self.layout.key_names();
+        keys.sort();
+        if !indexes.iter().any(|r| r.get::<_, Vec<String>>(0) == keys) {
+            return Err(self.layout.no_unique_key(&table));
+        }
         let upsert = self.layout.upsert_sql(&table);
         let statement =
             match within(timeout, "preparing the upsert", client.prepare(&upsert)).await? {

@@ -97,6 +97,11 @@ impl Layout {
         self.columns.iter().filter(|c| c.key)
     }
 
+    /// The names of the key columns (the group fields and `window_start`).
+    pub(crate) fn key_names(&self) -> Vec<String> {
+        self.keys().map(|c| c.name.clone()).collect()
+    }
+
     /// `CREATE TABLE IF NOT EXISTS`, with the primary key on the group fields and
     /// `window_start`.
     pub(crate) fn create_sql(&self, table: &str) -> String {
