@@ -40,7 +40,11 @@ async fn kinesis_leases_survive_kill_9_mid_stream_during_joins_and_takeovers() {
 /// The seed's events in `rounds` chunks, each an hour of event time after the one before:
 /// windows never span two chunks, so a window closed by idleness between chunks is
 /// complete.
-fn chunks_an_hour_apart(seed: u64, rounds: usize, per_round: usize) -> Vec<Vec<Vec<u8>>> {
+pub(super) fn chunks_an_hour_apart(
+    seed: u64,
+    rounds: usize,
+    per_round: usize,
+) -> Vec<Vec<Vec<u8>>> {
     (0..rounds)
         .map(|r| {
             let mut g = EventGenerator::new(seed + r as u64, 300).with_invalid_every(97);

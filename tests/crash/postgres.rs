@@ -1,0 +1,221 @@
+//! The crash tests with the results in PostgreSQL (`[sink] type = "postgres"`): `weir run`
+//! killed with SIGKILL at random moments while the data arrives (during joins and
+//! takeovers where the broker has them), and processes aborted by the crash point right
+//! after their first or second commit (`WEIR_CRASH_AFTER_COMMITS`), the narrowest moment
+//! at which a committed position could cover a result not yet in the table; then one run
+//! to the end. The table must equal the independent count: one row per window (0
+//! duplicates), none missing, every count exact; every invalid event dead-lettered.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use weir_engine::generate::dataset;
+
+use super::conformance::{self, oracle, Bed};
+use super::pg;
+use super::schedules::chunks_an_hour_apart;
+use super::{
+    final_run_begins, keep_log, produce_committed, schedule_seed, spawn_env, tail, wait_ok, Rng,
+};
+
+/// A bed on `broker` whose `weir run`s write their results to a fresh table.
+struct PgBed {
+    bed: Bed,
+    client: tokio_postgres::Client,
+    table: String,
+    file: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl PgBed {
+    async fn new(broker: &str, case: &str, sets: &[&str]) -> PgBed {
+        let url = pg::url();
+        let client = pg::client(&url).await;
+        let table = pg::unique_table(&format!("{case}_{broker}"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = pg::pipeline(dir.path(), &url, &table);
+        let mut bed = Bed::new(broker, "crash-pg", sets);
+        // The results go to the table: no sink topic.
+        bed.sets.retain(|s| !s.starts_with("sink.topic="));
+        PgBed {
+            bed,
+            client,
+            table,
+            file,
+            log: dir.path().join("weir.log"),
+            _dir: dir,
+        }
+    }
+
+    fn spawn(&self, env: &[(&str, &str)]) -> std::process::Child {
+        spawn_env(&self.file, &self.bed, &self.log, "10s", &[], env)
+    }
+
+    /// One run until idle after the crashes, then the table and the dead letters against
+    /// the oracle's count of `data`.
+    async fn final_run_and_check(&self, data: &[Vec<u8>], crashes: &str) {
+        let log: &Path = &self.log;
+        final_run_begins(log).await;
+        let mut last = self.spawn(&[]);
+        let waited = tokio::time::timeout(
+            Duration::from_secs(200),
+            wait_ok(&mut last, log, Duration::from_secs(180)),
+        )
+        .await;
+        keep_log(log);
+        waited.expect("the final run ended");
+
+        let (table, want) = (&self.table, oracle(data));
+        let (got, rows) = pg::counts(&self.client, table).await;
+        let missing: Vec<_> = want.keys().filter(|k| !got.contains_key(*k)).collect();
+        assert!(
+            missing.is_empty(),
+            "{} of {} windows missing from {table} after {crashes} (e.g. {:?})\n{}",
+            missing.len(),
+            want.len(),
+            missing.iter().take(3).collect::<Vec<_>>(),
+            tail(log)
+        );
+        let wrong = want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count();
+        assert_eq!(
+            wrong,
+            0,
+            "{wrong} windows with a wrong count\n{}",
+            tail(log)
+        );
+        assert_eq!(rows, want.len(), "one row per window, none extra");
+        assert_eq!(got, want);
+
+        let invalid: HashSet<Vec<u8>> = data
+            .iter()
+            .filter(|l| oracle(std::slice::from_ref(*l)).is_empty())
+            .cloned()
+            .collect();
+        let dead = self
+            .bed
+            .read_all(&self.bed.config.dead_letter.topic, Duration::from_secs(6))
+            .await;
+        assert!(
+            conformance::dead_letter_payloads(&dead) == invalid,
+            "every invalid event dead-lettered, and only those"
+        );
+        eprintln!(
+            "{} → postgres: {crashes}; {} windows exact in {table}, {rows} rows (0 duplicates, 0 missing); {} dead letters for {} invalid events",
+            self.bed.config.broker,
+            want.len(),
+            dead.len(),
+            invalid.len()
+        );
+        self.client
+            .batch_execute(&format!("DROP TABLE {table}"))
+            .await
+            .unwrap();
+    }
+}
+
+/// `rounds` processes killed at random moments while the data arrives (with a second
+/// instance started beside some of them when `takeover`, and one of the two killed while
+/// the other joins or takes over), then one run until idle.
+async fn postgres_survives_kill_9(broker: &str, events: usize, rounds: usize, takeover: bool) {
+    let seed = schedule_seed(&format!("{broker} → postgres"));
+    let mut rng = Rng(seed);
+    let b = PgBed::new(broker, "kill", &["source.commit_interval=300ms"]).await;
+    let data: Vec<Vec<u8>> = dataset(seed, events, 500, 97)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    assert!(oracle(&data).len() > 1_000);
+    let mut kills = 0;
+    for (round, part) in data.chunks(data.len().div_ceil(rounds)).enumerate() {
+        produce_committed(&b.bed, part).await;
+        let mut procs = vec![b.spawn(&[])];
+        // Early rounds die while joining; later ones mid-stream.
+        let life = rng.ms(300, 4_000);
+        if takeover && round % 3 == 1 {
+            // A second instance joins; the first dies while the group rebalances for it.
+            tokio::time::sleep(rng.ms(200, 2_500)).await;
+            procs.push(b.spawn(&[]));
+            tokio::time::sleep(rng.ms(100, 2_000)).await;
+            procs[0].kill().expect("kill");
+            kills += 1;
+        }
+        tokio::time::sleep(life).await;
+        for p in &mut procs {
+            if p.try_wait().expect("wait").is_none() {
+                p.kill().expect("kill");
+                kills += 1;
+            }
+            let _ = p.wait();
+        }
+    }
+    assert!(kills >= rounds, "only {kills} kills landed");
+    b.final_run_and_check(&data, &format!("{kills} kills"))
+        .await;
+}
+
+/// Each round's process aborts right after its `k`-th commit (k = 1 or 2): every result
+/// the commit covered must already be committed in the table.
+async fn postgres_survives_crashes_right_after_commits(broker: &str) {
+    let seed = schedule_seed(&format!("{broker} → postgres (crash schedule)"));
+    let mut rng = Rng(seed);
+    let b = PgBed::new(broker, "commit", &["source.commit_interval=200ms"]).await;
+    let rounds = 8;
+    let data: Vec<Vec<u8>> = chunks_an_hour_apart(seed, rounds, 4_000)
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut aborted = 0;
+    for part in data.chunks(data.len() / rounds) {
+        produce_committed(&b.bed, part).await;
+        let k = (1 + rng.next() % 2).to_string();
+        let mut p = b.spawn(&[("WEIR_CRASH_AFTER_COMMITS", k.as_str())]);
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = p.try_wait().expect("wait") {
+                break Some(s);
+            }
+            if t0.elapsed() > Duration::from_secs(15) {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        match status {
+            // SIGABRT: the crash point fired.
+            Some(s) if s.code().is_none() => aborted += 1,
+            Some(s) => panic!("exited {s} before its crash point\n{}", tail(&b.log)),
+            None => {
+                p.kill().expect("kill");
+                let _ = p.wait();
+            }
+        }
+    }
+    assert!(
+        aborted * 2 >= rounds,
+        "only {aborted} of {rounds} runs reached their crash point"
+    );
+    b.final_run_and_check(&data, &format!("{aborted} crashes right after a commit"))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_postgres_survives_kill_9_mid_stream_during_joins_and_takeovers() {
+    postgres_survives_kill_9("kafka", 100_000, 12, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_postgres_survives_crashes_right_after_commits() {
+    postgres_survives_crashes_right_after_commits("kafka").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_postgres_survives_kill_9_mid_stream_and_during_takeovers() {
+    postgres_survives_kill_9("amqp", 40_000, 12, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_postgres_survives_kill_9_mid_stream() {
+    // One instance per (stream, group) on Kinesis: no takeover to kill.
+    postgres_survives_kill_9("kinesis", 40_000, 12, false).await;
+}
