@@ -9,7 +9,7 @@ use weir_engine::Sink;
 use crate::Backend;
 
 /// Every `[sink] type` Weir has, built into this one or not.
-const KNOWN: &[&str] = &["topic", "postgres"];
+const KNOWN: &[&str] = &["topic", "postgres", "redis"];
 
 /// A store's checked settings.
 #[derive(Debug, Clone)]
@@ -18,6 +18,9 @@ pub enum StoreConfig {
     /// `type = "postgres"`.
     #[cfg(feature = "postgres")]
     Postgres(weir_postgres::PostgresConfig),
+    /// `type = "redis"`.
+    #[cfg(feature = "redis")]
+    Redis(weir_redis::RedisConfig),
 }
 
 /// Reads and checks `c`'s `[sink]` store, if it has one, reporting problems to `d`.
@@ -33,6 +36,8 @@ pub fn read(c: &PipelineConfig, d: &mut Diagnostics) -> Option<StoreConfig> {
         "postgres" => Some(StoreConfig::Postgres(weir_postgres::PostgresConfig::read(
             &mut r, d,
         ))),
+        #[cfg(feature = "redis")]
+        "redis" => Some(StoreConfig::Redis(weir_redis::RedisConfig::read(&mut r, d))),
         kind => {
             let problem = if KNOWN.contains(&kind) {
                 format!("the `{kind}` sink is not in this build (built without the cargo feature `{kind}`)")
@@ -55,6 +60,8 @@ pub fn describe(c: &PipelineConfig) -> String {
     match read(c, &mut Diagnostics::default()) {
         #[cfg(feature = "postgres")]
         Some(StoreConfig::Postgres(p)) => format!("postgres table {}", p.table),
+        #[cfg(feature = "redis")]
+        Some(StoreConfig::Redis(r)) => format!("redis keys {}:*", r.prefix),
         _ => c.sink.topic.clone(),
     }
 }
@@ -72,6 +79,15 @@ pub async fn open(c: &PipelineConfig, backend: &Backend) -> anyhow::Result<Box<d
             let what = format!("opening postgres table {}", p.table);
             let sink = crate::assemble::connect(c, backend, &what, || {
                 weir_postgres::PostgresSink::open(p.clone(), layout.clone())
+            })
+            .await?;
+            Ok(Box::new(sink))
+        }
+        #[cfg(feature = "redis")]
+        Some(StoreConfig::Redis(r)) => {
+            let what = format!("opening redis keys {}:*", r.prefix);
+            let sink = crate::assemble::connect(c, backend, &what, || {
+                weir_redis::RedisSink::open(r.clone())
             })
             .await?;
             Ok(Box::new(sink))

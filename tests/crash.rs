@@ -7,20 +7,20 @@
 //! One test per broker that outlives a process (the memory broker dies with it), and on
 //! Kafka an exactly-once variant whose reader reads committed records only and finds every
 //! window and every dead letter exactly once, and one that a restart does not leave its
-//! readers waiting for the killed instance's transaction to time out. `crash/postgres.rs`
-//! runs the same kills with the results in a PostgreSQL table. They need the brokers of `scripts/brokers
+//! readers waiting for the killed instance's transaction to time out. `crash/stores.rs`
+//! runs the same kills with the results in a PostgreSQL table and in Redis. They need the brokers of `scripts/brokers
 //! up` and fail, never skip, without them. `WEIR_CRASH_SEED=N` replays one schedule of
 //! kills.
 
 mod conformance;
-#[path = "postgres/mod.rs"]
-mod pg;
-#[path = "crash/postgres.rs"]
-mod postgres;
 #[path = "crash/retries.rs"]
 mod retries;
 #[path = "crash/schedules.rs"]
 mod schedules;
+#[path = "crash/stores.rs"]
+mod store_sinks;
+#[path = "stores/mod.rs"]
+mod stores;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

@@ -7,13 +7,14 @@
 //! server these tests fail, never skip.
 
 mod conformance;
-mod postgres;
+mod stores;
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use conformance::oracle;
+use stores::pg;
 use weir_engine::generate::dataset;
 
 fn weir() -> Command {
@@ -37,11 +38,11 @@ fn write_lines(path: &std::path::Path, lines: &[Vec<u8>]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_input_results_equal_the_oracle_and_a_second_run_changes_nothing() {
-    let url = postgres::url();
-    let client = postgres::client(&url).await;
-    let table = postgres::unique_table("input");
+    let url = pg::url();
+    let client = pg::client(&url).await;
+    let table = pg::unique_table("input");
     let dir = tempfile::tempdir().unwrap();
-    let file = postgres::pipeline(dir.path(), &url, &table);
+    let file = pg::pipeline(dir.path(), &url, &table);
     let data = data(11, 30_000);
     let want = oracle(&data);
     assert!(want.len() > 1_000);
@@ -65,7 +66,7 @@ async fn postgres_input_results_equal_the_oracle_and_a_second_run_changes_nothin
         );
     };
     run();
-    let (got, rows) = postgres::counts(&client, &table).await;
+    let (got, rows) = pg::counts(&client, &table).await;
     assert_eq!(rows, want.len(), "one row per window");
     assert_eq!(got, want);
     let stamp_sql = format!("SELECT max(updated_at)::text, count(*) FROM {table}");
@@ -74,7 +75,7 @@ async fn postgres_input_results_equal_the_oracle_and_a_second_run_changes_nothin
     // The same results again (what a replay after a crash writes): same rows, none
     // rewritten.
     run();
-    let (again, rows) = postgres::counts(&client, &table).await;
+    let (again, rows) = pg::counts(&client, &table).await;
     assert_eq!(rows, want.len());
     assert_eq!(again, want);
     assert_eq!(
@@ -109,8 +110,8 @@ fn run_small(dir: &std::path::Path, file: &std::path::Path) -> (std::process::Ex
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_table_whose_columns_do_not_fit_stops_the_run_at_start_naming_the_column() {
-    let url = postgres::url();
-    let client = postgres::client(&url).await;
+    let url = pg::url();
+    let client = pg::client(&url).await;
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         (
@@ -139,12 +140,12 @@ async fn postgres_a_table_whose_columns_do_not_fit_stops_the_run_at_start_naming
         ),
     ];
     for (case, columns, message) in cases {
-        let table = postgres::unique_table(case);
+        let table = pg::unique_table(case);
         client
             .batch_execute(&format!("CREATE TABLE {table} ({columns})"))
             .await
             .unwrap();
-        let file = postgres::pipeline(dir.path(), &url, &table);
+        let file = pg::pipeline(dir.path(), &url, &table);
         let (status, stderr) = run_small(dir.path(), &file);
         assert_eq!(status.code(), Some(1), "{case}: {stderr}");
         let message = message.replace("TABLE", &table);
@@ -172,7 +173,7 @@ async fn postgres_a_table_whose_columns_do_not_fit_stops_the_run_at_start_naming
 #[test]
 fn postgres_settings_are_checked_at_their_file_line_col() {
     let dir = tempfile::tempdir().unwrap();
-    let file = postgres::pipeline(
+    let file = pg::pipeline(
         dir.path(),
         "postgresql://weir@127.0.0.1:nope/weir",
         "stats;drop",
@@ -221,10 +222,10 @@ fn postgres_settings_are_checked_at_their_file_line_col() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_mid_run_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = postgres::OwnServer::start(dir.path()).await;
+    let mut server = pg::OwnServer::start(dir.path()).await;
     let url = server.url();
-    let table = postgres::unique_table("restart");
-    let file = postgres::pipeline(dir.path(), &url, &table);
+    let table = pg::unique_table("restart");
+    let file = pg::pipeline(dir.path(), &url, &table);
     let data = data(23, 45_000);
     let want = oracle(&data);
     let log = dir.path().join("weir.log");
@@ -252,7 +253,7 @@ async fn postgres_restarted_mid_run_loses_nothing() {
     };
     feed(&mut stdin, &thirds[0]);
     // Results of the first third are in the table: the database is in use.
-    let client = postgres::client(&url).await;
+    let client = pg::client(&url).await;
     let mut written = 0;
     for _ in 0..150 {
         written = client
@@ -287,8 +288,8 @@ async fn postgres_restarted_mid_run_loses_nothing() {
         text.contains("send failed; retrying"),
         "the sink met the outage and retried:\n{text}"
     );
-    let client = postgres::client(&url).await;
-    let (got, rows) = postgres::counts(&client, &table).await;
+    let client = pg::client(&url).await;
+    let (got, rows) = pg::counts(&client, &table).await;
     let missing = want.keys().filter(|k| !got.contains_key(*k)).count();
     assert_eq!(
         missing,
