@@ -17,7 +17,7 @@ const KNOWN: &[&str] = &["topic", "postgres", "redis"];
 pub enum StoreConfig {
     /// `type = "postgres"`.
     #[cfg(feature = "postgres")]
-    Postgres(weir_postgres::PostgresConfig),
+    Postgres(Box<weir_postgres::PostgresConfig>),
     /// `type = "redis"`.
     #[cfg(feature = "redis")]
     Redis(weir_redis::RedisConfig),
@@ -33,8 +33,8 @@ pub fn read(c: &PipelineConfig, d: &mut Diagnostics) -> Option<StoreConfig> {
     r.str(d, "type");
     let store = match s.kind.as_str() {
         #[cfg(feature = "postgres")]
-        "postgres" => Some(StoreConfig::Postgres(weir_postgres::PostgresConfig::read(
-            &mut r, d,
+        "postgres" => Some(StoreConfig::Postgres(Box::new(
+            weir_postgres::PostgresConfig::read(&mut r, d),
         ))),
         #[cfg(feature = "redis")]
         "redis" => Some(StoreConfig::Redis(weir_redis::RedisConfig::read(&mut r, d))),
@@ -78,7 +78,7 @@ pub async fn open(c: &PipelineConfig, backend: &Backend) -> anyhow::Result<Box<d
             let layout = weir_postgres::Layout::of(c);
             let what = format!("opening postgres table {}", p.table);
             let sink = crate::assemble::connect(c, backend, &what, || {
-                weir_postgres::PostgresSink::open(p.clone(), layout.clone())
+                weir_postgres::PostgresSink::open((*p).clone(), layout.clone())
             })
             .await?;
             Ok(Box::new(sink))

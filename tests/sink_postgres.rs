@@ -28,14 +28,6 @@ fn data(seed: u64, events: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn write_lines(path: &std::path::Path, lines: &[Vec<u8>]) {
-    let mut f = std::fs::File::create(path).unwrap();
-    for l in lines {
-        f.write_all(l).unwrap();
-        f.write_all(b"\n").unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_input_results_equal_the_oracle_and_a_second_run_changes_nothing() {
     let url = pg::url();
@@ -46,24 +38,9 @@ async fn postgres_input_results_equal_the_oracle_and_a_second_run_changes_nothin
     let data = data(11, 30_000);
     let want = oracle(&data);
     assert!(want.len() > 1_000);
-    let input = dir.path().join("in.jsonl");
-    write_lines(&input, &data);
     let run = || {
-        let out = weir()
-            .arg("run")
-            .arg(&file)
-            .arg("--input")
-            .arg(&input)
-            .arg("--dead-letter")
-            .arg(dir.path().join("dead.jsonl"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "weir run: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (status, stderr) = stores::run_input(dir.path(), &file, &data);
+        assert!(status.success(), "weir run: {status}\n{stderr}");
     };
     run();
     let (got, rows) = pg::counts(&client, &table).await;
@@ -87,25 +64,6 @@ async fn postgres_input_results_equal_the_oracle_and_a_second_run_changes_nothin
         .batch_execute(&format!("DROP TABLE {table}"))
         .await
         .unwrap();
-}
-
-/// `weir run` of `file` with `--input` of a few events; its exit status and stderr.
-fn run_small(dir: &std::path::Path, file: &std::path::Path) -> (std::process::ExitStatus, String) {
-    let input = dir.join("small.jsonl");
-    write_lines(&input, &data(3, 100));
-    let out = weir()
-        .arg("run")
-        .arg(file)
-        .arg("--input")
-        .arg(&input)
-        .arg("--dead-letter")
-        .arg(dir.join("dead.jsonl"))
-        .output()
-        .unwrap();
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,7 +104,7 @@ async fn postgres_a_table_whose_columns_do_not_fit_stops_the_run_at_start_naming
             .await
             .unwrap();
         let file = pg::pipeline(dir.path(), &url, &table);
-        let (status, stderr) = run_small(dir.path(), &file);
+        let (status, stderr) = stores::run_input(dir.path(), &file, &data(3, 100));
         assert_eq!(status.code(), Some(1), "{case}: {stderr}");
         let message = message.replace("TABLE", &table);
         assert!(
@@ -183,36 +141,20 @@ fn postgres_settings_are_checked_at_their_file_line_col() {
         .unwrap()
         .replace("[sink]\n", "[sink]\nbatch = 5\n");
     std::fs::write(&file, &text).unwrap();
-    let line_of = |needle: &str| text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
-    let out = weir().arg("validate").arg(&file).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    let f = file.display();
-    for want in [
-        format!("{f}:{}:1: sink.batch: unknown key", line_of("batch")),
-        format!(
-            "{f}:{}:7: sink.url: not a PostgreSQL connection string",
-            line_of("url")
-        ),
-        format!(
-            "{f}:{}:9: sink.table: `stats;drop` is not a table name",
-            line_of("table")
-        ),
-    ] {
-        assert!(stderr.contains(&want), "want `{want}` in:\n{stderr}");
-    }
+    stores::validate_fails(
+        &file,
+        &[],
+        &[
+            "FILE:@LINE(batch):1: sink.batch: unknown key",
+            "FILE:@LINE(url):7: sink.url: not a PostgreSQL connection string",
+            "FILE:@LINE(table):9: sink.table: `stats;drop` is not a table name",
+        ],
+    );
     // An unknown store, at its `type`.
-    let out = weir()
-        .arg("validate")
-        .arg(&file)
-        .args(["--set", "sink.type=mysql"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("sink.type: unknown sink type `mysql` (choose among topic, postgres)"),
-        "{stderr}"
+    stores::validate_fails(
+        &file,
+        &["sink.type=mysql"],
+        &["sink.type: unknown sink type `mysql` (choose among topic, postgres, redis)"],
     );
 }
 

@@ -82,24 +82,8 @@ async fn survives_crashes_right_after_commits(broker: &str) {
         let k = (1 + rng.next() % 2).to_string();
         let env = [("WEIR_CRASH_AFTER_COMMITS", k.as_str())];
         let mut p = spawn_env(&conformance::pipeline_file(), &bed, &log, "10s", &[], &env);
-        let t0 = std::time::Instant::now();
-        let status = loop {
-            if let Some(s) = p.try_wait().expect("wait") {
-                break Some(s);
-            }
-            if t0.elapsed() > Duration::from_secs(15) {
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        match status {
-            // SIGABRT: the crash point fired.
-            Some(s) if s.code().is_none() => aborted += 1,
-            Some(s) => panic!("exited {s} before its crash point"),
-            None => {
-                p.kill().expect("kill");
-                let _ = p.wait();
-            }
+        if until_crash_point(&mut p, &log).await {
+            aborted += 1;
         }
     }
     assert!(
@@ -108,6 +92,31 @@ async fn survives_crashes_right_after_commits(broker: &str) {
     );
     final_run(&bed, &log).await;
     check_outputs(&bed, &data, aborted, &log, Guarantee::AtLeastOnce).await;
+}
+
+/// Waits up to 15 s for `p` to reach its crash point (`WEIR_CRASH_AFTER_COMMITS`): true
+/// when it aborted there, false when it had not (it is killed); fails when it exited.
+pub(super) async fn until_crash_point(p: &mut std::process::Child, log: &std::path::Path) -> bool {
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = p.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if t0.elapsed() > Duration::from_secs(15) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    match status {
+        // SIGABRT: the crash point fired.
+        Some(s) if s.code().is_none() => true,
+        Some(s) => panic!("exited {s} before its crash point\n{}", super::tail(log)),
+        None => {
+            p.kill().expect("kill");
+            let _ = p.wait();
+            false
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

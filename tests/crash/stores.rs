@@ -15,11 +15,9 @@ use std::time::Duration;
 use weir_engine::generate::dataset;
 
 use super::conformance::{self, oracle, Bed};
-use super::schedules::chunks_an_hour_apart;
+use super::schedules::{chunks_an_hour_apart, until_crash_point};
 use super::stores::{pg, redis};
-use super::{
-    final_run_begins, keep_log, produce_committed, schedule_seed, spawn_env, tail, wait_ok, Rng,
-};
+use super::{final_run_with, kill_rounds, produce_committed, schedule_seed, spawn_env, tail, Rng};
 
 /// Where a store bed's results are read back from.
 enum Store {
@@ -83,15 +81,7 @@ impl StoreBed {
     /// the oracle's count of `data`.
     async fn final_run_and_check(&mut self, data: &[Vec<u8>], crashes: &str) {
         let log: &Path = &self.log.clone();
-        final_run_begins(log).await;
-        let mut last = self.spawn(&[]);
-        let waited = tokio::time::timeout(
-            Duration::from_secs(200),
-            wait_ok(&mut last, log, Duration::from_secs(180)),
-        )
-        .await;
-        keep_log(log);
-        waited.expect("the final run ended");
+        final_run_with(log, &|| self.spawn(&[])).await;
 
         let want = oracle(data);
         let (got, rows) = self.read_back().await;
@@ -159,30 +149,7 @@ async fn survives_kill_9(store: &str, broker: &str, events: usize, rounds: usize
         .map(String::into_bytes)
         .collect();
     assert!(oracle(&data).len() > 1_000);
-    let mut kills = 0;
-    for (round, part) in data.chunks(data.len().div_ceil(rounds)).enumerate() {
-        produce_committed(&b.bed, part).await;
-        let mut procs = vec![b.spawn(&[])];
-        // Early rounds die while joining; later ones mid-stream.
-        let life = rng.ms(300, 4_000);
-        if takeover && round % 3 == 1 {
-            // A second instance joins; the first dies while the group rebalances for it.
-            tokio::time::sleep(rng.ms(200, 2_500)).await;
-            procs.push(b.spawn(&[]));
-            tokio::time::sleep(rng.ms(100, 2_000)).await;
-            procs[0].kill().expect("kill");
-            kills += 1;
-        }
-        tokio::time::sleep(life).await;
-        for p in &mut procs {
-            if p.try_wait().expect("wait").is_none() {
-                p.kill().expect("kill");
-                kills += 1;
-            }
-            let _ = p.wait();
-        }
-    }
-    assert!(kills >= rounds, "only {kills} kills landed");
+    let kills = kill_rounds(&b.bed, &data, rounds, takeover, &mut rng, &|| b.spawn(&[])).await;
     b.final_run_and_check(&data, &format!("{kills} kills"))
         .await;
 }
@@ -203,24 +170,8 @@ async fn survives_crashes_right_after_commits(store: &str, broker: &str) {
         produce_committed(&b.bed, part).await;
         let k = (1 + rng.next() % 2).to_string();
         let mut p = b.spawn(&[("WEIR_CRASH_AFTER_COMMITS", k.as_str())]);
-        let t0 = std::time::Instant::now();
-        let status = loop {
-            if let Some(s) = p.try_wait().expect("wait") {
-                break Some(s);
-            }
-            if t0.elapsed() > Duration::from_secs(15) {
-                break None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        match status {
-            // SIGABRT: the crash point fired.
-            Some(s) if s.code().is_none() => aborted += 1,
-            Some(s) => panic!("exited {s} before its crash point\n{}", tail(&b.log)),
-            None => {
-                p.kill().expect("kill");
-                let _ = p.wait();
-            }
+        if until_crash_point(&mut p, &b.log).await {
+            aborted += 1;
         }
     }
     assert!(

@@ -33,6 +33,57 @@ pub fn pipeline(dir: &Path, sink: &str) -> PathBuf {
     file
 }
 
+/// `weir run file --input` of `lines` (written to `dir`), dead letters to a file in `dir`:
+/// its exit status and stderr.
+pub fn run_input(dir: &Path, file: &Path, lines: &[Vec<u8>]) -> (std::process::ExitStatus, String) {
+    use std::io::Write as _;
+    let input = dir.join("input.jsonl");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+    for l in lines {
+        f.write_all(l).unwrap();
+        f.write_all(b"\n").unwrap();
+    }
+    f.flush().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("run")
+        .arg(file)
+        .arg("--input")
+        .arg(&input)
+        .arg("--dead-letter")
+        .arg(dir.join("dead.jsonl"))
+        .output()
+        .unwrap();
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `weir validate file` with `--set`s, which must fail with exit 2: its stderr, with
+/// `@LINE(text)` in each of `wants` replaced by the line of `file` that starts with `text`;
+/// fails unless every one of `wants` is in it.
+pub fn validate_fails(file: &Path, sets: &[&str], wants: &[&str]) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_weir"));
+    cmd.arg("validate").arg(file);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for want in wants {
+        let mut want = want.replace("FILE", &file.display().to_string());
+        while let Some(i) = want.find("@LINE(") {
+            let j = i + want[i..].find(')').unwrap();
+            let needle = &want[i + 6..j];
+            let line = text.lines().position(|l| l.starts_with(needle)).unwrap() + 1;
+            want.replace_range(i..=j, &line.to_string());
+        }
+        assert!(stderr.contains(&want), "want `{want}` in:\n{stderr}");
+    }
+}
+
 /// PostgreSQL.
 pub mod pg {
     use std::collections::HashMap;
