@@ -182,3 +182,64 @@ async fn amqp_survives_kills_across_idle_pauses() {
 async fn kinesis_survives_kills_across_idle_pauses() {
     survives_kills_across_idle_pauses("kinesis").await;
 }
+
+/// Random kills (some during takeovers) mixed with processes left running until their
+/// crash point right after the first or second commit, on 100,000 contiguous events (the
+/// schedule the PostgreSQL sink's crash test first ran with). **Known gap, ignored**: on
+/// Kafka with the sink topic it lost 5 and then 6 of 42,961 windows in two runs of seed
+/// 1796406801431 (`WEIR_CRASH_SEED` replays the schedule, not its timing), and with the
+/// results in PostgreSQL 1 and 2 windows in two runs of the same seed — each time the
+/// last window(s) of a round whose process had idled long enough to close them by
+/// idleness (idle_timeout 5 s) and then aborted after a commit: the next owner restored a
+/// checkpoint whose watermark had passed those windows, so it skipped their records as
+/// already emitted, yet no output of them exists. Run it with `cargo test --test crash --
+/// --ignored kafka_survives_kills_mixed_with_crash_points`.
+async fn survives_kills_mixed_with_crash_points(broker: &str) {
+    let seed = schedule_seed(&format!("{broker} (kills mixed with crash points)"));
+    let mut rng = Rng(seed);
+    let bed = Bed::new(broker, "crash-mixed", &["source.commit_interval=300ms"]);
+    let data: Vec<Vec<u8>> = weir_engine::generate::dataset(seed, 100_000, 500, 97)
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let log: PathBuf = dir.path().join("weir.log");
+    let file = conformance::pipeline_file();
+    let (rounds, mut kills, mut aborted) = (12, 0, 0);
+    for (round, part) in data.chunks(data.len().div_ceil(rounds)).enumerate() {
+        produce_committed(&bed, part).await;
+        if round % 3 == 2 {
+            let k = (1 + rng.next() % 2).to_string();
+            let env = [("WEIR_CRASH_AFTER_COMMITS", k.as_str())];
+            let mut p = spawn_env(&file, &bed, &log, "10s", &[], &env);
+            if until_crash_point(&mut p, &log).await {
+                aborted += 1;
+            }
+            continue;
+        }
+        let mut procs = vec![spawn_env(&file, &bed, &log, "10s", &[], &[])];
+        if round % 3 == 1 {
+            tokio::time::sleep(rng.ms(200, 2_500)).await;
+            procs.push(spawn_env(&file, &bed, &log, "10s", &[], &[]));
+            tokio::time::sleep(rng.ms(100, 2_000)).await;
+        }
+        tokio::time::sleep(rng.ms(300, 4_000)).await;
+        for p in &mut procs {
+            let _ = p.kill();
+            let _ = p.wait();
+            kills += 1;
+        }
+    }
+    assert!(
+        aborted >= 2,
+        "only {aborted} processes reached their crash point"
+    );
+    final_run(&bed, &log).await;
+    check_outputs(&bed, &data, kills + aborted, &log, Guarantee::AtLeastOnce).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap: loses windows closed by idleness just before a crash after a commit"]
+async fn kafka_survives_kills_mixed_with_crash_points() {
+    survives_kills_mixed_with_crash_points("kafka").await;
+}

@@ -6,14 +6,15 @@ use weir_engine::error::Retryable;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PostgresError {
-    /// The server refused or the connection failed (`what` says which step).
-    #[error("{what}: {source}")]
+    /// The server refused or the connection failed (`what` says which step; the client's
+    /// error and its causes follow, e.g. `Connection refused`).
+    #[error("{what}: {}", chain(error))]
     Db {
         /// The step that failed (connecting, creating the table, an upsert).
         what: String,
-        /// The client's error.
-        #[source]
-        source: tokio_postgres::Error,
+        /// The client's error (in the message with its causes, so not a `source()`: a
+        /// report of the chain would say it twice).
+        error: tokio_postgres::Error,
     },
     /// A step took longer than the sink's `timeout` (a server that stopped answering).
     #[error("{0} did not finish within {1:?}")]
@@ -30,7 +31,7 @@ pub enum PostgresError {
 impl Retryable for PostgresError {
     fn is_retryable(&self) -> bool {
         match self {
-            PostgresError::Db { source, .. } => db_retryable(source),
+            PostgresError::Db { error, .. } => db_retryable(error),
             PostgresError::Timeout(..) => true,
             PostgresError::Table(_) | PostgresError::Result(_) => false,
         }
@@ -56,12 +57,24 @@ fn db_retryable(e: &tokio_postgres::Error) -> bool {
         || c == "40P01"
 }
 
+/// `e: its cause: its cause's cause…` (the client's own text omits the causes).
+fn chain(e: &tokio_postgres::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
 impl PostgresError {
     /// `source` of the step `what`.
-    pub(crate) fn db(what: impl Into<String>, source: tokio_postgres::Error) -> Self {
+    pub(crate) fn db(what: impl Into<String>, error: tokio_postgres::Error) -> Self {
         PostgresError::Db {
             what: what.into(),
-            source,
+            error,
         }
     }
 }
