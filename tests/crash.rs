@@ -19,8 +19,6 @@ mod retries;
 mod schedules;
 #[path = "crash/stores.rs"]
 mod store_sinks;
-#[path = "stores/mod.rs"]
-mod stores;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};

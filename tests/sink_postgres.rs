@@ -7,14 +7,13 @@
 //! server these tests fail, never skip.
 
 mod conformance;
-mod stores;
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use conformance::oracle;
-use stores::pg;
+use conformance::stores::{self, pg};
 use weir_engine::generate::dataset;
 
 fn weir() -> Command {

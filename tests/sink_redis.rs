@@ -5,10 +5,9 @@
 //! Without a server these tests fail, never skip.
 
 mod conformance;
-mod stores;
 
 use conformance::oracle;
-use stores::redis;
+use conformance::stores::{self, redis};
 use weir_engine::generate::dataset;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,9 @@ mod oracles;
 mod pipelines;
 mod retries;
 mod scale;
+mod sinks;
+#[path = "../stores/mod.rs"]
+pub mod stores;
 mod tumbling;
 mod windows;
 
@@ -40,6 +43,8 @@ pub use pipelines::shipped_pipelines_run_with_broker_alone;
 pub use retries::*;
 #[allow(unused_imports)]
 pub use scale::*;
+#[allow(unused_imports)]
+pub use sinks::*;
 #[allow(unused_imports)]
 pub use tumbling::*;
 #[allow(unused_imports)]
@@ -69,6 +74,7 @@ macro_rules! suite {
                 shipped_pipelines_run_with_broker_alone,
                 instances_split_the_work,
                 a_killed_instance_is_taken_over,
+                postgres_holds_the_results,
             );
         }
     };
@@ -262,9 +268,12 @@ impl Bed {
         let mut sets = vec![
             format!("source.topic=conf-in-{id}"),
             format!("source.group=conf-group-{id}"),
-            format!("sink.topic=conf-out-{id}"),
             format!("dead_letter.topic=conf-dlq-{id}"),
         ];
+        // A pipeline whose results go to a store (`[sink] type = "postgres"`) has no topic.
+        if load(file, broker, &[]).0.sink_store.is_none() {
+            sets.push(format!("sink.topic=conf-out-{id}"));
+        }
         let tb = brokers::get(broker);
         // Brokers run elsewhere (e.g. docker/compose.yml) are found through the environment.
         if let Some(a) = tb.address() {

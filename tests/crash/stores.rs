@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use weir_engine::generate::dataset;
 
+use super::conformance::stores::{pg, redis};
 use super::conformance::{self, oracle, Bed};
 use super::schedules::{chunks_an_hour_apart, until_crash_point};
-use super::stores::{pg, redis};
 use super::{final_run_with, kill_rounds, produce_committed, schedule_seed, spawn_env, tail, Rng};
 
 /// Where a store bed's results are read back from.
