@@ -155,6 +155,19 @@ fn postgres_settings_are_checked_at_their_file_line_col() {
         &["sink.type=mysql"],
         &["sink.type: unknown sink type `mysql` (choose among topic, postgres, redis)"],
     );
+    // `weir tail` has no topic to read: it says where the results are.
+    let file = pg::pipeline(dir.path(), &pg::url(), "stats");
+    let out = weir()
+        .args(["tail", "--broker", "kafka"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the results of this pipeline go to postgres table stats, not to a topic"),
+        "{stderr}"
+    );
 }
 
 /// The database crashes (SIGQUIT: immediate shutdown, recovery from the WAL at the next
