@@ -58,6 +58,7 @@ macro_rules! suite {
         mod $module {
             $crate::conformance::suite!(@tests $broker;
                 counts_match_the_oracle,
+                postgres_holds_the_results,
                 bad_input_goes_to_dead_letters,
                 restart_loses_nothing,
                 idle_input_still_closes_the_last_window,
@@ -74,7 +75,6 @@ macro_rules! suite {
                 shipped_pipelines_run_with_broker_alone,
                 instances_split_the_work,
                 a_killed_instance_is_taken_over,
-                postgres_holds_the_results,
             );
         }
     };
