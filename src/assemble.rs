@@ -148,7 +148,11 @@ impl Parts {
                 .await?
             }
         };
-        let sink = open_sink(c, backend, &c.sink.topic, io.output.as_deref()).await?;
+        let sink = match (&c.sink_store, &io.output) {
+            // `[sink] type = "postgres"` (an --output file still wins).
+            (Some(_), None) => crate::store::open(c, backend).await?,
+            _ => open_sink(c, backend, &c.sink.topic, io.output.as_deref()).await?,
+        };
         let dead_letter =
             open_sink(c, backend, &c.dead_letter.topic, io.dead_letter.as_deref()).await?;
         let mut job = Job::from_config(c);

@@ -89,6 +89,8 @@ impl Backend {
                 ),
             }
         }
+        // `[sink] type = "postgres"` and the other stores: their keys are checked here too.
+        let _ = crate::store::read(c, d);
         if chosen.is_none() {
             let problem = if KNOWN.contains(&wanted) {
                 format!(

@@ -235,6 +235,13 @@ pub fn tail(mut a: TailArgs) -> ExitCode {
         Err(code) => return code,
     };
     let idle = a.idle_exit;
+    if a.topic.is_none() && c.sink_store.is_some() {
+        eprintln!(
+            "error: the results of this pipeline go to {}, not to a topic: read them there (or name a topic with --topic)",
+            weir::store::describe(&c)
+        );
+        return ExitCode::from(2);
+    }
     let topic = a.topic.clone().unwrap_or_else(|| c.sink.topic.clone());
     let result = rt.block_on(async {
         let what = format!("opening topic {topic}");

@@ -9,5 +9,6 @@ pub mod golden;
 pub mod http;
 pub mod observe;
 pub mod serve;
+pub mod store;
 
 pub use backend::Backend;

@@ -177,7 +177,7 @@ fn main() -> ExitCode {
                     c.source.topic,
                     describe(c.window.kind),
                     c.aggregate.group_by.join(", "),
-                    c.sink.topic,
+                    weir::store::describe(&c),
                     c.dead_letter.topic
                 );
                 ExitCode::SUCCESS

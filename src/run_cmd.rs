@@ -187,7 +187,7 @@ async fn start(
         if a.input.is_none() {
             weir::demo::start(tasks, c, backend, shutdown.clone()).await?;
         }
-        if a.output.is_none() {
+        if a.output.is_none() && c.sink_store.is_none() {
             let src = backend.source(&c.sink.topic, None).await?;
             tasks.spawn(tail(src, tails_done.clone(), ""));
         }

@@ -7,7 +7,8 @@
 //! One test per broker that outlives a process (the memory broker dies with it), and on
 //! Kafka an exactly-once variant whose reader reads committed records only and finds every
 //! window and every dead letter exactly once, and one that a restart does not leave its
-//! readers waiting for the killed instance's transaction to time out. They need the brokers of `scripts/brokers
+//! readers waiting for the killed instance's transaction to time out. `crash/stores.rs`
+//! runs the same kills with the results in a PostgreSQL table and in Redis. They need the brokers of `scripts/brokers
 //! up` and fail, never skip, without them. `WEIR_CRASH_SEED=N` replays one schedule of
 //! kills.
 
@@ -18,6 +19,8 @@ mod reshard;
 mod retries;
 #[path = "crash/schedules.rs"]
 mod schedules;
+#[path = "crash/stores.rs"]
+mod store_sinks;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -220,18 +223,37 @@ async fn survives_kill_9_with(
         .any(|l| oracle(std::slice::from_ref(l)).is_empty()));
     let dir = tempfile::tempdir().unwrap();
     let log: PathBuf = dir.path().join("weir.log");
-    let chunk = data.len().div_ceil(rounds);
+    let kills = kill_rounds(&bed, &data, rounds, takeover, &mut rng, &|| {
+        spawn(&bed, &log)
+    })
+    .await;
+    final_run(&bed, &log).await;
+    check_outputs(&bed, &data, kills, &log, guarantee).await;
+}
+
+/// `data` produced in `rounds` parts; after each, `spawn` starts a process that is killed
+/// at a random moment (with a second one started beside it when `takeover`, and the first
+/// killed while the second joins or takes over, every third round). Returns how many
+/// kills landed, at least `rounds`.
+async fn kill_rounds(
+    bed: &Bed,
+    data: &[Vec<u8>],
+    rounds: usize,
+    takeover: bool,
+    rng: &mut Rng,
+    spawn: &dyn Fn() -> Child,
+) -> usize {
     let mut kills = 0;
-    for (round, part) in data.chunks(chunk).enumerate() {
+    for (round, part) in data.chunks(data.len().div_ceil(rounds)).enumerate() {
         // An exactly-once bed's producer writes in transactions too.
-        produce_committed(&bed, part).await;
-        let mut procs = vec![spawn(&bed, &log)];
+        produce_committed(bed, part).await;
+        let mut procs = vec![spawn()];
         // Early rounds die while joining; later ones mid-stream.
         let life = rng.ms(300, 4_000);
         if takeover && round % 3 == 1 {
             // A second instance joins; the first dies while the group rebalances for it.
             tokio::time::sleep(rng.ms(200, 2_500)).await;
-            procs.push(spawn(&bed, &log));
+            procs.push(spawn());
             tokio::time::sleep(rng.ms(100, 2_000)).await;
             procs[0].kill().expect("kill");
             kills += 1;
@@ -246,14 +268,18 @@ async fn survives_kill_9_with(
         }
     }
     assert!(kills >= rounds, "only {kills} kills landed");
-    final_run(&bed, &log).await;
-    check_outputs(&bed, &data, kills, &log, guarantee).await;
+    kills
 }
 
 /// The run after the kills: one process of the bed until idle, which must end well.
 async fn final_run(bed: &Bed, log: &Path) {
+    final_run_with(log, &|| spawn(bed, log)).await
+}
+
+/// [`final_run`] of the process `spawn` starts.
+async fn final_run_with(log: &Path, spawn: &dyn Fn() -> Child) {
     final_run_begins(log).await;
-    let mut last = spawn(bed, log);
+    let mut last = spawn();
     let waited = tokio::time::timeout(
         Duration::from_secs(200),
         wait_ok(&mut last, log, Duration::from_secs(180)),

@@ -17,6 +17,9 @@ mod oracles;
 mod pipelines;
 mod retries;
 mod scale;
+mod sinks;
+#[path = "../stores/mod.rs"]
+pub mod stores;
 mod tumbling;
 mod windows;
 
@@ -41,6 +44,8 @@ pub use retries::*;
 #[allow(unused_imports)]
 pub use scale::*;
 #[allow(unused_imports)]
+pub use sinks::*;
+#[allow(unused_imports)]
 pub use tumbling::*;
 #[allow(unused_imports)]
 pub use windows::*;
@@ -53,6 +58,7 @@ macro_rules! suite {
         mod $module {
             $crate::conformance::suite!(@tests $broker;
                 counts_match_the_oracle,
+                postgres_holds_the_results,
                 bad_input_goes_to_dead_letters,
                 restart_loses_nothing,
                 idle_input_still_closes_the_last_window,
@@ -263,9 +269,12 @@ impl Bed {
         let mut sets = vec![
             format!("source.topic=conf-in-{id}"),
             format!("source.group=conf-group-{id}"),
-            format!("sink.topic=conf-out-{id}"),
             format!("dead_letter.topic=conf-dlq-{id}"),
         ];
+        // A pipeline whose results go to a store (`[sink] type = "postgres"`) has no topic.
+        if load(file, broker, &[]).0.sink_store.is_none() {
+            sets.push(format!("sink.topic=conf-out-{id}"));
+        }
         let tb = brokers::get(broker);
         // Brokers run elsewhere (e.g. docker/compose.yml) are found through the environment.
         if let Some(a) = tb.address() {

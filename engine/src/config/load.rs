@@ -26,7 +26,7 @@ pub(super) fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig
     let window = super::windowing::window(&mut r, d);
     // Where `group_by` and `compute` are, for the check against the schema below.
     let (aggregate, agg_locs) = super::schema::aggregate(&mut r, d, &schema);
-    let sink = topic(&mut r, d, "sink");
+    let (sink, sink_store) = sink(&mut r, d);
     let dead_letter = topic(&mut r, d, "dead_letter");
     let late = late(&mut r, d);
     let retry = super::stages::retry(&mut r, d);
@@ -61,6 +61,7 @@ pub(super) fn read_pipeline(root: &Table, d: &mut Diagnostics) -> PipelineConfig
         window,
         aggregate,
         sink,
+        sink_store,
         dead_letter,
         late,
         brokers,
@@ -170,11 +171,43 @@ fn source(r: &mut TableReader<'_>, d: &mut Diagnostics, name: &str) -> SourceCon
     }
 }
 
-/// `[sink]` and `[dead_letter]`: a destination topic.
+/// `[sink]`: a destination topic, or with `type` other than `topic`, a store whose keys its
+/// own reader checks (the binary's registry of stores).
+fn sink(r: &mut TableReader<'_>, d: &mut Diagnostics) -> (TopicConfig, Option<SinkStore>) {
+    let Some(node) = r.node("sink") else {
+        return (topic(r, d, "sink"), None);
+    };
+    let kind = match &node.value {
+        Value::Table(t) => t.get("type"),
+        _ => None,
+    };
+    match kind {
+        Some(Node {
+            value: Value::Str(kind),
+            loc,
+        }) if kind != "topic" => (
+            TopicConfig {
+                topic: String::new(),
+            },
+            Some(SinkStore {
+                kind: kind.clone(),
+                kind_loc: loc.clone(),
+                table: node.clone(),
+            }),
+        ),
+        _ => (topic(r, d, "sink"), None),
+    }
+}
+
+/// `[sink]` (a topic) and `[dead_letter]`: a destination topic.
 fn topic(r: &mut TableReader<'_>, d: &mut Diagnostics, key: &'static str) -> TopicConfig {
     match r.table(d, key) {
         Some(mut t) => {
             let topic = t.req_str(d, "topic").unwrap_or_default().to_string();
+            if key == "sink" {
+                // `type = "topic"`, the default.
+                t.str(d, "type");
+            }
             t.finish(d);
             TopicConfig { topic }
         }

@@ -14,8 +14,8 @@ mod windowing;
 use load::read_pipeline;
 pub use model::{
     AggFn, AggregateConfig, DemoConfig, EmitMode, EnrichConfig, ErrorAction, Guarantee, LatePolicy,
-    ObservabilityConfig, PipelineConfig, RetryConfig, ServeConfig, SourceConfig, TopicConfig,
-    WindowConfig,
+    ObservabilityConfig, PipelineConfig, RetryConfig, ServeConfig, SinkStore, SourceConfig,
+    TopicConfig, WindowConfig,
 };
 pub(crate) use model::{DEFAULT_MAX_FUTURE, STAGE_ENRICH, STAGE_VALIDATE};
 pub use reader::{ConfigErrors, Diagnostics, Problem, TableReader};

@@ -66,8 +66,11 @@ pub struct PipelineConfig {
     pub window: WindowConfig,
     /// What is computed per window.
     pub aggregate: AggregateConfig,
-    /// Where window results go.
+    /// Where window results go (its `topic` is empty when `sink_store` is set).
     pub sink: TopicConfig,
+    /// `[sink] type = "…"` other than `topic`: results go to a store (a database) that the
+    /// binary's registry of stores reads and checks; `None`: the sink topic.
+    pub sink_store: Option<SinkStore>,
     /// Where dead letters go.
     pub dead_letter: TopicConfig,
     /// Where events whose window has closed go.
@@ -155,6 +158,18 @@ pub struct AggregateConfig {
 pub struct TopicConfig {
     /// Topic (exchange, stream) name.
     pub topic: String,
+}
+
+/// `[sink]` naming a store other than a topic (`type = "postgres"`): its raw table, read
+/// by that store's own config reader (the engine names no store).
+#[derive(Debug, Clone)]
+pub struct SinkStore {
+    /// The `type` given.
+    pub kind: String,
+    /// Where the `type` is.
+    pub kind_loc: Loc,
+    /// The whole `[sink]` table (`type` included).
+    pub table: Node,
 }
 
 /// `[demo]`: the generator `weir run` starts on the memory backend without `--input`.
