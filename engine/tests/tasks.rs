@@ -18,6 +18,15 @@ fn rec(partition: u32, offset: u64, key: Option<&str>, t: i64) -> Record {
     }
 }
 
+/// The results in `out` of the window that starts at `start` (an RFC 3339 fragment).
+fn results_at(out: &Emitted, start: &str) -> Vec<String> {
+    out.results
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
+        .filter(|r| r.contains(start))
+        .collect()
+}
+
 fn job() -> Job {
     Job::tumbling_count("k", "t", Duration::from_secs(10)).with_grace(Duration::from_secs(1))
 }
@@ -211,12 +220,7 @@ fn a_shared_task_holds_its_windows_while_partitions_of_the_topic_are_not_assigne
     assert_eq!(o, Outcome::Windowed);
     op.ingest(&rec(1, 1, None, 60_000), now, now_ms(), &mut out);
     op.close_ready(now, &|_| false, &mut out);
-    let first: Vec<String> = out
-        .results
-        .iter()
-        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
-        .filter(|r| r.contains("1970-01-01T00:00:00"))
-        .collect();
+    let first = results_at(&out, "1970-01-01T00:00:00");
     assert_eq!(first.len(), 1, "{first:?}");
     assert!(first[0].contains(r#""count":2"#), "{first:?}");
 }
@@ -343,12 +347,7 @@ fn a_child_assigned_with_its_parent_counts_in_the_parents_task() {
     op.close_ready(now, &|_| false, &mut out);
     assert!(out.results.is_empty(), "the parent holds the family's time");
     op.close_all(&mut out);
-    let first: Vec<String> = out
-        .results
-        .iter()
-        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
-        .filter(|r| r.contains("T00:00:00"))
-        .collect();
+    let first = results_at(&out, "T00:00:00");
     assert_eq!(first.len(), 1, "{first:?}");
     assert!(first[0].contains(r#""count":2"#), "{first:?}");
 }
@@ -482,12 +481,7 @@ fn a_replayed_record_cannot_reopen_a_window_this_run_closed() {
     let o = op.ingest(&rec(0, 2, Some("a"), 6_000), now, now_ms(), &mut out);
     assert_eq!(o, Outcome::Replayed);
     op.close_all(&mut out);
-    let first: Vec<String> = out
-        .results
-        .iter()
-        .map(|r| String::from_utf8_lossy(&r.payload).to_string())
-        .filter(|r| r.contains("1970-01-01T00:00:00"))
-        .collect();
+    let first = results_at(&out, "1970-01-01T00:00:00");
     assert_eq!(first.len(), 1, "the window is emitted once: {first:?}");
 }
 
