@@ -212,3 +212,14 @@ async fn kafka_redis_survives_kill_9_mid_stream_during_joins_and_takeovers() {
 async fn kafka_redis_survives_crashes_right_after_commits() {
     survives_crashes_right_after_commits("redis", "kafka").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_redis_survives_kill_9_mid_stream_and_during_takeovers() {
+    survives_kill_9("redis", "amqp", 40_000, 12, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_redis_survives_kill_9_mid_stream() {
+    // One instance per (stream, group) on Kinesis: no takeover to kill.
+    survives_kill_9("redis", "kinesis", 40_000, 12, false).await;
+}
