@@ -9,6 +9,7 @@ use weir_engine::config::{LatePolicy, PipelineConfig};
 use weir_engine::enrich::{Enricher, Table};
 use weir_engine::jsonl::{JsonLinesSink, JsonLinesSource};
 use weir_engine::metrics::Metrics;
+use weir_engine::repartition::Forwarder;
 use weir_engine::retry::{RetrySink, WithRetries};
 use weir_engine::{Job, Pipeline, Processor, Sink, Source, Transaction};
 
@@ -102,6 +103,12 @@ pub struct Parts {
     /// Stops the tasks the parts started (the enrichment table's follower): cancel it when
     /// the pipeline has stopped.
     pub background: CancellationToken,
+    /// `[source] repartition = true`: the stage that forwards the source topic's events to
+    /// the internal topic, which `source` then reads (see [`weir_engine::repartition`]).
+    /// Run it beside the pipeline.
+    pub forwarder: Option<Forwarder>,
+    /// Whether `source` is the internal topic of a repartition stage.
+    pub repartitioned: bool,
 }
 
 impl Parts {
@@ -130,6 +137,7 @@ impl Parts {
     ) -> anyhow::Result<Parts> {
         // Before anything is opened: creating an output truncates it.
         io.check()?;
+        let reads_given = input.is_some();
         let mut source: Box<dyn Source> = match (input, &io.input) {
             (Some(input), _) => input,
             (None, Some(path)) => Box::new(
@@ -139,14 +147,19 @@ impl Parts {
                     .counting_into(metrics.clone()),
             ),
             (None, None) => {
-                connect(
-                    c,
-                    backend,
-                    &format!("opening topic {}", c.source.topic),
-                    || backend.source(&c.source.topic, Some(&c.source.group)),
-                )
+                // Repartitioned: the windowing stage reads the internal topic.
+                let topic = c.source.repartition.as_ref().unwrap_or(&c.source.topic);
+                connect(c, backend, &format!("opening topic {topic}"), || {
+                    backend.source(topic, Some(&c.source.group))
+                })
                 .await?
             }
+        };
+        let forwarder = match (&c.source.repartition, &io.input) {
+            (Some(internal), None) if !reads_given => {
+                Some(open_forwarder(c, backend, internal).await?)
+            }
+            _ => None,
         };
         let sink = match (&c.sink_store, &io.output) {
             // `[sink] type = "postgres"` (an --output file still wins).
@@ -218,6 +231,8 @@ impl Parts {
             processors,
             metrics,
             background,
+            repartitioned: forwarder.is_some(),
+            forwarder,
         })
     }
 
@@ -238,10 +253,14 @@ impl Parts {
         }
     }
 
-    /// The pipeline made of these parts.
+    /// The pipeline made of these parts (its forwarder, if any, is taken out first: see
+    /// [`forwarder`](Parts::forwarder)).
     pub fn into_pipeline(self) -> Pipeline {
         let mut p = Pipeline::new(self.job, self.source, self.sink, self.dead_letter)
             .with_metrics(self.metrics);
+        if self.repartitioned {
+            p = p.repartitioned();
+        }
         if let Some(late) = self.late {
             p = p.late_output(late);
         }
@@ -256,6 +275,59 @@ impl Parts {
         }
         p
     }
+}
+
+/// The repartition stage of `c`: a consumer of the source topic in the group
+/// `<group>.repartition` and a producer to the internal topic, in a transaction of their own
+/// where the backend has them.
+async fn open_forwarder(
+    c: &PipelineConfig,
+    backend: &Backend,
+    internal: &str,
+) -> anyhow::Result<Forwarder> {
+    let b = backend.forwarding();
+    let group = format!("{}.repartition", c.source.group);
+    let source = connect(
+        c,
+        backend,
+        &format!("opening topic {} to repartition", c.source.topic),
+        || b.source(&c.source.topic, Some(&group)),
+    )
+    .await?;
+    let sink = connect(c, backend, &format!("opening topic {internal}"), || {
+        b.sink(internal)
+    })
+    .await?;
+    Ok(Forwarder::new(
+        &Job::from_config(c),
+        source,
+        sink,
+        b.transaction(),
+    ))
+}
+
+/// Runs `forwarder` (if any) beside the pipeline until it ends or `shutdown`; an error
+/// cancels `shutdown`, so that the pipeline stops too, and is returned by the handle.
+pub fn spawn_forwarder(
+    forwarder: Option<Forwarder>,
+    shutdown: &CancellationToken,
+    exit_when_idle: Option<std::time::Duration>,
+) -> Option<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let mut f = forwarder?.shutdown_on(shutdown.clone());
+    if let Some(idle) = exit_when_idle {
+        f = f.exit_when_idle(idle);
+    }
+    let stop = shutdown.clone();
+    Some(tokio::spawn(async move {
+        match f.run().await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::error!(error = %e, "the repartition stage stopped");
+                stop.cancel();
+                Err(anyhow::anyhow!("repartition: {e}"))
+            }
+        }
+    }))
 }
 
 async fn open_sink(

@@ -28,6 +28,11 @@ const REGISTRY: &[Registration] = &[
 /// build; choosing such a backend is refused.
 const KNOWN: &[&str] = &["memory", "kafka", "amqp", "kinesis"];
 
+/// The backends that can repartition (`[source] repartition = true`): Kafka forwards in
+/// a transaction of its own, so a crash forwards nothing twice; the memory broker's
+/// topics end with the process that forwards.
+const REPARTITIONS: &[&str] = &["memory", "kafka"];
+
 /// The backend of a pipeline that names none: the embedded broker, always built.
 const DEFAULT: &str = <weir_memory::MemoryBroker as Broker>::NAME;
 
@@ -89,6 +94,20 @@ impl Backend {
                 ),
             }
         }
+        if let (Some(b), Some(_)) = (chosen.as_ref(), &c.source.repartition) {
+            if !REPARTITIONS.contains(&b.name()) {
+                d.push(
+                    &c.source.repartition_loc,
+                    "source.repartition",
+                    format!(
+                        "the {} backend cannot repartition yet (only {} can: their forwarding is exact); \
+                         key the source records by a group-by field, or run a single instance",
+                        b.name(),
+                        REPARTITIONS.join(" and ")
+                    ),
+                );
+            }
+        }
         // `[sink] type = "postgres"` and the other stores: their keys are checked here too.
         let _ = crate::store::read(c, d);
         if chosen.is_none() {
@@ -103,6 +122,14 @@ impl Backend {
             d.push(&c.broker_loc, "pipeline.broker", problem);
         }
         chosen
+    }
+
+    /// The backend a repartition stage forwards with: in a transaction of its own where the
+    /// backend has transactions (its source commits into it), else the plain backend.
+    pub fn forwarding(&self) -> Arc<dyn DynBroker> {
+        self.feeder
+            .exactly_once()
+            .unwrap_or_else(|| self.feeder.clone())
     }
 
     /// The backend's name.

@@ -71,6 +71,9 @@ pub(crate) async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyh
         }
     };
     let background = parts.background.clone();
+    let mut parts = parts;
+    let forwarder =
+        weir::assemble::spawn_forwarder(parts.forwarder.take(), &shutdown, a.exit_when_idle);
     let mut pipeline = parts
         .observed(&observer)
         .into_pipeline()
@@ -86,6 +89,17 @@ pub(crate) async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyh
         tokio::spawn(async move { o.give_up_after(limit, &stop).await })
     };
     let result = pipeline.run().await;
+    // The forwarder stops when its input does (or with the pipeline, on a signal).
+    let forwarded = match forwarder {
+        Some(f) => {
+            if result.is_err() {
+                shutdown.cancel();
+            }
+            f.await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("repartition: {e}")))
+        }
+        None => Ok(()),
+    };
     observer.set_phase(Phase::Stopped);
     background.cancel();
     shutdown.cancel();
@@ -98,6 +112,7 @@ pub(crate) async fn run(a: RunArgs, c: PipelineConfig, backend: Backend) -> anyh
         anyhow::bail!("{why}");
     }
     let summary = result?;
+    forwarded?;
     let s = summary.counters;
     if !s.balanced() {
         anyhow::bail!("counters do not balance: {s:?}");

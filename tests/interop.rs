@@ -8,8 +8,7 @@ mod conformance;
 mod huge;
 #[path = "interop/support.rs"]
 mod support;
-mod thirdparty;
-use thirdparty as interop;
+use conformance::thirdparty as interop;
 
 use std::time::Duration;
 

@@ -22,6 +22,7 @@ pub(crate) mod outcome;
 pub mod output;
 pub(crate) mod processor;
 pub mod record;
+pub mod repartition;
 pub(crate) mod replay;
 pub mod retry;
 pub(crate) mod runtime;

@@ -9,8 +9,11 @@
 //! else asks the record's [`Origin`]: which task counts it, whether it moves event time,
 //! where a dead letter says it came from, how many attempts it had.
 
+use bytes::Bytes;
+
 use crate::record::{Position, Record};
 use crate::retry::envelope::{self, AttemptLog, Meta, SourceRef};
+use crate::window::Activity;
 
 /// The merged source's partition number of the retry topic's partition 0; a source topic's
 /// partitions must be numbered below it.
@@ -221,6 +224,82 @@ impl Origin {
     }
 }
 
+// --- repartitioned input (see `crate::repartition`) ---
+
+/// Header of a forwarded record: `partition:offset`, its position in the source topic.
+pub const HEADER_ORIGIN: &str = "weir.origin";
+/// Header of a marker record (its payload is the [`Marker`]).
+pub const HEADER_MARKER: &str = "weir.marker";
+
+/// The source position a forwarded record names in its [`HEADER_ORIGIN`], if it has one.
+#[inline]
+pub fn origin_of(rec: &Record) -> Option<Position> {
+    let (_, v) = rec.headers.iter().find(|(n, _)| n == HEADER_ORIGIN)?;
+    let s = std::str::from_utf8(v).ok()?;
+    let (p, o) = s.split_once(':')?;
+    Some(Position {
+        partition: p.parse().ok()?,
+        offset: o.parse().ok()?,
+    })
+}
+
+/// What a repartition stage's forwarder knows of the source partitions it owns, written
+/// to every partition of the internal topic (see [`crate::repartition`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    /// How many partitions the source topic has: the origins a task waits to hear of.
+    pub count: u32,
+    /// `(source partition, highest event time forwarded or i64::MIN, its state)`.
+    pub origins: Vec<(u32, i64, Activity)>,
+}
+
+impl Marker {
+    /// `count;p:stamp:state;...` (the state 0 active, 1 idle, 2 ended).
+    pub fn encode(&self) -> Bytes {
+        let mut s = self.count.to_string();
+        for (p, stamp, state) in &self.origins {
+            let state = match state {
+                Activity::Active => 0,
+                Activity::Idle => 1,
+                Activity::Ended => 2,
+            };
+            s.push_str(&format!(";{p}:{stamp}:{state}"));
+        }
+        Bytes::from(s)
+    }
+
+    /// Reads [`encode`](Self::encode)'s form.
+    pub fn decode(b: &[u8]) -> Option<Marker> {
+        let s = std::str::from_utf8(b).ok()?;
+        let mut it = s.split(';');
+        let count = it.next()?.parse().ok()?;
+        let mut origins = Vec::new();
+        for o in it {
+            let mut f = o.split(':');
+            let p = f.next()?.parse().ok()?;
+            let stamp = f.next()?.parse().ok()?;
+            let state = match f.next()? {
+                "0" => Activity::Active,
+                "1" => Activity::Idle,
+                "2" => Activity::Ended,
+                _ => return None,
+            };
+            origins.push((p, stamp, state));
+        }
+        Some(Marker { count, origins })
+    }
+
+    /// The marker `rec` carries, if it is a marker record (one that has the header but
+    /// cannot be read is `Some(None)`).
+    #[inline]
+    pub fn of(rec: &Record) -> Option<Option<Marker>> {
+        rec.headers
+            .iter()
+            .any(|(n, _)| n == HEADER_MARKER)
+            .then(|| Marker::decode(&rec.payload))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
@@ -277,5 +356,36 @@ mod tests {
             unreachable!()
         };
         assert_eq!((retried.due, retried.run), (1_100, 5));
+    }
+
+    #[test]
+    fn markers_read_back() {
+        let m = Marker {
+            count: 4,
+            origins: vec![
+                (0, 1_000, crate::window::Activity::Active),
+                (3, i64::MIN, crate::window::Activity::Idle),
+                (1, 5, crate::window::Activity::Ended),
+            ],
+        };
+        assert_eq!(Marker::decode(&m.encode()), Some(m));
+        assert_eq!(Marker::decode(b"4;0:1"), None);
+        assert_eq!(Marker::decode(b"x"), None);
+    }
+
+    #[test]
+    fn origins_read_back() {
+        let rec = Record {
+            headers: vec![(HEADER_ORIGIN.into(), Bytes::from_static(b"3:17"))],
+            ..Default::default()
+        };
+        assert_eq!(
+            origin_of(&rec),
+            Some(Position {
+                partition: 3,
+                offset: 17
+            })
+        );
+        assert_eq!(origin_of(&Record::default()), None);
     }
 }

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 mod crash_point;
-mod retries;
+pub(crate) mod retries;
 
 use crate::error::{EngineError, Result};
 use crate::metrics::{Metrics, Snapshot};
@@ -17,7 +17,7 @@ use crate::processor::{Processor, Rejected};
 use crate::record::{Checkpoint, Position};
 use crate::sink::{Sink, Transaction};
 use crate::source::{Received, Source};
-use retries::{flush_with_retry, next_delay, recv_with_retry, retry_backoff, send_with_retry};
+use retries::{commit_with_retry, flush_with_retry, recv_with_retry, send_with_retry};
 
 /// How long `recv` waits before the loop checks idleness and the commit timer.
 const TICK: Duration = Duration::from_millis(200);
@@ -44,6 +44,8 @@ pub struct Pipeline {
     emitting: std::collections::VecDeque<(u64, Instant, u64)>,
     shutdown: CancellationToken,
     exit_when_idle: Option<Duration>,
+    /// Whether the source is a repartition stage's internal topic.
+    repartitioned: bool,
 }
 
 /// How a run ended.
@@ -92,7 +94,16 @@ impl Pipeline {
             emitting: std::collections::VecDeque::new(),
             shutdown: CancellationToken::new(),
             exit_when_idle: None,
+            repartitioned: false,
         }
+    }
+
+    /// Reads a repartition stage's internal topic (see [`crate::repartition`]): its
+    /// records are keyed by the group key, their event time is kept by origin, and its
+    /// markers are taken out before anything counts them.
+    pub fn repartitioned(mut self) -> Self {
+        self.repartitioned = true;
+        self
     }
 
     /// Treats `idle` without any record, while no partition has a backlog the broker
@@ -169,6 +180,9 @@ impl Pipeline {
             .check(self.late.is_some(), self.retry.is_some())
             .map_err(EngineError::Stopped)?;
         let mut op = WindowOperator::new(&self.job, &topic);
+        if self.repartitioned {
+            op.repartitioned();
+        }
         if let Some(cb) = self.on_error.take() {
             op.set_error_callback(cb);
         }
@@ -259,6 +273,8 @@ impl Pipeline {
                 }
                 Received::Batch(mut batch) => {
                     let now = Instant::now();
+                    // Markers move time; they are not input.
+                    op.take_markers(&mut batch);
                     if !batch.is_empty() {
                         last_record = now;
                     }
@@ -285,6 +301,7 @@ impl Pipeline {
                             }
                         }
                     }
+                    op.apply_markers(None, now);
                     if tally.failed > 0 {
                         let why = op.failure().unwrap_or_else(|| "a stage failed".into());
                         // This batch's outputs are dropped: everything from the last
@@ -440,25 +457,13 @@ impl Pipeline {
         // Every output derived from the positions below was submitted; wait for its acks.
         self.flush().await?;
         // The positions, then (exactly-once) the transaction that holds them.
-        for transaction in [false, true] {
-            let mut backoff = retry_backoff();
-            loop {
-                let res = match (transaction, self.transaction.as_mut()) {
-                    (false, _) if !changed.is_empty() => self.source.commit(&changed).await,
-                    (true, Some(t)) => t.commit().await,
-                    _ => Ok(()),
-                };
-                match res {
-                    Ok(()) => break,
-                    Err(e) if e.is_retryable() && !self.shutdown.is_cancelled() => {
-                        let delay = next_delay(&mut backoff);
-                        tracing::warn!(error = %e, retry_in = ?delay, transaction, "commit failed; retrying");
-                        tokio::time::sleep(delay).await;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
+        commit_with_retry(
+            &mut *self.source,
+            &changed,
+            self.transaction.as_deref_mut(),
+            &self.shutdown,
+        )
+        .await?;
         let committed_any = !changed.is_empty();
         for (p, cp) in changed {
             let i = p.partition as usize;

@@ -36,6 +36,24 @@ pub trait Sink: Send {
         Ok(())
     }
 
+    /// [`submit`](Sink::submit)s a batch to partition `partition` of the destination,
+    /// whatever the records' keys: what a repartition stage writes its internal topic
+    /// with (see [`crate::repartition`]), so that each group key and each marker lands
+    /// where it chose. Default: not supported.
+    async fn submit_to(&mut self, partition: u32, batch: &[OutRecord]) -> Result<()> {
+        let _ = (partition, batch);
+        Err(crate::error::EngineError::Stopped(format!(
+            "{} cannot be written to a chosen partition (a repartition stage needs that)",
+            self.name()
+        )))
+    }
+
+    /// How many partitions the destination has, asking the broker if need be; `None`
+    /// when it is not partitioned or cannot tell. Default: `None`.
+    async fn partition_count(&mut self) -> Result<Option<u32>> {
+        Ok(None)
+    }
+
     /// How far acknowledgements have come, without waiting: `(acknowledged, submitted)`,
     /// counts of records since the sink was made (a record whose delivery failed counts as
     /// acknowledged here; `flush` reports the failure). The runtime times a closing step's

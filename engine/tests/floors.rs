@@ -56,8 +56,8 @@ const FLOORS: &[(u32, &str, &[&str])] = &[
     ),
     (
         5,
-        "runtime: the runtime and what opens the edges",
-        &["runtime", "jsonl", "broker", "checkpoint_store"],
+        "runtime: the runtime, the repartition stage and what opens the edges",
+        &["runtime", "repartition", "jsonl", "broker", "checkpoint_store"],
     ),
 ];
 

@@ -185,6 +185,8 @@ pub async fn serve(
 
     // The tasks the parts started (the enrichment table's follower) stop with the pipeline.
     let background = parts.background.clone();
+    let mut parts = parts;
+    let forwarder = crate::assemble::spawn_forwarder(parts.forwarder.take(), &stop, None);
     let pipeline = parts.into_pipeline().shutdown_on(stop.clone());
     observer.set_phase(Phase::Running);
     let watchdog = {
@@ -223,6 +225,9 @@ pub async fn serve(
         anyhow::bail!("{why}");
     }
     let summary = summary?;
+    if let Some(f) = forwarder {
+        f.await??;
+    }
     served??;
     let s = summary.counters;
     anyhow::ensure!(s.balanced(), "counters do not balance: {s:?}");

@@ -106,6 +106,36 @@ const fn cannot_scale_out(why: &'static str, fails_with: &'static str) -> [Canno
     ]
 }
 
+/// The repartition scenarios (`tests/conformance/repartition.rs`), all failing for `why`
+/// with `fails_with`.
+const fn cannot_repartition(why: &'static str, fails_with: &'static str) -> [Cannot; 3] {
+    [
+        Cannot {
+            scenario: "repartitioned_instances_split_unkeyed_input",
+            why,
+            fails_with,
+        },
+        Cannot {
+            scenario: "repartitioned_input_survives_a_kill",
+            why,
+            fails_with,
+        },
+        Cannot {
+            scenario: "repartition_waits_for_a_lagging_partition",
+            why,
+            fails_with,
+        },
+    ]
+}
+
+/// Why RabbitMQ and Kinesis cannot repartition yet, and what their beds fail with.
+const NO_REPARTITION: (&str, &str) = (
+    "repartitioning is exact on Kafka only (its forwarder writes in a transaction); on this \
+     backend a crash would forward records twice, and the windowing stage does not drop such \
+     copies yet, so `[source] repartition = true` is refused",
+    "cannot repartition yet",
+);
+
 /// How a bed is made.
 #[derive(Debug, Clone, Copy)]
 pub struct BedOptions {
@@ -186,11 +216,12 @@ impl TestBroker for Memory {
         None
     }
     fn cannot(&self) -> &'static [Cannot] {
-        static CANNOT: [Cannot; 4] = {
-            let [split, takeover, unkeyed] = cannot_scale_out(
-                "its topics live inside one `weir run` process: no other instance can read them",
-                "several `weir run` processes cannot share its topics",
-            );
+        static CANNOT: [Cannot; 7] = {
+            let why =
+                "its topics live inside one `weir run` process: no other instance can read them";
+            let fails_with = "several `weir run` processes cannot share its topics";
+            let [split, takeover, unkeyed] = cannot_scale_out(why, fails_with);
+            let [rp_split, rp_kill, rp_lag] = cannot_repartition(why, fails_with);
             [
                 Cannot {
                     scenario: "shipped_pipelines_run_with_broker_alone",
@@ -202,6 +233,9 @@ impl TestBroker for Memory {
                 split,
                 takeover,
                 unkeyed,
+                rp_split,
+                rp_kill,
+                rp_lag,
             ]
         };
         &CANNOT
@@ -253,6 +287,10 @@ const SCALE_PARTITIONS: u32 = 4;
 
 #[async_trait]
 impl TestBroker for Amqp {
+    fn cannot(&self) -> &'static [Cannot] {
+        static CANNOT: [Cannot; 3] = cannot_repartition(NO_REPARTITION.0, NO_REPARTITION.1);
+        &CANNOT
+    }
     fn name(&self) -> &'static str {
         "amqp"
     }
@@ -336,6 +374,10 @@ impl Kinesis {
 
 #[async_trait]
 impl TestBroker for Kinesis {
+    fn cannot(&self) -> &'static [Cannot] {
+        static CANNOT: [Cannot; 3] = cannot_repartition(NO_REPARTITION.0, NO_REPARTITION.1);
+        &CANNOT
+    }
     fn name(&self) -> &'static str {
         "kinesis"
     }

@@ -15,11 +15,15 @@ pub mod brokers;
 mod instances;
 mod oracles;
 mod pipelines;
+mod repartition;
 mod retries;
 mod scale;
 mod sinks;
 #[path = "../stores/mod.rs"]
 pub mod stores;
+/// Standard third-party clients (confluent-kafka, pika, boto3) from the test venv.
+#[path = "../thirdparty/mod.rs"]
+pub mod thirdparty;
 mod tumbling;
 mod windows;
 
@@ -39,6 +43,8 @@ use weir_engine::{Job, OutRecord, Pipeline, Received, Record};
 pub use oracles::*;
 #[allow(unused_imports)]
 pub use pipelines::shipped_pipelines_run_with_broker_alone;
+#[allow(unused_imports)]
+pub use repartition::*;
 #[allow(unused_imports)]
 pub use retries::*;
 #[allow(unused_imports)]
@@ -76,6 +82,9 @@ macro_rules! suite {
                 instances_split_the_work,
                 a_killed_instance_is_taken_over,
                 unkeyed_input_meets_a_second_instance,
+                repartitioned_instances_split_unkeyed_input,
+                repartitioned_input_survives_a_kill,
+                repartition_waits_for_a_lagging_partition,
             );
         }
     };

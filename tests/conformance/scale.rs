@@ -192,6 +192,7 @@ pub async fn unkeyed_input_meets_a_second_instance_with(broker: &str, extra: &[&
     assert!(
         !status.success()
             && log.contains("not keyed by the group key")
+            && log.contains("`[source] repartition = true`")
             && log.contains("Running several instances"),
         "instance a, which lost partitions of unkeyed input to b, must stop with an error that says so: {status}\n{}",
         a.tail()
@@ -217,7 +218,7 @@ pub async fn unkeyed_input_meets_a_second_instance_with(broker: &str, extra: &[&
 
 /// The sink holds exactly the oracle's windows (copies only with the same count) and the
 /// dead-letter topic exactly the invalid events, none late.
-async fn outputs_are_exact(bed: &Bed, data: &[Vec<u8>], logs: &str) {
+pub(super) async fn outputs_are_exact(bed: &Bed, data: &[Vec<u8>], logs: &str) {
     let want = oracle(data);
     let (sink, dead_letters) = (&bed.config.sink.topic, &bed.config.dead_letter.topic);
     let idle = Duration::from_secs(4);

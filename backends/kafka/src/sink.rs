@@ -19,7 +19,9 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer,
+};
 use weir_engine::{OutRecord, Result, Sink};
 
 use crate::error::KafkaError;
@@ -54,10 +56,11 @@ impl ProducerContext for SinkContext {
                 headers: crate::message::headers_of(m),
                 timestamp: m.timestamp().to_millis(),
             };
-            sink.failed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((e.clone(), back));
+            sink.failed.lock().unwrap_or_else(|e| e.into_inner()).push((
+                e.clone(),
+                m.partition(),
+                back,
+            ));
         }
         // One read-modify-write per report; a `flush` waiting for the last one is woken.
         let reported = sink.reported.fetch_add(1, Ordering::SeqCst) + 1;
@@ -74,7 +77,8 @@ pub struct Outstanding {
     reported: AtomicU64,
     /// The report count a `flush` waits for (`u64::MAX`: none waits).
     awaited: AtomicU64,
-    failed: Mutex<Vec<(RdError, OutRecord)>>,
+    /// Records whose delivery failed, with the partition each was sent to.
+    failed: Mutex<Vec<(RdError, i32, OutRecord)>>,
     done: tokio::sync::Notify,
 }
 
@@ -97,8 +101,8 @@ pub struct KafkaSink {
     outstanding: Arc<Outstanding>,
     /// Records handed to librdkafka since `outstanding` was made.
     submitted: u64,
-    /// Records whose delivery failed, sent again by the next `flush`.
-    again: Vec<OutRecord>,
+    /// Records whose delivery failed, sent again to their partitions by the next `flush`.
+    again: Vec<(i32, OutRecord)>,
     /// Dead letters and late records larger than this are cut to fit (see
     /// [`KafkaConfig::max_record_bytes`](crate::KafkaConfig::max_record_bytes)).
     max_record_bytes: usize,
@@ -171,7 +175,7 @@ impl KafkaSink {
     }
 
     /// Hands one record to librdkafka; its report is counted in `outstanding`.
-    async fn enqueue(&mut self, r: &OutRecord) -> Result<(), KafkaError> {
+    async fn enqueue(&mut self, r: &OutRecord, partition: Option<i32>) -> Result<(), KafkaError> {
         // A dead letter or late record never fails for its size: it is cut to fit.
         let fitted = weir_engine::output::fit_to(r, self.max_record_bytes);
         if fitted.is_some() {
@@ -183,6 +187,9 @@ impl KafkaSink {
                 .payload(&r.payload[..]);
         if let Some(k) = &r.key {
             rec = rec.key(&k[..]);
+        }
+        if let Some(p) = partition {
+            rec = rec.partition(p);
         }
         if let Some(ts) = r.timestamp {
             rec = rec.timestamp(ts);
@@ -226,7 +233,7 @@ impl KafkaSink {
     }
 
     /// The records whose delivery failed since the last call, with their errors.
-    fn take_failed(&self) -> Vec<(RdError, OutRecord)> {
+    fn take_failed(&self) -> Vec<(RdError, i32, OutRecord)> {
         std::mem::take(
             &mut *self
                 .outstanding
@@ -270,20 +277,29 @@ impl Sink for KafkaSink {
     }
 
     async fn submit(&mut self, batch: &[OutRecord]) -> Result<()> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.in_open_transaction()?;
-        for r in batch {
-            if let Err(e) = self.enqueue(r).await {
-                return match &self.txn {
-                    // Sending the batch again would put its first records in twice.
-                    Some((txn, _)) => Err(self.abandon(txn.clone(), e).await),
-                    None => Err(e.into()),
-                };
-            }
-        }
-        Ok(())
+        self.submit_in(batch, None).await
+    }
+
+    async fn submit_to(&mut self, partition: u32, batch: &[OutRecord]) -> Result<()> {
+        self.submit_in(batch, Some(partition as i32)).await
+    }
+
+    async fn partition_count(&mut self) -> Result<Option<u32>> {
+        let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        let md = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+        })
+        .await
+        .map_err(|e| weir_engine::EngineError::Stopped(e.to_string()))?
+        .map_err(|e| self.delivery_error(e))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.topic && t.error().is_none())
+            .map(|t| t.partitions().len() as u32)
+            .filter(|&n| n > 0))
     }
 
     fn acknowledged(&self) -> (u64, u64) {
@@ -296,8 +312,8 @@ impl Sink for KafkaSink {
             return self.flush_in(txn.clone()).await;
         }
         let mut again = std::mem::take(&mut self.again);
-        for (i, r) in again.iter().enumerate() {
-            if let Err(e) = self.enqueue(r).await {
+        for (i, (p, r)) in again.iter().enumerate() {
+            if let Err(e) = self.enqueue(r, Some(*p)).await {
                 again.drain(..i);
                 self.again = again;
                 return Err(e.into());
@@ -306,9 +322,9 @@ impl Sink for KafkaSink {
         self.settle().await;
         let failed = self.take_failed();
         let mut first = None;
-        for (e, r) in failed {
+        for (e, p, r) in failed {
             first.get_or_insert(e);
-            self.again.push(r);
+            self.again.push((p, r));
         }
         match first {
             None => Ok(()),
@@ -318,6 +334,24 @@ impl Sink for KafkaSink {
 }
 
 impl KafkaSink {
+    /// Hands `batch` to librdkafka, each record to `partition` if given (else its key's).
+    async fn submit_in(&mut self, batch: &[OutRecord], partition: Option<i32>) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.in_open_transaction()?;
+        for r in batch {
+            if let Err(e) = self.enqueue(r, partition).await {
+                return match &self.txn {
+                    // Sending the batch again would put its first records in twice.
+                    Some((txn, _)) => Err(self.abandon(txn.clone(), e).await),
+                    None => Err(e.into()),
+                };
+            }
+        }
+        Ok(())
+    }
+
     /// Exactly-once `flush`: a failed delivery makes the transaction abortable only, so it
     /// is aborted and the pipeline stops (a restart replays from the committed offsets);
     /// records an abort threw away meanwhile are forgotten.
@@ -330,7 +364,7 @@ impl KafkaSink {
         if self.forget_aborted() {
             return Ok(());
         }
-        let Some((source, _)) = failed.into_iter().next() else {
+        let Some((source, _, _)) = failed.into_iter().next() else {
             return Ok(());
         };
         Err(self.abandon(txn, self.delivery_error(source)).await)
@@ -385,11 +419,11 @@ mod tests {
         // A failed delivery is a report too: the emit latency ends, `flush` tells the error.
         assert_eq!(sink.acknowledged(), (3, 3));
         assert!(e.is_retryable(), "{e}");
-        let mut again: Vec<_> = sink.again.iter().map(|r| r.payload.clone()).collect();
+        let mut again: Vec<_> = sink.again.iter().map(|r| r.1.payload.clone()).collect();
         again.sort();
         assert_eq!(again, ["a", "b", "c"]);
-        assert_eq!(sink.again[0].header("weir.id").unwrap(), "k@0");
-        assert_eq!(sink.again[0].key.as_deref(), Some(&b"k"[..]));
+        assert_eq!(sink.again[0].1.header("weir.id").unwrap(), "k@0");
+        assert_eq!(sink.again[0].1.key.as_deref(), Some(&b"k"[..]));
         // The retry re-sends them (and they fail again, still kept).
         assert!(sink.flush().await.is_err());
         assert_eq!(sink.again.len(), 3);

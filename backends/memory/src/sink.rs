@@ -60,6 +60,29 @@ impl Sink for MemorySink {
     }
 
     async fn send(&mut self, batch: &[OutRecord]) -> Result<()> {
+        self.write(batch, None).await
+    }
+
+    async fn submit_to(&mut self, partition: u32, batch: &[OutRecord]) -> Result<()> {
+        let n = self.topic.parts.len() as u32;
+        if partition >= n {
+            return Err(weir_engine::EngineError::Stopped(format!(
+                "topic {} has no partition {partition} (it has {n})",
+                self.topic.name
+            )));
+        }
+        self.write(batch, Some(partition)).await
+    }
+
+    async fn partition_count(&mut self) -> Result<Option<u32>> {
+        Ok(Some(self.topic.parts.len() as u32))
+    }
+}
+
+impl MemorySink {
+    /// Appends `batch` to partition `to`, or each record to its key's partition (round
+    /// robin without a key).
+    async fn write(&self, batch: &[OutRecord], to: Option<u32>) -> Result<()> {
         let n = self.topic.parts.len();
         let now = weir_engine::time::now_millis();
         // Each partition's records of the batch are copied into one buffer of their own, in
@@ -69,9 +92,10 @@ impl Sink for MemorySink {
         let parts: Vec<u32> = batch
             .iter()
             .map(|r| {
-                let p = match &r.key {
-                    Some(k) => partition_of(k, n),
-                    None => {
+                let p = match (to, &r.key) {
+                    (Some(p), _) => p as usize,
+                    (None, Some(k)) => partition_of(k, n),
+                    (None, None) => {
                         (self.topic.round_robin.fetch_add(1, Ordering::Relaxed) % n as u64) as usize
                     }
                 };

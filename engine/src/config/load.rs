@@ -145,6 +145,12 @@ fn source(r: &mut TableReader<'_>, d: &mut Diagnostics, name: &str) -> SourceCon
             let batch_size = t.uint_or(d, "batch_size", 1024, 1..=1_000_000) as usize;
             let max_payload_bytes = t.uint_or(d, "max_payload_bytes", MIB, 16..=64 * MIB) as usize;
             let commit_interval = t.duration_or(d, "commit_interval", Duration::from_secs(1));
+            let repartition_loc = t
+                .node("repartition")
+                .map_or(Loc::Nowhere, |n| n.loc.clone());
+            let repartition = t.bool_or(d, "repartition", false);
+            let repartition_topic =
+                t.str_or(d, "repartition_topic", &format!("{group}-repartition"));
             t.finish(d);
             SourceConfig {
                 topic,
@@ -152,6 +158,8 @@ fn source(r: &mut TableReader<'_>, d: &mut Diagnostics, name: &str) -> SourceCon
                 batch_size,
                 max_payload_bytes,
                 commit_interval,
+                repartition: repartition.then_some(repartition_topic),
+                repartition_loc,
             }
         }
         None => {
@@ -166,6 +174,8 @@ fn source(r: &mut TableReader<'_>, d: &mut Diagnostics, name: &str) -> SourceCon
                 batch_size: 1024,
                 max_payload_bytes: MIB as usize,
                 commit_interval: Duration::from_secs(1),
+                repartition: None,
+                repartition_loc: Loc::Nowhere,
             }
         }
     }

@@ -105,6 +105,13 @@ pub struct SourceConfig {
     pub max_payload_bytes: usize,
     /// How often positions are committed (also at shutdown).
     pub commit_interval: Duration,
+    /// `repartition = true`: the internal topic (`repartition_topic`, by default
+    /// `<group>-repartition`) that the source's events are forwarded to, keyed by their
+    /// group key, and that the windowing stage reads instead (see
+    /// [`crate::repartition`]). `None`: the source is read as it is keyed.
+    pub repartition: Option<String>,
+    /// Where `repartition` is set, for the problems it makes.
+    pub repartition_loc: Loc,
 }
 
 /// `[window]`.

@@ -34,6 +34,9 @@ impl WindowOperator {
         if self.offsets.kept(rec.position) || self.copies.superseded(&origin, &self.offsets) {
             return Outcome::Replayed;
         }
+        if self.repartitioned {
+            self.apply_markers(Some(rec.position), now);
+        }
         let replaying = self.replaying(rec);
         let reason = format!("rejected by {stage}: {}", r.reason);
         let o = self.errors.handle(
@@ -68,6 +71,10 @@ impl WindowOperator {
         if self.offsets.kept(rec.position) || self.copies.superseded(&origin, &self.offsets) {
             return Outcome::Replayed;
         }
+        if self.repartitioned {
+            self.apply_markers(Some(rec.position), now);
+            self.from = crate::origin::origin_of(rec).map(|p| p.partition);
+        }
         let o = self.window(rec, &origin, now, now_ms, out);
         self.ended(&origin, o);
         o
@@ -99,7 +106,7 @@ impl WindowOperator {
         if let Err(reason) = self.aggs.read(&ev.values, &mut self.inputs) {
             return self.invalid(rec, origin, &reason, replaying, now_ms, out);
         }
-        if !self.shared && !self.keyed_by_group(rec, &ev.values) {
+        if !self.shared && !self.repartitioned && !self.keyed_by_group(rec, &ev.values) {
             self.share(rec, now);
         }
         let (ti, wm) = self.route(origin, t, now, now_ms);
@@ -129,7 +136,9 @@ impl WindowOperator {
         self.offsets.note(rec.position);
         if let Origin::Source { partition, .. } = *origin {
             let i = self.ensure_task(partition, now);
-            self.task(i).watermarks.touch(partition, now);
+            if !self.repartitioned {
+                self.task(i).watermarks.touch(partition, now);
+            }
         }
     }
 
@@ -188,48 +197,13 @@ impl WindowOperator {
     /// The event's time by the job's time source, within `max_future` of the wall clock.
     #[inline]
     fn event_time(&self, rec: &Record, ev: &Decoded<'_>, now_ms: i64) -> Result<i64, String> {
-        let t = match (&self.time, ev.time) {
-            (TimeSource::Field { .. }, Some(t)) => t,
-            (TimeSource::Broker, _) => rec
-                .timestamp
-                .ok_or_else(|| "record has no broker timestamp".to_string())?,
-            _ => now_ms,
-        };
-        match self.max_future {
-            Some(limit) if t > now_ms.saturating_add(limit) => Err(format!(
-                "event time {} is more than {} ahead of the wall clock ({}; event_time.max_future)",
-                crate::time::format_rfc3339(t),
-                crate::time::format_duration(Duration::from_millis(limit as u64)),
-                crate::time::format_rfc3339(now_ms),
-            )),
-            _ => Ok(t),
-        }
+        event_time(&self.time, self.max_future, rec, ev, now_ms)
     }
 
     /// Encodes the event's group key into `key_buf`.
     #[inline]
     fn group_key(&mut self, values: &[Val<'_>]) -> Result<(), String> {
-        self.key_buf.clear();
-        for (i, (slot, name)) in self.key_slots.iter().enumerate() {
-            if i > 0 {
-                self.key_buf.push(KEY_SEP);
-            }
-            let v = &values[*slot];
-            match v {
-                Val::Str(_) | Val::Int(_) | Val::Float(_) | Val::Bool(_) => {
-                    v.write_json(&mut self.key_buf)
-                }
-                Val::Missing | Val::Null => {
-                    return Err(format!("missing group-by field `{name}`"));
-                }
-                Val::Object | Val::Array => {
-                    return Err(format!(
-                        "group-by field `{name}` must be a string, number or boolean"
-                    ));
-                }
-            }
-        }
-        Ok(())
+        group_key(&self.key_slots, values, &mut self.key_buf)
     }
 
     // --- routing: the task that counts the event, and its watermark ---
@@ -244,10 +218,18 @@ impl WindowOperator {
             Origin::Source { partition, .. } => self.ensure_task(*partition, now),
             Origin::Retry(_) => self.retry_task(origin.source_partition(), now),
         };
+        let (repartitioned, from) = (self.repartitioned, self.from);
         let watermarks = &mut self.task(ti).watermarks;
-        let wm = match origin {
-            Origin::Source { partition, .. } => watermarks.observe(*partition, t.min(now_ms)),
-            Origin::Retry(_) => watermarks.current(),
+        let wm = match (origin, from) {
+            // Repartitioned: the event time of the source partition it came from.
+            (Origin::Source { .. }, Some(from)) if repartitioned => {
+                watermarks.touch(from, now);
+                watermarks.observe(from, t.min(now_ms))
+            }
+            // A record in the internal topic that no forwarder wrote moves no time.
+            (Origin::Source { .. }, None) if repartitioned => watermarks.current(),
+            (Origin::Source { partition, .. }, _) => watermarks.observe(*partition, t.min(now_ms)),
+            (Origin::Retry(_), _) => watermarks.current(),
         };
         (ti, wm)
     }
@@ -356,6 +338,63 @@ impl WindowOperator {
         }
         Outcome::Late
     }
+}
+
+/// The time of event `ev` (of `rec`) by `time`, within `max_future` (ms) of the wall
+/// clock `now_ms`; else why not.
+#[inline]
+pub(crate) fn event_time(
+    time: &TimeSource,
+    max_future: Option<i64>,
+    rec: &Record,
+    ev: &Decoded<'_>,
+    now_ms: i64,
+) -> Result<i64, String> {
+    let t = match (time, ev.time) {
+        (TimeSource::Field { .. }, Some(t)) => t,
+        (TimeSource::Broker, _) => rec
+            .timestamp
+            .ok_or_else(|| "record has no broker timestamp".to_string())?,
+        _ => now_ms,
+    };
+    match max_future {
+        Some(limit) if t > now_ms.saturating_add(limit) => Err(format!(
+            "event time {} is more than {} ahead of the wall clock ({}; event_time.max_future)",
+            crate::time::format_rfc3339(t),
+            crate::time::format_duration(Duration::from_millis(limit as u64)),
+            crate::time::format_rfc3339(now_ms),
+        )),
+        _ => Ok(t),
+    }
+}
+
+/// Encodes the group key of the event whose values are `values` into `buf`: the values
+/// of `key_slots` (slot, field name), as JSON, separated by [`KEY_SEP`].
+#[inline]
+pub(crate) fn group_key(
+    key_slots: &[(usize, String)],
+    values: &[Val<'_>],
+    buf: &mut Vec<u8>,
+) -> Result<(), String> {
+    buf.clear();
+    for (i, (slot, name)) in key_slots.iter().enumerate() {
+        if i > 0 {
+            buf.push(KEY_SEP);
+        }
+        let v = &values[*slot];
+        match v {
+            Val::Str(_) | Val::Int(_) | Val::Float(_) | Val::Bool(_) => v.write_json(buf),
+            Val::Missing | Val::Null => {
+                return Err(format!("missing group-by field `{name}`"));
+            }
+            Val::Object | Val::Array => {
+                return Err(format!(
+                    "group-by field `{name}` must be a string, number or boolean"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::aggregate::AggFn;
 use crate::config::{EmitMode, ErrorAction, LatePolicy, PipelineConfig, RetryConfig, WindowConfig};
-use crate::decode::{Schema, TimeSource};
+use crate::decode::{Decoder, Schema, TimeSource};
 use crate::window::WindowKind;
 
 /// What the pipeline computes, independent of where records come from and go.
@@ -60,6 +60,18 @@ impl Job {
             errors: c.errors.clone(),
             retry: c.retry.clone(),
         }
+    }
+
+    /// A decoder of this job's events that reads the group-by fields, and their slots with
+    /// their names.
+    pub(crate) fn key_decoder(&self) -> (Decoder, Vec<(usize, String)>) {
+        let mut decoder = Decoder::new(&self.schema, &self.time, self.max_payload_bytes);
+        let key_slots = self
+            .group_by
+            .iter()
+            .map(|k| (decoder.want(k), k.clone()))
+            .collect();
+        (decoder, key_slots)
     }
 
     /// Why this job cannot run with the outputs given (`late`: a late output,

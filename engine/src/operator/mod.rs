@@ -23,6 +23,7 @@ use crate::replay::{Copies, Offsets};
 use crate::window::WindowKind;
 
 pub use crate::outcome::{Emitted, Outcome};
+pub(crate) use ingest::{event_time, group_key};
 pub use job::Job;
 use task::Task;
 
@@ -86,6 +87,14 @@ pub struct WindowOperator {
     conflict: Option<String>,
     /// Window intervals closed lately: one closed by several tasks counts once.
     closed: close::ClosedWindows,
+    /// Whether the input is a repartition stage's internal topic (see
+    /// [`crate::repartition`]): keyed by the group key, each task's event time kept by
+    /// origin, markers taken out of each batch.
+    repartitioned: bool,
+    /// Repartitioned: the source partition the record being ingested came from.
+    from: Option<u32>,
+    /// Repartitioned: markers of the batch not applied yet, with their positions.
+    markers: Vec<(Position, crate::origin::Marker)>,
 }
 
 /// How long a shared task may hold its watermark for want of partitions before the
@@ -96,18 +105,14 @@ pub const UNKEYED_HOLD_LIMIT: Duration = Duration::from_secs(120);
 
 /// What to do about unkeyed input read by several instances, in the errors that say so.
 const UNKEYED_ADVICE: &str =
-    "Key the source records by a group-by field (as `weir produce` and Weir's \
-     sinks do), or run a single instance for this input (README, \"Running several instances\").";
+    "Set `[source] repartition = true` (Kafka and memory) to have Weir key them by the group \
+     key itself, key the source records by a group-by field (as `weir produce` and Weir's sinks \
+     do), or run a single instance for this input (README, \"Running several instances\").";
 
 impl WindowOperator {
     /// An operator for `job`, reading records of `topic` (named in dead letters).
     pub fn new(job: &Job, topic: &str) -> Self {
-        let mut decoder = Decoder::new(&job.schema, &job.time, job.max_payload_bytes);
-        let key_slots = job
-            .group_by
-            .iter()
-            .map(|k| (decoder.want(k), k.clone()))
-            .collect();
+        let (mut decoder, key_slots) = job.key_decoder();
         let aggs = Aggregates::new(
             job.compute
                 .iter()
@@ -147,9 +152,70 @@ impl WindowOperator {
             held_since: None,
             conflict: None,
             closed: close::ClosedWindows::default(),
+            repartitioned: false,
+            from: None,
+            markers: Vec::new(),
         }
     }
 
+    /// Reads a repartition stage's internal topic (see [`crate::repartition`]): records
+    /// are keyed by the group key, each task keeps one event time per origin (source
+    /// partition) and takes the lowest, and markers say which origins are idle.
+    pub fn repartitioned(&mut self) {
+        self.repartitioned = true;
+    }
+
+    /// Takes the markers out of `batch` (a repartitioned input's): each is applied to the
+    /// task of its partition right before the first record after it there is ingested
+    /// (the records before it are what it speaks of), the rest by
+    /// [`apply_markers`](Self::apply_markers) after the batch. Their positions count as
+    /// read. How many.
+    pub fn take_markers(&mut self, batch: &mut Vec<Record>) -> usize {
+        if !self.repartitioned {
+            return 0;
+        }
+        let before = batch.len();
+        batch.retain(|rec| {
+            let Some(marker) = crate::origin::Marker::of(rec) else {
+                return true;
+            };
+            self.offsets.note(rec.position);
+            match marker {
+                Some(m) if Input::is_source(rec.position.partition) => {
+                    self.markers.push((rec.position, m))
+                }
+                Some(_) => {}
+                None => tracing::warn!(
+                    partition = rec.position.partition,
+                    offset = rec.position.offset,
+                    "repartition: a marker that cannot be read was skipped"
+                ),
+            }
+            false
+        });
+        before - batch.len()
+    }
+
+    /// Applies the markers taken out of the batch that come before `pos` in its partition
+    /// (`None`: all of them).
+    pub fn apply_markers(&mut self, pos: Option<Position>, now: Instant) {
+        if self.markers.is_empty() {
+            return;
+        }
+        let mut markers = std::mem::take(&mut self.markers);
+        markers.retain(|(at, m)| {
+            if pos.is_some_and(|p| p.partition != at.partition || p.offset < at.offset) {
+                return true;
+            }
+            let i = self.ensure_task(at.partition, now);
+            let w = &mut self.task(i).watermarks;
+            for &(origin, stamp, state) in &m.origins {
+                w.mark(m.count, origin, stamp, state, now);
+            }
+            false
+        });
+        self.markers = markers;
+    }
     /// Lets `cb` choose the action for every failure (see [`crate::error_policy`]).
     pub fn set_error_callback(&mut self, cb: ErrorCallback) {
         self.errors.set_callback(cb);
@@ -172,12 +238,20 @@ impl WindowOperator {
     }
 
     fn new_task(&self) -> Task {
-        Task::new(
+        let mut t = Task::new(
             self.kind,
             self.emit == EmitMode::Update,
             self.out_of_orderness,
             self.idle_timeout,
-        )
+        );
+        if self.repartitioned {
+            t.watermarks = std::mem::replace(
+                &mut t.watermarks,
+                crate::window::Watermarks::new(0, Duration::ZERO),
+            )
+            .by_origin();
+        }
+        t
     }
 
     /// The task that holds source partition `p`'s windows.
@@ -203,7 +277,8 @@ impl WindowOperator {
         if self.tasks[i].is_none() {
             self.tasks[i] = Some(self.new_task());
         }
-        if let Some(t) = self.tasks[i].as_mut() {
+        let by_origin = self.repartitioned;
+        if let Some(t) = self.tasks[i].as_mut().filter(|_| !by_origin) {
             t.watermarks.add(&[p], now);
         }
         if self.ready.len() <= p as usize {
@@ -266,6 +341,11 @@ impl WindowOperator {
     /// Whether the shared task holds its watermark because some of the source topic's
     /// partitions are not assigned here.
     pub fn holding(&self) -> bool {
+        if self.repartitioned {
+            // Some origin is not idle yet (or no marker came): its forwarder may still
+            // write, or another one take its partitions over.
+            return self.tasks.iter().flatten().any(|t| t.watermarks.waiting());
+        }
         self.shared
             && self
                 .tasks

@@ -42,8 +42,14 @@ impl WindowOperator {
             for p in gone {
                 self.ready[p as usize] = false;
                 let i = self.task_index(p);
-                if let Some(Some(t)) = self.tasks.get_mut(i) {
-                    t.watermarks.revoke(&[p]);
+                let repartitioned = self.repartitioned;
+                if let Some(slot) = self.tasks.get_mut(i) {
+                    if repartitioned {
+                        // Its origins' time goes with it; back, it waits for markers again.
+                        *slot = None;
+                    } else if let Some(t) = slot {
+                        t.watermarks.revoke(&[p]);
+                    }
                 }
             }
         }
@@ -124,8 +130,11 @@ impl WindowOperator {
                         t.state.revoke(p);
                         t.watermarks.revoke(&[p]);
                         // A task whose partitions are all gone and that holds nothing
-                        // (retried records stay counted where they are) goes with them.
-                        if t.state.entries() == 0 && t.watermarks.assigned().next().is_none() {
+                        // (retried records stay counted where they are) goes with them;
+                        // a repartitioned one (one partition, its origins' time) always.
+                        if self.repartitioned
+                            || (t.state.entries() == 0 && t.watermarks.assigned().next().is_none())
+                        {
                             *slot = None;
                         }
                     }

@@ -18,16 +18,16 @@ pub(super) const RETRY_MAX_DELAY: Duration = Duration::from_secs(10);
 /// The backoff of the runtime's receive, send and commit: 100 ms doubling up to 10 s,
 /// without a give-up time (`Observer::give_up_after` of `weir run` and `weir serve`
 /// watches from outside and cancels the pipeline).
-pub(super) fn retry_backoff() -> Backoff {
+pub(crate) fn retry_backoff() -> Backoff {
     Backoff::new(Duration::from_millis(100), RETRY_MAX_DELAY)
 }
 
 /// The next delay of a [`retry_backoff`], which never gives up.
-pub(super) fn next_delay(backoff: &mut Backoff) -> Duration {
+pub(crate) fn next_delay(backoff: &mut Backoff) -> Duration {
     backoff.next_delay().unwrap_or(RETRY_MAX_DELAY)
 }
 
-pub(super) async fn recv_with_retry(
+pub(crate) async fn recv_with_retry(
     source: &mut dyn Source,
     max: usize,
     wait: Duration,
@@ -52,7 +52,7 @@ pub(super) async fn recv_with_retry(
 
 /// Submits `batch` (see [`Sink::submit`]; acknowledged by the flush before the next
 /// commit), retrying retryable failures.
-pub(super) async fn send_with_retry(
+pub(crate) async fn send_with_retry(
     sink: &mut dyn Sink,
     batch: &[OutRecord],
     shutdown: &CancellationToken,
@@ -61,7 +61,7 @@ pub(super) async fn send_with_retry(
 }
 
 /// Waits for every acknowledgement `sink` owes, retrying retryable failures.
-pub(super) async fn flush_with_retry(
+pub(crate) async fn flush_with_retry(
     sink: &mut dyn Sink,
     shutdown: &CancellationToken,
 ) -> Result<()> {
@@ -169,4 +169,34 @@ mod tests {
         // Calls at 0 and 100 ms; the third, due at 300 ms, never happens.
         assert_eq!(gaps(&s.calls), [100]);
     }
+}
+
+/// Commits `positions` to `source`, then (exactly-once) `transaction`, which holds them,
+/// retrying retryable failures until `shutdown`.
+pub(crate) async fn commit_with_retry(
+    source: &mut dyn Source,
+    positions: &[(crate::record::Position, crate::record::Checkpoint)],
+    mut transaction: Option<&mut (dyn crate::sink::Transaction + 'static)>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    for in_transaction in [false, true] {
+        let mut backoff = retry_backoff();
+        loop {
+            let res = match (in_transaction, transaction.as_deref_mut()) {
+                (false, _) if !positions.is_empty() => source.commit(positions).await,
+                (true, Some(t)) => t.commit().await,
+                _ => Ok(()),
+            };
+            match res {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() && !shutdown.is_cancelled() => {
+                    let delay = next_delay(&mut backoff);
+                    tracing::warn!(error = %e, retry_in = ?delay, transaction = in_transaction, "commit failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
 }

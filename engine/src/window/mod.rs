@@ -8,7 +8,7 @@ mod watermark;
 pub(crate) use session::ClosedSession;
 pub use session::{Session, SessionStore};
 pub use store::{Acc, Extra, Pane, WindowStore};
-pub use watermark::Watermarks;
+pub use watermark::{Activity, Watermarks};
 
 /// An encoded group key as the window state stores it: keys of up to 16 bytes (a
 /// JSON-quoted user id, a small number) sit inline in the entry, with no allocation of

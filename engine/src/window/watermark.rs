@@ -20,6 +20,17 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// What a marker says of a source partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activity {
+    /// It delivers records, or did lately.
+    Active,
+    /// No record for `idle_timeout`, and no backlog.
+    Idle,
+    /// Its forwarder stopped at the end of its input (idle at once, whatever came last).
+    Ended,
+}
+
 #[derive(Debug, Clone)]
 struct Part {
     /// Highest event time seen (or restored from a checkpoint), `i64::MIN` before any.
@@ -39,8 +50,12 @@ pub struct Watermarks {
     global: i64,
     last_input: Option<Instant>,
     /// Whether the watermark is held where it is (some partitions of a shared task are
-    /// not assigned here yet).
+    /// not assigned here yet; by origin: no marker came yet).
     held: bool,
+    /// By origin (a repartitioned input, see [`crate::repartition`]): the parts are the
+    /// source partitions the records came from, and only markers make them idle, never
+    /// the wall clock.
+    by_origin: bool,
 }
 
 impl Watermarks {
@@ -53,7 +68,52 @@ impl Watermarks {
             global: i64::MIN,
             last_input: None,
             held: false,
+            by_origin: false,
         }
+    }
+
+    /// A tracker of a repartitioned input's origins: held until the first marker says how
+    /// many there are (see [`mark`](Self::mark)).
+    pub fn by_origin(mut self) -> Self {
+        self.by_origin = true;
+        self.held = true;
+        self
+    }
+
+    /// A marker's news of `origin`, one of the source topic's `count` partitions: its
+    /// highest event time `stamp` and whether it is idle (taken only once `idle_timeout`
+    /// passed since its last record here, or since the origins were re-armed). The first
+    /// marker declares every origin (each holds the watermark until a marker or a record of
+    /// it moves it on).
+    pub fn mark(&mut self, count: u32, origin: u32, stamp: i64, idle: Activity, now: Instant) {
+        for p in 0..count {
+            let part = self.part(p, now);
+            if !part.assigned {
+                part.assigned = true;
+                part.idle = false;
+            }
+        }
+        let timeout = self.idle_timeout;
+        let part = self.part(origin, now);
+        part.max_event = part.max_event.max(stamp);
+        if idle == Activity::Active {
+            part.idle = false;
+        } else if idle == Activity::Ended || now.duration_since(part.last_seen) >= timeout {
+            // Markers of different forwarders are not ordered with each other: one that
+            // says an origin is idle may have been written before its forwarder saw the
+            // records that woke the task. Like a partition, an origin is idle only
+            // `idle_timeout` after its last record here (or its re-arming); the next
+            // marker says it again.
+            part.idle = true;
+        }
+        self.held = false;
+        self.recompute();
+    }
+
+    /// Whether some origin still holds the watermark (by origin only): a marker did not
+    /// say it is idle, or no marker came yet.
+    pub fn waiting(&self) -> bool {
+        self.held || self.parts.iter().any(|p| p.assigned && !p.idle)
     }
 
     fn part(&mut self, p: u32, now: Instant) -> &mut Part {
@@ -137,6 +197,7 @@ impl Watermarks {
         part.last_seen = now;
         if part.idle {
             part.idle = false;
+            // By origin too: the others hold until a marker says again which are idle.
             self.wake(partition, now);
         }
         self.last_input = Some(now);
@@ -209,6 +270,9 @@ impl Watermarks {
     /// watermark by the wall-clock time since the last record.
     pub fn tick(&mut self, now: Instant, backlog: &dyn Fn(u32) -> bool) -> i64 {
         for (i, p) in self.parts.iter_mut().enumerate() {
+            if self.by_origin {
+                break;
+            }
             if !p.idle && now.duration_since(p.last_seen) >= self.idle_timeout {
                 if p.assigned && backlog(i as u32) {
                     p.last_seen = now;
@@ -263,6 +327,9 @@ impl Watermarks {
 
     /// When the next partition would go idle, if any is active.
     pub fn next_idle_deadline(&self) -> Option<Instant> {
+        if self.by_origin {
+            return None;
+        }
         self.parts
             .iter()
             .filter(|p| !p.idle)
