@@ -97,6 +97,36 @@ async fn retry(
     }
 }
 
+/// Commits `positions` to `source`, then (exactly-once) `transaction`, which holds them,
+/// retrying retryable failures until `shutdown`.
+pub(crate) async fn commit_with_retry(
+    source: &mut dyn Source,
+    positions: &[(crate::record::Position, crate::record::Checkpoint)],
+    mut transaction: Option<&mut (dyn crate::sink::Transaction + 'static)>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    for in_transaction in [false, true] {
+        let mut backoff = retry_backoff();
+        loop {
+            let res = match (in_transaction, transaction.as_deref_mut()) {
+                (false, _) if !positions.is_empty() => source.commit(positions).await,
+                (true, Some(t)) => t.commit().await,
+                _ => Ok(()),
+            };
+            match res {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() && !shutdown.is_cancelled() => {
+                    let delay = next_delay(&mut backoff);
+                    tracing::warn!(error = %e, retry_in = ?delay, transaction = in_transaction, "commit failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use async_trait::async_trait;
@@ -169,34 +199,4 @@ mod tests {
         // Calls at 0 and 100 ms; the third, due at 300 ms, never happens.
         assert_eq!(gaps(&s.calls), [100]);
     }
-}
-
-/// Commits `positions` to `source`, then (exactly-once) `transaction`, which holds them,
-/// retrying retryable failures until `shutdown`.
-pub(crate) async fn commit_with_retry(
-    source: &mut dyn Source,
-    positions: &[(crate::record::Position, crate::record::Checkpoint)],
-    mut transaction: Option<&mut (dyn crate::sink::Transaction + 'static)>,
-    shutdown: &CancellationToken,
-) -> Result<()> {
-    for in_transaction in [false, true] {
-        let mut backoff = retry_backoff();
-        loop {
-            let res = match (in_transaction, transaction.as_deref_mut()) {
-                (false, _) if !positions.is_empty() => source.commit(positions).await,
-                (true, Some(t)) => t.commit().await,
-                _ => Ok(()),
-            };
-            match res {
-                Ok(()) => break,
-                Err(e) if e.is_retryable() && !shutdown.is_cancelled() => {
-                    let delay = next_delay(&mut backoff);
-                    tracing::warn!(error = %e, retry_in = ?delay, transaction = in_transaction, "commit failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    Ok(())
 }
