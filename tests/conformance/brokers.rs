@@ -288,7 +288,20 @@ const SCALE_PARTITIONS: u32 = 4;
 #[async_trait]
 impl TestBroker for Amqp {
     fn cannot(&self) -> &'static [Cannot] {
-        static CANNOT: [Cannot; 3] = cannot_repartition(NO_REPARTITION.0, NO_REPARTITION.1);
+        static CANNOT: [Cannot; 4] = {
+            let (why, fails_with) = NO_REPARTITION;
+            let [split, kill, lag] = cannot_repartition(why, fails_with);
+            [
+                split,
+                kill,
+                lag,
+                Cannot {
+                    scenario: "repartition_in_one_process",
+                    why,
+                    fails_with,
+                },
+            ]
+        };
         &CANNOT
     }
     fn name(&self) -> &'static str {
@@ -375,7 +388,20 @@ impl Kinesis {
 #[async_trait]
 impl TestBroker for Kinesis {
     fn cannot(&self) -> &'static [Cannot] {
-        static CANNOT: [Cannot; 3] = cannot_repartition(NO_REPARTITION.0, NO_REPARTITION.1);
+        static CANNOT: [Cannot; 4] = {
+            let (why, fails_with) = NO_REPARTITION;
+            let [split, kill, lag] = cannot_repartition(why, fails_with);
+            [
+                split,
+                kill,
+                lag,
+                Cannot {
+                    scenario: "repartition_in_one_process",
+                    why,
+                    fails_with,
+                },
+            ]
+        };
         &CANNOT
     }
     fn name(&self) -> &'static str {

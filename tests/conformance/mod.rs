@@ -85,6 +85,7 @@ macro_rules! suite {
                 repartitioned_instances_split_unkeyed_input,
                 repartitioned_input_survives_a_kill,
                 repartition_waits_for_a_lagging_partition,
+                repartition_in_one_process,
             );
         }
     };

@@ -174,6 +174,30 @@ pub async fn repartition_waits_for_a_lagging_partition(broker: &str) {
     let data = lines(41, 16_000, 300, 97);
     let dir = tempfile::tempdir().unwrap();
     let mut instances = spawn_split(&bed, dir.path(), &["a", "b"], "15s").await;
+    produce_lagging(&bed, &data, Duration::from_millis(150)).await;
+    let (read, logs) = finish_all(&mut instances).await;
+    for (i, s) in instances.iter().zip(&read) {
+        assert!(
+            s.events_in > 0,
+            "instance {} counted nothing\n{}",
+            i.name,
+            logs.join("\n")
+        );
+        assert_eq!(
+            s.late,
+            0,
+            "instance {}: partition 0's events were taken for late ones\n{}",
+            i.name,
+            logs.join("\n")
+        );
+    }
+    outputs_are_exact(&bed, &data, &logs.join("\n")).await;
+}
+
+/// Writes `data` without a key, round robin over the source's partitions, partition 0's
+/// events held back until the others are 30 s of event time ahead of them (its producer
+/// lags); `pause` between steps of 400 events.
+async fn produce_lagging(bed: &Bed, data: &[Vec<u8>], pause: Duration) {
     // Round robin over the partitions, partition 0's events held back until the others
     // are 30 s of event time ahead of them.
     const LAG_MS: i64 = 30_000;
@@ -216,23 +240,40 @@ pub async fn repartition_waits_for_a_lagging_partition(broker: &str) {
             sink.submit_to(p, &batch).await.expect("produce");
         }
         sink.flush().await.expect("produce");
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        tokio::time::sleep(pause).await;
     }
-    let (read, logs) = finish_all(&mut instances).await;
-    for (i, s) in instances.iter().zip(&read) {
-        assert!(
-            s.events_in > 0,
-            "instance {} counted nothing\n{}",
-            i.name,
-            logs.join("\n")
-        );
-        assert_eq!(
-            s.late,
-            0,
-            "instance {}: partition 0's events were taken for late ones\n{}",
-            i.name,
-            logs.join("\n")
-        );
-    }
-    outputs_are_exact(&bed, &data, &logs.join("\n")).await;
+}
+
+/// One `weir run`'s repartition stage and windowing stage over unkeyed input whose
+/// partition 0 lags 30 s of event time behind the others, in this process (the memory
+/// broker's topics live in it): no event late, the results exact.
+pub async fn repartition_in_one_process(broker: &str) {
+    let bed = Bed::new(broker, "rp-one", &["source.repartition=true"]);
+    let data = lines(43, 12_000, 300, 97);
+    produce_lagging(&bed, &data, Duration::ZERO).await;
+    let mut parts = weir::assemble::Parts::open(
+        &bed.config,
+        &bed.backend,
+        &weir::assemble::FileIo::default(),
+        Default::default(),
+    )
+    .await
+    .expect("open the pipeline's parts");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let idle = Duration::from_secs(3);
+    let forwarder = weir::assemble::spawn_forwarder(parts.forwarder.take(), &stop, Some(idle))
+        .expect("a repartitioned pipeline has a forwarder");
+    let summary = parts
+        .into_pipeline()
+        .exit_when_idle(idle)
+        .run()
+        .await
+        .expect("the pipeline");
+    forwarder.await.expect("join").expect("the forwarder");
+    let s = summary.counters;
+    assert!(
+        s.balanced() && s.late == 0 && s.events_in as usize == data.len(),
+        "{s:?}"
+    );
+    outputs_are_exact(&bed, &data, "").await;
 }
