@@ -180,6 +180,17 @@ fn main() -> ExitCode {
                     weir::store::describe(&c),
                     c.dead_letter.topic
                 );
+                if let Some(internal) = &c.source.repartition {
+                    println!(
+                        "repartition: {} is read in group {}.repartition and forwarded by {} to the internal topic {} \
+                         (created if missing, with the backend's partition count for new topics), which group {} reads",
+                        c.source.topic,
+                        c.source.group,
+                        c.aggregate.group_by.join(", "),
+                        internal,
+                        c.source.group
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -555,3 +555,50 @@ fn tail_read_committed_needs_a_backend_with_transactions() {
         );
     }
 }
+
+/// `[source] repartition = true`: `weir validate` says what will be created, and a backend
+/// that cannot repartition exactly is refused at the setting's `file:line:col`.
+#[test]
+fn validate_says_what_a_repartition_creates_and_where_it_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    let text = std::fs::read_to_string(pipeline())
+        .unwrap()
+        .replace("[source]\n", "[source]\nrepartition = true\n");
+    std::fs::write(&file, &text).unwrap();
+    std::fs::copy(
+        conformance::pipeline_named("brokers"),
+        dir.path().join("brokers.toml"),
+    )
+    .unwrap();
+    let out = weir()
+        .args(["validate", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("forwarded by user_id to the internal topic weir-user-activity-repartition"),
+        "{said}"
+    );
+    let line = text
+        .lines()
+        .position(|l| l == "repartition = true")
+        .unwrap()
+        + 1;
+    for broker in ["amqp", "kinesis"] {
+        let out = weir()
+            .args(["validate", file.to_str().unwrap(), "--broker", broker])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!(
+                "{}:{line}:15: source.repartition: the {broker} backend cannot repartition yet",
+                file.display()
+            )),
+            "{err}"
+        );
+    }
+}
