@@ -108,6 +108,20 @@ impl Backend {
                 );
             }
         }
+        #[cfg(feature = "kafka")]
+        if let (Some(b), Some(_)) = (chosen.as_ref(), &c.source.repartition) {
+            if b.get::<weir_kafka::KafkaBroker>()
+                .is_some_and(|k| k.config().incremental_rebalances())
+            {
+                d.push(
+                    &c.source.repartition_loc,
+                    "source.repartition",
+                    "the forwarder writes in a transaction, which needs eager rebalances: remove \
+                     `group.protocol = \"consumer\"` (or the cooperative `partition.assignment.strategy`) \
+                     from [brokers.kafka.consumer] to repartition",
+                );
+            }
+        }
         // `[sink] type = "postgres"` and the other stores: their keys are checked here too.
         let _ = crate::store::read(c, d);
         if chosen.is_none() {

@@ -108,8 +108,13 @@ const fn cannot_scale_out(why: &'static str, fails_with: &'static str) -> [Canno
 
 /// The repartition scenarios (`tests/conformance/repartition.rs`), all failing for `why`
 /// with `fails_with`.
-const fn cannot_repartition(why: &'static str, fails_with: &'static str) -> [Cannot; 3] {
+const fn cannot_repartition(why: &'static str, fails_with: &'static str) -> [Cannot; 4] {
     [
+        Cannot {
+            scenario: "repartitioned_instance_killed_during_a_join",
+            why,
+            fails_with,
+        },
         Cannot {
             scenario: "repartitioned_instances_split_unkeyed_input",
             why,
@@ -216,12 +221,12 @@ impl TestBroker for Memory {
         None
     }
     fn cannot(&self) -> &'static [Cannot] {
-        static CANNOT: [Cannot; 7] = {
+        static CANNOT: [Cannot; 8] = {
             let why =
                 "its topics live inside one `weir run` process: no other instance can read them";
             let fails_with = "several `weir run` processes cannot share its topics";
             let [split, takeover, unkeyed] = cannot_scale_out(why, fails_with);
-            let [rp_split, rp_kill, rp_lag] = cannot_repartition(why, fails_with);
+            let [rp_join, rp_split, rp_kill, rp_lag] = cannot_repartition(why, fails_with);
             [
                 Cannot {
                     scenario: "shipped_pipelines_run_with_broker_alone",
@@ -233,6 +238,7 @@ impl TestBroker for Memory {
                 split,
                 takeover,
                 unkeyed,
+                rp_join,
                 rp_split,
                 rp_kill,
                 rp_lag,
@@ -288,10 +294,11 @@ const SCALE_PARTITIONS: u32 = 4;
 #[async_trait]
 impl TestBroker for Amqp {
     fn cannot(&self) -> &'static [Cannot] {
-        static CANNOT: [Cannot; 4] = {
+        static CANNOT: [Cannot; 5] = {
             let (why, fails_with) = NO_REPARTITION;
-            let [split, kill, lag] = cannot_repartition(why, fails_with);
+            let [join, split, kill, lag] = cannot_repartition(why, fails_with);
             [
+                join,
                 split,
                 kill,
                 lag,
@@ -388,10 +395,11 @@ impl Kinesis {
 #[async_trait]
 impl TestBroker for Kinesis {
     fn cannot(&self) -> &'static [Cannot] {
-        static CANNOT: [Cannot; 4] = {
+        static CANNOT: [Cannot; 5] = {
             let (why, fails_with) = NO_REPARTITION;
-            let [split, kill, lag] = cannot_repartition(why, fails_with);
+            let [join, split, kill, lag] = cannot_repartition(why, fails_with);
             [
+                join,
                 split,
                 kill,
                 lag,

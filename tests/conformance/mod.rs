@@ -84,6 +84,7 @@ macro_rules! suite {
                 unkeyed_input_meets_a_second_instance,
                 repartitioned_instances_split_unkeyed_input,
                 repartitioned_input_survives_a_kill,
+                repartitioned_instance_killed_during_a_join,
                 repartition_waits_for_a_lagging_partition,
                 repartition_in_one_process,
             );

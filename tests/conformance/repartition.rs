@@ -165,6 +165,38 @@ pub async fn repartitioned_input_survives_a_kill(broker: &str) {
     outputs_are_exact(&bed, &data, &logs).await;
 }
 
+/// Two instances repartition unkeyed input; a third joins mid-input, and one of the first
+/// two is killed with SIGKILL while the group rebalances for it (between its revocation and
+/// the next assignment): the other two take everything over, exact, none late.
+pub async fn repartitioned_instance_killed_during_a_join(broker: &str) {
+    let bed = repartition_bed(broker, "rp-join");
+    let data = lines(53, 30_000, 500, 97);
+    let dir = tempfile::tempdir().unwrap();
+    let mut instances = spawn_split(&bed, dir.path(), &["a", "b"], "20s").await;
+    let (first, rest) = data.split_at(data.len() / 3);
+    produce_unkeyed_elsewhere(&bed, first).await;
+    let seen = instances[1].log().len();
+    instances.push(Instance::spawn(&bed, dir.path(), "c", "20s"));
+    let t0 = std::time::Instant::now();
+    while !instances[1].log()[seen..].contains("partitions revoked") {
+        assert!(
+            t0.elapsed() < JOIN_LIMIT,
+            "c's join never revoked b's partitions\n{}",
+            instances[1].tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    instances[1].kill();
+    let killed = instances.remove(1);
+    produce_unkeyed_elsewhere(&bed, rest).await;
+    let (read, logs) = finish_all(&mut instances).await;
+    let logs = format!("{}\n{}", killed.tail(), logs.join("\n"));
+    for s in &read {
+        assert!(s.events_in > 0 && s.late == 0, "{read:?}\n{logs}");
+    }
+    outputs_are_exact(&bed, &data, &logs).await;
+}
+
 /// Two instances repartition unkeyed input whose source partition 0 lags 30 s of event
 /// time behind the others all along (its producer is behind): each internal partition
 /// interleaves records of every source partition, so a watermark taken over the records
