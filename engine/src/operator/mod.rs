@@ -216,6 +216,7 @@ impl WindowOperator {
         });
         self.markers = markers;
     }
+
     /// Lets `cb` choose the action for every failure (see [`crate::error_policy`]).
     pub fn set_error_callback(&mut self, cb: ErrorCallback) {
         self.errors.set_callback(cb);
