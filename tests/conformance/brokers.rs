@@ -141,6 +141,23 @@ const NO_REPARTITION: (&str, &str) = (
     "cannot repartition yet",
 );
 
+/// What RabbitMQ and Kinesis cannot do: every repartition scenario.
+static NO_REPARTITION_SCENARIOS: [Cannot; 5] = {
+    let (why, fails_with) = NO_REPARTITION;
+    let [join, split, kill, lag] = cannot_repartition(why, fails_with);
+    [
+        join,
+        split,
+        kill,
+        lag,
+        Cannot {
+            scenario: "repartition_in_one_process",
+            why,
+            fails_with,
+        },
+    ]
+};
+
 /// How a bed is made.
 #[derive(Debug, Clone, Copy)]
 pub struct BedOptions {
@@ -294,22 +311,7 @@ const SCALE_PARTITIONS: u32 = 4;
 #[async_trait]
 impl TestBroker for Amqp {
     fn cannot(&self) -> &'static [Cannot] {
-        static CANNOT: [Cannot; 5] = {
-            let (why, fails_with) = NO_REPARTITION;
-            let [join, split, kill, lag] = cannot_repartition(why, fails_with);
-            [
-                join,
-                split,
-                kill,
-                lag,
-                Cannot {
-                    scenario: "repartition_in_one_process",
-                    why,
-                    fails_with,
-                },
-            ]
-        };
-        &CANNOT
+        &NO_REPARTITION_SCENARIOS
     }
     fn name(&self) -> &'static str {
         "amqp"
@@ -395,22 +397,7 @@ impl Kinesis {
 #[async_trait]
 impl TestBroker for Kinesis {
     fn cannot(&self) -> &'static [Cannot] {
-        static CANNOT: [Cannot; 5] = {
-            let (why, fails_with) = NO_REPARTITION;
-            let [join, split, kill, lag] = cannot_repartition(why, fails_with);
-            [
-                join,
-                split,
-                kill,
-                lag,
-                Cannot {
-                    scenario: "repartition_in_one_process",
-                    why,
-                    fails_with,
-                },
-            ]
-        };
-        &CANNOT
+        &NO_REPARTITION_SCENARIOS
     }
     fn name(&self) -> &'static str {
         "kinesis"

@@ -246,11 +246,7 @@ impl WindowOperator {
             self.idle_timeout,
         );
         if self.repartitioned {
-            t.watermarks = std::mem::replace(
-                &mut t.watermarks,
-                crate::window::Watermarks::new(0, Duration::ZERO),
-            )
-            .by_origin();
+            t.watermarks.set_by_origin();
         }
         t
     }

@@ -72,12 +72,11 @@ impl Watermarks {
         }
     }
 
-    /// A tracker of a repartitioned input's origins: held until the first marker says how
-    /// many there are (see [`mark`](Self::mark)).
-    pub fn by_origin(mut self) -> Self {
+    /// Makes this a tracker of a repartitioned input's origins: held until the first
+    /// marker says how many there are (see [`mark`](Self::mark)).
+    pub fn set_by_origin(&mut self) {
         self.by_origin = true;
         self.held = true;
-        self
     }
 
     /// A marker's news of `origin`, one of the source topic's `count` partitions: its
